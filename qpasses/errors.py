@@ -1,0 +1,53 @@
+"""Typed errors. Each one says what went wrong, where, and what to do about it."""
+
+from __future__ import annotations
+
+
+class QPassesError(Exception):
+    """Base class of every error qpasses raises on purpose."""
+
+
+class TraceError(QPassesError):
+    """The model could not be captured into a graph.
+
+    ``module`` is the qualified name of the innermost submodule being traced when it failed
+    ('' for the top-level forward), ``source`` the user's ``file:line``.
+    """
+
+    def __init__(self, message: str, module: str | None = None, source: str | None = None):
+        super().__init__(message)
+        self.module = module
+        self.source = source
+
+
+class PlanError(QPassesError):
+    """A pipeline cannot be ordered: a missing prerequisite, a contradiction, a conflict.
+
+    Raised by the PassManager before any pass runs.
+    """
+
+
+class PassError(QPassesError):
+    """A pass failed, or its output failed verification.
+
+    ``pass_name``, ``position`` (0-based, in the planned order), ``previous`` (names of the
+    passes that ran before it) and ``node`` (the first offending node, when known).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        pass_name: str = "",
+        position: int = -1,
+        previous: tuple[str, ...] = (),
+        node: str | None = None,
+    ):
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.position = position
+        self.previous = previous
+        self.node = node
+
+
+class VerificationError(PassError):
+    """A pass that claims to preserve the model's function changed it, or broke the graph."""

@@ -1,0 +1,43 @@
+"""Small modules qpasses puts into graphs. They are leaves for the tracer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+class SamePad2d(nn.Module):
+    """TensorFlow 'SAME' padding computed from the input size at run time.
+
+    For input size ``i``, kernel ``k``, stride ``s``, dilation ``d`` the total padding is
+    ``max((ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)``, split with the extra pixel at the end.
+    It is a module of its own so that the convolution after it is a plain ``nn.Conv2d`` and the
+    shape-dependent arithmetic stays out of the traced graph.
+    """
+
+    def __init__(self, kernel_size, stride=1, dilation=1, value: float = 0.0):
+        super().__init__()
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.dilation = _pair(dilation)
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for i, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation, strict=True):
+            total = max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        if top == bottom == left == right == 0:
+            return x
+        return F.pad(x, [left, right, top, bottom], value=self.value)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}, value={self.value}"
