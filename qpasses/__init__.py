@@ -1,0 +1,21 @@
+"""qpasses: a quantization compiler for PyTorch.
+
+``PassManager([FuseBN(), ReplaceFunctional()]).run(model, example_inputs)`` traces ``model`` into a
+``torch.fx.GraphModule``, runs the passes in a verified order, and returns the rewritten module.
+"""
+
+from qpasses.errors import PassError, PlanError, QPassesError, TraceError, VerificationError
+from qpasses.graph import to_networkx, trace
+from qpasses.passes.manager import PassManager
+
+__all__ = [
+    "PassError",
+    "PassManager",
+    "PlanError",
+    "QPassesError",
+    "TraceError",
+    "VerificationError",
+    "to_networkx",
+    "trace",
+]
+__version__ = "0.1.0"

@@ -31,9 +31,9 @@ LeafSpec = str | type
 class _Tracer(fx.Tracer):
     """A tracer that knows qpasses' leaves and remembers which submodule it was inside when it failed."""
 
-    def __init__(self, leaf_names: set[str], leaf_types: tuple[type, ...]):
+    def __init__(self, leaf_names: set[str] | None = None, leaf_types: tuple[type, ...] = ()):
         super().__init__()
-        self.leaf_names = leaf_names
+        self.leaf_names = leaf_names or set()
         self.leaf_types = leaf_types
         self.failed_module: str | None = None
 
@@ -53,7 +53,7 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def _as_tuple(example_inputs: Any) -> tuple:
+def as_input_tuple(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, list | tuple):
@@ -128,7 +128,7 @@ def trace(
     a leaf and tracing retried; the names left opaque are in ``gm.meta['opaque_modules']``.
     The model itself is not modified: the graph module shares its parameters.
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
     leaf_names = {leaf for leaf in leaf_modules if isinstance(leaf, str)}

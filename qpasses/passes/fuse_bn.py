@@ -1,0 +1,118 @@
+"""FuseBN: fold BatchNorm into the convolution or linear layer that feeds it."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvTransposeNd
+
+from qpasses.errors import QPassesError
+from qpasses.graph.match import find_chains, is_module
+from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+
+_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def scale_output_channels(weight: torch.Tensor, scale: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``weight`` with output channel ``o`` multiplied by ``scale[o]``.
+
+    Conv and Linear weights hold output channels on dim 0. A transposed conv's weight is
+    ``[in, out / groups, *k]``: output channel ``o = g · (out / groups) + j`` lives at ``[g-th block of in, j]``.
+    """
+    if isinstance(module, _ConvTransposeNd):
+        groups = module.groups
+        blocks = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+        factors = scale.reshape(groups, 1, weight.shape[1], *([1] * (weight.dim() - 2)))
+        return (blocks * factors).reshape(weight.shape)
+    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+def fold_bn(producer: nn.Module, bn: _BatchNorm) -> None:
+    """Fold ``bn`` into ``producer``'s weight and bias, in place."""
+    with torch.no_grad():
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(std)
+        beta = bn.bias if bn.affine else torch.zeros_like(std)
+        scale = gamma / std
+        bias = producer.bias if producer.bias is not None else torch.zeros_like(bn.running_mean)
+        producer.weight.copy_(scale_output_channels(producer.weight, scale, producer))
+        new_bias = (bias - bn.running_mean) * scale + beta
+        if producer.bias is None:
+            producer.bias = nn.Parameter(new_bias.to(producer.weight.dtype), requires_grad=producer.weight.requires_grad)
+        else:
+            producer.bias.copy_(new_bias)
+
+
+class FuseBN(Pass):
+    """Fold BatchNorm1d/2d/3d into the preceding Conv1d/2d/3d, ConvTranspose or Linear.
+
+    Math: with ``s = γ / sqrt(σ² + ε)`` per output channel, ``BN(W x + b) = (s ⊙ W) x + (s (b − μ) + β)``,
+    so ``W ← s ⊙ W`` (along output channels) and ``b ← s (b − μ) + β``.
+    Requires: eval mode (BN must normalise with its running statistics); the producer's output read by
+    the BN alone; producer and BN each called once (shared weights would change other call sites).
+    BNs with an activation (timm's ``BatchNormAct2d``) were split into BN → act at tracing, so their BN
+    folds like any other and the activation stays. Lone BNs stay in place, listed in the report.
+    Preserves: the function, to float rounding. Provides: ``bn_folded``.
+    """
+
+    stage = Stage.FLOAT
+    provides = frozenset({"bn_folded"})
+    preserves_function = True
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        training = [name for name, m in gm.named_modules() if isinstance(m, _BatchNorm) and m.training]
+        if training:
+            raise QPassesError(
+                f"BatchNorm '{training[0]}' is in training mode ({len(training)} BN module(s) are), where it "
+                f"normalises with batch statistics that folding cannot reproduce; call model.eval() before "
+                f"FuseBN, or use QAT(), which keeps BN during training and folds it at conversion"
+            )
+        calls: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+
+        folded = set()
+        for producer_node, bn_node in find_chains(gm, [is_module(*_PRODUCERS), is_module(_BatchNorm)]):
+            producer, bn = gm.get_submodule(producer_node.target), gm.get_submodule(bn_node.target)
+            reason = self._cannot_fold(producer_node, bn_node, producer, bn, calls)
+            if reason:
+                ctx.note(f"kept BN '{bn_node.target}' after '{producer_node.target}': {reason}")
+                ctx.stats["kept"] += 1
+                continue
+            fold_bn(producer, bn)
+            bn_node.replace_all_uses_with(producer_node)
+            gm.graph.erase_node(bn_node)
+            folded.add(bn_node.target)
+            ctx.stats["folded"] += 1
+
+        for target in folded:
+            gm.delete_submodule(target)
+        lone = [n.target for n in gm.graph.nodes if n.op == "call_module" and
+                isinstance(gm.get_submodule(n.target), _BatchNorm) and n.target not in folded]
+        ctx.stats["lone"] += len(lone)
+        if lone:
+            ctx.note(f"{len(lone)} BN module(s) have no foldable producer and stay: {', '.join(sorted(set(lone)))}")
+        gm.recompile()
+        return PassResult(gm, modified=bool(folded))
+
+    @staticmethod
+    def _cannot_fold(producer_node: fx.Node, bn_node: fx.Node, producer: nn.Module, bn: _BatchNorm,
+                     calls: dict[str, int]) -> str | None:
+        if not bn.track_running_stats or bn.running_mean is None:
+            return "it has no running statistics (track_running_stats=False)"
+        for node in (producer_node, bn_node):
+            if calls[node.target] > 1:
+                return f"'{node.target}' is called {calls[node.target]} times (shared weights)"
+        if bn.num_features != _out_channels(producer):
+            return f"BN has {bn.num_features} features but the producer has {_out_channels(producer)} outputs"
+        meta = producer_node.meta.get("tensor_meta")
+        if isinstance(producer, nn.Linear) and (meta is None or len(meta.shape) != 2):
+            return "BatchNorm1d after Linear folds only for 2-D (batch, features) outputs"
+        return None

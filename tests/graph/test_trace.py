@@ -1,0 +1,147 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qpasses import TraceError, to_networkx, trace
+from qpasses.graph import find_chains, is_module
+from qpasses.nn import SamePad2d
+
+
+def test_every_model_traces_with_shapes_and_same_output(named_model):
+    name, model, x = named_model
+    gm = trace(model, x)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "call_module", "call_function", "call_method") and not node.name.startswith("size"):
+            meta = node.meta.get("tensor_meta")
+            assert meta is not None, f"{name}: node {node.name} has no tensor_meta"
+    assert isinstance(gm, torch.fx.GraphModule)
+
+
+def test_lite0_decompositions_keep_state_dict_keys_and_trace_other_sizes():
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0").eval()
+    gm = trace(model, torch.randn(1, 3, 64, 64))
+    types = {type(m).__name__ for m in gm.modules()}
+    assert "Conv2dSame" not in types and "BatchNormAct2d" not in types
+    assert isinstance(gm.conv_stem_pad, SamePad2d) and type(gm.conv_stem) is nn.Conv2d
+    assert type(gm.bn1) is nn.BatchNorm2d and isinstance(gm.bn1_act, nn.ReLU6)
+    assert set(gm.state_dict()) == set(model.state_dict())
+    # the padding is computed at run time, so other (odd) input sizes still match the original
+    x = torch.randn(2, 3, 71, 57)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return self.conv(x)
+        return -x
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.blocks = nn.Sequential(nn.ReLU(), DataDependent())
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+def test_untraceable_submodule_error_names_module_line_and_fix():
+    with pytest.raises(TraceError) as info:
+        trace(Outer(), torch.randn(1, 3, 8, 8))
+    message = str(info.value)
+    assert "'blocks.1'" in message and "DataDependent" in message
+    assert "test_trace.py:" in message and "if x.sum() > 0" in message
+    assert "leaf_modules=['blocks.1']" in message and "auto_leaf=True" in message
+    assert info.value.module == "blocks.1"
+
+
+def test_untraceable_top_level_forward_says_so():
+    class Root(nn.Module):
+        def forward(self, x):
+            return x if x.mean() > 0 else -x
+
+    with pytest.raises(TraceError, match="top-level forward of Root"):
+        trace(Root(), torch.randn(2))
+
+
+def test_auto_leaf_keeps_failing_submodule_opaque_and_transforms_the_rest():
+    model = Outer().eval()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="blocks.1"):
+        gm = trace(model, x, auto_leaf=True)
+    assert gm.meta["opaque_modules"] == ["blocks.1"]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["stem", "blocks.0", "blocks.1", "head"]
+    torch.testing.assert_close(gm(x), model(x))
+
+
+@pytest.mark.parametrize("leaf", ["blocks.1", DataDependent])
+def test_explicit_leaf_by_name_or_type(leaf):
+    gm = trace(Outer(), torch.randn(1, 3, 8, 8), leaf_modules=[leaf])
+    assert "blocks.1" in {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert gm.meta["opaque_modules"] == []
+
+
+def test_unknown_leaf_name_is_an_error():
+    with pytest.raises(TraceError, match="blocks.7"):
+        trace(Outer(), torch.randn(1, 3, 8, 8), leaf_modules=["blocks.7"])
+
+
+def test_bad_example_inputs_and_model_types():
+    with pytest.raises(TypeError, match="example_inputs"):
+        trace(Outer(), "image.png")
+    with pytest.raises(TypeError, match="nn.Module"):
+        trace(lambda x: x, torch.randn(1))
+
+
+def test_same_pad_matches_tensorflow_formula():
+    pad = SamePad2d(3, 2)
+    assert pad(torch.zeros(1, 1, 8, 8)).shape[-2:] == (9, 9)  # even input: (0, 1) on each axis
+    assert pad(torch.zeros(1, 1, 7, 7)).shape[-2:] == (9, 9)  # odd input: (1, 1)
+    out = pad(torch.ones(1, 1, 8, 8))
+    assert out[0, 0, -1].abs().sum() == 0 and out[0, 0, 0].abs().sum() > 0
+
+
+def test_to_networkx_and_chain_search():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn_a, self.r = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()
+            self.b, self.bn_b = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.r(self.bn_a(self.a(x)))
+            z = self.b(y)
+            return self.bn_b(z) + z  # z has two consumers: no conv→bn chain
+
+    gm = trace(Net(), torch.randn(1, 3, 4, 4))
+    graph = to_networkx(gm)
+    assert graph.number_of_nodes() == len(gm.graph.nodes)
+    assert graph.has_edge("a", "bn_a") and graph.nodes["a"]["kind"] == "Conv2d"
+    assert graph.nodes["a"]["shape"] == (1, 4, 4, 4)
+    chains = find_chains(gm, [is_module(nn.Conv2d), is_module(nn.BatchNorm2d), is_module(nn.ReLU)])
+    assert [[n.name for n in c] for c in chains] == [["a", "bn_a", "r"]]
+    assert find_chains(gm, [is_module(nn.Conv2d), is_module(nn.BatchNorm2d)], graph)[0][0].name == "a"
+    assert len(find_chains(gm, [is_module(nn.Conv2d), is_module(nn.BatchNorm2d)])) == 1
+
+
+def test_functional_ops_are_traced_not_hidden():
+    class Net(nn.Module):
+        def forward(self, x):
+            return F.relu(x) + torch.cat([x, x], 1).mean(1, keepdim=True)
+
+    gm = trace(Net(), torch.randn(1, 2, 3, 3))
+    targets = {n.target for n in gm.graph.nodes}
+    assert F.relu in targets and torch.cat in targets
