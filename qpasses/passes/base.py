@@ -68,6 +68,10 @@ class Pass:
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError(f"{self.name} does not implement run()")
 
+    def expand(self) -> list[Pass]:
+        """The passes this one stands for; a composite such as PTQ returns its parts, the plan shows them."""
+        return [self]
+
     def conflict_with(self, other: Pass) -> str | None:
         """Why this pass and ``other`` cannot be in one pipeline, or None if they can."""
         return None

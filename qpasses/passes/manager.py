@@ -57,8 +57,9 @@ def _providers_of(prop: str) -> list[str]:
 def _default_providers() -> dict[str, type[Pass]]:
     """Properties whose provider can be inserted automatically, because it is the only correct choice."""
     from qpasses.passes.fuse_bn import FuseBN
+    from qpasses.passes.replace_functional import ReplaceFunctional
 
-    return {"bn_folded": FuseBN}
+    return {"bn_folded": FuseBN, "functional_modules": ReplaceFunctional}
 
 
 @dataclass
@@ -79,7 +80,7 @@ def plan_pipeline(passes: Sequence[Pass], established: Iterable[str] = ()) -> Pl
         if not isinstance(p, Pass):
             raise PlanError(f"pipeline entry {p!r} is not a Pass instance (did you write FuseBN instead of FuseBN()?)")
     established = set(established)
-    passes = list(passes)
+    passes = [part for p in passes for part in p.expand()]
     notes: list[str] = []
 
     for i, a in enumerate(passes):
@@ -267,8 +268,23 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+@contextlib.contextmanager
+def _buffers_restored(module: nn.Module) -> Iterator[None]:
+    """Verification forwards leave no trace: observers must not count the example inputs as calibration data."""
+    saved = [(m, name, buf.clone()) for m in module.modules() for name, buf in m._buffers.items() if buf is not None]
+    try:
+        yield
+    finally:
+        for m, name, buf in saved:
+            current = m._buffers.get(name)
+            if current is not None and current.shape == buf.shape and current.dtype == buf.dtype:
+                current.copy_(buf)
+            else:
+                m._buffers[name] = buf
+
+
 def _run_verified_forward(gm: fx.GraphModule, inputs: tuple) -> Any:
-    with _eval_mode(gm):
+    with _eval_mode(gm), _buffers_restored(gm):
         return propagate_shapes(gm, inputs)
 
 
@@ -282,7 +298,7 @@ def _node_outputs(gm: fx.GraphModule, inputs: tuple) -> dict[str, torch.Tensor]:
                 outputs[n.name] = result
             return result
 
-    with _eval_mode(gm), torch.no_grad():
+    with _eval_mode(gm), _buffers_restored(gm), torch.no_grad():
         Recorder(gm).run(*inputs)
     return outputs
 

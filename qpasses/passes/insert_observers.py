@@ -1,0 +1,84 @@
+"""InsertObservers: annotate the graph and place an observer on every value that needs a range."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from qpasses.errors import QPassesError
+from qpasses.graph.modules import unique_name
+from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+from qpasses.quant.annotate import annotate
+from qpasses.quant.backends import get_backend
+from qpasses.quant.observers import make_observer
+from qpasses.quant.ops import Role
+from qpasses.quant.spec import QuantConfig
+
+ANNOTATION_KEY = "qpasses_quant"
+
+
+def resolve_config(backend: str, config: QuantConfig | None, bits: int | None, per_channel: bool | None) -> QuantConfig:
+    """The backend's default configuration unless one is given; ``bits`` sets weight and activation bits."""
+    chosen = get_backend(backend)
+    config = config if config is not None else chosen.default_config(per_channel=per_channel)
+    if bits is not None:
+        config = config.with_bits(bits)
+    chosen.check_config(config)
+    return config
+
+
+class InsertObservers(Pass):
+    """Insert observers where a real int8 kernel needs a range (see ``qpasses.quant.annotate`` for the rules).
+
+    Math: none yet; each observer records the values flowing through it and later yields
+    ``scale = (max − min) / (quant_max − quant_min)``, ``zero_point = quant_min − round(min / scale)``.
+    Requires: float arithmetic as FloatFunctional modules (ReplaceFunctional), so every requantizing op
+    has a module. Preserves: the function exactly (observers return their input).
+    Provides: ``observed``. An annotation that quantizes nothing is an error, not silence.
+    """
+
+    stage = Stage.QUANTIZE
+    requires = frozenset({"functional_modules"})
+    after = frozenset({"bn_folded", "equalized", "bias_absorbed"})
+    provides = frozenset({"observed"})
+    preserves_function = True
+
+    def __init__(self, backend: str = "x86", config: QuantConfig | None = None, bits: int | None = None,
+                 per_channel: bool | None = None):
+        self.backend = get_backend(backend)
+        self.config = resolve_config(backend, config, bits, per_channel)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        ann = annotate(gm, self.backend, self.config)
+        int8 = [name for name, role in ann.roles.items() if ann.is_int8(name) and role is not Role.FUSED_ACT]
+        if not int8:
+            raise QPassesError(
+                "nothing to quantize: no node has an int8 kernel under this configuration "
+                f"({len(ann.float_reasons)} op(s) stay float, e.g. {next(iter(ann.float_reasons.values()), 'none')})"
+            )
+        nodes = {n.name: n for n in gm.graph.nodes}
+        targets: dict[str, str] = {}
+        for value in sorted(ann.observe, key=lambda name: name in ann.shared):
+            owner = ann.shared.get(value)
+            if owner is None:
+                target = unique_name(gm, f"{value}_obs")
+                gm.add_submodule(target, make_observer(ann.observe[value], name=value))
+            else:
+                target = targets[owner]
+            targets[value] = target
+            node = nodes[value]
+            with gm.graph.inserting_after(node):
+                observed = gm.graph.call_module(target, (node,))
+            observed.meta = dict(node.meta)
+            observed.meta["qstate"] = "observed"
+            node.replace_all_uses_with(observed, delete_user_cb=lambda user, o=observed: user is not o)
+        gm.meta[ANNOTATION_KEY] = ann
+        for name in ann.float_reasons:
+            ctx.note(f"stays float: {ann.float_reasons[name]}")
+        ctx.stats["int8_ops"] = len(int8)
+        ctx.stats["float_ops"] = len(ann.float_reasons)
+        ctx.stats["observers"] = len(set(targets.values()))
+        ctx.stats["fused_activations"] = len(ann.fused)
+        if self.backend.reduce_range:
+            ctx.note(f"{self.backend.name}: activations use a reduced range: {self.backend.reduce_range_why}")
+        gm.recompile()
+        return PassResult(gm, modified=True)

@@ -1,0 +1,43 @@
+"""PTQ: post-training static quantization as one pipeline entry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch.fx as fx
+
+from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+from qpasses.passes.calibrate import Calibrate
+from qpasses.passes.insert_observers import InsertObservers
+from qpasses.passes.lower import Lower
+from qpasses.quant.spec import QuantConfig
+
+
+class PTQ(Pass):
+    """InsertObservers → Calibrate → Lower, so ``PassManager([FuseBN(), PTQ(data)])`` is the whole flow.
+
+    ``backend``: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; ``config``: a :class:`QuantConfig` (default: the
+    backend's preset); ``bits``: shorthand for ``bits``-bit weights and activations (2–8);
+    ``per_channel``: per-channel weights (default: the backend's preset); ``num_batches``: at most this many
+    calibration batches. The manager expands it into its three parts, each verified and reported.
+    """
+
+    stage = Stage.QUANTIZE
+    provides = frozenset({"observed", "calibrated", "lowered"})
+
+    def __init__(self, data: Iterable, backend: str = "x86", config: QuantConfig | None = None,
+                 bits: int | None = None, per_channel: bool | None = None, num_batches: int | None = None,
+                 progress: bool = True):
+        self.parts: list[Pass] = [
+            InsertObservers(backend, config, bits, per_channel),
+            Calibrate(data, num_batches, progress),
+            Lower(backend),
+        ]
+
+    def expand(self) -> list[Pass]:
+        return list(self.parts)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        for part in self.parts:
+            gm = part.run(gm, ctx).graph_module
+        return PassResult(gm, modified=True)

@@ -1,0 +1,125 @@
+"""Annotation: decide, per node, what runs int8, which activation folds into which producer, and where
+a value needs an observed range. It writes decisions, not observers; ``InsertObservers`` places them.
+
+Rules (the design notes' "what" step):
+- conv / linear / FloatFunctional add, mul, cat / hardswish-like ops run int8 and requantize: their
+  output is observed. A clamp-like activation (ReLU, ReLU6, hardtanh, clamp) that alone reads such an
+  output is folded into it: the observer sits after the activation, whose bounds then are the
+  quantized range's own saturation (ReLU6 becomes the clamp of the [0, 6] range).
+- ops that keep their input's qparams (pooling, reshapes, padding, upsampling) are not re-observed.
+- fixed-range (sigmoid, tanh) and derived (add_scalar, mul_scalar) ops get their qparams from the kernel.
+- ops without an int8 kernel stay float; a float value that feeds an int8 op is observed there, and
+  becomes a quantize at lowering.
+- cat inputs produced by requantizing ops read only by the cat share the cat's observer, so the cat
+  is a plain concatenation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from qpasses.quant.backends import Backend
+from qpasses.quant.ops import Role, clamp_bounds, describe_op, is_tensor_node, role_of
+from qpasses.quant.spec import QuantConfig, QuantPair, QuantSpec
+
+REQUANTIZING = (Role.COMPUTE, Role.FUNCTIONAL, Role.REQUANT)
+INT8 = (Role.COMPUTE, Role.FUNCTIONAL, Role.REQUANT, Role.FIXED, Role.DERIVED, Role.FUSED_ACT)
+
+
+@dataclass
+class Annotation:
+    """Decisions for one graph; kept in ``gm.meta['qpasses_quant']`` from observer insertion to lowering."""
+
+    backend: str
+    config: QuantConfig
+    roles: dict[str, Role] = field(default_factory=dict)
+    fused: dict[str, str] = field(default_factory=dict)  # activation node → producer node
+    pairs: dict[str, QuantPair] = field(default_factory=dict)  # int8 node → its weight/activation specs
+    observe: dict[str, QuantSpec] = field(default_factory=dict)  # value node → activation spec
+    shared: dict[str, str] = field(default_factory=dict)  # value node → value whose observer it shares
+    float_reasons: dict[str, str] = field(default_factory=dict)  # node → why it stays float
+
+    def is_int8(self, name: str) -> bool:
+        return self.roles.get(name, Role.NONE) in INT8
+
+
+def _qualified_name(node: fx.Node) -> str:
+    return node.target if node.op == "call_module" else node.name
+
+
+def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig) -> Annotation:
+    ann = Annotation(backend=backend.name, config=config)
+    quantized: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        role = role_of(gm, node)
+        if role is not Role.NONE:
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            pair = config.for_node(_qualified_name(node), type(module) if module is not None else None)
+            if pair is None and role is not Role.PRESERVING:
+                ann.float_reasons[node.name] = "kept float by the configuration"
+                role = Role.FLOAT
+            elif role is Role.COMPUTE:
+                backend.check_module(module, pair.weight)
+            if pair is not None:
+                ann.pairs[node.name] = pair
+        if role is Role.FUSED_ACT:
+            role = _fuse_or_preserve(gm, node, ann)
+        if role is Role.FLOAT and node.name not in ann.float_reasons:
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            ann.float_reasons[node.name] = (
+                "BatchNorm that was not folded: add FuseBN() before quantizing" if isinstance(module, _BatchNorm)
+                else f"{describe_op(gm, node)} has no int8 kernel"
+            )
+        ann.roles[node.name] = role
+        quantized[node] = _runs_quantized(node, role, quantized)
+
+    for node in gm.graph.nodes:
+        role = ann.roles[node.name]
+        if role in REQUANTIZING:
+            value = next((a for a, p in ann.fused.items() if p == node.name), node.name)
+            ann.observe[value] = ann.pairs[node.name].activation
+        if role in INT8 and role is not Role.FUSED_ACT:
+            for arg in node.all_input_nodes:
+                if is_tensor_node(arg) and not quantized[arg] and arg.name not in ann.observe:
+                    ann.observe[arg.name] = ann.pairs[node.name].activation
+    _share_cat_observers(gm, ann)
+    return ann
+
+
+def _fuse_or_preserve(gm: fx.GraphModule, node: fx.Node, ann: Annotation) -> Role:
+    """Fold a clamp-like activation into its producer when it alone reads a requantizing op's output."""
+    inputs = node.all_input_nodes
+    lo, hi = clamp_bounds(gm, node)
+    numeric = all(b is None or isinstance(b, int | float) for b in (lo, hi))
+    if len(inputs) == 1 and numeric:
+        producer = inputs[0]
+        if ann.roles.get(producer.name) in REQUANTIZING and len(producer.users) == 1 and producer.name not in ann.fused.values():
+            ann.fused[node.name] = producer.name
+            ann.pairs[node.name] = ann.pairs[producer.name]
+            return Role.FUSED_ACT
+    return Role.PRESERVING
+
+
+def _runs_quantized(node: fx.Node, role: Role, quantized: dict[fx.Node, bool]) -> bool:
+    if role in INT8:
+        return True
+    if role is Role.PRESERVING:
+        tensor_inputs = [a for a in node.all_input_nodes if a in quantized]
+        return bool(tensor_inputs) and quantized[tensor_inputs[0]]
+    return False
+
+
+def _share_cat_observers(gm: fx.GraphModule, ann: Annotation) -> None:
+    for node in gm.graph.nodes:
+        if ann.roles[node.name] is not Role.FUNCTIONAL or node.target != "cat" or node.name not in ann.observe:
+            continue
+        for arg in node.args[1]:
+            producer = ann.fused.get(arg.name, arg.name)
+            owner = arg if arg.name == producer else next(n for n in gm.graph.nodes if n.name == producer)
+            if (arg.name in ann.observe and ann.roles[owner.name] in REQUANTIZING and len(arg.users) == 1
+                    and ann.observe[arg.name] == ann.observe[node.name]):
+                ann.shared[arg.name] = node.name
+

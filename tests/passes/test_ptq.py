@@ -1,0 +1,241 @@
+import copy
+
+import pytest
+import torch
+import torch.ao.nn.quantized as nnq
+import torch.nn.functional as F
+from torch import nn
+
+from qpasses import PassManager
+from qpasses.analysis.metrics import sqnr
+from qpasses.errors import PassError, QPassesError
+from qpasses.passes import PTQ, Calibrate, DynamicQuant, FuseBN, InsertObservers, Lower
+from qpasses.quant.backends import UnsupportedSpecError
+from qpasses.quant.observers import CalibrationError, Observer
+from qpasses.quant.spec import QuantConfig, QuantSpec
+from tests.nets import TinyUNet, randomize_bn
+
+BACKENDS = ["x86", "qnnpack"]
+
+
+def calibration(shape, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+def quantize(model, shape, backend="x86", passes=(), **kw):
+    data = calibration(shape)
+    pm = PassManager([*passes, PTQ(data, backend=backend, progress=False, **kw)])
+    qm = pm.run(model, data[0])
+    return qm, pm
+
+
+def module_types(gm):
+    return {type(m) for m in gm.modules()}
+
+
+class ConvAct(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 8, 3, padding=1), act
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", [nn.Identity(), nn.ReLU(), nn.ReLU6(), nn.Hardswish(), nn.Sigmoid(), nn.Hardtanh(0.0, 2.0)])
+def test_conv_with_each_activation_matches_float(backend, act):
+    torch.manual_seed(0)
+    model = ConvAct(act).eval()
+    qm, pm = quantize(model, (2, 3, 8, 8), backend)
+    assert nnq.Conv2d in module_types(qm)
+    x = calibration((2, 3, 8, 8), seed=5)[0]
+    assert sqnr(model(x), qm(x)) > 25
+    assert not any(isinstance(m, Observer) for m in qm.modules())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relu6_is_folded_into_the_output_range(backend):
+    torch.manual_seed(0)
+    model = ConvAct(nn.ReLU6()).eval()
+    with torch.no_grad():
+        model.conv.weight.mul_(20)  # pre-activations far beyond 6, as in the Lite0 stem
+    qm, pm = quantize(model, (2, 3, 8, 8), backend)
+    assert nn.ReLU6 not in module_types(qm)
+    x = calibration((2, 3, 8, 8), seed=5)[0]
+    out = qm(x)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 6.0 + 1e-6
+    scale = [r for r in pm.report.records if r.name == "InsertObservers"][0]
+    assert scale.stats["fused_activations"] == 1
+    # quantizing before ReLU6 would spread 256 codes over the ±100s pre-activation range
+    assert sqnr(model(x), out) > 25
+
+
+def test_every_lowered_op_pattern_matches_float():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+            self.pool = nn.MaxPool2d(2)
+            self.fc = nn.Linear(16, 5)
+
+        def forward(self, x):
+            a = F.relu(self.a(x))
+            b = self.b(a)
+            s = F.relu(a + b)
+            m = s * torch.sigmoid(b)
+            c = torch.cat([self.pool(self.up(m)), s], dim=1)
+            p = F.adaptive_avg_pool2d(F.hardswish(c), 1).flatten(1)
+            return self.fc(p) + 0.5
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    qm, pm = quantize(model, (2, 3, 8, 8))
+    types = module_types(qm)
+    for t in (nnq.Conv2d, nnq.ConvTranspose2d, nnq.Linear, nnq.QFunctional, nnq.Hardswish):
+        assert t in types, t
+    x = calibration((2, 3, 8, 8), seed=9)[0]
+    assert sqnr(model(x), qm(x)) > 20
+    lowered = pm.report.records[-1]
+    assert lowered.name == "Lower" and lowered.stats["quantize"] == 1 and lowered.stats["dequantize"] == 1
+    assert "hardswish" not in qm.code  # became a quantized module call
+
+
+def test_float_fallback_around_ops_without_int8_kernels_is_reported():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.act, self.b = nn.Conv2d(3, 4, 1), nn.SiLU(), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.b(self.act(self.a(x)))
+
+    model = Net().eval()
+    qm, pm = quantize(model, (1, 3, 6, 6))
+    observers = [r for r in pm.report.records if r.name == "InsertObservers"][0]
+    assert observers.stats["float_ops"] == 1
+    assert any("SiLU 'act' has no int8 kernel" in n for n in observers.notes)
+    lowered = pm.report.records[-1]
+    assert lowered.stats["quantize"] == 2 and lowered.stats["dequantize"] == 2
+    x = calibration((1, 3, 6, 6), seed=3)[0]
+    assert sqnr(model(x), qm(x)) > 25
+
+
+def test_keep_float_by_name_and_nothing_to_quantize():
+    model = ConvAct(nn.ReLU()).eval()
+    config = QuantConfig(weight=QuantSpec(signed=True, symmetric=True, axis=0),
+                         activation=QuantSpec(signed=False, symmetric=False, reduce_range=True),
+                         keep_float={"conv"})
+    with pytest.raises(PassError, match="nothing to quantize"):
+        quantize(model, (1, 3, 4, 4), config=config)
+
+
+def test_backend_spec_errors_say_what_is_impossible():
+    signed = QuantConfig(weight=QuantSpec(signed=True, symmetric=True), activation=QuantSpec(signed=True, symmetric=False))
+    with pytest.raises(UnsupportedSpecError, match="qnnpack"):
+        PTQ(calibration((1, 3, 4, 4)), backend="qnnpack", config=signed)
+    with pytest.raises(QPassesError, match="x86"):
+        PTQ(calibration((1, 3, 4, 4)), backend="tpu")
+
+
+def test_calibration_errors():
+    model = ConvAct(nn.ReLU()).eval()
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(PassError, match="no batches"):
+        PassManager([PTQ([], progress=False)]).run(model, x)
+    with pytest.raises(PassError, match="NaN/Inf"):
+        PassManager([PTQ([torch.full((1, 3, 4, 4), float("nan"))], progress=False)]).run(model, x)
+    with pytest.raises(PassError, match=r"batch 1: the model fails on inputs of shape \[\(1, 5, 4, 4\)\]"):
+        PassManager([PTQ([x, torch.randn(1, 5, 4, 4)], progress=False)]).run(model, x)
+
+
+def test_calibration_reads_input_label_batches_and_respects_num_batches():
+    model = ConvAct(nn.ReLU()).eval()
+    batches = [(torch.randn(2, 3, 4, 4), torch.tensor([0, 1])) for _ in range(5)]
+    pm = PassManager([PTQ(batches, num_batches=3, progress=False)])
+    pm.run(model, batches[0][0])
+    assert [r for r in pm.report.records if r.name == "Calibrate"][0].stats["batches"] == 3
+
+
+def test_verification_forwards_do_not_calibrate():
+    model = ConvAct(nn.ReLU()).eval()
+    pm = PassManager([FuseBN(), InsertObservers()])
+    gm = pm.run(model, torch.randn(1, 3, 4, 4))
+    assert all(m.batches_seen == 0 for m in gm.modules() if isinstance(m, Observer))
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_sub_8_bit_weights_and_activations_use_n_bit_codes(bits):
+    torch.manual_seed(0)
+    model = ConvAct(nn.ReLU()).eval()
+    qm, _ = quantize(model, (2, 3, 8, 8), bits=bits)
+    conv = qm.conv
+    codes = conv.weight().int_repr()
+    assert codes.min() >= -(2 ** (bits - 1)) and codes.max() <= 2 ** (bits - 1) - 1
+    x = calibration((2, 3, 8, 8), seed=1)[0]
+    out_scale = conv.scale
+    levels = torch.unique(torch.round(qm(x) / out_scale))
+    assert len(levels) <= 2**bits
+    assert sqnr(model(x), qm(x)) > 6 * bits - 25
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_whole_flow_on_resnet18_and_lite0_small(backend):
+    import timm
+    import torchvision
+
+    for model in (torchvision.models.resnet18(), timm.create_model("tf_efficientnet_lite0")):
+        model = randomize_bn(model).eval()
+        qm, pm = quantize(model, (1, 3, 64, 64), backend, passes=[FuseBN()])
+        x = calibration((1, 3, 64, 64), seed=2)[0]
+        assert sqnr(model(x), qm(x)) > 10, type(model).__name__
+        assert pm.report.records[-1].stats["int8_conv2d"] > 15
+
+
+def test_lowered_model_saves_loads_and_scripts(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_bn(TinyUNet()).eval()
+    qm, _ = quantize(model, (1, 3, 16, 16), passes=[FuseBN()])
+    x = calibration((1, 3, 16, 16), seed=4)[0]
+    expected = qm(x)
+    torch.save(qm, tmp_path / "q.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "q.pt", weights_only=False)(x), expected)
+    clone = copy.deepcopy(qm)
+    torch.testing.assert_close(clone(x), expected)
+    scripted = torch.jit.freeze(torch.jit.trace(qm, x).eval())
+    torch.testing.assert_close(scripted(x), expected)
+
+
+def test_lower_needs_its_own_backend_and_the_plan_shows_the_parts():
+    model = ConvAct(nn.ReLU()).eval()
+    data = calibration((1, 3, 4, 4))
+    plan = PassManager([PTQ(data)]).plan()
+    assert [p.name for p in plan.passes] == ["ReplaceFunctional", "InsertObservers", "Calibrate", "Lower"]
+    with pytest.raises(PassError, match="observers were placed for backend 'x86'"):
+        PassManager([InsertObservers("x86"), Calibrate(data, progress=False), Lower("qnnpack")]).run(model, data[0])
+
+
+def test_dynamic_quantization_of_linear_and_lstm():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 4)
+
+        def forward(self, x):
+            out, _ = self.lstm(x)
+            return self.fc(out[:, -1])
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 5, 8)
+    for dtype in (torch.qint8, torch.float16):
+        pm = PassManager([DynamicQuant(dtype)])
+        qm = pm.run(model, x)
+        assert torch.ao.nn.quantized.dynamic.Linear in module_types(qm)
+        assert torch.ao.nn.quantized.dynamic.LSTM in module_types(qm)
+        assert sqnr(model(x), qm(x)) > 25
+    with pytest.raises(PassError, match="nothing to quantize dynamically"):
+        PassManager([DynamicQuant()]).run(ConvAct(nn.ReLU()).eval(), torch.randn(1, 3, 4, 4))
