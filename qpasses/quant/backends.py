@@ -1,0 +1,256 @@
+"""The backend table: what the int8 kernels of each ``torch.backends.quantized.engine`` accept, and the
+default specs that target them.
+
+Every capability below was measured by running ``torch.ao.nn.quantized`` Conv2d / ConvTranspose2d /
+Linear modules (``quantized::conv2d``, ``quantized::conv_transpose2d``, ``quantized::linear``) under
+each engine of torch 2.14.1 on x86-64; ``tests/quant/test_backends.py`` re-runs the ones the table
+relies on. Common to all engines:
+
+- activations must be per tensor ("Expected quantizer->qscheme() == kPerTensorAffine") and ``quint8``
+  ("Expected activation data type QUInt8 but got QInt8"), except that onednn's linear also takes
+  ``qint8`` activations (its conv does not);
+- weights must be ``qint8`` ("expected scalar type QInt8 but found QUInt8");
+- conv and linear take per-tensor or per-channel weights along axis 0, symmetric or with non-zero zero
+  points (except onednn), with weight value −128 (no narrow range needed) and requantization scales
+  above 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from qpasses.errors import QPassesError
+from qpasses.quant.spec import QuantConfig, QuantSpec, int16_pair_sum_overflows
+
+
+class UnsupportedSpecError(QPassesError):
+    """A spec or config asks for something the backend's kernels cannot run."""
+
+
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One quantized engine's capabilities and default specs.
+
+    ``reduce_range``/``reduce_range_why``: whether default activations drop a bit (only applied while an
+    int16 pair sum could still overflow, see ``int16_pair_sum_overflows``).
+    ``supports_per_channel_weights``: conv/linear weights per output channel (axis 0).
+    ``per_channel_conv_transpose_axis``: the weight axis of per-channel transposed convolutions, or None
+    where the kernels refuse them.
+    ``symmetric_weights_required``: weight zero points must be 0.
+    ``symmetric_conv_transpose_wrong``: symmetric-weight transposed convolutions with
+    ``in_channels != out_channels`` give wrong results (see ``check_module``).
+    ``signed_activation_modules``: module types whose kernels also take ``qint8`` inputs; every other
+    kernel needs ``activation_dtype``, so ``check`` (graph-wide) rejects signed activations.
+    """
+
+    name: str
+    engine: str
+    activation: QuantSpec
+    weight: QuantSpec
+    supports_per_channel_weights: bool
+    reduce_range: bool
+    reduce_range_why: str
+    per_channel_conv_transpose_axis: int | None = None
+    symmetric_weights_required: bool = False
+    symmetric_conv_transpose_wrong: bool = False
+    signed_activation_modules: tuple[type[nn.Module], ...] = ()
+    activation_dtype: torch.dtype = torch.quint8
+    weight_dtype: torch.dtype = torch.qint8
+    notes: str = ""
+
+    @property
+    def available(self) -> bool:
+        """Whether this torch build has the engine."""
+        return self.engine in torch.backends.quantized.supported_engines
+
+    def default_config(self, per_channel: bool | None = None, bits: int | None = None) -> QuantConfig:
+        """The backend's default weight and activation specs, per channel or per tensor as asked
+        (None: the backend's default), at ``bits`` bits if given. Activations get ``reduce_range``
+        only where the backend wants it and the chosen grids could overflow an int16 pair sum."""
+        weight = self.weight
+        if per_channel is not None:
+            if per_channel and not self.supports_per_channel_weights:
+                raise UnsupportedSpecError(f"{self.name}: its kernels take per-tensor weights only")
+            weight = weight.replace(axis=0 if per_channel else None)
+        activation = self.activation.replace(reduce_range=False)
+        if bits is not None:
+            weight, activation = weight.replace(bits=bits), activation.replace(bits=bits)
+        if self.reduce_range and int16_pair_sum_overflows(activation, weight):
+            activation = activation.replace(reduce_range=True)
+        return QuantConfig(weight=weight, activation=activation)
+
+    def check(self, spec: QuantSpec, role: Literal["weight", "activation"]) -> None:
+        """Raise ``UnsupportedSpecError`` if the kernels cannot run ``spec`` as a ``role`` tensor."""
+        if role == "activation":
+            self._check_activation(spec, allow_signed=False)
+        elif role == "weight":
+            if spec.dtype != self.weight_dtype:
+                raise self._unsupported(
+                    spec, "unsigned weights (quint8) are not supported by its kernels", "use signed=True"
+                )
+            if spec.per_channel and not self.supports_per_channel_weights:
+                raise self._unsupported(
+                    spec, "per-channel weights are not supported by its kernels", "use axis=None"
+                )
+            if self.symmetric_weights_required and not spec.symmetric:
+                raise self._unsupported(
+                    spec,
+                    "asymmetric weights are not supported: the kernels require weight zero point 0",
+                    "use symmetric=True",
+                )
+        else:
+            raise ValueError(f"role must be 'weight' or 'activation', got {role!r}")
+
+    def _unsupported(self, spec: QuantSpec, what: str, fix: str) -> UnsupportedSpecError:
+        return UnsupportedSpecError(f"{self.name}: {what}; {fix} (spec: {spec})")
+
+    def _check_activation(self, spec: QuantSpec, allow_signed: bool) -> None:
+        if spec.dtype != self.activation_dtype and not (allow_signed and spec.dtype == torch.qint8):
+            raise self._unsupported(
+                spec, "signed activations (qint8) are not supported by its kernels", "use signed=False"
+            )
+        if spec.per_channel:
+            raise self._unsupported(
+                spec,
+                "per-channel activations are not supported: quantized conv/linear inputs must be per tensor",
+                "use axis=None",
+            )
+
+    def check_config(self, config: QuantConfig) -> None:
+        """``check`` every weight and activation spec the config can hand out."""
+        for where, pair in config.pairs():
+            for role, spec in (("weight", pair.weight), ("activation", pair.activation)):
+                try:
+                    self.check(spec, role)
+                except UnsupportedSpecError as err:
+                    raise UnsupportedSpecError(f"{where} {role}: {err}") from None
+
+    def check_module(
+        self, module: nn.Module, weight: QuantSpec | None = None, activation: QuantSpec | None = None
+    ) -> None:
+        """Raise ``UnsupportedSpecError`` if ``module``'s kernel cannot take a ``weight``-spec weight and
+        ``activation``-spec input (either may be None: not checked).
+
+        Conv and linear weights are per channel along axis 0. Transposed convolutions store their
+        weight as ``(in, out / groups, *kernel)``: per channel they need axis 1 where supported
+        (qnnpack), and x86/onednn compute wrong results for symmetric weights when
+        ``in_channels != out_channels`` (those weights route to oneDNN on CPUs with VNNI).
+        Signed activations pass for ``signed_activation_modules``.
+        """
+        if activation is not None:
+            self._check_activation(
+                activation, allow_signed=isinstance(module, self.signed_activation_modules)
+            )
+        if weight is None:
+            return
+        self.check(weight, "weight")
+        name = type(module).__name__
+        if isinstance(module, _CONV_TRANSPOSE):
+            if weight.per_channel and self.per_channel_conv_transpose_axis is None:
+                raise UnsupportedSpecError(
+                    f"{self.name}: per-channel weights of {name} are not supported by its kernels "
+                    "('Per Channel Quantization is currently disabled for transposed conv'); use axis=None"
+                )
+            if weight.per_channel and weight.axis != self.per_channel_conv_transpose_axis:
+                raise UnsupportedSpecError(
+                    f"{self.name}: per-channel {name} weights must be split along axis "
+                    f"{self.per_channel_conv_transpose_axis} (output channels of its (in, out/groups, ...) "
+                    f"weight), got axis={weight.axis}"
+                )
+            if (
+                self.symmetric_conv_transpose_wrong
+                and weight.symmetric
+                and module.in_channels != module.out_channels
+            ):
+                fix = (
+                    "keep it float"
+                    if self.symmetric_weights_required
+                    else "use symmetric=False (zero points ≠ 0 route it to fbgemm, which is correct)"
+                )
+                raise UnsupportedSpecError(
+                    f"{self.name}: symmetric-weight {name} with in_channels={module.in_channels} != "
+                    f"out_channels={module.out_channels} gives wrong results on its oneDNN kernel "
+                    f"(torch 2.14.1, measured: SQNR below 0 dB); {fix}"
+                )
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            if weight.per_channel and weight.axis != 0:
+                raise UnsupportedSpecError(
+                    f"{self.name}: per-channel {name} weights must be split along axis 0 (output channels), "
+                    f"got axis={weight.axis}"
+                )
+
+
+_REDUCE_RANGE_WHY = (
+    "fbgemm's u8×s8 kernels without VNNI (AVX2, AVX-512 without VNNI) add pairs of products with "
+    "vpmaddubsw into a saturating int16: 2·255·127 = 64770 > 32767. Measured with "
+    "FBGEMM_ENABLE_INSTRUCTIONS=AVX2: full-range activations lose ~50% of the output, 7-bit ones are exact. "
+    "On VNNI CPUs (vpdpbusd, int32 accumulation) the full range is exact, but the model may be deployed "
+    "on one without."
+)
+
+_X86_ACTIVATION = QuantSpec(signed=False, symmetric=False, observer="mse", reduce_range=True)
+_PER_CHANNEL_WEIGHT = QuantSpec(signed=True, symmetric=True, axis=0, observer="minmax")
+
+BACKENDS: dict[str, Backend] = {
+    "x86": Backend(
+        name="x86",
+        engine="x86",
+        activation=_X86_ACTIVATION,
+        weight=_PER_CHANNEL_WEIGHT,
+        supports_per_channel_weights=True,
+        reduce_range=True,
+        reduce_range_why=_REDUCE_RANGE_WHY,
+        symmetric_conv_transpose_wrong=True,
+        notes="Dispatches each conv to oneDNN (symmetric weights, VNNI CPU) or fbgemm (otherwise).",
+    ),
+    "fbgemm": Backend(
+        name="fbgemm",
+        engine="fbgemm",
+        activation=_X86_ACTIVATION,
+        weight=_PER_CHANNEL_WEIGHT,
+        supports_per_channel_weights=True,
+        reduce_range=True,
+        reduce_range_why=_REDUCE_RANGE_WHY,
+    ),
+    "qnnpack": Backend(
+        name="qnnpack",
+        engine="qnnpack",
+        activation=QuantSpec(signed=False, symmetric=False, observer="mse"),
+        # Per tensor, as in mobile deployments; the kernels also take per-channel weights.
+        weight=QuantSpec(signed=True, symmetric=True, observer="minmax"),
+        supports_per_channel_weights=True,
+        reduce_range=False,
+        reduce_range_why="qnnpack widens each u8 product before accumulating (no saturating int16 pair "
+        "sums): measured exact with full-range activations where fbgemm's AVX2 path saturates.",
+        per_channel_conv_transpose_axis=1,
+    ),
+    "onednn": Backend(
+        name="onednn",
+        engine="onednn",
+        activation=QuantSpec(signed=False, symmetric=False, observer="mse"),
+        weight=_PER_CHANNEL_WEIGHT,
+        supports_per_channel_weights=True,
+        reduce_range=False,
+        reduce_range_why="oneDNN targets VNNI CPUs (int32 accumulation; measured exact with full-range "
+        "activations there); torch's onednn default keeps the full range too and warns of "
+        "accuracy issues on CPUs without VNNI.",
+        symmetric_weights_required=True,
+        symmetric_conv_transpose_wrong=True,
+        signed_activation_modules=(nn.Linear,),
+    ),
+}
+
+
+def get_backend(name: str) -> Backend:
+    """The table entry for ``name`` (x86, fbgemm, qnnpack, onednn)."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise QPassesError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}") from None

@@ -1,0 +1,467 @@
+"""Observers: modules that sit on a tensor edge of the graph, record statistics of what flows through
+during calibration, and turn them into a range and quantization parameters.
+
+They are ``nn.Module``s with buffers so that a calibrated graph can be saved and loaded
+(``state_dict``) and its ranges inspected. ``forward`` returns its input unchanged.
+
+- ``MinMaxObserver``: running min and max (per tensor or per channel).
+- ``MovingAverageMinMaxObserver``: exponential moving average of each batch's min and max.
+- ``PercentileObserver``, ``EntropyObserver``, ``MSEObserver``: a streaming histogram in bounded memory
+  (``HistogramObserver``) and three ways to choose a clipping range from it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from qpasses.errors import QPassesError
+from qpasses.quant.spec import QuantSpec, compute_qparams
+
+
+class CalibrationError(QPassesError):
+    """An observer cannot record its input or has no range yet."""
+
+
+class Observer(nn.Module):
+    """Base class: records statistics of its input in ``forward`` and returns the input unchanged.
+
+    ``name`` (the graph node the observer watches, set by whoever inserts it) appears in error messages.
+    Subclasses implement ``_observe(x)`` (``x`` a detached float32 tensor with finite values) and
+    ``_range()``; ``batches_seen`` counts the batches recorded.
+    """
+
+    def __init__(self, spec: QuantSpec, name: str = ""):
+        super().__init__()
+        self.spec = spec
+        self.name = name
+        self.register_buffer("batches_seen", torch.tensor(0, dtype=torch.int64))
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the observer has recorded at least one non-empty batch."""
+        return bool(self.batches_seen > 0)
+
+    def _label(self) -> str:
+        where = f" at {self.name!r}" if self.name else ""
+        return f"{type(self).__name__}{where} ({self.spec})"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise CalibrationError(f"{self._label()}: can only observe floating-point tensors, got {got}")
+        if x.numel() == 0:
+            return x
+        with torch.no_grad():
+            data = x.detach().float()
+            if not bool(torch.isfinite(data).all()):
+                bad = int((~torch.isfinite(data)).sum())
+                raise CalibrationError(
+                    f"{self._label()}: input contains {bad} NaN/Inf value(s) of {data.numel()}; "
+                    "the float model already produces them on this calibration batch"
+                )
+            self._observe(data)
+            self.batches_seen += 1
+        return x
+
+    def _observe(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (min, max) range to quantize to: float32 tensors, 0-d per tensor, one entry per channel."""
+        if not self.calibrated:
+            raise CalibrationError(
+                f"{self._label()}: no data observed yet; run calibration batches through it first"
+            )
+        return self._range()
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``compute_qparams(*self.range(), self.spec)``: (scale float32, zero_point int64)."""
+        lo, hi = self.range()
+        return compute_qparams(lo, hi, self.spec)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # Buffers whose size is only known from data (per-channel ranges, histogram bins) take the saved size.
+        for name, buf in self._buffers.items():
+            key = prefix + name
+            if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
+                buf.resize_(state_dict[key].shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        text = str(self.spec)
+        if self.calibrated:
+            lo, hi = self.range()
+            if lo.dim() == 0:
+                text += f", range=[{float(lo):.4g}, {float(hi):.4g}]"
+            else:
+                text += f", channels={lo.numel()}"
+        return text
+
+
+class MinMaxObserver(Observer):
+    """Running minimum and maximum: ``min_val = min over batches of min(x)``, same for max.
+
+    Per channel (``spec.axis`` set) the min and max are taken over every dimension but ``axis``.
+    """
+
+    def __init__(self, spec: QuantSpec, name: str = ""):
+        super().__init__(spec, name)
+        empty = torch.empty(0) if spec.per_channel else torch.tensor(0.0)
+        self.register_buffer("min_val", empty.clone())
+        self.register_buffer("max_val", empty.clone())
+
+    def _batch_min_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        axis = self.spec.axis
+        if axis is None:
+            return torch.aminmax(x)
+        if not -x.dim() <= axis < x.dim():
+            raise CalibrationError(
+                f"{self._label()}: per-channel axis {axis} does not exist in a tensor of "
+                f"shape {tuple(x.shape)}"
+            )
+        rows = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+        return torch.aminmax(rows, dim=1)
+
+    def _check_channels(self, batch_min: torch.Tensor) -> None:
+        if batch_min.shape != self.min_val.shape:
+            raise CalibrationError(
+                f"{self._label()}: {batch_min.numel()} channels in this batch, "
+                f"{self.min_val.numel()} in earlier ones"
+            )
+
+    def _observe(self, x: torch.Tensor) -> None:
+        batch_min, batch_max = self._batch_min_max(x)
+        if not self.calibrated:
+            # resize_ + copy_ keep the registered buffers (and their non-inference-ness) in place.
+            self.min_val.resize_(batch_min.shape).copy_(batch_min)
+            self.max_val.resize_(batch_max.shape).copy_(batch_max)
+            return
+        self._check_channels(batch_min)
+        torch.minimum(self.min_val, batch_min, out=self.min_val)
+        torch.maximum(self.max_val, batch_max, out=self.max_val)
+
+    def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.min_val.clone(), self.max_val.clone()
+
+
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    """Exponential moving average of each batch's min and max, with ``c = spec.averaging_constant``:
+    ``min_val ← min_val + c · (min(x) − min_val)`` (the first batch sets it), same for max."""
+
+    def _observe(self, x: torch.Tensor) -> None:
+        if not self.calibrated:
+            super()._observe(x)
+            return
+        batch_min, batch_max = self._batch_min_max(x)
+        self._check_channels(batch_min)
+        c = self.spec.averaging_constant
+        self.min_val.add_(c * (batch_min - self.min_val))
+        self.max_val.add_(c * (batch_max - self.max_val))
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of ``fp(xp)`` at ``x`` (``xp`` increasing), constant outside."""
+    idx = torch.searchsorted(xp, x, right=True).clamp(1, xp.numel() - 1)
+    x0, x1 = xp[idx - 1], xp[idx]
+    frac = ((x - x0) / (x1 - x0)).clamp(0.0, 1.0)
+    return fp[idx - 1] + frac * (fp[idx] - fp[idx - 1])
+
+
+def _inverse(q: torch.Tensor, cdf: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """The smallest ``x`` with ``cdf(x) ≥ q``, for a non-decreasing piecewise-linear ``cdf`` on ``xs``."""
+    idx = torch.searchsorted(cdf, q, side="left").clamp(1, cdf.numel() - 1)
+    c0, c1 = cdf[idx - 1], cdf[idx]
+    frac = torch.where(c1 > c0, (q - c0) / (c1 - c0), torch.zeros_like(q)).clamp(0.0, 1.0)
+    return xs[idx - 1] + frac * (xs[idx] - xs[idx - 1])
+
+
+class _Histogram:
+    """Counts on ``bins`` equal bins over ``[lo, hi]``, read with mass spread uniformly inside each bin;
+    ``max_abs`` is the largest ``|x|`` of the data (the histogram range may extend beyond it)."""
+
+    def __init__(self, counts: torch.Tensor, lo: float, hi: float, max_abs: float):
+        self.counts = counts.double()
+        self.lo, self.hi, self.max_abs = lo, hi, max_abs
+        self.edges = torch.linspace(lo, hi, counts.numel() + 1, dtype=torch.float64)
+        self.total = float(self.counts.sum())
+        self.cdf = torch.cat([torch.zeros(1, dtype=torch.float64), self.counts.cumsum(0)]) / self.total
+
+    def quantile(self, q: float) -> float:
+        return float(_inverse(torch.tensor([q], dtype=torch.float64), self.cdf, self.edges))
+
+    def _abs_grid(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t`` on ``n + 1`` points over ``[0, max|x|]`` and the mass of ``|x| ≤ t`` there."""
+        t = torch.linspace(0.0, self.max_abs, n + 1, dtype=torch.float64)
+        inside = _interp(t, self.edges, self.cdf) - _interp(-t, self.edges, self.cdf)
+        return t, torch.cummax(inside.clamp(min=0.0), 0).values
+
+    def abs_quantile(self, q: float) -> float:
+        t, inside = self._abs_grid(8 * self.counts.numel())
+        return float(_inverse(torch.tensor([q], dtype=torch.float64), inside, t))
+
+    def abs_histogram(self, n: int) -> tuple[torch.Tensor, float]:
+        """The histogram of ``|x|`` on ``n`` bins over ``[0, max|x|]`` (counts) and its bin width."""
+        t, inside = self._abs_grid(n)
+        return inside.diff() * self.total, float(t[1])
+
+    def sample_points(self, per_bin: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``per_bin`` evenly spaced points inside each non-empty bin and their masses (sum 1)."""
+        nonempty = self.counts > 0
+        width = (self.hi - self.lo) / self.counts.numel()
+        offsets = (torch.arange(per_bin, dtype=torch.float64) + 0.5) / per_bin
+        points = (self.edges[:-1][nonempty, None] + width * offsets).reshape(-1)
+        mass = (self.counts[nonempty, None] / (self.total * per_bin)).expand(-1, per_bin).reshape(-1)
+        return points, mass
+
+
+class HistogramObserver(Observer):
+    """Streaming histogram in bounded memory: ``bins`` counts over ``[hist_lo, hist_hi]``, whatever the
+    number of batches. Subclasses choose the clipping range from it (``_select``).
+
+    The first batch sets ``[hist_lo, hist_hi] = [min(x), max(x)]``. When a batch falls outside, the range
+    grows to bins of ``k`` times the width ``w`` (``k`` the smallest integer that fits), its start moving
+    down by a whole number ``m`` of old bins (chosen to centre the data): every old bin then lies inside
+    exactly one new bin (old bin ``i`` → new bin ``(m + i) // k``), so re-binning moves counts exactly and
+    loses only resolution; the range stays below about twice the data's. The exact data min and max are
+    kept as well; selected ranges never exceed them. Per tensor only.
+    """
+
+    def __init__(self, spec: QuantSpec, name: str = "", bins: int = 2048):
+        super().__init__(spec, name)
+        if spec.per_channel:
+            raise ValueError(f"{type(self).__name__} is per tensor only; got a per-channel spec ({spec})")
+        if bins < 16:
+            raise ValueError(f"{type(self).__name__}: bins must be >= 16, got {bins}")
+        self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
+        self.register_buffer("hist_lo", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("hist_hi", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("min_val", torch.tensor(0.0))
+        self.register_buffer("max_val", torch.tensor(0.0))
+
+    @property
+    def bins(self) -> int:
+        return self.histogram.numel()
+
+    def _grow(self, batch_min: float, batch_max: float) -> None:
+        lo, hi, bins = float(self.hist_lo), float(self.hist_hi), self.bins
+        width = (hi - lo) / bins
+        below = max(0, math.ceil((lo - batch_min) / width))  # old bins needed below lo
+        span = max(bins, math.ceil((max(hi, batch_max) - lo) / width))  # old bins from lo to the new top
+        factor = math.ceil((below + span) / bins)
+        # Centre the data in the grown range, so that the next batch has headroom on both sides.
+        shift = below + (bins * factor - below - span) // 2
+        new_lo = lo - shift * width
+        target = (shift + torch.arange(bins)) // factor
+        regrouped = torch.zeros_like(self.histogram).index_add_(0, target, self.histogram)
+        self.histogram.copy_(regrouped)
+        self.hist_lo.fill_(new_lo)
+        self.hist_hi.fill_(new_lo + bins * factor * width)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        batch_min, batch_max = (float(v) for v in torch.aminmax(x))
+        if not self.calibrated:
+            if batch_max - batch_min <= 0.0:
+                # A constant batch: give the histogram a tiny non-empty range around it.
+                pad = max(abs(batch_min), 1.0) * 1e-6
+                lo, hi = batch_min - pad, batch_max + pad
+            else:
+                lo, hi = batch_min, batch_max
+            self.hist_lo.fill_(lo)
+            self.hist_hi.fill_(hi)
+            self.min_val.fill_(batch_min)
+            self.max_val.fill_(batch_max)
+        else:
+            self.min_val.fill_(min(float(self.min_val), batch_min))
+            self.max_val.fill_(max(float(self.max_val), batch_max))
+            if batch_min < float(self.hist_lo) or batch_max > float(self.hist_hi):
+                self._grow(batch_min, batch_max)
+        lo, hi = float(self.hist_lo), float(self.hist_hi)
+        # histc drops values outside [lo, hi]; clamping keeps float rounding at the edges from losing counts.
+        counts = torch.histc(x.clamp(lo, hi), bins=self.bins, min=lo, max=hi)
+        self.histogram.add_(counts.double())
+
+    def _data_range(self) -> tuple[float, float]:
+        return float(self.min_val), float(self.max_val)
+
+    def _select(self, hist: _Histogram) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        data_lo, data_hi = self._data_range()
+        if data_lo == data_hi:  # constant data: every method agrees on its value
+            return self.min_val.clone(), self.max_val.clone()
+        hist = _Histogram(
+            self.histogram, float(self.hist_lo), float(self.hist_hi), max(-data_lo, data_hi, 0.0)
+        )
+        lo, hi = self._select(hist)
+        lo, hi = max(lo, data_lo), min(hi, data_hi)
+        return torch.tensor(min(lo, hi), dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
+
+
+class PercentileObserver(HistogramObserver):
+    """Clips at a percentile ``p = spec.percentile``: a symmetric spec uses ``t = p-th percentile of |x|``
+    and the range ``[−t, t]``; an affine one clips each tail: ``[(100 − p)-th, p-th percentile of x]``."""
+
+    def _select(self, hist: _Histogram) -> tuple[float, float]:
+        p = self.spec.percentile / 100.0
+        if self.spec.symmetric:
+            t = hist.abs_quantile(p)
+            return -t, t
+        return hist.quantile(1.0 - p), hist.quantile(p)
+
+
+class EntropyObserver(HistogramObserver):
+    """Clips at the threshold ``t`` on ``|x|`` that minimises the KL divergence between the clipped
+    distribution and its quantized version (TensorRT's calibration).
+
+    On the histogram of ``|x|`` with ``B`` bins (``abs_bins``, 2048 as in TensorRT) and ``L`` quantization
+    levels on the positive side (``L = qmax − qmin + 1`` for non-negative data, e.g. after ReLU, else
+    half of it; a signed symmetric grid always half), for every candidate ``i ∈ [L, B]``:
+    ``P = h[:i]`` with the clipped mass ``Σ h[i:]`` added to its last bin;
+    ``Q``: ``h[:i]`` merged into ``L`` groups of consecutive bins, each group's mass spread evenly over
+    its non-empty bins; ``KL(P‖Q) = Σ P log(P / Q)`` after normalising both. The ``i`` with the least
+    KL gives ``t = i · (bin width)``, and the range is ``[−t, t]`` intersected with the data range.
+    """
+
+    abs_bins = 2048
+
+    def _levels(self) -> int:
+        levels = self.spec.quant_max - self.spec.quant_min + 1
+        # A signed symmetric grid, or an affine one stretched over data of both signs, gives |x| about half.
+        if (self.spec.signed and self.spec.symmetric) or float(self.min_val) < 0.0:
+            return levels // 2
+        return levels
+
+    def _select(self, hist: _Histogram) -> tuple[float, float]:
+        counts, width = hist.abs_histogram(self.abs_bins)
+        levels, n = self._levels(), counts.numel()
+        if n <= levels:
+            return -n * width, n * width
+        cuts = torch.arange(levels, n + 1)
+        t = int(cuts[int(torch.argmin(self.kl_divergences(counts, cuts, levels)))]) * width
+        return -t, t
+
+    @staticmethod
+    def kl_divergences(counts: torch.Tensor, cuts: torch.Tensor, levels: int) -> torch.Tensor:
+        """``KL(P‖Q)`` for each cut ``i`` in ``cuts`` (all ``≥ levels``), in ``O(len(cuts) · levels)``.
+
+        Bin ``j < i`` is in group ``g = ⌊j·L/i⌋``, i.e. groups span ``[⌈g·i/L⌉, ⌈(g+1)·i/L⌉)``. With prefix
+        sums of ``h``, of ``[h > 0]`` and of ``h log h``, each group's mass ``M_g`` and non-empty count
+        ``c_g`` are differences, ``Q`` is ``M_g / (c_g Σ_{j<i} h_j)`` on non-empty bins, and, before the
+        clipped mass ``O = Σ_{j≥i} h_j`` is added to the last bin,
+        ``KL = (Σ h log h − (Σ h) log Z) / Z − Σ_g (M_g / Z) log Q_g`` with ``Z = Σ_all h``;
+        the last bin's term is then replaced by the one with ``h_{i−1} + O``.
+        """
+        h = counts.double()
+        zero = torch.zeros(1, dtype=torch.float64)
+        mass_before = torch.cat([zero, h.cumsum(0)])
+        nonempty_before = torch.cat([zero, (h > 0).double().cumsum(0)])
+        hlogh_before = torch.cat(
+            [zero, torch.where(h > 0, h * torch.log(h.clamp(min=1e-300)), 0.0).cumsum(0)]
+        )
+        total = float(mass_before[-1])
+        bounds = (torch.arange(levels + 1)[None, :] * cuts[:, None] + levels - 1) // levels  # (C, L+1)
+        group_mass = mass_before[bounds].diff(dim=1)
+        group_nonempty = nonempty_before[bounds].diff(dim=1)
+        inside = mass_before[cuts]
+        log_q = torch.log(
+            (group_mass / (group_nonempty * inside[:, None]).clamp(min=1e-300)).clamp(min=1e-300)
+        )
+        kl = (hlogh_before[cuts] - inside * math.log(total)) / total
+        kl = kl - torch.where(group_mass > 0, group_mass / total * log_q, 0.0).sum(1)
+        # Where P has mass that Q cannot represent (an empty last bin receiving clipped mass), give Q a tiny
+        # floor instead of an infinite divergence, as TensorRT's smoothing does.
+        last = h[cuts - 1]
+        log_q_last = torch.where(last > 0, log_q[:, -1], math.log(1e-12))
+        clipped = total - inside
+        p_old, p_new = last / total, (last + clipped) / total
+
+        def term(p: torch.Tensor) -> torch.Tensor:
+            return torch.where(p > 0, p * (torch.log(p.clamp(min=1e-300)) - log_q_last), 0.0)
+
+        return kl - term(p_old) + term(p_new)
+
+
+class MSEObserver(HistogramObserver):
+    """Chooses the range minimising the expected squared quantize-dequantize error over the histogram.
+
+    Each histogram bin is represented by ``points_per_bin`` evenly spaced points carrying its mass; for a
+    candidate range, ``(scale, zp) = compute_qparams(lo, hi, spec)`` and the error is
+    ``Σ mass · ((clamp(round(x / scale) + zp, qmin, qmax) − zp) · scale − x)²``: rounding inside the range
+    and clipping outside it, with the grid exactly as it will be used. Symmetric specs search the
+    threshold ``t`` of ``[−t, t]`` (``[0, t]`` unsigned); affine ones search the top and the bottom of
+    the range in turn. Each search scores ``grid`` evenly spaced candidates, then ``grid`` more between
+    the best one's neighbours.
+    """
+
+    points_per_bin = 8
+    grid = 96
+    rounds = 2
+
+    def _errors(
+        self, points: torch.Tensor, mass: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+    ) -> torch.Tensor:
+        scale, zero_point = compute_qparams(lo, hi, self.spec)
+        scale, zero_point = scale.double()[:, None], zero_point.double()[:, None]
+        q = torch.clamp(
+            torch.round(points[None, :] / scale) + zero_point, self.spec.quant_min, self.spec.quant_max
+        )
+        return (((q - zero_point) * scale - points[None, :]) ** 2) @ mass
+
+    def _search(self, score, upper: float) -> float:
+        """The ``t`` in ``(0, upper]`` with the least ``score(t)`` (coarse grid, then refined)."""
+        ts = upper * torch.arange(1, self.grid + 1, dtype=torch.float64) / self.grid
+        best = int(torch.argmin(score(ts)))
+        step = upper / self.grid
+        fine = torch.linspace(
+            max(float(ts[best]) - step, step / self.grid),
+            min(float(ts[best]) + step, upper),
+            self.grid,
+            dtype=torch.float64,
+        )
+        return float(fine[int(torch.argmin(score(fine)))])
+
+    def _select(self, hist: _Histogram) -> tuple[float, float]:
+        points, mass = hist.sample_points(self.points_per_bin)
+        data_lo, data_hi = self._data_range()
+        lo, hi = min(data_lo, 0.0), max(data_hi, 0.0)
+
+        def err(lows: torch.Tensor, highs: torch.Tensor) -> torch.Tensor:
+            return self._errors(points, mass, lows, highs)
+
+        if self.spec.symmetric:
+            top = hi if not self.spec.signed else max(-lo, hi)
+            if top <= 0.0:
+                return lo, hi
+            sign = -1.0 if self.spec.signed else 0.0
+            t = self._search(lambda ts: err(sign * ts, ts), top)
+            return sign * t, t
+        for _ in range(self.rounds):
+            if data_hi > 0.0:
+                hi = self._search(lambda ts, lo=lo: err(torch.full_like(ts, lo), ts), data_hi)
+            if data_lo < 0.0:
+                lo = -self._search(lambda ts, hi=hi: err(-ts, torch.full_like(ts, hi)), -data_lo)
+        return lo, hi
+
+
+_OBSERVER_CLASSES: dict[str, type[Observer]] = {
+    "minmax": MinMaxObserver,
+    "moving_average": MovingAverageMinMaxObserver,
+    "percentile": PercentileObserver,
+    "entropy": EntropyObserver,
+    "mse": MSEObserver,
+}
+
+
+def make_observer(spec: QuantSpec, name: str = "") -> Observer:
+    """A fresh observer of the kind ``spec.observer`` names."""
+    return _OBSERVER_CLASSES[spec.observer](spec, name)

@@ -1,0 +1,271 @@
+"""The backend table against the real kernels of each engine."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.ao.nn.quantized as nnq
+import torch.nn.functional as F
+from torch import nn
+
+from qpasses.errors import QPassesError
+from qpasses.quant.backends import BACKENDS, UnsupportedSpecError, get_backend
+from qpasses.quant.observers import MinMaxObserver
+from qpasses.quant.spec import QuantConfig, QuantPair, QuantSpec
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+
+AVAILABLE = [name for name, b in BACKENDS.items() if b.available]
+
+
+@pytest.fixture
+def engine():
+    """Sets ``torch.backends.quantized.engine`` for one test and restores it afterwards."""
+    previous = torch.backends.quantized.engine
+
+    def use(name: str) -> None:
+        torch.backends.quantized.engine = BACKENDS[name].engine
+
+    yield use
+    torch.backends.quantized.engine = previous
+
+
+def _quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    # The observer kind does not matter to the kernels; min/max keeps these many small cases fast.
+    obs = MinMaxObserver(spec.replace(observer="minmax"))
+    obs(x)
+    scale, zp = obs.qparams()
+    if spec.per_channel:
+        return torch.quantize_per_channel(x, scale.double(), zp, spec.axis, spec.dtype)
+    return torch.quantize_per_tensor(x, float(scale), int(zp), spec.dtype)
+
+
+def _run(kind: str, pair: QuantPair, in_ch: int = 4, out_ch: int = 8, x=None, w=None):
+    """Quantizes input, weight and output with ``pair`` and runs the quantized module.
+
+    Returns (kernel output dequantized, reference on the dequantized operands, float reference, output step).
+    """
+    g = torch.Generator().manual_seed(0)
+    if kind == "conv":
+        x = torch.randn(2, in_ch, 8, 8, generator=g) if x is None else x
+        w = torch.randn(out_ch, in_ch, 3, 3, generator=g) * 0.3 if w is None else w
+        module, op = nnq.Conv2d(in_ch, out_ch, 3), F.conv2d
+    elif kind == "conv_transpose":
+        x = torch.randn(2, in_ch, 6, 6, generator=g) if x is None else x
+        w = torch.randn(in_ch, out_ch, 3, 3, generator=g) * 0.3 if w is None else w
+        module, op = nnq.ConvTranspose2d(in_ch, out_ch, 3), F.conv_transpose2d
+    else:
+        x = torch.randn(5, in_ch * 4, generator=g) if x is None else x
+        w = torch.randn(out_ch, in_ch * 4, generator=g) * 0.3 if w is None else w
+        module, op = nnq.Linear(in_ch * 4, out_ch), F.linear
+    bias = torch.randn(out_ch, generator=g) * 0.1
+    xq, wq = _quantize(x, pair.activation), _quantize(w, pair.weight)
+    exact_operands = op(xq.dequantize(), wq.dequantize(), bias)
+    float_ref = op(x, w, bias)
+    out_obs = MinMaxObserver(pair.activation.replace(axis=None))
+    out_obs(float_ref)
+    scale, zp = out_obs.qparams()
+    module.set_weight_bias(wq, bias)
+    module.scale, module.zero_point = float(scale), int(zp)
+    return module(xq).dequantize(), exact_operands, float_ref, float(scale)
+
+
+def test_engines_present():
+    assert {"x86", "fbgemm", "qnnpack"} <= set(torch.backends.quantized.supported_engines)
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize(("per_channel", "bits"), [(None, 8), (True, 8), (False, 8), (None, 4)])
+def test_default_specs_run_on_the_kernels(engine, name, kind, per_channel, bits):
+    backend = get_backend(name)
+    engine(name)
+    config = backend.default_config(per_channel=per_channel, bits=bits)
+    backend.check_config(config)
+    out, exact, float_ref, step = _run(kind, config.default_pair)
+    # The kernel rounds once at the output (plus the int32 bias): within about one output step of the
+    # computation on its dequantized operands...
+    assert (out - exact).abs().max().item() <= 1.01 * step
+    # ...and within a few steps of the float model.
+    assert (out - float_ref).abs().max().item() <= (6 if bits == 8 else 3) * step
+
+
+SPECS = {
+    "u8 act": QuantSpec(signed=False, symmetric=False),
+    "s8 act": QuantSpec(signed=True, symmetric=False),
+    "u8 act per-channel": QuantSpec(signed=False, symmetric=False, axis=1),
+    "s8 sym w": QuantSpec(signed=True, symmetric=True),
+    "s8 affine w": QuantSpec(signed=True, symmetric=False),
+    "u8 affine w": QuantSpec(signed=False, symmetric=False),
+    "s8 sym w per-channel": QuantSpec(signed=True, symmetric=True, axis=0),
+    "s8 affine w per-channel": QuantSpec(signed=True, symmetric=False, axis=0),
+}
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("act", ["u8 act", "s8 act", "u8 act per-channel"])
+@pytest.mark.parametrize(
+    "weight", ["s8 sym w", "s8 affine w", "u8 affine w", "s8 sym w per-channel", "s8 affine w per-channel"]
+)
+def test_check_agrees_with_the_kernels(engine, name, kind, act, weight):
+    """``Backend.check_module`` rejects exactly the combinations the kernels refuse or get wrong."""
+    backend = get_backend(name)
+    engine(name)
+    pair = QuantPair(SPECS[weight], SPECS[act])
+    module = nn.Conv2d(4, 8, 3) if kind == "conv" else nn.Linear(16, 8)
+    try:
+        backend.check_module(module, pair.weight, pair.activation)
+        expected_ok = True
+    except UnsupportedSpecError:
+        expected_ok = False
+    try:
+        out, exact, _, step = _run(kind, pair)
+        kernel_ok = (out - exact).abs().max().item() <= 1.01 * step
+    except RuntimeError:
+        kernel_ok = False
+    assert kernel_ok == expected_ok
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_conv_transpose_table(engine, name):
+    backend = get_backend(name)
+    engine(name)
+    act = backend.activation
+    axis = backend.per_channel_conv_transpose_axis
+    for weight in (
+        QuantSpec(signed=True, symmetric=False),
+        QuantSpec(signed=True, symmetric=True, axis=0),
+        QuantSpec(signed=True, symmetric=True, axis=1),
+        QuantSpec(signed=True, symmetric=True),
+    ):
+        for in_ch, out_ch in ((4, 8), (6, 6)):
+            module = nn.ConvTranspose2d(in_ch, out_ch, 3)
+            try:
+                backend.check_module(module, weight)
+                expected_ok = True
+            except UnsupportedSpecError:
+                expected_ok = False
+            try:
+                out, exact, _, step = _run("conv_transpose", QuantPair(weight, act), in_ch, out_ch)
+                kernel_ok = (out - exact).abs().max().item() <= 1.01 * step
+            except RuntimeError:
+                kernel_ok = False
+            # The x86/onednn symmetric bug only shows on CPUs with VNNI, where those weights go to oneDNN.
+            vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: True)()
+            if not vnni and backend.symmetric_conv_transpose_wrong and expected_ok is False and kernel_ok:
+                continue
+            assert kernel_ok == expected_ok, (weight, in_ch, out_ch, axis)
+
+
+def test_x86_symmetric_conv_transpose_is_wrong_on_vnni(engine):
+    """A sentinel for the torch bug the table works around: when it fails, the bug is fixed and
+    ``symmetric_conv_transpose_wrong`` can go."""
+    if not getattr(torch.cpu, "_is_vnni_supported", lambda: False)():
+        pytest.skip("x86 routes symmetric weights to oneDNN only on CPUs with VNNI")
+    engine("x86")
+    out, exact, _, step = _run(
+        "conv_transpose",
+        QuantPair(QuantSpec(signed=True, symmetric=True), get_backend("x86").activation),
+        4,
+        8,
+    )
+    assert (out - exact).abs().max().item() > 10 * step
+    with pytest.raises(
+        UnsupportedSpecError,
+        match="x86: symmetric-weight ConvTranspose2d with in_channels=4 != "
+        "out_channels=8 gives wrong results.*use symmetric=False",
+    ):
+        get_backend("x86").check_module(nn.ConvTranspose2d(4, 8, 3), QuantSpec(signed=True, symmetric=True))
+
+
+_SATURATION_PROBE = textwrap.dedent("""
+    import torch, torch.ao.nn.quantized as nnq
+    torch.backends.quantized.engine = "fbgemm"
+    for qmax in (255, 127):  # full 8-bit activations, then reduce_range
+        x = torch.quantize_per_tensor(torch.full((1, 64), float(qmax)), 1.0, 0, torch.quint8)
+        w = torch.quantize_per_tensor(torch.full((4, 64), 127.0), 1.0, 0, torch.qint8)
+        m = nnq.Linear(64, 4)
+        m.set_weight_bias(w, None)
+        m.scale, m.zero_point = qmax * 127 * 64 / 200, 0
+        print(m(x).dequantize()[0, 0].item() / (qmax * 127 * 64))
+""")
+
+
+def test_reduce_range_prevents_avx2_saturation():
+    """fbgemm's AVX2 kernels saturate int16 pair sums of full-range u8 activations; 7-bit ones are exact."""
+    if (
+        "fbgemm" not in torch.backends.quantized.supported_engines
+        or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
+    ):
+        pytest.skip("needs fbgemm on an x86 CPU with AVX2")
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _SATURATION_PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    full, reduced = (float(v) for v in result.stdout.split())
+    assert full < 0.6  # 2·255·127 pair sums clipped to 32767
+    assert reduced == pytest.approx(1.0, abs=0.01)
+    assert get_backend("fbgemm").reduce_range and get_backend("x86").reduce_range
+    assert not get_backend("qnnpack").reduce_range
+
+
+def test_default_configs():
+    x86 = get_backend("x86").default_config()
+    assert x86.activation.quant_max == 127 and x86.activation.dtype == torch.quint8
+    assert x86.weight.axis == 0 and x86.weight.symmetric and x86.weight.dtype == torch.qint8
+    assert get_backend("x86").default_config(bits=4).activation.quant_max == 15  # 4 bits cannot saturate
+    assert get_backend("x86").default_config(per_channel=False).weight.axis is None
+    qnnpack = get_backend("qnnpack").default_config()
+    assert qnnpack.weight.axis is None and qnnpack.activation.quant_max == 255
+    assert get_backend("qnnpack").default_config(per_channel=True).weight.axis == 0
+
+
+def test_error_messages():
+    with pytest.raises(QPassesError, match="unknown backend 'tpu'; known: x86, fbgemm, qnnpack, onednn"):
+        get_backend("tpu")
+    qnnpack = get_backend("qnnpack")
+    with pytest.raises(
+        UnsupportedSpecError,
+        match=r"^qnnpack: signed activations \(qint8\) are not supported by its kernels; "
+        r"use signed=False",
+    ):
+        qnnpack.check(QuantSpec(signed=True, symmetric=True), "activation")
+    with pytest.raises(UnsupportedSpecError, match=r"fbgemm: unsigned weights \(quint8\) .*use signed=True"):
+        get_backend("fbgemm").check(QuantSpec(signed=False, symmetric=False), "weight")
+    with pytest.raises(
+        UnsupportedSpecError, match="onednn: asymmetric weights .* zero point 0; use symmetric=True"
+    ):
+        get_backend("onednn").check(QuantSpec(signed=True, symmetric=False), "weight")
+    with pytest.raises(UnsupportedSpecError, match="per-channel activations"):
+        qnnpack.check(QuantSpec(signed=False, symmetric=False, axis=1), "activation")
+    with pytest.raises(ValueError, match="role must be"):
+        qnnpack.check(QuantSpec(signed=False, symmetric=False), "bias")
+    config = get_backend("x86").default_config()
+    config = QuantConfig(
+        config.weight,
+        config.activation,
+        by_name={"head.*": QuantPair(config.weight, QuantSpec(signed=True, symmetric=True))},
+    )
+    with pytest.raises(
+        UnsupportedSpecError, match=r"by_name\['head.\*'\] activation: x86: signed activations"
+    ):
+        get_backend("x86").check_config(config)
+    with pytest.raises(UnsupportedSpecError, match="fbgemm: per-channel weights of ConvTranspose2d"):
+        get_backend("fbgemm").check_module(
+            nn.ConvTranspose2d(4, 4, 3), QuantSpec(signed=True, symmetric=True, axis=1)
+        )
+    with pytest.raises(
+        UnsupportedSpecError, match="qnnpack: per-channel ConvTranspose2d weights must be split along axis 1"
+    ):
+        qnnpack.check_module(nn.ConvTranspose2d(4, 4, 3), QuantSpec(signed=True, symmetric=True, axis=0))
+    with pytest.raises(UnsupportedSpecError, match="Linear weights must be split along axis 0"):
+        qnnpack.check_module(nn.Linear(4, 4), QuantSpec(signed=True, symmetric=True, axis=1))

@@ -1,0 +1,282 @@
+import pytest
+import torch
+from torch.ao.quantization.observer import (
+    MovingAveragePerChannelMinMaxObserver as TorchMovingAveragePerChannel,
+)
+
+from qpasses.errors import QPassesError
+from qpasses.quant.observers import (
+    CalibrationError,
+    EntropyObserver,
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    _Histogram,
+    make_observer,
+)
+from qpasses.quant.spec import QuantSpec
+
+U8 = QuantSpec(signed=False, symmetric=False)
+S8_SYM = QuantSpec(signed=True, symmetric=True)
+
+
+def _fake_quant_mse(x: torch.Tensor, observer) -> float:
+    scale, zp = observer.qparams()
+    spec = observer.spec
+    q = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), spec.quant_min, spec.quant_max)
+    return float(((q - x) ** 2).mean())
+
+
+@pytest.fixture(scope="module")
+def outlier_data():
+    """2M standard normal samples and one outlier at 50. Clipping it costs (50 − t)² / 2·10⁶ of MSE, little
+    next to the rounding error saved, so an MSE-optimal 8-bit range ends well below 50."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2_000_000, generator=g)
+    x[123] = 50.0
+    return x
+
+
+def test_make_observer_kinds():
+    kinds = {
+        "minmax": MinMaxObserver,
+        "moving_average": MovingAverageMinMaxObserver,
+        "histogram": PercentileObserver,
+        "percentile": PercentileObserver,
+        "entropy": EntropyObserver,
+        "mse": MSEObserver,
+    }
+    for name, cls in kinds.items():
+        obs = make_observer(U8.replace(observer=name), name="conv1")
+        assert type(obs) is cls and obs.name == "conv1"
+
+
+def test_minmax_by_hand():
+    obs = MinMaxObserver(U8)
+    assert not obs.calibrated
+    x = torch.tensor([0.0, 1.0], requires_grad=True)
+    assert obs(x) is x  # identity on the graph edge: gradients and values pass untouched
+    obs(torch.tensor([[-1.0, 3.0]]))
+    obs(torch.tensor(0.5))
+    lo, hi = obs.range()
+    assert (lo.item(), hi.item()) == (-1.0, 3.0) and obs.calibrated and int(obs.batches_seen) == 3
+    scale, zp = obs.qparams()
+    assert scale.item() == pytest.approx(4 / 255) and zp.item() == 64
+    assert not obs.min_val.requires_grad
+
+
+def test_moving_average_by_hand():
+    obs = MovingAverageMinMaxObserver(U8.replace(observer="moving_average", averaging_constant=0.5))
+    obs(torch.tensor([0.0, 1.0]))
+    obs(torch.tensor([-1.0, 3.0]))
+    lo, hi = obs.range()
+    assert (lo.item(), hi.item()) == (-0.5, 2.0)  # 0 + ½(−1 − 0), 1 + ½(3 − 1)
+
+
+def test_moving_average_per_channel_agrees_with_torch():
+    spec = S8_SYM.replace(axis=1, observer="moving_average", averaging_constant=0.1)
+    ours = make_observer(spec)
+    theirs = TorchMovingAveragePerChannel(
+        averaging_constant=0.1, ch_axis=1, dtype=torch.qint8, qscheme=torch.per_channel_symmetric
+    )
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        b = torch.randn(2, 3, 5, generator=g) * torch.rand(1, 3, 1, generator=g) * 4
+        ours(b)
+        theirs(b)
+    torch.testing.assert_close(ours.range(), (theirs.min_val, theirs.max_val))
+    torch.testing.assert_close(ours.qparams()[0], theirs.calculate_qparams()[0])
+
+
+def test_sub_8_bit_qparams():
+    obs = MinMaxObserver(U8.replace(bits=4))
+    obs(torch.tensor([0.0, 3.0]))
+    scale, zp = obs.qparams()
+    assert scale.item() == pytest.approx(3 / 15) and zp.item() == 0
+    obs = MinMaxObserver(S8_SYM.replace(bits=4, narrow_range=True))
+    obs(torch.tensor([-2.0, 1.4]))
+    assert obs.qparams()[0].item() == pytest.approx(2 / 7)
+
+
+@pytest.mark.parametrize("kind", ["minmax", "moving_average", "percentile", "entropy", "mse"])
+def test_errors_name_the_observer(kind):
+    obs = make_observer(U8.replace(observer=kind), name="layer1.relu")
+    with pytest.raises(CalibrationError, match=r"at 'layer1.relu'.*no data observed yet"):
+        obs.qparams()
+    with pytest.raises(CalibrationError, match=r"at 'layer1.relu'.*1 NaN/Inf value\(s\) of 3"):
+        obs(torch.tensor([1.0, float("nan"), 2.0]))
+    with pytest.raises(CalibrationError, match="floating-point"):
+        obs(torch.tensor([1, 2]))
+    assert issubclass(CalibrationError, QPassesError) and not obs.calibrated
+
+
+@pytest.mark.parametrize("kind", ["minmax", "percentile", "entropy", "mse"])
+def test_constant_zero_input(kind):
+    obs = make_observer(U8.replace(observer=kind))
+    obs(torch.zeros(10))
+    scale, zp = obs.qparams()
+    assert scale.item() == torch.finfo(torch.float32).eps and zp.item() == 0
+
+
+def test_per_channel_errors():
+    obs = MinMaxObserver(S8_SYM.replace(axis=2))
+    with pytest.raises(CalibrationError, match="axis 2 does not exist in a tensor of shape"):
+        obs(torch.ones(3, 4))
+    obs = MinMaxObserver(S8_SYM.replace(axis=0))
+    obs(torch.ones(3, 4))
+    with pytest.raises(CalibrationError, match="5 channels in this batch, 3 in earlier ones"):
+        obs(torch.ones(5, 4))
+    with pytest.raises(ValueError, match="per tensor only"):
+        PercentileObserver(S8_SYM.replace(axis=0))
+
+
+@pytest.mark.parametrize("kind", ["minmax", "mse"])
+def test_state_dict_round_trip_and_inference_mode(kind):
+    spec = S8_SYM.replace(axis=0) if kind == "minmax" else U8.replace(observer=kind)
+    obs = make_observer(spec)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        obs(torch.randn(4, 6, generator=g))
+    with torch.no_grad():  # buffers must still be ordinary tensors after an inference-mode batch
+        obs(torch.randn(4, 6, generator=g) * 3)
+    fresh = make_observer(spec)
+    fresh.load_state_dict(obs.state_dict())
+    assert fresh.calibrated
+    for ours, theirs in zip(fresh.qparams(), obs.qparams(), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_percentile_on_known_distributions():
+    x = torch.linspace(-1.0, 1.0, 200_001)
+    sym = PercentileObserver(S8_SYM.replace(observer="percentile", percentile=90.0))
+    sym(x)
+    lo, hi = sym.range()
+    assert hi.item() == pytest.approx(0.9, abs=2e-3) and lo.item() == pytest.approx(-0.9, abs=2e-3)
+    tails = PercentileObserver(U8.replace(observer="percentile", percentile=95.0))
+    tails(x[x.abs() < 2] * 0.5 + 0.5)  # uniform on [0, 1]
+    lo, hi = tails.range()
+    assert lo.item() == pytest.approx(0.05, abs=2e-3) and hi.item() == pytest.approx(0.95, abs=2e-3)
+    full = PercentileObserver(U8.replace(observer="percentile", percentile=100.0))
+    full(x)
+    assert [v.item() for v in full.range()] == [-1.0, 1.0]
+
+
+@pytest.mark.parametrize("cls", [EntropyObserver, MSEObserver])
+def test_outliers_are_clipped(cls, outlier_data):
+    bulk = float(outlier_data.abs().quantile(0.999))
+    for spec in (S8_SYM, U8):
+        obs = cls(spec)
+        for chunk in outlier_data.chunk(4):
+            obs(chunk)
+        lo, hi = obs.range()
+        assert bulk <= hi.item() <= 0.5 * 50.0, (spec, hi)
+        assert lo.item() <= -min(bulk, 4.0), (spec, lo)
+
+
+@pytest.mark.parametrize("cls", [EntropyObserver, MSEObserver])
+def test_outliers_are_clipped_after_relu(cls, outlier_data):
+    relu = torch.relu(outlier_data)
+    obs = cls(U8)
+    obs(relu)
+    lo, hi = obs.range()
+    assert lo.item() == 0.0 and float(relu.quantile(0.999)) <= hi.item() <= 0.5 * 50.0
+
+
+@pytest.mark.parametrize("spec", [S8_SYM, U8, U8.replace(bits=4)], ids=str)
+def test_mse_beats_minmax_and_is_near_the_best_clip(spec, outlier_data):
+    data = outlier_data[:300_000]
+    mse_obs, minmax = MSEObserver(spec), MinMaxObserver(spec)
+    mse_obs(data)
+    minmax(data)
+    chosen, plain = _fake_quant_mse(data, mse_obs), _fake_quant_mse(data, minmax)
+    assert chosen < 0.9 * plain
+    # Brute force on the data itself, on a grid of tops (the bottom as chosen, or −top if symmetric).
+    lo = float(mse_obs.range()[0])
+
+    def qdq_mse(top: float) -> float:
+        probe = MinMaxObserver(spec)
+        probe(torch.tensor([-top if spec.symmetric else lo, top]))
+        return _fake_quant_mse(data, probe)
+
+    coarse = min(torch.linspace(1.0, 50.0, 50).tolist(), key=qdq_mse)
+    best = min(qdq_mse(t) for t in torch.linspace(coarse - 1.0, coarse + 1.0, 41).tolist())
+    assert chosen <= 1.02 * best
+
+
+def test_kl_divergences_match_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    counts = (torch.rand(60, generator=g) * 10).floor()
+    counts[counts < 3] = 0
+    levels = 8
+
+    def direct(i: int) -> float:
+        p = counts[:i].double().clone()
+        p[-1] += counts[i:].sum()
+        ref = counts[:i].double()
+        q = torch.zeros(i, dtype=torch.float64)
+        for group in range(levels):
+            members = [j for j in range(i) if j * levels // i == group]
+            nonempty = [j for j in members if ref[j] > 0]
+            for j in nonempty:
+                q[j] = ref[members].sum() / len(nonempty)
+        p, q = p / p.sum(), q / q.sum()
+        return sum(
+            float(p[j] * torch.log(p[j] / (q[j] if q[j] > 0 else 1e-12))) for j in range(i) if p[j] > 0
+        )
+
+    cuts = torch.arange(levels, 61)
+    fast = EntropyObserver.kl_divergences(counts, cuts, levels)
+    torch.testing.assert_close(fast, torch.tensor([direct(int(i)) for i in cuts], dtype=torch.float64))
+
+
+def _stream(cls, spec):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(150_000, generator=g), torch.randn(50, generator=g) * 6])
+    one, many = cls(spec), cls(spec)
+    one(x)
+    sizes = {k: v.shape for k, v in many.state_dict().items()}
+    for b in x[torch.randperm(x.numel(), generator=g)].chunk(100):
+        many(b)
+    assert {k: v.shape for k, v in many.state_dict().items()} == sizes  # memory independent of batch count
+    assert many.histogram.numel() == 2048 and many.histogram.sum().item() == x.numel()
+    assert float(many.hist_hi - many.hist_lo) <= 2.5 * float(x.max() - x.min())  # resolution kept
+    return x, one, many
+
+
+@pytest.mark.parametrize("cls", [PercentileObserver, MSEObserver])
+def test_streaming_histogram_one_batch_vs_many(cls):
+    x, one, many = _stream(cls, U8.replace(observer="percentile", percentile=99.9))
+    width = float(x.max() - x.min())
+    for a, b in zip(one.range(), many.range(), strict=True):
+        assert abs(a.item() - b.item()) <= 0.01 * width
+
+
+def test_streaming_histogram_one_batch_vs_many_entropy():
+    # KL minima are flat (two thresholds far apart can be within 1% in KL), so compare how good the
+    # streamed choice is on the one-batch histogram rather than where it lies.
+    x, one, many = _stream(EntropyObserver, S8_SYM)
+    hist = _Histogram(one.histogram, float(one.hist_lo), float(one.hist_hi), float(x.abs().max()))
+    counts, width = hist.abs_histogram(EntropyObserver.abs_bins)
+    cuts = torch.arange(128, counts.numel() + 1)
+    kl = EntropyObserver.kl_divergences(counts, cuts, 128)
+    streamed_cut = round(many.range()[1].item() / width)
+    assert abs(one.range()[1].item() - float(cuts[kl.argmin()]) * width) < 1e-4
+    assert kl[streamed_cut - 128].item() <= 1.05 * kl.min().item()
+
+
+def test_streaming_rebinning_is_exact():
+    # Old bins nest inside new bins, so the streamed counts equal a histogram of all data on the final range.
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        torch.randn(4000, generator=g) * s + c for s, c in [(0.1, 0), (1, 0), (3, 2), (0.5, -9), (10, 0)]
+    ]
+    obs = HistogramObserver(U8, bins=256)
+    for b in batches:
+        obs(b)
+    lo, hi = float(obs.hist_lo), float(obs.hist_hi)
+    assert lo <= float(torch.cat(batches).min()) and hi >= float(torch.cat(batches).max())
+    direct = torch.histc(torch.cat(batches).double(), bins=256, min=lo, max=hi)
+    # Values within float rounding of a bin edge may land on either side.
+    assert (direct - obs.histogram).abs().sum().item() <= 4
