@@ -1,12 +1,22 @@
 """Passes: one file each. Import them from here."""
 
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+from qpasses.passes.calibrate import Calibrate
+from qpasses.passes.dynamic_quant import DynamicQuant
 from qpasses.passes.fuse_bn import FuseBN
+from qpasses.passes.insert_observers import InsertObservers
+from qpasses.passes.lower import Lower
 from qpasses.passes.manager import PassManager, Plan, Report
+from qpasses.passes.ptq import PTQ
 from qpasses.passes.replace_functional import ReplaceFunctional
 
 __all__ = [
+    "PTQ",
+    "Calibrate",
+    "DynamicQuant",
     "FuseBN",
+    "InsertObservers",
+    "Lower",
     "Pass",
     "PassContext",
     "PassManager",

@@ -74,6 +74,8 @@ class InsertObservers(Pass):
         gm.meta[ANNOTATION_KEY] = ann
         for name in ann.float_reasons:
             ctx.note(f"stays float: {ann.float_reasons[name]}")
+        for note in ann.notes:
+            ctx.note(note)
         ctx.stats["int8_ops"] = len(int8)
         ctx.stats["float_ops"] = len(ann.float_reasons)
         ctx.stats["observers"] = len(set(targets.values()))

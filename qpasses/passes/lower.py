@@ -64,6 +64,7 @@ class _Lowering:
         self.graph = gm.graph
         self.quantized: dict[fx.Node, bool] = {}
         self.dequantized: dict[fx.Node, fx.Node] = {}
+        self.erased_modules: set[str] = set()  # observers and folded activations no node calls any more
 
     def observer(self, node: fx.Node) -> Observer | None:
         if node.op != "call_module":
@@ -102,7 +103,7 @@ class _Lowering:
             elif role is Role.FUSED_ACT:
                 producer = node.all_input_nodes[0]
                 node.replace_all_uses_with(producer)
-                self.graph.erase_node(node)
+                self.erase(node)
             elif role in (Role.FIXED, Role.PRESERVING):
                 inputs = [a for a in node.all_input_nodes if a in self.quantized]
                 self.quantized[node] = bool(inputs) and self.quantized[inputs[0]]
@@ -112,7 +113,9 @@ class _Lowering:
                 if not (node.op == "call_method" and node.target in _SHAPE_QUERIES):
                     self.dequantize_inputs(node)
                 self.quantized[node] = False
-        self.gm.delete_all_unused_submodules()
+        referenced = {n.target for n in self.graph.nodes if n.op in ("call_module", "get_attr")}
+        for name in sorted(self.erased_modules - referenced):
+            self.gm.delete_submodule(name)
 
     def lower_observer(self, node: fx.Node) -> None:
         observer = self.observer(node)
@@ -136,8 +139,13 @@ class _Lowering:
             result.meta["qstate"] = "int8"
         result.meta["qparams"] = {"scale": scale, "zero_point": zero_point, "dtype": str(spec.dtype), "bits": spec.bits}
         node.replace_all_uses_with(result)
-        self.graph.erase_node(node)
+        self.erase(node)
         self.quantized[result] = True
+
+    def erase(self, node: fx.Node) -> None:
+        if node.op == "call_module":
+            self.erased_modules.add(node.target)
+        self.graph.erase_node(node)
 
     def check_inputs_quantized(self, node: fx.Node) -> None:
         for arg in node.all_input_nodes:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from qpasses.quant.backends import Backend
+from qpasses.quant.backends import Backend, UnsupportedSpecError
 from qpasses.quant.ops import Role, clamp_bounds, describe_op, is_tensor_node, role_of
 from qpasses.quant.spec import QuantConfig, QuantPair, QuantSpec
 
@@ -41,6 +41,7 @@ class Annotation:
     observe: dict[str, QuantSpec] = field(default_factory=dict)  # value node → activation spec
     shared: dict[str, str] = field(default_factory=dict)  # value node → value whose observer it shares
     float_reasons: dict[str, str] = field(default_factory=dict)  # node → why it stays float
+    notes: list[str] = field(default_factory=list)  # decisions the report should show
 
     def is_int8(self, name: str) -> bool:
         return self.roles.get(name, Role.NONE) in INT8
@@ -62,7 +63,7 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig) -> Annot
                 ann.float_reasons[node.name] = "kept float by the configuration"
                 role = Role.FLOAT
             elif role is Role.COMPUTE:
-                backend.check_module(module, pair.weight)
+                pair = _runnable_pair(backend, module, pair, node, ann)
             if pair is not None:
                 ann.pairs[node.name] = pair
         if role is Role.FUSED_ACT:
@@ -87,6 +88,25 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig) -> Annot
                     ann.observe[arg.name] = ann.pairs[node.name].activation
     _share_cat_observers(gm, ann)
     return ann
+
+
+def _runnable_pair(backend: Backend, module, pair: QuantPair, node: fx.Node, ann: Annotation) -> QuantPair:
+    """``pair``, or the nearest weight spec the backend's kernel for ``module`` can run (with a note).
+
+    The configuration was checked as a whole; some kernels (transposed convs) take fewer weight formats.
+    """
+    candidates = [pair.weight, pair.weight.replace(axis=None), pair.weight.replace(axis=None, symmetric=False)]
+    first_error = None
+    for weight in dict.fromkeys(candidates):
+        try:
+            backend.check_module(module, weight)
+        except UnsupportedSpecError as exc:
+            first_error = first_error or exc
+            continue
+        if weight != pair.weight:
+            ann.notes.append(f"'{node.target}': {first_error}; using {weight} instead")
+        return QuantPair(weight=weight, activation=pair.activation)
+    raise first_error
 
 
 def _fuse_or_preserve(gm: fx.GraphModule, node: fx.Node, ann: Annotation) -> Role:

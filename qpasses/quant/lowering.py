@@ -17,12 +17,47 @@ from qpasses.errors import QPassesError
 from qpasses.quant.observers import make_observer
 from qpasses.quant.spec import QuantSpec
 
+def _rebuild_quantized_conv(cls: type, state: tuple) -> nn.Module:
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    module.__setstate__(state)
+    return module
+
+
+class _PicklableConv:
+    """Upstream quantized convs unpickle without ``Module.__init__`` (no ``_modules``), so a saved whole
+    model cannot be loaded; these subclasses pickle the way their own ``__deepcopy__`` copies."""
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild_quantized_conv, (type(self), self.__getstate__())
+
+
+class QuantizedConv1d(_PicklableConv, nnq.Conv1d):
+    pass
+
+
+class QuantizedConv2d(_PicklableConv, nnq.Conv2d):
+    pass
+
+
+class QuantizedConv3d(_PicklableConv, nnq.Conv3d):
+    pass
+
+
+class QuantizedConvTranspose1d(_PicklableConv, nnq.ConvTranspose1d):
+    pass
+
+
+class QuantizedConvTranspose2d(_PicklableConv, nnq.ConvTranspose2d):
+    pass
+
+
 _QUANTIZED_COMPUTE = {
-    nn.Conv1d: nnq.Conv1d,
-    nn.Conv2d: nnq.Conv2d,
-    nn.Conv3d: nnq.Conv3d,
-    nn.ConvTranspose1d: nnq.ConvTranspose1d,
-    nn.ConvTranspose2d: nnq.ConvTranspose2d,
+    nn.Conv1d: QuantizedConv1d,
+    nn.Conv2d: QuantizedConv2d,
+    nn.Conv3d: QuantizedConv3d,
+    nn.ConvTranspose1d: QuantizedConvTranspose1d,
+    nn.ConvTranspose2d: QuantizedConvTranspose2d,
     nn.Linear: nnq.Linear,
 }
 
