@@ -112,6 +112,8 @@ def test_nyu_csv_pairs_in_metres(tmp_path):
     image, depth = dataset[1]
     assert len(dataset) == 2 and image.shape == (3, 32, 32) and depth.shape == (1, 8, 8)
     torch.testing.assert_close(depth, torch.full((1, 8, 8), 102 / 255 * 10))  # 8-bit PNG: 0-255 is 0-10 m
+    Image.new("RGB", (64, 48), (102, 102, 102)).save(tmp_path / dataset.pairs[1][1])  # grey stored as RGB
+    torch.testing.assert_close(dataset[1][1], depth)
 
 
 def test_nyu_csv_16bit_depth_is_millimetres(tmp_path):

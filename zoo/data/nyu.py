@@ -51,9 +51,10 @@ def depth_pair(
 
 def _read_depth_png(path: Path, metres_per_unit: float | None) -> torch.Tensor:
     with Image.open(path) as png:
-        bits = 8 if png.mode in ("L", "P") else 16
+        # 16-bit PNGs open as mode "I;16" (or "I"); 8-bit ones as "L", or "RGB" with equal channels.
+        bits = 16 if png.mode.startswith("I") else 8
         values = np.asarray(png, dtype=np.float32)
-    if values.ndim == 3:  # some copies store the 8-bit depth as three equal channels
+    if values.ndim == 3:
         values = values[:, :, 0]
     return torch.from_numpy(values * (metres_per_unit or _METRES_PER_UNIT[bits]))
 
