@@ -48,7 +48,7 @@ def _inline_json(data: Any) -> str:
     return json.dumps(data).replace("<", "\\u003c")
 
 
-def _legend(heat: bool) -> str:
+def _legend(heat: bool, with_diff: bool) -> str:
     items = []
     if heat:
         stops = ", ".join(f"{heat_color(db)} {100 * db / HEAT_STOPS[-1][0]:.0f}%" for db, _ in HEAT_STOPS)
@@ -64,18 +64,20 @@ def _legend(heat: bool) -> str:
         f'style="border-color:{DIFF_COLOR[status]}"></span>{text}</li>'
         for status, text in ((ADDED, "added by the pass"), (REMOVED, "removed by the pass (ghost)"),
                              (CHANGED, "changed: op, target, module or args")))
-    return (
-        f'<h2>{"SQNR heat" if heat else "Quantization state"}</h2><ul class="legend">{"".join(items)}</ul>'
-        f'<h2>Changes vs previous pass</h2><ul class="legend">{diff_items}</ul>'
+    states = f'<h2>{"SQNR heat" if heat else "Quantization state"}</h2><ul class="legend">{"".join(items)}</ul>'
+    changes = f'<h2>Changes vs previous pass</h2><ul class="legend">{diff_items}</ul>' if with_diff else ""
+    modules = (
         '<h2>Modules</h2><ul class="legend"><li><span class="swatch proxy" style="background:#f1f3f4"></span>'
         "collapsed module</li></ul>"
         '<p class="hint">Click a module box to collapse it, a collapsed module to expand it, a node for its '
         "details. Search with <kbd>/</kbd>, <kbd>Enter</kbd> for the next match.</p>"
     )
+    return states + changes + modules
 
 
 def html_page(specs: list[dict[str, Any]], *, title: str, initial: int, show_diff: bool, heat: bool) -> str:
     """The page for the specs of a pass-by-pass dump (or a single graph), opened on ``specs[initial]``."""
+    single = ' hidden' if len(specs) < 2 else ""
     data = {
         "snapshots": specs,
         "initial": initial,
@@ -98,17 +100,17 @@ def html_page(specs: list[dict[str, Any]], *, title: str, initial: int, show_dif
 <body>
 <header>
   <h1>{escape_html(title)}</h1>
-  <label>after pass <select id="pass"></select></label>
-  <label><input type="checkbox" id="show-diff"> show changes</label>
+  <label{single}>after pass <select id="pass"></select></label>
+  <label{single}><input type="checkbox" id="show-diff"> show changes</label>
   <span class="group"><input type="search" id="search" placeholder="find node by name ( / )"
     aria-label="find node by name"><span id="search-count"></span></span>
   <span class="group"><button id="expand-all">expand all</button><button id="collapse-all">collapse all</button></span>
   <span class="group"><button id="zoom-out" aria-label="zoom out">−</button><span id="zoom-level">100%</span>
-    <button id="zoom-in" aria-label="zoom in">+</button><button id="zoom-fit">fit width</button></span>
+    <button id="zoom-in" aria-label="zoom in">+</button><button id="zoom-fit">fit</button></span>
   <span id="status"></span>
 </header>
 <aside>
-{_legend(heat)}
+{_legend(heat, with_diff=any(spec["has_diff"] for spec in specs))}
 <h2>Node</h2>
 <div id="details"><p class="hint">Click a node.</p></div>
 </aside>

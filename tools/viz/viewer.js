@@ -303,9 +303,13 @@
     applyZoom();
   }
 
-  function fitWidth() {
+  // The whole graph in the window, for an overview; never enlarged beyond 100%.
+  function fit() {
     const svg = canvas.querySelector("svg");
-    if (svg) setZoom(Math.min(1, (canvas.clientWidth - 24) / naturalSize(svg).width));
+    if (!svg) return;
+    const size = naturalSize(svg);
+    const view = canvas.parentElement;
+    setZoom(Math.min(1, (view.clientWidth - 24) / size.width, (view.clientHeight - 24) / size.height));
   }
 
   function wire() {
@@ -347,7 +351,7 @@
     });
     document.getElementById("zoom-in").addEventListener("click", () => setZoom(state.zoom * 1.25));
     document.getElementById("zoom-out").addEventListener("click", () => setZoom(state.zoom / 1.25));
-    document.getElementById("zoom-fit").addEventListener("click", fitWidth);
+    document.getElementById("zoom-fit").addEventListener("click", fit);
   }
 
   wire();
