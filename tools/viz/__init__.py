@@ -1,0 +1,22 @@
+"""The graph visualiser: fx graphs (and pass-by-pass dumps of them) as HTML, SVG or Graphviz DOT.
+
+It reads the metadata that the passes write on nodes:
+
+- ``meta['tensor_meta']`` (torch.fx ShapeProp): output shape and dtype, and whether it is quantized;
+- ``meta['qstate']``: ``"float"`` (default), ``"observed"``, ``"fake_quant"`` or ``"int8"``; without it, a
+  call to a ``torch.ao.nn.quantized`` module or a quantized output counts as int8, an ``*Observer``
+  module as observed and a ``*FakeQuantize`` module as fake-quant;
+- ``meta['qparams']``: ``scale`` and ``zero_point`` (numbers, or per-channel lists/tensors), ``dtype``,
+  ``bits``, optionally ``axis``;
+- ``meta['sqnr_db']``: shown on the node, and its fill with ``heat=True``.
+
+Layout is Graphviz ``dot`` throughout: for SVG through pygraphviz or the ``dot`` program, in the HTML page
+through a vendored WebAssembly build, so that page can collapse and expand modules offline.
+"""
+
+from tools.viz.diff import GraphDiff, diff_graphs
+from tools.viz.dot import to_dot
+from tools.viz.layout import LayoutEngineMissing
+from tools.viz.render import render
+
+__all__ = ["GraphDiff", "LayoutEngineMissing", "diff_graphs", "render", "to_dot"]

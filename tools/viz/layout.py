@@ -1,0 +1,39 @@
+"""DOT → SVG with Graphviz's ``dot`` layout engine, in-process through pygraphviz or via the ``dot`` program."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+INSTALL_HINT = (
+    "Rendering .svg needs the Graphviz layout engine, and none was found. Install either\n"
+    "  pygraphviz>=2.0 (pip install 'pygraphviz>=2.0'; its wheels bundle Graphviz for Linux x86_64/aarch64,\n"
+    "    macOS arm64 and Windows), or\n"
+    "  the `dot` program (Debian/Ubuntu: apt-get install graphviz; macOS: brew install graphviz).\n"
+    ".html and .dot output need neither: the HTML page carries its own Graphviz (WebAssembly)."
+)
+
+
+class LayoutEngineMissing(RuntimeError):
+    """Neither pygraphviz nor a ``dot`` program is available."""
+
+
+def dot_to_svg(dot: str) -> str:
+    """Lay out ``dot`` with Graphviz ``dot`` and return the SVG text.
+
+    pygraphviz comes first: pip installs it with Graphviz inside, so it works on a fresh machine; the
+    ``dot`` program covers platforms that pygraphviz has no wheel for.
+    """
+    try:
+        import pygraphviz
+    except ImportError:
+        pygraphviz = None
+    if pygraphviz is not None:
+        return pygraphviz.AGraph(string=dot).draw(format="svg", prog="dot").decode("utf-8")
+    program = shutil.which("dot")
+    if program is None:
+        raise LayoutEngineMissing(INSTALL_HINT)
+    result = subprocess.run([program, "-Tsvg"], input=dot.encode("utf-8"), capture_output=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{program} -Tsvg failed: {result.stderr.decode('utf-8', 'replace').strip()}")
+    return result.stdout.decode("utf-8")
