@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,15 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m zoo.demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m ruff check qpasses zoo tools tests
 	$(PY) -m pytest -q tests
+
+# Headless Chromium and a font, for the visualiser's browser tests (Debian/Ubuntu); those tests skip without it.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	-@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; }
 
 lint: $(STAMP)
 	$(PY) -m ruff check qpasses zoo tools tests
