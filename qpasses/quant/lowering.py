@@ -17,6 +17,7 @@ from qpasses.errors import QPassesError
 from qpasses.quant.observers import make_observer
 from qpasses.quant.spec import QuantSpec
 
+
 def _rebuild_quantized_conv(cls: type, state: tuple) -> nn.Module:
     module = cls.__new__(cls)
     nn.Module.__init__(module)

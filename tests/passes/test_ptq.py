@@ -11,7 +11,7 @@ from qpasses.analysis.metrics import sqnr
 from qpasses.errors import PassError, QPassesError
 from qpasses.passes import PTQ, Calibrate, DynamicQuant, FuseBN, InsertObservers, Lower
 from qpasses.quant.backends import UnsupportedSpecError
-from qpasses.quant.observers import CalibrationError, Observer
+from qpasses.quant.observers import Observer
 from qpasses.quant.spec import QuantConfig, QuantSpec
 from tests.nets import TinyUNet, randomize_bn
 

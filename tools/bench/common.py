@@ -1,0 +1,87 @@
+"""Shared pieces of the benchmarks: the Lite0 photo-crop setup, the torch.ao FX reference, BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import zoo
+from qpasses.analysis.metrics import sqnr, topk_agreement
+from zoo.data import SYMMETRIC, loader, photo_crops
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
+
+
+@dataclass
+class PhotoSet:
+    """Calibration and evaluation crops of real photos (disjoint halves of each photo, fixed seeds)."""
+
+    calib: list[torch.Tensor]
+    evals: list[torch.Tensor]
+
+    @classmethod
+    def make(cls, n_calib: int = 64, n_eval: int = 128, size: int = 224) -> PhotoSet:
+        calib = [b for (b,) in loader(photo_crops(n_calib, size, seed=0, split="calib", normalization=SYMMETRIC), 8)]
+        evals = [b for (b,) in loader(photo_crops(n_eval, size, seed=1, split="eval", normalization=SYMMETRIC), 16)]
+        return cls(calib, evals)
+
+
+def pretrained_lite0(variant: str = "tf_efficientnet_lite0") -> nn.Module:
+    return zoo.get(variant, pretrained=True)
+
+
+def fidelity(reference: nn.Module, model: nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """SQNR (dB) of the logits and top-1 agreement of ``model`` with ``reference`` over ``batches``."""
+    with torch.no_grad():
+        ref = torch.cat([reference(b) for b in batches])
+        out = torch.cat([model(b) for b in batches])
+    return sqnr(ref, out), topk_agreement(ref, out)
+
+
+def torch_ao_fx_ptq(model: nn.Module, calib: list[torch.Tensor], backend: str) -> nn.Module:
+    """The reference tool: torch.ao FX PTQ with its default qconfig mapping for ``backend``."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = backend
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(backend), (calib[0][:1],))
+        with torch.no_grad():
+            for batch in calib:
+                prepared(batch)
+        return convert_fx(prepared)
+
+
+def timed(fn: Callable[[], nn.Module]) -> tuple[nn.Module | None, float, str]:
+    """Run ``fn``; return its model, the seconds it took, and '' or the first line of its error."""
+    start = time.perf_counter()
+    try:
+        result = fn()
+    except Exception as exc:  # a reference tool failing is a result to record, not a crash
+        return None, time.perf_counter() - start, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    return result, time.perf_counter() - start, ""
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section between ``<!-- name -->`` markers in BENCHMARKS.md."""
+    start, end = f"<!-- {name} start -->", f"<!-- {name} end -->"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    BENCHMARKS.write_text(text)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
