@@ -87,7 +87,28 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig) -> Annot
                 if is_tensor_node(arg) and not quantized[arg] and arg.name not in ann.observe:
                     ann.observe[arg.name] = ann.pairs[node.name].activation
     _share_cat_observers(gm, ann)
+    _full_range_where_no_gemm_reads(gm, ann)
     return ann
+
+
+def _feeds_gemm(node: fx.Node, ann: Annotation) -> bool:
+    """Whether a conv/linear kernel reads ``node``'s value, directly or through qparams-preserving ops."""
+    for user in node.users:
+        role = ann.roles.get(user.name, Role.NONE)
+        if role is Role.COMPUTE or (role is Role.PRESERVING and _feeds_gemm(user, ann)):
+            return True
+    return False
+
+
+def _full_range_where_no_gemm_reads(gm: fx.GraphModule, ann: Annotation) -> None:
+    """reduce_range exists for the u8 inputs of fbgemm's GEMM kernels (int16 pair sums saturate); a value
+    no conv or linear reads (logits, add operands) keeps the full 8-bit range. Cat-shared groups stay as
+    they are: one of their members may feed a GEMM."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    grouped = set(ann.shared) | set(ann.shared.values())
+    for name, spec in list(ann.observe.items()):
+        if spec.reduce_range and name not in grouped and not _feeds_gemm(nodes[name], ann):
+            ann.observe[name] = spec.replace(reduce_range=False)
 
 
 def _runnable_pair(backend: Backend, module, pair: QuantPair, node: fx.Node, ann: Annotation) -> QuantPair:

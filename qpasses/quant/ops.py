@@ -38,17 +38,19 @@ FIXED_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.tanh, F.tanh)
 FIXED_METHODS = ("sigmoid", "tanh")
 PRESERVING_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU, nn.Upsample, SamePad2d,
+    nn.Flatten, nn.Dropout, nn.Identity, nn.Upsample, SamePad2d,
 )
 PRESERVING_FUNCTIONS = (
     F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
     torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, F.dropout,
-    F.relu, torch.relu, F.interpolate, torch.mean, torch.chunk, torch.split, operator.getitem,
+    F.interpolate, torch.mean, torch.chunk, torch.split, operator.getitem,
 )
 PRESERVING_METHODS = (
     "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "mean",
-    "relu", "chunk", "split", "expand", "expand_as", "repeat",
+    "chunk", "split", "expand", "expand_as", "repeat",
 )
+# Clamp-like activations: folded into the producer's output range when they alone read it, otherwise
+# they keep their input's qparams (the quantized kernels clamp in place).
 FUSABLE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 FUSABLE_FUNCTIONS = (F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp)
 FUSABLE_METHODS = ("relu", "clamp")

@@ -54,6 +54,9 @@ def test_conv_with_each_activation_matches_float(backend, act):
     x = calibration((2, 3, 8, 8), seed=5)[0]
     assert sqnr(model(x), qm(x)) > 25
     assert not any(isinstance(m, Observer) for m in qm.modules())
+    observed = [r for r in pm.report.records if r.name == "InsertObservers"][0]
+    clamp_like = isinstance(act, nn.ReLU | nn.ReLU6 | nn.Hardtanh)
+    assert observed.stats["fused_activations"] == int(clamp_like)  # observed after the activation, not before
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -240,3 +243,21 @@ def test_dynamic_quantization_of_linear_and_lstm():
         assert sqnr(model(x), qm(x)) > 25
     with pytest.raises(PassError, match="nothing to quantize dynamically"):
         PassManager([DynamicQuant()]).run(ConvAct(nn.ReLU()).eval(), torch.randn(1, 3, 4, 4))
+
+
+def test_reduce_range_only_where_a_gemm_reads_the_value():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1)  # read by the linear, through pooling
+            return self.fc(h)  # logits: read by no conv or linear
+
+    gm = PassManager([InsertObservers("x86")]).run(Net().eval(), torch.randn(1, 3, 8, 8))
+    specs = {name: m.spec for name, m in gm.named_modules() if isinstance(m, Observer)}
+    assert specs["x_obs"].reduce_range and specs["relu_obs"].reduce_range
+    assert not specs["fc_obs"].reduce_range
+    qnnpack = PassManager([InsertObservers("qnnpack")]).run(Net().eval(), torch.randn(1, 3, 8, 8))
+    assert not any(m.spec.reduce_range for m in qnnpack.modules() if isinstance(m, Observer))
