@@ -7,12 +7,15 @@
 from qpasses.errors import PassError, PlanError, QPassesError, TraceError, VerificationError
 from qpasses.graph import to_networkx, trace
 from qpasses.passes.manager import PassManager
+from qpasses.quant.spec import QuantConfig, QuantSpec
 
 __all__ = [
     "PassError",
     "PassManager",
     "PlanError",
     "QPassesError",
+    "QuantConfig",
+    "QuantSpec",
     "TraceError",
     "VerificationError",
     "to_networkx",
