@@ -13,6 +13,19 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
+def _pad_codes(x: torch.Tensor, pads: list[int], value: float) -> torch.Tensor:
+    """Constant padding of a per-tensor quantized tensor done on its integer codes.
+
+    ``F.pad`` on quantized tensors takes a generic fill-and-copy path about 7× slower than padding the
+    uint8 codes; the result is identical and keeps the channels-last layout the int8 convs produce.
+    """
+    scale, zero_point = x.q_scale(), x.q_zero_point()
+    info = torch.iinfo(x.int_repr().dtype)
+    code = zero_point + value / scale if math.isfinite(value) else (info.min if value < 0 else info.max)
+    code = int(min(max(round(code), info.min), info.max))
+    return torch._make_per_tensor_quantized_tensor(F.pad(x.int_repr(), pads, value=code), scale, zero_point)
+
+
 class SamePad2d(nn.Module):
     """TensorFlow 'SAME' padding computed from the input size at run time.
 
@@ -37,6 +50,8 @@ class SamePad2d(nn.Module):
         (top, bottom), (left, right) = pads
         if top == bottom == left == right == 0:
             return x
+        if x.is_quantized:
+            return _pad_codes(x, [left, right, top, bottom], self.value)
         return F.pad(x, [left, right, top, bottom], value=self.value)
 
     def extra_repr(self) -> str:

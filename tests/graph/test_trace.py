@@ -145,3 +145,15 @@ def test_functional_ops_are_traced_not_hidden():
     gm = trace(Net(), torch.randn(1, 2, 3, 3))
     targets = {n.target for n in gm.graph.nodes}
     assert F.relu in targets and torch.cat in targets
+
+
+@pytest.mark.parametrize("value", [0.0, 0.3, float("-inf")])
+def test_same_pad_on_quantized_input_pads_the_codes_exactly(value):
+    x = torch.quantize_per_tensor(torch.rand(1, 4, 8, 7) * 2 - 0.5, 0.01, 60, torch.quint8)
+    pad = SamePad2d(3, 2, value=value)
+    out = pad(x)
+    expected = F.pad(x.dequantize(), [1, 1, 0, 1], value=value)  # width 7: (1, 1); height 8: (0, 1)
+    assert out.is_quantized and out.q_scale() == x.q_scale() and out.q_zero_point() == x.q_zero_point()
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(out.dequantize()[finite], expected[finite], atol=0.005, rtol=0)
+    torch.testing.assert_close(out.dequantize()[~finite], torch.full_like(out.dequantize()[~finite], -0.6))  # lowest code
