@@ -13,7 +13,8 @@ Two ways to choose ``(s, z)``:
   ``spec.averaging_constant``), all-reduced across processes under ``torch.distributed`` so replicas
   keep identical ranges. Weights: the current weight's min and max at every call.
 - ``LearnableFakeQuantize`` (LSQ, Esser et al. 2020): ``s`` is a parameter trained by backpropagation,
-  with ``∂y/∂s = round(x/s) − x/s`` inside the range and ``qmin − z`` / ``qmax − z`` where clipped,
+  with ``∂y/∂s = round(x/s) − x/s`` where ``qmin ≤ x/s + z ≤ qmax`` and ``qmin − z`` / ``qmax − z`` where
+  clipped (its ``∂y/∂x`` is 1 on that unrounded range),
   scaled by ``g = 1 / sqrt(n · qmax)`` (``n`` elements per scale); optionally ``z`` too (affine specs),
   rounded with a straight-through estimator. Both start from the first observed range.
 
@@ -160,7 +161,8 @@ class LearnableFakeQuantize(FakeQuantize):
         scale = _scale_gradient(self.scale.abs().clamp(min=_EPS), 1.0 / math.sqrt(per_scale * max(qmax, 1)))
         scale = scale.reshape(shape)
         zero_point = _round_ste(self.zero_point.clamp(qmin, qmax)).reshape(shape)
-        codes = torch.clamp(_round_ste(x / scale) + zero_point, qmin, qmax)
+        # Clamping before rounding decides clipping on x / s + z, as LSQ does (round∘clamp = clamp∘round).
+        codes = _round_ste(torch.clamp(x / scale + zero_point, qmin, qmax))
         return (codes - zero_point) * scale
 
     def extra_repr(self) -> str:
