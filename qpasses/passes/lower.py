@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.fx as fx
 from torch import nn
@@ -29,8 +27,8 @@ class Lower(Pass):
     values an int8 op produces disappear (the op writes at their scale); observers on float values become
     quantize; float ops get a dequantize in front, so quantize/dequantize appear only at real boundaries.
     Spec ranges narrower than 8 bits (sub-8-bit, reduce_range) are enforced by a clamp of the codes.
-    Requires: ``calibrated``. Provides: ``lowered``. The result runs with the backend's engine (a forward
-    pre-hook selects it), saves and loads, and can be TorchScripted.
+    Requires: ``calibrated``. Provides: ``lowered``. The result runs with the backend's engine (its first
+    op, a ``QuantizedEngine`` module, selects it), saves and loads, and can be TorchScripted.
     """
 
     stage = Stage.LOWER
@@ -51,11 +49,19 @@ class Lower(Pass):
                                f"'{backend.name}'; lower with Lower('{ann.backend}') or insert observers for '{backend.name}'")
         with lowering.quantized_engine(backend.engine):
             _Lowering(gm, ann, ctx).run()
-        gm.register_forward_pre_hook(functools.partial(lowering.use_engine, backend.engine))
+        _select_engine_first(gm, backend.engine)
         gm.meta["qpasses_backend"] = backend.name
         del gm.meta[ANNOTATION_KEY]
         gm.recompile()
         return PassResult(gm, modified=True)
+
+
+def _select_engine_first(gm: fx.GraphModule, engine: str) -> None:
+    target = unique_name(gm, "quantized_engine")
+    gm.add_submodule(target, lowering.QuantizedEngine(engine))
+    first_op = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first_op):
+        gm.graph.call_module(target, ())
 
 
 class _Lowering:
