@@ -87,6 +87,17 @@ def test_quantize_json_summary(tmp_path, capsys):
     assert "[1/5]" not in err  # no progress lines with --json
 
 
+def test_quantize_calibrates_on_an_image_folder(tmp_path, capsys):
+    from tests.zoo.test_zoo_data_folder import write_images
+
+    write_images(tmp_path)
+    code, out, _ = run(capsys, "quantize", TINY, "--calib", str(tmp_path), "--input-size", "16",
+                       "--batch-size", "2", "--json")
+    assert code == 0
+    calibrate = next(p for p in json.loads(out)["passes"] if p["name"] == "Calibrate")
+    assert calibrate["stats"]["batches"] == 2  # three images in batches of two
+
+
 def test_quantize_prints_plan_progress_and_report(capsys):
     code, out, err = run(capsys, "quantize", TINY, "--passes", "fusebn", "--input-size", "16")
     assert code == 0
