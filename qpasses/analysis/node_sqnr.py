@@ -11,6 +11,7 @@ inputs; quantize, dequantize and range clamps carry the value of their input.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -24,8 +25,12 @@ SQNR_KEY = "sqnr_db"
 
 
 def node_values(gm: fx.GraphModule, inputs: tuple) -> dict[str, torch.Tensor]:
-    """The tensor each node of ``gm`` computes on ``inputs``, dequantized, by node name (eval mode, no grad)."""
+    """The tensor each node of ``gm`` computes on ``inputs``, dequantized, by node name (eval mode, no grad).
+
+    Runs a copy, so that observers in ``gm`` do not count ``inputs`` as calibration data.
+    """
     values: dict[str, torch.Tensor] = {}
+    gm = copy.deepcopy(gm)
 
     class Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
@@ -36,13 +41,9 @@ def node_values(gm: fx.GraphModule, inputs: tuple) -> dict[str, torch.Tensor]:
                     values[n.name] = tensor.detach()
             return result
 
-    was_training = gm.training
     gm.eval()
-    try:
-        with torch.no_grad():
-            Recorder(gm).run(*inputs)
-    finally:
-        gm.train(was_training)
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
     return values
 
 

@@ -74,3 +74,14 @@ def test_fewer_bits_lower_every_nodes_sqnr(float_model):
     common = [name for name in at8 if name in at4 and name != "x_quant"]
     assert len(common) > 5
     assert all(at4[name] < at8[name] - 6 for name in common)
+
+
+def test_observers_do_not_count_the_comparison_inputs(float_model):
+    data = batches()
+    pm = PassManager([FuseBN(), PTQ(data, progress=False)], snapshots=True)
+    pm.run(float_model, data[0][:1])
+    reference, observed = pm.snapshots[0][1], dict(pm.snapshots)["Calibrate"]
+    state = {k: v.clone() for k, v in observed.state_dict().items()}
+    result = node_sqnr(reference, observed, 100 * batches(seed=3)[0])
+    assert result and all(db > 60 for db in result.values())  # observers pass values through; BN folding rounds
+    assert all(torch.equal(state[k], v) for k, v in observed.state_dict().items())
