@@ -5,7 +5,9 @@ the same name, which is the value it computes wherever the passes kept the name 
 after modules, and the passes rename nothing they keep). Where the float node was followed by nodes the
 quantized graph no longer has (a folded BatchNorm, a ReLU fused into the conv's output range), the node
 stands for the last of them, so a fused conv is compared with the float ReLU's output, not with its
-pre-activation. Nodes that ``+`` or ``torch.cat`` became (FloatFunctional calls) are paired by their
+pre-activation (where lowering enforces the activation's upper bound with a separate clamp, as for ReLU6
+with a wider 8-bit range, the conv's own value is above the bound and the clamp after it is the one that
+matches). Nodes that ``+`` or ``torch.cat`` became (FloatFunctional calls) are paired by their
 inputs; quantize, dequantize and range clamps carry the value of their input.
 """
 
