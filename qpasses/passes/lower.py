@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 
 import torch
 import torch.fx as fx
@@ -31,8 +30,8 @@ class Lower(Pass):
     values an int8 op produces disappear (the op writes at their scale); observers on float values become
     quantize; float ops get a dequantize in front, so quantize/dequantize appear only at real boundaries.
     Spec ranges narrower than 8 bits (sub-8-bit, reduce_range) are enforced by a clamp of the codes.
-    Requires: ``calibrated``. Provides: ``lowered``. The result runs with the backend's engine (a forward
-    pre-hook selects it), saves and loads, and can be TorchScripted.
+    Requires: ``calibrated``. Provides: ``lowered``. The result runs with the backend's engine (its first
+    op, a ``QuantizedEngine`` module, selects it), saves and loads, and can be TorchScripted.
     """
 
     stage = Stage.LOWER
@@ -53,7 +52,7 @@ class Lower(Pass):
                                f"'{backend.name}'; lower with Lower('{ann.backend}') or insert observers for '{backend.name}'")
         with lowering.quantized_engine(backend.engine):
             _Lowering(gm, ann, ctx).run()
-        gm.register_forward_pre_hook(functools.partial(lowering.use_engine, backend.engine))
+        lowering.select_engine_first(gm, backend.engine)
         gm.meta["qpasses_backend"] = backend.name
         del gm.meta[ANNOTATION_KEY]
         gm.recompile()
