@@ -4,6 +4,9 @@ Some library modules fuse several ops or compute shapes at run time (timm's ``Ba
 BN + drop + activation; ``Conv2dSame`` pads from the input size, which symbolic tracing cannot follow).
 They are traced as leaves, then replaced by a chain of plain modules that the passes understand:
 ``BatchNormAct2d`` → ``BatchNorm2d`` → act, ``Conv2dSame`` → ``SamePad2d`` → ``Conv2d``.
+At stride 1 'SAME' padding does not depend on the input size; where it is also symmetric, ``Conv2dSame``
+becomes a plain ``Conv2d`` with that padding, because int8 kernels care: fbgemm's fast depthwise path
+needs symmetric padding (a 5×5 depthwise conv with padding 0 ran about 300× slower).
 Parameters and buffers are shared, not copied, and keep their ``state_dict`` keys.
 """
 
@@ -54,12 +57,18 @@ def _batchnorm_act(m: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _conv2d_same(m: nn.Conv2d) -> list[tuple[str, nn.Module]]:
-    conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, 0, m.dilation, m.groups,
+    # 'SAME' pads (k - 1) * d in total at stride 1, split low = total // 2, high = the rest
+    totals = [(k - 1) * d for k, d in zip(m.kernel_size, m.dilation, strict=True)]
+    static = all(s == 1 for s in m.stride) and all(t % 2 == 0 for t in totals)
+    conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride,
+                     tuple(t // 2 for t in totals) if static else 0, m.dilation, m.groups,
                      bias=m.bias is not None, padding_mode=m.padding_mode)
     conv.weight = m.weight
     if m.bias is not None:
         conv.bias = m.bias
     conv.train(m.training)
+    if static:
+        return [("", conv)]
     return [("pad", SamePad2d(m.kernel_size, m.stride, m.dilation)), ("", conv)]
 
 

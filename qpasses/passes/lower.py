@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import copy
 
 import torch
 import torch.fx as fx
@@ -10,6 +10,7 @@ from torch import nn
 
 from qpasses.errors import QPassesError
 from qpasses.graph.modules import unique_name
+from qpasses.nn import CropStart2d, SamePad2d, ShiftedSamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.insert_observers import ANNOTATION_KEY
 from qpasses.quant import lowering
@@ -33,8 +34,8 @@ class Lower(Pass):
     values an int8 op produces disappear (the op writes at their scale); observers on float values become
     quantize; float ops get a dequantize in front, so quantize/dequantize appear only at real boundaries.
     Spec ranges narrower than 8 bits (sub-8-bit, reduce_range) are enforced by a clamp of the codes.
-    Requires: ``calibrated``. Provides: ``lowered``. The result runs with the backend's engine (a forward
-    pre-hook selects it), saves and loads, and can be TorchScripted.
+    Requires: ``calibrated``. Provides: ``lowered``. The result runs with the backend's engine (its first
+    op, a ``QuantizedEngine`` module, selects it), saves and loads, and can be TorchScripted.
     """
 
     stage = Stage.LOWER
@@ -55,7 +56,7 @@ class Lower(Pass):
                                f"'{backend.name}'; lower with Lower('{ann.backend}') or insert observers for '{backend.name}'")
         with lowering.quantized_engine(backend.engine):
             _Lowering(gm, ann, ctx).run()
-        gm.register_forward_pre_hook(functools.partial(lowering.use_engine, backend.engine))
+        lowering.select_engine_first(gm, backend.engine)
         gm.meta["qpasses_backend"] = backend.name
         del gm.meta[ANNOTATION_KEY]
         gm.recompile()
@@ -161,13 +162,42 @@ class _Lowering:
     def lower_compute(self, node: fx.Node) -> None:
         self.check_inputs_quantized(node)
         scale, zero_point = self.output_qparams(node)
-        module = self.gm.get_submodule(node.target)
+        module = self.symmetric_same_padding(node, self.gm.get_submodule(node.target), scale, zero_point)
         # qpasses.convert() puts the weight qparams QAT trained with there; PTQ observes the weight here.
         qmodule = lowering.quantized_compute(module, self.ann.pairs[node.name].weight, scale, zero_point,
                                              node.meta.get(WEIGHT_QPARAMS_KEY))
         self.replace_module(node.target, qmodule)
         self.mark_int8(node, scale, zero_point)
         self.ctx.stats["int8_" + type(module).__name__.lower()] += 1
+
+    def symmetric_same_padding(self, node: fx.Node, conv: nn.Module, scale: float, zero_point: int) -> nn.Module:
+        """A stride-2 depthwise conv after 'SAME' padding, rewritten to pad symmetrically itself.
+
+        fbgemm runs depthwise convs on a fast path only when they pad (k − 1) / 2 on every side, so
+        SamePad2d → Conv2d(padding=0) becomes ShiftedSamePad2d → Conv2d(padding=(k − 1) / 2) → CropStart2d,
+        which reads the same pixels. Returns the float conv to lower.
+        """
+        pad = node.args[0]
+        if not (type(conv) is nn.Conv2d and conv.groups == conv.in_channels and conv.padding == (0, 0)
+                and ShiftedSamePad2d.applies(conv.kernel_size, conv.stride, conv.dilation)
+                and isinstance(pad, fx.Node) and pad.op == "call_module" and len(pad.users) == 1):
+            return conv
+        same = self.gm.get_submodule(pad.target)
+        if not (type(same) is SamePad2d and same.value == 0 and same.kernel_size == conv.kernel_size
+                and same.stride == conv.stride and same.dilation == conv.dilation):
+            return conv
+        self.replace_module(pad.target, ShiftedSamePad2d(conv.kernel_size, conv.stride))
+        padded = copy.copy(conv)
+        padded.padding = tuple((k - 1) // 2 for k in conv.kernel_size)
+        target = unique_name(self.gm, f"{node.name}_crop")
+        self.gm.add_submodule(target, CropStart2d())
+        with self.graph.inserting_after(node):
+            crop = self.graph.call_module(target, (node,))
+        node.replace_all_uses_with(crop, delete_user_cb=lambda user: user is not crop)
+        crop.meta = dict(node.meta)
+        node.meta.pop("tensor_meta", None)  # the padded conv's output is one row and column larger
+        self.mark_int8(crop, scale, zero_point)
+        return padded
 
     def lower_functional(self, node: fx.Node, role: Role) -> None:
         self.check_inputs_quantized(node)

@@ -11,46 +11,90 @@ from collections.abc import Iterator
 
 import torch
 import torch.ao.nn.quantized as nnq
+import torch.fx as fx
 from torch import nn
 
 from qpasses.errors import QPassesError
+from qpasses.graph.modules import unique_name
 from qpasses.quant.observers import make_observer
 from qpasses.quant.spec import QuantSpec
 
 
-def _rebuild_quantized_conv(cls: type, state: tuple) -> nn.Module:
-    module = cls.__new__(cls)
-    nn.Module.__init__(module)
-    module.__setstate__(state)
+def _rebuild_packed(cls: type, engine: str, args: tuple) -> nn.Module:
+    with quantized_engine(engine):
+        module = cls.from_packing_args(args)
+    module.packed_for = engine
     return module
 
 
-class _PicklableConv:
-    """Upstream quantized convs unpickle without ``Module.__init__`` (no ``_modules``), so a saved whole
-    model cannot be loaded; these subclasses pickle the way their own ``__deepcopy__`` copies."""
+class _EnginePacked:
+    """Packed weights are laid out for the engine active when they were packed, and torch's quantized
+    modules repack them under whatever engine is active when they are unpickled or deep-copied: a
+    qnnpack model loaded while the x86 engine is selected computes wrong results. These subclasses
+    remember their engine (``packed_for``, set by ``quantized_compute``) and repack under it.
+    """
+
+    # ``packed_for`` is a plain instance attribute: a class annotation here would reach TorchScript as
+    # the string 'str' (postponed annotations), which it cannot resolve.
+
+    def packing_args(self) -> tuple:
+        raise NotImplementedError
 
     def __reduce_ex__(self, protocol):
-        return _rebuild_quantized_conv, (type(self), self.__getstate__())
+        return _rebuild_packed, (type(self), self.packed_for, self.packing_args())
+
+    def __deepcopy__(self, memo):
+        rebuild, args = self.__reduce_ex__(2)
+        return rebuild(*args)
 
 
-class QuantizedConv1d(_PicklableConv, nnq.Conv1d):
+class _PackedConv(_EnginePacked):
+    """Also: upstream quantized convs unpickle without ``Module.__init__`` (no ``_modules``), so a saved
+    whole model could not be loaded; these rebuild the way upstream ``__deepcopy__`` does."""
+
+    def packing_args(self) -> tuple:
+        return self.__getstate__()
+
+    @classmethod
+    def from_packing_args(cls, state: tuple) -> nn.Module:
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.__setstate__(state)
+        return module
+
+
+class QuantizedConv1d(_PackedConv, nnq.Conv1d):
     pass
 
 
-class QuantizedConv2d(_PicklableConv, nnq.Conv2d):
+class QuantizedConv2d(_PackedConv, nnq.Conv2d):
     pass
 
 
-class QuantizedConv3d(_PicklableConv, nnq.Conv3d):
+class QuantizedConv3d(_PackedConv, nnq.Conv3d):
     pass
 
 
-class QuantizedConvTranspose1d(_PicklableConv, nnq.ConvTranspose1d):
+class QuantizedConvTranspose1d(_PackedConv, nnq.ConvTranspose1d):
     pass
 
 
-class QuantizedConvTranspose2d(_PicklableConv, nnq.ConvTranspose2d):
+class QuantizedConvTranspose2d(_PackedConv, nnq.ConvTranspose2d):
     pass
+
+
+class QuantizedLinear(_EnginePacked, nnq.Linear):
+    def packing_args(self) -> tuple:
+        weight, bias = self._weight_bias()
+        return self.in_features, self.out_features, weight, bias, self.scale, self.zero_point, self.training
+
+    @classmethod
+    def from_packing_args(cls, args: tuple) -> nn.Module:
+        in_features, out_features, weight, bias, scale, zero_point, training = args
+        module = cls(in_features, out_features, bias_=bias is not None)
+        module.set_weight_bias(weight, bias)
+        module.scale, module.zero_point, module.training = scale, zero_point, training
+        return module
 
 
 _QUANTIZED_COMPUTE = {
@@ -59,7 +103,7 @@ _QUANTIZED_COMPUTE = {
     nn.Conv3d: QuantizedConv3d,
     nn.ConvTranspose1d: QuantizedConvTranspose1d,
     nn.ConvTranspose2d: QuantizedConvTranspose2d,
-    nn.Linear: nnq.Linear,
+    nn.Linear: QuantizedLinear,
 }
 
 
@@ -74,10 +118,41 @@ def quantized_engine(engine: str) -> Iterator[None]:
         torch.backends.quantized.engine = previous
 
 
-def use_engine(engine: str, module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of lowered models: run with the engine they were lowered for."""
+@torch.jit.unused
+def select_engine(engine: str) -> None:
     if torch.backends.quantized.engine != engine:
         torch.backends.quantized.engine = engine
+
+
+class QuantizedEngine(nn.Module):
+    """Selects the quantized engine a lowered model was packed for, as the first op of its forward.
+
+    A module called from the graph, not a forward pre-hook: ``torch.save``/``torch.load`` rebuild a
+    GraphModule from its code and submodules (dropping hooks and ``gm.meta``), and ``copy.deepcopy``
+    drops forward hooks, so only state that is part of the graph survives both. TorchScript skips it.
+    """
+
+    _is_impure = True  # no user reads its output; keeps fx's dead-code elimination from dropping it
+
+    def __init__(self, engine: str):
+        super().__init__()
+        self.engine = engine
+
+    def forward(self) -> None:
+        if not torch.jit.is_scripting():
+            select_engine(self.engine)
+
+    def extra_repr(self) -> str:
+        return repr(self.engine)
+
+
+def select_engine_first(gm: fx.GraphModule, engine: str) -> None:
+    """Make a :class:`QuantizedEngine` for ``engine`` the first op of ``gm``'s forward."""
+    target = unique_name(gm, "quantized_engine")
+    gm.add_submodule(target, QuantizedEngine(engine))
+    first_op = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first_op):
+        gm.graph.call_module(target, ())
 
 
 def on_grid(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -127,6 +202,7 @@ def quantized_compute(module: nn.Module, weight_spec: QuantSpec, scale: float, z
                       module.dilation, module.groups, bias is not None, module.padding_mode)
     qmodule.set_weight_bias(qweight, bias)
     qmodule.scale, qmodule.zero_point = float(scale), int(zero_point)
+    qmodule.packed_for = torch.backends.quantized.engine
     return qmodule
 
 

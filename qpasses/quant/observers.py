@@ -39,6 +39,8 @@ class Observer(nn.Module):
         self.spec = spec
         self.name = name
         self.register_buffer("batches_seen", torch.tensor(0, dtype=torch.int64))
+        # Range searches (MSE, entropy) are costly and lowering asks for the same qparams several times.
+        self._qparams_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -83,12 +85,16 @@ class Observer(nn.Module):
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``compute_qparams(*self.range(), self.spec)``: (scale float32, zero_point int64)."""
-        lo, hi = self.range()
-        return compute_qparams(lo, hi, self.spec)
+        key = (int(self.batches_seen), self.spec)
+        if self._qparams_cache is None or self._qparams_cache[0] != key:
+            self._qparams_cache = (key, compute_qparams(*self.range(), self.spec))
+        scale, zero_point = self._qparams_cache[1]
+        return scale.clone(), zero_point.clone()
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
+        self._qparams_cache = None
         # Buffers whose size is only known from data (per-channel ranges, histogram bins) take the saved size.
         for name, buf in self._buffers.items():
             key = prefix + name

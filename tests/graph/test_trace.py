@@ -28,12 +28,17 @@ def test_lite0_decompositions_keep_state_dict_keys_and_trace_other_sizes():
     types = {type(m).__name__ for m in gm.modules()}
     assert "Conv2dSame" not in types and "BatchNormAct2d" not in types
     assert isinstance(gm.conv_stem_pad, SamePad2d) and type(gm.conv_stem) is nn.Conv2d
+    # stride-1 'SAME' is symmetric and static: a plain padded conv, no pad module
+    depthwise_5x5 = gm.get_submodule("blocks.2.1.conv_dw")
+    assert type(depthwise_5x5) is nn.Conv2d and depthwise_5x5.padding == (2, 2)
+    assert not hasattr(gm, "blocks_2_1_conv_dw_pad")
     assert type(gm.bn1) is nn.BatchNorm2d and isinstance(gm.bn1_act, nn.ReLU6)
     assert set(gm.state_dict()) == set(model.state_dict())
     # the padding is computed at run time, so other (odd) input sizes still match the original
-    x = torch.randn(2, 3, 71, 57)
-    with torch.no_grad():
-        torch.testing.assert_close(gm(x), model(x))
+    for shape in ((2, 3, 71, 57), (1, 3, 64, 65), (1, 3, 33, 32)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x))
 
 
 class DataDependent(nn.Module):
@@ -157,3 +162,27 @@ def test_same_pad_on_quantized_input_pads_the_codes_exactly(value):
     finite = torch.isfinite(expected)
     torch.testing.assert_close(out.dequantize()[finite], expected[finite], atol=0.005, rtol=0)
     torch.testing.assert_close(out.dequantize()[~finite], torch.full_like(out.dequantize()[~finite], -0.6))  # lowest code
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("size", [(14, 14), (15, 15), (14, 17)])
+def test_shifted_same_pad_and_crop_equal_same_padding_on_int8_codes(kernel, size):
+    import torch.ao.nn.quantized as nnq
+
+    from qpasses.nn import CropStart2d, ShiftedSamePad2d
+
+    torch.backends.quantized.engine = "x86"
+    weight = torch.quantize_per_channel(torch.randn(6, 1, kernel, kernel), torch.full((6,), 0.02),
+                                        torch.zeros(6, dtype=torch.long), 0, torch.qint8)
+    bias = torch.randn(6)
+    convs = []
+    for padding in (0, (kernel - 1) // 2):
+        conv = nnq.Conv2d(6, 6, kernel, stride=2, padding=padding, groups=6)
+        conv.set_weight_bias(weight, bias)
+        conv.scale, conv.zero_point = 0.05, 64
+        convs.append(conv)
+    x = torch.quantize_per_tensor(torch.rand(1, 6, *size), 0.01, 3, torch.quint8)
+    same = convs[0](SamePad2d(kernel, 2)(x))
+    shifted = CropStart2d()(convs[1](ShiftedSamePad2d(kernel, 2)(x)))
+    assert shifted.shape == same.shape
+    assert torch.equal(shifted.int_repr(), same.int_repr())

@@ -213,6 +213,25 @@ def test_lowered_model_saves_loads_and_scripts(tmp_path):
     torch.testing.assert_close(scripted(x), expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_padded_stride_2_depthwise_convs_lower_to_symmetric_padding(backend):
+    from timm.layers import Conv2dSame
+
+    from qpasses.nn import CropStart2d, ShiftedSamePad2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), Conv2dSame(8, 8, 5, stride=2, groups=8), nn.ReLU()).eval()
+    qm, _ = quantize(model, (2, 3, 14, 14), backend)
+    types = module_types(qm)
+    assert ShiftedSamePad2d in types and CropStart2d in types
+    conv = next(m for m in qm.modules() if isinstance(m, nnq.Conv2d) and m.groups == 8)
+    assert conv.padding == (2, 2)
+    for shape in ((2, 3, 14, 14), (1, 3, 15, 12)):  # 'SAME' depends on the input size
+        x = torch.randn(*shape)
+        assert qm(x).shape == model(x).shape
+        assert sqnr(model(x), qm(x)) > 25
+
+
 def test_lower_needs_its_own_backend_and_the_plan_shows_the_parts():
     model = ConvAct(nn.ReLU()).eval()
     data = calibration((1, 3, 4, 4))

@@ -83,8 +83,8 @@ def speed_rows(photos: PhotoSet, iters: int) -> list[list[str]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="PTQ benchmark (fidelity, latency, size)")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qpasses bench ptq", description="PTQ benchmark (fidelity, latency, size)")
     parser.add_argument("--quick", action="store_true", help="16 calibration / 32 eval crops, 10 iterations; no file")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     print(body)
     if not args.quick:
         write_section("ptq", body)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -90,7 +90,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return correct / len(labels)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="QAT benchmark (PTQ vs QAT vs PTQ+QAT by bit width)")
     parser.add_argument("--quick", action="store_true", help="1,000 training images, 1 epoch each; no file")
     args = parser.parse_args(argv)
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     print(body)
     if not args.quick:
         write_section("qat", body)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

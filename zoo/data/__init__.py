@@ -3,7 +3,7 @@
 Offline (built from files inside pip packages, so every recipe runs on a fresh machine):
 ``photo_crops``, ``digits``, ``mnist5k``, ``synthetic_depth``. On disk (for users who have the files;
 nothing is ever downloaded, a missing file raises ``DatasetNotFound`` showing the expected layout):
-``cifar10``, ``cifar100``, ``imagenette``, ``nyu_csv``, ``nyu_mat``.
+``cifar10``, ``cifar100``, ``imagenette``, ``image_folder`` (any folder of images), ``nyu_csv``, ``nyu_mat``.
 
 Every dataset yields tuples whose first element is the model input: ``(image,)``, ``(image, label)``
 or ``(image, depth)``.
@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from zoo.data.cifar import cifar10, cifar100
 from zoo.data.digits import digits, mnist5k
+from zoo.data.folder import image_folder
 from zoo.data.imagenette import imagenette
 from zoo.data.nyu import nyu_csv, nyu_mat
 from zoo.data.photos import photo_crop_boxes, photo_crops
@@ -46,6 +47,7 @@ _ON_DISK: dict[str, Callable[..., Dataset]] = {
     "cifar10": cifar10,
     "cifar100": cifar100,
     "imagenette": imagenette,
+    "image_folder": image_folder,
     "nyu_csv": nyu_csv,
     "nyu_mat": nyu_mat,
 }
@@ -90,6 +92,7 @@ __all__ = [
     "cifar100",
     "digits",
     "get",
+    "image_folder",
     "imagenette",
     "list_datasets",
     "loader",

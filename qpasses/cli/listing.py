@@ -1,0 +1,56 @@
+"""``qpasses list``: the models, passes, backends, datasets and benchmarks this installation has."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from qpasses.cli.bench import benchmarks
+from qpasses.passes.registry import PASSES
+from qpasses.quant.backends import BACKENDS
+
+SECTIONS = ("models", "passes", "backends", "datasets", "benchmarks")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("list", help="list models, passes, backends, datasets, benchmarks",
+                                   description="List what the other commands accept.")
+    parser.add_argument("what", nargs="?", choices=SECTIONS, help="one section (default: all)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(run=run)
+
+
+def collect(what: str) -> dict[str, str]:
+    """``{name: one-line description}`` for one section."""
+    if what == "models":
+        import zoo
+
+        return {name: f"{s.input_size}×{s.input_size}" + (f", {s.num_classes} classes" if s.num_classes else "")
+                for name, s in zoo.MODELS.items()}
+    if what == "passes":
+        return {name: entry.summary for name, entry in PASSES.items()}
+    if what == "backends":
+        engines = torch.backends.quantized.supported_engines
+        return {name: f"engine {b.engine}" + ("" if b.engine in engines else " (not in this torch build)")
+                + (f"; {b.notes}" if b.notes else "") for name, b in BACKENDS.items()}
+    if what == "datasets":
+        from zoo.data import list_datasets
+
+        return {name: "" for name in list_datasets()}
+    return {name: "" for name in benchmarks()}
+
+
+def run(args: argparse.Namespace) -> int:
+    sections = [args.what] if args.what else list(SECTIONS)
+    found = {what: collect(what) for what in sections}
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    for what, entries in found.items():
+        print(f"{what}:")
+        width = max((len(name) for name in entries), default=0)
+        for name, text in entries.items():
+            print(f"  {name:<{width}}  {text}".rstrip())
+    return 0

@@ -1,0 +1,85 @@
+"""``qpasses quantize``: run a pipeline on a model, print the plan and the report, save the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from qpasses.cli.common import (
+    CLIError,
+    PrintProgress,
+    add_pipeline_arguments,
+    calibration_loader,
+    json_number,
+    load_model,
+    pass_options,
+)
+from qpasses.passes.manager import PassManager, Report
+from qpasses.passes.registry import build_pipeline
+
+EXAMPLES = """examples:
+  qpasses quantize resnet18 --passes fusebn,ptq --backend x86 --out resnet18_int8.pt
+  qpasses quantize tf_efficientnet_lite0 --pretrained --backend qnnpack --calib photos --num-batches 4
+  qpasses quantize torchvision.models:mobilenet_v2 --bits 6 --calib ~/photos --json
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quantize", help="quantize a model and save it",
+        description="Trace MODEL, run the passes (ordered by their contracts, each verified), print the plan, "
+                    "progress and the report table, and save the result with torch.save.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", metavar="MODEL", help="a zoo model (see `qpasses list models`) or module:factory")
+    add_pipeline_arguments(parser, passes_default="fusebn,ptq")
+    parser.add_argument("--out", type=Path, metavar="FILE", help="save the quantized model here (torch.save)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary instead of the plan and the table")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out is not None and not args.out.parent.is_dir():
+        raise CLIError(f"--out {args.out}: folder '{args.out.parent}' does not exist")
+    loaded = load_model(args.model, args.pretrained, args.input_size)
+    calibration = calibration_loader(args.calib, loaded, args.num_batches, args.batch_size)
+    passes = build_pipeline(args.passes, pass_options(args, calibration, progress=not args.json))
+    pm = PassManager(passes)
+    if not args.json:
+        plan = pm.plan()
+        pm.instruments.append(PrintProgress(len(plan.passes)))
+        print(plan, flush=True)
+    example = calibration()[0][:1]
+    quantized = pm.run(loaded.model, example)
+    if args.out is not None:
+        torch.save(quantized, args.out)
+    if args.json:
+        print(json.dumps(summary(args, pm.report, example), indent=2))
+    else:
+        print(pm.report)
+        if args.out is not None:
+            print(f"saved {args.out}")
+    return 0
+
+
+def summary(args: argparse.Namespace, report: Report, example: torch.Tensor) -> dict:
+    records = []
+    for record in report.records:
+        fields = asdict(record)
+        fields["sqnr_db"] = json_number(record.sqnr_db)
+        records.append(fields)
+    return {
+        "model": args.model,
+        "backend": args.backend,
+        "bits": args.bits,
+        "input_shape": list(example.shape),
+        "plan": [p.name for p in report.plan.passes],
+        "plan_notes": report.plan.notes,
+        "sqnr_db_on_example": json_number(report.records[-1].sqnr_db),
+        "out": str(args.out) if args.out is not None else None,
+        "passes": records,
+        "left_opaque": report.opaque_modules,
+    }

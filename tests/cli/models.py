@@ -1,0 +1,10 @@
+"""A factory for ``module:factory`` model arguments: the same weights on every call."""
+
+import torch
+
+from tests.nets import TinyUNet, randomize_bn
+
+
+def tiny_unet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(TinyUNet()).eval()

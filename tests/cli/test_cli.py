@@ -1,0 +1,172 @@
+"""The qpasses command line, called as ``main(argv)`` (and once as a real process)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+
+from qpasses.analysis.metrics import sqnr
+from qpasses.cli import main
+from qpasses.passes.registry import PASSES
+from tests.cli.models import tiny_unet
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = "tests.cli.models:tiny_unet"
+SMALL = ["--input-size", "16", "--num-batches", "2", "--batch-size", "2"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_of_every_command(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for command in ("quantize", "viz", "list", "recipe", "sensitivity", "bench"):
+        assert command in out
+    code, out, _ = run(capsys, "quantize", "--help")
+    assert code == 0 and "module:factory" in out and all(name in out for name in PASSES)
+    code, out, _ = run(capsys, "viz", "--help")
+    assert code == 0 and "--diff PASS" in out and "--heat" in out
+
+
+def test_list_sections_and_json(capsys):
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    for line in ("models:", "  resnet18", "passes:", "  fusebn", "backends:", "  qnnpack", "benchmarks:", "  ptq"):
+        assert line in out
+    code, out, _ = run(capsys, "list", "passes", "--json")
+    assert code == 0 and set(json.loads(out)["passes"]) == set(PASSES)
+
+
+@pytest.fixture(scope="module")
+def saved_qnnpack(tmp_path_factory):
+    """``qpasses quantize`` of the tiny U-Net for qnnpack, as JSON, saved to a file."""
+    out_path = tmp_path_factory.mktemp("cli") / "tiny_int8.pt"
+    code = main(["quantize", TINY, "--passes", "fusebn,ptq", "--backend", "qnnpack", *SMALL,
+                 "--out", str(out_path), "--json"])
+    return code, out_path
+
+
+def test_quantize_json_and_the_saved_model_runs(saved_qnnpack, capsys):
+    code, out_path = saved_qnnpack
+    assert code == 0
+    model = torch.load(out_path, weights_only=False)
+    assert isinstance(model, fx.GraphModule)
+    float_model = tiny_unet()
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.backends.quantized.engine = "x86"  # the saved model must select qnnpack itself
+    assert sqnr(float_model(x), model(x)) > 15
+    assert torch.backends.quantized.engine == "qnnpack"
+
+
+def test_quantize_json_summary(tmp_path, capsys):
+    code, out, err = run(capsys, "quantize", TINY, "--bits", "6", *SMALL, "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["plan"] == ["FuseBN", "ReplaceFunctional", "InsertObservers", "Calibrate", "Lower"]
+    assert summary["bits"] == 6 and summary["input_shape"] == [1, 3, 16, 16] and summary["out"] is None
+    assert [p["name"] for p in summary["passes"]] == ["trace", *summary["plan"]]
+    assert summary["passes"][-1]["stats"]["int8_conv2d"] == 5
+    assert isinstance(summary["sqnr_db_on_example"], float) and summary["sqnr_db_on_example"] > 10
+    assert "[1/5]" not in err  # no progress lines with --json
+
+
+def test_quantize_calibrates_on_an_image_folder(tmp_path, capsys):
+    from tests.zoo.test_zoo_data_folder import write_images
+
+    write_images(tmp_path)
+    code, out, _ = run(capsys, "quantize", TINY, "--calib", str(tmp_path), "--input-size", "16",
+                       "--batch-size", "2", "--json")
+    assert code == 0
+    calibrate = next(p for p in json.loads(out)["passes"] if p["name"] == "Calibrate")
+    assert calibrate["stats"]["batches"] == 2  # three images in batches of two
+
+
+def test_quantize_prints_plan_progress_and_report(capsys):
+    code, out, err = run(capsys, "quantize", TINY, "--passes", "fusebn", "--input-size", "16")
+    assert code == 0
+    assert out.startswith("plan: FuseBN") and "FuseBN" in out.splitlines()[-1] + out and "SQNR dB" in out
+    assert "[1/1] FuseBN ..." in err and "[1/1] FuseBN done" in err
+
+
+def test_viz_pipeline_with_diff_and_heat(tmp_path, capsys):
+    out_path = tmp_path / "tiny.html"
+    code, out, _ = run(capsys, "viz", TINY, "--passes", "fusebn,ptq", *SMALL, "--diff", "fusebn", "--heat",
+                       "--out", str(out_path), "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["graphs"] == ["traced", "FuseBN", "ReplaceFunctional", "InsertObservers", "Calibrate", "Lower"]
+    assert summary["diff"] == "FuseBN"
+    page = out_path.read_text()
+    assert "SQNR" in page and "enc1_0" in page
+
+
+def test_viz_of_a_saved_model(saved_qnnpack, tmp_path, capsys):
+    _, saved = saved_qnnpack
+    code, out, _ = run(capsys, "viz", str(saved), "--input-size", "16", "--out", str(tmp_path / "g.dot"))
+    assert code == 0, out
+    dot = (tmp_path / "g.dot").read_text()
+    assert "quantized_engine" in dot and "1×1×16×16" in dot
+    code, _, err = run(capsys, "viz", str(saved), "--heat", "--out", str(tmp_path / "h.html"))
+    assert_one_line_error(code, err, "--heat", "give the MODEL")
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["quantize", "no_such_model"], ["unknown model 'no_such_model'", "resnet18"]),
+    (["quantize", TINY, "--passes", "fusebn,bogus"], ["unknown pass 'bogus'", "fusebn"]),
+    (["quantize", TINY, "--calib", "/no/such/folder"], ["--calib /no/such/folder", "no such folder"]),
+    (["quantize", TINY, "--bits", "9"], ["--bits", "invalid choice"]),
+    (["quantize", TINY, "--backend", "tpu"], ["--backend", "invalid choice"]),
+    (["quantize", TINY, "--passes", "dynamic", "--bits", "4"], ["'dynamic' quantizes to 8 bits only"]),
+    (["quantize", "no_such_module:make"], ["cannot import 'no_such_module'"]),
+    (["quantize", "tests.cli.models:nothing_here"], ["has no callable 'nothing_here'"]),
+    (["quantize", TINY, "--out", "/no/such/dir/m.pt"], ["folder '/no/such/dir' does not exist"]),
+    (["viz", TINY, "--passes", "fusebn", "--diff", "lower", "--out", "g.html", "--input-size", "16"],
+     ["--diff lower", "choose one of: FuseBN"]),
+    (["bench", "nonexistent"], ["unknown benchmark 'nonexistent'", "ptq"]),
+])
+def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, monkeypatch, argv, fragments):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, *fragments)
+
+
+def test_forwarded_commands(capsys, monkeypatch):
+    code, out, _ = run(capsys, "bench", "ptq", "--help")
+    assert code == 0 and "PTQ benchmark" in out and "--quick" in out
+    code, out, _ = run(capsys, "bench")
+    assert code == 0 and "ptq" in out
+    import qpasses.cli.recipe
+
+    monkeypatch.setattr(qpasses.cli.recipe, "MODULE", "zoo.no_such_recipes")
+    code, _, err = run(capsys, "recipe", "lite0")
+    assert_one_line_error(code, err, "'qpasses recipe' needs zoo.no_such_recipes")
+
+
+def test_a_real_process():
+    def qpasses(*argv):
+        env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+        return subprocess.run([sys.executable, "-m", "qpasses", *argv], capture_output=True, text=True, env=env,
+                              cwd=ROOT, timeout=300)
+
+    done = qpasses("quantize", "no_such_model")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("qpasses: error: unknown model")
+    done = qpasses("list", "backends")
+    assert done.returncode == 0 and "x86" in done.stdout
