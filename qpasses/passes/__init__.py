@@ -7,6 +7,7 @@ from qpasses.passes.fuse_bn import FuseBN
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.lower import Lower
 from qpasses.passes.manager import PassManager, Plan, Report
+from qpasses.passes.mixed_precision import MixedPrecision
 from qpasses.passes.ptq import PTQ
 from qpasses.passes.replace_functional import ReplaceFunctional
 
@@ -17,6 +18,7 @@ __all__ = [
     "FuseBN",
     "InsertObservers",
     "Lower",
+    "MixedPrecision",
     "Pass",
     "PassContext",
     "PassManager",
