@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -8,9 +9,9 @@ from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
 from qpasses.analysis.sensitivity import Sensitivity, main
 from qpasses.errors import QPassesError
-from qpasses.passes import PTQ, FuseBN
+from qpasses.passes import PTQ, FuseBN, InsertObservers
 from qpasses.quant.backends import get_backend
-from tests.nets import TinyUNet, randomize_bn
+from tests.nets import RandomNet, randomize_bn
 
 
 class ThreeConvs(nn.Module):
@@ -100,14 +101,16 @@ def test_smallest_float_set_meets_its_target(analysed):
 
 def test_shared_calibration_is_bit_identical_to_calibrating_each_variant():
     torch.manual_seed(0)
-    model = randomize_bn(TinyUNet()).eval()
+    model = randomize_bn(RandomNet([("conv", "relu", 8), ("cat", "relu", 8), ("residual", "relu", 16)])).eval()
     data = batches(3, (2, 3, 16, 16))
-    # histogram observers: their buffers depend on the order and grouping of what they saw
-    sens = Sensitivity(model, data, config=x86_config("percentile"), progress=False)
-    names = [layer.name for layer in sens.layers]
-    assert "enc1.0" in names  # its output feeds the cat, whose observer it shares when quantized
-    configs = [sens.config, sens.keep_float_config(["enc1.0"]), sens.only("dec1.0"),
-               sens.weight_bits_config({"mid.0": 4})]
+    config = x86_config("percentile")  # histogram observers: their buffers depend on all they saw, in order
+    observed = PassManager([FuseBN(), InsertObservers(config=config)]).run(model, data[0])
+    calls = Counter(n.target for n in observed.graph.nodes if n.op == "call_module" and n.target.endswith("_obs"))
+    assert max(calls.values()) == 2  # the cat shares its observer with the conv output only it reads
+    sens = Sensitivity(model, data, config=config, progress=False)
+    assert [layer.name for layer in sens.layers] == ["layers.0.0", "layers.1.0", "layers.2.0", "head"]
+    configs = [sens.config, sens.keep_float_config(["layers.1.0"]), sens.only("layers.2.0"),
+               sens.weight_bits_config({"layers.0.0": 4})]
     sens.prefetch(configs)
     assert sens.calibration_passes == 1
     x = batches(1, (2, 3, 16, 16), seed=7)[0]
