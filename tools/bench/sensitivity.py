@@ -40,7 +40,7 @@ def backend_rows(model: torch.nn.Module, photos: PhotoSet, backend: str, ranking
         print(" | ".join(rows[-1]), flush=True)
 
     row("full PTQ", sens.config, "100%")
-    for k in HYBRID_K:
+    for k in (k for k in HYBRID_K if k < len(sens.layers)):
         names = table.most_sensitive(k)
         row(f"hybrid, {k} float", sens.keep_float_config(names), "100%", ", ".join(names))
     start = time.perf_counter()
