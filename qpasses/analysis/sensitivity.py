@@ -335,6 +335,13 @@ class Sensitivity:
         if not self.layers:
             raise QPassesError(f"sensitivity: no conv or linear layer is quantized under the {self.backend} "
                                "configuration; there is nothing to rank")
+        nodes = {n.name: n for n in self.prepared.graph.nodes}
+        # Activations folded into a layer's output range (ReLU6 → clamp) belong to it when it is quantized alone.
+        self._folded: dict[str, list[str]] = {}
+        for activation, producer in ann.fused.items():
+            node = nodes[activation]
+            self._folded.setdefault(nodes[producer].target, []).append(
+                node.target if node.op == "call_module" else node.name)
         self._states: dict[_GroupKey, dict[str, torch.Tensor]] = {}
         self._ranges: dict[tuple[_GroupKey, QuantSpec], tuple[torch.Tensor, torch.Tensor]] = {}
         self.calibration_passes = 0
@@ -367,10 +374,12 @@ class Sensitivity:
         return pair
 
     def only(self, name: str) -> QuantConfig:
-        """Only layer ``name`` quantized (with its input and output); everything else float."""
-        self._layer(name)
-        return dataclasses.replace(self.config, by_name={exact_pattern(name): self.pair(name), "*": None},
-                                   by_module_type={}, keep_float=set(self.config.keep_float))
+        """Only layer ``name`` quantized (its input, weights and output, with the activations folded into
+        its output range); everything else float."""
+        pair = self.pair(self._layer(name).name)
+        own = {exact_pattern(part): pair for part in [name, *self._folded.get(name, [])]}
+        return dataclasses.replace(self.config, by_name={**own, "*": None}, by_module_type={},
+                                   keep_float=set(self.config.keep_float))
 
     def keep_float_config(self, names: Iterable[str]) -> QuantConfig:
         """Everything quantized as configured except the layers ``names``, which stay float."""

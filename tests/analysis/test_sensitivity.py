@@ -74,6 +74,13 @@ def test_deliberately_sensitive_layer_is_ranked_first(analysed):
     assert by_name["conv2"].alone < 30 < min(r.alone for r in table.rows if r.layer.name != "conv2")
 
 
+def test_a_layer_quantized_alone_keeps_its_folded_activation(analysed):
+    _, sens, _ = analysed
+    alone = sens.quantize(sens.only("conv1"))
+    relus = [n.name for n in alone.graph.nodes if n.target is torch.relu]
+    assert relus == ["relu_1", "relu_2"]  # conv1's ReLU became the clamp of its int8 output range
+
+
 def test_hybrid_keeps_the_sensitive_layer_float_and_improves(analysed):
     model, sens, table = analysed
     hybrid = sens.keep_float(table, 1)
