@@ -61,34 +61,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="8 calibration / 16 eval crops; no file")
     parser.add_argument("--calib", type=int, default=32, help="calibration crops (default 32)")
     parser.add_argument("--eval", type=int, default=64, help="evaluation crops (default 64)")
-    parser.add_argument("--ranking-batches", type=int, default=2, help="calibration batches of 8 the ranking metric uses")
+    parser.add_argument("--ranking-batches", type=int, default=1, help="calibration batches of 8 the ranking metric uses (default 1)")
     parser.add_argument("--budget", type=float, default=0.6, help="mixed-precision weight budget, fraction of 8-bit")
     parser.add_argument("--backends", nargs="+", default=["qnnpack", "x86"])
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     photos = PhotoSet.make(8, 16) if args.quick else PhotoSet.make(args.calib, args.eval)
     model = pretrained_lite0("tf_efficientnet_lite0")
-    rows, timings = [], []
-    for backend in args.backends:
-        backend_rows_, timing = backend_rows(model, photos, backend, args.ranking_batches, args.budget)
-        rows += backend_rows_
-        timings.append(timing)
-        print(timing, flush=True)
     machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
     n_calib, n_eval = sum(len(b) for b in photos.calib), sum(len(b) for b in photos.evals)
-    body = "\n\n".join([
-        f"## Sensitivity, hybrid and mixed precision (`{COMMAND}`)",
-        f"Machine: {machine}. Pretrained tf_efficientnet_lite0 (qpasses FuseBN + PTQ), {n_calib} calibration "
-        f"crops (the ranking's SQNR uses the first {8 * args.ranking_batches}), fidelity vs float on {n_eval} "
-        "other crops. Hybrid: the k layers with the largest all-but-one gain stay float. Mixed: per-layer "
-        "4/8-bit weights by an exact knapsack on measured per-layer losses; weights = packed conv/linear "
-        "weight bytes relative to 8-bit.",
-        markdown_table(["backend", "method", "SQNR dB", "top-1 agreement", "weights", "float / note"], rows),
-        "\n".join(f"- {t}" for t in timings),
-    ])
-    print(body)
-    if not args.quick:
-        write_section("sensitivity", body)
+    for backend in args.backends:  # one section each, written as soon as it is measured
+        rows, timing = backend_rows(model, photos, backend, args.ranking_batches, args.budget)
+        body = "\n\n".join([
+            f"## Sensitivity, hybrid and mixed precision: {backend} (`{COMMAND} --backends {backend}`)",
+            f"Machine: {machine}. Pretrained tf_efficientnet_lite0 (qpasses FuseBN + PTQ), {n_calib} calibration "
+            f"crops (the ranking's SQNR uses the first {8 * args.ranking_batches}), fidelity vs float on {n_eval} "
+            "other crops. Hybrid: the k layers with the largest all-but-one gain stay float. Mixed: per-layer "
+            "4/8-bit weights by an exact knapsack on measured per-layer losses; weights = packed conv/linear "
+            "weight bytes relative to 8-bit.",
+            markdown_table(["backend", "method", "SQNR dB", "top-1 agreement", "weights", "float / note"], rows),
+            f"- {timing}",
+        ])
+        print(body, flush=True)
+        if not args.quick:
+            write_section(f"sensitivity-{backend}", body)
 
 
 if __name__ == "__main__":
