@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from qpasses.errors import ExportError
+from qpasses.export.onnx_fold import fold_constant_quantizers
 from qpasses.export.qdq import REDUCE_RANGE_MODES, Grid, ReduceRange, is_lowered, qdq_model
 from qpasses.graph.trace import as_input_tuple
 from qpasses.quant import lowering
@@ -55,21 +56,25 @@ def onnx(qmodel: fx.GraphModule, example_inputs: Any, path: str | Path, reduce_r
 
     ``reduce_range``: how 7-bit activation ranges (fbgemm's reduce_range) are written: ``"keep"`` exactly
     (QuantizeLinear → Clip(0, 127) → DequantizeLinear, same results as qpasses), ``"widen"`` as the same real
-    interval on 256 codes (finer steps; ONNX Runtime's kernels have no 7-bit limit). Input shapes are fixed to
-    ``example_inputs``' (TF 'SAME' padding depends on them). Needs the ``onnx`` extra to check the file.
+    interval on 256 codes (finer steps; ONNX Runtime's kernels have no 7-bit limit). Weights are stored as their
+    int8 codes. Input shapes are fixed to ``example_inputs``' (TF 'SAME' padding depends on them). Needs the
+    ``export`` extra (onnx).
     """
+    try:
+        import onnx as onnx_lib
+    except ImportError as exc:
+        raise ExportError("ONNX export needs the onnx package: pip install 'qpasses[export]'") from exc
+    if opset < 13:
+        raise ExportError(f"per-channel QDQ needs ONNX opset >= 13, got opset={opset}")
     inputs = as_input_tuple(example_inputs)
     view = qdq_model(qmodel, inputs, reduce_range)
     path = Path(path)
-    if opset < 13:
-        raise ExportError(f"per-channel QDQ needs ONNX opset >= 13, got opset={opset}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
         torch.onnx.export(view, inputs, str(path), dynamo=False, opset_version=opset,
                           input_names=[f"input_{i}" for i in range(len(inputs))], do_constant_folding=True)
-    try:
-        import onnx as onnx_lib
-    except ImportError:
-        return path
-    onnx_lib.checker.check_model(str(path))
+    model = onnx_lib.load(str(path))
+    fold_constant_quantizers(model)
+    onnx_lib.checker.check_model(model)
+    onnx_lib.save(model, str(path))
     return path

@@ -128,21 +128,24 @@ class _ViewBuilder:
         return fx.map_arg(value, lambda n: self.env[n])
 
     def code_clamp(self, node: fx.Node) -> Grid | None:
-        """The narrowed grid of a ``torch.clamp`` that Lower put on quantized codes, else None."""
+        """The narrowed grid of a ``torch.clamp`` on a quantized value, else None: Lower's clamps of codes to
+        a spec's range, and clamp activations that keep their input's grid (bounds round to codes)."""
         if node.op != "call_function" or node.target is not torch.clamp:
             return None
         source = node.args[0]
         if not isinstance(source, fx.Node) or source.name not in self.grids:
             return None
         grid = self.grids[source.name]
-        lo, hi = node.args[1], node.args[2]
-        return Grid(grid.scale, grid.zero_point, grid.zero_point + round(lo / grid.scale),
-                    grid.zero_point + round(hi / grid.scale))
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+        qmin = grid.qmin if lo is None else max(grid.qmin, grid.zero_point + round(lo / grid.scale))
+        qmax = grid.qmax if hi is None else min(grid.qmax, grid.zero_point + round(hi / grid.scale))
+        return Grid(grid.scale, grid.zero_point, qmin, qmax)
 
     def fake_quant(self, value: fx.Node, grid: Grid, bits: int | None = None) -> fx.Node:
         if self.reduce_range == "widen" and bits == 8 and grid.qmax - grid.qmin == 127:
             grid = grid.widened()
-        if (grid.qmin, grid.qmax) in _ONNX_RANGES:
+        if (grid.qmin, grid.qmax) in _ONNX_RANGES and grid.qmin <= grid.zero_point <= grid.qmax:
             return self.call(torch.fake_quantize_per_tensor_affine, value, grid.scale, grid.zero_point,
                              grid.qmin, grid.qmax)
         lo, hi = (-128, 127) if grid.qmin < 0 else (0, 255)

@@ -115,6 +115,11 @@ def test_onnx_qdq_nodes_carry_qpasses_scales_per_channel_and_7_bit_clips(tmp_pat
     head_scales = qm.head.weight().q_per_channel_scales().float().numpy()
     per_channel = [n for n in dequantize if values.get(n.input[1], np.zeros(())).ndim == 1]
     assert any(np.array_equal(values[n.input[1]], head_scales) for n in per_channel)
+    # stored as the int8 codes themselves (no float copy, no QuantizeLinear of a constant)
+    head_codes = qm.head.weight().int_repr().numpy()
+    assert any(np.array_equal(values.get(n.input[0]), head_codes) for n in per_channel)
+    assert all(values[n.input[0]].dtype == np.int8 for n in per_channel)
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4 for t in model.graph.initializer)
     assert all(next(a.i for a in n.attribute if a.name == "axis") == 0 for n in per_channel)
     # fbgemm's 7-bit activations: a Clip of the uint8 codes to [0, 127] between Q and DQ
     clips = [n for n in nodes if n.op_type == "Clip" and any(n.input[0] == q.output[0] for q in quantize)]

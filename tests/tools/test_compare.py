@@ -3,7 +3,7 @@ import sys
 import pytest
 import torch
 
-from tools.bench.compare import PerSample, inference_peak_mb, main
+from tools.bench.compare import PerSample, main, peak_growth_mb, reset_peak
 
 
 def test_per_sample_runs_one_sample_at_a_time_under_inference_mode():
@@ -19,14 +19,16 @@ def test_per_sample_runs_one_sample_at_a_time_under_inference_mode():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_inference_peak_counts_memory_allocated_while_running():
+def test_peak_growth_counts_memory_allocated_since_the_reset():
     def allocate():
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         return float(block.sum())
 
-    peak = inference_peak_mb(allocate)
+    resident = reset_peak()
+    allocate()
+    peak = peak_growth_mb(resident)
     assert peak is not None and peak >= 48
-    assert inference_peak_mb(lambda: None) < 16
+    assert peak_growth_mb(reset_peak()) < 16
 
 
 def test_unknown_models_and_methods_are_refused_by_name(capsys):

@@ -11,9 +11,10 @@ its own ``quantize_static`` (QDQ, per-channel, U8S8, min/max calibrated on the s
 x86 and qnnpack, its TorchScript export, and its QDQ export run by ONNX Runtime (7-bit ranges kept exactly, or
 widened to 8 bits). Batch 1, 224×224, 2 threads. A method that fails is a row with its error's first line.
 
-Columns: latency median; size (serialized state dict, TorchScript archive, or ONNX file); peak MB, the growth of
-the process' peak resident memory over the resident size while running inference (Linux ``VmHWM`` after a
-reset: activations and workspaces on top of the loaded model); prepare s (quantize, export, compile, up to the
+Columns: latency median; size (serialized state dict, TorchScript archive, or ONNX file); peak MB, how far the
+process' peak resident memory rose above its size before the row while preparing (calibration, export,
+compilation) and running it three times (Linux ``VmHWM`` after a reset; memory an earlier row freed and the
+allocator kept is reused, so it is a lower bound); prepare s (quantize, export, compile, up to the
 first output); on pretrained EfficientNet-Lite0, SQNR of the logits and top-1 agreement with the float model.
 """
 
@@ -253,21 +254,25 @@ def _status_kb(field_name: str) -> int | None:
     return None
 
 
-def inference_peak_mb(run: Callable[[], object]) -> float | None:
-    """Growth of peak resident memory over the resident size while ``run()`` executes (Linux only)."""
+def reset_peak() -> int | None:
+    """Reset the process' peak resident size (Linux ``VmHWM``) to the current one; return that size in kB."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+        Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return None
-    before = _status_kb("VmRSS")
-    run()
+    return _status_kb("VmRSS")
+
+
+def peak_growth_mb(since_kb: int | None) -> float | None:
+    """How far the peak resident size rose above ``since_kb`` (from :func:`reset_peak`), in MiB."""
     peak = _status_kb("VmHWM")
-    return None if before is None or peak is None else max(peak - before, 0) / 1024
+    return None if since_kb is None or peak is None else max(peak - since_kb, 0) / 1024
 
 
 def measure(s: Setup, method: str, iters: int) -> dict:
     label, build, shared = METHODS[method]
     reused = shared in s.shared
+    resident = reset_peak()
     prepared, seconds, error = timed(lambda: build(s))
     row = {"model": s.name, "method": label}
     if prepared is None:
@@ -276,7 +281,9 @@ def measure(s: Setup, method: str, iters: int) -> dict:
         seconds += s.shared[shared][1]  # built for an earlier row, and part of this row's preparation too
     x = s.example
     with torch.inference_mode():
-        peak = inference_peak_mb(lambda: [prepared.runner(x) for _ in range(3)])
+        for _ in range(3):
+            prepared.runner(x)
+    peak = peak_growth_mb(resident)
     timing = latency(prepared.runner, (x,), warmup=3, iters=iters, threads=THREADS)
     row.update(latency_ms=timing["median_ms"], size_mb=prepared.size_bytes / 2**20, peak_mb=peak,
                prepare_s=seconds, note=prepared.note)
@@ -353,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n\n".join([
         f"## Side by side (`{COMMAND}`)\n\nMachine: {machine}. Calibration: {sum(len(b) for b in photos.calib)} "
         f"photo crops; fidelity: {sum(len(b) for b in photos.evals)} other crops, pretrained "
-        f"{FIDELITY_MODEL} (other models have random weights: latency and size only). Peak MB: growth of peak "
-        "resident memory during inference over the resident size before it. Prepare s: quantize / export / "
+        f"{FIDELITY_MODEL} (other models have random weights: latency and size only). Peak MB: rise of peak "
+        "resident memory while preparing and running the row (a lower bound: freed memory is reused). Prepare s: quantize / export / "
         "compile until the first output (qpasses' export rows include its PTQ).",
         markdown_table(HEADER, rows),
     ])
