@@ -31,7 +31,9 @@ def torchscript(qmodel: fx.GraphModule, example_inputs: Any) -> torch.jit.Script
 
     The result is checked to give the eager model's outputs on ``example_inputs``; it can be saved with
     ``torch.jit.save`` and loaded without qpasses. Frozen graphs keep the shapes' control flow of the trace:
-    models whose padding depends on the input size (TF 'SAME') are specialized to that size.
+    models whose padding depends on the input size (TF 'SAME') are specialized to that size. Unlike the eager
+    model, the frozen module cannot select its quantized engine itself: run it with
+    ``torch.backends.quantized.engine`` set to the backend's engine (``"x86"`` or ``"qnnpack"``).
     """
     if not is_lowered(qmodel):
         raise ExportError("torchscript needs a model lowered by qpasses (PassManager([..., PTQ(...)]).run); "

@@ -133,6 +133,19 @@ def state_bytes(model: nn.Module) -> int:
     return model_size(model)["serialized_bytes"]
 
 
+def graph_tensor_bytes(gm: torch.fx.GraphModule) -> int:
+    """Bytes of the tensors a graph reads (its state dict may also keep parameters that folding replaced)."""
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = gm
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
+
+
 def float_eager(s: Setup) -> Prepared:
     return Prepared(s.model, state_bytes(s.model))
 
@@ -163,7 +176,7 @@ def pt2e_x86_inductor(s: Setup) -> Prepared:
     converted = convert_pt2e(prepared)
     compiled = PerSample(torch.compile(converted))
     compiled(s.example)  # compiles
-    return Prepared(compiled, state_bytes(converted))
+    return Prepared(compiled, graph_tensor_bytes(converted), note="size: tensors the converted graph reads")
 
 
 def float_onnx(s: Setup) -> Path:
@@ -216,7 +229,7 @@ def qpasses_torchscript(s: Setup) -> Prepared:
     scripted = torchscript(model, s.example)
     archive = io.BytesIO()
     torch.jit.save(scripted, archive)
-    return Prepared(scripted, archive.getbuffer().nbytes)
+    return Prepared(OnEngine(scripted, "x86"), archive.getbuffer().nbytes)
 
 
 def qpasses_onnx(reduce_range: str) -> Callable[[Setup], Prepared]:
