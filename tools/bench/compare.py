@@ -292,17 +292,24 @@ def measure(s: Setup, method: str, iters: int) -> dict:
         return {**row, "failure": error, "prepare_s": seconds}
     if reused:
         seconds += s.shared[shared][1]  # built for an earlier row, and part of this row's preparation too
-    x = s.example
-    with torch.inference_mode():
-        for _ in range(3):
-            prepared.runner(x)
-    peak = peak_growth_mb(resident)
-    timing = latency(prepared.runner, (x,), warmup=3, iters=iters, threads=THREADS)
-    row.update(latency_ms=timing["median_ms"], size_mb=prepared.size_bytes / 2**20, peak_mb=peak,
-               prepare_s=seconds, note=prepared.note)
-    if s.name == FIDELITY_MODEL:
-        row["sqnr_db"], row["agreement"] = fidelity(prepared.reference or s.model, prepared.runner, s.photos.evals)
-    return row
+    row["prepare_s"] = seconds
+
+    def run() -> dict:
+        x = s.example
+        with torch.inference_mode():
+            for _ in range(3):
+                prepared.runner(x)
+        peak = peak_growth_mb(resident)
+        timing = latency(prepared.runner, (x,), warmup=3, iters=iters, threads=THREADS)
+        measured = {"latency_ms": timing["median_ms"], "size_mb": prepared.size_bytes / 2**20, "peak_mb": peak,
+                    "note": prepared.note}
+        if s.name == FIDELITY_MODEL:
+            reference = prepared.reference or s.model
+            measured["sqnr_db"], measured["agreement"] = fidelity(reference, prepared.runner, s.photos.evals)
+        return measured
+
+    measured, _, error = timed(run)
+    return {**row, **measured} if measured is not None else {**row, "failure": f"builds, then fails: {error}"}
 
 
 def _format(row: dict) -> list[str]:
