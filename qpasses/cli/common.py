@@ -94,6 +94,15 @@ def calibration_loader(source: str, loaded: LoadedModel, num_batches: int, batch
     return batches
 
 
+def held_out_photos(loaded: LoadedModel, num_batches: int, batch_size: int) -> list[torch.Tensor]:
+    """Photo crops from the halves of the photos that ``--calib photos`` never reads (zoo.data.photos)."""
+    from zoo.data import loader, photo_crops
+
+    dataset = photo_crops(num_batches * batch_size, loaded.input_size, seed=1, split="eval",
+                          normalization=loaded.normalization)
+    return [images for (images,) in loader(dataset, batch_size)]
+
+
 def add_pipeline_arguments(parser: argparse.ArgumentParser, passes_default: str | None) -> None:
     """The options that build passes (shared by ``quantize`` and ``viz``)."""
     group = parser.add_argument_group("pipeline")

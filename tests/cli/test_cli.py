@@ -76,7 +76,7 @@ def test_quantize_json_and_the_saved_model_runs(saved_qnnpack, capsys):
 
 
 def test_quantize_json_summary(tmp_path, capsys):
-    code, out, err = run(capsys, "quantize", TINY, "--bits", "6", *SMALL, "--json")
+    code, out, err = run(capsys, "quantize", TINY, "--bits", "6", *SMALL, "--eval", "1", "--json")
     assert code == 0
     summary = json.loads(out)
     assert summary["plan"] == ["FuseBN", "ReplaceFunctional", "InsertObservers", "Calibrate", "Lower"]
@@ -85,6 +85,9 @@ def test_quantize_json_summary(tmp_path, capsys):
     assert summary["passes"][-1]["stats"]["int8_conv2d"] == 5
     assert isinstance(summary["sqnr_db_on_example"], float) and summary["sqnr_db_on_example"] > 10
     assert "[1/5]" not in err  # no progress lines with --json
+    held_out = summary["eval"]
+    assert held_out["images"] == 2 and held_out["top1_agreement"] is None  # a U-Net: no classes
+    assert 5 < held_out["sqnr_db"] < 60
 
 
 def test_quantize_calibrates_on_an_image_folder(tmp_path, capsys):
@@ -99,8 +102,9 @@ def test_quantize_calibrates_on_an_image_folder(tmp_path, capsys):
 
 
 def test_quantize_prints_plan_progress_and_report(capsys):
-    code, out, err = run(capsys, "quantize", TINY, "--passes", "fusebn", "--input-size", "16")
+    code, out, err = run(capsys, "quantize", TINY, "--passes", "fusebn", "--input-size", "16", "--eval", "1")
     assert code == 0
+    assert "held-out (8 photo crops never calibrated on): SQNR " in out
     assert out.startswith("plan: FuseBN") and "FuseBN" in out.splitlines()[-1] + out and "SQNR dB" in out
     assert "[1/1] FuseBN ..." in err and "[1/1] FuseBN done" in err
 
