@@ -52,6 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.out.parent.is_dir():
         raise CLIError(f"--out {args.out}: folder '{args.out.parent}' does not exist")
+    if args.format is None and args.out.suffix.lower() not in (".html", ".svg", ".dot"):
+        raise CLIError(f"--out {args.out}: cannot tell the format; end it in .html, .svg or .dot, or give --format")
     if args.diff and not args.passes:
         raise CLIError("--diff PASS needs --passes: it compares the graphs before and after that pass")
     snapshots = _snapshots(args)

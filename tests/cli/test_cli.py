@@ -143,6 +143,8 @@ def test_viz_of_a_saved_model(saved_qnnpack, tmp_path, capsys):
     (["quantize", TINY, "--out", "/no/such/dir/m.pt"], ["folder '/no/such/dir' does not exist"]),
     (["viz", TINY, "--passes", "fusebn", "--diff", "lower", "--out", "g.html", "--input-size", "16"],
      ["--diff lower", "choose one of: FuseBN"]),
+    (["viz", TINY, "--out", "graph.png"], ["--out graph.png", "end it in .html, .svg or .dot"]),
+    (["viz", TINY, "--diff", "fusebn", "--out", "g.html"], ["--diff PASS needs --passes"]),
     (["bench", "nonexistent"], ["unknown benchmark 'nonexistent'", "ptq"]),
 ])
 def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, monkeypatch, argv, fragments):
