@@ -75,6 +75,17 @@ def _from_factory(spec: str) -> nn.Module:
     return model.eval()
 
 
+def check_runs(spec: str, loaded: LoadedModel, example: torch.Tensor) -> None:
+    """Refuse, on one line, a model that does not take the images the command feeds it."""
+    try:
+        with torch.no_grad():
+            loaded.model(example)
+    except Exception as exc:  # whatever the user's forward raises, the cause is the input we chose
+        raise CLIError(f"model '{spec}' fails on a {'×'.join(map(str, example.shape))} image batch "
+                       f"({type(exc).__name__}: {one_line(exc)}); it needs 3-channel images (set their size "
+                       f"with --input-size)") from exc
+
+
 def calibration_loader(source: str, loaded: LoadedModel, num_batches: int, batch_size: int) -> Callable[[], list]:
     """A cached function returning the calibration batches: ``photos`` (offline photo crops) or an image folder."""
     from zoo.data import image_folder, loader, photo_crops

@@ -16,6 +16,7 @@ from qpasses.cli.common import (
     PrintProgress,
     add_pipeline_arguments,
     calibration_loader,
+    check_runs,
     held_out_photos,
     json_number,
     load_model,
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         pm.instruments.append(PrintProgress(len(plan.passes)))
         print(plan, flush=True)
     example = calibration()[0][:1]
+    check_runs(args.model, loaded, example)
     quantized = pm.run(loaded.model, example)
     if args.out is not None:
         torch.save(quantized, args.out)

@@ -145,6 +145,8 @@ def test_viz_of_a_saved_model(saved_qnnpack, tmp_path, capsys):
      ["--diff lower", "choose one of: FuseBN"]),
     (["viz", TINY, "--out", "graph.png"], ["--out graph.png", "end it in .html, .svg or .dot"]),
     (["viz", TINY, "--diff", "fusebn", "--out", "g.html"], ["--diff PASS needs --passes"]),
+    (["quantize", "tests.cli.models:linear", *SMALL], ["fails on a 1×3×16×16 image batch", "--input-size"]),
+    (["viz", "tests.cli.models:linear", "--out", "g.html"], ["fails on a 1×3×224×224 image batch"]),
     (["bench", "nonexistent"], ["unknown benchmark 'nonexistent'", "ptq"]),
 ])
 def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, monkeypatch, argv, fragments):
