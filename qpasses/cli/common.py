@@ -75,6 +75,11 @@ def _from_factory(spec: str) -> nn.Module:
     return model.eval()
 
 
+def check_out_folder(out: Path) -> None:
+    if not out.parent.is_dir():
+        raise CLIError(f"--out {out}: folder '{out.parent}' does not exist")
+
+
 def check_runs(spec: str, loaded: LoadedModel, example: torch.Tensor) -> None:
     """Refuse, on one line, a model that does not take the images the command feeds it."""
     try:

@@ -11,11 +11,11 @@ import torch
 
 from qpasses.analysis.metrics import sqnr, topk_agreement
 from qpasses.cli.common import (
-    CLIError,
     LoadedModel,
     PrintProgress,
     add_pipeline_arguments,
     calibration_loader,
+    check_out_folder,
     check_runs,
     held_out_photos,
     json_number,
@@ -50,8 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.out is not None and not args.out.parent.is_dir():
-        raise CLIError(f"--out {args.out}: folder '{args.out.parent}' does not exist")
+    if args.out is not None:
+        check_out_folder(args.out)
     loaded = load_model(args.model, args.pretrained, args.input_size)
     calibration = calibration_loader(args.calib, loaded, args.num_batches, args.batch_size)
     passes = build_pipeline(args.passes, pass_options(args, calibration, progress=not args.json))

@@ -15,6 +15,7 @@ from qpasses.cli.common import (
     PrintProgress,
     add_pipeline_arguments,
     calibration_loader,
+    check_out_folder,
     check_runs,
     load_model,
     one_line,
@@ -51,8 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.out.parent.is_dir():
-        raise CLIError(f"--out {args.out}: folder '{args.out.parent}' does not exist")
+    check_out_folder(args.out)
     if args.format is None and args.out.suffix.lower() not in (".html", ".svg", ".dot"):
         raise CLIError(f"--out {args.out}: cannot tell the format; end it in .html, .svg or .dot, or give --format")
     if args.diff and not args.passes:

@@ -12,6 +12,7 @@ import torch.fx as fx
 from qpasses.analysis.metrics import sqnr
 from qpasses.cli import main
 from qpasses.passes.registry import PASSES
+from qpasses.quant.lowering import quantized_engine
 from tests.cli.models import tiny_unet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,9 +71,9 @@ def test_quantize_json_and_the_saved_model_runs(saved_qnnpack, capsys):
     assert isinstance(model, fx.GraphModule)
     float_model = tiny_unet()
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    torch.backends.quantized.engine = "x86"  # the saved model must select qnnpack itself
-    assert sqnr(float_model(x), model(x)) > 15
-    assert torch.backends.quantized.engine == "qnnpack"
+    with quantized_engine("x86"):  # the saved model must select qnnpack itself
+        assert sqnr(float_model(x), model(x)) > 15
+        assert torch.backends.quantized.engine == "qnnpack"
 
 
 def test_quantize_json_summary(tmp_path, capsys):
