@@ -75,6 +75,22 @@ def _from_factory(spec: str) -> nn.Module:
     return model.eval()
 
 
+def check_out_folder(out: Path) -> None:
+    if not out.parent.is_dir():
+        raise CLIError(f"--out {out}: folder '{out.parent}' does not exist")
+
+
+def check_runs(spec: str, loaded: LoadedModel, example: torch.Tensor) -> None:
+    """Refuse, on one line, a model that does not take the images the command feeds it."""
+    try:
+        with torch.no_grad():
+            loaded.model(example)
+    except Exception as exc:  # whatever the user's forward raises, the cause is the input we chose
+        raise CLIError(f"model '{spec}' fails on a {'×'.join(map(str, example.shape))} image batch "
+                       f"({type(exc).__name__}: {one_line(exc)}); it needs 3-channel images (set their size "
+                       f"with --input-size)") from exc
+
+
 def calibration_loader(source: str, loaded: LoadedModel, num_batches: int, batch_size: int) -> Callable[[], list]:
     """A cached function returning the calibration batches: ``photos`` (offline photo crops) or an image folder."""
     from zoo.data import image_folder, loader, photo_crops
@@ -92,6 +108,15 @@ def calibration_loader(source: str, loaded: LoadedModel, num_batches: int, batch
         return [images for (images,), _ in zip(loader(dataset, batch_size), range(num_batches), strict=False)]
 
     return batches
+
+
+def held_out_photos(loaded: LoadedModel, num_batches: int, batch_size: int) -> list[torch.Tensor]:
+    """Photo crops from the halves of the photos that ``--calib photos`` never reads (zoo.data.photos)."""
+    from zoo.data import loader, photo_crops
+
+    dataset = photo_crops(num_batches * batch_size, loaded.input_size, seed=1, split="eval",
+                          normalization=loaded.normalization)
+    return [images for (images,) in loader(dataset, batch_size)]
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser, passes_default: str | None) -> None:

@@ -15,6 +15,8 @@ from qpasses.cli.common import (
     PrintProgress,
     add_pipeline_arguments,
     calibration_loader,
+    check_out_folder,
+    check_runs,
     load_model,
     one_line,
     pass_options,
@@ -50,8 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.out.parent.is_dir():
-        raise CLIError(f"--out {args.out}: folder '{args.out.parent}' does not exist")
+    check_out_folder(args.out)
+    if args.format is None and args.out.suffix.lower() not in (".html", ".svg", ".dot"):
+        raise CLIError(f"--out {args.out}: cannot tell the format; end it in .html, .svg or .dot, or give --format")
     if args.diff and not args.passes:
         raise CLIError("--diff PASS needs --passes: it compares the graphs before and after that pass")
     snapshots = _snapshots(args)
@@ -72,7 +75,9 @@ def _snapshots(args: argparse.Namespace) -> list[tuple[str, fx.GraphModule]]:
         return [(path.stem, _saved_graph(path, args))]
     loaded = load_model(args.model, args.pretrained, args.input_size)
     if not args.passes:
-        return [("traced", trace(loaded.model, _random_input(loaded.input_size)))]
+        example = _random_input(loaded.input_size)
+        check_runs(args.model, loaded, example)
+        return [("traced", trace(loaded.model, example))]
     calibration = calibration_loader(args.calib, loaded, args.num_batches, args.batch_size)
     pm = PassManager(build_pipeline(args.passes, pass_options(args, calibration, progress=not args.json)),
                      snapshots=True)
@@ -82,6 +87,7 @@ def _snapshots(args: argparse.Namespace) -> list[tuple[str, fx.GraphModule]]:
     if not args.json:
         pm.instruments.append(PrintProgress(len(planned)))
     example = calibration()[0][:1]
+    check_runs(args.model, loaded, example)
     pm.run(loaded.model, example)
     if args.heat:
         reference = pm.snapshots[0][1]

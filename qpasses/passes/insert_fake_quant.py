@@ -45,7 +45,8 @@ class InsertFakeQuant(Pass):
 
     stage = Stage.QUANTIZE
     requires = frozenset({"functional_modules"})
-    after = frozenset({"bn_folded", "qat_blocks", "equalized", "bias_absorbed", "observed", "calibrated"})
+    after = frozenset({"bn_folded", "qat_blocks", "equalized", "bias_absorbed", "config_overrides", "observed",
+                       "calibrated"})
     provides = frozenset({"fake_quantized"})
 
     def __init__(self, backend: str = "x86", config: QuantConfig | None = None, bits: int | None = None,

@@ -23,6 +23,11 @@ def float_model():
     return randomize_bn(TinyUNet()).eval()
 
 
+@pytest.fixture(scope="module")
+def at_8_bits(float_model):
+    return quantized(float_model)
+
+
 def quantized(model, bits=None):
     data = batches()
     pm = PassManager([FuseBN(), PTQ(data, bits=bits, progress=False)], snapshots=True)
@@ -49,8 +54,8 @@ def test_identical_graphs_are_infinite_and_a_perturbed_layer_shows_where_it_star
     assert worst_nodes(result, k=1)[0][0] in after
 
 
-def test_lowered_nodes_are_paired_with_the_float_values_they_compute(float_model):
-    reference, qm = quantized(float_model)
+def test_lowered_nodes_are_paired_with_the_float_values_they_compute(at_8_bits):
+    reference, qm = at_8_bits
     pairs = match_nodes(reference, qm)
     # Fused conv → (folded BN) → ReLU: the int8 conv writes the ReLU's output.
     assert pairs["enc1_0"] == "enc1_2" and pairs["dec1_0"] == "dec1_2"
@@ -66,9 +71,9 @@ def test_lowered_nodes_are_paired_with_the_float_values_they_compute(float_model
     assert all(20 < result[name] < 60 for name in int8)
 
 
-def test_fewer_bits_lower_every_nodes_sqnr(float_model):
+def test_fewer_bits_lower_every_nodes_sqnr(float_model, at_8_bits):
     x = batches(seed=2)[0]
-    reference, q8 = quantized(float_model)
+    reference, q8 = at_8_bits
     _, q4 = quantized(float_model, bits=4)
     at8, at4 = node_sqnr(reference, q8, x), node_sqnr(reference, q4, x)
     common = [name for name in at8 if name in at4 and name != "x_quant"]

@@ -8,3 +8,8 @@ from tests.nets import TinyUNet, randomize_bn
 def tiny_unet() -> torch.nn.Module:
     torch.manual_seed(0)
     return randomize_bn(TinyUNet()).eval()
+
+
+def linear() -> torch.nn.Module:
+    """Takes 10 features, not images."""
+    return torch.nn.Linear(10, 2)

@@ -12,6 +12,7 @@ import torch.fx as fx
 from qpasses.analysis.metrics import sqnr
 from qpasses.cli import main
 from qpasses.passes.registry import PASSES
+from qpasses.quant.lowering import quantized_engine
 from tests.cli.models import tiny_unet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,13 +71,13 @@ def test_quantize_json_and_the_saved_model_runs(saved_qnnpack, capsys):
     assert isinstance(model, fx.GraphModule)
     float_model = tiny_unet()
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    torch.backends.quantized.engine = "x86"  # the saved model must select qnnpack itself
-    assert sqnr(float_model(x), model(x)) > 15
-    assert torch.backends.quantized.engine == "qnnpack"
+    with quantized_engine("x86"):  # the saved model must select qnnpack itself
+        assert sqnr(float_model(x), model(x)) > 15
+        assert torch.backends.quantized.engine == "qnnpack"
 
 
 def test_quantize_json_summary(tmp_path, capsys):
-    code, out, err = run(capsys, "quantize", TINY, "--bits", "6", *SMALL, "--json")
+    code, out, err = run(capsys, "quantize", TINY, "--bits", "6", *SMALL, "--eval", "1", "--json")
     assert code == 0
     summary = json.loads(out)
     assert summary["plan"] == ["FuseBN", "ReplaceFunctional", "InsertObservers", "Calibrate", "Lower"]
@@ -85,6 +86,9 @@ def test_quantize_json_summary(tmp_path, capsys):
     assert summary["passes"][-1]["stats"]["int8_conv2d"] == 5
     assert isinstance(summary["sqnr_db_on_example"], float) and summary["sqnr_db_on_example"] > 10
     assert "[1/5]" not in err  # no progress lines with --json
+    held_out = summary["eval"]
+    assert held_out["images"] == 2 and held_out["top1_agreement"] is None  # a U-Net: no classes
+    assert 5 < held_out["sqnr_db"] < 60
 
 
 def test_quantize_calibrates_on_an_image_folder(tmp_path, capsys):
@@ -99,8 +103,9 @@ def test_quantize_calibrates_on_an_image_folder(tmp_path, capsys):
 
 
 def test_quantize_prints_plan_progress_and_report(capsys):
-    code, out, err = run(capsys, "quantize", TINY, "--passes", "fusebn", "--input-size", "16")
+    code, out, err = run(capsys, "quantize", TINY, "--passes", "fusebn", "--input-size", "16", "--eval", "1")
     assert code == 0
+    assert "held-out (8 photo crops never calibrated on): SQNR " in out
     assert out.startswith("plan: FuseBN") and "FuseBN" in out.splitlines()[-1] + out and "SQNR dB" in out
     assert "[1/1] FuseBN ..." in err and "[1/1] FuseBN done" in err
 
@@ -139,6 +144,10 @@ def test_viz_of_a_saved_model(saved_qnnpack, tmp_path, capsys):
     (["quantize", TINY, "--out", "/no/such/dir/m.pt"], ["folder '/no/such/dir' does not exist"]),
     (["viz", TINY, "--passes", "fusebn", "--diff", "lower", "--out", "g.html", "--input-size", "16"],
      ["--diff lower", "choose one of: FuseBN"]),
+    (["viz", TINY, "--out", "graph.png"], ["--out graph.png", "end it in .html, .svg or .dot"]),
+    (["viz", TINY, "--diff", "fusebn", "--out", "g.html"], ["--diff PASS needs --passes"]),
+    (["quantize", "tests.cli.models:linear", *SMALL], ["fails on a 1×3×16×16 image batch", "--input-size"]),
+    (["viz", "tests.cli.models:linear", "--out", "g.html"], ["fails on a 1×3×224×224 image batch"]),
     (["bench", "nonexistent"], ["unknown benchmark 'nonexistent'", "ptq"]),
 ])
 def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, monkeypatch, argv, fragments):

@@ -280,3 +280,17 @@ def test_streaming_rebinning_is_exact():
     direct = torch.histc(torch.cat(batches).double(), bins=256, min=lo, max=hi)
     # Values within float rounding of a bin edge may land on either side.
     assert (direct - obs.histogram).abs().sum().item() <= 4
+
+
+def test_entropy_ignores_the_spike_of_exact_zeros_after_relu():
+    # ReLU6 outputs of a real net: most values exactly 0, the rest spread over [0, 6]. Every grid holds
+    # 0 exactly, so the spike must not pull the range in (with it, KL chose [0, 0.375]).
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(200_000, generator=g) * 6
+    x[torch.rand(200_000, generator=g) < 0.9] = 0
+    spec = QuantSpec(bits=8, signed=False, symmetric=False, observer="entropy", reduce_range=True)
+    observer = make_observer(spec)
+    observer(x)
+    lo, hi = observer.range()
+    assert float(lo) == 0.0 and float(hi) > 5.5
+    assert float(observer.exact_zeros) == float((x == 0).sum())
