@@ -135,6 +135,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, passes_default: str 
     group.add_argument("--calib", default="photos", metavar="photos|PATH",
                        help="calibration images: offline photo crops (default) or a folder of images")
     group.add_argument("--num-batches", type=positive_int, default=8, metavar="N", help="calibration batches (default: 8)")
+    group.add_argument("--budget", type=float, default=0.6, metavar="F",
+                       help="pass 'mixed': weight size budget, a fraction of the 8-bit size (default: 0.6)")
     group.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="images per batch (default: 8)")
     group.add_argument("--input-size", type=positive_int, metavar="S",
                        help="inputs are 3×S×S (default: the zoo model's own size, else 224)")
@@ -150,7 +152,8 @@ def positive_int(text: str) -> int:
 
 def pass_options(args: argparse.Namespace, calibration: Callable[[], list], progress: bool) -> PassOptions:
     return PassOptions(backend=args.backend, bits=args.bits, per_channel=args.per_channel,
-                       num_batches=args.num_batches, progress=progress, calibration=calibration)
+                       num_batches=args.num_batches, budget=args.budget, progress=progress,
+                       calibration=calibration)
 
 
 class PrintProgress(Instrument):

@@ -17,6 +17,7 @@ from qpasses.passes.dynamic_quant import DynamicQuant
 from qpasses.passes.fuse_bn import FuseBN
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.lower import Lower
+from qpasses.passes.mixed_precision import MixedPrecision
 from qpasses.passes.ptq import PTQ
 from qpasses.passes.qat import QAT
 from qpasses.passes.replace_functional import ReplaceFunctional
@@ -35,6 +36,7 @@ class PassOptions:
     bits: int | None = None
     per_channel: bool | None = None
     num_batches: int | None = None
+    budget: float | int = 0.6
     progress: bool = True
     calibration: Callable[[], Iterable] | None = None
 
@@ -48,7 +50,7 @@ class PassOptions:
 def _dynamic_int8(options: PassOptions) -> Pass:
     if options.bits not in (None, 8):
         raise PassOptionError(f"pass 'dynamic' quantizes to 8 bits only, not {options.bits}")
-    return DynamicQuant()
+    return DynamicQuant(backend=options.backend)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,9 @@ PASSES: dict[str, PassEntry] = {
                      "post-training static quantization: observe → calibrate → lower"),
     "qat": PassEntry(lambda o: QAT(o.backend, bits=o.bits, per_channel=o.per_channel),
                      "fake-quant model to train in any loop, then qpasses.convert (lowering deferred)"),
+    "mixed": PassEntry(lambda o: MixedPrecision(o.budget, data=o.data("mixed"), num_batches=o.num_batches,
+                                                progress=o.progress),
+                       "4/6/8-bit weights per layer within --budget of the 8-bit size, for the PTQ that follows"),
     "dynamic": PassEntry(lambda o: _dynamic_int8(o),
                          "dynamic int8 Linear/LSTM/GRU (no calibration)"),
 }

@@ -34,6 +34,10 @@ def test_options_reach_the_passes():
     assert not observe.config.weight.per_channel
     assert isinstance(calibrate, Calibrate) and calibrate.num_batches == 3
     assert isinstance(lower, Lower) and lower.backend == "qnnpack"
+    (mixed,) = build_pipeline("mixed", options(budget=0.5, num_batches=2))
+    assert mixed.budget == 0.5 and mixed.num_batches == 2
+    (dynamic,) = build_pipeline("dynamic", options(backend="qnnpack"))
+    assert dynamic.backend.name == "qnnpack"
 
 
 def test_bad_options_are_pass_option_errors():
