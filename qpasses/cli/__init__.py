@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qpasses", description="qpasses: a quantization compiler for PyTorch.",
                      epilog="`qpasses COMMAND --help` describes each command.")
     parser.add_argument("--version", action="version", version=f"qpasses {__version__}")
-    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error (before COMMAND)")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     for command in (quantize, viz, listing, recipe, sensitivity, bench):
         command.add_parser(subparsers)
