@@ -196,7 +196,7 @@ _REDUCE_RANGE_WHY = (
 )
 
 _X86_ACTIVATION = QuantSpec(signed=False, symmetric=False, observer="mse", reduce_range=True)
-_PER_CHANNEL_WEIGHT = QuantSpec(signed=True, symmetric=True, axis=0, observer="minmax")
+_PER_CHANNEL_WEIGHT = QuantSpec(signed=True, symmetric=True, axis=0, observer="mse")
 
 BACKENDS: dict[str, Backend] = {
     "x86": Backend(

@@ -159,6 +159,50 @@ class MinMaxObserver(Observer):
         return self.min_val.clone(), self.max_val.clone()
 
 
+class ChannelMSEObserver(MinMaxObserver):
+    """Per-channel ranges minimising each channel's squared quantize-dequantize error, for weights.
+
+    A weight is observed once, as a whole tensor, so the search runs on the exact values rather than a
+    histogram: for each channel ``c`` and each shrink factor ``r`` in ``grid`` steps over
+    ``[min_ratio, 1]``, ``(scale, zp) = compute_qparams(r·min_c, r·max_c, spec)`` and the error is
+    ``Σ ((clamp(round(w / scale) + zp, qmin, qmax) − zp) · scale − w)²`` over the channel; each channel
+    keeps its best ``r``. Clipping a few outlier weights buys resolution for the rest (pretrained
+    Lite0, x86 per-channel: 14.8 → 15.5 dB SQNR of the logits). A second batch is an error: the search
+    needs every value, and keeping them all is only bounded for a weight.
+    """
+
+    min_ratio = 0.3
+    grid = 71
+
+    def __init__(self, spec: QuantSpec, name: str = ""):
+        if not spec.per_channel:
+            raise ValueError(f"ChannelMSEObserver is per channel only; got {spec}")
+        super().__init__(spec, name)
+        self.register_buffer("values", torch.empty(0))
+
+    def _observe(self, x: torch.Tensor) -> None:
+        if self.calibrated:
+            raise CalibrationError(f"{self._label()}: per-channel MSE ranges are searched on one tensor (a "
+                                   "weight); use observer='minmax' for data seen in several batches")
+        super()._observe(x)
+        rows = x.movedim(self.spec.axis, 0).reshape(x.shape[self.spec.axis], -1)
+        self.values.resize_(rows.shape).copy_(rows)
+
+    def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.min_val.clone(), self.max_val.clone()
+        best_error = torch.full_like(lo, math.inf)
+        for ratio in torch.linspace(self.min_ratio, 1.0, self.grid):
+            scale, zero_point = compute_qparams(self.min_val * ratio, self.max_val * ratio, self.spec)
+            scale, zero_point = scale[:, None], zero_point[:, None]
+            codes = torch.clamp(torch.round(self.values / scale) + zero_point, self.spec.quant_min, self.spec.quant_max)
+            error = (((codes - zero_point) * scale - self.values) ** 2).sum(1)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            lo = torch.where(better, self.min_val * ratio, lo)
+            hi = torch.where(better, self.max_val * ratio, hi)
+        return lo, hi
+
+
 class MovingAverageMinMaxObserver(MinMaxObserver):
     """Exponential moving average of each batch's min and max, with ``c = spec.averaging_constant``:
     ``min_val ← min_val + c · (min(x) − min_val)`` (the first batch sets it), same for max."""
@@ -475,5 +519,7 @@ _OBSERVER_CLASSES: dict[str, type[Observer]] = {
 
 
 def make_observer(spec: QuantSpec, name: str = "") -> Observer:
-    """A fresh observer of the kind ``spec.observer`` names."""
+    """A fresh observer of the kind ``spec.observer`` names (``"mse"`` per channel: :class:`ChannelMSEObserver`)."""
+    if spec.observer == "mse" and spec.per_channel:
+        return ChannelMSEObserver(spec, name)
     return _OBSERVER_CLASSES[spec.observer](spec, name)

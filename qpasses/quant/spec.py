@@ -73,10 +73,10 @@ class QuantSpec:
                 "QuantSpec.narrow_range drops the most negative value of a symmetric signed grid; "
                 "it needs signed=True and symmetric=True"
             )
-        if self.axis is not None and self.observer not in ("minmax", "moving_average"):
+        if self.axis is not None and self.observer not in ("minmax", "moving_average", "mse"):
             raise ValueError(
                 f"QuantSpec: the {self.observer!r} observer is per tensor only; "
-                "per-channel (axis is not None) needs observer='minmax' or 'moving_average'"
+                "per-channel (axis is not None) needs observer='minmax', 'moving_average' or 'mse' (weights)"
             )
 
     @property

@@ -16,7 +16,7 @@ from qpasses.quant.observers import (
     _Histogram,
     make_observer,
 )
-from qpasses.quant.spec import QuantSpec
+from qpasses.quant.spec import QuantSpec, compute_qparams
 
 U8 = QuantSpec(signed=False, symmetric=False)
 S8_SYM = QuantSpec(signed=True, symmetric=True)
@@ -294,3 +294,37 @@ def test_entropy_ignores_the_spike_of_exact_zeros_after_relu():
     lo, hi = observer.range()
     assert float(lo) == 0.0 and float(hi) > 5.5
     assert float(observer.exact_zeros) == float((x == 0).sum())
+
+
+def test_channel_mse_observer_clips_outlier_weights_per_channel():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 64, 3, 3, generator=g) * 0.1
+    weight[0, 0, 0, 0] = 1.0  # one outlier: clipping it buys resolution for the other 575 values
+    spec = QuantSpec(signed=True, symmetric=True, axis=0, observer="mse", bits=4)
+    observer = make_observer(spec)
+    assert type(observer).__name__ == "ChannelMSEObserver"
+    observer(weight)
+    lo, hi = observer.range()
+    rows = weight.reshape(3, -1)
+
+    def error(ratio_lo, ratio_hi):
+        scale, zp = compute_qparams(ratio_lo, ratio_hi, spec)
+        codes = torch.clamp(torch.round(rows / scale[:, None]) + zp[:, None], spec.quant_min, spec.quant_max)
+        return (((codes - zp[:, None]) * scale[:, None] - rows) ** 2).sum(1)
+
+    chosen, full = error(lo, hi), error(*torch.aminmax(rows, dim=1))
+    assert float(hi[0]) < 1.0  # the outlier channel is clipped
+    assert bool((chosen <= full + 1e-12).all()) and float(chosen[0]) < 0.7 * float(full[0])
+    for ratio in torch.linspace(0.3, 1.0, 71):  # no candidate on the grid does better
+        mins, maxs = torch.aminmax(rows, dim=1)
+        assert bool((chosen <= error(mins * ratio, maxs * ratio) + 1e-12).all())
+    with pytest.raises(QPassesError, match="searched on one tensor"):
+        observer(weight)
+
+
+def test_x86_weights_use_the_per_channel_mse_search():
+    from qpasses.quant.backends import get_backend
+
+    assert get_backend("x86").default_config().weight.observer == "mse"
+    with pytest.raises(ValueError, match="per tensor only"):
+        QuantSpec(signed=False, symmetric=False, axis=0, observer="entropy")
