@@ -1,9 +1,13 @@
 """Passes: one file each. Import them from here."""
 
+from qpasses.passes.adaround import AdaRound
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+from qpasses.passes.bias_correction import BiasCorrection
 from qpasses.passes.calibrate import Calibrate
+from qpasses.passes.cle import CLE
 from qpasses.passes.dynamic_quant import DynamicQuant
 from qpasses.passes.fuse_bn import FuseBN
+from qpasses.passes.high_bias_absorption import HighBiasAbsorption
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.lower import Lower
 from qpasses.passes.manager import PassManager, Plan, Report
@@ -11,10 +15,14 @@ from qpasses.passes.ptq import PTQ
 from qpasses.passes.replace_functional import ReplaceFunctional
 
 __all__ = [
+    "AdaRound",
+    "CLE",
     "PTQ",
+    "BiasCorrection",
     "Calibrate",
     "DynamicQuant",
     "FuseBN",
+    "HighBiasAbsorption",
     "InsertObservers",
     "Lower",
     "Pass",
