@@ -115,14 +115,14 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if hasattr(meta, "shape") else None
 
 
-def _channelwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _channelwise(gm: fx.GraphModule, node: fx.Node, through: tuple[type[nn.Module], ...]) -> bool:
     if len(node.all_input_nodes) != 1:
         return False
     if clamp_like(gm, node):
         return True
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if isinstance(module, _HOMOGENEOUS_MODULES):
+        if isinstance(module, _HOMOGENEOUS_MODULES + through):
             return True
         if isinstance(module, SamePad2d):
             return module.value == 0
@@ -144,8 +144,10 @@ def _channels_on_dim1(gm: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
-def find_links(gm: fx.GraphModule, graph: nx.DiGraph | None = None) -> list[Link]:
-    """Every link between two weighted layers, each layer called once (shared weights are left alone)."""
+def find_links(gm: fx.GraphModule, graph: nx.DiGraph | None = None,
+               through: tuple[type[nn.Module], ...] = ()) -> list[Link]:
+    """Every link between two weighted layers, each layer called once (shared weights are left alone);
+    modules of the types ``through`` count as identities (e.g. observers, for passes that only read)."""
     graph = graph if graph is not None else to_networkx(gm)
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
 
@@ -168,7 +170,7 @@ def find_links(gm: fx.GraphModule, graph: nx.DiGraph | None = None) -> list[Link
             if weighted(nxt):
                 links.append(Link(node, between, nxt))
                 break
-            if not _channelwise(gm, nxt):
+            if not _channelwise(gm, nxt, through):
                 break
             between.append(nxt)
             current = nxt

@@ -18,6 +18,7 @@ from qpasses.passes.insert_observers import ANNOTATION_KEY
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.layerwise import Layer, sweep
 from qpasses.quant.lowering import fake_quantize_weight, weight_spec
+from qpasses.quant.observers import Observer
 from qpasses.quant.ops import Role
 
 
@@ -115,12 +116,13 @@ class BiasCorrection(Pass):
     @staticmethod
     def _analytical(gm: fx.GraphModule, ann: Annotation, ctx: PassContext) -> None:
         stats = output_stats(gm)
-        for link in find_links(gm):
+        for link in find_links(gm, through=(Observer,)):
             node, producer = link.consumer, link.producer.target
             if ann.roles.get(node.name) is not Role.COMPUTE or producer not in stats:
                 continue
-            activation = link_activation(gm, link, also=(SamePad2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d))
-            if activation is None and link.between:
+            activation = link_activation(gm, link, also=(Observer, SamePad2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d))
+            if activation is None and any(not isinstance(gm.get_submodule(n.target), Observer)
+                                          for n in link.between if n.op == "call_module"):
                 continue
             mean, std = stats[producer].mean, stats[producer].std
             if activation is None:
