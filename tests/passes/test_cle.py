@@ -202,3 +202,22 @@ def test_pretrained_lite0_small_inputs_keeps_function_and_equalizes():
     assert stats["triplets"] >= 16  # every conv → depthwise → conv of the 16 blocks
     assert stats["clamps"] > 0
     assert_equalized(gm)
+
+
+def test_activation_growth_bounds_the_estimated_activation_ranges():
+    from qpasses.graph.channels import OUTPUT_STATS_KEY
+
+    model = build([("conv", "relu", 8), ("depthwise", "relu", 8), ("conv", "relu", 6)], head=False, seed=7)
+    x = torch.randn(2, 4, 8, 8)
+
+    def estimates(gm):
+        return {name: torch.clamp(s.mean + 3 * s.std, min=0) for name, s in gm.meta[OUTPUT_STATS_KEY].items()}
+
+    folded = estimates(PassManager([FuseBN()]).run(model, x))
+    free = estimates(PassManager([FuseBN(), CLE()]).run(model, x))
+    bounded_gm = PassManager([FuseBN(), CLE(activation_growth=1.0)]).run(model, x)  # still verified exact
+    bounded = estimates(bounded_gm)
+    # the last layer's output feeds no link: only producers of links are bounded
+    for name in ("0", "3", "6"):
+        assert float(bounded[name].max()) <= float(folded[name].max()) * 1.01
+    assert any(float(free[n].max()) > float(folded[n].max()) * 1.5 for n in ("0", "3", "6"))
