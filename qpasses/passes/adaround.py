@@ -11,9 +11,8 @@ import torch.fx as fx
 
 from qpasses.errors import QPassesError
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
-from qpasses.passes.bias_correction import annotation_of, collect_batches
 from qpasses.passes.calibrate import progress
-from qpasses.quant.layerwise import Layer, sweep
+from qpasses.quant.layerwise import Layer, annotation_of, collect_batches, sweep
 from qpasses.quant.lowering import weight_qparams
 
 ADAROUND_REPORT_KEY = "qpasses_adaround"

@@ -8,39 +8,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from qpasses.errors import QPassesError
 from qpasses.graph.channels import constant_input_response, output_stats
 from qpasses.graph.links import channel_bounds, find_links, link_activation
 from qpasses.nn import SamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
-from qpasses.passes.calibrate import batch_inputs
-from qpasses.passes.insert_observers import ANNOTATION_KEY
 from qpasses.quant.annotate import Annotation
-from qpasses.quant.layerwise import Layer, sweep
+from qpasses.quant.layerwise import Layer, annotation_of, collect_batches, sweep
 from qpasses.quant.lowering import fake_quantize_weight, weight_spec
 from qpasses.quant.observers import Observer
 from qpasses.quant.ops import Role
-
-
-def annotation_of(gm: fx.GraphModule, pass_name: str) -> Annotation:
-    """The quantization decisions InsertObservers published on the graph (backend, specs per node)."""
-    ann = gm.meta.get(ANNOTATION_KEY)
-    if ann is None:
-        raise QPassesError(f"{pass_name} needs the quantization settings of a PTQ pass in the same pipeline: "
-                           f"add PTQ(data, backend=...) (or InsertObservers + Calibrate) to it")
-    return ann
-
-
-def collect_batches(data: Iterable, gm: fx.GraphModule, num_batches: int | None, pass_name: str) -> list[tuple]:
-    n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
-    batches = []
-    for batch in data:
-        if num_batches is not None and len(batches) >= num_batches:
-            break
-        batches.append(tuple(t.detach() for t in batch_inputs(batch, n_inputs)))
-    if not batches:
-        raise QPassesError(f"{pass_name}: the data yielded no batches; give at least one")
-    return batches
 
 
 def _channel_mean(outputs: list[torch.Tensor]) -> torch.Tensor:

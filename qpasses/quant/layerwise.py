@@ -12,7 +12,7 @@ The sweep goes node by node over all batches, keeping only values some later nod
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,8 @@ from torch import nn
 from torch.func import functional_call
 
 from qpasses.errors import QPassesError
+from qpasses.passes.calibrate import batch_inputs
+from qpasses.passes.insert_observers import ANNOTATION_KEY
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.lowering import on_grid, weight_spec
 from qpasses.quant.observers import Observer
@@ -44,6 +46,27 @@ class Layer:
 
 
 WeightFor = Callable[[Layer], torch.Tensor]
+
+
+def annotation_of(gm: fx.GraphModule, pass_name: str) -> Annotation:
+    """The quantization decisions InsertObservers published on the graph (backend, specs per node)."""
+    ann = gm.meta.get(ANNOTATION_KEY)
+    if ann is None:
+        raise QPassesError(f"{pass_name} needs the quantization settings of a PTQ pass in the same pipeline: "
+                           f"add PTQ(data, backend=...) (or InsertObservers + Calibrate) to it")
+    return ann
+
+
+def collect_batches(data: Iterable, gm: fx.GraphModule, num_batches: int | None, pass_name: str) -> list[tuple]:
+    n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    batches = []
+    for batch in data:
+        if num_batches is not None and len(batches) >= num_batches:
+            break
+        batches.append(tuple(t.detach() for t in batch_inputs(batch, n_inputs)))
+    if not batches:
+        raise QPassesError(f"{pass_name}: the data yielded no batches; give at least one")
+    return batches
 
 
 def _fetch(gm: nn.Module, target: str):
