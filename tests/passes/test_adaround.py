@@ -39,7 +39,7 @@ def test_rounds_within_one_step_of_nearest_and_reconstructs_better(backend):
     flipped = 0
     for name in ("0", "2", "5"):
         float_weight = model.get_submodule(name).weight.detach()
-        spec = cfg.weight if isinstance(model.get_submodule(name), nn.Conv2d) or cfg.weight.axis is None else cfg.weight
+        spec = cfg.weight
         scale, zero_point = weight_qparams(float_weight, spec)
         qweight = qm.get_submodule(name).weight()
         lowered_scale = qweight.q_per_channel_scales() if spec.per_channel else torch.tensor(qweight.q_scale())
