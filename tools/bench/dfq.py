@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
+import sys
 from collections.abc import Callable
 
 import torch
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, help="AdaRound iterations per layer (default 200, quick 20)")
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4], help="weight bits to run (default 8 4)")
     parser.add_argument("--backends", nargs="+", default=[b for b, _ in SETTINGS], help="default: qnnpack x86")
+    parser.add_argument("--write", action="store_true", help="write the section even for a reduced run")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     size = args.size or (96 if args.quick else 224)
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = fidelity_rows(photos, iterations, args.bits, args.backends)
     machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
     body = "\n\n".join([
-        f"## Data-free / data-light passes (`{COMMAND}`)\n\nMachine: {machine}. Pretrained tf_efficientnet_lite0, "
+        f"## Data-free / data-light passes (`{' '.join([COMMAND, *(argv if argv is not None else sys.argv[1:])])}`)\n\nMachine: {machine}. Pretrained tf_efficientnet_lite0, "
         f"{n_calib} calibration crops, {n_eval} evaluation crops (other photo halves), {size}×{size}; "
         f"AdaRound {iterations} iterations per layer. Every pipeline starts with FuseBN and ends with PTQ "
         "(observers, calibration, int8 lowering); activations are 8-bit with the backend's default observer. "
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     ])
     print(body)
     full = args.size is None and args.calib is None and args.eval is None and len(args.backends) == len(SETTINGS)
-    if not args.quick and full:
+    if not args.quick and (full or args.write):
         write_section("dfq", body)
 
 
