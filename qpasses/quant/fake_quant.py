@@ -112,7 +112,7 @@ class FakeQuantize(MovingAverageMinMaxObserver):
         self.min_val.resize_(lo.shape).copy_(lo)
         self.max_val.resize_(hi.shape).copy_(hi)
         self.batches_seen.copy_(observer.batches_seen)
-        self._qparams_cache = None  # keyed by batches_seen, which may equal this module's own count
+        self.__dict__.pop("_range_cache", None)  # keyed by batches_seen, which may equal this module's own count
 
     def extra_repr(self) -> str:
         return f"{self.kind}, {super().extra_repr()}"

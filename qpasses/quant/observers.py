@@ -39,8 +39,6 @@ class Observer(nn.Module):
         self.spec = spec
         self.name = name
         self.register_buffer("batches_seen", torch.tensor(0, dtype=torch.int64))
-        # Range searches (MSE, entropy) are costly and lowering asks for the same qparams several times.
-        self._qparams_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -76,25 +74,31 @@ class Observer(nn.Module):
         raise NotImplementedError
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (min, max) range to quantize to: float32 tensors, 0-d per tensor, one entry per channel."""
+        """The (min, max) range to quantize to: float32 tensors, 0-d per tensor, one entry per channel.
+
+        Remembered until the observer records another batch or loads a state: the histogram-based
+        selections (mse, entropy) cost about a second each, and lowering asks for each range repeatedly."""
         if not self.calibrated:
             raise CalibrationError(
                 f"{self._label()}: no data observed yet; run calibration batches through it first"
             )
-        return self._range()
+        seen = int(self.batches_seen)
+        cached = self.__dict__.get("_range_cache")
+        if cached is None or cached[0] != seen:
+            cached = (seen, self._range())
+            self.__dict__["_range_cache"] = cached
+        lo, hi = cached[1]
+        return lo.clone(), hi.clone()
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``compute_qparams(*self.range(), self.spec)``: (scale float32, zero_point int64)."""
-        key = (int(self.batches_seen), self.spec)
-        if self._qparams_cache is None or self._qparams_cache[0] != key:
-            self._qparams_cache = (key, compute_qparams(*self.range(), self.spec))
-        scale, zero_point = self._qparams_cache[1]
-        return scale.clone(), zero_point.clone()
+        lo, hi = self.range()
+        return compute_qparams(lo, hi, self.spec)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        self._qparams_cache = None
+        self.__dict__.pop("_range_cache", None)
         # Buffers whose size is only known from data (per-channel ranges, histogram bins) take the saved size.
         for name, buf in self._buffers.items():
             key = prefix + name

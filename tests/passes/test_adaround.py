@@ -1,0 +1,75 @@
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from qpasses import PassManager
+from qpasses.analysis.metrics import sqnr
+from qpasses.passes import PTQ, AdaRound, BiasCorrection, FuseBN
+from qpasses.passes.adaround import ADAROUND_REPORT_KEY
+from qpasses.quant.backends import get_backend
+from qpasses.quant.lowering import weight_qparams
+
+
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+
+
+def batches(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, 6, 6, generator=g) for _ in range(n)]
+
+
+def config(backend, bits):
+    base = get_backend(backend).default_config()
+    return dataclasses.replace(base, weight=base.weight.replace(bits=bits))
+
+
+@pytest.mark.parametrize("backend", ["qnnpack", "x86"])
+def test_rounds_within_one_step_of_nearest_and_reconstructs_better(backend):
+    model = net()
+    calib = batches(4, seed=1)
+    cfg = config(backend, 4)
+    pm = PassManager([FuseBN(), AdaRound(calib, iterations=300, lr=1e-2, progress=False),
+                      PTQ(calib, backend=backend, config=cfg, progress=False)])
+    qm = pm.run(model, calib[0])
+    flipped = 0
+    for name in ("0", "2", "5"):
+        float_weight = model.get_submodule(name).weight.detach()
+        spec = cfg.weight
+        scale, zero_point = weight_qparams(float_weight, spec)
+        qweight = qm.get_submodule(name).weight()
+        lowered_scale = qweight.q_per_channel_scales() if spec.per_channel else torch.tensor(qweight.q_scale())
+        assert torch.allclose(lowered_scale.float(), scale.float())  # the grid AdaRound learned on is kept
+        shape = [-1] + [1] * (float_weight.dim() - 1) if spec.per_channel else [1] * float_weight.dim()
+        nearest = torch.clamp(torch.round(float_weight / scale.reshape(shape)) + zero_point.reshape(shape),
+                              spec.quant_min, spec.quant_max)
+        codes = qweight.int_repr().float()
+        assert float((codes - nearest).abs().max()) <= 1
+        flipped += int((codes != nearest).sum())
+    results = qm.meta[ADAROUND_REPORT_KEY]
+    assert len(results) == 3 and flipped == sum(r.flipped for r in results) and flipped > 0
+    assert sum(r.learned for r in results) < sum(r.nearest for r in results)
+
+
+def test_improves_4_bit_weights_end_to_end_and_composes_with_bias_correction():
+    model = net()
+    calib, evals = batches(6, seed=1), batches(4, seed=2)
+    cfg = config("qnnpack", 4)
+    plain = PassManager([FuseBN(), PTQ(calib, backend="qnnpack", config=cfg, progress=False)]).run(model, calib[0])
+    pm = PassManager([FuseBN(), BiasCorrection(calib), AdaRound(calib, iterations=300, lr=1e-2, progress=False),
+                      PTQ(calib, backend="qnnpack", config=cfg, progress=False)])
+    tuned = pm.run(model, calib[0])
+    names = [r.name for r in pm.report.records]
+    assert names.index("Calibrate") < names.index("AdaRound") < names.index("BiasCorrection") < names.index("Lower")
+    x = torch.cat(evals)
+    with torch.no_grad():
+        assert sqnr(model(x), tuned(x)) > sqnr(model(x), plain(x))
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="iterations"):
+        AdaRound([], iterations=0)

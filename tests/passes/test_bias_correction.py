@@ -1,0 +1,64 @@
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from qpasses import PassManager
+from qpasses.errors import PlanError
+from qpasses.passes import PTQ, BiasCorrection, FuseBN
+from qpasses.quant.backends import get_backend
+
+
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8, momentum=None), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Conv2d):
+                m.weight.add_(0.1)  # weights with a common offset: rounding errors do not average out
+    model.train()
+    with torch.no_grad():
+        for x in batches(8, seed=100):
+            model(x)  # BN statistics of this very data, so the analytical correction has something true to use
+    return model.eval()
+
+
+def batches(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, 8, 8, generator=g) + 0.5 for _ in range(n)]
+
+
+def w4a8(backend="qnnpack"):
+    """4-bit weights, except the first layer: its input has no BN statistics, so the analytical correction
+    cannot reach it and the comparison is about the layers it can correct."""
+    config = get_backend(backend).default_config()
+    return dataclasses.replace(config, weight=config.weight.replace(bits=4), by_name={"0": config.default_pair})
+
+
+def mean_output_error(model, qm, data):
+    with torch.no_grad():
+        diff = torch.cat([qm(x) - model(x) for x in data])
+    return float(diff.mean(dim=(0, 2, 3)).abs().mean())
+
+
+@pytest.mark.parametrize("analytical", [False, True])
+def test_reduces_the_mean_output_error(analytical):
+    model = net()
+    calib, evals = batches(6, seed=1), batches(6, seed=2)
+    plain = PassManager([FuseBN(), PTQ(calib, backend="qnnpack", config=w4a8(), progress=False)]).run(model, calib[0])
+    correction = BiasCorrection() if analytical else BiasCorrection(calib)
+    pm = PassManager([FuseBN(), correction, PTQ(calib, backend="qnnpack", config=w4a8(), progress=False)])
+    corrected = pm.run(model, calib[0])
+    before, after = mean_output_error(model, plain, evals), mean_output_error(model, corrected, evals)
+    assert after < 0.7 * before, (before, after)
+    names = [r.name for r in pm.report.records]
+    assert names.index("Calibrate") < names.index("BiasCorrection") < names.index("Lower")
+    record = pm.report.records[names.index("BiasCorrection")]
+    assert record.stats["corrected"] == (2 if analytical else 3)  # analytical: layers after a folded BN only
+
+
+def test_needs_a_quantization_pass_in_the_pipeline():
+    with pytest.raises(PlanError, match="calibrated"):
+        PassManager([FuseBN(), BiasCorrection()]).plan(net())
