@@ -108,7 +108,8 @@ class _Lowering:
             elif role is Role.REQUANT:
                 self.lower_unary(node)
             elif role is Role.FUSED_ACT and self.clamps_per_channel(node):
-                self.mark_int8(node, *self.output_qparams(node.all_input_nodes[0]))
+                produced = node.all_input_nodes[0].meta["qparams"]  # the int8 op before it writes at these
+                self.mark_int8(node, produced["scale"], produced["zero_point"])
             elif role is Role.FUSED_ACT:
                 producer = node.all_input_nodes[0]
                 node.replace_all_uses_with(producer)

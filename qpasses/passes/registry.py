@@ -11,10 +11,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from qpasses.errors import QPassesError
+from qpasses.passes.adaround import AdaRound
 from qpasses.passes.base import Pass
+from qpasses.passes.bias_correction import BiasCorrection
 from qpasses.passes.calibrate import Calibrate
+from qpasses.passes.cle import CLE
 from qpasses.passes.dynamic_quant import DynamicQuant
 from qpasses.passes.fuse_bn import FuseBN
+from qpasses.passes.high_bias_absorption import HighBiasAbsorption
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.lower import Lower
 from qpasses.passes.mixed_precision import MixedPrecision
@@ -62,6 +66,13 @@ class PassEntry:
 PASSES: dict[str, PassEntry] = {
     "fusebn": PassEntry(lambda o: FuseBN(), "fold BatchNorm into the preceding conv/linear"),
     "functional": PassEntry(lambda o: ReplaceFunctional(), "+, *, cat → FloatFunctional modules"),
+    "cle": PassEntry(lambda o: CLE(), "cross-layer equalization (exact, ReLU6 as a per-channel clamp)"),
+    "hba": PassEntry(lambda o: HighBiasAbsorption(), "absorb high biases into the next layer (3σ from BN statistics)"),
+    "biascorrection": PassEntry(lambda o: BiasCorrection(o.data("biascorrection"), o.num_batches),
+                                "correct the mean output shift quantization causes, layer by layer"),
+    "biascorrection-analytical": PassEntry(lambda o: BiasCorrection(), "bias correction from BN statistics (no data)"),
+    "adaround": PassEntry(lambda o: AdaRound(o.data("adaround"), o.num_batches, progress=o.progress),
+                          "learned weight rounding on calibration data"),
     "observe": PassEntry(lambda o: InsertObservers(o.backend, bits=o.bits, per_channel=o.per_channel),
                          "decide what runs int8 and insert observers"),
     "calibrate": PassEntry(lambda o: Calibrate(o.data("calibrate"), o.num_batches, o.progress),

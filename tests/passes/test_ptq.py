@@ -232,6 +232,24 @@ def test_same_padded_stride_2_depthwise_convs_lower_to_symmetric_padding(backend
         assert sqnr(model(x), qm(x)) > 25
 
 
+def test_shifted_padding_keeps_a_per_channel_clamp_after_cle():
+    from timm.layers import Conv2dSame
+
+    from qpasses.nn import ChannelClamp, CropStart2d
+    from qpasses.passes import CLE
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU6(), Conv2dSame(8, 8, 3, stride=2, groups=8), nn.ReLU6(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(torch.linspace(0.2, 5, 8)[:, None, None, None])  # unequal ranges for CLE to equalize
+    qm, _ = quantize(model, (2, 3, 14, 14), "qnnpack", passes=[CLE()])
+    types = module_types(qm)
+    assert ChannelClamp in types and CropStart2d in types
+    x = calibration((2, 3, 14, 14), seed=5)[0]
+    assert sqnr(model(x), qm(x)) > 20
+
+
 def test_lower_needs_its_own_backend_and_the_plan_shows_the_parts():
     model = ConvAct(nn.ReLU()).eval()
     data = calibration((1, 3, 4, 4))
