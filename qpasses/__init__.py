@@ -7,6 +7,7 @@
 from qpasses.errors import PassError, PlanError, QPassesError, TraceError, VerificationError
 from qpasses.graph import to_networkx, trace
 from qpasses.passes.manager import PassManager
+from qpasses.qat import convert, disable_fake_quant, enable_fake_quant, freeze_bn_stats, freeze_observers
 from qpasses.quant.spec import QuantConfig, QuantSpec
 
 __all__ = [
@@ -18,6 +19,11 @@ __all__ = [
     "QuantSpec",
     "TraceError",
     "VerificationError",
+    "convert",
+    "disable_fake_quant",
+    "enable_fake_quant",
+    "freeze_bn_stats",
+    "freeze_observers",
     "to_networkx",
     "trace",
 ]

@@ -3,18 +3,24 @@
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import Calibrate
 from qpasses.passes.dynamic_quant import DynamicQuant
+from qpasses.passes.fold_bn_for_training import FoldBNForTraining
 from qpasses.passes.fuse_bn import FuseBN
+from qpasses.passes.insert_fake_quant import InsertFakeQuant
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.lower import Lower
 from qpasses.passes.manager import PassManager, Plan, Report
 from qpasses.passes.ptq import PTQ
+from qpasses.passes.qat import QAT
 from qpasses.passes.replace_functional import ReplaceFunctional
 
 __all__ = [
     "PTQ",
+    "QAT",
     "Calibrate",
     "DynamicQuant",
+    "FoldBNForTraining",
     "FuseBN",
+    "InsertFakeQuant",
     "InsertObservers",
     "Lower",
     "Pass",

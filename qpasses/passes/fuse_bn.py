@@ -81,7 +81,7 @@ class FuseBN(Pass):
         folded = set()
         for producer_node, bn_node in find_chains(gm, [is_module(*_PRODUCERS), is_module(_BatchNorm)]):
             producer, bn = gm.get_submodule(producer_node.target), gm.get_submodule(bn_node.target)
-            reason = self._cannot_fold(producer_node, bn_node, producer, bn, calls)
+            reason = self.cannot_fold(producer_node, bn_node, producer, bn, calls)
             if reason:
                 ctx.note(f"kept BN '{bn_node.target}' after '{producer_node.target}': {reason}")
                 ctx.stats["kept"] += 1
@@ -103,8 +103,9 @@ class FuseBN(Pass):
         return PassResult(gm, modified=bool(folded))
 
     @staticmethod
-    def _cannot_fold(producer_node: fx.Node, bn_node: fx.Node, producer: nn.Module, bn: _BatchNorm,
+    def cannot_fold(producer_node: fx.Node, bn_node: fx.Node, producer: nn.Module, bn: _BatchNorm,
                      calls: dict[str, int]) -> str | None:
+        """Why ``bn`` cannot fold into ``producer`` (the same reasons stop QAT from absorbing it), or None."""
         if not bn.track_running_stats or bn.running_mean is None:
             return "it has no running statistics (track_running_stats=False)"
         for node in (producer_node, bn_node):

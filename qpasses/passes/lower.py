@@ -19,6 +19,10 @@ from qpasses.quant.observers import Observer
 from qpasses.quant.ops import Role
 
 _SHAPE_QUERIES = ("size", "dim")
+WEIGHT_QPARAMS_KEY = "weight_qparams"
+# qnnpack's quantized clamp returns wrong values on channels-last tensors (its convs' output layout);
+# measured on torch 2.14.1: up to the whole range off, exact once contiguous.
+_CLAMP_NEEDS_CONTIGUOUS = ("qnnpack",)
 
 
 class Lower(Pass):
@@ -135,6 +139,8 @@ class _Lowering:
         bounds = lowering.code_range(scale, zero_point, spec)
         if bounds is not None:
             with self.graph.inserting_before(node):
+                if self.ann.backend in _CLAMP_NEEDS_CONTIGUOUS:
+                    result = self.graph.call_method("contiguous", (result,))
                 result = self.graph.call_function(torch.clamp, (result, *bounds))
             result.meta["qstate"] = "int8"
         result.meta["qparams"] = {"scale": scale, "zero_point": zero_point, "dtype": str(spec.dtype), "bits": spec.bits}
@@ -156,7 +162,9 @@ class _Lowering:
         self.check_inputs_quantized(node)
         scale, zero_point = self.output_qparams(node)
         module = self.gm.get_submodule(node.target)
-        qmodule = lowering.quantized_compute(module, self.ann.pairs[node.name].weight, scale, zero_point)
+        # qpasses.convert() puts the weight qparams QAT trained with there; PTQ observes the weight here.
+        qmodule = lowering.quantized_compute(module, self.ann.pairs[node.name].weight, scale, zero_point,
+                                             node.meta.get(WEIGHT_QPARAMS_KEY))
         self.replace_module(node.target, qmodule)
         self.mark_int8(node, scale, zero_point)
         self.ctx.stats["int8_" + type(module).__name__.lower()] += 1

@@ -33,9 +33,11 @@ from torch import nn
 from qpasses.analysis.metrics import sqnr
 from qpasses.errors import PassError, PlanError, QPassesError, VerificationError
 from qpasses.graph.trace import LeafSpec, as_input_tuple, propagate_shapes, trace
-from qpasses.passes.base import Pass, PassContext, describe
+from qpasses.passes.base import Pass, PassContext, Stage, describe
 
 PROPERTIES_KEY = "qpasses_properties"
+# A pipeline that provides this yields a model to train (QAT); its lowering waits for qpasses.convert().
+TRAINABLE = "fake_quantized"
 
 
 # ----------------------------------------------------------------------------------------------- planning
@@ -82,6 +84,11 @@ def plan_pipeline(passes: Sequence[Pass], established: Iterable[str] = ()) -> Pl
     established = set(established)
     passes = [part for p in passes for part in p.expand()]
     notes: list[str] = []
+    if any(TRAINABLE in p.provides for p in passes):
+        deferred = [p for p in passes if p.stage is Stage.LOWER]
+        passes = [p for p in passes if p.stage is not Stage.LOWER]
+        notes += [f"deferred {p.name} to qpasses.convert(): the model is fake-quantized for training first"
+                  for p in deferred]
 
     for i, a in enumerate(passes):
         for b in passes[i + 1 :]:

@@ -90,26 +90,32 @@ def on_grid(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec
     return (codes - zero_point) * scale
 
 
-def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """``weight`` as a quantized tensor whose codes lie in the spec's (possibly sub-8-bit) range."""
-    observer = make_observer(spec, name="weight")
-    observer(weight.detach())
-    scale, zero_point = observer.qparams()
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
+                    qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``weight`` as a quantized tensor whose codes lie in the spec's (possibly sub-8-bit) range, at
+    ``qparams`` (scale, zero point) if given (e.g. trained by QAT), else at the range observed on it."""
+    if qparams is None:
+        observer = make_observer(spec, name="weight")
+        observer(weight.detach())
+        qparams = observer.qparams()
+    scale, zero_point = qparams
     snapped = on_grid(weight.detach().float(), scale, zero_point, spec)
     if spec.per_channel:
         return torch.quantize_per_channel(snapped, scale.double(), zero_point.long(), spec.axis, spec.dtype)
     return torch.quantize_per_tensor(snapped, float(scale), int(zero_point), spec.dtype)
 
 
-def quantized_compute(module: nn.Module, weight_spec: QuantSpec, scale: float, zero_point: int) -> nn.Module:
-    """The int8 version of a conv or linear layer, writing its output at (``scale``, ``zero_point``)."""
+def quantized_compute(module: nn.Module, weight_spec: QuantSpec, scale: float, zero_point: int,
+                      weight_qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """The int8 version of a conv or linear layer, writing its output at (``scale``, ``zero_point``), its
+    weight at ``weight_qparams`` if given (else at the weight's observed range)."""
     cls = _QUANTIZED_COMPUTE.get(type(module))
     if cls is None:
         raise QPassesError(f"no int8 kernel for {type(module).__name__}")
     spec = weight_spec
     if spec.per_channel and isinstance(module, nn.ConvTranspose1d | nn.ConvTranspose2d):
         spec = spec.replace(axis=1)
-    qweight = quantize_weight(module.weight, spec)
+    qweight = quantize_weight(module.weight, spec, weight_qparams)
     bias = module.bias.detach() if module.bias is not None else None
     if isinstance(module, nn.Linear):
         qmodule = cls(module.in_features, module.out_features, bias_=bias is not None)

@@ -1,0 +1,104 @@
+"""Helpers for training a QAT model in any loop, and ``convert`` to lower it afterwards.
+
+``qm = PassManager([QAT(bits=4)]).run(model, x)`` returns a plain ``nn.Module`` (a GraphModule) in
+training mode: any optimizer, AMP, gradient clipping, DistributedDataParallel. The helpers switch its
+fake-quant and BN behaviour; each returns the model, to chain calls.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qpasses.errors import QPassesError
+from qpasses.graph.modules import set_module
+from qpasses.passes.base import PassContext
+from qpasses.passes.insert_fake_quant import REQUANTIZE_METHOD
+from qpasses.passes.insert_observers import ANNOTATION_KEY
+from qpasses.passes.lower import WEIGHT_QPARAMS_KEY, Lower
+from qpasses.passes.manager import PROPERTIES_KEY, TRAINABLE
+from qpasses.quant.fake_quant import FakeQuantize
+from qpasses.quant.qat_modules import QATModule
+
+__all__ = ["convert", "disable_fake_quant", "enable_fake_quant", "freeze_bn_stats", "freeze_observers"]
+
+
+def _fake_quants(model: nn.Module) -> list[FakeQuantize]:
+    found = [m for m in model.modules() if isinstance(m, FakeQuantize)]
+    if not found:
+        raise QPassesError("the model has no fake-quant modules; prepare it with PassManager([QAT(...)]).run(model, x)")
+    return found
+
+
+def freeze_observers(model: nn.Module) -> nn.Module:
+    """Stop updating min/max-tracked ranges (LSQ scales keep learning from gradients)."""
+    for fq in _fake_quants(model):
+        fq.observer_enabled.fill_(0)
+    return model
+
+
+def enable_fake_quant(model: nn.Module) -> nn.Module:
+    """Fake-quantize weights and activations (the default)."""
+    for fq in _fake_quants(model):
+        fq.fake_quant_enabled.fill_(1)
+    return model
+
+
+def disable_fake_quant(model: nn.Module) -> nn.Module:
+    """Run in float (ranges are still tracked while observers are enabled), e.g. to warm up first."""
+    for fq in _fake_quants(model):
+        fq.fake_quant_enabled.fill_(0)
+    return model
+
+
+def freeze_bn_stats(model: nn.Module) -> nn.Module:
+    """Stop updating BatchNorm statistics in QAT blocks: from now on they normalise with the running ones,
+    exactly as the converted model folds them (usual for the last epochs)."""
+    for m in model.modules():
+        if isinstance(m, QATModule):
+            m.freeze_bn_stats()
+    return model
+
+
+def convert(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
+    """Lower a trained QAT model to the int8 kernels of the backend given to ``QAT``.
+
+    BN is folded with its running statistics, each weight is quantized at the qparams its fake-quant
+    trained with, each activation at its fake-quant's; then ``Lower`` runs as after PTQ. The result
+    computes what the QAT model computes in eval mode, up to one quantization step on values at a
+    rounding tie. ``model`` is left as it is unless ``inplace``.
+    """
+    if not isinstance(model, fx.GraphModule) or TRAINABLE not in model.meta.get(PROPERTIES_KEY, ()) \
+            or ANNOTATION_KEY not in model.meta:
+        raise QPassesError("convert() takes the model PassManager([QAT(...)]).run(model, x) returned "
+                           f"(after training); got a {type(model).__name__} without fake-quant annotation")
+    gm = model if inplace else copy.deepcopy(model)
+    gm.eval()
+    _remove_requantize(gm)
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(module, QATModule):
+            continue
+        with torch.no_grad():
+            weight = module.folded_weight_and_bias()[0]
+            if module.weight_fake_quant is not None:
+                module.weight_fake_quant(weight)  # the range the eval forward uses
+                node.meta[WEIGHT_QPARAMS_KEY] = module.weight_fake_quant.qparams()
+        set_module(gm, node.target, module.float_module())
+    ctx = PassContext(example_inputs=())
+    gm = Lower().run(gm, ctx).graph_module
+    gm.meta[PROPERTIES_KEY] = sorted((set(gm.meta[PROPERTIES_KEY]) - Lower.invalidates - {TRAINABLE}) | Lower.provides)
+    return gm
+
+
+def _remove_requantize(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "call_method" and node.target == REQUANTIZE_METHOD:
+            owner, value = node.args
+            node.replace_all_uses_with(value)
+            gm.graph.erase_node(node)
+            if not owner.users:
+                gm.graph.erase_node(owner)
