@@ -6,35 +6,18 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvTransposeNd
 
 from qpasses.errors import QPassesError
+from qpasses.graph.channels import out_channels, record_output_stats, scale_output_channels
 from qpasses.graph.match import find_chains, is_module
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 
 _PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
 
-def _out_channels(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
-
-
-def scale_output_channels(weight: torch.Tensor, scale: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """``weight`` with output channel ``o`` multiplied by ``scale[o]``.
-
-    Conv and Linear weights hold output channels on dim 0. A transposed conv's weight is
-    ``[in, out / groups, *k]``: output channel ``o = g · (out / groups) + j`` lives at ``[g-th block of in, j]``.
-    """
-    if isinstance(module, _ConvTransposeNd):
-        groups = module.groups
-        blocks = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
-        factors = scale.reshape(groups, 1, weight.shape[1], *([1] * (weight.dim() - 2)))
-        return (blocks * factors).reshape(weight.shape)
-    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-
-
-def fold_bn(producer: nn.Module, bn: _BatchNorm) -> None:
-    """Fold ``bn`` into ``producer``'s weight and bias, in place."""
+def fold_bn(producer: nn.Module, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``bn`` into ``producer``'s weight and bias, in place; returns the mean ``β`` and deviation ``|γ|``
+    of the folded output that the BN's statistics imply (what data-free passes estimate ranges from)."""
     with torch.no_grad():
         std = torch.sqrt(bn.running_var + bn.eps)
         gamma = bn.weight if bn.affine else torch.ones_like(std)
@@ -47,6 +30,7 @@ def fold_bn(producer: nn.Module, bn: _BatchNorm) -> None:
             producer.bias = nn.Parameter(new_bias.to(producer.weight.dtype), requires_grad=producer.weight.requires_grad)
         else:
             producer.bias.copy_(new_bias)
+    return beta.detach().clone(), gamma.detach().abs()
 
 
 class FuseBN(Pass):
@@ -58,7 +42,8 @@ class FuseBN(Pass):
     the BN alone; producer and BN each called once (shared weights would change other call sites).
     BNs with an activation (timm's ``BatchNormAct2d``) were split into BN → act at tracing, so their BN
     folds like any other and the activation stays. Lone BNs stay in place, listed in the report.
-    Preserves: the function, to float rounding. Provides: ``bn_folded``.
+    Preserves: the function, to float rounding. Provides: ``bn_folded``, and records the output mean ``β``
+    and deviation ``|γ|`` of each folded layer (``qpasses.graph.channels.output_stats``) for data-free passes.
     """
 
     stage = Stage.FLOAT
@@ -86,7 +71,7 @@ class FuseBN(Pass):
                 ctx.note(f"kept BN '{bn_node.target}' after '{producer_node.target}': {reason}")
                 ctx.stats["kept"] += 1
                 continue
-            fold_bn(producer, bn)
+            record_output_stats(gm, producer_node.target, *fold_bn(producer, bn))
             bn_node.replace_all_uses_with(producer_node)
             gm.graph.erase_node(bn_node)
             folded.add(bn_node.target)
@@ -111,8 +96,8 @@ class FuseBN(Pass):
         for node in (producer_node, bn_node):
             if calls[node.target] > 1:
                 return f"'{node.target}' is called {calls[node.target]} times (shared weights)"
-        if bn.num_features != _out_channels(producer):
-            return f"BN has {bn.num_features} features but the producer has {_out_channels(producer)} outputs"
+        if bn.num_features != out_channels(producer):
+            return f"BN has {bn.num_features} features but the producer has {out_channels(producer)} outputs"
         meta = producer_node.meta.get("tensor_meta")
         if isinstance(producer, nn.Linear) and (meta is None or len(meta.shape) != 2):
             return "BatchNorm1d after Linear folds only for 2-D (batch, features) outputs"

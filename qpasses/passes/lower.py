@@ -10,6 +10,7 @@ from torch import nn
 
 from qpasses.errors import QPassesError
 from qpasses.graph.modules import unique_name
+from qpasses.nn import ChannelClamp
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.insert_observers import ANNOTATION_KEY
 from qpasses.quant import lowering
@@ -33,6 +34,8 @@ class Lower(Pass):
     values an int8 op produces disappear (the op writes at their scale); observers on float values become
     quantize; float ops get a dequantize in front, so quantize/dequantize appear only at real boundaries.
     Spec ranges narrower than 8 bits (sub-8-bit, reduce_range) are enforced by a clamp of the codes.
+    A fused ``ChannelClamp`` (CLE's exact stand-in for ReLU6) disappears when its bounds are uniform, else it
+    stays after the int8 op and clamps each channel's codes.
     Requires: ``calibrated``. Provides: ``lowered``. The result runs with the backend's engine (a forward
     pre-hook selects it), saves and loads, and can be TorchScripted.
     """
@@ -104,6 +107,8 @@ class _Lowering:
                 self.lower_functional(node, role)
             elif role is Role.REQUANT:
                 self.lower_unary(node)
+            elif role is Role.FUSED_ACT and self.clamps_per_channel(node):
+                self.mark_int8(node, *self.output_qparams(node.all_input_nodes[0]))
             elif role is Role.FUSED_ACT:
                 producer = node.all_input_nodes[0]
                 node.replace_all_uses_with(producer)
@@ -120,6 +125,12 @@ class _Lowering:
         referenced = {n.target for n in self.graph.nodes if n.op in ("call_module", "get_attr")}
         for name in sorted(self.erased_modules - referenced):
             self.gm.delete_submodule(name)
+
+    def clamps_per_channel(self, node: fx.Node) -> bool:
+        """A ChannelClamp whose bounds differ by channel: the producer's output range holds the widest
+        bounds, the clamp stays to cut each channel at its own (on the int8 codes)."""
+        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        return isinstance(module, ChannelClamp) and not module.uniform
 
     def lower_observer(self, node: fx.Node) -> None:
         observer = self.observer(node)

@@ -90,32 +90,45 @@ def on_grid(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec
     return (codes - zero_point) * scale
 
 
+def weight_spec(module: nn.Module, spec: QuantSpec) -> QuantSpec:
+    """The spec ``module``'s weight is quantized with: per-channel axes follow output channels, which a
+    transposed conv holds on dim 1."""
+    if spec.per_channel and isinstance(module, nn.ConvTranspose1d | nn.ConvTranspose2d):
+        return spec.replace(axis=1)
+    return spec
+
+
+def weight_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and zero point lowering gives ``weight`` (from its own range, observed with ``spec``)."""
+    observer = make_observer(spec, name="weight")
+    observer(weight.detach())
+    return observer.qparams()
+
+
+def fake_quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``weight`` rounded to the grid lowering will put it on, as float (for simulating the int8 model)."""
+    return on_grid(weight.detach().float(), *weight_qparams(weight, spec), spec)
+
+
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
                     qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``weight`` as a quantized tensor whose codes lie in the spec's (possibly sub-8-bit) range, at
     ``qparams`` (scale, zero point) if given (e.g. trained by QAT), else at the range observed on it."""
-    if qparams is None:
-        observer = make_observer(spec, name="weight")
-        observer(weight.detach())
-        qparams = observer.qparams()
-    scale, zero_point = qparams
+    scale, zero_point = qparams if qparams is not None else weight_qparams(weight, spec)
     snapped = on_grid(weight.detach().float(), scale, zero_point, spec)
     if spec.per_channel:
         return torch.quantize_per_channel(snapped, scale.double(), zero_point.long(), spec.axis, spec.dtype)
     return torch.quantize_per_tensor(snapped, float(scale), int(zero_point), spec.dtype)
 
 
-def quantized_compute(module: nn.Module, weight_spec: QuantSpec, scale: float, zero_point: int,
-                      weight_qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+def quantized_compute(module: nn.Module, spec: QuantSpec, scale: float, zero_point: int,
+                      trained_qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
     """The int8 version of a conv or linear layer, writing its output at (``scale``, ``zero_point``), its
-    weight at ``weight_qparams`` if given (else at the weight's observed range)."""
+    weight at ``trained_qparams`` if given (e.g. by QAT), else at the weight's observed range."""
     cls = _QUANTIZED_COMPUTE.get(type(module))
     if cls is None:
         raise QPassesError(f"no int8 kernel for {type(module).__name__}")
-    spec = weight_spec
-    if spec.per_channel and isinstance(module, nn.ConvTranspose1d | nn.ConvTranspose2d):
-        spec = spec.replace(axis=1)
-    qweight = quantize_weight(module.weight, spec, weight_qparams)
+    qweight = quantize_weight(module.weight, weight_spec(module, spec), trained_qparams)
     bias = module.bias.detach() if module.bias is not None else None
     if isinstance(module, nn.Linear):
         qmodule = cls(module.in_features, module.out_features, bias_=bias is not None)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 
-from qpasses.nn import SamePad2d
+from qpasses.nn import ChannelClamp, SamePad2d
 
 
 class Role(enum.Enum):
@@ -51,7 +51,8 @@ PRESERVING_METHODS = (
 )
 # Clamp-like activations: folded into the producer's output range when they alone read it, otherwise
 # they keep their input's qparams (the quantized kernels clamp in place).
-FUSABLE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+# A ChannelClamp with unequal bounds is folded for its range and still clamps the codes per channel.
+FUSABLE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, ChannelClamp)
 FUSABLE_FUNCTIONS = (F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp)
 FUSABLE_METHODS = ("relu", "clamp")
 FUNCTIONAL_METHODS = ("add", "add_relu", "mul", "cat")
@@ -120,6 +121,8 @@ def clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | None, float
         module = gm.get_submodule(node.target)
         if isinstance(module, nn.ReLU):
             return 0.0, None
+        if isinstance(module, ChannelClamp):
+            return float(module.lower.min()), float(module.upper.max())
         return float(module.min_val), float(module.max_val)
     name = node.target if isinstance(node.target, str) else node.target.__name__
     if name in ("relu", "relu_"):

@@ -1,0 +1,155 @@
+"""AdaRound: learn, per weight, whether to round down or up (Nagel et al., "Up or Down?", 2020)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from qpasses.errors import QPassesError
+from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+from qpasses.passes.bias_correction import annotation_of, collect_batches
+from qpasses.passes.calibrate import progress
+from qpasses.quant.layerwise import Layer, sweep
+from qpasses.quant.lowering import weight_qparams
+
+ADAROUND_REPORT_KEY = "qpasses_adaround"
+# Stretch of the rectified sigmoid, from the paper: h(V) = clamp(sigmoid(V)·(ζ − γ) + γ, 0, 1).
+_GAMMA, _ZETA = -0.1, 1.1
+
+
+@dataclass
+class RoundingResult:
+    """Reconstruction error (mean squared, on the calibration batches) of one layer's output."""
+
+    layer: str
+    nearest: float  # with round-to-nearest weights
+    learned: float  # with the learned rounding
+    flipped: int  # weights rounded the other way than nearest
+
+
+def _per_channel(t: torch.Tensor, weight: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None:
+        return t.reshape([1] * weight.dim())
+    shape = [1] * weight.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def _channel_extremes(weight: torch.Tensor, axis: int | None, largest: bool) -> torch.Tensor:
+    if axis is None:
+        value = weight.max() if largest else weight.min()
+        return value.reshape([1] * weight.dim())
+    dims = [d for d in range(weight.dim()) if d != axis]
+    return weight.amax(dim=dims, keepdim=True) if largest else weight.amin(dim=dims, keepdim=True)
+
+
+class AdaRound(Pass):
+    """Adaptive rounding of conv/linear weights, layer by layer, on calibration data.
+
+    Math: with ``s`` the weight scale lowering will use, each weight is ``s · (⌊w/s⌋ + h(V))`` where
+    ``h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)`` (ζ = 1.1, γ = −0.1) starts at the fractional part of ``w/s``.
+    ``V`` minimises ``‖W̃ x_q − W x‖²`` (``x_q``: the layer's input in the quantized model, with earlier
+    layers already rounded; ``W x``: the float model's output) ``+ λ Σ (1 − |2h(V) − 1|^β)``, the regulariser
+    off for the first ``warmup`` fraction of ``iterations``, then with ``β`` annealed from ``beta[0]`` to
+    ``beta[1]`` (cosine), pushing every ``h`` to 0 or 1. The result ``⌊w/s⌋ + [h ≥ ½]`` is one of the two
+    grid points next to ``w``, within the layer's code range.
+
+    The rounded weights are stored on their grid, so lowering's round-to-nearest keeps them; the weights
+    that set each channel's min and max (hence the scale lowering computes) keep their float values and
+    no rounded weight moves beyond them, so the grid stays the one the rounding was learned on.
+    Quantization settings come from the PTQ pass in the pipeline. Requires: ``calibrated``. Provides:
+    ``weights_rounded``. Per layer, the reconstruction error with nearest and learned rounding is kept in
+    ``gm.meta['qpasses_adaround']`` (:class:`RoundingResult`) and summarised in the report.
+    """
+
+    stage = Stage.QUANTIZE
+    requires = frozenset({"calibrated"})
+    provides = frozenset({"weights_rounded"})
+
+    def __init__(self, data: Iterable, num_batches: int | None = None, iterations: int = 1000,
+                 regularization: float = 0.01, beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2,
+                 lr: float = 1e-3, seed: int = 0, progress: bool = True):
+        if iterations < 1 or not 0 <= warmup < 1 or regularization < 0 or lr <= 0:
+            raise ValueError("AdaRound needs iterations >= 1, 0 <= warmup < 1, regularization >= 0, lr > 0")
+        self.data, self.num_batches = data, num_batches
+        self.iterations, self.regularization, self.beta = iterations, regularization, beta
+        self.warmup, self.lr, self.seed, self.progress = warmup, lr, seed, progress
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        ann = annotation_of(gm, self.name)
+        batches = collect_batches(self.data, gm, self.num_batches, self.name)
+        results: list[RoundingResult] = []
+        generator = torch.Generator().manual_seed(self.seed)
+        ctx.stats["layers"] = sweep(gm, ann, batches, lambda layer: self._round(layer, generator, results))
+        ctx.stats["flipped"] = sum(r.flipped for r in results)
+        better = sum(r.learned <= r.nearest for r in results)
+        ctx.note(f"{better} of {len(results)} layer(s) reconstruct at least as well as round-to-nearest; "
+                 f"total error {sum(r.nearest for r in results):.4g} → {sum(r.learned for r in results):.4g}")
+        gm.meta[ADAROUND_REPORT_KEY] = results
+        return PassResult(gm, modified=True)
+
+    def _beta(self, step: int) -> float | None:
+        """The regulariser's exponent at ``step``, None during warm-up."""
+        start = self.warmup * self.iterations
+        if step < start:
+            return None
+        done = (step - start) / max(self.iterations - start, 1)
+        high, low = self.beta
+        return low + 0.5 * (high - low) * (1 + math.cos(math.pi * done))
+
+    def _round(self, layer: Layer, generator: torch.Generator, results: list[RoundingResult]) -> torch.Tensor:
+        spec = layer.spec
+        if spec.observer != "minmax":
+            raise QPassesError(f"AdaRound: weight observer '{spec.observer}' of '{layer.node.target}' makes the "
+                               f"scale depend on the rounded weights; use a minmax weight observer")
+        weight = layer.module.weight.detach()
+        scale, zero_point = weight_qparams(weight, spec)
+        scale = _per_channel(scale.float(), weight, spec.axis)
+        zero_point = _per_channel(zero_point.float(), weight, spec.axis)
+        high, low = _channel_extremes(weight, spec.axis, True), _channel_extremes(weight, spec.axis, False)
+        # Codes relative to the zero point, never beyond the weights that fix the scale.
+        top = torch.minimum(torch.floor(high / scale), spec.quant_max - zero_point)
+        bottom = torch.maximum(torch.ceil(low / scale), spec.quant_min - zero_point)
+        floor = torch.floor(weight / scale)
+        fraction = (weight / scale - floor).clamp(0.0, 1.0 - 1e-6)
+        v = (-torch.log((_ZETA - _GAMMA) / (fraction - _GAMMA) - 1)).requires_grad_(True)
+
+        def soft(v: torch.Tensor) -> torch.Tensor:
+            return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
+
+        def on_grid(h: torch.Tensor) -> torch.Tensor:
+            return torch.minimum(torch.maximum(floor + h, bottom), top) * scale
+
+        optimizer = torch.optim.Adam([v], lr=self.lr)
+        steps = progress(range(self.iterations), self.iterations, f"AdaRound {layer.node.target}", self.progress)
+        for step in steps:
+            k = int(torch.randint(len(layer.quant_inputs), (1,), generator=generator))
+            h = soft(v)
+            loss = (layer.run(layer.quant_inputs[k], on_grid(h)) - layer.float_outputs[k]).pow(2).mean()
+            beta = self._beta(step)
+            if beta is not None:
+                loss = loss + self.regularization * (1 - (2 * h - 1).abs().pow(beta)).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        with torch.no_grad():
+            learned = on_grid((soft(v) >= 0.5).float())
+            nearest = torch.clamp(torch.round(weight / scale), spec.quant_min - zero_point,
+                                  spec.quant_max - zero_point) * scale  # what lowering alone would do
+            extremes = (weight == high) | (weight == low)
+            final = torch.where(extremes, nearest, learned)
+            results.append(RoundingResult(layer.node.target, self._error(layer, nearest), self._error(layer, final),
+                                          int((final != nearest).sum())))
+            layer.module.weight.copy_(torch.where(extremes, weight, learned))
+        return final
+
+    @staticmethod
+    def _error(layer: Layer, weight: torch.Tensor) -> float:
+        errors = [(layer.run(x, weight) - y).pow(2).mean() for x, y in zip(layer.quant_inputs, layer.float_outputs,
+                                                                           strict=True)]
+        return float(sum(errors) / len(errors))
