@@ -13,6 +13,7 @@ from qpasses.passes.insert_fake_quant import InsertFakeQuant
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.lower import Lower
 from qpasses.passes.manager import PassManager, Plan, Report
+from qpasses.passes.mixed_precision import MixedPrecision
 from qpasses.passes.ptq import PTQ
 from qpasses.passes.qat import QAT
 from qpasses.passes.replace_functional import ReplaceFunctional
@@ -31,6 +32,7 @@ __all__ = [
     "HighBiasAbsorption",
     "InsertObservers",
     "Lower",
+    "MixedPrecision",
     "Pass",
     "PassContext",
     "PassManager",

@@ -23,7 +23,7 @@ def batch_inputs(batch: Any, n_inputs: int) -> tuple:
     raise CalibrationError(f"cannot read model inputs from a calibration batch of type {type(batch).__name__}")
 
 
-def progress(iterable: Iterable, total: int | None, description: str, enabled: bool) -> Iterable:
+def progress(iterable: Iterable, total: int | None, description: str, enabled: bool, unit: str = "batch") -> Iterable:
     """A tqdm progress bar when tqdm is installed and ``enabled``; the plain iterable otherwise."""
     if not enabled:
         return iterable
@@ -31,7 +31,7 @@ def progress(iterable: Iterable, total: int | None, description: str, enabled: b
         from tqdm.auto import tqdm
     except ImportError:
         return iterable
-    return tqdm(iterable, total=total, desc=description, unit="batch", leave=False)
+    return tqdm(iterable, total=total, desc=description, unit=unit, leave=False)
 
 
 def _length(data: Iterable) -> int | None:

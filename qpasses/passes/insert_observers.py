@@ -11,6 +11,7 @@ from qpasses.quant.annotate import annotate
 from qpasses.quant.backends import get_backend
 from qpasses.quant.observers import make_observer
 from qpasses.quant.ops import Role
+from qpasses.quant.overrides import apply_overrides
 from qpasses.quant.spec import QuantConfig
 
 ANNOTATION_KEY = "qpasses_quant"
@@ -34,11 +35,12 @@ class InsertObservers(Pass):
     Requires: float arithmetic as FloatFunctional modules (ReplaceFunctional), so every requantizing op
     has a module. Preserves: the function exactly (observers return their input).
     Provides: ``observed``. An annotation that quantizes nothing is an error, not silence.
+    Per-node overrides recorded by an earlier pass (``qpasses.quant.overrides``) apply on top of ``config``.
     """
 
     stage = Stage.QUANTIZE
     requires = frozenset({"functional_modules"})
-    after = frozenset({"bn_folded", "equalized", "bias_absorbed"})
+    after = frozenset({"bn_folded", "equalized", "bias_absorbed", "config_overrides"})
     provides = frozenset({"observed"})
     preserves_function = True
 
@@ -48,7 +50,10 @@ class InsertObservers(Pass):
         self.config = resolve_config(backend, config, bits, per_channel)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        ann = annotate(gm, self.backend, self.config)
+        config = apply_overrides(gm, self.config)
+        if config is not self.config:
+            self.backend.check_config(config)
+        ann = annotate(gm, self.backend, config)
         int8 = [name for name, role in ann.roles.items() if ann.is_int8(name) and role is not Role.FUSED_ACT]
         if not int8:
             raise QPassesError(
