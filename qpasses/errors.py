@@ -51,3 +51,7 @@ class PassError(QPassesError):
 
 class VerificationError(PassError):
     """A pass that claims to preserve the model's function changed it, or broke the graph."""
+
+
+class ExportError(QPassesError):
+    """A model cannot be exported (not lowered, or an op the target format cannot express)."""

@@ -1,0 +1,368 @@
+"""Side-by-side benchmark: every way to run int8 CNNs on this CPU, in one run, on the same inputs.
+
+    python -m tools.bench.compare                          # full run (< 20 min on 2 cores), writes BENCHMARKS.md
+    python -m tools.bench.compare --quick                  # smoke run: few crops and iterations, prints only
+    python -m tools.bench.compare --models mobilenet_v2 --methods ort-static,qpasses-onnx
+    python -m tools.bench.compare --resume                 # reuse rows measured by an interrupted run
+
+Rows (``--methods``): float eager; torch.ao FX PTQ (x86, qnnpack); torchao PT2E with X86InductorQuantizer +
+``torch.compile`` with inductor freezing (without freezing the int8 rewrite never runs); ONNX Runtime float and
+its own ``quantize_static`` (QDQ, per-channel, U8S8, min/max calibrated on the same crops); qpasses lowered to
+x86 and qnnpack, its TorchScript export, and its QDQ export run by ONNX Runtime (7-bit ranges kept exactly, or
+widened to 8 bits). Batch 1, 224×224, 2 threads. A method that fails is a row with its error's first line.
+
+Columns: latency median; size (serialized state dict, TorchScript archive, or ONNX file); peak MB, the growth of
+the process' peak resident memory over the resident size while running inference (Linux ``VmHWM`` after a
+reset: activations and workspaces on top of the loaded model); prepare s (quantize, export, compile, up to the
+first output); on pretrained EfficientNet-Lite0, SQNR of the logits and top-1 agreement with the float model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import platform
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import zoo
+from qpasses.analysis.metrics import latency, model_size
+from qpasses.export import onnx as export_onnx
+from qpasses.export import torchscript
+from tools.bench.common import (
+    BENCHMARKS,
+    PhotoSet,
+    fidelity,
+    markdown_table,
+    pretrained_lite0,
+    timed,
+    torch_ao_fx_ptq,
+    write_section,
+)
+from tools.bench.ptq import qpasses_ptq
+
+COMMAND = "python -m tools.bench.compare"
+MODELS = ("resnet18", "resnet50", "mobilenet_v2", "tf_efficientnet_lite0")
+FIDELITY_MODEL = "tf_efficientnet_lite0"
+CACHE = BENCHMARKS.parent / ".bench" / "compare.json"
+THREADS = 2
+
+
+class PerSample(nn.Module):
+    """Calls ``fn`` one sample at a time under inference mode: fixed-shape runtimes (ONNX sessions exported for
+    batch 1, graphs compiled for it) always see the shape and grad mode they were built for."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat([self.fn(x[i : i + 1]) for i in range(len(x))])
+
+
+class OnEngine(nn.Module):
+    """Runs a torch.ao model with the quantized engine it was converted for (the engine is process-global)."""
+
+    def __init__(self, model: nn.Module, engine: str):
+        super().__init__()
+        self.model, self.engine = model, engine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.backends.quantized.engine = self.engine
+        return self.model(x)
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # the exported graphs' unused-constant warnings are noise here
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return PerSample(lambda t: torch.from_numpy(session.run(None, {name: t.numpy()})[0]))
+
+
+@dataclass
+class Prepared:
+    runner: nn.Module
+    size_bytes: int
+    reference: nn.Module | None = None  # the float model fidelity compares with, when not the row's own
+    note: str = ""
+
+
+@dataclass
+class Setup:
+    """One model's float version, data and working directory; builds shared by several rows are made once."""
+
+    name: str
+    model: nn.Module
+    photos: PhotoSet
+    workdir: Path
+    shared: dict[str, tuple[object, float]] = field(default_factory=dict)
+
+    @property
+    def example(self) -> torch.Tensor:
+        return self.photos.evals[0][:1]
+
+    @property
+    def singles(self) -> list[torch.Tensor]:
+        return [b[i : i + 1] for b in self.photos.calib for i in range(len(b))]
+
+    def once(self, key: str, build: Callable[[], object]) -> tuple[object, float]:
+        """``build()`` and its seconds, computed on first use."""
+        if key not in self.shared:
+            result, seconds, error = timed(build)
+            if result is None:
+                raise RuntimeError(error)
+            self.shared[key] = (result, seconds)
+        return self.shared[key]
+
+
+def state_bytes(model: nn.Module) -> int:
+    return model_size(model)["serialized_bytes"]
+
+
+def float_eager(s: Setup) -> Prepared:
+    return Prepared(s.model, state_bytes(s.model))
+
+
+def torch_ao_fx(backend: str) -> Callable[[Setup], Prepared]:
+    def build(s: Setup) -> Prepared:
+        # torch.ao FX cannot trace the TF-padded Lite0; it gets the PyTorch-padded variant (and its own reference)
+        model = pretrained_lite0("efficientnet_lite0") if s.name == FIDELITY_MODEL else s.model
+        quantized = OnEngine(torch_ao_fx_ptq(model, s.photos.calib, backend), backend)
+        note = "efficientnet_lite0 variant (tf_ cannot be traced)" if model is not s.model else ""
+        return Prepared(quantized, state_bytes(quantized), reference=model if model is not s.model else None, note=note)
+
+    return build
+
+
+def pt2e_x86_inductor(s: Setup) -> Prepared:
+    import torch._inductor.config as inductor_config
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    inductor_config.freezing = True  # without it the int8 pattern rewrite never runs
+    exported = torch.export.export(copy.deepcopy(s.model), (s.example,)).module()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for x in s.singles:  # the exported graph is specialized to batch 1
+            prepared(x)
+    converted = convert_pt2e(prepared)
+    compiled = PerSample(torch.compile(converted))
+    compiled(s.example)  # compiles
+    return Prepared(compiled, state_bytes(converted))
+
+
+def float_onnx(s: Setup) -> Path:
+    def build() -> Path:
+        path = s.workdir / f"{s.name}_float.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(s.model, (s.example,), str(path), dynamo=False, opset_version=17,
+                              input_names=["input"], do_constant_folding=True)
+        return path
+
+    return s.once("float_onnx", build)[0]
+
+
+def ort_float(s: Setup) -> Prepared:
+    path = float_onnx(s)
+    return Prepared(ort_session(path), path.stat().st_size)
+
+
+def ort_quantize_static(s: Setup) -> Prepared:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Crops(CalibrationDataReader):
+        def __init__(self, batches: list[torch.Tensor]):
+            self.items = iter([{"input": x.numpy()} for x in batches])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    source, quantized = float_onnx(s), s.workdir / f"{s.name}_ort_int8.onnx"
+    quantize_static(source, quantized, Crops(s.singles), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return Prepared(ort_session(quantized), quantized.stat().st_size)
+
+
+def qpasses_lowered(s: Setup, backend: str) -> tuple[nn.Module, float]:
+    return s.once(f"qpasses_{backend}", lambda: qpasses_ptq(s.model, s.photos.calib, backend))
+
+
+def qpasses_eager(backend: str) -> Callable[[Setup], Prepared]:
+    def build(s: Setup) -> Prepared:
+        model, _ = qpasses_lowered(s, backend)
+        return Prepared(model, state_bytes(model))
+
+    return build
+
+
+def qpasses_torchscript(s: Setup) -> Prepared:
+    model, _ = qpasses_lowered(s, "x86")
+    scripted = torchscript(model, s.example)
+    archive = io.BytesIO()
+    torch.jit.save(scripted, archive)
+    return Prepared(scripted, archive.getbuffer().nbytes)
+
+
+def qpasses_onnx(reduce_range: str) -> Callable[[Setup], Prepared]:
+    def build(s: Setup) -> Prepared:
+        model, _ = qpasses_lowered(s, "x86")
+        path = export_onnx(model, s.example, s.workdir / f"{s.name}_qpasses_{reduce_range}.onnx", reduce_range)
+        return Prepared(ort_session(path), path.stat().st_size)
+
+    return build
+
+
+# key: (label, build, the shared build it starts from: its seconds count into the row's prepare time)
+METHODS: dict[str, tuple[str, Callable[[Setup], Prepared], str | None]] = {
+    "float": ("float eager", float_eager, None),
+    "fx-x86": ("torch.ao FX x86", torch_ao_fx("x86"), None),
+    "fx-qnnpack": ("torch.ao FX qnnpack", torch_ao_fx("qnnpack"), None),
+    "pt2e": ("torchao PT2E X86Inductor + compile", pt2e_x86_inductor, None),
+    "ort-float": ("ONNX Runtime float", ort_float, "float_onnx"),
+    "ort-static": ("ONNX Runtime quantize_static", ort_quantize_static, "float_onnx"),
+    "qpasses-x86": ("qpasses x86", qpasses_eager("x86"), "qpasses_x86"),
+    "qpasses-qnnpack": ("qpasses qnnpack", qpasses_eager("qnnpack"), "qpasses_qnnpack"),
+    "qpasses-torchscript": ("qpasses x86 TorchScript", qpasses_torchscript, "qpasses_x86"),
+    "qpasses-onnx": ("qpasses → ONNX Runtime (QDQ)", qpasses_onnx("keep"), "qpasses_x86"),
+    "qpasses-onnx-widen": ("qpasses → ONNX Runtime (QDQ, 7-bit widened)", qpasses_onnx("widen"), "qpasses_x86"),
+}
+
+
+def _status_kb(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def inference_peak_mb(run: Callable[[], object]) -> float | None:
+    """Growth of peak resident memory over the resident size while ``run()`` executes (Linux only)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+    except OSError:
+        return None
+    before = _status_kb("VmRSS")
+    run()
+    peak = _status_kb("VmHWM")
+    return None if before is None or peak is None else max(peak - before, 0) / 1024
+
+
+def measure(s: Setup, method: str, iters: int) -> dict:
+    label, build, shared = METHODS[method]
+    reused = shared in s.shared
+    prepared, seconds, error = timed(lambda: build(s))
+    row = {"model": s.name, "method": label}
+    if prepared is None:
+        return {**row, "failure": error, "prepare_s": seconds}
+    if reused:
+        seconds += s.shared[shared][1]  # built for an earlier row, and part of this row's preparation too
+    x = s.example
+    with torch.inference_mode():
+        peak = inference_peak_mb(lambda: [prepared.runner(x) for _ in range(3)])
+    timing = latency(prepared.runner, (x,), warmup=3, iters=iters, threads=THREADS)
+    row.update(latency_ms=timing["median_ms"], size_mb=prepared.size_bytes / 2**20, peak_mb=peak,
+               prepare_s=seconds, note=prepared.note)
+    if s.name == FIDELITY_MODEL:
+        row["sqnr_db"], row["agreement"] = fidelity(prepared.reference or s.model, prepared.runner, s.photos.evals)
+    return row
+
+
+def _format(row: dict) -> list[str]:
+    def num(key: str, fmt: str) -> str:
+        value = row.get(key)
+        return "" if value is None else format(value, fmt)
+
+    if "failure" in row:
+        return [row["model"], row["method"], "fails", "", "", num("prepare_s", ".1f"), "", "", row["failure"]]
+    return [row["model"], row["method"], num("latency_ms", ".1f"), num("size_mb", ".1f"), num("peak_mb", ".0f"),
+            num("prepare_s", ".1f"), num("sqnr_db", ".1f"), num("agreement", ".1%"), row.get("note", "")]
+
+
+HEADER = ["model", "method", "latency ms", "size MB", "peak MB", "prepare s", "SQNR dB", "top-1 agreement", "note"]
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="compare", unit="row")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Side-by-side int8 benchmark (latency, size, memory, fidelity)")
+    parser.add_argument("--quick", action="store_true", help="8 calibration / 16 eval crops, 3 iterations; no file")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"reuse rows that an earlier full run cached in {CACHE} (every full run writes it)")
+    args = parser.parse_args(argv)
+    models, methods = args.models.split(","), args.methods.split(",")
+    for value, known, what in ((models, MODELS, "model"), (methods, METHODS, "method")):
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            parser.error(f"unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
+    torch.manual_seed(0)
+    photos = PhotoSet.make(8, 16) if args.quick else PhotoSet.make(64, 128)
+    iters = 3 if args.quick else 30
+    settings = {"quick": args.quick, "torch": torch.__version__}
+    cache = json.loads(CACHE.read_text()) if args.resume and CACHE.exists() and not args.quick else {}
+    if cache.get("settings") != settings:
+        cache = {"settings": settings, "rows": {}}
+    progress = _progress(len(models) * len(methods))
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in models:
+            setup = None
+            for method in methods:
+                key = f"{name}|{method}"
+                if key not in cache["rows"]:
+                    if setup is None:
+                        setup = Setup(name, zoo.get(name, pretrained=name == FIDELITY_MODEL).eval(), photos, Path(workdir))
+                    cache["rows"][key] = measure(setup, method, iters)
+                    if not args.quick:
+                        CACHE.parent.mkdir(exist_ok=True)
+                        CACHE.write_text(json.dumps(cache, indent=1))
+                line = " | ".join(_format(cache["rows"][key]))
+                if progress is not None:
+                    progress.update(1)
+                    progress.write(line)
+                else:
+                    print(line, flush=True)
+    if progress is not None:
+        progress.close()
+    rows = [_format(cache["rows"][f"{n}|{m}"]) for n in models for m in methods]
+    machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {THREADS} threads, batch 1, 224×224"
+    body = "\n\n".join([
+        f"## Side by side (`{COMMAND}`)\n\nMachine: {machine}. Calibration: {sum(len(b) for b in photos.calib)} "
+        f"photo crops; fidelity: {sum(len(b) for b in photos.evals)} other crops, pretrained "
+        f"{FIDELITY_MODEL} (other models have random weights: latency and size only). Peak MB: growth of peak "
+        "resident memory during inference over the resident size before it. Prepare s: quantize / export / "
+        "compile until the first output (qpasses' export rows include its PTQ).",
+        markdown_table(HEADER, rows),
+    ])
+    print(body)
+    if not args.quick:
+        write_section("compare", body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
