@@ -40,38 +40,48 @@ def by_variant(rows: list[dict], **match) -> dict[str, dict]:
 
 def test_resnet_quick(tmp_path):
     rows = by_variant(run_quick("resnet", tmp_path)["rows"], model="cifar_resnet18")
-    float_row, ptq = rows["float"], rows["static int8 PTQ (x86)"]
-    assert set(rows) == {"float", "dynamic fp16", "dynamic int8", "static int8 PTQ (x86)",
-                         *(f"{v} (TorchScript)" for v in ("float", "dynamic fp16", "dynamic int8",
-                                                          "static int8 PTQ (x86)"))}
-    assert ptq["size_mb"] < float_row["size_mb"] / 3  # int8 weights: a quarter of float32, plus qparams
+    float_row, ptq, qat = rows["float"], rows["static int8 PTQ (x86)"], rows["QAT int8 (x86)"]
+    eager = ("float", "dynamic fp16", "dynamic int8", "static int8 PTQ (x86)", "QAT int8 (x86)")
+    assert set(rows) == {*eager, *(f"{v} (TorchScript)" for v in eager)}
+    for int8 in (ptq, qat):
+        assert int8["size_mb"] < float_row["size_mb"] / 3  # int8 weights: a quarter of float32, plus qparams
     for row in rows.values():
         assert 0 <= row["top1"] <= row["top5"] <= 100
         assert row["latency_ms"] > 0 and row["peak_mb"] > 0
     # TorchScript runs the same computation: same predictions as the eager module.
     assert rows["float (TorchScript)"]["top1"] == float_row["top1"]
     assert rows["static int8 PTQ (x86) (TorchScript)"]["top1"] == ptq["top1"]
+    assert rows["QAT int8 (x86) (TorchScript)"]["top1"] == qat["top1"]
 
 
 def test_bits_quick_sizes_shrink_with_bits(tmp_path):
     rows = by_variant(run_quick("bits", tmp_path)["rows"])
-    sizes = [rows[f"PTQ {b}-bit"]["size_mb"] for b in (8, 7, 6, 5, 4)]
-    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 0.6 * sizes[0]
-    assert rows["float"]["size_mb"] > 3 * sizes[0]
+    for method in ("PTQ", "QAT"):
+        sizes = [rows[f"{method} {b}-bit"]["size_mb"] for b in (8, 7, 6, 5, 4)]
+        assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 0.6 * sizes[0]
+        assert rows["float"]["size_mb"] > 3 * sizes[0]
 
 
 def test_calibration_quick(tmp_path):
     rows = by_variant(run_quick("calibration", tmp_path)["rows"])
-    assert set(rows) == {"float", *(f"PTQ, {m} calibration" for m in ("max", "percentile", "entropy", "MSE"))}
+    hybrids = {f"hybrid PTQ, {k} most sensitive layers float": k for k in (1, 3)}
+    assert set(rows) == {"float", *(f"PTQ, {m} calibration" for m in ("max", "percentile", "entropy", "MSE")),
+                         *hybrids}
+    for label, k in hybrids.items():
+        assert len(rows[label]["float_layers"].split(", ")) == k
     assert rows["float"]["top1"] == 100.0  # agreement of the float model with itself
     assert rows["PTQ, max calibration"]["top5"] > 50  # the pretrained model survives int8
 
 
 def test_depth_quick(tmp_path):
     rows = run_quick("depth", tmp_path)["rows"]
-    assert len(rows) == 2 + 2 * 2 * 2  # Original, FuseBN; {PTQ, FuseBN+PTQ} × 2 backends × 2 granularities
-    original, fused = rows[0], rows[1]
-    assert fused["mse"] == pytest.approx(original["mse"], rel=1e-4)  # FuseBN preserves the function
+    # Original, FuseBN, FuseBN+CLE; then {PTQ, QAT, PTQ+QAT} × {-, FuseBN, FuseBN+CLE} × 2 backends × 2 weights
+    assert len(rows) == 3 + 9 * 2 * 2
+    original = rows[0]
+    for row in rows[1:3]:
+        assert row["mse"] == pytest.approx(original["mse"], rel=1e-3)  # float rewrites preserve the function
+    labels = {r["variant"] for r in rows}
+    assert {"FuseBN+CLE", "FuseBN+CLE+PTQ+QAT", "PTQ+QAT", "QAT"} <= labels
     for row in rows:
         assert row["ssim"] <= 1.0 and row["mse"] >= 0
         if "backend" in row:

@@ -1,4 +1,5 @@
-"""The low-bit study: PTQ at 8, 7, 6, 5 and 4 bits (weights and activations) of ResNet-18 and ResNet-50.
+"""The low-bit study: PTQ and QAT (one epoch of fine-tuning from the float weights) at 8, 7, 6, 5 and 4 bits
+(weights and activations) of ResNet-18 and ResNet-50.
 
 CIFAR-style ResNets on CIFAR-10 with ``--data``, sklearn's digits offline (the checkpoints are shared
 with the ``resnet`` recipe). Sub-8-bit grids run in the 8-bit kernels (x86/fbgemm, per-channel weights)
@@ -8,7 +9,7 @@ format that stores them so would.
 
 from __future__ import annotations
 
-from qpasses.passes import PTQ, FuseBN
+from qpasses.passes import PTQ, QAT, FuseBN
 from zoo.recipes.common import (
     Column,
     PlotAxes,
@@ -20,8 +21,10 @@ from zoo.recipes.common import (
     chosen_models,
     classification_score,
     classification_task,
+    classifier_qat,
     copy_of,
     pipeline,
+    qat_variant,
     quant_config,
     score_all,
     trained_classifier,
@@ -55,8 +58,13 @@ def run(settings: Settings) -> list[dict]:
                       progress=settings.show_progress)
             variants.append(build(f"PTQ {bits}-bit", pipeline(model, example, FuseBN(), ptq), bits=bits,
                                   columns={"bits": bits}))
+        qat = classifier_qat(task, record, settings)
+        for bits in BITS:
+            variants.append(qat_variant(f"QAT {bits}-bit", model, example,
+                                        [QAT(backend=BACKEND, config=quant_config(settings, BACKEND), bits=bits)],
+                                        qat, settings, bits=bits, columns={"bits": bits}))
         rows += [{"model": name, **row} for row in score_all(variants, classification_score(test), example, settings)]
         meta[name] = training_note(task, record)
-    write_outputs(settings, f"PTQ at 8 to 4 bits ({BACKEND}, per-channel weights)", COLUMNS, rows,
+    write_outputs(settings, f"PTQ and QAT at 8 to 4 bits ({BACKEND}, per-channel weights)", COLUMNS, rows,
                   PlotAxes("top1", "top-1 accuracy (%)", group="model"), meta)
     return rows

@@ -1,5 +1,6 @@
 """The calibration study: how the activation ranges are chosen (min/max, percentile, entropy, MSE) and
-what it does to an ImageNet-pretrained EfficientNet-Lite0 quantized for x86 (per-channel weights).
+what it does to an ImageNet-pretrained EfficientNet-Lite0 quantized for x86 (per-channel weights); and
+hybrid quantization, which keeps the most sensitive layers float (MSE calibration).
 
 With ``--data``, an Imagenette root (``train/`` and ``val/`` of wnid folders): calibration on training
 images, top-1/top-5 accuracy on the validation split. Offline: crops of real photos, calibration and
@@ -16,8 +17,10 @@ import torch
 
 import zoo
 from qpasses.analysis.metrics import sqnr, topk_agreement
+from qpasses.analysis.sensitivity import Sensitivity
 from qpasses.passes import PTQ, FuseBN
 from qpasses.quant.backends import get_backend
+from qpasses.quant.spec import QuantConfig
 from zoo.data import SYMMETRIC, imagenette, photo_crops
 from zoo.recipes.common import (
     Column,
@@ -40,6 +43,7 @@ from zoo.recipes.common import (
 MODELS = ("tf_efficientnet_lite0", "efficientnet_lite0")
 OBSERVERS = {"max": "minmax", "percentile": "percentile", "entropy": "entropy", "MSE": "mse"}
 BACKEND = "x86"
+HYBRID_FLOAT_LAYERS = (1, 3)
 
 
 def datasets(settings: Settings) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, int, str]:
@@ -55,6 +59,27 @@ def datasets(settings: Settings) -> tuple[torch.utils.data.Dataset, torch.utils.
     if settings.quick:
         evals = first(evals, n_eval)
     return calib, evals, size, f"Imagenette at {settings.data}: {n_calib} training images, {len(evals)} val images"
+
+
+def hybrids(model: torch.nn.Module, calibration: list[torch.Tensor], example: torch.Tensor,
+            config: QuantConfig, settings: Settings) -> list:
+    """PTQ with the ``k`` most sensitive layers kept float, for each ``k`` in ``HYBRID_FLOAT_LAYERS``.
+
+    Sensitivity (``qpasses.analysis.sensitivity``) ranks the layers by how much keeping each one float
+    raises the output SQNR of the quantized model, measured on the calibration batches (the evaluation
+    crops stay unseen); ``--quick`` ranks only the first four layers.
+    """
+    sensitivity = Sensitivity(model, calibration, example, backend=BACKEND, config=config,
+                              progress=settings.show_progress)
+    layers = [layer.name for layer in sensitivity.layers]
+    table = sensitivity.run(layers[:4] if settings.quick else None)
+    variants = []
+    for k in HYBRID_FLOAT_LAYERS:
+        hybrid = sensitivity.keep_float(table, k)
+        variants.append(build(f"hybrid PTQ, {k} most sensitive layers float",
+                              lambda h=hybrid: sensitivity.quantize(h.config),
+                              columns={"observer": config.activation.observer, "float_layers": ", ".join(hybrid.keep_float)}))
+    return variants
 
 
 def run(settings: Settings) -> list[dict]:
@@ -88,11 +113,13 @@ def run(settings: Settings) -> list[dict]:
         ptq = PTQ(calibration, backend=BACKEND, config=config, progress=settings.show_progress)
         variants.append(build(f"PTQ, {label} calibration", pipeline(model, example, FuseBN(), ptq),
                               columns={"observer": observer}))
+    variants += hybrids(model, calibration, example, base, settings)
     rows = score_all(variants, score, example, settings)
     what = "accuracy %" if labelled else "agreement with float %"
     columns = [Column("variant", "variant"), Column("top1", f"top-1 {what}", "{:.2f}"),
                Column("top5", f"top-5 {what}", "{:.2f}"), Column("sqnr_db", "logit SQNR dB", "{:.1f}"),
                Column("size_mb", "size MB", "{:.2f}"), Column("latency_ms", "latency ms", "{:.2f}")]
-    write_outputs(settings, f"Calibration methods, {name} int8 ({BACKEND}, per-channel weights)", columns, rows,
+    columns.insert(1, Column("float_layers", "float layers"))
+    write_outputs(settings, f"Calibration methods and hybrid quantization, {name} int8 ({BACKEND}, per-channel weights)", columns, rows,
                   PlotAxes("top1", f"top-1 {what}"), {"data": description, "model": f"{name}, ImageNet-pretrained"})
     return rows

@@ -234,6 +234,36 @@ def quant_config(settings: Settings, backend: str, per_channel: bool | None = No
     return config
 
 
+@dataclass
+class QATRun:
+    """What QAT fine-tuning needs: the training data and loss, and a cache key naming the float weights it
+    starts from (``float_hash``, the float training's config hash)."""
+
+    train_set: Dataset
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    batch_size: int
+    float_hash: str
+    epochs: int = 1
+    lr: float = 1e-4
+
+
+def qat_variant(label: str, model: nn.Module, example: torch.Tensor, passes: Sequence[Any], run: QATRun,
+                settings: Settings, **kwargs: Any) -> Variant | Failed:
+    """``passes`` (ending in ``QAT``) prepare a trainable copy of ``model``; it is fine-tuned with
+    :func:`train` (cached and resumable like the float model) and lowered with ``qpasses.convert``."""
+    import qpasses
+
+    def make() -> nn.Module:
+        trainable = PassManager(list(passes)).run(model, example)
+        slug = "".join(c if c.isalnum() else "-" for c in f"{label}-{kwargs.get('columns', {})}").strip("-")
+        train(trainable, f"qat-{slug}"[:80], run.train_set, run.loss_fn,
+              TrainConfig(epochs=run.epochs, lr=run.lr, batch_size=run.batch_size, weight_decay=0.0),
+              f"fine-tuning float {run.float_hash} with {[p.name for p in passes]} {kwargs}", settings)
+        return qpasses.convert(trainable)
+
+    return build(label, make, **kwargs)
+
+
 def engine_of(model: nn.Module) -> str | None:
     """The quantized engine a lowered qpasses model was built for (None for float models)."""
     backend = getattr(model, "meta", {}).get("qpasses_backend")
@@ -246,9 +276,14 @@ def running(variant: Variant):
 
 
 def torchscript(variant: Variant, example: torch.Tensor) -> Variant | Failed:
-    """The variant as a frozen TorchScript module: ``torch.jit.freeze(torch.jit.trace(model, example))``."""
+    """The variant as a frozen TorchScript module: ``qpasses.export.torchscript`` for lowered models
+    (trace + freeze, checked against eager), the same two calls for float and dynamic ones."""
+    from qpasses.export import torchscript as export_torchscript
+
     def make() -> nn.Module:
-        with running(variant), torch.no_grad():
+        if variant.engine is not None:
+            return export_torchscript(variant.model, example)
+        with torch.no_grad():
             try:
                 return torch.jit.freeze(torch.jit.trace(variant.model.eval(), example))
             except (RuntimeError, TypeError) as exc:
@@ -458,6 +493,11 @@ def classification_task(model_name: str, settings: Settings) -> ClassificationTa
         train_set, test_set = first(train_set, QUICK_SAMPLES), first(test_set, QUICK_SAMPLES)
         description += f", first {QUICK_SAMPLES} samples"
     return ClassificationTask(model_name, train_set, test_set, classes, description, size)
+
+
+def classifier_qat(task: ClassificationTask, record: dict[str, Any], settings: Settings) -> QATRun:
+    """QAT fine-tuning of a trained classifier: one epoch of cross-entropy on its training set."""
+    return QATRun(task.train_set, nn.functional.cross_entropy, 16 if settings.quick else 32, record["config_hash"])
 
 
 def trained_classifier(task: ClassificationTask, settings: Settings) -> tuple[nn.Module, dict]:

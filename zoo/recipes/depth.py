@@ -1,9 +1,11 @@
 """The depth study: the depth U-Net (EfficientNet-B0 encoder, Up-C decoder) quantized every way the
 passes allow, scored by test MSE and SSIM against the true depth, and measured for size and latency.
 
-Pipelines: Original, FuseBN, PTQ, FuseBN+PTQ, each PTQ for x86 and qnnpack with per-channel and
-per-tensor weights (PTQ without FuseBN leaves every BatchNorm float between dequantize/quantize: the
-row shows what fusion buys). Data: the rendered rooms of ``zoo.data.synthetic_depth`` offline; with
+Pipelines: Original, FuseBN, FuseBN+CLE, then PTQ, QAT and PTQ+QAT (QAT starting from PTQ's calibrated
+ranges), each alone, after FuseBN and after FuseBN+CLE (CLE needs folded BN), for x86 and qnnpack with
+per-channel and per-tensor weights. PTQ without FuseBN leaves every BatchNorm float between
+dequantize/quantize (the row shows what fusion buys); QAT without FuseBN trains with BN folded into the
+fake-quantized weights (FoldBNForTraining). QAT fine-tunes one epoch on the first training scenes. Data: the rendered rooms of ``zoo.data.synthetic_depth`` offline; with
 ``--data``, NYU Depth v2 (a DenseDepth ``nyu_data`` folder, or ``nyu_depth_v2_labeled.mat``).
 """
 
@@ -14,11 +16,12 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 import zoo
-from qpasses.passes import PTQ, FuseBN
+from qpasses.passes import CLE, PTQ, QAT, FuseBN, Pass
 from zoo.data import nyu_csv, nyu_mat, synthetic_depth
 from zoo.recipes.common import (
     Column,
     PlotAxes,
+    QATRun,
     Settings,
     TrainConfig,
     Variant,
@@ -27,8 +30,10 @@ from zoo.recipes.common import (
     chosen_models,
     copy_of,
     depth_scores,
+    first,
     outputs,
     pipeline,
+    qat_variant,
     quant_config,
     score_all,
     train,
@@ -37,9 +42,10 @@ from zoo.recipes.common import (
 
 BACKENDS = ("x86", "qnnpack")
 DEFAULT_SIZE = 128  # the study used 224; 128 keeps the CPU training within minutes (--size 224)
-# (train scenes, test scenes, epochs, batch size, decoder width) for the full and the quick run.
-FULL = (192, 32, 3, 8, 64)
-QUICK = (16, 8, 1, 8, 16)
+# (train scenes, test scenes, epochs, batch size, decoder width, scenes of QAT fine-tuning) for the full
+# and the quick run; every QAT pipeline fine-tunes one epoch on the first scenes of the training set.
+FULL = (192, 32, 3, 8, 64, 64)
+QUICK = (16, 8, 1, 8, 16, 16)
 NYU_MAT_TEST_FRACTION = 0.2
 
 COLUMNS = [
@@ -68,23 +74,36 @@ def mean_depth(dataset: Dataset, limit: int = 64) -> float:
     return float(torch.stack([dataset[i][1] for i in range(min(limit, len(dataset)))]).mean())
 
 
-def pipelines(model: nn.Module, calibration: list[torch.Tensor], example: torch.Tensor, settings: Settings) -> list:
-    variants: list = [Variant("Original", copy_of(model)), build("FuseBN", pipeline(model, example, FuseBN()))]
+def float_prefixes() -> list[list[Pass]]:
+    """The float rewrites a pipeline may start with: none, FuseBN, FuseBN then CLE (CLE needs BN folded)."""
+    return [[], [FuseBN()], [FuseBN(), CLE()]]
+
+
+def label(passes: list[Pass], quantization: str = "") -> str:
+    return "+".join([p.name for p in passes] + ([quantization] if quantization else [])) or "Original"
+
+
+def pipelines(model: nn.Module, calibration: list[torch.Tensor], example: torch.Tensor, qat: QATRun,
+              settings: Settings) -> list:
+    variants: list = [Variant("Original", copy_of(model))]
+    variants += [build(label(prefix), pipeline(model, example, *prefix)) for prefix in float_prefixes()[1:]]
     for backend in BACKENDS:
         for per_channel in (True, False):
             config = quant_config(settings, backend, per_channel=per_channel)
             columns = {"backend": backend, "weights": "per-channel" if per_channel else "per-tensor"}
-            for fuse in (False, True):
-                passes = [FuseBN()] if fuse else []
+            for prefix in float_prefixes():
                 ptq = PTQ(calibration, backend=backend, config=config, progress=settings.show_progress)
-                variants.append(build("FuseBN+PTQ" if fuse else "PTQ", pipeline(model, example, *passes, ptq),
-                                      columns=columns))
+                variants.append(build(label(prefix, "PTQ"), pipeline(model, example, *prefix, ptq), columns=columns))
+                for name, head in (("QAT", []), ("PTQ+QAT", [ptq])):
+                    variants.append(qat_variant(label(prefix, name), model, example,
+                                                [*prefix, *head, QAT(backend=backend, config=config)], qat,
+                                                settings, columns=columns))
     return variants
 
 
 def run(settings: Settings) -> list[dict]:
     (name,) = chosen_models(settings, ("depth_unet",), ("depth_unet",), ("depth_unet",))
-    n_train, n_test, epochs, batch_size, width = QUICK if settings.quick else FULL
+    n_train, n_test, epochs, batch_size, width, n_qat = QUICK if settings.quick else FULL
     size = settings.size or (64 if settings.quick else DEFAULT_SIZE)
     train_set, test_set, description = datasets(settings, size, n_train, n_test)
 
@@ -104,11 +123,13 @@ def run(settings: Settings) -> list[dict]:
     def score(variant: Variant) -> dict[str, float]:
         return depth_scores(outputs(variant, test), truth, data_range)
 
-    rows = score_all(pipelines(model, calibration, example, settings), score, example, settings)
+    qat = QATRun(first(train_set, n_qat), nn.functional.l1_loss, batch_size, record["config_hash"])
+    rows = score_all(pipelines(model, calibration, example, qat, settings), score, example, settings)
     meta = {"data": description, "model": f"{name} (decoder width {width}), input {size}x{size}",
             "training": f"{len(record['losses'])} epochs of L1 loss, final {record['losses'][-1]:.3f} m; "
                         f"checkpoint {record.get('checkpoint')}",
-            "SSIM": f"Gaussian window 11, data range {data_range:.2f} m (the largest true depth)"}
-    write_outputs(settings, "Depth U-Net: FuseBN and PTQ combinations", COLUMNS, rows,
+            "SSIM": f"Gaussian window 11, data range {data_range:.2f} m (the largest true depth)",
+            "QAT": f"one epoch on the first {len(qat.train_set)} training scenes, AdamW lr {qat.lr}"}
+    write_outputs(settings, "Depth U-Net: FuseBN, CLE, PTQ and QAT combinations", COLUMNS, rows,
                   PlotAxes("ssim", "SSIM vs true depth", group="backend"), meta)
     return rows
