@@ -75,8 +75,11 @@ def test_calibration_quick(tmp_path):
 
 def test_depth_quick(tmp_path):
     rows = run_quick("depth", tmp_path)["rows"]
-    # Original, FuseBN, FuseBN+CLE; then {PTQ, QAT, PTQ+QAT} × {-, FuseBN, FuseBN+CLE} × 2 backends × 2 weights
-    assert len(rows) == 3 + 9 * 2 * 2
+    # Original, FuseBN, FuseBN+CLE; then {PTQ, QAT, PTQ+QAT} × {-, FuseBN, FuseBN+CLE} for x86 per-channel and
+    # qnnpack per-tensor (--quick; the full run has both granularities for both backends)
+    assert len(rows) == 3 + 9 * 2
+    assert {(r.get("backend"), r.get("weights")) for r in rows[3:]} == {("x86", "per-channel"),
+                                                                        ("qnnpack", "per-tensor")}
     original = rows[0]
     for row in rows[1:3]:
         assert row["mse"] == pytest.approx(original["mse"], rel=1e-3)  # float rewrites preserve the function

@@ -255,8 +255,9 @@ def qat_variant(label: str, model: nn.Module, example: torch.Tensor, passes: Seq
 
     def make() -> nn.Module:
         trainable = PassManager(list(passes)).run(model, example)
-        slug = "".join(c if c.isalnum() else "-" for c in f"{label}-{kwargs.get('columns', {})}").strip("-")
-        train(trainable, f"qat-{slug}"[:80], run.train_set, run.loss_fn,
+        words = [label, *map(str, kwargs.get("columns", {}).values())]
+        slug = "".join(c if c.isalnum() or c in "+-" else "-" for c in "-".join(words))
+        train(trainable, f"qat-{slug}"[:100], run.train_set, run.loss_fn,
               TrainConfig(epochs=run.epochs, lr=run.lr, batch_size=run.batch_size, weight_decay=0.0),
               f"fine-tuning float {run.float_hash} with {[p.name for p in passes]} {kwargs}", settings)
         return qpasses.convert(trainable)
@@ -270,7 +271,7 @@ def engine_of(model: nn.Module) -> str | None:
     return get_backend(backend).engine if backend else None
 
 
-def running(variant: Variant):
+def running(variant: Variant) -> contextlib.AbstractContextManager:
     """The context a variant runs in: its quantized engine, if it has one."""
     return quantized_engine(variant.engine) if variant.engine else contextlib.nullcontext()
 

@@ -41,6 +41,8 @@ from zoo.recipes.common import (
 )
 
 BACKENDS = ("x86", "qnnpack")
+# --quick keeps each backend's own default granularity only.
+QUICK_COMBINATIONS = [("x86", True), ("qnnpack", False)]
 DEFAULT_SIZE = 128  # the study used 224; 128 keeps the CPU training within minutes (--size 224)
 # (train scenes, test scenes, epochs, batch size, decoder width, scenes of QAT fine-tuning) for the full
 # and the quick run; every QAT pipeline fine-tunes one epoch on the first scenes of the training set.
@@ -87,17 +89,17 @@ def pipelines(model: nn.Module, calibration: list[torch.Tensor], example: torch.
               settings: Settings) -> list:
     variants: list = [Variant("Original", copy_of(model))]
     variants += [build(label(prefix), pipeline(model, example, *prefix)) for prefix in float_prefixes()[1:]]
-    for backend in BACKENDS:
-        for per_channel in (True, False):
-            config = quant_config(settings, backend, per_channel=per_channel)
-            columns = {"backend": backend, "weights": "per-channel" if per_channel else "per-tensor"}
-            for prefix in float_prefixes():
-                ptq = PTQ(calibration, backend=backend, config=config, progress=settings.show_progress)
-                variants.append(build(label(prefix, "PTQ"), pipeline(model, example, *prefix, ptq), columns=columns))
-                for name, head in (("QAT", []), ("PTQ+QAT", [ptq])):
-                    variants.append(qat_variant(label(prefix, name), model, example,
-                                                [*prefix, *head, QAT(backend=backend, config=config)], qat,
-                                                settings, columns=columns))
+    combinations = QUICK_COMBINATIONS if settings.quick else [(b, pc) for b in BACKENDS for pc in (True, False)]
+    for backend, per_channel in combinations:
+        config = quant_config(settings, backend, per_channel=per_channel)
+        columns = {"backend": backend, "weights": "per-channel" if per_channel else "per-tensor"}
+        for prefix in float_prefixes():
+            ptq = PTQ(calibration, backend=backend, config=config, progress=settings.show_progress)
+            variants.append(build(label(prefix, "PTQ"), pipeline(model, example, *prefix, ptq), columns=columns))
+            for name, head in (("QAT", []), ("PTQ+QAT", [ptq])):
+                variants.append(qat_variant(label(prefix, name), model, example,
+                                            [*prefix, *head, QAT(backend=backend, config=config)], qat,
+                                            settings, columns=columns))
     return variants
 
 
