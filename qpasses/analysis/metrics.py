@@ -1,4 +1,4 @@
-"""Fidelity metrics (SQNR, MSE, top-k agreement, SSIM), model size and latency."""
+"""Fidelity metrics (SQNR, MSE, top-k agreement, SSIM), model size, peak memory and latency."""
 
 from __future__ import annotations
 
@@ -181,6 +181,27 @@ def model_size(model: torch.nn.Module, bits: int | None = None) -> dict[str, Any
         result["packed_bytes"] = packed
         result["weight_bits"] = weight_bits
     return result
+
+
+def peak_memory(model: torch.nn.Module, example_inputs: tuple | torch.Tensor) -> int:
+    """Peak bytes allocated on the CPU during one ``model(*example_inputs)`` under ``torch.inference_mode``,
+    over what was allocated before the call (so weights do not count, activations and workspaces do).
+
+    Read from the profiler's allocator events (``profile_memory=True``): the running sum of allocations
+    (positive) and frees (negative) in time order, and its maximum.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(*inputs)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def latency(

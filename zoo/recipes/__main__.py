@@ -1,0 +1,5 @@
+import sys
+
+from zoo.recipes import main
+
+sys.exit(main())
