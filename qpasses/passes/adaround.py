@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from qpasses.errors import QPassesError
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import progress
+from qpasses.passes.lower import WEIGHT_QPARAMS_KEY
 from qpasses.quant.layerwise import Layer, annotation_of, collect_batches, sweep
 from qpasses.quant.lowering import weight_qparams
 
@@ -57,9 +57,9 @@ class AdaRound(Pass):
     ``beta[1]`` (cosine), pushing every ``h`` to 0 or 1. The result ``⌊w/s⌋ + [h ≥ ½]`` is one of the two
     grid points next to ``w``, within the layer's code range.
 
-    The rounded weights are stored on their grid, so lowering's round-to-nearest keeps them; the weights
-    that set each channel's min and max (hence the scale lowering computes) keep their float values and
-    no rounded weight moves beyond them, so the grid stays the one the rounding was learned on.
+    The rounded weights are stored on their grid and the grid's qparams in ``node.meta['weight_qparams']``,
+    which lowering uses, so its round-to-nearest keeps them; the weights that set each channel's min and
+    max keep their float values and no rounded weight moves beyond them.
     Quantization settings come from the PTQ pass in the pipeline. Requires: ``calibrated``. Provides:
     ``weights_rounded``. Per layer, the reconstruction error with nearest and learned rounding is kept in
     ``gm.meta['qpasses_adaround']`` (:class:`RoundingResult`) and summarised in the report.
@@ -102,11 +102,11 @@ class AdaRound(Pass):
 
     def _round(self, layer: Layer, generator: torch.Generator, results: list[RoundingResult]) -> torch.Tensor:
         spec = layer.spec
-        if spec.observer != "minmax":
-            raise QPassesError(f"AdaRound: weight observer '{spec.observer}' of '{layer.node.target}' makes the "
-                               f"scale depend on the rounded weights; use a minmax weight observer")
         weight = layer.module.weight.detach()
         scale, zero_point = weight_qparams(weight, spec)
+        # Lowering quantizes at exactly these qparams: observers whose range depends on every value (mse)
+        # would otherwise pick another grid for the rounded weights.
+        layer.node.meta[WEIGHT_QPARAMS_KEY] = (scale.clone(), zero_point.clone())
         scale = _per_channel(scale.float(), weight, spec.axis)
         zero_point = _per_channel(zero_point.float(), weight, spec.axis)
         high, low = _channel_extremes(weight, spec.axis, True), _channel_extremes(weight, spec.axis, False)
