@@ -23,11 +23,12 @@ test: $(STAMP) chromium
 	$(PY) -m ruff check qpasses zoo tools tests
 	$(PY) -m pytest -q tests
 
-# Headless Chromium and a font, for the visualiser's browser tests (Debian/Ubuntu); those tests skip without it.
+# Headless Chromium and a font for the visualiser's browser tests, and Graphviz's `dot` for its SVG test
+# (Debian/Ubuntu); those tests skip without them.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 chromium:
-	-@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; }
+	-@{ command -v chromium && command -v dot; } >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core graphviz; }
 
 lint: $(STAMP)
 	$(PY) -m ruff check qpasses zoo tools tests
