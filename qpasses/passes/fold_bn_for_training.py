@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch.fx as fx
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from qpasses.graph.match import find_chains, is_module
+from qpasses.graph.batchnorm import merge_batchnorms, remaining_batchnorms
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
-from qpasses.passes.fuse_bn import FuseBN
 from qpasses.quant.qat_modules import BN_ABSORBING_TYPES, to_qat
 
 
@@ -31,24 +27,16 @@ class FoldBNForTraining(Pass):
     preserves_function = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-        absorbed = []
-        for producer_node, bn_node in find_chains(gm, [is_module(*BN_ABSORBING_TYPES), is_module(_BatchNorm)]):
-            producer, bn = gm.get_submodule(producer_node.target), gm.get_submodule(bn_node.target)
-            reason = FuseBN.cannot_fold(producer_node, bn_node, producer, bn, calls)
-            if reason:
-                ctx.note(f"kept BN '{bn_node.target}' after '{producer_node.target}': {reason}")
-                ctx.stats["kept"] += 1
-                continue
-            to_qat(producer, producer_node.target, bn)
-            bn_node.replace_all_uses_with(producer_node)
-            gm.graph.erase_node(bn_node)
-            absorbed.append(bn_node.target)
-            ctx.stats["blocks"] += 1
-        for target in absorbed:
-            gm.delete_submodule(target)
-        lone = sorted({n.target for n in gm.graph.nodes if n.op == "call_module"
-                       and isinstance(gm.get_submodule(n.target), _BatchNorm)})
+        kept = []
+        absorbed = merge_batchnorms(gm, BN_ABSORBING_TYPES, lambda name, producer, bn: to_qat(producer, name, bn),
+                                    kept.append)
+        for line in kept:
+            ctx.note(line)
+        if kept:
+            ctx.stats["kept"] += len(kept)
+        if absorbed:
+            ctx.stats["blocks"] += len(absorbed)
+        lone = remaining_batchnorms(gm)
         if lone:
             ctx.note(f"{len(lone)} BN module(s) have no producer to merge with and stay float: {', '.join(lone)}")
         gm.recompile()

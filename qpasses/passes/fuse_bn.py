@@ -8,8 +8,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qpasses.errors import QPassesError
-from qpasses.graph.channels import out_channels, record_output_stats, scale_output_channels
-from qpasses.graph.match import find_chains, is_module
+from qpasses.graph.batchnorm import merge_batchnorms, remaining_batchnorms
+from qpasses.graph.channels import record_output_stats, scale_output_channels
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 
 _PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -58,47 +58,18 @@ class FuseBN(Pass):
                 f"normalises with batch statistics that folding cannot reproduce; call model.eval() before "
                 f"FuseBN, or use QAT(), which keeps BN during training and folds it at conversion"
             )
-        calls: dict[str, int] = {}
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-
-        folded = set()
-        for producer_node, bn_node in find_chains(gm, [is_module(*_PRODUCERS), is_module(_BatchNorm)]):
-            producer, bn = gm.get_submodule(producer_node.target), gm.get_submodule(bn_node.target)
-            reason = self.cannot_fold(producer_node, bn_node, producer, bn, calls)
-            if reason:
-                ctx.note(f"kept BN '{bn_node.target}' after '{producer_node.target}': {reason}")
-                ctx.stats["kept"] += 1
-                continue
-            record_output_stats(gm, producer_node.target, *fold_bn(producer, bn))
-            bn_node.replace_all_uses_with(producer_node)
-            gm.graph.erase_node(bn_node)
-            folded.add(bn_node.target)
-            ctx.stats["folded"] += 1
-
-        for target in folded:
-            gm.delete_submodule(target)
-        lone = [n.target for n in gm.graph.nodes if n.op == "call_module" and
-                isinstance(gm.get_submodule(n.target), _BatchNorm) and n.target not in folded]
+        kept = []
+        folded = merge_batchnorms(
+            gm, _PRODUCERS, lambda name, producer, bn: record_output_stats(gm, name, *fold_bn(producer, bn)), kept.append)
+        for line in kept:
+            ctx.note(line)
+        if kept:
+            ctx.stats["kept"] += len(kept)
+        if folded:
+            ctx.stats["folded"] += len(folded)
+        lone = remaining_batchnorms(gm)
         ctx.stats["lone"] += len(lone)
         if lone:
-            ctx.note(f"{len(lone)} BN module(s) have no foldable producer and stay: {', '.join(sorted(set(lone)))}")
+            ctx.note(f"{len(lone)} BN module(s) have no foldable producer and stay: {', '.join(lone)}")
         gm.recompile()
         return PassResult(gm, modified=bool(folded))
-
-    @staticmethod
-    def cannot_fold(producer_node: fx.Node, bn_node: fx.Node, producer: nn.Module, bn: _BatchNorm,
-                     calls: dict[str, int]) -> str | None:
-        """Why ``bn`` cannot fold into ``producer`` (the same reasons stop QAT from absorbing it), or None."""
-        if not bn.track_running_stats or bn.running_mean is None:
-            return "it has no running statistics (track_running_stats=False)"
-        for node in (producer_node, bn_node):
-            if calls[node.target] > 1:
-                return f"'{node.target}' is called {calls[node.target]} times (shared weights)"
-        if bn.num_features != out_channels(producer):
-            return f"BN has {bn.num_features} features but the producer has {out_channels(producer)} outputs"
-        meta = producer_node.meta.get("tensor_meta")
-        if isinstance(producer, nn.Linear) and (meta is None or len(meta.shape) != 2):
-            return "BatchNorm1d after Linear folds only for 2-D (batch, features) outputs"
-        return None
