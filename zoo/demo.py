@@ -2,7 +2,8 @@
 
 Traces timm's TF-padded ``tf_efficientnet_lite0`` (which torch.ao FX cannot trace), folds its
 ``BatchNormAct2d`` BNs, rewrites arithmetic into FloatFunctional modules, then runs FuseBN + PTQ for
-x86 and qnnpack, calibrating on crops of real photos and comparing with the float model on other crops.
+x86 and qnnpack, calibrating on crops of real photos and comparing with the float model on other crops,
+and finally rescues per-tensor qnnpack with the data-free passes (CLE, bias absorption and correction).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from skimage import data as skdata
 import zoo
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr, topk_agreement
-from qpasses.passes import PTQ, FuseBN, ReplaceFunctional
+from qpasses.passes import CLE, PTQ, BiasCorrection, FuseBN, HighBiasAbsorption, ReplaceFunctional
 from zoo.data import SYMMETRIC, loader, photo_crops
 from zoo.models.lite0 import preprocess
 
@@ -55,10 +56,17 @@ def main(argv: list[str] | None = None) -> None:
 
     calib = [b for (b,) in loader(photo_crops(args.calib, args.size, seed=0, split="calib", normalization=SYMMETRIC), 8)]
     evals = [b for (b,) in loader(photo_crops(args.eval, args.size, seed=1, split="eval", normalization=SYMMETRIC), 16)]
-    for backend in ("x86", "qnnpack"):
-        pm = PassManager([FuseBN(), PTQ(calib, backend=backend)])
+    pipelines = {
+        "PTQ x86": [FuseBN(), PTQ(calib, backend="x86")],
+        "PTQ qnnpack": [FuseBN(), PTQ(calib, backend="qnnpack")],
+        "CLE + HighBiasAbsorption + PTQ + BiasCorrection qnnpack": [
+            FuseBN(), CLE(), HighBiasAbsorption(), PTQ(calib, backend="qnnpack"), BiasCorrection()],
+    }
+    for title, passes in pipelines.items():
+        backend = title.split()[-1]
+        pm = PassManager(passes)
         quantized = pm.run(model, example)
-        print(f"\n== PTQ {backend}: calibrated on {args.calib} crops, evaluated on {args.eval} other crops")
+        print(f"\n== {title}: calibrated on {args.calib} crops, evaluated on {args.eval} other crops")
         print(pm.report)
         db, agreement = evaluate(model, quantized, evals)
         print(f"{backend}: SQNR of logits {db:.1f} dB, top-1 agreement with float {agreement:.1%}")
