@@ -83,5 +83,20 @@ class Pass:
         return f"{self.name}()"
 
 
+class CompositePass(Pass):
+    """A pipeline entry that stands for several passes (``self.parts``): the manager expands it, so each
+    part is planned, verified and reported on its own; called directly, it runs the parts in order."""
+
+    parts: list[Pass]
+
+    def expand(self) -> list[Pass]:
+        return list(self.parts)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        for part in self.parts:
+            gm = part.run(gm, ctx).graph_module
+        return PassResult(gm, modified=True)
+
+
 def describe(passes: Any) -> str:
     return " → ".join(p.name for p in passes) if passes else "(none)"

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch.fx as fx
-
-from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+from qpasses.passes.base import CompositePass, Pass, Stage
 from qpasses.passes.calibrate import Calibrate
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.lower import Lower
 from qpasses.quant.spec import QuantConfig
 
 
-class PTQ(Pass):
+class PTQ(CompositePass):
     """InsertObservers → Calibrate → Lower, so ``PassManager([FuseBN(), PTQ(data)])`` is the whole flow.
 
     ``backend``: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; ``config``: a :class:`QuantConfig` (default: the
@@ -33,11 +31,3 @@ class PTQ(Pass):
             Calibrate(data, num_batches, progress),
             Lower(backend),
         ]
-
-    def expand(self) -> list[Pass]:
-        return list(self.parts)
-
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        for part in self.parts:
-            gm = part.run(gm, ctx).graph_module
-        return PassResult(gm, modified=True)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import torch.fx as fx
-
-from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+from qpasses.passes.base import CompositePass, Pass, Stage
 from qpasses.passes.fold_bn_for_training import FoldBNForTraining
 from qpasses.passes.insert_fake_quant import InsertFakeQuant
 from qpasses.quant.spec import QuantConfig
 
 
-class QAT(Pass):
+class QAT(CompositePass):
     """FoldBNForTraining → InsertFakeQuant: ``PassManager([QAT(bits=4)]).run(model, x)`` returns a model to
     train in any loop, then ``qpasses.convert(model)`` lowers it to ``backend``'s int8 kernels.
 
@@ -29,11 +27,3 @@ class QAT(Pass):
             FoldBNForTraining(),
             InsertFakeQuant(backend, config, bits, per_channel, learnable, learn_zero_point),
         ]
-
-    def expand(self) -> list[Pass]:
-        return list(self.parts)
-
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        for part in self.parts:
-            gm = part.run(gm, ctx).graph_module
-        return PassResult(gm, modified=True)
