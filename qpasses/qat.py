@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import copy
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from qpasses.errors import QPassesError
 from qpasses.graph.modules import set_module
 from qpasses.passes.base import PassContext
-from qpasses.passes.insert_fake_quant import REQUANTIZE_METHOD
+from qpasses.passes.insert_fake_quant import FROM_STEPS_METHOD, TO_STEPS_METHOD
 from qpasses.passes.insert_observers import ANNOTATION_KEY
 from qpasses.passes.lower import WEIGHT_QPARAMS_KEY, Lower
 from qpasses.passes.manager import PROPERTIES_KEY, TRAINABLE
@@ -77,26 +76,25 @@ def convert(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
                            f"(after training); got a {type(model).__name__} without fake-quant annotation")
     gm = model if inplace else copy.deepcopy(model)
     gm.eval()
-    _remove_requantize(gm)
+    _remove_steps(gm)
     for node in gm.graph.nodes:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         if not isinstance(module, QATModule):
             continue
-        with torch.no_grad():
-            weight = module.folded_weight_and_bias()[0]
-            if module.weight_fake_quant is not None:
-                module.weight_fake_quant(weight)  # the range the eval forward uses
-                node.meta[WEIGHT_QPARAMS_KEY] = module.weight_fake_quant.qparams()
-        set_module(gm, node.target, module.float_module())
+        plain = module.float_module()  # fake-quantizes the weight: its fake-quant now holds the eval range
+        if module.weight_fake_quant is not None:
+            node.meta[WEIGHT_QPARAMS_KEY] = module.weight_fake_quant.qparams()
+        set_module(gm, node.target, plain)
     ctx = PassContext(example_inputs=())
     gm = Lower().run(gm, ctx).graph_module
     gm.meta[PROPERTIES_KEY] = sorted((set(gm.meta[PROPERTIES_KEY]) - Lower.invalidates - {TRAINABLE}) | Lower.provides)
     return gm
 
 
-def _remove_requantize(gm: fx.GraphModule) -> None:
+def _remove_steps(gm: fx.GraphModule) -> None:
+    """Averaging ops back on their plain input: the int8 kernels compute on the codes themselves."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_method" and node.target == REQUANTIZE_METHOD:
+        if node.op == "call_method" and node.target in (TO_STEPS_METHOD, FROM_STEPS_METHOD):
             owner, value = node.args
             node.replace_all_uses_with(value)
             gm.graph.erase_node(node)

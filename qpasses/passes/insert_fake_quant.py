@@ -18,7 +18,8 @@ from qpasses.quant.ops import Role
 from qpasses.quant.qat_modules import to_qat
 from qpasses.quant.spec import QuantConfig
 
-REQUANTIZE_METHOD = "requantize"
+# Methods of a fake-quant the graph calls around an averaging op: op(x) becomes from_steps(op(to_steps(x))).
+TO_STEPS_METHOD, FROM_STEPS_METHOD = "to_steps", "from_steps"
 # qparams-preserving ops whose outputs are new values: their int8 kernels round them to the input's grid.
 _AVERAGING = any_of(
     is_module(nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Upsample),
@@ -36,8 +37,11 @@ class InsertFakeQuant(Pass):
     gradients; see ``qpasses.quant.fake_quant``), shared where observers were shared; each int8
     conv/linear becomes its QAT class with a fake-quant on its (BN-folded) weight. If observers were
     already calibrated (PTQ in the same pipeline), the fake-quants start from the calibrated ranges.
-    Averaging ops that keep their input's qparams (average pooling, bilinear upsampling, mean) are followed
-    by ``<fake-quant>.requantize``: their int8 kernels round to the input's grid, so training does too.
+    Averaging ops that keep their input's qparams (average pooling, bilinear upsampling, mean) run on the
+    integer codes of their input's grid and round back onto it, ``from_steps(op(to_steps(x)))``, as their
+    int8 kernels do (exact averages, ties to even). On backends whose kernels round the bias to int32
+    (``Backend.quantized_bias``: ``round(b / (s_in·s_w))·s_in·s_w``, ``s_in`` from the fake-quant
+    of the layer's input), the deployed (BN-folded) bias is fake-quantized that way too, straight-through.
     ``learnable``: LSQ scales (and zero points with ``learn_zero_point``) instead of min/max tracking.
     Requires: ``functional_modules``. Provides: ``fake_quantized``: the PassManager then leaves lowering
     to ``qpasses.convert``, after training.
@@ -84,6 +88,8 @@ class InsertFakeQuant(Pass):
                 ctx.stats["from_calibration"] += 1
             set_module(gm, target, fake_quant)
             ctx.stats["activation_fake_quants"] += 1
+        grid_of = _grids(gm, ann)
+        quantized_bias = self.observers.backend.quantized_bias
         for node in gm.graph.nodes:
             if ann.roles.get(node.name) is not Role.COMPUTE:
                 continue
@@ -92,32 +98,45 @@ class InsertFakeQuant(Pass):
                 ann.pairs[node.name].weight, f"{node.target}.weight", "weight", self.learnable, self.learn_zero_point
             ))
             ctx.stats["weight_fake_quants"] += 1
-        ctx.stats["rounded_averages"] = _round_after_averaging_ops(gm, ann)
+            source = node.args[0] if node.args else None
+            if quantized_bias and source in grid_of:
+                module.quantize_bias_with(gm.get_submodule(grid_of[source]))
+                ctx.stats["bias_fake_quants"] += 1
+        ctx.stats["averages_on_codes"] = _average_on_codes(gm, ann, grid_of)
         gm.recompile()
         return PassResult(gm, modified=True)
 
 
-def _round_after_averaging_ops(gm: fx.GraphModule, ann: Annotation) -> int:
-    """Insert ``fake_quant.requantize(value)`` after each averaging op that reads a fake-quantized value,
-    with the fake-quant whose grid that value is on (through any chain of qparams-preserving ops)."""
-    grid_of: dict[fx.Node, str] = {}  # value → target of the fake-quant whose grid it lies on
-    count = 0
-    for node in list(gm.graph.nodes):
+def _grids(gm: fx.GraphModule, ann: Annotation) -> dict[fx.Node, str]:
+    """Each value on a fake-quant's grid → that fake-quant's target: its outputs, and the outputs of
+    qparams-preserving ops (pooling, reshapes) that read them, through any chain of such ops."""
+    grid_of: dict[fx.Node, str] = {}
+    for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), FakeQuantize):
             grid_of[node] = node.target
+        elif ann.roles.get(node.name) is Role.PRESERVING and node.all_input_nodes \
+                and node.all_input_nodes[0] in grid_of:
+            grid_of[node] = grid_of[node.all_input_nodes[0]]
+    return grid_of
+
+
+def _average_on_codes(gm: fx.GraphModule, ann: Annotation, grid_of: dict[fx.Node, str]) -> int:
+    """Rewrite each averaging op ``op(x, ...)`` whose input lies on a fake-quant's grid to
+    ``fq.from_steps(op(fq.to_steps(x), ...))`` with that fake-quant (the ops are linear and homogeneous,
+    so this is the same function, computed on the codes)."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        value = node.args[0] if node.args else None
+        if node not in grid_of or value not in grid_of or not _AVERAGING(gm, node):
             continue
-        inputs = node.all_input_nodes
-        if ann.roles.get(node.name) is not Role.PRESERVING or not inputs or inputs[0] not in grid_of:
-            continue
-        target = grid_of[node] = grid_of[inputs[0]]
-        if not _AVERAGING(gm, node):
-            continue
+        target = grid_of[node]
         with gm.graph.inserting_before(node):
             owner = gm.graph.get_attr(target)
+            steps = gm.graph.call_method(TO_STEPS_METHOD, (owner, value))
+        node.args = (steps, *node.args[1:])
         with gm.graph.inserting_after(node):
-            rounded = gm.graph.call_method(REQUANTIZE_METHOD, (owner, node))
+            rounded = gm.graph.call_method(FROM_STEPS_METHOD, (owner, node))
         node.replace_all_uses_with(rounded, delete_user_cb=lambda user, r=rounded: user is not r)
         rounded.meta = dict(node.meta)
-        grid_of[rounded] = target
         count += 1
     return count

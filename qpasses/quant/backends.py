@@ -48,6 +48,9 @@ class Backend:
     ``in_channels != out_channels`` give wrong results (see ``check_module``).
     ``signed_activation_modules``: module types whose kernels also take ``qint8`` inputs; every other
     kernel needs ``activation_dtype``, so ``check`` (graph-wide) rejects signed activations.
+    ``quantized_bias``: conv/linear kernels round the float bias to int32 at scale ``s_in·s_w`` (per output
+    channel) before adding it to the integer accumulator (qnnpack); the others add it in float
+    (fbgemm: ``acc + b / (s_in·s_w)`` before requantizing). QAT simulates whichever the backend does.
     """
 
     name: str
@@ -63,6 +66,7 @@ class Backend:
     signed_activation_modules: tuple[type[nn.Module], ...] = ()
     activation_dtype: torch.dtype = torch.quint8
     weight_dtype: torch.dtype = torch.qint8
+    quantized_bias: bool = False
     notes: str = ""
 
     @property
@@ -230,6 +234,7 @@ BACKENDS: dict[str, Backend] = {
         reduce_range_why="qnnpack widens each u8 product before accumulating (no saturating int16 pair "
         "sums): measured exact with full-range activations where fbgemm's AVX2 path saturates.",
         per_channel_conv_transpose_axis=1,
+        quantized_bias=True,
     ),
     "onednn": Backend(
         name="onednn",

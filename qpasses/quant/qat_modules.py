@@ -9,7 +9,14 @@ with ``σ`` the running standard deviation ``sqrt(running_var + ε)`` and ``s = 
 - training, BN statistics live: ``y = BN_batch(conv(x, fq(s ⊙ W)) / s + b)``: the weight the
   deployed model will use, fake-quantized, while BN normalises with (and updates) batch statistics;
 - eval, or after ``freeze_bn_stats()``: the folded layer itself,
-  ``y = conv(x, fq(s ⊙ W), s (b − μ) + β)``, exactly what ``float_module()`` hands to lowering.
+  ``y = conv(x, fq(s ⊙ W), fq_b(s (b − μ) + β))``, exactly what ``float_module()`` hands to lowering.
+
+``fq_b`` is the identity unless ``quantize_bias_with(input_fake_quant)`` was called, for kernels that round
+the bias to int32 before adding it to the accumulator (qnnpack):
+``fq_b(b) = round(b / g)·g`` with ``g = s_in·s_w`` per output channel (straight-through gradient to ``b``;
+``s_in`` is the input fake-quant's scale, ``s_w`` the weight's). At 4–5 bits ``g/s_out`` is a large fraction
+of an output step (0.08 measured on a first layer), so a float bias moves outputs across rounding
+boundaries the kernel does not (4.5% of that layer's codes differed).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qpasses.errors import QPassesError
-from qpasses.quant.fake_quant import FakeQuantize
+from qpasses.quant.fake_quant import FakeQuantize, round_ste
 
 
 def _per_output_channel(values: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
@@ -46,6 +53,9 @@ class QATModule:
         self.bn = bn
         self.weight_fake_quant = None
         self.bn_frozen = False
+        # The graph's fake-quant of this layer's input, in a tuple to keep it out of this module's children
+        # (it belongs to the graph, which calls it; a child would appear twice in state_dict).
+        self._bias_input_fake_quant: tuple[FakeQuantize, ...] = ()
 
     def _compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self._conv_forward(x, weight, bias)
@@ -65,11 +75,25 @@ class QATModule:
     def _fake_quantized(self, weight: torch.Tensor) -> torch.Tensor:
         return weight if self.weight_fake_quant is None else self.weight_fake_quant(weight)
 
+    def _fake_quantized_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``bias`` on the int32 grid ``s_in·s_w`` (see the module docstring); call after the weight's fake-quant,
+        whose scale it reads."""
+        if bias is None or not self._bias_input_fake_quant or self.weight_fake_quant is None:
+            return bias
+        input_scale = self._bias_input_fake_quant[0].qparams()[0]
+        step = (input_scale * self.weight_fake_quant.qparams()[0]).to(bias.dtype)
+        return round_ste(bias / step) * step
+
+    def quantize_bias_with(self, input_fake_quant: FakeQuantize) -> None:
+        """Fake-quantize the deployed bias to int32 at ``input_fake_quant``'s scale times the weight's."""
+        self._bias_input_fake_quant = (input_fake_quant,)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn is not None and self.bn.training:
             return self._forward_with_batch_statistics(x)
         weight, bias = self.folded_weight_and_bias()
-        return self._compute(x, self._fake_quantized(weight), bias)
+        weight = self._fake_quantized(weight)
+        return self._compute(x, weight, self._fake_quantized_bias(bias))
 
     def _forward_with_batch_statistics(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
@@ -102,11 +126,16 @@ class QATModule:
         return self
 
     def float_module(self) -> nn.Module:
-        """The plain float layer with the folded weight and bias, as lowering expects it."""
+        """The plain float layer the eval forward computes, as lowering expects it: BN folded, weight and
+        bias fake-quantized. They then lie on their grids, so lowering recovers exactly the trained codes;
+        rounding the float weight again could decide a tie the other way (symmetric ranges put the
+        largest negative weight of each channel exactly at ``qmin + ½``: ``max|w| / s = (qmax − qmin) / 2``)."""
         with torch.no_grad():
             weight, bias = self.folded_weight_and_bias()
+            weight = self._fake_quantized(weight)
+            bias = self._fake_quantized_bias(bias)
             plain = copy.deepcopy(self)
-            del plain.bn, plain.weight_fake_quant, plain.bn_frozen
+            del plain.bn, plain.weight_fake_quant, plain.bn_frozen, plain._bias_input_fake_quant
             plain.__class__ = self.float_type
             plain.weight = nn.Parameter(weight.detach().clone())
             plain.bias = None if bias is None else nn.Parameter(bias.detach().clone())
