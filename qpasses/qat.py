@@ -65,10 +65,11 @@ def freeze_bn_stats(model: nn.Module) -> nn.Module:
 def convert(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     """Lower a trained QAT model to the int8 kernels of the backend given to ``QAT``.
 
-    BN is folded with its running statistics, each weight is quantized at the qparams its fake-quant
-    trained with, each activation at its fake-quant's; then ``Lower`` runs as after PTQ. The result
-    computes what the QAT model computes in eval mode, up to one quantization step on values at a
-    rounding tie. ``model`` is left as it is unless ``inplace``.
+    BN is folded with its running statistics, each weight (and, where the kernels quantize it, bias) is
+    lowered as its fake-quant rounded it, each activation at its fake-quant's qparams; then ``Lower`` runs
+    as after PTQ. The QAT model simulates the kernels' arithmetic, so the result computes the same int
+    codes as the QAT model in eval mode; only a value within float error (~1e-6 of a step) of a rounding
+    tie can fall on the other side. ``model`` is left as it is unless ``inplace``.
     """
     if not isinstance(model, fx.GraphModule) or TRAINABLE not in model.meta.get(PROPERTIES_KEY, ()) \
             or ANNOTATION_KEY not in model.meta:

@@ -131,6 +131,41 @@ def test_check_agrees_with_the_kernels(engine, name, kind, act, weight):
 
 
 @pytest.mark.parametrize("name", AVAILABLE)
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_bias_arithmetic_is_what_the_table_says(engine, name, kind, per_channel):
+    """``quantized_bias``: the kernel adds round(b / (s_in·s_w)) to its int32 accumulator; otherwise b in float.
+    Biases sit ¼–¾ of the way between int32 steps and s_in·s_w / s_out ≈ ¼, so the two differ visibly."""
+    engine(name)
+    g = torch.Generator().manual_seed(0)
+    in_ch, out_ch, s_in, z_in = 4, 6, 0.05, 3
+    x_codes = torch.randint(0, 16, (8, in_ch, 6, 6), generator=g).float()
+    w_codes = torch.randint(-20, 21, (out_ch, in_ch, 3, 3), generator=g).float()
+    if kind == "linear":
+        x_codes, w_codes = x_codes.flatten(1)[:, : in_ch * 9], w_codes.flatten(1)
+    s_w = torch.rand(out_ch, generator=g) * 0.01 + 0.005 if per_channel else torch.full((out_ch,), 0.007)
+    step = s_in * s_w.double()
+    s_out = float(step.mean()) / 0.2317  # not a simple ratio: exact ties would test tie-breaking instead
+    bias = ((torch.randint(-50, 50, (out_ch,), generator=g) + 0.25 + 0.5 * torch.rand(out_ch, generator=g)) * step).float()
+    w = w_codes * s_w.reshape(-1, *[1] * (w_codes.dim() - 1))
+    qw = (torch.quantize_per_channel(w, s_w.double(), torch.zeros(out_ch, dtype=torch.long), 0, torch.qint8)
+          if per_channel else torch.quantize_per_tensor(w, 0.007, 0, torch.qint8))
+    module = nnq.Conv2d(in_ch, out_ch, 3, padding=1) if kind == "conv" else nnq.Linear(in_ch * 9, out_ch)
+    module.set_weight_bias(qw, bias)
+    module.scale, module.zero_point = s_out, 128
+    got = module(torch.quantize_per_tensor((x_codes - z_in) * s_in, s_in, z_in, torch.quint8)).int_repr().double()
+    op = (lambda a, b: F.conv2d(a, b, padding=1)) if kind == "conv" else F.linear
+    acc = op(x_codes.double() - z_in, w_codes.double())
+    shape = [1, -1] + [1] * (acc.dim() - 2)
+    bias_steps = (bias.double() / step).reshape(shape)
+    requantize = lambda b: torch.clamp(torch.round((acc + b) * step.reshape(shape) / s_out) + 128, 0, 255)  # noqa: E731
+    quantized, in_float = requantize(torch.round(bias_steps)), requantize(bias_steps)
+    expected, other = (quantized, in_float) if BACKENDS[name].quantized_bias else (in_float, quantized)
+    assert float((got != other).double().mean()) > 0.02
+    assert float((got != expected).double().mean()) < 0.002  # values within float error of a tie
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
 def test_conv_transpose_table(engine, name):
     backend = get_backend(name)
     engine(name)

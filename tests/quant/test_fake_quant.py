@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qpasses.quant.fake_quant import FakeQuantize, LearnableFakeQuantize, make_fake_quant
 from qpasses.quant.observers import make_observer
@@ -119,3 +120,25 @@ def test_initialize_from_a_calibrated_observer(learnable):
     assert fq.calibrated
     for got, want in zip(fq.qparams(), observer.qparams(), strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_average_on_codes_rounds_as_the_int8_kernel(learnable):
+    """A 4×4 average of integer codes is a true tie (k + ½) when the sum is 8 mod 16: the kernel rounds it to
+    even, and so must ``from_steps(pool(to_steps(x)))``; gradients pass straight through."""
+    spec = QuantSpec(signed=False, symmetric=False)
+    fq = make_fake_quant(spec, learnable=learnable)
+    fq(torch.linspace(-1.0, 3.0, 64))
+    fq.eval()
+    g = torch.Generator().manual_seed(0)
+    x = fq(torch.rand(64, 8, 4, 4, generator=g) * 4 - 1).detach().requires_grad_()
+    scale, zero_point = fq.qparams()
+    codes = torch.round(x.detach() / scale) + zero_point
+    assert bool((codes.sum((2, 3)) % 16 == 8).any())  # the data holds ties
+    kernel = F.adaptive_avg_pool2d(torch.quantize_per_tensor(x.detach(), float(scale), int(zero_point), torch.quint8), 1)
+    out = fq.from_steps(F.adaptive_avg_pool2d(fq.to_steps(x), 1))
+    assert torch.equal(torch.round(out.detach() / scale) + zero_point, kernel.int_repr().float())
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 1 / 16))
+    if learnable:
+        assert torch.isfinite(fq.scale.grad) and float(fq.scale.grad) != 0
