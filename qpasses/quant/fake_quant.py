@@ -94,7 +94,7 @@ class FakeQuantize(MovingAverageMinMaxObserver):
 
     def to_steps(self, x: torch.Tensor) -> torch.Tensor:
         """A value on this grid as its integer codes relative to the zero point, ``round(x / s)``, in float32
-        (straight-through gradient). With ``from_steps``, QAT runs an averaging op (average pooling, bilinear
+        (gradient ``1 / s`` to ``x``). With ``from_steps``, QAT runs an averaging op (average pooling, bilinear
         interpolation, mean) on the codes as its int8 kernel does: ``from_steps(op(to_steps(x)))``. The
         kernel averages integers exactly, so an average ``k + ½`` is a true tie that it rounds to even;
         averaging the float values ``(q − z)·s`` instead lands ~1e-7 off such ties, a random side of them
@@ -105,16 +105,19 @@ class FakeQuantize(MovingAverageMinMaxObserver):
         return round_ste(x.float() / scale)
 
     def from_steps(self, steps: torch.Tensor) -> torch.Tensor:
-        """The inverse of ``to_steps`` for an averaging op's output: rounded onto this grid (ties to even,
-        as the int8 kernels round), clamped to its range, back in real units."""
+        """An averaging op's output in steps (see ``to_steps``) rounded onto this grid, ties to even as the int8
+        kernels round, clamped to its range, in real units. Gradients are this fake-quant's own (straight
+        through, or LSQ's for the scale) at the real value ``steps·s``."""
         if not self.fake_quant_enabled:
             return steps
         scale, zero_point = self._grid(steps)
-        qmin, qmax = self.spec.quant_min, self.spec.quant_max
-        return (round_ste(torch.clamp(steps + zero_point, qmin, qmax)) - zero_point) * scale
+        exact = (torch.clamp(torch.round(steps) + zero_point, self.spec.quant_min, self.spec.quant_max)
+                 - zero_point) * scale
+        simulated = self.fake_quantize(steps * scale)
+        return simulated + (exact - simulated).detach()
 
     def _grid(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero point shaped to broadcast against ``like`` (float, without gradient)."""
+        """Scale and zero point (float, without gradient) shaped to broadcast against ``like``."""
         scale, zero_point = self.qparams()
         return _broadcast(scale.float(), like, self.spec), _broadcast(zero_point.float(), like, self.spec)
 
@@ -184,18 +187,14 @@ class LearnableFakeQuantize(FakeQuantize):
         return scale, zero_point
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        scale, zero_point = self._grid(x)
-        # Clamping before rounding decides clipping on x / s + z, as LSQ does (round∘clamp = clamp∘round).
-        codes = round_ste(torch.clamp(x / scale + zero_point, self.spec.quant_min, self.spec.quant_max))
-        return (codes - zero_point) * scale
-
-    def _grid(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The learned scale (LSQ-scaled gradient) and zero point (rounded, straight-through)."""
         qmin, qmax = self.spec.quant_min, self.spec.quant_max
-        per_scale = like.numel() // max(self.scale.numel(), 1)
+        per_scale = x.numel() // max(self.scale.numel(), 1)
         scale = _scale_gradient(self.scale.abs().clamp(min=_EPS), 1.0 / math.sqrt(per_scale * max(qmax, 1)))
-        zero_point = round_ste(self.zero_point.clamp(qmin, qmax))
-        return _broadcast(scale, like, self.spec), _broadcast(zero_point, like, self.spec)
+        scale = _broadcast(scale, x, self.spec)
+        zero_point = _broadcast(round_ste(self.zero_point.clamp(qmin, qmax)), x, self.spec)
+        # Clamping before rounding decides clipping on x / s + z, as LSQ does (round∘clamp = clamp∘round).
+        codes = round_ste(torch.clamp(x / scale + zero_point, qmin, qmax))
+        return (codes - zero_point) * scale
 
     def extra_repr(self) -> str:
         learned = "scale, zero point" if self.learn_zero_point else "scale"

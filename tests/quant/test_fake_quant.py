@@ -125,7 +125,8 @@ def test_initialize_from_a_calibrated_observer(learnable):
 @pytest.mark.parametrize("learnable", [False, True])
 def test_average_on_codes_rounds_as_the_int8_kernel(learnable):
     """A 4×4 average of integer codes is a true tie (k + ½) when the sum is 8 mod 16: the kernel rounds it to
-    even, and so must ``from_steps(pool(to_steps(x)))``; gradients pass straight through."""
+    even, and so must ``from_steps(pool(to_steps(x)))``; its gradients are those of fake-quantizing the pooled
+    value (straight through; LSQ's for a learned scale)."""
     spec = QuantSpec(signed=False, symmetric=False)
     fq = make_fake_quant(spec, learnable=learnable)
     fq(torch.linspace(-1.0, 3.0, 64))
@@ -138,7 +139,15 @@ def test_average_on_codes_rounds_as_the_int8_kernel(learnable):
     kernel = F.adaptive_avg_pool2d(torch.quantize_per_tensor(x.detach(), float(scale), int(zero_point), torch.quint8), 1)
     out = fq.from_steps(F.adaptive_avg_pool2d(fq.to_steps(x), 1))
     assert torch.equal(torch.round(out.detach() / scale) + zero_point, kernel.int_repr().float())
-    out.sum().backward()
-    torch.testing.assert_close(x.grad, torch.full_like(x, 1 / 16))
-    if learnable:
-        assert torch.isfinite(fq.scale.grad) and float(fq.scale.grad) != 0
+    # At the ties LSQ's round(v) − v follows the float side; elsewhere the gradients must be the same.
+    ties = (codes.sum((2, 3), keepdim=True) % 16 == 8)
+    weights = torch.randn(out.shape, generator=g) * ~ties
+    (out * weights).sum().backward()
+    grads = [x.grad.clone()] + ([fq.scale.grad.clone()] if learnable else [])
+    x.grad = None
+    fq.zero_grad()
+    (fq.fake_quantize(F.adaptive_avg_pool2d(x, 1)) * weights).sum().backward()
+    expected = [x.grad] + ([fq.scale.grad] if learnable else [])
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert float(grads[0].abs().sum()) > 0
