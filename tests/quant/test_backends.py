@@ -158,7 +158,10 @@ def test_bias_arithmetic_is_what_the_table_says(engine, name, kind, per_channel)
     acc = op(x_codes.double() - z_in, w_codes.double())
     shape = [1, -1] + [1] * (acc.dim() - 2)
     bias_steps = (bias.double() / step).reshape(shape)
-    requantize = lambda b: torch.clamp(torch.round((acc + b) * step.reshape(shape) / s_out) + 128, 0, 255)  # noqa: E731
+
+    def requantize(bias_in_steps: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round((acc + bias_in_steps) * step.reshape(shape) / s_out) + 128, 0, 255)
+
     quantized, in_float = requantize(torch.round(bias_steps)), requantize(bias_steps)
     expected, other = (quantized, in_float) if BACKENDS[name].quantized_bias else (in_float, quantized)
     assert float((got != other).double().mean()) > 0.02
