@@ -146,7 +146,7 @@ class _Lowering:
         """Swap ``clamp`` with the max pool that alone reads it; that pool then reads the clamp's input.
 
         Max pooling outputs values of its input, so it commutes with a clamp (the max of clamped values is
-        the clamped max), and after it the clamp reads fewer values (a quarter after 2×2 windows).
+        the clamped max), and after it the clamp reads fewer values (a quarter after a stride-2 pool).
         """
         if len(clamp.users) != 1:
             return
