@@ -32,6 +32,7 @@ from torch import nn
 from torch.ao.nn.quantized import QFunctional
 
 from qpasses.errors import ExportError
+from qpasses.graph.match import is_max_pool
 from qpasses.graph.trace import as_input_tuple
 from qpasses.quant import lowering
 from qpasses.quant.backends import get_backend
@@ -154,11 +155,17 @@ class _ViewBuilder:
                          (grid.qmax - grid.zero_point) * grid.scale)
 
     def output_grid(self, node: fx.Node) -> tuple[Grid, int | None]:
-        """``node``'s grid, narrowed by the code clamp that alone reads it (which then becomes a no-op)."""
+        """``node``'s grid, narrowed by the code clamp that alone reads it (which then becomes a no-op), or
+        that alone reads the max pool that alone reads it (Lower moves clamps after max pools; the pool's
+        own grid absorbs the clamp, so ``"widen"`` keeps the finer steps on both)."""
         users = list(node.users)
         if len(users) == 1 and (narrowed := self.code_clamp(users[0])) is not None:
             self.absorbed.add(users[0])
             return narrowed, users[0].meta.get("qparams", {}).get("bits")
+        if len(users) == 1 and is_max_pool(self.model, users[0]) and len(users[0].users) == 1:
+            clamp = next(iter(users[0].users))
+            if (narrowed := self.code_clamp(clamp)) is not None:
+                return narrowed, clamp.meta.get("qparams", {}).get("bits")
         return self.grids[node.name], None
 
     def weight(self, node: fx.Node, qweight: torch.Tensor) -> fx.Node:

@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from qpasses.errors import QPassesError
+from qpasses.graph.match import is_max_pool
 from qpasses.graph.modules import unique_name
 from qpasses.nn import ChannelClamp, CropStart2d, SamePad2d, ShiftedSamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
@@ -33,7 +34,10 @@ class Lower(Pass):
     ``q_w = clamp(round(w / s_w) + z_w)``; ``(s, z)`` come from the calibrated observers. Observers on
     values an int8 op produces disappear (the op writes at their scale); observers on float values become
     quantize; float ops get a dequantize in front, so quantize/dequantize appear only at real boundaries.
-    Spec ranges narrower than 8 bits (sub-8-bit, reduce_range) are enforced by a clamp of the codes.
+    Spec ranges narrower than 8 bits (sub-8-bit, reduce_range) are enforced by a clamp of the codes; a
+    clamp read only by a max pool moves after it (``max(clamp(x)) = clamp(max(x))``, on fewer values).
+    Identity and dropout modules, which return their input at inference, are removed: every node of the
+    lowered graph costs a call at run time.
     A fused ``ChannelClamp`` (CLE's exact stand-in for ReLU6) disappears when its bounds are uniform, else it
     stays after the int8 op and clamps each channel's codes.
     Requires: ``calibrated``. Provides: ``lowered``. The result runs with the backend's engine (its first
@@ -72,6 +76,7 @@ class _Lowering:
         self.quantized: dict[fx.Node, bool] = {}
         self.dequantized: dict[fx.Node, fx.Node] = {}
         self.erased_modules: set[str] = set()  # observers and folded activations no node calls any more
+        self.code_clamps: list[fx.Node] = []  # clamps of codes to a spec's range narrower than 8 bits
 
     def observer(self, node: fx.Node) -> Observer | None:
         if node.op != "call_module":
@@ -97,7 +102,10 @@ class _Lowering:
                 self.lower_observer(node)
                 continue
             role = self.ann.roles.get(node.name, Role.NONE)
-            if node.op == "placeholder":
+            if self.returns_input(node):
+                node.replace_all_uses_with(node.args[0])
+                self.erase(node)
+            elif node.op == "placeholder":
                 self.quantized[node] = False
             elif node.op == "output":
                 self.dequantize_inputs(node)
@@ -123,9 +131,34 @@ class _Lowering:
                 if not (node.op == "call_method" and node.target in _SHAPE_QUERIES):
                     self.dequantize_inputs(node)
                 self.quantized[node] = False
+        if self.ann.backend not in _CLAMP_NEEDS_CONTIGUOUS:
+            for clamp in self.code_clamps:
+                self.sink_below_max_pool(clamp)
         referenced = {n.target for n in self.graph.nodes if n.op in ("call_module", "get_attr")}
         for name in sorted(self.erased_modules - referenced):
             self.gm.delete_submodule(name)
+
+    def returns_input(self, node: fx.Node) -> bool:
+        """An ``nn.Identity`` or ``nn.Dropout`` call: int8 graphs only run inference, where both return their input."""
+        return node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), nn.Identity | nn.Dropout)
+
+    def sink_below_max_pool(self, clamp: fx.Node) -> None:
+        """Swap ``clamp`` with the max pool that alone reads it; that pool then reads the clamp's input.
+
+        Max pooling outputs values of its input, so it commutes with a clamp (the max of clamped values is
+        the clamped max), and after it the clamp reads fewer values (a quarter after a stride-2 pool).
+        """
+        if len(clamp.users) != 1:
+            return
+        pool = next(iter(clamp.users))
+        if not is_max_pool(self.gm, pool) or pool.args[0] is not clamp:
+            return
+        pool.replace_input_with(clamp, clamp.args[0])
+        pool.append(clamp)
+        pool.replace_all_uses_with(clamp, delete_user_cb=lambda user: user is not clamp)
+        clamp.args = (pool, *clamp.args[1:])
+        if "tensor_meta" in pool.meta:
+            clamp.meta["tensor_meta"] = pool.meta["tensor_meta"]
 
     def clamps_per_channel(self, node: fx.Node) -> bool:
         """A ChannelClamp whose bounds differ by channel: the producer's output range holds the widest
@@ -155,6 +188,7 @@ class _Lowering:
                     result = self.graph.call_method("contiguous", (result,))
                 result = self.graph.call_function(torch.clamp, (result, *bounds))
             result.meta["qstate"] = "int8"
+            self.code_clamps.append(result)
         result.meta["qparams"] = {"scale": scale, "zero_point": zero_point, "dtype": str(spec.dtype), "bits": spec.bits}
         node.replace_all_uses_with(result)
         self.erase(node)

@@ -171,3 +171,24 @@ def test_sub_8_bit_activations_export_exactly(tmp_path):
     path = export_onnx(qm, x, tmp_path / "m4.onnx")
     assert float((run_ort(path, x) - view(x)).abs().max()) <= 2 * qm.head.scale
     assert any(n.op_type == "Clip" for n in onnx.load(str(path)).graph.node)  # the 16-level ranges
+
+
+def test_a_clamp_moved_after_a_max_pool_narrows_the_grid_of_the_conv_before_it():
+    class Stem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.pool, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(8, 4, 3)
+
+        def forward(self, x):
+            return self.head(self.pool(torch.relu(self.stem(x))))
+
+    qm = quantized("x86", (2, 3, 16, 16), model=Stem())
+    x = batches((1, 3, 16, 16), n=1, seed=3)[0]
+    pool = next(n for n in qm.graph.nodes if n.target == "pool")
+    assert next(iter(pool.users)).target is torch.clamp  # Lower runs the 7-bit clamp after the pool
+    keep, widened = qdq_model(qm, x), qdq_model(qm, x, reduce_range="widen")
+    assert float((keep(x) - qm(x)).abs().max()) <= 2 * qm.head.scale
+    grids = [n.args[1:] for n in widened.graph.nodes if n.target is torch.fake_quantize_per_tensor_affine]
+    stem_step = qm.stem.scale * 127 / 255
+    # the stem's output and the pool's: both on the finer 256-code grid of the same interval
+    assert sum(scale == pytest.approx(stem_step) and (lo, hi) == (0, 255) for scale, _, lo, hi in grids) == 2

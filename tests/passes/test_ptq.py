@@ -298,3 +298,50 @@ def test_reduce_range_only_where_a_gemm_reads_the_value():
     assert not specs["fc_obs"].reduce_range
     qnnpack = PassManager([InsertObservers("qnnpack")]).run(Net().eval(), torch.randn(1, 3, 8, 8))
     assert not any(m.spec.reduce_range for m in qnnpack.modules() if isinstance(m, Observer))
+
+
+class StemPoolNet(nn.Module):
+    """A ResNet stem: conv → ReLU → max pool, with no-op modules between, then a conv reading the pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.keep, self.drop = nn.Conv2d(3, 8, 3, padding=1), nn.Identity(), nn.Dropout(0.5)
+        self.pool, self.conv = nn.MaxPool2d(2), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.conv(self.drop(self.pool(self.keep(F.relu(self.stem(x))))))
+
+
+def test_reduce_range_clamp_runs_after_the_max_pool_with_the_same_codes():
+    torch.manual_seed(0)
+    qm, _ = quantize(StemPoolNet().eval(), (2, 3, 16, 16))
+    pool = next(n for n in qm.graph.nodes if n.target == "pool")
+    clamp = next(iter(pool.users))
+    assert clamp.target is torch.clamp and clamp.args[0] is pool  # the clamp reads 4× fewer codes
+    assert pool.args[0].target == "stem"
+    # the graph as lowered before: clamp, then pool; max pooling commutes with the clamp, bit for bit
+    before = copy.deepcopy(qm)
+    pool_b = next(n for n in before.graph.nodes if n.target == "pool")
+    clamp_b = next(iter(pool_b.users))
+    readers = list(clamp_b.users)
+    clamp_b.args = (pool_b.args[0], *clamp_b.args[1:])
+    pool_b.args = (clamp_b, *pool_b.args[1:])
+    clamp_b.append(pool_b)
+    for reader in readers:
+        reader.replace_input_with(clamp_b, pool_b)
+    before.graph.lint()
+    before.recompile()
+    x = calibration((2, 3, 16, 16), seed=3)[0] * 3  # beyond the calibrated range: the clamp bites
+    stem_codes = qm.stem(qm.x_quant(x).clamp(*next(n for n in qm.graph.nodes if n.target is torch.clamp).args[1:]))
+    assert int(stem_codes.int_repr().max()) > 127
+    assert torch.equal(qm(x), before(x))
+
+
+def test_identity_and_dropout_leave_the_lowered_graph():
+    torch.manual_seed(0)
+    model = StemPoolNet().eval()
+    qm, _ = quantize(model, (2, 3, 16, 16))
+    called = {type(qm.get_submodule(n.target)) for n in qm.graph.nodes if n.op == "call_module"}
+    assert not called & {nn.Identity, nn.Dropout}
+    x = calibration((2, 3, 16, 16), seed=3)[0]
+    assert sqnr(model(x), qm(x)) > 25

@@ -349,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown {what} {unknown[0]!r}; choose from {', '.join(known)}")
     torch.manual_seed(0)
+    # Every model's first call (qpasses' verification forward, the warm-up) at the timed thread count: the x86
+    # engine's oneDNN convs keep the primitive built on their first call and rebuild it on every call that
+    # differs in shape or thread count (measured: +8% per conv).
+    torch.set_num_threads(THREADS)
     photos = PhotoSet.make(8, 16) if args.quick else PhotoSet.make(64, 128)
     iters = 3 if args.quick else 30
     settings = {"quick": args.quick, "torch": torch.__version__}
