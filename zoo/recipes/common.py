@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, Subset
 from qpasses import PassManager
 from qpasses.analysis.metrics import latency, model_size, peak_memory, ssim
 from qpasses.errors import QPassesError
+from qpasses.passes import AdaRound
 from qpasses.passes.calibrate import progress
 from qpasses.quant.backends import get_backend
 from qpasses.quant.lowering import quantized_engine
@@ -232,6 +233,22 @@ def quant_config(settings: Settings, backend: str, per_channel: bool | None = No
     if settings.quick:
         config = dataclasses.replace(config, activation=config.activation.replace(observer="minmax"))
     return config
+
+
+# AdaRound iterations per layer: the data-free/data-light benchmark's default (tools/bench/dfq.py), and a
+# handful for --quick (enough to exercise the pass, not to converge).
+ADAROUND_ITERATIONS = 200
+QUICK_ADAROUND_ITERATIONS = 10
+
+
+def adaround_iterations(settings: Settings) -> int:
+    return QUICK_ADAROUND_ITERATIONS if settings.quick else ADAROUND_ITERATIONS
+
+
+def adaround(calibration: list[torch.Tensor], settings: Settings) -> AdaRound:
+    """An AdaRound pass on the calibration batches, with the benchmark's learning rate (1e-2) and
+    iteration count (``--quick``: a few iterations)."""
+    return AdaRound(calibration, iterations=adaround_iterations(settings), lr=1e-2, progress=settings.show_progress)
 
 
 @dataclass
