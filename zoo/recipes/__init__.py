@@ -21,7 +21,8 @@ from zoo.recipes.common import DEFAULT_CACHE, Settings
 RECIPES: dict[str, tuple[str, str]] = {
     "resnet": ("zoo.recipes.resnet", "float, dynamic fp16/int8, static int8 PTQ, eager and TorchScript: "
                                      "top-1/5, size, latency, peak memory (CIFAR ResNets)"),
-    "bits": ("zoo.recipes.bits", "8- to 4-bit PTQ, PTQ+AdaRound and QAT of ResNet-18 (and ResNet-50 with --model)"),
+    "bits": ("zoo.recipes.bits", "8- to 4-bit PTQ (plain, +BiasCorrection, +AdaRound) and QAT of ResNet-18 "
+                                 "(and ResNet-50 with --model)"),
     "calibration": ("zoo.recipes.calibration", "max vs percentile vs entropy vs MSE calibration "
                                                "(pretrained EfficientNet-Lite0; Imagenette with --data)"),
     "depth": ("zoo.recipes.depth", "FuseBN / PTQ combinations of the depth U-Net, per-channel and "
