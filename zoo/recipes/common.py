@@ -58,6 +58,7 @@ class Settings:
     show_progress: bool = True
     threads: int = 2
     size: int | None = None
+    adaround_iterations: int | None = None
 
     @property
     def latency_iters(self) -> int:
@@ -245,6 +246,9 @@ ADAROUND_BATCH = 8
 
 
 def adaround_iterations(settings: Settings) -> int:
+    """``--adaround-iterations``, else the default for the run."""
+    if settings.adaround_iterations is not None:
+        return settings.adaround_iterations
     return QUICK_ADAROUND_ITERATIONS if settings.quick else ADAROUND_ITERATIONS
 
 
