@@ -180,11 +180,12 @@ def test_unknown_model_is_a_one_line_error(tmp_path, capsys):
     assert "studies cifar_resnet18, cifar_resnet50; not resnet18" in capsys.readouterr().out
 
 
-def test_bad_arguments_exit_with_usage(capsys):
+@pytest.mark.parametrize("option", ["--epochs", "--adaround-iterations"])
+def test_bad_arguments_exit_with_usage(capsys, option):
     with pytest.raises(SystemExit) as exit_info:
-        main(["resnet", "--epochs", "0"])
+        main(["resnet", option, "0"])
     assert exit_info.value.code == 2
-    assert "--epochs must be at least 1" in capsys.readouterr().err
+    assert f"{option} must be at least 1" in capsys.readouterr().err
 
 
 def test_python_dash_m_lists_the_recipes():
