@@ -45,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
                                             "(default: 128 and 224; --quick: 64)")
     p.add_argument("--adaround-iterations", type=int, metavar="N",
                    help="AdaRound iterations per layer of the bits and calibration recipes (default: 200; --quick: 10)")
+    p.add_argument("--bits", type=int, nargs="+", default=[], metavar="N",
+                   help="bit widths of the bits recipe, 2 to 8 (default: 8 7 6 5 4)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads when timing latency (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -56,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     for option in ("epochs", "threads", "size", "adaround_iterations"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser().error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    if any(not 2 <= b <= 8 for b in args.bits):
+        parser().error(f"--bits must be between 2 and 8, got {' '.join(map(str, args.bits))}")
     settings = Settings(recipe=args.name, quick=args.quick, data=args.data,
                         out=args.out or Path("runs") / args.name, models=args.models or [],
                         epochs=args.epochs, cache=args.cache, show_progress=not args.no_progress,
-                        threads=args.threads, size=args.size, adaround_iterations=args.adaround_iterations)
+                        threads=args.threads, size=args.size, adaround_iterations=args.adaround_iterations,
+                        bits=args.bits)
     module = importlib.import_module(RECIPES[args.name][0])
     try:
         with warnings.catch_warnings():

@@ -88,11 +88,12 @@ def run(settings: Settings) -> list[dict]:
         test = batches(task.test_set, 64)
         calibration = calibration_batches(task, settings)
         example = test[0][0][:1]
+        widths = settings.bits or BITS
         variants = [Variant("float", copy_of(model), columns={"bits": 32})]
-        for bits in BITS:
+        for bits in widths:
             variants += ptq_variants(model, calibration, example, bits, settings)
         qat = classifier_qat(task, record, settings)
-        for bits in BITS:
+        for bits in widths:
             variants.append(qat_variant(f"QAT {bits}-bit", model, example,
                                         [QAT(backend=BACKEND, config=quant_config(settings, BACKEND), bits=bits)],
                                         qat, settings, bits=bits, columns={"bits": bits}))

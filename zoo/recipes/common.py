@@ -59,6 +59,7 @@ class Settings:
     threads: int = 2
     size: int | None = None
     adaround_iterations: int | None = None
+    bits: list[int] = field(default_factory=list)
 
     @property
     def latency_iters(self) -> int:
