@@ -82,13 +82,13 @@ def ptq_variants(model: nn.Module, calibration: list[torch.Tensor], example: tor
 
 def run(settings: Settings) -> list[dict]:
     rows, meta = [], {}
+    widths = settings.bits or BITS
     for name in chosen_models(settings, MODELS, DEFAULT_MODELS, QUICK_MODELS):
         task = classification_task(name, settings)
         model, record = trained_classifier(task, settings)
         test = batches(task.test_set, 64)
         calibration = calibration_batches(task, settings)
         example = test[0][0][:1]
-        widths = settings.bits or BITS
         variants = [Variant("float", copy_of(model), columns={"bits": 32})]
         for bits in widths:
             variants += ptq_variants(model, calibration, example, bits, settings)
@@ -101,6 +101,6 @@ def run(settings: Settings) -> list[dict]:
         meta[name] = training_note(task, record)
     meta["AdaRound"] = (f"{adaround_iterations(settings)} iterations per layer on the calibration images "
                         "(batches of 8, lr 1e-2); BiasCorrection: empirical, on the same images")
-    write_outputs(settings, f"PTQ, bias correction, AdaRound and QAT at 8 to 4 bits ({BACKEND}, per-channel weights)", COLUMNS,
-                  rows, PlotAxes("top1", "top-1 accuracy (%)", group="model"), meta)
+    title = f"PTQ, bias correction, AdaRound and QAT at {', '.join(map(str, widths))} bits ({BACKEND}, per-channel weights)"
+    write_outputs(settings, title, COLUMNS, rows, PlotAxes("top1", "top-1 accuracy (%)", group="model"), meta)
     return rows
