@@ -180,12 +180,16 @@ def test_unknown_model_is_a_one_line_error(tmp_path, capsys):
     assert "studies cifar_resnet18, cifar_resnet50; not resnet18" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("option", ["--epochs", "--adaround-iterations"])
-def test_bad_arguments_exit_with_usage(capsys, option):
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--epochs", "0", "--epochs must be at least 1"),
+    ("--adaround-iterations", "0", "--adaround-iterations must be at least 1"),
+    ("--bits", "9", "--bits must be between 2 and 8, got 9"),
+])
+def test_bad_arguments_exit_with_usage(capsys, option, value, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["resnet", option, "0"])
+        main(["resnet", option, value])
     assert exit_info.value.code == 2
-    assert f"{option} must be at least 1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_python_dash_m_lists_the_recipes():
