@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -56,17 +57,26 @@ def test_resnet_quick(tmp_path):
 
 def test_bits_quick_sizes_shrink_with_bits(tmp_path):
     rows = by_variant(run_quick("bits", tmp_path)["rows"])
-    for method in ("PTQ", "QAT"):
+    methods = ("PTQ", "PTQ+BiasCorrection", "PTQ+AdaRound", "QAT")
+    assert set(rows) == {"float", *(f"{m} {b}-bit" for m in methods for b in (8, 7, 6, 5, 4))}
+    for method in methods:
         sizes = [rows[f"{method} {b}-bit"]["size_mb"] for b in (8, 7, 6, 5, 4)]
         assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 0.6 * sizes[0]
         assert rows["float"]["size_mb"] > 3 * sizes[0]
+    for row in rows.values():
+        assert 0 <= row["top1"] <= row["top5"] <= 100 and math.isfinite(row["latency_ms"])
+    # AdaRound keeps every weight on its n-bit grid: the packed size is plain PTQ's.
+    for b in (8, 4):
+        assert rows[f"PTQ+AdaRound {b}-bit"]["size_mb"] == rows[f"PTQ {b}-bit"]["size_mb"]
 
 
 def test_calibration_quick(tmp_path):
     rows = by_variant(run_quick("calibration", tmp_path)["rows"])
     hybrids = {f"hybrid PTQ, {k} most sensitive layers float": k for k in (1, 3)}
     assert set(rows) == {"float", *(f"PTQ, {m} calibration" for m in ("max", "percentile", "entropy", "MSE")),
-                         *hybrids}
+                         "PTQ, MSE calibration + AdaRound", *hybrids}
+    adaround = rows["PTQ, MSE calibration + AdaRound"]
+    assert math.isfinite(adaround["sqnr_db"]) and 0 <= adaround["top1"] <= adaround["top5"] <= 100
     for label, k in hybrids.items():
         assert len(rows[label]["float_layers"].split(", ")) == k
     assert rows["float"]["top1"] == 100.0  # agreement of the float model with itself
@@ -74,17 +84,24 @@ def test_calibration_quick(tmp_path):
 
 
 def test_depth_quick(tmp_path):
-    rows = run_quick("depth", tmp_path)["rows"]
-    # Original, FuseBN, FuseBN+CLE; then {PTQ, QAT, PTQ+QAT} × {-, FuseBN, FuseBN+CLE} for x86 per-channel and
-    # qnnpack per-tensor (--quick; the full run has both granularities for both backends)
-    assert len(rows) == 3 + 9 * 2
+    document = run_quick("depth", tmp_path)
+    rows = document["rows"]
+    # Original, FuseBN, FuseBN+CLE; then {PTQ, QAT, PTQ+QAT} × {-, FuseBN, FuseBN+CLE} and
+    # FuseBN+CLE+PTQ+BiasCorrection, for x86 per-channel and qnnpack per-tensor (--quick; the full run has
+    # both granularities for both backends)
+    assert len(rows) == 3 + 10 * 2
     assert {(r.get("backend"), r.get("weights")) for r in rows[3:]} == {("x86", "per-channel"),
                                                                         ("qnnpack", "per-tensor")}
     original = rows[0]
     for row in rows[1:3]:
         assert row["mse"] == pytest.approx(original["mse"], rel=1e-3)  # float rewrites preserve the function
     labels = {r["variant"] for r in rows}
-    assert {"FuseBN+CLE", "FuseBN+CLE+PTQ+QAT", "PTQ+QAT", "QAT"} <= labels
+    assert {"FuseBN+CLE", "FuseBN+CLE+PTQ+QAT", "PTQ+QAT", "QAT", "FuseBN+CLE+PTQ+BiasCorrection"} <= labels
+    # CLE really runs: the notes list the links it equalized (the encoder's SiLU blocks leave it a few).
+    assert int(document["meta"]["CLE"].split(" ")[0]) >= 1
+    for backend in ("x86", "qnnpack"):
+        corrected = by_variant(rows, backend=backend)["FuseBN+CLE+PTQ+BiasCorrection"]
+        assert math.isfinite(corrected["mse"]) and math.isfinite(corrected["ssim"])
     for row in rows:
         assert row["ssim"] <= 1.0 and row["mse"] >= 0
         if "backend" in row:
@@ -163,11 +180,16 @@ def test_unknown_model_is_a_one_line_error(tmp_path, capsys):
     assert "studies cifar_resnet18, cifar_resnet50; not resnet18" in capsys.readouterr().out
 
 
-def test_bad_arguments_exit_with_usage(capsys):
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--epochs", "0", "--epochs must be at least 1"),
+    ("--adaround-iterations", "0", "--adaround-iterations must be at least 1"),
+    ("--bits", "9", "--bits must be between 2 and 8, got 9"),
+])
+def test_bad_arguments_exit_with_usage(capsys, option, value, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["resnet", "--epochs", "0"])
+        main(["resnet", option, value])
     assert exit_info.value.code == 2
-    assert "--epochs must be at least 1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_python_dash_m_lists_the_recipes():

@@ -21,7 +21,8 @@ from zoo.recipes.common import DEFAULT_CACHE, Settings
 RECIPES: dict[str, tuple[str, str]] = {
     "resnet": ("zoo.recipes.resnet", "float, dynamic fp16/int8, static int8 PTQ, eager and TorchScript: "
                                      "top-1/5, size, latency, peak memory (CIFAR ResNets)"),
-    "bits": ("zoo.recipes.bits", "8- to 4-bit PTQ of ResNet-18 and ResNet-50 (CIFAR-style)"),
+    "bits": ("zoo.recipes.bits", "8- to 4-bit PTQ (plain, +BiasCorrection, +AdaRound) and QAT of ResNet-18 "
+                                 "(and ResNet-50 with --model)"),
     "calibration": ("zoo.recipes.calibration", "max vs percentile vs entropy vs MSE calibration "
                                                "(pretrained EfficientNet-Lite0; Imagenette with --data)"),
     "depth": ("zoo.recipes.depth", "FuseBN / PTQ combinations of the depth U-Net, per-channel and "
@@ -42,6 +43,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"checkpoint folder (default: {DEFAULT_CACHE})")
     p.add_argument("--size", type=int, help="input size of the depth and calibration recipes "
                                             "(default: 128 and 224; --quick: 64)")
+    p.add_argument("--adaround-iterations", type=int, metavar="N",
+                   help="AdaRound iterations per layer of the bits and calibration recipes (default: 200; --quick: 10)")
+    p.add_argument("--bits", type=int, nargs="+", default=[], metavar="N",
+                   help="bit widths of the bits recipe, 2 to 8 (default: 8 7 6 5 4)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads when timing latency (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -50,13 +55,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a recipe; returns the exit status (2 with a one-line message for a bad request)."""
     args = parser().parse_args(argv)
-    for option in ("epochs", "threads", "size"):
+    for option in ("epochs", "threads", "size", "adaround_iterations"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
-            parser().error(f"--{option} must be at least 1, got {getattr(args, option)}")
+            parser().error(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    if any(not 2 <= b <= 8 for b in args.bits):
+        parser().error(f"--bits must be between 2 and 8, got {' '.join(map(str, args.bits))}")
     settings = Settings(recipe=args.name, quick=args.quick, data=args.data,
                         out=args.out or Path("runs") / args.name, models=args.models or [],
                         epochs=args.epochs, cache=args.cache, show_progress=not args.no_progress,
-                        threads=args.threads, size=args.size)
+                        threads=args.threads, size=args.size, adaround_iterations=args.adaround_iterations,
+                        bits=args.bits)
     module = importlib.import_module(RECIPES[args.name][0])
     try:
         with warnings.catch_warnings():

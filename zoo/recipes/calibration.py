@@ -1,6 +1,8 @@
 """The calibration study: how the activation ranges are chosen (min/max, percentile, entropy, MSE) and
 what it does to an ImageNet-pretrained EfficientNet-Lite0 quantized for x86 (per-channel weights); and
-hybrid quantization, which keeps the most sensitive layers float (MSE calibration).
+hybrid quantization, which keeps the most sensitive layers float (MSE calibration); and, as the
+alternative that keeps every layer int8, MSE calibration with AdaRound (learned weight rounding), which
+shows how much of the loss is the weights' rounding rather than the activation ranges.
 
 With ``--data``, an Imagenette root (``train/`` and ``val/`` of wnid folders): calibration on training
 images, top-1/top-5 accuracy on the validation split. Offline: crops of real photos, calibration and
@@ -28,6 +30,8 @@ from zoo.recipes.common import (
     RecipeError,
     Settings,
     Variant,
+    adaround,
+    adaround_iterations,
     batches,
     build,
     chosen_models,
@@ -113,6 +117,11 @@ def run(settings: Settings) -> list[dict]:
         ptq = PTQ(calibration, backend=BACKEND, config=config, progress=settings.show_progress)
         variants.append(build(f"PTQ, {label} calibration", pipeline(model, example, FuseBN(), ptq),
                               columns={"observer": observer}))
+    base_label = {observer: label for label, observer in OBSERVERS.items()}[base.activation.observer]
+    variants.append(build(f"PTQ, {base_label} calibration + AdaRound",
+                          pipeline(model, example, FuseBN(), adaround(calibration, settings),
+                                   PTQ(calibration, backend=BACKEND, config=base, progress=settings.show_progress)),
+                          columns={"observer": base.activation.observer}))
     variants += hybrids(model, calibration, example, base, settings)
     rows = score_all(variants, score, example, settings)
     what = "accuracy %" if labelled else "agreement with float %"
@@ -121,5 +130,6 @@ def run(settings: Settings) -> list[dict]:
                Column("size_mb", "size MB", "{:.2f}"), Column("latency_ms", "latency ms", "{:.2f}")]
     columns.insert(1, Column("float_layers", "float layers"))
     write_outputs(settings, f"Calibration methods and hybrid quantization, {name} int8 ({BACKEND}, per-channel weights)", columns, rows,
-                  PlotAxes("top1", f"top-1 {what}"), {"data": description, "model": f"{name}, ImageNet-pretrained"})
+                  PlotAxes("top1", f"top-1 {what}"), {"data": description, "model": f"{name}, ImageNet-pretrained",
+                   "AdaRound": f"{adaround_iterations(settings)} iterations per layer on the calibration batches (lr 1e-2)"})
     return rows

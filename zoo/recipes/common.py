@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, Subset
 from qpasses import PassManager
 from qpasses.analysis.metrics import latency, model_size, peak_memory, ssim
 from qpasses.errors import QPassesError
+from qpasses.passes import AdaRound
 from qpasses.passes.calibrate import progress
 from qpasses.quant.backends import get_backend
 from qpasses.quant.lowering import quantized_engine
@@ -57,6 +58,8 @@ class Settings:
     show_progress: bool = True
     threads: int = 2
     size: int | None = None
+    adaround_iterations: int | None = None
+    bits: list[int] = field(default_factory=list)
 
     @property
     def latency_iters(self) -> int:
@@ -232,6 +235,29 @@ def quant_config(settings: Settings, backend: str, per_channel: bool | None = No
     if settings.quick:
         config = dataclasses.replace(config, activation=config.activation.replace(observer="minmax"))
     return config
+
+
+# AdaRound iterations per layer: the data-free/data-light benchmark's default (tools/bench/dfq.py), and a
+# handful for --quick (enough to exercise the pass, not to converge).
+ADAROUND_ITERATIONS = 200
+QUICK_ADAROUND_ITERATIONS = 10
+# AdaRound draws one batch per iteration: splitting the calibration batches this small makes each step a few
+# times cheaper on a CPU while the run still sees every calibration image.
+ADAROUND_BATCH = 8
+
+
+def adaround_iterations(settings: Settings) -> int:
+    """``--adaround-iterations``, else the default for the run."""
+    if settings.adaround_iterations is not None:
+        return settings.adaround_iterations
+    return QUICK_ADAROUND_ITERATIONS if settings.quick else ADAROUND_ITERATIONS
+
+
+def adaround(calibration: list[torch.Tensor], settings: Settings) -> AdaRound:
+    """An AdaRound pass on the calibration images (in batches of ``ADAROUND_BATCH``), with the benchmark's
+    learning rate (1e-2) and iteration count (``--quick``: a few iterations)."""
+    minibatches = [part for batch in calibration for part in batch.split(ADAROUND_BATCH)]
+    return AdaRound(minibatches, iterations=adaround_iterations(settings), lr=1e-2, progress=settings.show_progress)
 
 
 @dataclass

@@ -5,7 +5,13 @@ Pipelines: Original, FuseBN, FuseBN+CLE, then PTQ, QAT and PTQ+QAT (QAT starting
 ranges), each alone, after FuseBN and after FuseBN+CLE (CLE needs folded BN), for x86 and qnnpack with
 per-channel and per-tensor weights. PTQ without FuseBN leaves every BatchNorm float between
 dequantize/quantize (the row shows what fusion buys); QAT without FuseBN trains with BN folded into the
-fake-quantized weights (FoldBNForTraining). QAT fine-tunes one epoch on the first training scenes. Data: the rendered rooms of ``zoo.data.synthetic_depth`` offline; with
+fake-quantized weights (FoldBNForTraining). QAT fine-tunes one epoch on the first training scenes.
+One more PTQ row per backend and granularity, FuseBN+CLE+PTQ+BiasCorrection, removes the mean output shift
+of weight quantization (empirical, on the calibration batches), which per-tensor weights need most.
+
+CLE can only equalize through positively homogeneous activations (ReLU, clamps): the EfficientNet-B0
+encoder's SiLU blocks are out of its reach, so it equalizes a few links (listed in the output's notes,
+from ``gm.meta['qpasses_cle']``). Data: the rendered rooms of ``zoo.data.synthetic_depth`` offline; with
 ``--data``, NYU Depth v2 (a DenseDepth ``nyu_data`` folder, or ``nyu_depth_v2_labeled.mat``).
 """
 
@@ -16,7 +22,8 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 import zoo
-from qpasses.passes import CLE, PTQ, QAT, FuseBN, Pass
+from qpasses.passes import CLE, PTQ, QAT, BiasCorrection, FuseBN, Pass
+from qpasses.passes.cle import CLE_REPORT_KEY
 from zoo.data import nyu_csv, nyu_mat, synthetic_depth
 from zoo.recipes.common import (
     Column,
@@ -100,7 +107,19 @@ def pipelines(model: nn.Module, calibration: list[torch.Tensor], example: torch.
                 variants.append(qat_variant(label(prefix, name), model, example,
                                             [*prefix, *head, QAT(backend=backend, config=config)], qat,
                                             settings, columns=columns))
+        corrected = [*float_prefixes()[-1], BiasCorrection(calibration),
+                     PTQ(calibration, backend=backend, config=config, progress=settings.show_progress)]
+        variants.append(build(label(float_prefixes()[-1], "PTQ+BiasCorrection"), pipeline(model, example, *corrected),
+                              columns=columns))
     return variants
+
+
+def equalized_links(variants: list) -> str:
+    """What CLE did to the model: its links (producer → consumer), read from the FuseBN+CLE variant."""
+    (equalized,) = [v for v in variants if isinstance(v, Variant) and v.label == label(float_prefixes()[-1])]
+    links = equalized.model.meta.get(CLE_REPORT_KEY, [])
+    names = "; ".join(f"{link.producer} → {link.consumer}" for link in links)
+    return f"{len(links)} link(s) equalized" + (f": {names}" if names else "")
 
 
 def run(settings: Settings) -> list[dict]:
@@ -126,12 +145,15 @@ def run(settings: Settings) -> list[dict]:
         return depth_scores(outputs(variant, test), truth, data_range)
 
     qat = QATRun(first(train_set, n_qat), nn.functional.l1_loss, batch_size, record["config_hash"])
-    rows = score_all(pipelines(model, calibration, example, qat, settings), score, example, settings)
+    variants = pipelines(model, calibration, example, qat, settings)
+    rows = score_all(variants, score, example, settings)
     meta = {"data": description, "model": f"{name} (decoder width {width}), input {size}x{size}",
             "training": f"{len(record['losses'])} epochs of L1 loss, final {record['losses'][-1]:.3f} m; "
                         f"checkpoint {record.get('checkpoint')}",
             "SSIM": f"Gaussian window 11, data range {data_range:.2f} m (the largest true depth)",
+            "CLE": equalized_links(variants),
+            "BiasCorrection": "empirical, on the calibration batches",
             "QAT": f"one epoch on the first {len(qat.train_set)} training scenes, AdamW lr {qat.lr}"}
-    write_outputs(settings, "Depth U-Net: FuseBN, CLE, PTQ and QAT combinations", COLUMNS, rows,
+    write_outputs(settings, "Depth U-Net: FuseBN, CLE, bias correction, PTQ and QAT combinations", COLUMNS, rows,
                   PlotAxes("ssim", "SSIM vs true depth", group="backend"), meta)
     return rows
