@@ -8,6 +8,7 @@ from qpasses import PassManager
 from qpasses.errors import PlanError
 from qpasses.passes import PTQ, BiasCorrection, FuseBN
 from qpasses.quant.backends import get_backend
+from qpasses.quant.spec import QuantSpec
 
 
 def net() -> nn.Sequential:
@@ -62,3 +63,32 @@ def test_reduces_the_mean_output_error(analytical):
 def test_needs_a_quantization_pass_in_the_pipeline():
     with pytest.raises(PlanError, match="calibrated"):
         PassManager([FuseBN(), BiasCorrection()]).plan(net())
+
+
+def mostly_inactive():
+    """A 1×1 conv + ReLU whose output channel is clipped at 90% of the positions. On the 4-bit grid (scale
+    7 / 7.5) its weights −3.9 and 7 become −3.73 and 6.53. Clipped positions: input (10, 0), pre-activation
+    −39 → −37.3 (+1.7, which ReLU discards). Active ones: input (0, 1), output 7 → 6.53 (−0.47)."""
+    model = nn.Sequential(nn.Conv2d(2, 1, 1), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([-3.9, 7.0]).reshape(1, 2, 1, 1))
+        model[0].bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(4):
+        active = torch.rand(4, 1, 8, 8, generator=g) < 0.1
+        data.append(torch.cat([(~active) * 10.0, active * 1.0], dim=1))
+    return model, data
+
+
+def test_empirical_correction_ignores_errors_the_activation_clips():
+    model, data = mostly_inactive()
+    config = dataclasses.replace(get_backend("qnnpack").default_config(), weight=QuantSpec(signed=True, symmetric=True,
+                                                                                           bits=4))
+    corrected = PassManager([BiasCorrection(data), PTQ(data, backend="qnnpack", config=config, progress=False)]).run(
+        model, data[0])
+    plain = PassManager([PTQ(data, backend="qnnpack", config=config, progress=False)]).run(model, data[0])
+    with torch.no_grad():
+        errors = [float(torch.cat([(qm(x) - model(x)).abs() for x in data]).max()) for qm in (plain, corrected)]
+    # The mean over all positions (+1.5) would pull the active outputs down to about 5.1.
+    assert errors[1] < 0.5 * errors[0], errors
