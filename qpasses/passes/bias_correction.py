@@ -13,6 +13,7 @@ from qpasses.graph.channels import constant_input_response, output_stats
 from qpasses.graph.links import activation_after, channel_bounds, find_links, link_activation
 from qpasses.nn import SamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+from qpasses.passes.lower import WEIGHT_QPARAMS_KEY
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.layerwise import Layer, annotation_of, collect_batches, sweep
 from qpasses.quant.lowering import fake_quantize_weight, weight_spec
@@ -97,7 +98,8 @@ class BiasCorrection(Pass):
 
     @staticmethod
     def _correct(gm: fx.GraphModule, layer: Layer) -> torch.Tensor:
-        weight = fake_quantize_weight(layer.module.weight, layer.spec)
+        # On the grid lowering will use: the one AdaRound pinned, if it ran.
+        weight = fake_quantize_weight(layer.module.weight, layer.spec, layer.node.meta.get(WEIGHT_QPARAMS_KEY))
         quantized = [layer.run(x, weight) for x in layer.quant_inputs]
         channels = torch.zeros(quantized[0].shape[1])
         activation = activation_after(gm, layer.node)
@@ -131,7 +133,7 @@ class BiasCorrection(Pass):
                 expected_input = _clipped_normal_mean(mean, std, *channel_bounds(gm, activation, mean))
             module = gm.get_submodule(node.target)
             spec = weight_spec(module, ann.pairs[node.name].weight)
-            error = fake_quantize_weight(module.weight, spec) - module.weight.detach()
+            error = fake_quantize_weight(module.weight, spec, node.meta.get(WEIGHT_QPARAMS_KEY)) - module.weight.detach()
             shift = constant_input_response(module, expected_input, weight=error)
             with torch.no_grad():
                 if module.bias is None:
