@@ -7,7 +7,12 @@ from torch import nn
 from qpasses import PassManager
 from qpasses.errors import PlanError
 from qpasses.passes import PTQ, BiasCorrection, FuseBN
+from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+from qpasses.passes.lower import WEIGHT_QPARAMS_KEY
 from qpasses.quant.backends import get_backend
+from qpasses.quant.layerwise import annotation_of
+from qpasses.quant.lowering import weight_qparams, weight_spec
+from qpasses.quant.ops import Role
 from qpasses.quant.spec import QuantSpec
 
 
@@ -58,6 +63,37 @@ def test_reduces_the_mean_output_error(analytical):
     assert names.index("Calibrate") < names.index("BiasCorrection") < names.index("Lower")
     record = pm.report.records[names.index("BiasCorrection")]
     assert record.stats["corrected"] == (2 if analytical else 3)  # analytical: layers after a folded BN only
+
+
+class PinCoarserWeightGrid(Pass):
+    """Stands in for AdaRound: pins, for lowering, another weight grid than the observed one (3× its scale)."""
+
+    stage = Stage.QUANTIZE
+    requires = frozenset({"calibrated"})
+    provides = frozenset({"weights_rounded"})
+
+    def run(self, gm, ctx: PassContext) -> PassResult:
+        ann = annotation_of(gm, self.name)
+        for node in gm.graph.nodes:
+            if ann.roles.get(node.name) is Role.COMPUTE:
+                module = gm.get_submodule(node.target)
+                scale, zero_point = weight_qparams(module.weight, weight_spec(module, ann.pairs[node.name].weight))
+                node.meta[WEIGHT_QPARAMS_KEY] = (scale * 3, zero_point)
+        return PassResult(gm, modified=True)
+
+
+@pytest.mark.parametrize("analytical", [False, True])
+def test_corrects_the_weight_grid_lowering_uses(analytical):
+    model = net()
+    calib, evals = batches(6, seed=1), batches(6, seed=2)
+
+    def quantize(*passes):
+        ptq = PTQ(calib, backend="qnnpack", config=w4a8(), progress=False)
+        return PassManager([FuseBN(), PinCoarserWeightGrid(), *passes, ptq]).run(model, calib[0])
+
+    plain, corrected = quantize(), quantize(BiasCorrection() if analytical else BiasCorrection(calib))
+    before, after = mean_output_error(model, plain, evals), mean_output_error(model, corrected, evals)
+    assert after < 0.5 * before, (before, after)
 
 
 def test_needs_a_quantization_pass_in_the_pipeline():
