@@ -113,8 +113,10 @@ class Results:
     runs with the same ``params`` are kept unless they belong to a setting this run measures, so settings can run
     as parallel processes; the section in BENCHMARKS.md (if ``write``) is rendered from the merged rows."""
 
-    def __init__(self, path: Path | None, params: dict, command: str, settings: list[str], write: bool):
+    def __init__(self, path: Path | None, params: dict, command: str, settings: list[str], write: bool,
+                 note: str | None = None):
         self.path, self.params, self.command, self.settings, self.write = path, params, command, settings, write
+        self.note = note  # a sentence for the section's header, kept in the file until another replaces it
         self.rows: list[dict] = []  # this run's
         self.merged: list[dict] = []  # this run's and the kept ones, in setting order
         self.update()  # refuses a file of other params before anything runs
@@ -136,6 +138,7 @@ class Results:
                 f.seek(0)
                 text = f.read()
                 saved = json.loads(text) if text else {"params": self.params, "rows": []}
+                self.note = self.note if self.note is not None else saved.get("note")
                 if saved["params"] != self.params:
                     raise SystemExit(f"{self.path} holds rows measured with {saved['params']}, this run uses "
                                      f"{self.params}; give another --results file")
@@ -143,19 +146,21 @@ class Results:
                 self.merged = sorted(kept + self.rows, key=lambda r: _setting_order(r["setting"]))
                 f.seek(0)
                 f.truncate()
-                f.write(json.dumps({"params": self.params, "rows": self.merged}, indent=1))
-                if self.write and self.rows:
+                f.write(json.dumps({"params": self.params, "note": self.note, "rows": self.merged}, indent=1))
+                if self.write and self.merged:
                     write_section("dfq", self.section())
             return
-        if self.write and self.rows:
+        if self.write and self.merged:
             write_section("dfq", self.section())
 
     def section(self) -> str:
         p = self.params
         machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
-        commands = ", ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in self.merged))
+        commands = "\n".join(f"- `{c}`" for c in dict.fromkeys(r["command"] for r in self.merged))
         return "\n\n".join([
-            f"## Data-free / data-light passes ({commands})",
+            "## Data-free / data-light passes (`python -m tools.bench.dfq`)",
+            f"Commands (settings as separate processes, rows merged with `--results`):\n\n{commands}",
+            *([self.note] if self.note else []),
             f"Machine: {machine}. Pretrained tf_efficientnet_lite0, {p['calib']} calibration crops, {p['eval']} "
             f"evaluation crops (other photo halves), {p['size']}×{p['size']}; AdaRound {p['iterations']} iterations "
             "per layer. Every pipeline starts with FuseBN and ends with PTQ (observers, calibration, int8 "
@@ -235,18 +240,28 @@ def main(argv: list[str] | None = None) -> None:
                         "with (rows of other settings measured with the same crops and iterations are kept)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--write", action="store_true", help="write the section even for a reduced run")
+    parser.add_argument("--note", help="a sentence for the section's header (e.g. why the run is reduced)")
+    parser.add_argument("--render", action="store_true", help="measure nothing: rewrite the section from the rows "
+                        "in --results")
     args = parser.parse_args(argv)
+    command = " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])])
+    if args.render:
+        if args.results is None or not args.results.exists():
+            parser.error("--render needs an existing --results file")
+        params = json.loads(args.results.read_text())["params"]
+        Results(args.results, params, command, [], write=True, note=args.note)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     size = args.size or (96 if args.quick else 224)
     n_calib, n_eval = args.calib or (16 if args.quick else 64), args.eval or (32 if args.quick else 128)
     iterations = args.iterations or (20 if args.quick else 200)
-    command = " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])])
     params = {"size": size, "calib": n_calib, "eval": n_eval, "iterations": iterations}
     settings = [setting_label(b, config_for(b, bits)) for bits in args.bits for b in args.backends]
     full = args.size is None and args.calib is None and args.eval is None and args.iterations is None
-    results = Results(args.results, params, command, settings, write=not args.quick and (full or args.write))
+    results = Results(args.results, params, command, settings, write=not args.quick and (full or args.write),
+                      note=args.note)
     photos = PhotoSet.make(n_calib, n_eval, size=size)
     measure(results, photos, iterations, args.bits, args.backends)
     print(results.section())
