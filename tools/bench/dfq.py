@@ -110,12 +110,13 @@ def pt2e_x86_inductor(model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
 
 class Results:
     """Measured rows. With a ``path``, after each row the file is updated under a lock: rows saved there by other
-    runs with the same ``params`` are kept unless they belong to a setting this run measures, so settings can run
-    as parallel processes; the section in BENCHMARKS.md (if ``write``) is rendered from the merged rows."""
+    runs with the same ``params`` are kept unless this run ``owns`` them (it measures their setting and pipeline),
+    so settings and pipelines can run as parallel processes; the section in BENCHMARKS.md (if ``write``) is
+    rendered from the merged rows."""
 
-    def __init__(self, path: Path | None, params: dict, command: str, settings: list[str], write: bool,
+    def __init__(self, path: Path | None, params: dict, command: str, owns: Callable[[dict], bool], write: bool,
                  note: str | None = None):
-        self.path, self.params, self.command, self.settings, self.write = path, params, command, settings, write
+        self.path, self.params, self.command, self.owns, self.write = path, params, command, owns, write
         self.note = note  # a sentence for the section's header, kept in the file until another replaces it
         self.rows: list[dict] = []  # this run's
         self.merged: list[dict] = []  # this run's and the kept ones, in setting order
@@ -142,7 +143,7 @@ class Results:
                 if saved["params"] != self.params:
                     raise SystemExit(f"{self.path} holds rows measured with {saved['params']}, this run uses "
                                      f"{self.params}; give another --results file")
-                kept = [r for r in saved["rows"] if r["setting"] not in self.settings]
+                kept = [r for r in saved["rows"] if not self.owns(r)]
                 self.merged = sorted(kept + self.rows, key=lambda r: _setting_order(r["setting"]))
                 f.seek(0)
                 f.truncate()
@@ -195,19 +196,26 @@ class Results:
         return markdown_table(HEADER, lines)
 
 
-def measure(results: Results, photos: PhotoSet, iterations: int, weight_bits: list[int],
-            backends: list[str]) -> None:
+def selection(row: dict) -> str:
+    """The ``--pipelines`` name of a row: its pipeline's label, or 'reference' for the reference tools."""
+    return "reference" if row["reference"] else row["pipeline"]
+
+
+def measure(results: Results, photos: PhotoSet, iterations: int, weight_bits: list[int], backends: list[str],
+            selected: list[str] | None) -> None:
     model = pretrained_lite0("tf_efficientnet_lite0")
     for bits in weight_bits:
         for backend in backends:
             config = config_for(backend, bits)
             setting = setting_label(backend, config)
             for label, passes in pipelines(photos.calib, iterations):
+                if selected is not None and label not in selected:
+                    continue
                 built, seconds, error = timed(lambda p=passes, b=backend, c=config: quantize(model, p(), photos.calib,
                                                                                                b, c))
                 results.add(setting, label, seconds, error, None if built is None else
                             fidelity(model, built, photos.evals))
-            if bits == 8:
+            if bits == 8 and (selected is None or "reference" in selected):
                 reference(results, setting, backend, photos)
 
 
@@ -238,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="settings to run (default: qnnpack x86 onednn)")
     parser.add_argument("--results", type=Path, help="JSON file the rows are saved to after each one and merged "
                         "with (rows of other settings measured with the same crops and iterations are kept)")
+    parser.add_argument("--pipelines", nargs="+", choices=[label for label, _ in pipelines([], 1)] + ["reference"],
+                        help="rows to run (default: all; 'reference': the other tools, at W8)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--write", action="store_true", help="write the section even for a reduced run")
     parser.add_argument("--note", help="a sentence for the section's header (e.g. why the run is reduced)")
@@ -249,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.results is None or not args.results.exists():
             parser.error("--render needs an existing --results file")
         params = json.loads(args.results.read_text())["params"]
-        Results(args.results, params, command, [], write=True, note=args.note)
+        Results(args.results, params, command, lambda row: False, write=True, note=args.note)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -259,11 +269,15 @@ def main(argv: list[str] | None = None) -> None:
     iterations = args.iterations or (20 if args.quick else 200)
     params = {"size": size, "calib": n_calib, "eval": n_eval, "iterations": iterations}
     settings = [setting_label(b, config_for(b, bits)) for bits in args.bits for b in args.backends]
+
+    def owns(row: dict) -> bool:
+        return row["setting"] in settings and (args.pipelines is None or selection(row) in args.pipelines)
+
     full = args.size is None and args.calib is None and args.eval is None and args.iterations is None
-    results = Results(args.results, params, command, settings, write=not args.quick and (full or args.write),
+    results = Results(args.results, params, command, owns, write=not args.quick and (full or args.write),
                       note=args.note)
     photos = PhotoSet.make(n_calib, n_eval, size=size)
-    measure(results, photos, iterations, args.bits, args.backends)
+    measure(results, photos, iterations, args.bits, args.backends, args.pipelines)
     print(results.section())
 
 
