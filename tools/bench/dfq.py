@@ -20,6 +20,7 @@ import copy
 import fcntl
 import json
 import platform
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--render", action="store_true", help="measure nothing: rewrite the section from the rows "
                         "in --results")
     args = parser.parse_args(argv)
-    command = " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join([COMMAND, shlex.join(argv if argv is not None else sys.argv[1:])])
     if args.render:
         if args.results is None or not args.results.exists():
             parser.error("--render needs an existing --results file")
