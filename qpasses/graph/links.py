@@ -84,6 +84,14 @@ def channel_bounds(gm: fx.GraphModule, node: fx.Node, like: torch.Tensor) -> tup
     return torch.full_like(like, lo), torch.full_like(like, hi)
 
 
+def activation_after(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The ReLU or clamp-like op that is the only reader of ``node``'s output, or None."""
+    users = list(node.users)
+    if len(users) == 1 and (is_relu(gm, users[0]) or clamp_like(gm, users[0])):
+        return users[0]
+    return None
+
+
 def link_activation(gm: fx.GraphModule, link: Link, also: tuple[type[nn.Module], ...] = ()) -> fx.Node | None:
     """The one ReLU or clamp-like op of ``link`` when everything else between is identity-like (identity,
     dropout, flatten, or a module of ``also``); None otherwise."""

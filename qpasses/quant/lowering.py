@@ -180,9 +180,12 @@ def weight_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor,
     return observer.qparams()
 
 
-def fake_quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """``weight`` rounded to the grid lowering will put it on, as float (for simulating the int8 model)."""
-    return on_grid(weight.detach().float(), *weight_qparams(weight, spec), spec)
+def fake_quantize_weight(weight: torch.Tensor, spec: QuantSpec,
+                         qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``weight`` rounded to the grid lowering will put it on (``qparams`` if given, as for ``quantize_weight``),
+    as float (for simulating the int8 model)."""
+    scale, zero_point = qparams if qparams is not None else weight_qparams(weight, spec)
+    return on_grid(weight.detach().float(), scale, zero_point, spec)
 
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec,

@@ -218,8 +218,16 @@ class QuantConfig:
         An activation's ``reduce_range`` is kept only while the new grids could still overflow an int16
         pair sum (``int16_pair_sum_overflows``): below 8 bits it would only throw away a bit.
         """
-        weight = self.weight.replace(bits=bits)
-        activation = self.activation.replace(bits=bits, reduce_range=False)
+        return self._regridded(self.weight.replace(bits=bits), self.activation.replace(bits=bits))
+
+    def with_weight_bits(self, bits: int) -> QuantConfig:
+        """The same config with the global weight spec at ``bits`` bits and activations as they are (W4A8 from
+        W8A8); overrides and ``reduce_range`` as in ``with_bits``, so 4-bit weights give x86 back its 8th
+        activation bit."""
+        return self._regridded(self.weight.replace(bits=bits), self.activation)
+
+    def _regridded(self, weight: QuantSpec, activation: QuantSpec) -> QuantConfig:
+        activation = activation.replace(reduce_range=False)
         if self.activation.reduce_range and int16_pair_sum_overflows(activation, weight):
             activation = activation.replace(reduce_range=True)
         return dataclasses.replace(

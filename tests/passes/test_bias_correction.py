@@ -7,7 +7,13 @@ from torch import nn
 from qpasses import PassManager
 from qpasses.errors import PlanError
 from qpasses.passes import PTQ, BiasCorrection, FuseBN
+from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+from qpasses.passes.lower import WEIGHT_QPARAMS_KEY
 from qpasses.quant.backends import get_backend
+from qpasses.quant.layerwise import annotation_of
+from qpasses.quant.lowering import weight_qparams, weight_spec
+from qpasses.quant.ops import Role
+from qpasses.quant.spec import QuantSpec
 
 
 def net() -> nn.Sequential:
@@ -59,6 +65,66 @@ def test_reduces_the_mean_output_error(analytical):
     assert record.stats["corrected"] == (2 if analytical else 3)  # analytical: layers after a folded BN only
 
 
+class PinCoarserWeightGrid(Pass):
+    """Stands in for AdaRound: pins, for lowering, another weight grid than the observed one (3× its scale)."""
+
+    stage = Stage.QUANTIZE
+    requires = frozenset({"calibrated"})
+    provides = frozenset({"weights_rounded"})
+
+    def run(self, gm, ctx: PassContext) -> PassResult:
+        ann = annotation_of(gm, self.name)
+        for node in gm.graph.nodes:
+            if ann.roles.get(node.name) is Role.COMPUTE:
+                module = gm.get_submodule(node.target)
+                scale, zero_point = weight_qparams(module.weight, weight_spec(module, ann.pairs[node.name].weight))
+                node.meta[WEIGHT_QPARAMS_KEY] = (scale * 3, zero_point)
+        return PassResult(gm, modified=True)
+
+
+@pytest.mark.parametrize("analytical", [False, True])
+def test_corrects_the_weight_grid_lowering_uses(analytical):
+    model = net()
+    calib, evals = batches(6, seed=1), batches(6, seed=2)
+
+    def quantize(*passes):
+        ptq = PTQ(calib, backend="qnnpack", config=w4a8(), progress=False)
+        return PassManager([FuseBN(), PinCoarserWeightGrid(), *passes, ptq]).run(model, calib[0])
+
+    plain, corrected = quantize(), quantize(BiasCorrection() if analytical else BiasCorrection(calib))
+    before, after = mean_output_error(model, plain, evals), mean_output_error(model, corrected, evals)
+    assert after < 0.5 * before, (before, after)
+
+
 def test_needs_a_quantization_pass_in_the_pipeline():
     with pytest.raises(PlanError, match="calibrated"):
         PassManager([FuseBN(), BiasCorrection()]).plan(net())
+
+
+def mostly_inactive():
+    """A 1×1 conv + ReLU whose output channel is clipped at 90% of the positions. On the 4-bit grid (scale
+    7 / 7.5) its weights −3.9 and 7 become −3.73 and 6.53. Clipped positions: input (10, 0), pre-activation
+    −39 → −37.3 (+1.7, which ReLU discards). Active ones: input (0, 1), output 7 → 6.53 (−0.47)."""
+    model = nn.Sequential(nn.Conv2d(2, 1, 1), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([-3.9, 7.0]).reshape(1, 2, 1, 1))
+        model[0].bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(4):
+        active = torch.rand(4, 1, 8, 8, generator=g) < 0.1
+        data.append(torch.cat([(~active) * 10.0, active * 1.0], dim=1))
+    return model, data
+
+
+def test_empirical_correction_ignores_errors_the_activation_clips():
+    model, data = mostly_inactive()
+    config = dataclasses.replace(get_backend("qnnpack").default_config(), weight=QuantSpec(signed=True, symmetric=True,
+                                                                                           bits=4))
+    corrected = PassManager([BiasCorrection(data), PTQ(data, backend="qnnpack", config=config, progress=False)]).run(
+        model, data[0])
+    plain = PassManager([PTQ(data, backend="qnnpack", config=config, progress=False)]).run(model, data[0])
+    with torch.no_grad():
+        errors = [float(torch.cat([(qm(x) - model(x)).abs() for x in data]).max()) for qm in (plain, corrected)]
+    # The mean over all positions (+1.5) would pull the active outputs down to about 5.1.
+    assert errors[1] < 0.5 * errors[0], errors

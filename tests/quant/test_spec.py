@@ -203,3 +203,15 @@ def test_with_bits():
     assert config.with_bits(8).activation.reduce_range  # 8 bits still overflows an int16 pair sum
     four.keep_float.add("x")
     assert config.keep_float == {"fc"}
+
+
+def test_with_weight_bits_keeps_activations_and_drops_reduce_range_once_it_cannot_overflow():
+    w = QuantSpec(signed=True, symmetric=True, axis=0)
+    a = QuantSpec(signed=False, symmetric=False, reduce_range=True, observer="mse")
+    config = QuantConfig(weight=w, activation=a, keep_float={"fc"})
+    four = config.with_weight_bits(4)
+    assert four.weight.bits == 4 and four.weight.axis == 0
+    assert four.activation == a.replace(reduce_range=False)  # W4A8: 2·255·8 fits an int16 pair sum
+    assert four.activation.quant_max == 255
+    assert config.with_weight_bits(8).activation == a
+    assert four.keep_float == {"fc"} and four.keep_float is not config.keep_float
