@@ -27,7 +27,8 @@ class RoundingResult:
     layer: str
     nearest: float  # with round-to-nearest weights
     learned: float  # with the learned rounding
-    flipped: int  # weights rounded the other way than nearest
+    flipped: int  # weights rounded the other way than nearest (0 when nearest was kept)
+    kept: bool  # the learned rounding was kept (False: it reconstructed worse, nearest was kept)
 
 
 def _per_channel(t: torch.Tensor, weight: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -55,7 +56,8 @@ class AdaRound(Pass):
     layers already rounded; ``W x``: the float model's output) ``+ λ Σ (1 − |2h(V) − 1|^β)``, the regulariser
     off for the first ``warmup`` fraction of ``iterations``, then with ``β`` annealed from ``beta[0]`` to
     ``beta[1]`` (cosine), pushing every ``h`` to 0 or 1. The result ``⌊w/s⌋ + [h ≥ ½]`` is one of the two
-    grid points next to ``w``, within the layer's code range.
+    grid points next to ``w``, within the layer's code range. A layer whose learned rounding reconstructs
+    worse than round-to-nearest on the calibration batches (too few iterations) keeps round-to-nearest.
 
     The rounded weights are stored on their grid and the grid's qparams in ``node.meta['weight_qparams']``,
     which lowering uses, so its round-to-nearest keeps them; the weights that set each channel's min and
@@ -85,9 +87,10 @@ class AdaRound(Pass):
         generator = torch.Generator().manual_seed(self.seed)
         ctx.stats["layers"] = sweep(gm, ann, batches, lambda layer: self._round(layer, generator, results))
         ctx.stats["flipped"] = sum(r.flipped for r in results)
-        better = sum(r.learned <= r.nearest for r in results)
-        ctx.note(f"{better} of {len(results)} layer(s) reconstruct at least as well as round-to-nearest; "
-                 f"total error {sum(r.nearest for r in results):.4g} → {sum(r.learned for r in results):.4g}")
+        kept = sum(r.kept for r in results)
+        ctx.note(f"{kept} of {len(results)} layer(s) keep the learned rounding (the others reconstructed worse "
+                 f"than round-to-nearest and keep it); total error {sum(r.nearest for r in results):.4g} → "
+                 f"{sum(min(r.learned, r.nearest) for r in results):.4g}")
         gm.meta[ADAROUND_REPORT_KEY] = results
         return PassResult(gm, modified=True)
 
@@ -142,8 +145,11 @@ class AdaRound(Pass):
                                   spec.quant_max - zero_point) * scale  # what lowering alone would do
             extremes = (weight == high) | (weight == low)
             final = torch.where(extremes, nearest, learned)
-            results.append(RoundingResult(layer.node.target, self._error(layer, nearest), self._error(layer, final),
-                                          int((final != nearest).sum())))
+            nearest_error, learned_error = self._error(layer, nearest), self._error(layer, final)
+            if learned_error > nearest_error:  # too few iterations to beat nearest here: keep nearest
+                final, learned = nearest, nearest
+            results.append(RoundingResult(layer.node.target, nearest_error, learned_error,
+                                          int((final != nearest).sum()), kept=final is not nearest))
             layer.module.weight.copy_(torch.where(extremes, weight, learned))
         return final
 

@@ -73,3 +73,23 @@ def test_improves_4_bit_weights_end_to_end_and_composes_with_bias_correction():
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="iterations"):
         AdaRound([], iterations=0)
+
+
+def test_a_layer_whose_learned_rounding_reconstructs_worse_keeps_round_to_nearest():
+    model = net()
+    calib = batches(4, seed=1)
+    cfg = config("x86", 4)
+    # A huge step and no regulariser: the learned rounding is noise, worse than nearest in some layer.
+    pm = PassManager([FuseBN(), AdaRound(calib, iterations=3, lr=50.0, regularization=0.0, progress=False),
+                      PTQ(calib, backend="x86", config=cfg, progress=False)])
+    qm = pm.run(model, calib[0])
+    results = qm.meta[ADAROUND_REPORT_KEY]
+    reverted = [r for r in results if not r.kept]
+    assert reverted and all(r.learned > r.nearest and r.flipped == 0 for r in reverted)
+    for r in reverted:
+        float_weight = model.get_submodule(r.layer).weight.detach()
+        scale, zero_point = weight_qparams(float_weight, cfg.weight)
+        shape = [-1] + [1] * (float_weight.dim() - 1)
+        nearest = torch.clamp(torch.round(float_weight / scale.reshape(shape)) + zero_point.reshape(shape),
+                              cfg.weight.quant_min, cfg.weight.quant_max)
+        assert torch.equal(qm.get_submodule(r.layer).weight().int_repr().float(), nearest)
