@@ -17,9 +17,10 @@ from qpasses.graph.modules import set_module
 from qpasses.passes.base import PassContext
 from qpasses.passes.insert_fake_quant import FROM_STEPS_METHOD, TO_STEPS_METHOD
 from qpasses.passes.insert_observers import ANNOTATION_KEY
-from qpasses.passes.lower import WEIGHT_QPARAMS_KEY, Lower
+from qpasses.passes.lower import Lower
 from qpasses.passes.manager import PROPERTIES_KEY, TRAINABLE
 from qpasses.quant.fake_quant import FakeQuantize
+from qpasses.quant.lowering import WEIGHT_QPARAMS_KEY
 from qpasses.quant.qat_modules import QATModule
 
 __all__ = ["convert", "disable_fake_quant", "enable_fake_quant", "freeze_bn_stats", "freeze_observers"]

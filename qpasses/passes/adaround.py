@@ -11,9 +11,8 @@ import torch.fx as fx
 
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import progress
-from qpasses.passes.lower import WEIGHT_QPARAMS_KEY
 from qpasses.quant.layerwise import Layer, annotation_of, collect_batches, sweep
-from qpasses.quant.lowering import weight_qparams
+from qpasses.quant.lowering import WEIGHT_QPARAMS_KEY, weight_qparams
 
 ADAROUND_REPORT_KEY = "qpasses_adaround"
 # Stretch of the rectified sigmoid, from the paper: h(V) = clamp(sigmoid(V)·(ζ − γ) + γ, 0, 1).

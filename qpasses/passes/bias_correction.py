@@ -13,10 +13,9 @@ from qpasses.graph.channels import constant_input_response, output_stats
 from qpasses.graph.links import activation_after, channel_bounds, find_links, link_activation
 from qpasses.nn import SamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
-from qpasses.passes.lower import WEIGHT_QPARAMS_KEY
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.layerwise import Layer, annotation_of, collect_batches, sweep
-from qpasses.quant.lowering import fake_quantize_weight, weight_spec
+from qpasses.quant.lowering import WEIGHT_QPARAMS_KEY, fake_quantize_weight, weight_spec
 from qpasses.quant.observers import Observer
 from qpasses.quant.ops import Role
 

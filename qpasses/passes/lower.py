@@ -21,7 +21,6 @@ from qpasses.quant.observers import Observer
 from qpasses.quant.ops import Role
 
 _SHAPE_QUERIES = ("size", "dim")
-WEIGHT_QPARAMS_KEY = "weight_qparams"
 # qnnpack's quantized clamp returns wrong values on channels-last tensors (its convs' output layout);
 # measured on torch 2.14.1: up to the whole range off, exact once contiguous.
 _CLAMP_NEEDS_CONTIGUOUS = ("qnnpack",)
@@ -210,7 +209,7 @@ class _Lowering:
         module = self.symmetric_same_padding(node, self.gm.get_submodule(node.target), scale, zero_point)
         # qpasses.convert() puts the weight qparams QAT trained with there; PTQ observes the weight here.
         qmodule = lowering.quantized_compute(module, self.ann.pairs[node.name].weight, scale, zero_point,
-                                             node.meta.get(WEIGHT_QPARAMS_KEY))
+                                             node.meta.get(lowering.WEIGHT_QPARAMS_KEY))
         self.replace_module(node.target, qmodule)
         self.mark_int8(node, scale, zero_point)
         self.ctx.stats["int8_" + type(module).__name__.lower()] += 1

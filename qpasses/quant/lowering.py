@@ -19,6 +19,10 @@ from qpasses.graph.modules import unique_name
 from qpasses.quant.observers import make_observer
 from qpasses.quant.spec import QuantSpec
 
+# node.meta key: a conv/linear's weight (scale, zero_point) pinned by a pass that rounded on that grid
+# (AdaRound, QAT's convert); lowering and bias correction quantize the weight at exactly these.
+WEIGHT_QPARAMS_KEY = "weight_qparams"
+
 
 def _rebuild_packed(cls: type, engine: str, args: tuple) -> nn.Module:
     with quantized_engine(engine):

@@ -8,10 +8,9 @@ from qpasses import PassManager
 from qpasses.errors import PlanError
 from qpasses.passes import PTQ, BiasCorrection, FuseBN
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
-from qpasses.passes.lower import WEIGHT_QPARAMS_KEY
 from qpasses.quant.backends import get_backend
 from qpasses.quant.layerwise import annotation_of
-from qpasses.quant.lowering import weight_qparams, weight_spec
+from qpasses.quant.lowering import WEIGHT_QPARAMS_KEY, weight_qparams, weight_spec
 from qpasses.quant.ops import Role
 from qpasses.quant.spec import QuantSpec
 
