@@ -58,7 +58,8 @@ def onnx(qmodel: fx.GraphModule, example_inputs: Any, path: str | Path, reduce_r
 
     ``reduce_range``: how 7-bit activation ranges (fbgemm's reduce_range) are written: ``"keep"`` exactly
     (QuantizeLinear → Clip(0, 127) → DequantizeLinear, same results as qpasses), ``"widen"`` as the same real
-    interval on 256 codes (finer steps; ONNX Runtime's kernels have no 7-bit limit). Weights are stored as their
+    interval on 256 codes (finer steps; ONNX Runtime's kernels have no 7-bit limit). x86's ``headroom`` grids
+    (7-bit steps, codes up to 255, no clamp) are plain 8-bit QDQ either way. Weights are stored as their
     int8 codes. Input shapes are fixed to ``example_inputs``' (TF 'SAME' padding depends on them). Needs the
     ``export`` extra (onnx).
     """

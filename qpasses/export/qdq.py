@@ -13,6 +13,7 @@ Narrow code ranges. ONNX QDQ knows only the full 8-bit ranges, so:
     ``reduce_range="widen"``, as the same real interval spread over 256 codes:
     ``s' = 127 s / 255``, ``z' = round(z · 255 / 127)``. The 7-bit limit comes from fbgemm's saturating
     ``vpmaddubsw``; ONNX Runtime's int8 kernels do not need it, so widening halves the rounding step.
+    x86's ``headroom`` grids (7-bit steps, codes running on to 255) have no clamp and export as they run.
   - other ranges (sub-8-bit, reduce_range on signed codes, narrow_range) export exactly as the 8-bit QDQ
     pair followed by a float Clip to the range's real bounds.
 """

@@ -87,8 +87,21 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig) -> Annot
                 if is_tensor_node(arg) and not quantized[arg] and arg.name not in ann.observe:
                     ann.observe[arg.name] = ann.pairs[node.name].activation
     _share_cat_observers(gm, ann)
+    _clip_at_range_where_activation_is_bounded(gm, ann)
     _full_range_where_no_gemm_reads(gm, ann)
     return ann
+
+
+def _clip_at_range_where_activation_is_bounded(gm: fx.GraphModule, ann: Annotation) -> None:
+    """A folded activation with an upper bound (ReLU6, hardtanh, clamp) runs as its value's grid clipping at
+    the top of the observed range; ``headroom`` would let codes run on past it, so such a value (and the
+    cat group sharing its grid) clips at its range."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    bounded = [a for a in ann.fused if a in ann.observe and clamp_bounds(gm, nodes[a])[1] is not None]
+    owners = {ann.shared.get(name, name) for name in bounded}
+    for name, spec in list(ann.observe.items()):
+        if spec.headroom and ann.shared.get(name, name) in owners:
+            ann.observe[name] = spec.replace(headroom=False)
 
 
 def _feeds_gemm(node: fx.Node, ann: Annotation) -> bool:
@@ -135,7 +148,9 @@ def _fuse_or_preserve(gm: fx.GraphModule, node: fx.Node, ann: Annotation) -> Rol
     inputs = node.all_input_nodes
     lo, hi = clamp_bounds(gm, node)
     numeric = all(b is None or isinstance(b, int | float) for b in (lo, hi))
-    if len(inputs) == 1 and numeric:
+    # Every grid holds 0, so its saturation can stand in only for bounds on either side of 0.
+    grid_can_clip = numeric and (lo is None or lo <= 0) and (hi is None or hi >= 0)
+    if len(inputs) == 1 and grid_can_clip:
         producer = inputs[0]
         if ann.roles.get(producer.name) in REQUANTIZING and len(producer.users) == 1 and producer.name not in ann.fused.values():
             ann.fused[node.name] = producer.name

@@ -111,7 +111,7 @@ class FakeQuantize(MovingAverageMinMaxObserver):
         if not self.fake_quant_enabled:
             return steps
         scale, zero_point = self._grid(steps)
-        exact = (torch.clamp(torch.round(steps) + zero_point, self.spec.quant_min, self.spec.quant_max)
+        exact = (torch.clamp(torch.round(steps) + zero_point, self.spec.code_min, self.spec.code_max)
                  - zero_point) * scale
         simulated = self.fake_quantize(steps * scale)
         return simulated + (exact - simulated).detach()
@@ -123,7 +123,7 @@ class FakeQuantize(MovingAverageMinMaxObserver):
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero_point = self.qparams()
-        qmin, qmax = self.spec.quant_min, self.spec.quant_max
+        qmin, qmax = self.spec.code_min, self.spec.code_max
         if self.spec.per_channel:
             return torch.fake_quantize_per_channel_affine(
                 x, scale, zero_point.to(torch.int32), self.spec.axis, qmin, qmax
@@ -193,7 +193,7 @@ class LearnableFakeQuantize(FakeQuantize):
         scale = _broadcast(scale, x, self.spec)
         zero_point = _broadcast(round_ste(self.zero_point.clamp(qmin, qmax)), x, self.spec)
         # Clamping before rounding decides clipping on x / s + z, as LSQ does (round∘clamp = clamp∘round).
-        codes = round_ste(torch.clamp(x / scale + zero_point, qmin, qmax))
+        codes = round_ste(torch.clamp(x / scale + zero_point, self.spec.code_min, self.spec.code_max))
         return (codes - zero_point) * scale
 
     def extra_repr(self) -> str:

@@ -160,12 +160,13 @@ def select_engine_first(gm: fx.GraphModule, engine: str) -> None:
 
 
 def on_grid(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize-dequantize onto the n-bit grid ``[quant_min, quant_max]`` (per channel along ``spec.axis``)."""
+    """Quantize-dequantize onto the n-bit grid, codes clipped to ``[code_min, code_max]`` (per channel along
+    ``spec.axis``)."""
     if spec.per_channel:
         shape = [1] * x.dim()
         shape[spec.axis] = -1
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-    codes = torch.clamp(torch.round(x / scale) + zero_point, spec.quant_min, spec.quant_max)
+    codes = torch.clamp(torch.round(x / scale) + zero_point, spec.code_min, spec.code_max)
     return (codes - zero_point) * scale
 
 
@@ -251,9 +252,9 @@ def code_range(scale: float, zero_point: int, spec: QuantSpec) -> tuple[float, f
     """The real (min, max) of the spec's codes when they are narrower than the 8-bit container, else None.
 
     Clamping a quantized tensor to it executes n-bit (or reduce_range 7-bit) quantization exactly
-    with 8-bit kernels.
+    with 8-bit kernels; a ``headroom`` reduce_range grid clips at the container and needs no clamp.
     """
     info = torch.iinfo(torch.uint8 if spec.dtype == torch.quint8 else torch.int8)
-    if spec.quant_min <= info.min and spec.quant_max >= info.max:
+    if spec.code_min <= info.min and spec.code_max >= info.max:
         return None
-    return (spec.quant_min - zero_point) * scale, (spec.quant_max - zero_point) * scale
+    return (spec.code_min - zero_point) * scale, (spec.code_max - zero_point) * scale

@@ -30,6 +30,13 @@ class QuantSpec:
     ``reduce_range`` exists for fbgemm's u8×s8 kernels on CPUs without VNNI, where ``vpmaddubsw`` adds
     two u8·s8 products into a saturating int16: ``2·255·128 > 32767``, ``2·127·128 ≤ 32767``.
 
+    ``headroom`` (with ``reduce_range`` only) keeps the reduced grid's step but lets codes past the observed
+    range run on to the full ``bits``-bit range (``[0, 255]`` for u8), as torch.ao's x86 default does: values
+    within the observed range are exactly as with ``reduce_range`` alone, values past it are clipped later,
+    and the int8 kernels need no clamp of the codes (the container clips). The price: on CPUs without VNNI
+    the codes past 127 can saturate fbgemm's int16 pair sums. ``quant_min``/``quant_max`` is the grid the
+    range is observed and the scale computed on; ``code_min``/``code_max`` is where codes are clipped.
+
     ``axis`` None quantizes per tensor, else per channel along ``axis``. ``observer`` picks how the
     range is measured (``minmax``, ``moving_average``, ``percentile``/``histogram``, ``entropy``, ``mse``);
     ``percentile`` is the clipping percentile of the percentile observer, ``averaging_constant`` the EMA
@@ -44,6 +51,7 @@ class QuantSpec:
     percentile: float = 99.99
     averaging_constant: float = 0.01
     reduce_range: bool = False
+    headroom: bool = False
     narrow_range: bool = False
 
     def __post_init__(self) -> None:
@@ -92,6 +100,14 @@ class QuantSpec:
         return 2**bits - 1 if not self.signed else 2 ** (bits - 1) - 1
 
     @property
+    def code_min(self) -> int:
+        return self.replace(reduce_range=False).quant_min if self.reduce_range and self.headroom else self.quant_min
+
+    @property
+    def code_max(self) -> int:
+        return self.replace(reduce_range=False).quant_max if self.reduce_range and self.headroom else self.quant_max
+
+    @property
     def dtype(self) -> torch.dtype:
         return torch.qint8 if self.signed else torch.quint8
 
@@ -114,7 +130,8 @@ class QuantSpec:
         grid = "sym" if self.symmetric else "affine"
         where = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
         flags = "".join(f" {f}" for f in ("reduce_range", "narrow_range") if getattr(self, f))
-        return f"{kind} {grid} {where} [{self.quant_min}, {self.quant_max}] {self.observer}{flags}"
+        codes = f" codes [{self.code_min}, {self.code_max}]" if self.reduce_range and self.headroom else ""
+        return f"{kind} {grid} {where} [{self.quant_min}, {self.quant_max}]{codes} {self.observer}{flags}"
 
 
 def compute_qparams(

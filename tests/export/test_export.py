@@ -27,7 +27,7 @@ def batches(shape, n=4, seed=0):
 
 
 def quantized(backend, shape=(2, 3, 32, 32), model=None, bits=None):
-    """The backend's preset (per-channel weights and 7-bit activations on x86, per-tensor on qnnpack) with
+    """The backend's preset (per-channel weights and 7-bit activations on x86/fbgemm, per-tensor on qnnpack) with
     min/max activation observers, which calibrate much faster than the preset's MSE search."""
     torch.manual_seed(0)
     model = randomize_bn(model or RandomNet(BLOCKS)).eval()
@@ -101,7 +101,7 @@ def test_qdq_view_is_the_lowered_model_in_float(backend):
 
 
 def test_onnx_qdq_nodes_carry_qpasses_scales_per_channel_and_7_bit_clips(tmp_path):
-    qm = quantized("x86")
+    qm = quantized("fbgemm")
     x = batches((1, 3, 32, 32), n=1, seed=3)[0]
     model = onnx.load(str(export_onnx(qm, x, tmp_path / "m.onnx")))
     values = constants(model)
@@ -127,7 +127,7 @@ def test_onnx_qdq_nodes_carry_qpasses_scales_per_channel_and_7_bit_clips(tmp_pat
 
 
 def test_widened_7_bit_ranges_cover_the_same_interval_on_256_codes(tmp_path):
-    qm = quantized("x86")
+    qm = quantized("fbgemm")
     x = batches((1, 3, 32, 32), n=1, seed=3)[0]
     model = onnx.load(str(export_onnx(qm, x, tmp_path / "w.onnx", reduce_range="widen")))
     values = constants(model)
@@ -142,12 +142,13 @@ def test_widened_7_bit_ranges_cover_the_same_interval_on_256_codes(tmp_path):
     assert (255 - widened_zero_point) * widened_scale == pytest.approx(hi, abs=widened_scale)
 
 
-@pytest.mark.parametrize(("backend", "reduce_range", "size"), [("x86", "keep", 32), ("x86", "widen", 48),
+@pytest.mark.parametrize(("backend", "reduce_range", "size"), [("x86", "keep", 32), ("fbgemm", "keep", 32),
+                                                               ("fbgemm", "widen", 48),
                                                                ("qnnpack", "keep", 64)])
 def test_onnx_runtime_matches_the_fake_quant_model_within_two_steps(backend, reduce_range, size, tmp_path):
     qm = quantized(backend, (2, 3, size, size))
     weight = qm.head.weight()
-    assert (weight.qscheme() == torch.per_channel_affine) == (backend == "x86")
+    assert (weight.qscheme() == torch.per_channel_affine) == (backend != "qnnpack")
     x = batches((1, 3, size, size), n=1, seed=11)[0]
     path = export_onnx(qm, x, tmp_path / "m.onnx", reduce_range=reduce_range)
     optimized = tmp_path / "opt.onnx"
@@ -182,7 +183,7 @@ def test_a_clamp_moved_after_a_max_pool_narrows_the_grid_of_the_conv_before_it()
         def forward(self, x):
             return self.head(self.pool(torch.relu(self.stem(x))))
 
-    qm = quantized("x86", (2, 3, 16, 16), model=Stem())
+    qm = quantized("fbgemm", (2, 3, 16, 16), model=Stem())
     x = batches((1, 3, 16, 16), n=1, seed=3)[0]
     pool = next(n for n in qm.graph.nodes if n.target == "pool")
     assert next(iter(pool.users)).target is torch.clamp  # Lower runs the 7-bit clamp after the pool

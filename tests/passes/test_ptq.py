@@ -69,7 +69,8 @@ def test_relu6_is_folded_into_the_output_range(backend):
     assert nn.ReLU6 not in module_types(qm)
     x = calibration((2, 3, 8, 8), seed=5)[0]
     out = qm(x)
-    assert float(out.min()) >= 0.0 and float(out.max()) <= 6.0 + 1e-6
+    beyond = qm(x * 3)  # past the calibrated range: x86's headroom must not carry codes past 6
+    assert float(out.min()) >= 0.0 and float(beyond.max()) <= 6.0 + 1e-6
     scale = [r for r in pm.report.records if r.name == "InsertObservers"][0]
     assert scale.stats["fused_activations"] == 1
     # quantizing before ReLU6 would spread 256 codes over the ±100s pre-activation range
@@ -314,7 +315,7 @@ class StemPoolNet(nn.Module):
 
 def test_reduce_range_clamp_runs_after_the_max_pool_with_the_same_codes():
     torch.manual_seed(0)
-    qm, _ = quantize(StemPoolNet().eval(), (2, 3, 16, 16))
+    qm, _ = quantize(StemPoolNet().eval(), (2, 3, 16, 16), "fbgemm")
     pool = next(n for n in qm.graph.nodes if n.target == "pool")
     clamp = next(iter(pool.users))
     assert clamp.target is torch.clamp and clamp.args[0] is pool  # the clamp reads 4× fewer codes
@@ -335,6 +336,45 @@ def test_reduce_range_clamp_runs_after_the_max_pool_with_the_same_codes():
     stem_codes = qm.stem(qm.x_quant(x).clamp(*next(n for n in qm.graph.nodes if n.target is torch.clamp).args[1:]))
     assert int(stem_codes.int_repr().max()) > 127
     assert torch.equal(qm(x), before(x))
+
+
+def clamps(gm):
+    return [n for n in gm.graph.nodes if n.target is torch.clamp]
+
+
+def test_x86_headroom_needs_no_clamp_and_equals_fbgemm_inside_the_range():
+    torch.manual_seed(0)
+    model = StemPoolNet().eval()
+    x86, _ = quantize(model, (2, 3, 16, 16), "x86")
+    fbgemm, _ = quantize(model, (2, 3, 16, 16), "fbgemm")
+    assert not clamps(x86) and clamps(fbgemm)
+    # same observers, same 7-bit steps: identical wherever no code passes 127
+    inside = calibration((2, 3, 16, 16), seed=3)[0] * 0.25
+    assert torch.equal(x86(inside), fbgemm(inside))
+    beyond = calibration((2, 3, 16, 16), seed=3)[0] * 3
+    stem_codes = x86.stem(x86.x_quant(beyond)).int_repr()
+    assert int(stem_codes.max()) > 127  # past the calibrated range, up to the u8 container's 255
+    assert not torch.equal(x86(beyond), fbgemm(beyond))
+
+
+def test_x86_headroom_stops_at_a_folded_relu6_that_feeds_a_conv():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(20)
+    qm, _ = quantize(model, (2, 3, 8, 8), "x86")
+    assert clamps(qm)  # the ReLU6's 6 is the top of a 7-bit range: its codes stop at 127, not 255
+    x = calibration((2, 3, 8, 8), seed=5)[0]  # the ×20 pre-activations pass 6 even on calibration-like data
+    assert sqnr(model(x), qm(x)) > 25
+
+
+def test_a_clamp_with_a_positive_lower_bound_is_not_folded_into_the_grid():
+    torch.manual_seed(0)
+    model = ConvAct(nn.Hardtanh(1.0, 2.0)).eval()
+    for backend in BACKENDS:
+        qm, _ = quantize(model, (2, 3, 8, 8), backend)
+        out = qm(calibration((2, 3, 8, 8), seed=5)[0])
+        assert float(out.min()) >= 0.98, backend  # a grid holds 0, so only the clamp itself can cut at 1
 
 
 def test_identity_and_dropout_leave_the_lowered_graph():

@@ -33,6 +33,23 @@ def test_quant_range(kwargs, expected):
     assert (spec.quant_min, spec.quant_max) == expected
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "grid", "codes"),
+    [
+        (dict(signed=False, symmetric=False, reduce_range=True, headroom=True), (0, 127), (0, 255)),
+        (dict(signed=True, symmetric=True, reduce_range=True, headroom=True, narrow_range=True), (-63, 63), (-127, 127)),
+        (dict(signed=False, symmetric=False, reduce_range=True), (0, 127), (0, 127)),
+        (dict(signed=False, symmetric=False, headroom=True), (0, 255), (0, 255)),  # nothing reduced, no headroom
+        (dict(signed=False, symmetric=False, bits=6, reduce_range=True, headroom=True), (0, 31), (0, 63)),
+    ],
+)
+def test_headroom_clips_codes_at_the_unreduced_range(kwargs, grid, codes):
+    spec = QuantSpec(**kwargs)
+    assert (spec.quant_min, spec.quant_max) == grid
+    assert (spec.code_min, spec.code_max) == codes
+    assert ("codes [" in str(spec)) == (grid != codes)
+
+
 def test_derived_properties():
     u = QuantSpec(signed=False, symmetric=False)
     s = QuantSpec(signed=True, symmetric=True, axis=0)
