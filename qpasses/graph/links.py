@@ -92,6 +92,15 @@ def activation_after(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return None
 
 
+def activation_bounds(gm: fx.GraphModule, node: fx.Node, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (lower, upper) of the activation that alone reads ``node``'s output (±inf without one):
+    the only part of ``node``'s output error that reaches the next layer is inside them."""
+    activation = activation_after(gm, node)
+    if activation is None:
+        return torch.full_like(like, -math.inf), torch.full_like(like, math.inf)
+    return channel_bounds(gm, activation, like)
+
+
 def link_activation(gm: fx.GraphModule, link: Link, also: tuple[type[nn.Module], ...] = ()) -> fx.Node | None:
     """The one ReLU or clamp-like op of ``link`` when everything else between is identity-like (identity,
     dropout, flatten, or a module of ``also``); None otherwise."""

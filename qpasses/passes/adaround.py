@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
+from qpasses.graph.links import activation_bounds
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import progress
 from qpasses.quant.layerwise import Layer, annotation_of, collect_batches, sweep
@@ -21,7 +22,7 @@ _GAMMA, _ZETA = -0.1, 1.1
 
 @dataclass
 class RoundingResult:
-    """Reconstruction error (mean squared, on the calibration batches) of one layer's output."""
+    """Reconstruction error (mean squared, on the calibration batches) of one layer's output after its activation."""
 
     layer: str
     nearest: float  # with round-to-nearest weights
@@ -51,8 +52,10 @@ class AdaRound(Pass):
 
     Math: with ``s`` the weight scale lowering will use, each weight is ``s · (⌊w/s⌋ + h(V))`` where
     ``h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)`` (ζ = 1.1, γ = −0.1) starts at the fractional part of ``w/s``.
-    ``V`` minimises ``‖W̃ x_q − W x‖²`` (``x_q``: the layer's input in the quantized model, with earlier
-    layers already rounded; ``W x``: the float model's output) ``+ λ Σ (1 − |2h(V) − 1|^β)``, the regulariser
+    ``V`` minimises ``‖f(W̃ x_q) − f(W x)‖²`` (``x_q``: the layer's input in the quantized model, with earlier
+    layers already rounded; ``W x``: the float model's output; ``f``: the ReLU or clamp that alone reads the
+    layer's output, identity without one, so errors the activation cuts off cost nothing, as in the paper's
+    asymmetric reconstruction) ``+ λ Σ (1 − |2h(V) − 1|^β)``, the regulariser
     off for the first ``warmup`` fraction of ``iterations``, then with ``β`` annealed from ``beta[0]`` to
     ``beta[1]`` (cosine), pushing every ``h`` to 0 or 1. The result ``⌊w/s⌋ + [h ≥ ½]`` is one of the two
     grid points next to ``w``, within the layer's code range. A layer whose learned rounding reconstructs
@@ -84,7 +87,7 @@ class AdaRound(Pass):
         batches = collect_batches(self.data, gm, self.num_batches, self.name)
         results: list[RoundingResult] = []
         generator = torch.Generator().manual_seed(self.seed)
-        ctx.stats["layers"] = sweep(gm, ann, batches, lambda layer: self._round(layer, generator, results))
+        ctx.stats["layers"] = sweep(gm, ann, batches, lambda layer: self._round(gm, layer, generator, results))
         ctx.stats["flipped"] = sum(r.flipped for r in results)
         kept = sum(r.kept for r in results)
         ctx.note(f"{kept} of {len(results)} layer(s) keep the learned rounding (the others reconstructed worse "
@@ -102,8 +105,10 @@ class AdaRound(Pass):
         high, low = self.beta
         return low + 0.5 * (high - low) * (1 + math.cos(math.pi * done))
 
-    def _round(self, layer: Layer, generator: torch.Generator, results: list[RoundingResult]) -> torch.Tensor:
+    def _round(self, gm: fx.GraphModule, layer: Layer, generator: torch.Generator,
+               results: list[RoundingResult]) -> torch.Tensor:
         spec = layer.spec
+        activation = _activation(gm, layer)
         weight = layer.module.weight.detach()
         scale, zero_point = weight_qparams(weight, spec)
         # Lowering quantizes at exactly these qparams: observers whose range depends on every value (mse)
@@ -130,7 +135,8 @@ class AdaRound(Pass):
         for step in steps:
             k = int(torch.randint(len(layer.quant_inputs), (1,), generator=generator))
             h = soft(v)
-            loss = (layer.run(layer.quant_inputs[k], on_grid(h)) - layer.float_outputs[k]).pow(2).mean()
+            loss = (activation(layer.run(layer.quant_inputs[k], on_grid(h)))
+                    - activation(layer.float_outputs[k])).pow(2).mean()
             beta = self._beta(step)
             if beta is not None:
                 loss = loss + self.regularization * (1 - (2 * h - 1).abs().pow(beta)).sum()
@@ -144,7 +150,7 @@ class AdaRound(Pass):
                                   spec.quant_max - zero_point) * scale  # what lowering alone would do
             extremes = (weight == high) | (weight == low)
             final = torch.where(extremes, nearest, learned)
-            nearest_error, learned_error = self._error(layer, nearest), self._error(layer, final)
+            nearest_error, learned_error = _error(layer, nearest, activation), _error(layer, final, activation)
             if learned_error > nearest_error:  # too few iterations to beat nearest here: keep nearest
                 final, learned = nearest, nearest
             results.append(RoundingResult(layer.node.target, nearest_error, learned_error,
@@ -152,8 +158,18 @@ class AdaRound(Pass):
             layer.module.weight.copy_(torch.where(extremes, weight, learned))
         return final
 
-    @staticmethod
-    def _error(layer: Layer, weight: torch.Tensor) -> float:
-        errors = [(layer.run(x, weight) - y).pow(2).mean() for x, y in zip(layer.quant_inputs, layer.float_outputs,
-                                                                           strict=True)]
-        return float(sum(errors) / len(errors))
+
+
+def _activation(gm: fx.GraphModule, layer: Layer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The clamp of the activation that alone reads ``layer``'s output, per channel (dim 1)."""
+    reference = layer.float_outputs[0]
+    lower, upper = activation_bounds(gm, layer.node, torch.zeros(reference.shape[1]))
+    shape = (1, -1, *([1] * (reference.dim() - 2)))
+    lower, upper = lower.reshape(shape), upper.reshape(shape)
+    return lambda y: torch.clamp(y, lower, upper)
+
+
+def _error(layer: Layer, weight: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    errors = [(activation(layer.run(x, weight)) - activation(y)).pow(2).mean()
+              for x, y in zip(layer.quant_inputs, layer.float_outputs, strict=True)]
+    return float(sum(errors) / len(errors))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -10,7 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from qpasses.graph.channels import constant_input_response, output_stats
-from qpasses.graph.links import activation_after, channel_bounds, find_links, link_activation
+from qpasses.graph.links import activation_bounds, channel_bounds, find_links, link_activation
 from qpasses.nn import SamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.quant.annotate import Annotation
@@ -100,12 +99,7 @@ class BiasCorrection(Pass):
         # On the grid lowering will use: the one AdaRound pinned, if it ran.
         weight = fake_quantize_weight(layer.module.weight, layer.spec, layer.node.meta.get(WEIGHT_QPARAMS_KEY))
         quantized = [layer.run(x, weight) for x in layer.quant_inputs]
-        channels = torch.zeros(quantized[0].shape[1])
-        activation = activation_after(gm, layer.node)
-        if activation is None:
-            lower, upper = torch.full_like(channels, -math.inf), torch.full_like(channels, math.inf)
-        else:
-            lower, upper = channel_bounds(gm, activation, channels)
+        lower, upper = activation_bounds(gm, layer.node, torch.zeros(quantized[0].shape[1]))
         shift = _unclipped_mean_error(quantized, layer.float_outputs, lower, upper)
         with torch.no_grad():
             if layer.module.bias is None:

@@ -93,3 +93,20 @@ def test_a_layer_whose_learned_rounding_reconstructs_worse_keeps_round_to_neares
         nearest = torch.clamp(torch.round(float_weight / scale.reshape(shape)) + zero_point.reshape(shape),
                               cfg.weight.quant_min, cfg.weight.quant_max)
         assert torch.equal(qm.get_submodule(r.layer).weight().int_repr().float(), nearest)
+
+
+def test_reconstructs_after_the_activation_so_a_channel_it_always_cuts_off_keeps_nearest():
+    model = net()
+    with torch.no_grad():
+        model[2].bias[0] = -1000.0  # the ReLU after it zeroes channel 0 for every input, float or quantized
+    calib = batches(4, seed=1)
+    cfg = config("x86", 4)
+    qm = PassManager([AdaRound(calib, iterations=300, lr=1e-2, progress=False),
+                      PTQ(calib, backend="x86", config=cfg, progress=False)]).run(model, calib[0])
+    float_weight = model[2].weight.detach()
+    scale, zero_point = weight_qparams(float_weight, cfg.weight)
+    nearest = torch.clamp(torch.round(float_weight / scale.reshape(-1, 1, 1, 1)), cfg.weight.quant_min,
+                          cfg.weight.quant_max)
+    flips = (qm.get_submodule("2").weight().int_repr().float() != nearest).flatten(1).sum(dim=1)
+    # no error of channel 0 reaches the loss, so the regulariser alone settles it: round to nearest
+    assert int(flips[0]) == 0 and int(flips[1:].sum()) > 0

@@ -6,7 +6,7 @@ BiasCorrection, AdaRound, on top of PTQ, W8A8 and W4A8, against torch.ao FX PTQ 
     python -m tools.bench.dfq --backends x86 --results dfq.json --write   # one setting, merged into dfq.json
 
 Settings (``--backends``): qnnpack (per-tensor weights, 8-bit activations), x86 (per-channel weights; at W8
-its preset's reduce_range leaves 7-bit activations, A7), onednn (per-channel weights, 8-bit activations).
+its preset's reduce_range leaves 7-bit activation steps, A7), onednn (per-channel weights, 8-bit activations).
 Fidelity is measured against the float model on photo crops disjoint from the calibration crops (the PTQ
 benchmark's set): SQNR of the logits and top-1 agreement. With ``--results`` every row is saved as soon as
 it is measured, and rows of earlier invocations with the same crops and iterations are kept, so settings can
@@ -168,7 +168,8 @@ class Results:
             "per layer. Every pipeline starts with FuseBN and ends with PTQ (observers, calibration, int8 "
             "lowering) with the backend's preset observers (activations: MSE; weights: min/max per tensor for "
             "qnnpack, MSE per channel for x86 and onednn). AxN: the activation grid: x86's preset keeps "
-            "reduce_range at W8, i.e. 7-bit activations (codes 0..127), for CPUs without VNNI; onednn runs the same "
+            "reduce_range at W8, i.e. 7-bit activation steps for CPUs without VNNI (with headroom: codes past the "
+            "observed range run on to 255, as torch.ao's x86 default); onednn runs the same "
             "per-channel weights with 8-bit activations. Fidelity is against the float model; 'prepare s' "
             "includes calibration and the passes.",
             self.table(),
