@@ -13,7 +13,7 @@ from qpasses.graph.links import activation_bounds
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import progress
 from qpasses.quant.layerwise import Layer, annotation_of, collect_batches, sweep
-from qpasses.quant.lowering import WEIGHT_QPARAMS_KEY, weight_qparams
+from qpasses.quant.lowering import FLOAT_WEIGHT_KEY, WEIGHT_QPARAMS_KEY, weight_qparams
 
 ADAROUND_REPORT_KEY = "qpasses_adaround"
 # Stretch of the rectified sigmoid, from the paper: h(V) = clamp(sigmoid(V)·(ζ − γ) + γ, 0, 1).
@@ -64,6 +64,8 @@ class AdaRound(Pass):
     The rounded weights are stored on their grid and the grid's qparams in ``node.meta['weight_qparams']``,
     which lowering uses, so its round-to-nearest keeps them; the weights that set each channel's min and
     max keep their float values and no rounded weight moves beyond them.
+    The float weights stay in ``node.meta['float_weight']`` until lowering: passes after it (BiasCorrection)
+    measure quantization error against the float model, not the rounded one.
     Quantization settings come from the PTQ pass in the pipeline. Requires: ``calibrated``. Provides:
     ``weights_rounded``. Per layer, the reconstruction error with nearest and learned rounding is kept in
     ``gm.meta['qpasses_adaround']`` (:class:`RoundingResult`) and summarised in the report.
@@ -155,6 +157,7 @@ class AdaRound(Pass):
                 final, learned = nearest, nearest
             results.append(RoundingResult(layer.node.target, nearest_error, learned_error,
                                           int((final != nearest).sum()), kept=final is not nearest))
+            layer.node.meta.setdefault(FLOAT_WEIGHT_KEY, weight.clone())
             layer.module.weight.copy_(torch.where(extremes, weight, learned))
         return final
 

@@ -14,7 +14,7 @@ from qpasses.nn import SamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.layerwise import Layer, annotation_of, collect_batches, sweep
-from qpasses.quant.lowering import WEIGHT_QPARAMS_KEY, fake_quantize_weight, weight_spec
+from qpasses.quant.lowering import WEIGHT_QPARAMS_KEY, fake_quantize_weight, float_weight, weight_spec
 from qpasses.quant.observers import Observer
 from qpasses.quant.ops import Role
 
@@ -126,7 +126,7 @@ class BiasCorrection(Pass):
                 expected_input = _clipped_normal_mean(mean, std, *channel_bounds(gm, activation, mean))
             module = gm.get_submodule(node.target)
             spec = weight_spec(module, ann.pairs[node.name].weight)
-            error = fake_quantize_weight(module.weight, spec, node.meta.get(WEIGHT_QPARAMS_KEY)) - module.weight.detach()
+            error = fake_quantize_weight(module.weight, spec, node.meta.get(WEIGHT_QPARAMS_KEY)) - float_weight(node, module)
             shift = constant_input_response(module, expected_input, weight=error)
             with torch.no_grad():
                 if module.bias is None:

@@ -210,6 +210,7 @@ class _Lowering:
         # qpasses.convert() puts the weight qparams QAT trained with there; PTQ observes the weight here.
         qmodule = lowering.quantized_compute(module, self.ann.pairs[node.name].weight, scale, zero_point,
                                              node.meta.get(lowering.WEIGHT_QPARAMS_KEY))
+        node.meta.pop(lowering.FLOAT_WEIGHT_KEY, None)
         self.replace_module(node.target, qmodule)
         self.mark_int8(node, scale, zero_point)
         self.ctx.stats["int8_" + type(module).__name__.lower()] += 1

@@ -1,7 +1,8 @@
 """Layer-by-layer propagation of calibration data along two paths at once, for passes that fix each
 layer's quantization error given the errors of the layers before it (bias correction, AdaRound).
 
-- the float path runs a frozen copy of the model as it was: float weights, no activation quantization;
+- the float path runs a frozen copy of the model as it was: float weights (those from before AdaRound
+  rounded them, if it ran), no activation quantization;
 - the quantized path runs the observed graph as lowering will execute it: each conv/linear with its
   weight on the grid the annotation chose (``weight_for`` decides which grid point, layer by layer) and
   each observed activation on its calibrated grid.
@@ -24,7 +25,7 @@ from qpasses.errors import QPassesError
 from qpasses.passes.calibrate import batch_inputs
 from qpasses.passes.insert_observers import ANNOTATION_KEY
 from qpasses.quant.annotate import Annotation
-from qpasses.quant.lowering import on_grid, weight_spec
+from qpasses.quant.lowering import FLOAT_WEIGHT_KEY, on_grid, weight_spec
 from qpasses.quant.observers import Observer
 from qpasses.quant.ops import Role
 from qpasses.quant.spec import QuantSpec
@@ -92,6 +93,10 @@ def sweep(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], weight_for:
     path uses for it (on its grid). Returns the number of layers visited."""
     reference = copy.deepcopy(gm)
     ref_nodes = {n.name: n for n in reference.graph.nodes}
+    with torch.no_grad():
+        for node in ref_nodes.values():
+            if FLOAT_WEIGHT_KEY in node.meta:
+                reference.get_submodule(node.target).weight.copy_(node.meta[FLOAT_WEIGHT_KEY])
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     last_use = {n: max((order[u] for u in n.users), default=order[n]) for n in gm.graph.nodes}
     float_env: dict[fx.Node, list] = {}

@@ -22,6 +22,14 @@ from qpasses.quant.spec import QuantSpec
 # node.meta key: a conv/linear's weight (scale, zero_point) pinned by a pass that rounded on that grid
 # (AdaRound, QAT's convert); lowering and bias correction quantize the weight at exactly these.
 WEIGHT_QPARAMS_KEY = "weight_qparams"
+# node.meta key: a conv/linear's float weight from before a pass replaced it by its rounded values (AdaRound);
+# the reference later passes measure quantization error against. Lowering drops it.
+FLOAT_WEIGHT_KEY = "float_weight"
+
+
+def float_weight(node: fx.Node, module: nn.Module) -> torch.Tensor:
+    """``module``'s (the module ``node`` calls) float weight: as the model had it before any rounding."""
+    return node.meta.get(FLOAT_WEIGHT_KEY, module.weight.detach())
 
 
 def _rebuild_packed(cls: type, engine: str, args: tuple) -> nn.Module:

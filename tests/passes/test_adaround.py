@@ -6,10 +6,11 @@ from torch import nn
 
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
-from qpasses.passes import PTQ, AdaRound, BiasCorrection, FuseBN
+from qpasses.passes import PTQ, AdaRound, BiasCorrection, Calibrate, FuseBN, InsertObservers, Lower
 from qpasses.passes.adaround import ADAROUND_REPORT_KEY
 from qpasses.quant.backends import get_backend
-from qpasses.quant.lowering import weight_qparams
+from qpasses.quant.layerwise import annotation_of, sweep
+from qpasses.quant.lowering import FLOAT_WEIGHT_KEY, weight_qparams
 
 
 def net() -> nn.Sequential:
@@ -110,3 +111,23 @@ def test_reconstructs_after_the_activation_so_a_channel_it_always_cuts_off_keeps
     flips = (qm.get_submodule("2").weight().int_repr().float() != nearest).flatten(1).sum(dim=1)
     # no error of channel 0 reaches the loss, so the regulariser alone settles it: round to nearest
     assert int(flips[0]) == 0 and int(flips[1:].sum()) > 0
+
+
+def test_passes_after_it_measure_error_against_the_float_weights_not_the_rounded_ones():
+    model = net()
+    calib = batches(4, seed=1)
+    cfg = config("x86", 4)
+    gm = PassManager([InsertObservers(backend="x86", config=cfg), Calibrate(calib, progress=False),
+                      AdaRound(calib, iterations=100, lr=1e-2, progress=False)]).run(model, calib[0])
+    assert not torch.equal(gm.get_submodule("5").weight, model[5].weight)  # rounded in place
+    seen = {}
+
+    def record(layer):
+        seen[layer.node.target] = layer.float_outputs
+        return layer.module.weight
+
+    sweep(gm, annotation_of(gm, "test"), [(b,) for b in calib], record)
+    for batch, reference in zip(calib, seen["5"], strict=True):
+        assert torch.allclose(reference, model(batch), atol=1e-5)
+    lowered = PassManager([Lower()]).run(gm, calib[0])
+    assert not any(FLOAT_WEIGHT_KEY in n.meta for n in lowered.graph.nodes)  # no float copy outlives lowering
