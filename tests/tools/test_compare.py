@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools.bench.compare import PerSample, main
+from tools.bench.compare import PerSample, main, time_round_robin
 
 
 def test_per_sample_runs_one_sample_at_a_time_under_inference_mode():
@@ -46,3 +46,21 @@ def test_unknown_models_and_methods_are_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         main(["--methods", "float,tensorrt"])
     assert "unknown method 'tensorrt'" in capsys.readouterr().err
+
+
+def test_rows_are_timed_in_turns_so_drift_reaches_every_row():
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x
+
+    medians = time_round_robin({"a": Recorder("a"), "b": Recorder("b")}, torch.zeros(1), iters=6, rounds=3)
+    assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())
+    assert calls.count("a") == calls.count("b") == 3 * (2 + 2)  # per round: 2 warm-up and 2 timed calls
+    assert calls.index("b") < len(calls) - 1 - calls[::-1].index("a")  # b ran before a's last call

@@ -11,7 +11,8 @@ its own ``quantize_static`` (QDQ, per-channel, U8S8, min/max calibrated on the s
 x86 and qnnpack, its TorchScript export, and its QDQ export run by ONNX Runtime (7-bit ranges kept exactly, or
 widened to 8 bits). Batch 1, 224×224, 2 threads. A method that fails is a row with its error's first line.
 
-Columns: latency median; size (serialized state dict, TorchScript archive, or ONNX file); peak MB, how far the
+Columns: latency median (a model's rows are timed in turns, six rounds of ten calls each, so drift in the
+machine's speed reaches all of them alike); size (serialized state dict, TorchScript archive, or ONNX file); peak MB, how far the
 process' peak resident memory rose above its size before the row while preparing (calibration, export,
 compilation) and running it three times (Linux ``VmHWM`` after a reset; memory an earlier row freed and the
 allocator kept is reused, so it is a lower bound); prepare s (quantize, export, compile, up to the
@@ -25,6 +26,7 @@ import copy
 import io
 import json
 import platform
+import statistics
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -283,14 +285,15 @@ def peak_growth_mb(since_kb: int | None) -> float | None:
     return None if since_kb is None or peak is None else max(peak - since_kb, 0) / 1024
 
 
-def measure(s: Setup, method: str, iters: int) -> dict:
+def measure(s: Setup, method: str) -> tuple[dict, nn.Module | None]:
+    """The row of ``method`` on ``s`` without its latency, and the runner to time (None if it failed)."""
     label, build, shared = METHODS[method]
     reused = shared in s.shared
     resident = reset_peak()
     prepared, seconds, error = timed(lambda: build(s))
     row = {"model": s.name, "method": label}
     if prepared is None:
-        return {**row, "failure": error, "prepare_s": seconds}
+        return {**row, "failure": error, "prepare_s": seconds}, None
     if reused:
         seconds += s.shared[shared][1]  # built for an earlier row, and part of this row's preparation too
     row["prepare_s"] = seconds
@@ -301,16 +304,30 @@ def measure(s: Setup, method: str, iters: int) -> dict:
             for _ in range(3):
                 prepared.runner(x)
         peak = peak_growth_mb(resident)
-        timing = latency(prepared.runner, (x,), warmup=3, iters=iters, threads=THREADS)
-        measured = {"latency_ms": timing["median_ms"], "size_mb": prepared.size_bytes / 2**20, "peak_mb": peak,
-                    "note": prepared.note}
+        measured = {"size_mb": prepared.size_bytes / 2**20, "peak_mb": peak, "note": prepared.note}
         if s.name == FIDELITY_MODEL:
             reference = prepared.reference or s.model
             measured["sqnr_db"], measured["agreement"] = fidelity(reference, prepared.runner, s.photos.evals)
         return measured
 
     measured, _, error = timed(run)
-    return {**row, **measured} if measured is not None else {**row, "failure": f"builds, then fails: {error}"}
+    if measured is None:
+        return {**row, "failure": f"builds, then fails: {error}"}, None
+    return {**row, **measured}, prepared.runner
+
+
+def time_round_robin(runners: dict[str, nn.Module], x: torch.Tensor, iters: int, rounds: int) -> dict[str, float]:
+    """Median latency (ms) of each runner, timed in turns: ``rounds`` rounds of ``iters // rounds`` calls each.
+
+    On a machine whose speed drifts (a shared host), timing one row after another would hand the drift to
+    whichever row ran during it; in turns every row sees it alike. The result is the median of the rounds'
+    medians."""
+    medians: dict[str, list[float]] = {key: [] for key in runners}
+    for _ in range(rounds):
+        for key, runner in runners.items():
+            timing = latency(runner, (x,), warmup=2, iters=max(iters // rounds, 1), threads=THREADS)
+            medians[key].append(timing["median_ms"])
+    return {key: statistics.median(values) for key, values in medians.items()}
 
 
 def _format(row: dict) -> list[str]:
@@ -354,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     # differs in shape or thread count (measured: +8% per conv).
     torch.set_num_threads(THREADS)
     photos = PhotoSet.make(8, 16) if args.quick else PhotoSet.make(64, 128)
-    iters = 3 if args.quick else 30
+    iters, rounds = (3, 1) if args.quick else (60, 6)
     settings = {"quick": args.quick, "torch": torch.__version__}
     cache = json.loads(CACHE.read_text()) if args.resume and CACHE.exists() and not args.quick else {}
     if cache.get("settings") != settings:
@@ -362,16 +379,23 @@ def main(argv: list[str] | None = None) -> int:
     progress = _progress(len(models) * len(methods))
     with tempfile.TemporaryDirectory() as workdir:
         for name in models:
-            setup = None
-            for method in methods:
-                key = f"{name}|{method}"
-                if key not in cache["rows"]:
-                    if setup is None:
-                        setup = Setup(name, zoo.get(name, pretrained=name == FIDELITY_MODEL).eval(), photos, Path(workdir))
-                    cache["rows"][key] = measure(setup, method, iters)
-                    if not args.quick:
-                        CACHE.parent.mkdir(exist_ok=True)
-                        CACHE.write_text(json.dumps(cache, indent=1))
+            keys = [f"{name}|{method}" for method in methods]
+            if not all(key in cache["rows"] for key in keys):
+                # a model's rows are built, then timed in turns, together (resume skips only whole models)
+                setup = Setup(name, zoo.get(name, pretrained=name == FIDELITY_MODEL).eval(), photos, Path(workdir))
+                rows, runners = {}, {}
+                for key, method in zip(keys, methods, strict=True):
+                    rows[key], runner = measure(setup, method)
+                    if runner is not None:
+                        runners[key] = runner
+                for key, ms in time_round_robin(runners, setup.example, iters, rounds).items():
+                    rows[key]["latency_ms"] = ms
+                cache["rows"].update(rows)
+                del setup, runners
+                if not args.quick:
+                    CACHE.parent.mkdir(exist_ok=True)
+                    CACHE.write_text(json.dumps(cache, indent=1))
+            for key in keys:
                 line = " | ".join(_format(cache["rows"][key]))
                 if progress is not None:
                     progress.update(1)

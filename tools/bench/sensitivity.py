@@ -64,18 +64,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranking-batches", type=int, default=1, help="calibration batches of 8 the ranking metric uses (default 1)")
     parser.add_argument("--budget", type=float, default=0.6, help="mixed-precision weight budget, fraction of 8-bit")
     parser.add_argument("--backends", nargs="+", default=["qnnpack", "x86"])
+    parser.add_argument("--size", type=int, default=224, help="crop size (default 224; smaller is faster)")
     args = parser.parse_args(argv)
+    if args.size < 32:
+        parser.error(f"--size must be at least 32, got {args.size}")
     torch.manual_seed(0)
-    photos = PhotoSet.make(8, 16) if args.quick else PhotoSet.make(args.calib, args.eval)
+    photos = PhotoSet.make(8, 16, size=args.size) if args.quick else PhotoSet.make(args.calib, args.eval, size=args.size)
     model = pretrained_lite0("tf_efficientnet_lite0")
     machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
     n_calib, n_eval = sum(len(b) for b in photos.calib), sum(len(b) for b in photos.evals)
+    command = COMMAND if args.size == 224 else f"{COMMAND} --size {args.size}"
     for backend in args.backends:  # one section each, written as soon as it is measured
         rows, timing = backend_rows(model, photos, backend, args.ranking_batches, args.budget)
         body = "\n\n".join([
-            f"## Sensitivity, hybrid and mixed precision: {backend} (`{COMMAND} --backends {backend}`)",
+            f"## Sensitivity, hybrid and mixed precision: {backend} (`{command} --backends {backend}`)",
             f"Machine: {machine}. Pretrained tf_efficientnet_lite0 (qpasses FuseBN + PTQ), {n_calib} calibration "
-            f"crops (the ranking's SQNR uses the first {8 * args.ranking_batches}), fidelity vs float on {n_eval} "
+            f"crops at {args.size}×{args.size} "
+            f"(the ranking's SQNR uses the first {8 * args.ranking_batches}), fidelity vs float on {n_eval} "
             "other crops. Hybrid: the k layers with the largest all-but-one gain stay float. Mixed: per-layer "
             "4/8-bit weights by an exact knapsack on measured per-layer losses; weights = packed conv/linear "
             "weight bytes relative to 8-bit.",
