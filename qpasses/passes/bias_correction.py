@@ -24,19 +24,37 @@ def _by_channel(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1)
 
 
-def _unclipped_mean_error(quantized: list[torch.Tensor], reference: list[torch.Tensor], lower: torch.Tensor,
-                          upper: torch.Tensor) -> torch.Tensor:
-    """Per channel, the mean of ``quantized − reference`` over the positions where either lies strictly inside
-    ``(lower, upper)`` (per-channel bounds of the activation after the layer); 0 for a channel with none."""
-    total = torch.zeros_like(lower)
-    count = torch.zeros_like(lower)
+def _activated_mean(outputs: list[torch.Tensor], lower: torch.Tensor, upper: torch.Tensor,
+                    shift: torch.Tensor) -> torch.Tensor:
+    """Per channel, the mean of ``clamp(y − shift, lower, upper)`` over every position of ``outputs``."""
+    total, count = torch.zeros_like(lower), 0
+    for y in outputs:
+        y = _by_channel(y)
+        total += torch.clamp(y - shift[:, None], lower[:, None], upper[:, None]).sum(dim=1)
+        count += y.shape[1]
+    return total / count
+
+
+def _mean_matching_shift(quantized: list[torch.Tensor], reference: list[torch.Tensor], lower: torch.Tensor,
+                         upper: torch.Tensor, steps: int = 40) -> torch.Tensor:
+    """Per channel, the shift ``δ`` of smallest magnitude with ``E[f(y_q − δ)] = E[f(y)]``, ``f`` the clamp to
+    ``(lower, upper)``: the next layer then reads the float model's mean input. Without an activation it is
+    ``E[y_q − y]``. ``E[f(y_q − δ)]`` falls monotonically in ``δ``, so bisection from ``0`` finds it."""
+    target = _activated_mean(reference, lower, upper, torch.zeros_like(lower))
+
+    def gap(shift: torch.Tensor) -> torch.Tensor:
+        return _activated_mean(quantized, lower, upper, shift) - target
+
+    reach = torch.zeros_like(lower)  # |δ| ≤ max|y_q| + max|y|: past it every y_q − δ is clipped or beyond y
     for yq, y in zip(quantized, reference, strict=True):
-        yq, y = _by_channel(yq), _by_channel(y)
-        lo, hi = lower[:, None], upper[:, None]
-        inside = (((y > lo) & (y < hi)) | ((yq > lo) & (yq < hi))).to(y.dtype)
-        total += ((yq - y) * inside).sum(dim=1)
-        count += inside.sum(dim=1)
-    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+        reach = torch.maximum(reach, _by_channel(yq).abs().amax(dim=1) + _by_channel(y).abs().amax(dim=1))
+    direction = torch.sign(gap(torch.zeros_like(lower)))
+    near, far = torch.zeros_like(lower), direction * reach  # the gap keeps direction's sign at near, not at far
+    for _ in range(steps):
+        middle = (near + far) / 2
+        same_side = torch.sign(gap(middle)) == direction
+        near, far = torch.where(same_side, middle, near), torch.where(same_side, far, middle)
+    return far
 
 
 def _clipped_normal_mean(mean: torch.Tensor, std: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -57,13 +75,15 @@ class BiasCorrection(Pass):
 
     Empirical (``data`` given, Nagel et al. 2019 sec. 4.2 with data): calibration batches are propagated
     through the float model and, side by side, through the model as it will run quantized (weights on their
-    grids, activations on their calibrated grids); layer by layer, in graph order, ``b ← b − E[y_q − y | A]``
-    with ``y_q`` the layer's output on the quantized path, so each correction also absorbs the mean error
-    that earlier layers and activation quantization leave. ``A``: the positions where ``y`` or ``y_q`` lies
-    inside the bounds of the ReLU or clamp that reads the layer (everywhere without one): where both are
-    clipped the error does not reach the next layer, and the mean over all positions is dominated by the
-    clipped ones in layers that are mostly inactive (on pretrained Lite0 the plain mean
-    corrected its head for errors ReLU6 discards, costing ~5 dB of logit SQNR).
+    grids, activations on their calibrated grids); layer by layer, in graph order, ``b ← b − δ`` with ``δ``
+    (per channel, smallest ``|δ|``) solving ``E[f(y_q − δ)] = E[f(y)]``: ``y_q`` the layer's output on the
+    quantized path, so each correction also absorbs the mean error that earlier layers and activation
+    quantization leave, and ``f`` the ReLU or clamp that alone reads the layer (identity without one, where
+    ``δ = E[y_q − y]``): the next layer then reads the float model's mean input. Matching the means before
+    the activation instead corrects errors it clips away: on pretrained Lite0 the plain mean corrected its
+    head for errors ReLU6 discards, costing ~5 dB of logit SQNR; and averaging only where ``y`` or ``y_q`` is
+    unclipped is biased wherever the error is large (at 4 bits): the positions a positive error lifts above
+    a ReLU's 0 are counted, those it leaves below are not.
     Analytical (``data=None``, data-free): ``E[x]`` of a layer's input channel is the mean of the previous
     layer's output, modelled as ``N(β, γ²)`` from its folded BatchNorm and clipped by the activation between;
     ``b ← b − Σ (Q(W) − W)[:, c, k] · E[x_c]``. Layers whose input has no BN statistics are left as they are.
@@ -100,7 +120,7 @@ class BiasCorrection(Pass):
         weight = fake_quantize_weight(layer.module.weight, layer.spec, layer.node.meta.get(WEIGHT_QPARAMS_KEY))
         quantized = [layer.run(x, weight) for x in layer.quant_inputs]
         lower, upper = activation_bounds(gm, layer.node, torch.zeros(quantized[0].shape[1]))
-        shift = _unclipped_mean_error(quantized, layer.float_outputs, lower, upper)
+        shift = _mean_matching_shift(quantized, layer.float_outputs, lower, upper)
         with torch.no_grad():
             if layer.module.bias is None:
                 layer.module.bias = nn.Parameter(-shift)

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from qpasses import PassManager
 from qpasses.errors import PlanError
 from qpasses.passes import PTQ, BiasCorrection, FuseBN
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+from qpasses.passes.bias_correction import _mean_matching_shift
 from qpasses.quant.backends import get_backend
 from qpasses.quant.layerwise import annotation_of
 from qpasses.quant.lowering import WEIGHT_QPARAMS_KEY, weight_qparams, weight_spec
@@ -127,3 +129,32 @@ def test_empirical_correction_ignores_errors_the_activation_clips():
         errors = [float(torch.cat([(qm(x) - model(x)).abs() for x in data]).max()) for qm in (plain, corrected)]
     # The mean over all positions (+1.5) would pull the active outputs down to about 5.1.
     assert errors[1] < 0.5 * errors[0], errors
+
+
+def test_the_shift_undoes_an_offset_through_a_clipping_activation():
+    g = torch.Generator().manual_seed(0)
+    y = [torch.rand(4, 3, 5, 5, generator=g) * 12 - 3 for _ in range(3)]  # around ReLU6's [0, 6] on both sides
+    offset = torch.tensor([0.5, -0.25, 0.0]).reshape(1, 3, 1, 1)
+    quantized = [t + offset for t in y]
+    lower, upper = torch.zeros(3), torch.full((3,), 6.0)
+    shift = _mean_matching_shift(quantized, y, lower, upper)
+    assert torch.allclose(shift, offset.flatten(), atol=1e-5)
+    unbounded = _mean_matching_shift(quantized, y, torch.full((3,), -math.inf), torch.full((3,), math.inf))
+    assert torch.allclose(unbounded, offset.flatten(), atol=1e-5)  # no activation: the plain mean error
+
+
+def test_the_shift_matches_the_mean_the_next_layer_reads_where_noise_crosses_the_clip():
+    # Zero-mean noise around a mostly negative pre-activation: averaging y_q − y only where either passes the
+    # ReLU counts the noise that lifts values above 0 and not the noise that keeps them below (biased up).
+    g = torch.Generator().manual_seed(1)
+    y = [torch.randn(8, 2, 6, 6, generator=g) - 1.5 for _ in range(4)]
+    quantized = [t + torch.randn(t.shape, generator=g) for t in y]
+    quantized[0][:, 1] = -5.0  # channel 1: every position stays clipped on both paths...
+    for t in y:
+        t[:, 1] = -5.0
+    lower, upper = torch.zeros(2), torch.full((2,), math.inf)
+    shift = _mean_matching_shift(quantized[:1], y[:1], lower, upper)
+    assert float(shift[1]) == 0.0  # ...so there is nothing to correct
+    shift = _mean_matching_shift(quantized, y, lower, upper)
+    fed = torch.cat([torch.relu(t[:, 0] - shift[0]) for t in quantized]).mean()
+    assert abs(float(fed) - float(torch.cat([torch.relu(t[:, 0]) for t in y]).mean())) < 1e-4
