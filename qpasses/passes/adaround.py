@@ -162,7 +162,6 @@ class AdaRound(Pass):
         return final
 
 
-
 def _activation(gm: fx.GraphModule, layer: Layer) -> Callable[[torch.Tensor], torch.Tensor]:
     """The clamp of the activation that alone reads ``layer``'s output, per channel (dim 1)."""
     reference = layer.float_outputs[0]

@@ -87,25 +87,26 @@ class QuantSpec:
                 "per-channel (axis is not None) needs observer='minmax', 'moving_average' or 'mse' (weights)"
             )
 
+    def _range(self, bits: int) -> tuple[int, int]:
+        if not self.signed:
+            return 0, 2**bits - 1
+        return -(2 ** (bits - 1)) + (1 if self.narrow_range else 0), 2 ** (bits - 1) - 1
+
     @property
     def quant_min(self) -> int:
-        bits = self.bits - 1 if self.reduce_range else self.bits
-        if not self.signed:
-            return 0
-        return -(2 ** (bits - 1)) + (1 if self.narrow_range else 0)
+        return self._range(self.bits - 1 if self.reduce_range else self.bits)[0]
 
     @property
     def quant_max(self) -> int:
-        bits = self.bits - 1 if self.reduce_range else self.bits
-        return 2**bits - 1 if not self.signed else 2 ** (bits - 1) - 1
+        return self._range(self.bits - 1 if self.reduce_range else self.bits)[1]
 
     @property
     def code_min(self) -> int:
-        return self.replace(reduce_range=False).quant_min if self.reduce_range and self.headroom else self.quant_min
+        return self._range(self.bits)[0] if self.reduce_range and self.headroom else self.quant_min
 
     @property
     def code_max(self) -> int:
-        return self.replace(reduce_range=False).quant_max if self.reduce_range and self.headroom else self.quant_max
+        return self._range(self.bits)[1] if self.reduce_range and self.headroom else self.quant_max
 
     @property
     def dtype(self) -> torch.dtype:
