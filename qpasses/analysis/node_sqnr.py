@@ -68,7 +68,7 @@ def match_nodes(reference: fx.GraphModule, model: fx.GraphModule) -> dict[str, s
     """``{node of model: node of reference}`` for the nodes of ``model`` that compute a float value.
 
     Same name first (followed by folded unary ops, see the module docstring). A renamed node (a
-    FloatFunctional call that replaced ``+``) matches the reference node, absent from ``model``, that
+    quantized op call that replaced ``+``) matches the reference node, absent from ``model``, that
     reads the same matched inputs; a node with one input and no match (quantize, dequantize, range
     clamp) carries the value of its input.
     """

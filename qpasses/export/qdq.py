@@ -30,7 +30,6 @@ import torch.ao.nn.quantized as nnq
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.ao.nn.quantized import QFunctional
 
 from qpasses.errors import ExportError
 from qpasses.graph.match import is_max_pool
@@ -45,6 +44,16 @@ _CONV = {
     nnq.Conv1d: F.conv1d, nnq.Conv2d: F.conv2d, nnq.Conv3d: F.conv3d,
 }
 _CONV_TRANSPOSE = {nnq.ConvTranspose1d: F.conv_transpose1d, nnq.ConvTranspose2d: F.conv_transpose2d}
+# The float op of each quantized functional op Lower emits (its output qparams dropped: the fake-quant after
+# it applies them).
+_FLOAT_FUNCTIONAL = {
+    torch.ops.quantized.add: torch.add,
+    torch.ops.quantized.add_relu: torch.add,  # then a ReLU
+    torch.ops.quantized.mul: torch.mul,
+    torch.ops.quantized.cat: torch.cat,
+    torch.ops.quantized.add_scalar: operator.add,
+    torch.ops.quantized.mul_scalar: operator.mul,
+}
 # Code ranges torch.onnx writes as QDQ (opset 13): the 8-bit containers and unsigned 7-bit.
 _ONNX_RANGES = {(0, 255), (-128, 127), (0, 127)}
 
@@ -194,10 +203,7 @@ class _ViewBuilder:
         if node.op == "output":
             return self.graph.output(self.mapped(node.args[0]))
         if node.op == "get_attr":
-            value = _fetch(self.model, node.target)
-            if isinstance(value, QFunctional):
-                return None  # read by the functional call that follows, which becomes a float op
-            return self.attr(node.target, copy.deepcopy(value))
+            return self.attr(node.target, copy.deepcopy(_fetch(self.model, node.target)))
         if node in self.absorbed:
             return self.env[node.args[0]]
         if (narrowed := self.code_clamp(node)) is not None:
@@ -213,8 +219,6 @@ class _ViewBuilder:
         args, kwargs = self.mapped(node.args), self.mapped(node.kwargs)
         if node.op == "call_module":
             module = self.model.get_submodule(node.target)
-            if isinstance(module, nnq.Quantize):
-                return args[0]  # the fake-quant that follows is the quantize
             if isinstance(module, tuple(_CONV)):
                 return self.conv(node, module, args[0])
             if isinstance(module, tuple(_CONV_TRANSPOSE)):
@@ -235,8 +239,12 @@ class _ViewBuilder:
             if node.target not in self.copied_modules:
                 self.copied_modules[node.target] = self.register(node.target, copy.deepcopy(module))
             return self.graph.call_module(self.copied_modules[node.target], args, kwargs)
-        if node.op == "call_method" and args and args[0] is None:  # a QFunctional call: owner mapped to None
-            return self.functional(node, args[1:], kwargs)
+        if node.op == "call_function" and node.target is torch.quantize_per_tensor:
+            return args[0]  # the fake-quant that follows is the quantize
+        if node.op == "call_function" and node.target in _FLOAT_FUNCTIONAL:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("scale", "zero_point")}
+            value = self.call(_FLOAT_FUNCTIONAL[node.target], *args, **kwargs)
+            return self.call(F.relu, value) if node.target is torch.ops.quantized.add_relu else value
         return self.graph.node_copy(node, lambda n: self.env[n])
 
     def conv(self, node: fx.Node, module: nn.Module, x: fx.Node) -> fx.Node:
@@ -250,15 +258,6 @@ class _ViewBuilder:
     def bias(self, node: fx.Node, module: nn.Module) -> fx.Node | None:
         bias = module.bias()
         return None if bias is None else self.attr(f"{node.target}.bias", bias.detach().clone())
-
-    def functional(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node:
-        ops = {"add": torch.add, "mul": torch.mul, "cat": torch.cat, "add_scalar": operator.add,
-               "mul_scalar": operator.mul}
-        if node.target == "add_relu":
-            return self.call(F.relu, self.call(torch.add, *args))
-        if node.target not in ops:
-            raise ExportError(f"QDQ export does not know the quantized functional '{node.target}' ('{node.name}')")
-        return self.call(ops[node.target], *args, **kwargs)
 
 
 def _fetch(model: nn.Module, target: str) -> Any:

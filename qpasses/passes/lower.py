@@ -33,6 +33,8 @@ class Lower(Pass):
     ``q_w = clamp(round(w / s_w) + z_w)``; ``(s, z)`` come from the calibrated observers. Observers on
     values an int8 op produces disappear (the op writes at their scale); observers on float values become
     quantize; float ops get a dequantize in front, so quantize/dequantize appear only at real boundaries.
+    Quantize and the FloatFunctional arithmetic become direct calls of ``torch.quantize_per_tensor`` and
+    ``torch.ops.quantized.*`` with constant qparams (no module, no Python layer per op, as torch.ao FX).
     Spec ranges narrower than 8 bits (sub-8-bit, reduce_range) are enforced by a clamp of the codes; a
     clamp read only by a max pool moves after it (``max(clamp(x)) = clamp(max(x))``, on fewer values).
     Identity and dropout modules, which return their input at inference, are removed: every node of the
@@ -174,10 +176,10 @@ class _Lowering:
         if self.quantized.get(value, False):
             result = value
         else:
-            target = unique_name(self.gm, f"{value.name}_quant")
-            self.gm.add_submodule(target, lowering.quantize_stub(scale, zero_point, spec))
+            quantize, qparams = lowering.quantize_call(scale, zero_point, spec)
             with self.graph.inserting_before(node):
-                result = self.graph.call_module(target, (value,))
+                result = self.graph.create_node("call_function", quantize, (value, *qparams),
+                                                name=f"{value.name}_quant")
             result.meta["qstate"] = "int8"
             self.ctx.stats["quantize"] += 1
         bounds = lowering.code_range(scale, zero_point, spec)
@@ -245,12 +247,22 @@ class _Lowering:
         return padded
 
     def lower_functional(self, node: fx.Node, role: Role) -> None:
+        """``owner.method(*args)`` on a FloatFunctional becomes a direct call of the quantized op."""
         self.check_inputs_quantized(node)
         scale, zero_point = self.output_qparams(node) if role is Role.FUNCTIONAL else (1.0, 0)
-        owner = node.args[0]
-        self.replace_module(owner.target, lowering.quantized_functional(scale, zero_point))
-        self.mark_int8(node, scale, zero_point)
+        owner, *args = node.args
+        op, args, kwargs = lowering.quantized_functional_call(node.target, tuple(args), dict(node.kwargs),
+                                                              scale, zero_point)
+        with self.graph.inserting_before(node):
+            call = self.graph.call_function(op, args, kwargs)
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
         self.ctx.stats[f"int8_{node.target}"] += 1
+        self.erase(node)
+        if not owner.users:
+            self.erased_modules.add(owner.target)
+            self.graph.erase_node(owner)
+        self.mark_int8(call, scale, zero_point)
 
     def lower_unary(self, node: fx.Node) -> None:
         self.check_inputs_quantized(node)

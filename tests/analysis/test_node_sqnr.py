@@ -59,9 +59,9 @@ def test_lowered_nodes_are_paired_with_the_float_values_they_compute(at_8_bits):
     pairs = match_nodes(reference, qm)
     # Fused conv → (folded BN) → ReLU: the int8 conv writes the ReLU's output.
     assert pairs["enc1_0"] == "enc1_2" and pairs["dec1_0"] == "dec1_2"
-    # `+` and `torch.cat` became FloatFunctional calls with new names, paired by their inputs.
-    adds = [n.name for n in qm.graph.nodes if n.op == "call_method" and n.target == "add"]
-    cats = [n.name for n in qm.graph.nodes if n.op == "call_method" and n.target == "cat"]
+    # `+` and `torch.cat` became quantized op calls with new names, paired by their inputs.
+    adds = [n.name for n in qm.graph.nodes if n.target is torch.ops.quantized.add]
+    cats = [n.name for n in qm.graph.nodes if n.target is torch.ops.quantized.cat]
     assert [pairs[a] for a in adds] == ["add"] and [pairs[c] for c in cats] == ["cat"]
     assert pairs["x_quant"] == "x" and pairs["dequantize"] == "head"
 

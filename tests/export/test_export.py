@@ -132,8 +132,8 @@ def test_widened_7_bit_ranges_cover_the_same_interval_on_256_codes(tmp_path):
     model = onnx.load(str(export_onnx(qm, x, tmp_path / "w.onnx", reduce_range="widen")))
     values = constants(model)
     assert not any(n.op_type == "Clip" for n in model.graph.node)
-    stub = qm.get_submodule(next(n.target for n in qm.graph.nodes if n.op == "call_module" and n.target.endswith("_quant")))
-    scale, zero_point = float(stub.scale), int(stub.zero_point)
+    input_quantize = next(n for n in qm.graph.nodes if n.target is torch.quantize_per_tensor)
+    scale, zero_point = input_quantize.args[1:3]
     first = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
     widened_scale, widened_zero_point = float(values[first.input[1]]), int(values[first.input[2]])
     lo, hi = (0 - zero_point) * scale, (127 - zero_point) * scale

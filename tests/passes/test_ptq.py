@@ -100,8 +100,13 @@ def test_every_lowered_op_pattern_matches_float():
     model = Net().eval()
     qm, pm = quantize(model, (2, 3, 8, 8))
     types = module_types(qm)
-    for t in (nnq.Conv2d, nnq.ConvTranspose2d, nnq.Linear, nnq.QFunctional, nnq.Hardswish):
+    for t in (nnq.Conv2d, nnq.ConvTranspose2d, nnq.Linear, nnq.Hardswish):
         assert t in types, t
+    # The arithmetic runs as direct quantized op calls (as torch.ao's convert_fx emits), with no module left.
+    called = {n.target for n in qm.graph.nodes if n.op == "call_function"}
+    ops = torch.ops.quantized
+    assert {ops.add_relu, ops.mul, ops.cat, ops.add_scalar, torch.quantize_per_tensor} <= called
+    assert not types & {nnq.QFunctional, nnq.FloatFunctional, nnq.Quantize}
     x = calibration((2, 3, 8, 8), seed=9)[0]
     assert sqnr(model(x), qm(x)) > 20
     lowered = pm.report.records[-1]
@@ -333,9 +338,16 @@ def test_reduce_range_clamp_runs_after_the_max_pool_with_the_same_codes():
     before.graph.lint()
     before.recompile()
     x = calibration((2, 3, 16, 16), seed=3)[0] * 3  # beyond the calibrated range: the clamp bites
-    stem_codes = qm.stem(qm.x_quant(x).clamp(*next(n for n in qm.graph.nodes if n.target is torch.clamp).args[1:]))
+    input_clamp = next(n for n in qm.graph.nodes if n.target is torch.clamp)
+    stem_codes = qm.stem(quantize_input(qm, x).clamp(*input_clamp.args[1:]))
     assert int(stem_codes.int_repr().max()) > 127
     assert torch.equal(qm(x), before(x))
+
+
+def quantize_input(gm, x):
+    """``x`` quantized as the lowered ``gm`` quantizes its input."""
+    quantize = next(n for n in gm.graph.nodes if n.target is torch.quantize_per_tensor)
+    return torch.quantize_per_tensor(x, *quantize.args[1:])
 
 
 def clamps(gm):
@@ -352,7 +364,7 @@ def test_x86_headroom_needs_no_clamp_and_equals_fbgemm_inside_the_range():
     inside = calibration((2, 3, 16, 16), seed=3)[0] * 0.25
     assert torch.equal(x86(inside), fbgemm(inside))
     beyond = calibration((2, 3, 16, 16), seed=3)[0] * 3
-    stem_codes = x86.stem(x86.x_quant(beyond)).int_repr()
+    stem_codes = x86.stem(quantize_input(x86, beyond)).int_repr()
     assert int(stem_codes.max()) > 127  # past the calibrated range, up to the u8 container's 255
     assert not torch.equal(x86(beyond), fbgemm(beyond))
 
