@@ -63,7 +63,8 @@ class AdaRound(Pass):
 
     The rounded weights are stored on their grid and the grid's qparams in ``node.meta['weight_qparams']``,
     which lowering uses, so its round-to-nearest keeps them; the weights that set each channel's min and
-    max keep their float values and no rounded weight moves beyond them.
+    max keep their float values (rounded to nearest, in the optimisation too) and no rounded weight moves
+    beyond them.
     The float weights stay in ``node.meta['float_weight']`` until lowering: passes after it (BiasCorrection)
     measure quantization error against the float model, not the rounded one.
     Quantization settings come from the PTQ pass in the pipeline. Requires: ``calibrated``. Provides:
@@ -123,6 +124,12 @@ class AdaRound(Pass):
         top = torch.minimum(torch.floor(high / scale), spec.quant_max - zero_point)
         bottom = torch.maximum(torch.ceil(low / scale), spec.quant_min - zero_point)
         floor = torch.floor(weight / scale)
+        nearest = torch.clamp(torch.round(weight / scale), spec.quant_min - zero_point,
+                              spec.quant_max - zero_point) * scale  # what lowering alone would do
+        # The weights that fix each channel's range round to nearest (lowering rounds their float values), in the
+        # optimisation too: the others' rounding must be learned with them in place. Fixed up only afterwards,
+        # they undid the learned choice of depthwise convs (2 of 9 weights per channel).
+        extremes = (weight == high) | (weight == low)
         fraction = (weight / scale - floor).clamp(0.0, 1.0 - 1e-6)
         v = (-torch.log((_ZETA - _GAMMA) / (fraction - _GAMMA) - 1)).requires_grad_(True)
 
@@ -130,7 +137,7 @@ class AdaRound(Pass):
             return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
 
         def on_grid(h: torch.Tensor) -> torch.Tensor:
-            return torch.minimum(torch.maximum(floor + h, bottom), top) * scale
+            return torch.where(extremes, nearest, torch.minimum(torch.maximum(floor + h, bottom), top) * scale)
 
         optimizer = torch.optim.Adam([v], lr=self.lr)
         steps = progress(range(self.iterations), self.iterations, f"AdaRound {layer.node.target}", self.progress)
@@ -147,18 +154,14 @@ class AdaRound(Pass):
             optimizer.step()
 
         with torch.no_grad():
-            learned = on_grid((soft(v) >= 0.5).float())
-            nearest = torch.clamp(torch.round(weight / scale), spec.quant_min - zero_point,
-                                  spec.quant_max - zero_point) * scale  # what lowering alone would do
-            extremes = (weight == high) | (weight == low)
-            final = torch.where(extremes, nearest, learned)
+            final = on_grid((soft(v) >= 0.5).float())
             nearest_error, learned_error = _error(layer, nearest, activation), _error(layer, final, activation)
             if learned_error > nearest_error:  # too few iterations to beat nearest here: keep nearest
-                final, learned = nearest, nearest
+                final = nearest
             results.append(RoundingResult(layer.node.target, nearest_error, learned_error,
                                           int((final != nearest).sum()), kept=final is not nearest))
             layer.node.meta.setdefault(FLOAT_WEIGHT_KEY, weight.clone())
-            layer.module.weight.copy_(torch.where(extremes, weight, learned))
+            layer.module.weight.copy_(torch.where(extremes, weight, final))
         return final
 
 

@@ -131,3 +131,21 @@ def test_passes_after_it_measure_error_against_the_float_weights_not_the_rounded
         assert torch.allclose(reference, model(batch), atol=1e-5)
     lowered = PassManager([Lower()]).run(gm, calib[0])
     assert not any(FLOAT_WEIGHT_KEY in n.meta for n in lowered.graph.nodes)  # no float copy outlives lowering
+
+
+def test_depthwise_layers_learn_with_their_extreme_weights_rounded_as_lowering_rounds_them():
+    # 9 weights per channel, 2 of them the channel's min and max: rounding those to nearest only after
+    # training (as a lone fix-up) undid the joint choice it learned, and it reconstructed worse than nearest.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6()).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(3)
+    g = torch.Generator().manual_seed(2)
+    # Smooth inputs, as images are: neighbouring pixels correlate, so rounding errors of neighbouring weights
+    # can cancel (with independent pixels round-to-nearest is already optimal).
+    calib = [nn.functional.interpolate(torch.randn(4, 16, 4, 4, generator=g), size=(12, 12), mode="bilinear")
+             for _ in range(4)]
+    pm = PassManager([AdaRound(calib, iterations=300, lr=1e-2, progress=False),
+                      PTQ(calib, backend="onednn", config=config("onednn", 4), progress=False)])
+    (result,) = pm.run(model, calib[0]).meta[ADAROUND_REPORT_KEY]
+    assert result.kept and result.learned < 0.6 * result.nearest
