@@ -245,6 +245,8 @@ class _ViewBuilder:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("scale", "zero_point")}
             value = self.call(_FLOAT_FUNCTIONAL[node.target], *args, **kwargs)
             return self.call(F.relu, value) if node.target is torch.ops.quantized.add_relu else value
+        if node.op == "call_function" and str(node.target).startswith("quantized."):
+            raise ExportError(f"QDQ export has no float equivalent for {node.target} ('{node.name}')")
         return self.graph.node_copy(node, lambda n: self.env[n])
 
     def conv(self, node: fx.Node, module: nn.Module, x: fx.Node) -> fx.Node:

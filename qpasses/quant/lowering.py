@@ -17,6 +17,7 @@ from torch import nn
 from qpasses.errors import QPassesError
 from qpasses.graph.modules import unique_name
 from qpasses.quant.observers import make_observer
+from qpasses.quant.ops import DERIVED_METHODS
 from qpasses.quant.spec import QuantSpec
 
 # node.meta key: a conv/linear's weight (scale, zero_point) pinned by a pass that rounded on that grid
@@ -257,8 +258,6 @@ QUANTIZED_FUNCTIONAL_OPS = {
     "add_scalar": torch.ops.quantized.add_scalar,
     "mul_scalar": torch.ops.quantized.mul_scalar,
 }
-# The ops that derive their output qparams from their input's, taking none.
-_DERIVED_QPARAMS = ("add_scalar", "mul_scalar")
 
 
 def quantized_functional_call(method: str, args: tuple, kwargs: dict, scale: float,
@@ -268,7 +267,7 @@ def quantized_functional_call(method: str, args: tuple, kwargs: dict, scale: flo
     op = QUANTIZED_FUNCTIONAL_OPS.get(method)
     if op is None:
         raise QPassesError(f"no int8 kernel for FloatFunctional.{method}")
-    if method in _DERIVED_QPARAMS:
+    if method in DERIVED_METHODS:  # the kernel derives its output qparams from its input's
         return op, args, kwargs
     return op, args, {**kwargs, "scale": float(scale), "zero_point": int(zero_point)}
 

@@ -88,6 +88,14 @@ def test_exports_refuse_float_models_and_unknown_modes(tmp_path):
         qdq_model(quantized("x86"), torch.randn(1, 3, 32, 32), reduce_range="drop")
 
 
+def test_qdq_view_refuses_a_quantized_op_it_has_no_float_form_for():
+    qm = quantized("x86")
+    add = next(n for n in qm.graph.nodes if n.target is torch.ops.quantized.add_relu)
+    add.target = torch.ops.quantized.mul_relu  # no FloatFunctional lowers to it
+    with pytest.raises(ExportError, match=f"no float equivalent for quantized.mul_relu .'{add.name}'"):
+        qdq_model(qm, torch.randn(1, 3, 32, 32))
+
+
 @pytest.mark.parametrize("backend", ["x86", "qnnpack"])
 def test_qdq_view_is_the_lowered_model_in_float(backend):
     qm = quantized(backend)
