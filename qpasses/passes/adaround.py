@@ -13,7 +13,7 @@ from qpasses.graph.links import activation_bounds
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import progress
 from qpasses.quant.layerwise import Layer, annotation_of, collect_batches, sweep
-from qpasses.quant.lowering import FLOAT_WEIGHT_KEY, WEIGHT_QPARAMS_KEY, weight_qparams
+from qpasses.quant.lowering import FLOAT_WEIGHT_KEY, WEIGHT_QPARAMS_KEY, fake_quantize_weight, weight_qparams
 
 ADAROUND_REPORT_KEY = "qpasses_adaround"
 # Stretch of the rectified sigmoid, from the paper: h(V) = clamp(sigmoid(V)·(ζ − γ) + γ, 0, 1).
@@ -117,6 +117,7 @@ class AdaRound(Pass):
         # Lowering quantizes at exactly these qparams: observers whose range depends on every value (mse)
         # would otherwise pick another grid for the rounded weights.
         layer.node.meta[WEIGHT_QPARAMS_KEY] = (scale.clone(), zero_point.clone())
+        nearest = fake_quantize_weight(weight, spec, (scale, zero_point))  # what lowering alone would do
         scale = _per_channel(scale.float(), weight, spec.axis)
         zero_point = _per_channel(zero_point.float(), weight, spec.axis)
         high, low = _channel_extremes(weight, spec.axis, True), _channel_extremes(weight, spec.axis, False)
@@ -124,8 +125,6 @@ class AdaRound(Pass):
         top = torch.minimum(torch.floor(high / scale), spec.quant_max - zero_point)
         bottom = torch.maximum(torch.ceil(low / scale), spec.quant_min - zero_point)
         floor = torch.floor(weight / scale)
-        nearest = torch.clamp(torch.round(weight / scale), spec.quant_min - zero_point,
-                              spec.quant_max - zero_point) * scale  # what lowering alone would do
         # The weights that fix each channel's range round to nearest (lowering rounds their float values), in the
         # optimisation too: the others' rounding must be learned with them in place. Fixed up only afterwards,
         # they undid the learned choice of depthwise convs (2 of 9 weights per channel).
