@@ -5,15 +5,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from qpasses.graph.links import activation_bounds
+from qpasses.graph.regions import blocks, parent_module
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import progress
-from qpasses.quant.layerwise import Layer, annotation_of, collect_batches, sweep
+from qpasses.quant.layerwise import Block, annotation_of, collect_batches, sweep_blocks
 from qpasses.quant.lowering import FLOAT_WEIGHT_KEY, WEIGHT_QPARAMS_KEY, fake_quantize_weight, weight_qparams
+from qpasses.quant.ops import Role
+from qpasses.quant.spec import QuantSpec
 
 ADAROUND_REPORT_KEY = "qpasses_adaround"
 # Stretch of the rectified sigmoid, from the paper: h(V) = clamp(sigmoid(V)·(ζ − γ) + γ, 0, 1).
@@ -22,9 +27,9 @@ _GAMMA, _ZETA = -0.1, 1.1
 
 @dataclass
 class RoundingResult:
-    """Reconstruction error (mean squared, on the calibration batches) of one layer's output after its activation."""
+    """Reconstruction error (mean squared, on the calibration batches) of one block's output after its activation."""
 
-    layer: str
+    layers: str  # the block's layers, comma-separated
     nearest: float  # with round-to-nearest weights
     learned: float  # with the learned rounding
     flipped: int  # weights rounded the other way than nearest (0 when nearest was kept)
@@ -48,27 +53,39 @@ def _channel_extremes(weight: torch.Tensor, axis: int | None, largest: bool) -> 
 
 
 class AdaRound(Pass):
-    """Adaptive rounding of conv/linear weights, layer by layer, on calibration data.
+    """Adaptive rounding of conv/linear weights, layer by layer (or block by block), on calibration data.
 
     Math: with ``s`` the weight scale lowering will use, each weight is ``s · (⌊w/s⌋ + h(V))`` where
     ``h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)`` (ζ = 1.1, γ = −0.1) starts at the fractional part of ``w/s``.
-    ``V`` minimises ``‖f(W̃ x_q) − f(W x)‖²`` (``x_q``: the layer's input in the quantized model, with earlier
-    layers already rounded; ``W x``: the float model's output; ``f``: the ReLU or clamp that alone reads the
-    layer's output, identity without one, so errors the activation cuts off cost nothing, as in the paper's
-    asymmetric reconstruction) ``+ λ Σ (1 − |2h(V) − 1|^β)``, the regulariser
-    off for the first ``warmup`` fraction of ``iterations``, then with ``β`` annealed from ``beta[0]`` to
-    ``beta[1]`` (cosine), pushing every ``h`` to 0 or 1. The result ``⌊w/s⌋ + [h ≥ ½]`` is one of the two
-    grid points next to ``w``, within the layer's code range. A layer whose learned rounding reconstructs
-    worse than round-to-nearest on the calibration batches (too few iterations) keeps round-to-nearest.
+    ``V`` minimises ``‖f(F(W̃; x_q)) − f(F(W; x))‖² + λ Σ (1 − |2h(V) − 1|^β)``, where ``F`` is one layer
+    (``granularity="layer"``, as in the paper) or one block of the graph (``"block"``, BRECQ: Li et al.,
+    2021); ``x_q`` its input in the quantized model, with earlier blocks already rounded, and activations
+    quantized inside the block (gradients passed straight through); ``F(W; x)`` the float model's output;
+    ``f`` the ReLU or clamp that alone reads that output, identity without one, so errors it cuts off cost
+    nothing (the paper's asymmetric reconstruction). A block is a single-entry, single-exit region of the
+    graph whose layers share a parent module (an inverted-residual or residual block, with its skip
+    connection); a layer outside any such region is its own block. All the block's ``V`` are learned
+    jointly, so a layer's rounding can undo the error of the layers before it in the block. Blocks have more
+    free choices per constraint than layers and need more data: on Lite0 at 224×224 with 64 crops they match
+    layer by layer (and take less time), on 16 crops at 96×96 they reconstruct worse (BENCHMARKS.md, dfq).
+    With ``rescale``, each layer also learns a gain ``g`` per output channel (one for per-tensor weights) and
+    a bias shift ``δ``, jointly with ``V``: its weight is ``g · s · (⌊w/s⌋ + h(V))`` and its bias ``b + δ``.
+    Both are exact in the int8 model: the gain moves the weight's scale to ``g · s`` (codes unchanged),
+    the shift is folded into the bias. They undo the systematic part of the rounding error (a channel's
+    gain shrunk or grown by it, the mean shift bias correction removes) that ±1 steps only approximate.
+    The regulariser is off for the first ``warmup`` fraction of ``iterations``, then ``β`` is annealed from
+    ``beta[0]`` to ``beta[1]`` (cosine), pushing every ``h`` to 0 or 1. The result ``⌊w/s⌋ + [h ≥ ½]`` is
+    one of the two grid points next to ``w``, within the layer's code range. A block whose learned rounding
+    reconstructs worse than round-to-nearest on the calibration batches (too few iterations) keeps
+    round-to-nearest.
 
     The rounded weights are stored on their grid and the grid's qparams in ``node.meta['weight_qparams']``,
     which lowering uses, so its round-to-nearest keeps them; the weights that set each channel's min and
-    max keep their float values (rounded to nearest, in the optimisation too) and no rounded weight moves
-    beyond them.
+    max round to nearest (in the optimisation too) and no rounded weight moves beyond them.
     The float weights stay in ``node.meta['float_weight']`` until lowering: passes after it (BiasCorrection)
     measure quantization error against the float model, not the rounded one.
     Quantization settings come from the PTQ pass in the pipeline. Requires: ``calibrated``. Provides:
-    ``weights_rounded``. Per layer, the reconstruction error with nearest and learned rounding is kept in
+    ``weights_rounded``. Per block, the reconstruction error with nearest and learned rounding is kept in
     ``gm.meta['qpasses_adaround']`` (:class:`RoundingResult`) and summarised in the report.
     """
 
@@ -78,24 +95,32 @@ class AdaRound(Pass):
 
     def __init__(self, data: Iterable, num_batches: int | None = None, iterations: int = 1000,
                  regularization: float = 0.01, beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2,
-                 lr: float = 1e-3, seed: int = 0, progress: bool = True):
+                 lr: float = 1e-3, granularity: Literal["block", "layer"] = "layer", rescale: bool = False,
+                 seed: int = 0, progress: bool = True):
         if iterations < 1 or not 0 <= warmup < 1 or regularization < 0 or lr <= 0:
             raise ValueError("AdaRound needs iterations >= 1, 0 <= warmup < 1, regularization >= 0, lr > 0")
+        if granularity not in ("block", "layer"):
+            raise ValueError(f"AdaRound granularity must be 'block' or 'layer', not {granularity!r}")
         self.data, self.num_batches = data, num_batches
         self.iterations, self.regularization, self.beta = iterations, regularization, beta
-        self.warmup, self.lr, self.seed, self.progress = warmup, lr, seed, progress
+        self.warmup, self.lr, self.granularity, self.rescale = warmup, lr, granularity, rescale
+        self.seed, self.progress = seed, progress
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ann = annotation_of(gm, self.name)
         batches = collect_batches(self.data, gm, self.num_batches, self.name)
         results: list[RoundingResult] = []
         generator = torch.Generator().manual_seed(self.seed)
-        ctx.stats["layers"] = sweep(gm, ann, batches, lambda layer: self._round(gm, layer, generator, results))
+        regions = []
+        if self.granularity == "block":
+            regions = blocks(gm.graph, lambda n: parent_module(n) if ann.roles.get(n.name) is Role.COMPUTE else None)
+        ctx.stats["layers"] = sweep_blocks(gm, ann, batches, regions,
+                                           lambda block: self._reconstruct(gm, block, generator, results))
         ctx.stats["flipped"] = sum(r.flipped for r in results)
         kept = sum(r.kept for r in results)
-        ctx.note(f"{kept} of {len(results)} layer(s) keep the learned rounding (the others reconstructed worse "
-                 f"than round-to-nearest and keep it); total error {sum(r.nearest for r in results):.4g} → "
-                 f"{sum(min(r.learned, r.nearest) for r in results):.4g}")
+        ctx.note(f"{kept} of {len(results)} {self.granularity}(s) keep the learned rounding (the others "
+                 f"reconstructed worse than round-to-nearest and keep it); total error "
+                 f"{sum(r.nearest for r in results):.4g} → {sum(min(r.learned, r.nearest) for r in results):.4g}")
         gm.meta[ADAROUND_REPORT_KEY] = results
         return PassResult(gm, modified=True)
 
@@ -108,72 +133,116 @@ class AdaRound(Pass):
         high, low = self.beta
         return low + 0.5 * (high - low) * (1 + math.cos(math.pi * done))
 
-    def _round(self, gm: fx.GraphModule, layer: Layer, generator: torch.Generator,
-               results: list[RoundingResult]) -> torch.Tensor:
-        spec = layer.spec
-        activation = _activation(gm, layer)
-        weight = layer.module.weight.detach()
-        scale, zero_point = weight_qparams(weight, spec)
-        # Lowering quantizes at exactly these qparams: observers whose range depends on every value (mse)
-        # would otherwise pick another grid for the rounded weights.
-        layer.node.meta[WEIGHT_QPARAMS_KEY] = (scale.clone(), zero_point.clone())
-        nearest = fake_quantize_weight(weight, spec, (scale, zero_point))  # what lowering alone would do
-        scale = _per_channel(scale.float(), weight, spec.axis)
-        zero_point = _per_channel(zero_point.float(), weight, spec.axis)
-        high, low = _channel_extremes(weight, spec.axis, True), _channel_extremes(weight, spec.axis, False)
-        # Codes relative to the zero point, never beyond the weights that fix the scale.
-        top = torch.minimum(torch.floor(high / scale), spec.quant_max - zero_point)
-        bottom = torch.maximum(torch.ceil(low / scale), spec.quant_min - zero_point)
-        floor = torch.floor(weight / scale)
-        # The weights that fix each channel's range round to nearest (lowering rounds their float values), in the
-        # optimisation too: the others' rounding must be learned with them in place. Fixed up only afterwards,
-        # they undid the learned choice of depthwise convs (2 of 9 weights per channel).
-        extremes = (weight == high) | (weight == low)
-        fraction = (weight / scale - floor).clamp(0.0, 1.0 - 1e-6)
-        v = (-torch.log((_ZETA - _GAMMA) / (fraction - _GAMMA) - 1)).requires_grad_(True)
-
-        def soft(v: torch.Tensor) -> torch.Tensor:
-            return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
-
-        def on_grid(h: torch.Tensor) -> torch.Tensor:
-            return torch.where(extremes, nearest, torch.minimum(torch.maximum(floor + h, bottom), top) * scale)
-
-        optimizer = torch.optim.Adam([v], lr=self.lr)
-        steps = progress(range(self.iterations), self.iterations, f"AdaRound {layer.node.target}", self.progress)
+    def _reconstruct(self, gm: fx.GraphModule, block: Block, generator: torch.Generator,
+                     results: list[RoundingResult]) -> dict[fx.Node, torch.Tensor]:
+        roundings = {n: _Rounding(n, block.modules[n], block.specs[n], self.rescale) for n in block.layers}
+        activation = _activation(gm, block.region.exit, block.float_outputs[0])
+        label = ", ".join(str(n.target) for n in block.layers)
+        optimizer = torch.optim.Adam([p for r in roundings.values() for p in r.parameters()], lr=self.lr)
+        steps = progress(range(self.iterations), self.iterations, f"AdaRound {label}", self.progress)
         for step in steps:
-            k = int(torch.randint(len(layer.quant_inputs), (1,), generator=generator))
-            h = soft(v)
-            loss = (activation(layer.run(layer.quant_inputs[k], on_grid(h)))
-                    - activation(layer.float_outputs[k])).pow(2).mean()
+            k = int(torch.randint(len(block.quant_inputs), (1,), generator=generator))
+            soft = {n: r.soft() for n, r in roundings.items()}
+            output = block.run(block.quant_inputs[k], {n: r.params(soft[n]) for n, r in roundings.items()})
+            loss = _squared_error(block, k, output, activation)
             beta = self._beta(step)
             if beta is not None:
-                loss = loss + self.regularization * (1 - (2 * h - 1).abs().pow(beta)).sum()
+                loss = loss + self.regularization * sum((1 - (2 * h - 1).abs().pow(beta)).sum() for h in soft.values())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
 
         with torch.no_grad():
-            final = on_grid((soft(v) >= 0.5).float())
-            nearest_error, learned_error = _error(layer, nearest, activation), _error(layer, final, activation)
-            if learned_error > nearest_error:  # too few iterations to beat nearest here: keep nearest
-                final = nearest
-            results.append(RoundingResult(layer.node.target, nearest_error, learned_error,
-                                          int((final != nearest).sum()), kept=final is not nearest))
-            layer.node.meta.setdefault(FLOAT_WEIGHT_KEY, weight.clone())
-            layer.module.weight.copy_(torch.where(extremes, weight, final))
-        return final
+            nearest = {n: {"weight": r.nearest} for n, r in roundings.items()}
+            learned = {n: r.params(r.hard()) for n, r in roundings.items()}
+            nearest_error, learned_error = _error(block, nearest, activation), _error(block, learned, activation)
+            kept = learned_error <= nearest_error  # else too few iterations to beat nearest here: keep nearest
+            flipped = sum(r.flipped() for r in roundings.values()) if kept else 0
+            results.append(RoundingResult(label, nearest_error, learned_error, flipped, kept))
+            return {n: r.store(learned[n] if kept else nearest[n]) for n, r in roundings.items()}
 
 
-def _activation(gm: fx.GraphModule, layer: Layer) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The clamp of the activation that alone reads ``layer``'s output, per channel (dim 1)."""
-    reference = layer.float_outputs[0]
-    lower, upper = activation_bounds(gm, layer.node, torch.zeros(reference.shape[1]))
+class _Rounding:
+    """One layer's learnable rounding: ``h(V)`` per weight picks between the two grid points next to it;
+    with ``rescale``, also a gain per output channel (on the weight scale) and a bias shift."""
+
+    def __init__(self, node: fx.Node, module: nn.Module, spec: QuantSpec, rescale: bool):
+        self.node, self.module, self.spec = node, module, spec
+        self.weight = weight = module.weight.detach().clone()
+        self.qparams = scale, zero_point = weight_qparams(weight, spec)
+        self.nearest = fake_quantize_weight(weight, spec, (scale, zero_point))  # what lowering alone would do
+        self.scale = scale = _per_channel(scale.float(), weight, spec.axis)
+        zero_point = _per_channel(zero_point.float(), weight, spec.axis)
+        high, low = _channel_extremes(weight, spec.axis, True), _channel_extremes(weight, spec.axis, False)
+        # Codes relative to the zero point, never beyond the weights that fix the scale.
+        self.top = torch.minimum(torch.floor(high / scale), spec.quant_max - zero_point)
+        self.bottom = torch.maximum(torch.ceil(low / scale), spec.quant_min - zero_point)
+        self.floor = torch.floor(weight / scale)
+        # The weights that fix each channel's range round to nearest, in the optimisation too: the others'
+        # rounding must be learned with them in place (left free, a depthwise conv's 2 extremes of 9 weights
+        # per channel were learned apart from the rest).
+        self.extremes = (weight == high) | (weight == low)
+        fraction = (weight / scale - self.floor).clamp(0.0, 1.0 - 1e-6)
+        self.v = (-torch.log((_ZETA - _GAMMA) / (fraction - _GAMMA) - 1)).requires_grad_(True)
+        self.log_gain = torch.zeros_like(scale).requires_grad_(rescale)
+        bias = module.bias.detach() if module.bias is not None else torch.zeros(self.nearest.shape[spec.axis or 0])
+        self.bias = bias
+        self.bias_shift = torch.zeros_like(bias).requires_grad_(rescale)
+        self.rescale = rescale
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.v, self.log_gain, self.bias_shift] if self.rescale else [self.v]
+
+    def soft(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
+
+    def hard(self) -> torch.Tensor:
+        return (self.soft() >= 0.5).float()
+
+    def _codes(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.extremes, self.nearest / self.scale,
+                           torch.minimum(torch.maximum(self.floor + h, self.bottom), self.top))
+
+    def params(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The layer's weight with rounding ``h`` (and its bias, when learned)."""
+        weight = self._codes(h) * self.scale * torch.exp(self.log_gain)
+        return {"weight": weight, "bias": self.bias + self.bias_shift} if self.rescale else {"weight": weight}
+
+    def flipped(self) -> int:
+        return int((torch.round(self._codes(self.hard())) != torch.round(self.nearest / self.scale)).sum())
+
+    def store(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Put ``params`` in the layer and pin the grid its weight is on; keep the float weight."""
+        scale, zero_point = self.qparams
+        if "bias" in params:
+            scale = scale * torch.exp(self.log_gain.detach()).reshape(scale.shape)
+            if self.module.bias is None:
+                self.module.bias = nn.Parameter(params["bias"].detach().clone())
+            else:
+                self.module.bias.copy_(params["bias"])
+        # Lowering quantizes at exactly these qparams: observers whose range depends on every value (mse)
+        # would otherwise pick another grid for the rounded weights.
+        self.node.meta[WEIGHT_QPARAMS_KEY] = (scale.clone(), zero_point.clone())
+        self.node.meta.setdefault(FLOAT_WEIGHT_KEY, self.weight)
+        self.module.weight.copy_(params["weight"])
+        return params["weight"].detach()
+
+
+def _activation(gm: fx.GraphModule, node: fx.Node, reference: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The clamp of the activation that alone reads ``node``'s output, per channel (dim 1)."""
+    lower, upper = activation_bounds(gm, node, torch.zeros(reference.shape[1]))
     shape = (1, -1, *([1] * (reference.dim() - 2)))
     lower, upper = lower.reshape(shape), upper.reshape(shape)
     return lambda y: torch.clamp(y, lower, upper)
 
 
-def _error(layer: Layer, weight: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    errors = [(activation(layer.run(x, weight)) - activation(y)).pow(2).mean()
-              for x, y in zip(layer.quant_inputs, layer.float_outputs, strict=True)]
+def _squared_error(block: Block, k: int, output: torch.Tensor,
+                   activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The mean squared reconstruction error of ``output``, the block's output on batch ``k``."""
+    return (activation(output) - activation(block.float_outputs[k])).pow(2).mean()
+
+
+def _error(block: Block, params: dict[fx.Node, dict[str, torch.Tensor]],
+           activation: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    errors = [_squared_error(block, k, block.run(x, params), activation) for k, x in enumerate(block.quant_inputs)]
     return float(sum(errors) / len(errors))

@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from qpasses.errors import QPassesError
+from qpasses.graph.regions import Region
 from qpasses.passes.calibrate import batch_inputs
 from qpasses.passes.insert_observers import ANNOTATION_KEY
 from qpasses.quant.annotate import Annotation
@@ -47,6 +48,47 @@ class Layer:
 
 
 WeightFor = Callable[[Layer], torch.Tensor]
+
+
+class Block:
+    """A single-entry, single-exit region holding int8 conv/linear layers, as the sweep reaches it: its
+    quantized path can be replayed with chosen weights, differentiably."""
+
+    def __init__(self, gm: fx.GraphModule, region: Region, layers: list[fx.Node], ann: Annotation,
+                 quant_inputs: list[torch.Tensor], float_outputs: list[torch.Tensor]):
+        self.gm, self.region, self.layers = gm, region, layers
+        self.modules = {n: gm.get_submodule(n.target) for n in layers}
+        self.specs = {n: weight_spec(self.modules[n], ann.pairs[n.name].weight) for n in layers}
+        self.quant_inputs = quant_inputs  # the entry's value on the quantized path, one tensor per batch
+        self.float_outputs = float_outputs  # the exit's value on the float path, one tensor per batch
+        self._observed = {}
+        for node in region.nodes:
+            module = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(module, Observer):
+                self._observed[node] = (*module.qparams(), module.spec)
+
+    def run(self, x: torch.Tensor, params: dict[fx.Node, dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The exit's value on the quantized path from the entry's value ``x``, each layer with the parameters
+        in ``params`` (its weight, and bias if given) in place of its own; activation quantization passes
+        gradients straight through."""
+        env = {self.region.entry: x}
+
+        def value(arg: fx.Node) -> torch.Tensor:
+            return env[arg] if arg in env else _fetch(self.gm, arg.target)  # a get_attr (regions hold none)
+
+        for node in self.region.nodes:
+            if node in self._observed:
+                observed = env[node.args[0]]
+                env[node] = observed + (on_grid(observed, *self._observed[node]) - observed).detach()
+            elif node in self.modules:
+                env[node] = functional_call(self.modules[node], params[node], (env[node.args[0]],))
+            else:
+                args, kwargs = fx.map_arg(node.args, value), fx.map_arg(node.kwargs, value)
+                env[node] = _execute(self.gm, node, args, kwargs)
+        return env[self.region.exit]
+
+
+BlockWeightsFor = Callable[[Block], dict[fx.Node, torch.Tensor]]
 
 
 def annotation_of(gm: fx.GraphModule, pass_name: str) -> Annotation:
@@ -91,16 +133,41 @@ def sweep(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], weight_for:
     """Propagate ``batches`` (tuples of model inputs) through ``gm``; at each int8 conv/linear call
     ``weight_for(layer)``, which may change the layer's bias and returns the float weight the quantized
     path uses for it (on its grid). Returns the number of layers visited."""
+    def one_layer(block: Block) -> dict[fx.Node, torch.Tensor]:
+        (node,) = block.layers
+        return {node: weight_for(Layer(node, block.modules[node], block.specs[node], block.quant_inputs,
+                                       block.float_outputs))}
+
+    return sweep_blocks(gm, ann, batches, [], one_layer)
+
+
+def sweep_blocks(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], regions: list[Region],
+                 weights_for: BlockWeightsFor) -> int:
+    """Propagate ``batches`` through ``gm`` as ``sweep`` does, a block at a time: at the first node of each
+    of ``regions`` holding int8 conv/linear layers (an int8 layer outside them is a block of its own) call
+    ``weights_for(block)``, which returns the float weight (on its grid) the quantized path uses for each of
+    the block's layers. Returns the number of layers visited."""
     reference = copy.deepcopy(gm)
     ref_nodes = {n.name: n for n in reference.graph.nodes}
     with torch.no_grad():
         for node in ref_nodes.values():
             if FLOAT_WEIGHT_KEY in node.meta:
                 reference.get_submodule(node.target).weight.copy_(node.meta[FLOAT_WEIGHT_KEY])
+    is_layer = {n: ann.roles.get(n.name) is Role.COMPUTE for n in gm.graph.nodes}
+    starts: dict[fx.Node, Region] = {}
+    for region in regions:
+        if any(is_layer[n] for n in region.nodes):
+            starts[region.nodes[0]] = region
+    in_blocks = {n for region in starts.values() for n in region.nodes}
+    inside = {n for region in starts.values() for n in region.nodes if n is not region.exit}
+    for node in gm.graph.nodes:
+        if is_layer[node] and node not in in_blocks:
+            starts[node] = Region([node], node.args[0], node)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     last_use = {n: max((order[u] for u in n.users), default=order[n]) for n in gm.graph.nodes}
     float_env: dict[fx.Node, list] = {}
     quant_env: dict[fx.Node, list] = {}
+    weights: dict[fx.Node, torch.Tensor] = {}
     placeholders = iter(range(len(batches[0])))
     visited = 0
     was_training = gm.training
@@ -111,6 +178,16 @@ def sweep(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], weight_for:
             for node in gm.graph.nodes:
                 if node.op == "output":
                     break
+                if node in starts:
+                    region = starts[node]
+                    # The float path runs ahead to the block's exit, for the target of its reconstruction.
+                    _float_through(reference, ref_nodes, region, float_env, len(batches))
+                    block = Block(gm, region, [n for n in region.nodes if is_layer[n]], ann,
+                                  quant_env[region.entry], float_env[region.exit])
+                    with torch.enable_grad():
+                        found = weights_for(block)
+                    weights.update({n: w.detach() for n, w in found.items()})
+                    visited += len(block.layers)
                 if node.op == "placeholder":
                     index = next(placeholders)
                     float_env[node] = quant_env[node] = [batch[index] for batch in batches]
@@ -119,7 +196,9 @@ def sweep(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], weight_for:
                     quant_env[node] = [_fetch(gm, node.target)] * len(batches)
                 else:
                     module = gm.get_submodule(node.target) if node.op == "call_module" else None
-                    if isinstance(module, Observer):
+                    if node in float_env or node in inside:
+                        pass  # computed ahead as a block's exit, or inside a block: read by nothing after it
+                    elif isinstance(module, Observer):
                         float_env[node] = float_env[node.args[0]]
                     else:
                         float_env[node] = _run_all(reference, ref_nodes[node.name], float_env, len(batches))
@@ -127,21 +206,39 @@ def sweep(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], weight_for:
                         scale, zero_point = module.qparams()
                         quant_env[node] = [on_grid(x, scale, zero_point, module.spec)
                                            for x in quant_env[node.args[0]]]
-                    elif ann.roles.get(node.name) is Role.COMPUTE:
-                        inputs = quant_env[node.args[0]]
-                        layer = Layer(node, module, weight_spec(module, ann.pairs[node.name].weight),
-                                      inputs, float_env[node])
-                        with torch.enable_grad():
-                            weight = weight_for(layer)
-                        quant_env[node] = [layer.run(x, weight.detach()) for x in inputs]
-                        visited += 1
+                    elif is_layer[node]:
+                        weight = weights.pop(node)
+                        quant_env[node] = [functional_call(module, {"weight": weight}, (x,))
+                                           for x in quant_env[node.args[0]]]
                     else:
                         quant_env[node] = _run_all(gm, node, quant_env, len(batches))
-                for done in [n for n in float_env if last_use[n] <= order[node] and n is not node]:
-                    del float_env[done], quant_env[done]
+                for done in [n for n in quant_env if last_use[n] <= order[node] and n is not node]:
+                    float_env.pop(done, None)
+                    del quant_env[done]
     finally:
         gm.train(was_training)
     return visited
+
+
+def _float_through(reference: fx.GraphModule, ref_nodes: dict[str, fx.Node], region: Region,
+                   float_env: dict[fx.Node, list], n_batches: int) -> None:
+    """Put the float path's value of ``region.exit`` in ``float_env``, running the region's nodes on a
+    scratch copy of the environment that drops each value after its last use in the region."""
+    scratch = dict(float_env)
+    position = {n: i for i, n in enumerate(region.nodes)}
+    last_use = {n: max((position.get(u, len(region.nodes)) for u in n.users), default=position[n])
+                for n in region.nodes}
+    for node in region.nodes:
+        for constant in (a for a in node.all_input_nodes if a.op == "get_attr"):
+            scratch[constant] = [_fetch(reference, constant.target)] * n_batches
+    for i, node in enumerate(region.nodes):
+        if isinstance(reference.get_submodule(node.target) if node.op == "call_module" else None, Observer):
+            scratch[node] = scratch[node.args[0]]
+        else:
+            scratch[node] = _run_all(reference, ref_nodes[node.name], scratch, n_batches)
+        for done in [n for n in region.nodes[:i] if last_use[n] <= i and n in scratch]:
+            del scratch[done]
+    float_env[region.exit] = scratch[region.exit]
 
 
 def _run_all(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, list], n_batches: int) -> list:

@@ -6,11 +6,13 @@ from torch import nn
 
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
+from qpasses.graph.regions import blocks, parent_module
 from qpasses.passes import PTQ, AdaRound, BiasCorrection, Calibrate, FuseBN, InsertObservers, Lower
 from qpasses.passes.adaround import ADAROUND_REPORT_KEY
 from qpasses.quant.backends import get_backend
-from qpasses.quant.layerwise import annotation_of, sweep
-from qpasses.quant.lowering import FLOAT_WEIGHT_KEY, weight_qparams
+from qpasses.quant.layerwise import annotation_of, sweep, sweep_blocks
+from qpasses.quant.lowering import FLOAT_WEIGHT_KEY, fake_quantize_weight, weight_qparams
+from qpasses.quant.ops import Role
 
 
 def net() -> nn.Sequential:
@@ -29,12 +31,15 @@ def config(backend, bits):
     return dataclasses.replace(base, weight=base.weight.replace(bits=bits))
 
 
+@pytest.mark.parametrize("granularity", ["block", "layer"])
 @pytest.mark.parametrize("backend", ["qnnpack", "x86"])
-def test_rounds_within_one_step_of_nearest_and_reconstructs_better(backend):
+def test_rounds_within_one_step_of_nearest_and_reconstructs_better(backend, granularity):
     model = net()
     calib = batches(4, seed=1)
     cfg = config(backend, 4)
-    pm = PassManager([FuseBN(), AdaRound(calib, iterations=300, lr=1e-2, progress=False),
+    # without gains: the grid is the one lowering would pick for the float weight (the rescaling test has gains)
+    pm = PassManager([FuseBN(), AdaRound(calib, iterations=300, lr=1e-2, granularity=granularity, rescale=False,
+                                         progress=False),
                       PTQ(calib, backend=backend, config=cfg, progress=False)])
     qm = pm.run(model, calib[0])
     flipped = 0
@@ -52,7 +57,9 @@ def test_rounds_within_one_step_of_nearest_and_reconstructs_better(backend):
         assert float((codes - nearest).abs().max()) <= 1
         flipped += int((codes != nearest).sum())
     results = qm.meta[ADAROUND_REPORT_KEY]
-    assert len(results) == 3 and flipped == sum(r.flipped for r in results) and flipped > 0
+    # one block: the Sequential's layers share their parent module
+    assert [r.layers for r in results] == (["0, 2, 5"] if granularity == "block" else ["0", "2", "5"])
+    assert flipped == sum(r.flipped for r in results) and flipped > 0
     assert sum(r.learned for r in results) < sum(r.nearest for r in results)
 
 
@@ -74,6 +81,8 @@ def test_improves_4_bit_weights_end_to_end_and_composes_with_bias_correction():
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="iterations"):
         AdaRound([], iterations=0)
+    with pytest.raises(ValueError, match="granularity"):
+        AdaRound([], granularity="net")
 
 
 def test_a_layer_whose_learned_rounding_reconstructs_worse_keeps_round_to_nearest():
@@ -81,28 +90,30 @@ def test_a_layer_whose_learned_rounding_reconstructs_worse_keeps_round_to_neares
     calib = batches(4, seed=1)
     cfg = config("x86", 4)
     # A huge step and no regulariser: the learned rounding is noise, worse than nearest in some layer.
-    pm = PassManager([FuseBN(), AdaRound(calib, iterations=3, lr=50.0, regularization=0.0, progress=False),
+    pm = PassManager([FuseBN(), AdaRound(calib, iterations=3, lr=50.0, regularization=0.0, granularity="layer",
+                                         progress=False),
                       PTQ(calib, backend="x86", config=cfg, progress=False)])
     qm = pm.run(model, calib[0])
     results = qm.meta[ADAROUND_REPORT_KEY]
     reverted = [r for r in results if not r.kept]
     assert reverted and all(r.learned > r.nearest and r.flipped == 0 for r in reverted)
     for r in reverted:
-        float_weight = model.get_submodule(r.layer).weight.detach()
+        float_weight = model.get_submodule(r.layers).weight.detach()
         scale, zero_point = weight_qparams(float_weight, cfg.weight)
         shape = [-1] + [1] * (float_weight.dim() - 1)
         nearest = torch.clamp(torch.round(float_weight / scale.reshape(shape)) + zero_point.reshape(shape),
                               cfg.weight.quant_min, cfg.weight.quant_max)
-        assert torch.equal(qm.get_submodule(r.layer).weight().int_repr().float(), nearest)
+        assert torch.equal(qm.get_submodule(r.layers).weight().int_repr().float(), nearest)
 
 
-def test_reconstructs_after_the_activation_so_a_channel_it_always_cuts_off_keeps_nearest():
+@pytest.mark.parametrize("granularity", ["block", "layer"])
+def test_reconstructs_after_the_activation_so_a_channel_it_always_cuts_off_keeps_nearest(granularity):
     model = net()
     with torch.no_grad():
         model[2].bias[0] = -1000.0  # the ReLU after it zeroes channel 0 for every input, float or quantized
     calib = batches(4, seed=1)
     cfg = config("x86", 4)
-    qm = PassManager([AdaRound(calib, iterations=300, lr=1e-2, progress=False),
+    qm = PassManager([AdaRound(calib, iterations=300, lr=1e-2, granularity=granularity, progress=False),
                       PTQ(calib, backend="x86", config=cfg, progress=False)]).run(model, calib[0])
     float_weight = model[2].weight.detach()
     scale, zero_point = weight_qparams(float_weight, cfg.weight)
@@ -133,7 +144,8 @@ def test_passes_after_it_measure_error_against_the_float_weights_not_the_rounded
     assert not any(FLOAT_WEIGHT_KEY in n.meta for n in lowered.graph.nodes)  # no float copy outlives lowering
 
 
-def test_depthwise_layers_learn_with_their_extreme_weights_rounded_as_lowering_rounds_them():
+@pytest.mark.parametrize("granularity", ["block", "layer"])
+def test_depthwise_layers_learn_with_their_extreme_weights_rounded_as_lowering_rounds_them(granularity):
     # 9 weights per channel, 2 of them the channel's min and max: rounding those to nearest only after
     # training (as a lone fix-up) undid the joint choice it learned, and it reconstructed worse than nearest.
     torch.manual_seed(0)
@@ -145,7 +157,101 @@ def test_depthwise_layers_learn_with_their_extreme_weights_rounded_as_lowering_r
     # can cancel (with independent pixels round-to-nearest is already optimal).
     calib = [nn.functional.interpolate(torch.randn(4, 16, 4, 4, generator=g), size=(12, 12), mode="bilinear")
              for _ in range(4)]
-    pm = PassManager([AdaRound(calib, iterations=300, lr=1e-2, progress=False),
+    pm = PassManager([AdaRound(calib, iterations=300, lr=1e-2, granularity=granularity, progress=False),
                       PTQ(calib, backend="onednn", config=config("onednn", 4), progress=False)])
     (result,) = pm.run(model, calib[0]).meta[ADAROUND_REPORT_KEY]
     assert result.kept and result.learned < 0.6 * result.nearest
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, channels: int = 8, hidden: int = 16):
+        super().__init__()
+        self.conv_pw, self.act1 = nn.Conv2d(channels, hidden, 1), nn.ReLU6()
+        self.conv_dw, self.act2 = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden), nn.ReLU6()
+        self.conv_pwl = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x):
+        return x + self.conv_pwl(self.act2(self.conv_dw(self.act1(self.conv_pw(x)))))
+
+
+def mobile_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), InvertedResidual(), InvertedResidual(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+
+
+def smooth_batches(n, seed, channels=3, size=12):
+    g = torch.Generator().manual_seed(seed)
+    return [nn.functional.interpolate(torch.randn(4, channels, size // 3, size // 3, generator=g), size=(size, size),
+                                      mode="bilinear") for _ in range(n)]
+
+
+def observed(model, calib, backend="onednn", bits=4):
+    return PassManager([FuseBN(), InsertObservers(backend=backend, config=config(backend, bits)),
+                        Calibrate(calib, progress=False)]).run(model, calib[0])
+
+
+def test_a_block_replayed_with_round_to_nearest_weights_computes_what_the_lowered_model_computes():
+    model, calib = mobile_net(), smooth_batches(2, seed=1)
+    gm = observed(model, calib)
+    ann = annotation_of(gm, "test")
+    regions = blocks(gm.graph, lambda n: parent_module(n) if ann.roles.get(n.name) is Role.COMPUTE else None)
+    assert [len(r.nodes) > 1 for r in regions].count(True) >= 2  # the two inverted residuals
+    replayed = {}
+
+    def nearest(block):
+        weights = {n: fake_quantize_weight(block.modules[n].weight, block.specs[n]) for n in block.layers}
+        with torch.no_grad():
+            replayed[block.region.exit.name] = [block.run(x, {n: {"weight": w} for n, w in weights.items()})
+                                                for x in block.quant_inputs]
+        return weights
+
+    sweep_blocks(gm, ann, [(b,) for b in calib], regions, nearest)
+    lowered = PassManager([Lower()]).run(gm, calib[0])
+    last = regions[-1].exit.name
+    assert last in replayed  # the classifier's block ends at the output
+    out_scale = float(gm.get_submodule(regions[-1].exit.target).qparams()[0])
+    for x, replay in zip(calib, replayed[last], strict=True):
+        with torch.no_grad():
+            # the int8 kernels requantize in integers: at most a step or two apart from the float replay
+            assert float((lowered(x) - replay).abs().max()) <= 2 * out_scale
+
+
+def test_a_block_reconstructs_its_output_so_a_channel_no_later_layer_reads_keeps_nearest():
+    model = net()
+    with torch.no_grad():
+        model[2].weight[:, 0] = 0.0  # conv 2 ignores channel 0 of conv 0; the block's output does not see it
+    calib = batches(4, seed=1)
+    cfg = config("x86", 4)
+    qm = PassManager([AdaRound(calib, iterations=300, lr=1e-2, granularity="block", progress=False),
+                      PTQ(calib, backend="x86", config=cfg, progress=False)]).run(model, calib[0])
+    float_weight = model[0].weight.detach()
+    scale, _ = weight_qparams(float_weight, cfg.weight)
+    nearest = torch.clamp(torch.round(float_weight / scale.reshape(-1, 1, 1, 1)), cfg.weight.quant_min,
+                          cfg.weight.quant_max)
+    flips = (qm.get_submodule("0").weight().int_repr().float() != nearest).flatten(1).sum(dim=1)
+    # the loss reaches conv 0's other channels through conv 2; channel 0 only the regulariser: nearest
+    assert int(flips[0]) == 0 and int(flips[1:].sum()) > 0
+
+
+def test_rescaling_learns_exact_channel_gains_and_bias_shifts_that_lower_the_reconstruction_error():
+    model, calib = mobile_net(), smooth_batches(4, seed=1)
+    cfg = config("onednn", 4)
+    runs = {}
+    for rescale in (False, True):
+        pm = PassManager([FuseBN(), AdaRound(calib, iterations=150, lr=1e-2, rescale=rescale, progress=False),
+                          PTQ(calib, backend="onednn", config=cfg, progress=False)])
+        runs[rescale] = pm.run(model, calib[0])
+    learned = {r: sum(x.learned for x in qm.meta[ADAROUND_REPORT_KEY]) for r, qm in runs.items()}
+    assert learned[True] < learned[False]
+    folded = PassManager([FuseBN()]).run(model, calib[0])
+    name = "2.conv_pw"
+    float_weight = folded.get_submodule(name).weight.detach()
+    scale, _ = weight_qparams(float_weight, cfg.weight)
+    qweight = runs[True].get_submodule(name).weight()
+    gain = qweight.q_per_channel_scales().float() / scale.float()
+    assert not torch.allclose(gain, torch.ones_like(gain))  # the lowered grid is the learned one
+    nearest = torch.clamp(torch.round(float_weight / scale.reshape(-1, 1, 1, 1)), cfg.weight.quant_min,
+                          cfg.weight.quant_max)
+    assert float((qweight.int_repr().float() - nearest).abs().max()) <= 1  # codes still next to w/s
+    assert not torch.equal(runs[True].get_submodule(name).bias(), runs[False].get_submodule(name).bias())

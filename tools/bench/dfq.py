@@ -67,8 +67,9 @@ def setting_label(backend: str, config: QuantConfig) -> str:
 
 def pipelines(calib: list[torch.Tensor], iterations: int) -> list[tuple[str, Callable[[], list[Pass]]]]:
     """Each row: a label and a factory of the passes before PTQ (fresh instances per run)."""
-    def adaround() -> AdaRound:
-        return AdaRound(calib, iterations=iterations, lr=1e-2, progress=False)
+    def adaround(granularity: str = "layer", rescale: bool = False) -> AdaRound:
+        return AdaRound(calib, iterations=iterations, lr=1e-2, granularity=granularity, rescale=rescale,
+                        progress=False)
 
     return [
         ("PTQ", lambda: []),
@@ -78,6 +79,8 @@ def pipelines(calib: list[torch.Tensor], iterations: int) -> list[tuple[str, Cal
         ("+ CLE + HBA + BiasCorrection (empirical)", lambda: [CLE(), HighBiasAbsorption(), BiasCorrection(calib)]),
         ("+ BiasCorrection (empirical)", lambda: [BiasCorrection(calib)]),
         ("+ AdaRound", lambda: [adaround()]),
+        ("+ AdaRound (rescaled)", lambda: [adaround(rescale=True)]),
+        ("+ AdaRound (by block, rescaled)", lambda: [adaround("block", rescale=True)]),
         ("+ CLE + HBA + AdaRound", lambda: [CLE(), HighBiasAbsorption(), adaround()]),
         ("+ AdaRound + BiasCorrection (empirical)", lambda: [adaround(), BiasCorrection(calib)]),
         ("+ CLE + HBA + AdaRound + BiasCorrection (empirical)",
@@ -165,7 +168,8 @@ class Results:
             *([self.note] if self.note else []),
             f"Machine: {machine}. Pretrained tf_efficientnet_lite0, {p['calib']} calibration crops, {p['eval']} "
             f"evaluation crops (other photo halves), {p['size']}×{p['size']}; AdaRound {p['iterations']} iterations "
-            "per layer. Every pipeline starts with FuseBN and ends with PTQ (observers, calibration, int8 "
+            "per layer (per block for 'by block': BRECQ-style, a block's layers jointly against its output; "
+            "'rescaled': with learned channel gains and bias shifts). Every pipeline starts with FuseBN and ends with PTQ (observers, calibration, int8 "
             "lowering) with the backend's preset observers (activations: MSE; weights: min/max per tensor for "
             "qnnpack, MSE per channel for x86 and onednn). AxN: the activation grid: x86's preset keeps "
             "reduce_range at W8, i.e. 7-bit activation steps for CPUs without VNNI (with headroom: codes past the "
