@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qpasses.graph.channels import out_channels
 from qpasses.graph.links import activation_bounds
 from qpasses.graph.regions import blocks, parent_module
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
@@ -178,17 +179,16 @@ class _Rounding:
         self.top = torch.minimum(torch.floor(high / scale), spec.quant_max - zero_point)
         self.bottom = torch.maximum(torch.ceil(low / scale), spec.quant_min - zero_point)
         self.floor = torch.floor(weight / scale)
-        # The weights that fix each channel's range round to nearest, in the optimisation too: the others'
-        # rounding must be learned with them in place (left free, a depthwise conv's 2 extremes of 9 weights
-        # per channel were learned apart from the rest).
+        # The weights that fix each channel's range round to nearest, as lowering alone would, in the
+        # optimisation too: the others' rounding must be learned with them in place. Fixed up only afterwards,
+        # they undid the learned choice of depthwise convs (2 of 9 weights per channel).
         self.extremes = (weight == high) | (weight == low)
         fraction = (weight / scale - self.floor).clamp(0.0, 1.0 - 1e-6)
         self.v = (-torch.log((_ZETA - _GAMMA) / (fraction - _GAMMA) - 1)).requires_grad_(True)
-        self.log_gain = torch.zeros_like(scale).requires_grad_(rescale)
-        bias = module.bias.detach() if module.bias is not None else torch.zeros(self.nearest.shape[spec.axis or 0])
-        self.bias = bias
-        self.bias_shift = torch.zeros_like(bias).requires_grad_(rescale)
         self.rescale = rescale
+        self.log_gain = torch.zeros_like(scale).requires_grad_(rescale)
+        self.bias = module.bias.detach() if module.bias is not None else torch.zeros(out_channels(module))
+        self.bias_shift = torch.zeros_like(self.bias).requires_grad_(rescale)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.v, self.log_gain, self.bias_shift] if self.rescale else [self.v]
