@@ -168,7 +168,7 @@ class _Rounding:
     with ``rescale``, also a gain per output channel (on the weight scale) and a bias shift."""
 
     def __init__(self, node: fx.Node, module: nn.Module, spec: QuantSpec, rescale: bool):
-        self.node, self.module, self.spec = node, module, spec
+        self.node, self.module = node, module
         self.weight = weight = module.weight.detach().clone()
         self.qparams = scale, zero_point = weight_qparams(weight, spec)
         self.nearest = fake_quantize_weight(weight, spec, (scale, zero_point))  # what lowering alone would do

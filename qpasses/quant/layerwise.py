@@ -1,5 +1,5 @@
-"""Layer-by-layer propagation of calibration data along two paths at once, for passes that fix each
-layer's quantization error given the errors of the layers before it (bias correction, AdaRound).
+"""Layer-by-layer (or block-by-block) propagation of calibration data along two paths at once, for passes
+that fix each layer's quantization error given the errors of the layers before it (bias correction, AdaRound).
 
 - the float path runs a frozen copy of the model as it was: float weights (those from before AdaRound
   rounded them, if it ran), no activation quantization;
@@ -7,7 +7,9 @@ layer's quantization error given the errors of the layers before it (bias correc
   weight on the grid the annotation chose (``weight_for`` decides which grid point, layer by layer) and
   each observed activation on its calibrated grid.
 
-The sweep goes node by node over all batches, keeping only values some later node still reads.
+The sweep goes node by node over all batches, keeping only values some later node still reads. A block (a
+single-entry, single-exit region) is decided at once: the float path runs ahead to its exit, and the block's
+quantized path can be replayed differentiably from its entry (``Block.run``).
 """
 
 from __future__ import annotations
