@@ -31,6 +31,20 @@ def config(backend, bits):
     return dataclasses.replace(base, weight=base.weight.replace(bits=bits))
 
 
+def nearest_codes(float_weight, spec):
+    """The codes lowering gives ``float_weight`` on its own grid (round to nearest)."""
+    scale, zero_point = weight_qparams(float_weight, spec)
+    shape = [-1] + [1] * (float_weight.dim() - 1) if spec.per_channel else [1] * float_weight.dim()
+    return torch.clamp(torch.round(float_weight / scale.reshape(shape)) + zero_point.reshape(shape),
+                       spec.quant_min, spec.quant_max)
+
+
+def flips_per_channel(qm, name, float_weight, spec):
+    """How many of each output channel's codes in the lowered layer ``name`` differ from round-to-nearest."""
+    codes = qm.get_submodule(name).weight().int_repr().float()
+    return (codes != nearest_codes(float_weight, spec)).flatten(1).sum(dim=1)
+
+
 @pytest.mark.parametrize("granularity", ["block", "layer"])
 @pytest.mark.parametrize("backend", ["qnnpack", "x86"])
 def test_rounds_within_one_step_of_nearest_and_reconstructs_better(backend, granularity):
@@ -50,9 +64,7 @@ def test_rounds_within_one_step_of_nearest_and_reconstructs_better(backend, gran
         qweight = qm.get_submodule(name).weight()
         lowered_scale = qweight.q_per_channel_scales() if spec.per_channel else torch.tensor(qweight.q_scale())
         assert torch.allclose(lowered_scale.float(), scale.float())  # the grid AdaRound learned on is kept
-        shape = [-1] + [1] * (float_weight.dim() - 1) if spec.per_channel else [1] * float_weight.dim()
-        nearest = torch.clamp(torch.round(float_weight / scale.reshape(shape)) + zero_point.reshape(shape),
-                              spec.quant_min, spec.quant_max)
+        nearest = nearest_codes(float_weight, spec)
         codes = qweight.int_repr().float()
         assert float((codes - nearest).abs().max()) <= 1
         flipped += int((codes != nearest).sum())
@@ -98,12 +110,8 @@ def test_a_layer_whose_learned_rounding_reconstructs_worse_keeps_round_to_neares
     reverted = [r for r in results if not r.kept]
     assert reverted and all(r.learned > r.nearest and r.flipped == 0 for r in reverted)
     for r in reverted:
-        float_weight = model.get_submodule(r.layers).weight.detach()
-        scale, zero_point = weight_qparams(float_weight, cfg.weight)
-        shape = [-1] + [1] * (float_weight.dim() - 1)
-        nearest = torch.clamp(torch.round(float_weight / scale.reshape(shape)) + zero_point.reshape(shape),
-                              cfg.weight.quant_min, cfg.weight.quant_max)
-        assert torch.equal(qm.get_submodule(r.layers).weight().int_repr().float(), nearest)
+        assert int(flips_per_channel(qm, r.layers, model.get_submodule(r.layers).weight.detach(),
+                                     cfg.weight).sum()) == 0
 
 
 @pytest.mark.parametrize("granularity", ["block", "layer"])
@@ -115,11 +123,7 @@ def test_reconstructs_after_the_activation_so_a_channel_it_always_cuts_off_keeps
     cfg = config("x86", 4)
     qm = PassManager([AdaRound(calib, iterations=300, lr=1e-2, granularity=granularity, progress=False),
                       PTQ(calib, backend="x86", config=cfg, progress=False)]).run(model, calib[0])
-    float_weight = model[2].weight.detach()
-    scale, zero_point = weight_qparams(float_weight, cfg.weight)
-    nearest = torch.clamp(torch.round(float_weight / scale.reshape(-1, 1, 1, 1)), cfg.weight.quant_min,
-                          cfg.weight.quant_max)
-    flips = (qm.get_submodule("2").weight().int_repr().float() != nearest).flatten(1).sum(dim=1)
+    flips = flips_per_channel(qm, "2", model[2].weight.detach(), cfg.weight)
     # no error of channel 0 reaches the loss, so the regulariser alone settles it: round to nearest
     assert int(flips[0]) == 0 and int(flips[1:].sum()) > 0
 
@@ -225,11 +229,7 @@ def test_a_block_reconstructs_its_output_so_a_channel_no_later_layer_reads_keeps
     cfg = config("x86", 4)
     qm = PassManager([AdaRound(calib, iterations=300, lr=1e-2, granularity="block", progress=False),
                       PTQ(calib, backend="x86", config=cfg, progress=False)]).run(model, calib[0])
-    float_weight = model[0].weight.detach()
-    scale, _ = weight_qparams(float_weight, cfg.weight)
-    nearest = torch.clamp(torch.round(float_weight / scale.reshape(-1, 1, 1, 1)), cfg.weight.quant_min,
-                          cfg.weight.quant_max)
-    flips = (qm.get_submodule("0").weight().int_repr().float() != nearest).flatten(1).sum(dim=1)
+    flips = flips_per_channel(qm, "0", model[0].weight.detach(), cfg.weight)
     # the loss reaches conv 0's other channels through conv 2; channel 0 only the regulariser: nearest
     assert int(flips[0]) == 0 and int(flips[1:].sum()) > 0
 
@@ -251,7 +251,6 @@ def test_rescaling_learns_exact_channel_gains_and_bias_shifts_that_lower_the_rec
     qweight = runs[True].get_submodule(name).weight()
     gain = qweight.q_per_channel_scales().float() / scale.float()
     assert not torch.allclose(gain, torch.ones_like(gain))  # the lowered grid is the learned one
-    nearest = torch.clamp(torch.round(float_weight / scale.reshape(-1, 1, 1, 1)), cfg.weight.quant_min,
-                          cfg.weight.quant_max)
+    nearest = nearest_codes(float_weight, cfg.weight)
     assert float((qweight.int_repr().float() - nearest).abs().max()) <= 1  # codes still next to w/s
     assert not torch.equal(runs[True].get_submodule(name).bias(), runs[False].get_submodule(name).bias())
