@@ -198,12 +198,9 @@ def sweep_blocks(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], regi
                     quant_env[node] = [_fetch(gm, node.target)] * len(batches)
                 else:
                     module = gm.get_submodule(node.target) if node.op == "call_module" else None
-                    if node in float_env or node in inside:
-                        pass  # computed ahead as a block's exit, or inside a block: read by nothing after it
-                    elif isinstance(module, Observer):
-                        float_env[node] = float_env[node.args[0]]
-                    else:
-                        float_env[node] = _run_all(reference, ref_nodes[node.name], float_env, len(batches))
+                    # Computed ahead as a block's exit, or inside a block: read by nothing after it.
+                    if node not in float_env and node not in inside:
+                        float_env[node] = _float_value(reference, ref_nodes, node, float_env, len(batches))
                     if isinstance(module, Observer):
                         scale, zero_point = module.qparams()
                         quant_env[node] = [on_grid(x, scale, zero_point, module.spec)
@@ -234,13 +231,19 @@ def _float_through(reference: fx.GraphModule, ref_nodes: dict[str, fx.Node], reg
         for constant in (a for a in node.all_input_nodes if a.op == "get_attr"):
             scratch[constant] = [_fetch(reference, constant.target)] * n_batches
     for i, node in enumerate(region.nodes):
-        if isinstance(reference.get_submodule(node.target) if node.op == "call_module" else None, Observer):
-            scratch[node] = scratch[node.args[0]]
-        else:
-            scratch[node] = _run_all(reference, ref_nodes[node.name], scratch, n_batches)
+        scratch[node] = _float_value(reference, ref_nodes, node, scratch, n_batches)
         for done in [n for n in region.nodes[:i] if last_use[n] <= i and n in scratch]:
             del scratch[done]
     float_env[region.exit] = scratch[region.exit]
+
+
+def _float_value(reference: fx.GraphModule, ref_nodes: dict[str, fx.Node], node: fx.Node,
+                 env: dict[fx.Node, list], n_batches: int) -> list:
+    """``node``'s value on every batch on the float path (``reference``, whose nodes ``ref_nodes`` names):
+    observers pass their input through."""
+    if node.op == "call_module" and isinstance(reference.get_submodule(node.target), Observer):
+        return env[node.args[0]]
+    return _run_all(reference, ref_nodes[node.name], env, n_batches)
 
 
 def _run_all(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, list], n_batches: int) -> list:
