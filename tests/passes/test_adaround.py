@@ -95,6 +95,24 @@ def test_settings_are_validated():
         AdaRound([], iterations=0)
     with pytest.raises(ValueError, match="granularity"):
         AdaRound([], granularity="net")
+    with pytest.raises(ValueError, match="checkpoints"):
+        AdaRound([], checkpoints=0)
+
+
+def test_keeps_the_best_hard_rounding_seen_during_the_annealing_not_the_last():
+    model = net()
+    calib = batches(4, seed=1)
+    cfg = config("x86", 4)
+    learned = {}
+    for checkpoints in (1, 10):
+        # A large step and no regulariser: the hard rounding wanders from one measurement to the next.
+        pm = PassManager([FuseBN(), AdaRound(calib, iterations=100, lr=2.0, regularization=0.0, granularity="layer",
+                                             checkpoints=checkpoints, progress=False),
+                          PTQ(calib, backend="x86", config=cfg, progress=False)])
+        learned[checkpoints] = pm.run(model, calib[0]).meta[ADAROUND_REPORT_KEY][0].learned
+    # The first layer follows the same trajectory in both runs (measuring draws no random numbers, and its input
+    # does not depend on other layers' rounding): the last state is one of the ten measured, and not the best.
+    assert learned[10] < learned[1]
 
 
 def test_a_layer_whose_learned_rounding_reconstructs_worse_keeps_round_to_nearest():
