@@ -14,7 +14,9 @@ def setting(label):
 @pytest.mark.parametrize(("backend", "bits", "label"), [
     ("qnnpack", 8, "W8A8 qnnpack (per-tensor)"),
     ("x86", 8, "W8A7 x86 (per-channel)"),  # reduce_range: 7-bit activations
-    ("x86", 4, "W4A8 x86 (per-channel)"),  # 4-bit weights cannot overflow an int16 pair sum
+    # 4-bit weights cannot overflow an int16 pair sum; below 8 bits x86 weights are affine
+    ("x86", 4, "W4A8 x86 (per-channel, affine)"),
+    ("onednn", 4, "W4A8 onednn (per-channel)"),
     ("onednn", 8, "W8A8 onednn (per-channel)"),
 ])
 def test_setting_labels_say_the_activation_bits_the_config_uses(backend, bits, label):

@@ -6,7 +6,8 @@ BiasCorrection, AdaRound, on top of PTQ, W8A8 and W4A8, against torch.ao FX PTQ 
     python -m tools.bench.dfq --backends x86 --results dfq.json --write   # one setting, merged into dfq.json
 
 Settings (``--backends``): qnnpack (per-tensor weights, 8-bit activations), x86 (per-channel weights; at W8
-its preset's reduce_range leaves 7-bit activation steps, A7), onednn (per-channel weights, 8-bit activations).
+its preset's reduce_range leaves 7-bit activation steps, A7; at W4 affine weights), onednn (per-channel
+symmetric weights, 8-bit activations).
 Fidelity is measured against the float model on photo crops disjoint from the calibration crops (the PTQ
 benchmark's set): SQNR of the logits and top-1 agreement. With ``--results`` every row is saved as soon as
 it is measured, and rows of earlier invocations with the same crops and iterations are kept, so settings can
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import fcntl
 import json
 import platform
@@ -49,7 +51,14 @@ HEADER = ["setting", "pipeline", "SQNR dB", "top-1 agreement", "prepare s", "fai
 
 
 def config_for(backend: str, weight_bits: int) -> QuantConfig:
-    return get_backend(backend).default_config().with_weight_bits(weight_bits)
+    """The backend's preset at ``weight_bits``; x86 below 8 bits with affine weights (a zero point per
+    channel, which routes its convs to fbgemm): a grid over [min, max] rather than [−max|w|, max|w|] doubles
+    the resolution of a one-signed channel (a depthwise kernel's large centre), the preset's symmetric grid
+    is for oneDNN's speed at 8 bits."""
+    config = get_backend(backend).default_config().with_weight_bits(weight_bits)
+    if backend == "x86" and weight_bits < 8:
+        config = dataclasses.replace(config, weight=config.weight.replace(symmetric=False))
+    return config
 
 
 def _setting_order(label: str) -> tuple[int, int]:
@@ -62,7 +71,8 @@ def setting_label(backend: str, config: QuantConfig) -> str:
     activation = config.activation
     activation_bits = activation.bits - 1 if activation.reduce_range else activation.bits
     granularity = "per-channel" if config.weight.per_channel else "per-tensor"
-    return f"W{config.weight.bits}A{activation_bits} {backend} ({granularity})"
+    grid = "" if config.weight.symmetric else ", affine"
+    return f"W{config.weight.bits}A{activation_bits} {backend} ({granularity}{grid})"
 
 
 def pipelines(calib: list[torch.Tensor], iterations: int) -> list[tuple[str, Callable[[], list[Pass]]]]:
