@@ -184,7 +184,9 @@ class Results:
             "qnnpack, MSE per channel for x86 and onednn). AxN: the activation grid: x86's preset keeps "
             "reduce_range at W8, i.e. 7-bit activation steps for CPUs without VNNI (with headroom: codes past the "
             "observed range run on to 255, as torch.ao's x86 default); onednn runs the same "
-            "per-channel weights with 8-bit activations. Fidelity is against the float model; 'prepare s' "
+            "per-channel weights with 8-bit activations. At W4, x86's weights are affine per channel (a zero "
+            "point per channel; its convs then run on fbgemm), onednn's symmetric. Fidelity is against the float "
+            "model; 'prepare s' "
             "includes calibration and the passes.",
             self.table(),
         ])
