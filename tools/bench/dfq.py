@@ -77,8 +77,8 @@ def setting_label(backend: str, config: QuantConfig) -> str:
 
 def pipelines(calib: list[torch.Tensor], iterations: int) -> list[tuple[str, Callable[[], list[Pass]]]]:
     """Each row: a label and a factory of the passes before PTQ (fresh instances per run)."""
-    def adaround(granularity: str = "layer", rescale: bool = False) -> AdaRound:
-        return AdaRound(calib, iterations=iterations, lr=1e-2, granularity=granularity, rescale=rescale,
+    def adaround(granularity: str = "layer", rescale: bool = False, longer: int = 1) -> AdaRound:
+        return AdaRound(calib, iterations=longer * iterations, lr=1e-2, granularity=granularity, rescale=rescale,
                         progress=False)
 
     return [
@@ -90,6 +90,7 @@ def pipelines(calib: list[torch.Tensor], iterations: int) -> list[tuple[str, Cal
         ("+ BiasCorrection (empirical)", lambda: [BiasCorrection(calib)]),
         ("+ AdaRound", lambda: [adaround()]),
         ("+ AdaRound (rescaled)", lambda: [adaround(rescale=True)]),
+        ("+ AdaRound (rescaled, 3× iterations)", lambda: [adaround(rescale=True, longer=3)]),
         ("+ AdaRound (by block, rescaled)", lambda: [adaround("block", rescale=True)]),
         ("+ CLE + HBA + AdaRound", lambda: [CLE(), HighBiasAbsorption(), adaround()]),
         ("+ AdaRound + BiasCorrection (empirical)", lambda: [adaround(), BiasCorrection(calib)]),
