@@ -147,7 +147,7 @@ class AdaRound(Pass):
         with torch.no_grad():
             nearest = {n: {"weight": r.nearest} for n, r in roundings.items()}
             nearest_error = _error(block, nearest, activation)
-        best_error, best_state = math.inf, None
+        best_error, best_state = math.inf, {}
         every = max(1, self.iterations // self.checkpoints)
         steps = progress(range(self.iterations), self.iterations, f"AdaRound {label}", self.progress)
         for step in steps:
@@ -161,16 +161,15 @@ class AdaRound(Pass):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            if beta is not None and ((step + 1) % every == 0 or step + 1 == self.iterations):
+            if (beta is not None and (step + 1) % every == 0) or step + 1 == self.iterations:
                 with torch.no_grad():
                     error = _error(block, {n: r.params(r.hard()) for n, r in roundings.items()}, activation)
-                if error < best_error:
+                if not best_state or error < best_error:
                     best_error, best_state = error, {n: r.state() for n, r in roundings.items()}
 
         with torch.no_grad():
-            if best_state is not None:
-                for n, r in roundings.items():
-                    r.load(best_state[n])
+            for n, r in roundings.items():
+                r.load(best_state[n])
             learned = {n: r.params(r.hard()) for n, r in roundings.items()}
             kept = best_error <= nearest_error  # else too few iterations to beat nearest here: keep nearest
             flipped = sum(r.flipped() for r in roundings.values()) if kept else 0

@@ -115,6 +115,14 @@ def test_keeps_the_best_hard_rounding_seen_during_the_annealing_not_the_last():
     assert learned[10] < learned[1]
 
 
+def test_a_single_iteration_during_the_warm_up_still_measures_its_rounding():
+    model, calib = net(), batches(2, seed=1)
+    pm = PassManager([FuseBN(), AdaRound(calib, iterations=1, progress=False),
+                      PTQ(calib, backend="x86", config=config("x86", 4), progress=False)])
+    results = pm.run(model, calib[0]).meta[ADAROUND_REPORT_KEY]
+    assert len(results) == 3 and all(0 < r.learned < float("inf") for r in results)
+
+
 def test_a_layer_whose_learned_rounding_reconstructs_worse_keeps_round_to_nearest():
     model = net()
     calib = batches(4, seed=1)

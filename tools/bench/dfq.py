@@ -53,8 +53,8 @@ HEADER = ["setting", "pipeline", "SQNR dB", "top-1 agreement", "prepare s", "fai
 def config_for(backend: str, weight_bits: int) -> QuantConfig:
     """The backend's preset at ``weight_bits``; x86 below 8 bits with affine weights (a zero point per
     channel, which routes its convs to fbgemm): a grid over [min, max] rather than [−max|w|, max|w|] doubles
-    the resolution of a one-signed channel (a depthwise kernel's large centre), the preset's symmetric grid
-    is for oneDNN's speed at 8 bits."""
+    the resolution of a one-signed channel (a depthwise kernel's large centre); the preset's symmetric grid
+    keeps convs on oneDNN on VNNI CPUs."""
     config = get_backend(backend).default_config().with_weight_bits(weight_bits)
     if backend == "x86" and weight_bits < 8:
         config = dataclasses.replace(config, weight=config.weight.replace(symmetric=False))
@@ -180,7 +180,8 @@ class Results:
             f"Machine: {machine}. Pretrained tf_efficientnet_lite0, {p['calib']} calibration crops, {p['eval']} "
             f"evaluation crops (other photo halves), {p['size']}×{p['size']}; AdaRound {p['iterations']} iterations "
             "per layer (per block for 'by block': BRECQ-style, a block's layers jointly against its output; "
-            "'rescaled': with learned channel gains and bias shifts). Every pipeline starts with FuseBN and ends with PTQ (observers, calibration, int8 "
+            "'rescaled': with learned channel gains and bias shifts; '3× iterations': three times as many). "
+            "Every pipeline starts with FuseBN and ends with PTQ (observers, calibration, int8 "
             "lowering) with the backend's preset observers (activations: MSE; weights: min/max per tensor for "
             "qnnpack, MSE per channel for x86 and onednn). AxN: the activation grid: x86's preset keeps "
             "reduce_range at W8, i.e. 7-bit activation steps for CPUs without VNNI (with headroom: codes past the "
