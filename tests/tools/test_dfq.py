@@ -52,6 +52,15 @@ def test_rows_of_separate_runs_merge_in_one_file(tmp_path):
     assert [(r["pipeline"], r["db"]) for r in rows] == [("PTQ", 5.0), ("PTQ", 17.0), ("+ CLE", 11.0)]
 
 
+def test_a_settings_rows_are_tabled_in_pipeline_order_whichever_run_measured_them(tmp_path):
+    label = "W4A8 x86 (per-channel, affine)"
+    results = Results(tmp_path / "rows.json", PARAMS, "run", setting(label), write=False)
+    for pipeline in ("+ AdaRound", "PTQ", "+ CLE"):
+        results.add(label, pipeline, 1.0, "", (1.0, 0.5))
+    table = results.table()
+    assert table.index("| PTQ |") < table.index("| + CLE |") < table.index("| + AdaRound |")
+
+
 def test_refuses_rows_measured_with_other_settings(tmp_path):
     path = tmp_path / "rows.json"
     Results(path, PARAMS, "run", setting("W8A8 qnnpack (per-tensor)"), write=False).add(

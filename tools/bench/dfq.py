@@ -99,6 +99,10 @@ def pipelines(calib: list[torch.Tensor], iterations: int) -> list[tuple[str, Cal
     ]
 
 
+# Rows of a setting appear in this order, whichever runs measured them.
+PIPELINE_ORDER = {label: i for i, (label, _) in enumerate(pipelines([], 1))}
+
+
 def quantize(model: nn.Module, passes: list[Pass], calib: list[torch.Tensor], backend: str,
              config: QuantConfig) -> nn.Module:
     ptq = PTQ(calib, backend=backend, config=config, progress=False)
@@ -206,7 +210,8 @@ class Results:
         reference tools."""
         lines = []
         for setting in dict.fromkeys(r["setting"] for r in self.merged):
-            ours = [r for r in self.merged if r["setting"] == setting and not r["reference"]]
+            ours = sorted((r for r in self.merged if r["setting"] == setting and not r["reference"]),
+                          key=lambda r: PIPELINE_ORDER.get(r["pipeline"], len(PIPELINE_ORDER)))
             lines += [self.table_row(r) for r in ours]
             measured = [r for r in ours if r["db"] is not None]
             if measured:
