@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="settings to run (default: qnnpack x86 onednn)")
     parser.add_argument("--results", type=Path, help="JSON file the rows are saved to after each one and merged "
                         "with (rows of other settings measured with the same crops and iterations are kept)")
-    parser.add_argument("--pipelines", nargs="+", choices=[label for label, _ in pipelines([], 1)] + ["reference"],
+    parser.add_argument("--pipelines", nargs="+", choices=[*PIPELINE_ORDER, "reference"],
                         help="rows to run (default: all; 'reference': the other tools, at W8)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--write", action="store_true", help="write the section even for a reduced run")
