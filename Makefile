@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(PY)
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m zoo.demo
+	$(PY) -m qpasses_zoo.demo
 
 test: $(STAMP) chromium
 	$(PY) -m ruff check qpasses zoo tools tests

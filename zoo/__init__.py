@@ -1,14 +1,13 @@
 """Models and datasets for qpasses' recipes, tests and benchmarks; nothing here downloads anything.
 
-``zoo.get(name)`` / ``zoo.list_models()`` build models (``zoo.models``); ``zoo.data`` holds the datasets.
+``zoo.get(name)`` / ``zoo.list_models()`` build models (``qpasses_zoo.models``); ``qpasses_zoo.data`` holds the datasets.
 """
 
 from __future__ import annotations
 
+from qpasses_zoo.errors import DatasetNotFound, PretrainedUnavailable, UnknownName, ZooError
+from qpasses_zoo.models import MODELS, ModelSpec, get, list_models, spec
 from torchvision.models import ResNet18_Weights
-
-from zoo.errors import DatasetNotFound, PretrainedUnavailable, UnknownName, ZooError
-from zoo.models import MODELS, ModelSpec, get, list_models, spec
 
 
 def imagenet_classes() -> list[str]:

@@ -98,7 +98,7 @@ def node_sqnr(reference: fx.GraphModule, model: fx.GraphModule, example_inputs: 
 
     ``reference`` is the float graph before quantization (e.g. the PassManager's ``"traced"`` snapshot),
     ``model`` the quantized one; both run on ``example_inputs``; nodes are paired by :func:`match_nodes`.
-    With ``write_meta`` each compared node of ``model`` gets ``node.meta['sqnr_db']`` (what ``tools.viz``
+    With ``write_meta`` each compared node of ``model`` gets ``node.meta['sqnr_db']`` (what ``qpasses.viz``
     colours with ``heat=True``); identical values give ``inf``. Returns ``{node name: dB}`` in
     ``model``'s graph order.
     """

@@ -611,7 +611,7 @@ def _load_model(spec: str, pretrained: bool) -> tuple[nn.Module, int, Any]:
         except (ImportError, AttributeError) as exc:
             raise QPassesError(f"cannot build '{spec}': {exc}; give MODULE:FACTORY, a callable returning the model") from exc
         return model.eval(), 224, None
-    import zoo
+    import qpasses_zoo as zoo
 
     model_spec = zoo.spec(spec)
     return zoo.get(spec, pretrained=pretrained), model_spec.input_size, model_spec.normalization
@@ -619,7 +619,7 @@ def _load_model(spec: str, pretrained: bool) -> tuple[nn.Module, int, Any]:
 
 def _calibration(kind: str, n: int, batch_size: int, size: int, normalization: Any) -> list[torch.Tensor]:
     if kind == "photos":
-        from zoo.data import IMAGENET, loader, photo_crops
+        from qpasses_zoo.data import IMAGENET, loader, photo_crops
 
         dataset = photo_crops(n * batch_size, size, split="calib", normalization=normalization or IMAGENET)
         return [batch for (batch,) in loader(dataset, batch_size)]

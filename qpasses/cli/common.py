@@ -37,13 +37,13 @@ def one_line(error: BaseException) -> str:
 class LoadedModel:
     model: nn.Module
     input_size: int
-    normalization: Any  # zoo.data.Normalization
+    normalization: Any  # qpasses_zoo.data.Normalization
 
 
 def load_model(spec: str, pretrained: bool = False, input_size: int | None = None) -> LoadedModel:
     """A zoo model by name, or ``module:factory`` (a callable returning an ``nn.Module``, called without arguments)."""
-    import zoo
-    from zoo.data import IMAGENET
+    import qpasses_zoo as zoo
+    from qpasses_zoo.data import IMAGENET
 
     if ":" in spec:
         if pretrained:
@@ -93,7 +93,7 @@ def check_runs(spec: str, loaded: LoadedModel, example: torch.Tensor) -> None:
 
 def calibration_loader(source: str, loaded: LoadedModel, num_batches: int, batch_size: int) -> Callable[[], list]:
     """A cached function returning the calibration batches: ``photos`` (offline photo crops) or an image folder."""
-    from zoo.data import image_folder, loader, photo_crops
+    from qpasses_zoo.data import image_folder, loader, photo_crops
 
     if source != "photos" and not Path(source).is_dir():
         raise CLIError(f"--calib {source}: no such folder; give 'photos' (offline photo crops) or a folder of images")
@@ -111,8 +111,8 @@ def calibration_loader(source: str, loaded: LoadedModel, num_batches: int, batch
 
 
 def held_out_photos(loaded: LoadedModel, num_batches: int, batch_size: int) -> list[torch.Tensor]:
-    """Photo crops from the halves of the photos that ``--calib photos`` never reads (zoo.data.photos)."""
-    from zoo.data import loader, photo_crops
+    """Photo crops from the halves of the photos that ``--calib photos`` never reads (qpasses_zoo.data.photos)."""
+    from qpasses_zoo.data import loader, photo_crops
 
     dataset = photo_crops(num_batches * batch_size, loaded.input_size, seed=1, split="eval",
                           normalization=loaded.normalization)

@@ -25,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def collect(what: str) -> dict[str, str]:
     """``{name: one-line description}`` for one section."""
     if what == "models":
-        import zoo
+        import qpasses_zoo as zoo
 
         return {name: f"{s.input_size}×{s.input_size}" + (f", {s.num_classes} classes" if s.num_classes else "")
                 for name, s in zoo.MODELS.items()}
@@ -36,7 +36,7 @@ def collect(what: str) -> dict[str, str]:
         return {name: f"engine {b.engine}" + ("" if b.engine in engines else " (not in this torch build)")
                 + (f"; {b.notes}" if b.notes else "") for name, b in BACKENDS.items()}
     if what == "datasets":
-        from zoo.data import list_datasets
+        from qpasses_zoo.data import list_datasets
 
         return {name: "" for name in list_datasets()}
     return {name: "" for name in benchmarks()}

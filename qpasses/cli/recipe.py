@@ -1,4 +1,4 @@
-"""``qpasses recipe NAME ...``: end-to-end recipes on the zoo models (``zoo.recipes.main``)."""
+"""``qpasses recipe NAME ...``: end-to-end recipes on the zoo models (``qpasses_zoo.recipes.main``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 from qpasses.cli.forward import forward
 
-MODULE = "zoo.recipes"
+MODULE = "qpasses_zoo.recipes"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -163,9 +163,9 @@ def test_forwarded_commands(capsys, monkeypatch):
     assert code == 0 and "ptq" in out
     import qpasses.cli.recipe
 
-    monkeypatch.setattr(qpasses.cli.recipe, "MODULE", "zoo.no_such_recipes")
+    monkeypatch.setattr(qpasses.cli.recipe, "MODULE", "qpasses_zoo.no_such_recipes")
     code, _, err = run(capsys, "recipe", "lite0")
-    assert_one_line_error(code, err, "'qpasses recipe' needs zoo.no_such_recipes")
+    assert_one_line_error(code, err, "'qpasses recipe' needs qpasses_zoo.no_such_recipes")
 
 
 def test_a_real_process():

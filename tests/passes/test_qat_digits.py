@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from qpasses_zoo.data import digits
 from torch import nn
 
 import qpasses
@@ -9,7 +10,6 @@ from qpasses import PassManager
 from qpasses.passes import PTQ, QAT, FuseBN
 from tests.nets import conv_bn_act
 from tools.bench.qat import accuracy, fit
-from zoo.data import digits
 
 
 @pytest.fixture

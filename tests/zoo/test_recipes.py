@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from qpasses_zoo.recipes import main
+from qpasses_zoo.recipes.common import RecipeError, Settings, TrainConfig, checkpoint_path, train
 from torch import nn
 from torch.utils.data import TensorDataset
-
-from zoo.recipes import main
-from zoo.recipes.common import RecipeError, Settings, TrainConfig, checkpoint_path, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -193,7 +192,7 @@ def test_bad_arguments_exit_with_usage(capsys, option, value, message):
 
 
 def test_python_dash_m_lists_the_recipes():
-    result = subprocess.run([sys.executable, "-m", "zoo.recipes", "--help"], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "qpasses_zoo.recipes", "--help"], cwd=ROOT, capture_output=True,
                             text=True, check=True)
     for name in ("resnet", "bits", "calibration", "depth"):
         assert name in result.stdout

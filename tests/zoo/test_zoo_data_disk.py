@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from zoo import data
-from zoo.data.transforms import Normalization
+from qpasses_zoo import data
+from qpasses_zoo.data.transforms import Normalization
 
 IDENTITY = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 

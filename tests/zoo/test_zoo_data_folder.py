@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
+import qpasses_zoo.data
 from PIL import Image
-
-import zoo.data
-from zoo.data import SYMMETRIC, DatasetNotFound, image_folder
+from qpasses_zoo.data import SYMMETRIC, DatasetNotFound, image_folder
 
 
 def write_images(root):
@@ -19,7 +18,7 @@ def write_images(root):
 
 def test_reads_every_image_recursively_as_normalised_rgb(tmp_path):
     write_images(tmp_path)
-    dataset = zoo.data.get("image_folder", root=tmp_path, size=12, normalization=SYMMETRIC)
+    dataset = qpasses_zoo.data.get("image_folder", root=tmp_path, size=12, normalization=SYMMETRIC)
     assert [p.name for p in dataset.paths] == ["a.png", "b.JPG", "c.png"]
     images = [dataset[i][0] for i in range(len(dataset))]
     assert all(image.shape == (3, 12, 12) for image in images)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from zoo import data
-from zoo.data.photos import photos
-from zoo.data.synthetic_depth import render_room
+from qpasses_zoo import data
+from qpasses_zoo.data.photos import photos
+from qpasses_zoo.data.synthetic_depth import render_room
 
 
 def test_photo_crops_shapes_and_normalisation():

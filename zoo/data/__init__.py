@@ -16,16 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-
-from zoo.data.cifar import cifar10, cifar100
-from zoo.data.digits import digits, mnist5k
-from zoo.data.folder import image_folder
-from zoo.data.imagenette import imagenette
-from zoo.data.nyu import nyu_csv, nyu_mat
-from zoo.data.photos import photo_crop_boxes, photo_crops
-from zoo.data.synthetic_depth import render_room, synthetic_depth
-from zoo.data.transforms import (
+from qpasses_zoo.data.cifar import cifar10, cifar100
+from qpasses_zoo.data.digits import digits, mnist5k
+from qpasses_zoo.data.folder import image_folder
+from qpasses_zoo.data.imagenette import imagenette
+from qpasses_zoo.data.nyu import nyu_csv, nyu_mat
+from qpasses_zoo.data.photos import photo_crop_boxes, photo_crops
+from qpasses_zoo.data.synthetic_depth import render_room, synthetic_depth
+from qpasses_zoo.data.transforms import (
     CIFAR10,
     CIFAR100,
     IMAGENET,
@@ -35,7 +33,8 @@ from zoo.data.transforms import (
     resize_center_crop,
     to_float_image,
 )
-from zoo.errors import DatasetNotFound, UnknownName
+from qpasses_zoo.errors import DatasetNotFound, UnknownName
+from torch.utils.data import DataLoader, Dataset
 
 _OFFLINE: dict[str, Callable[..., Dataset]] = {
     "photo_crops": photo_crops,

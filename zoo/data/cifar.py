@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from qpasses_zoo.data.transforms import CIFAR10, CIFAR100, Normalization
+from qpasses_zoo.errors import DatasetNotFound
 from torch.utils.data import Dataset
-
-from zoo.data.transforms import CIFAR10, CIFAR100, Normalization
-from zoo.errors import DatasetNotFound
 
 SPLITS = ("train", "test")
 

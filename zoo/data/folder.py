@@ -6,10 +6,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from qpasses_zoo.data.transforms import IMAGENET, Normalization, preprocess
+from qpasses_zoo.errors import DatasetNotFound
 from torch.utils.data import Dataset
-
-from zoo.data.transforms import IMAGENET, Normalization, preprocess
-from zoo.errors import DatasetNotFound
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+from qpasses_zoo.data.transforms import IMAGENET, Normalization, preprocess
+from qpasses_zoo.errors import DatasetNotFound
 from torchvision.datasets import ImageFolder
-
-from zoo.data.transforms import IMAGENET, Normalization, preprocess
-from zoo.errors import DatasetNotFound
 
 SPLITS = ("train", "val")
 

@@ -20,10 +20,9 @@ import h5py
 import numpy as np
 import torch
 from PIL import Image
+from qpasses_zoo.data.transforms import IMAGENET, Normalization, resize, to_float_image
+from qpasses_zoo.errors import DatasetNotFound
 from torch.utils.data import Dataset
-
-from zoo.data.transforms import IMAGENET, Normalization, resize, to_float_image
-from zoo.errors import DatasetNotFound
 
 SPLITS = ("train", "test")
 DEFAULT_CSV = {"train": "data/nyu2_train.csv", "test": "data/nyu2_test.csv"}

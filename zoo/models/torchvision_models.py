@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torchvision.models as tvm
+from qpasses_zoo.models.weights import torchvision_weights_unavailable
 from torch import nn
-
-from zoo.models.weights import torchvision_weights_unavailable
 
 
 def _torchvision_builder(name: str, constructor: Callable[..., nn.Module], weights_enum: type):

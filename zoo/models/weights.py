@@ -6,9 +6,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from qpasses_zoo.errors import PretrainedUnavailable
 from torch import nn
-
-from zoo.errors import PretrainedUnavailable
 
 
 def read_state_dict(path: str | Path) -> Mapping[str, torch.Tensor]:
@@ -47,6 +46,6 @@ def torchvision_weights_unavailable(name: str, weights_enum: type) -> Pretrained
 def no_pretrained_weights(name: str) -> PretrainedUnavailable:
     """The error for ``pretrained=True`` on a model that has no published weights."""
     return PretrainedUnavailable(
-        f"no pretrained weights exist for zoo model {name!r}; train it (e.g. on zoo.data) and save its "
+        f"no pretrained weights exist for zoo model {name!r}; train it (e.g. on qpasses_zoo.data) and save its "
         f"state_dict, then load it with zoo.get({name!r}, weights_path='path/to/state_dict.pt')"
     )

@@ -1,4 +1,4 @@
-"""One-command reruns of the quantization studies: ``qpasses recipe NAME`` or ``python -m zoo.recipes NAME``.
+"""One-command reruns of the quantization studies: ``qpasses recipe NAME`` or ``python -m qpasses_zoo.recipes NAME``.
 
 Each recipe trains its float model when no checkpoint is cached (resumable, a checkpoint per epoch),
 builds the quantization variants, scores and measures them, and writes ``NAME.md`` (table),
@@ -14,18 +14,19 @@ import importlib
 import warnings
 from pathlib import Path
 
+from qpasses_zoo.recipes.common import DEFAULT_CACHE, Settings
+
 from qpasses.errors import QPassesError
-from zoo.recipes.common import DEFAULT_CACHE, Settings
 
 # name → (module, one-line description); modules are imported only when their recipe runs.
 RECIPES: dict[str, tuple[str, str]] = {
-    "resnet": ("zoo.recipes.resnet", "float, dynamic fp16/int8, static int8 PTQ, eager and TorchScript: "
+    "resnet": ("qpasses_zoo.recipes.resnet", "float, dynamic fp16/int8, static int8 PTQ, eager and TorchScript: "
                                      "top-1/5, size, latency, peak memory (CIFAR ResNets)"),
-    "bits": ("zoo.recipes.bits", "8- to 4-bit PTQ (plain, +BiasCorrection, +AdaRound) and QAT of ResNet-18 "
+    "bits": ("qpasses_zoo.recipes.bits", "8- to 4-bit PTQ (plain, +BiasCorrection, +AdaRound) and QAT of ResNet-18 "
                                  "(and ResNet-50 with --model)"),
-    "calibration": ("zoo.recipes.calibration", "max vs percentile vs entropy vs MSE calibration "
+    "calibration": ("qpasses_zoo.recipes.calibration", "max vs percentile vs entropy vs MSE calibration "
                                                "(pretrained EfficientNet-Lite0; Imagenette with --data)"),
-    "depth": ("zoo.recipes.depth", "FuseBN / PTQ combinations of the depth U-Net, per-channel and "
+    "depth": ("qpasses_zoo.recipes.depth", "FuseBN / PTQ combinations of the depth U-Net, per-channel and "
                                    "per-tensor, x86 and qnnpack: MSE, SSIM, size, latency"),
 }
 

@@ -1,5 +1,5 @@
 import sys
 
-from zoo.recipes import main
+from qpasses_zoo.recipes import main
 
 sys.exit(main())

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from qpasses_zoo.data import loader
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
@@ -35,7 +36,6 @@ from qpasses.passes.calibrate import progress
 from qpasses.quant.backends import get_backend
 from qpasses.quant.lowering import quantized_engine
 from qpasses.quant.spec import QuantConfig
-from zoo.data import loader
 
 DEFAULT_CACHE = Path(os.environ.get("QPASSES_CACHE", Path.home() / ".cache" / "qpasses")) / "checkpoints"
 
@@ -503,7 +503,7 @@ class ClassificationTask:
 def classification_task(model_name: str, settings: Settings) -> ClassificationTask:
     """The data ``model_name`` trains on: CIFAR-10/100 under ``--data``, else sklearn's digits at 32×32
     (16×16 and 64 samples with ``--quick``)."""
-    from zoo import data as zoo_data
+    from qpasses_zoo import data as zoo_data
 
     if model_name not in CIFAR_DATASETS:
         raise RecipeError(f"model {model_name!r} is not one of this recipe's: {', '.join(CIFAR_DATASETS)}")
@@ -529,7 +529,7 @@ def classifier_qat(task: ClassificationTask, record: dict[str, Any], settings: S
 
 def trained_classifier(task: ClassificationTask, settings: Settings) -> tuple[nn.Module, dict]:
     """The task's zoo model trained with cross-entropy (from the cache when it holds this configuration)."""
-    import zoo
+    import qpasses_zoo as zoo
 
     torch.manual_seed(0)
     model = zoo.get(task.model_name, num_classes=task.num_classes)

@@ -11,21 +11,16 @@ of weight quantization (empirical, on the calibration batches), which per-tensor
 
 CLE can only equalize through positively homogeneous activations (ReLU, clamps): the EfficientNet-B0
 encoder's SiLU blocks are out of its reach, so it equalizes a few links (listed in the output's notes,
-from ``gm.meta['qpasses_cle']``). Data: the rendered rooms of ``zoo.data.synthetic_depth`` offline; with
+from ``gm.meta['qpasses_cle']``). Data: the rendered rooms of ``qpasses_zoo.data.synthetic_depth`` offline; with
 ``--data``, NYU Depth v2 (a DenseDepth ``nyu_data`` folder, or ``nyu_depth_v2_labeled.mat``).
 """
 
 from __future__ import annotations
 
+import qpasses_zoo as zoo
 import torch
-from torch import nn
-from torch.utils.data import Dataset, Subset
-
-import zoo
-from qpasses.passes import CLE, PTQ, QAT, BiasCorrection, FuseBN, Pass
-from qpasses.passes.cle import CLE_REPORT_KEY
-from zoo.data import nyu_csv, nyu_mat, synthetic_depth
-from zoo.recipes.common import (
+from qpasses_zoo.data import nyu_csv, nyu_mat, synthetic_depth
+from qpasses_zoo.recipes.common import (
     Column,
     PlotAxes,
     QATRun,
@@ -46,6 +41,11 @@ from zoo.recipes.common import (
     train,
     write_outputs,
 )
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from qpasses.passes import CLE, PTQ, QAT, BiasCorrection, FuseBN, Pass
+from qpasses.passes.cle import CLE_REPORT_KEY
 
 BACKENDS = ("x86", "qnnpack")
 # --quick keeps each backend's own default granularity only.

@@ -10,9 +10,7 @@ classifier, so its rows show how little it buys for a CNN. Static PTQ targets th
 from __future__ import annotations
 
 import torch
-
-from qpasses.passes import PTQ, QAT, DynamicQuant, FuseBN
-from zoo.recipes.common import (
+from qpasses_zoo.recipes.common import (
     CIFAR_DATASETS,
     Column,
     PlotAxes,
@@ -36,6 +34,8 @@ from zoo.recipes.common import (
     training_note,
     write_outputs,
 )
+
+from qpasses.passes import PTQ, QAT, DynamicQuant, FuseBN
 
 DEFAULT_MODELS = ("cifar_resnet18", "preact_resnet34")
 QUICK_MODELS = ("cifar_resnet18",)

@@ -5,17 +5,17 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+from qpasses.errors import QPassesError
+
 INSTALL_HINT = (
-    "Rendering .svg needs the Graphviz layout engine, and none was found. Install either\n"
-    "  pygraphviz>=2.0 (pip install 'pygraphviz>=2.0'; its wheels bundle Graphviz for Linux x86_64/aarch64,\n"
-    "    macOS arm64 and Windows), or\n"
-    "  the `dot` program (Debian/Ubuntu: apt-get install graphviz; macOS: brew install graphviz).\n"
-    ".html and .dot output need neither: the HTML page carries its own Graphviz (WebAssembly)."
+    "rendering .svg needs the Graphviz layout engine and none was found: pip install 'qpasses[viz]' "
+    "(pygraphviz, whose wheels bundle Graphviz), or install the `dot` program (apt-get install graphviz, "
+    "brew install graphviz); .html and .dot output need neither"
 )
 
 
-class LayoutEngineMissing(RuntimeError):
-    """Neither pygraphviz nor a ``dot`` program is available."""
+class LayoutEngineMissing(QPassesError):
+    """Neither pygraphviz nor a ``dot`` program is available (one line: what to install)."""
 
 
 def dot_to_svg(dot: str) -> str:

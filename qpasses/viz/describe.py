@@ -1,6 +1,6 @@
 """What the visualiser shows about one fx node: its kind, output, quantization state and qparams.
 
-Everything here reads metadata that the passes write (see ``tools.viz`` for the conventions); nothing
+Everything here reads metadata that the passes write (see ``qpasses.viz`` for the conventions); nothing
 runs the model.
 """
 

@@ -1,6 +1,6 @@
 // The qpasses graph viewer: lays out the selected pass's graph with Graphviz (WebAssembly, vendored
 // Viz.js) and re-lays it out whenever a cluster is collapsed or expanded. The page's JSON holds DOT
-// fragments made in Python (tools/viz/dot.py); this file only puts them together, as assemble_dot does,
+// fragments made in Python (qpasses/viz/dot.py); this file only puts them together, as assemble_dot does,
 // plus the collapsing, which needs a fresh layout and so has to happen here.
 "use strict";
 

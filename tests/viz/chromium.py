@@ -1,7 +1,7 @@
 """A small headless-Chromium driver over the DevTools protocol on a pipe (no WebSocket library needed).
 
 Used by the viewer's browser tests, and to take screenshots of pages to look at:
-``python -m tests.tools.chromium page.html shot.png``.
+``python -m tests.viz.chromium page.html shot.png``.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class Browser:
 
 def main(argv: list[str]) -> int:
     if len(argv) not in (2, 3):
-        print("usage: python -m tests.tools.chromium PAGE.html SHOT.png [SETUP_JS]", file=sys.stderr)
+        print("usage: python -m tests.viz.chromium PAGE.html SHOT.png [SETUP_JS]", file=sys.stderr)
         return 2
     executable = find_chromium()
     if executable is None:

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch.fx as fx
 
-from tools.viz.describe import QSTATES, NodeView, describe
-from tools.viz.diff import ADDED, CHANGED, REMOVED, diff_graphs
+from qpasses.viz.describe import QSTATES, NodeView, describe
+from qpasses.viz.diff import ADDED, CHANGED, REMOVED, diff_graphs
 
 FONT = "Helvetica"  # one of the fonts whose metrics Graphviz knows without a font library
 

@@ -1,7 +1,8 @@
 """``qpasses.viz.render``: the public entry point of the visualiser, with heat from ``node_sqnr``."""
 
-import builtins
 import copy
+import shutil
+import sys
 
 import pytest
 import torch
@@ -9,8 +10,8 @@ import torch
 from qpasses import trace
 from qpasses.analysis.node_sqnr import node_sqnr
 from qpasses.viz import VisualiserUnavailable, render
+from qpasses.viz.dot import heat_color
 from tests.nets import TinyUNet
-from tools.viz.dot import heat_color
 
 
 def test_renders_heat_from_node_sqnr(tmp_path):
@@ -27,15 +28,11 @@ def test_renders_heat_from_node_sqnr(tmp_path):
     assert html.startswith("<!DOCTYPE html>") and f"SQNR {db:.1f} dB" in html
 
 
-def test_missing_visualiser_is_a_one_line_error(tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_tools(name, *args, **kwargs):
-        if name == "tools.viz" or name.startswith("tools.viz."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_tools)
+def test_svg_without_layout_engine_is_a_one_line_error_and_html_still_works(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pygraphviz", None)
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    gm = trace(TinyUNet().eval(), torch.randn(1, 3, 8, 8))
     with pytest.raises(VisualiserUnavailable, match=r"pip install 'qpasses\[viz\]'") as info:
-        render(trace(TinyUNet().eval(), torch.randn(1, 3, 8, 8)), tmp_path / "g.html")
-    assert "\n" not in str(info.value)
+        render(gm, tmp_path / "g.svg")
+    assert "\n" not in str(info.value) and not (tmp_path / "g.svg").exists()
+    assert render(gm, tmp_path / "g.html").read_text().startswith("<!DOCTYPE html>")

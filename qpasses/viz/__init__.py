@@ -10,13 +10,19 @@ It reads the metadata that the passes write on nodes:
   ``bits``, optionally ``axis``;
 - ``meta['sqnr_db']``: shown on the node, and its fill with ``heat=True``.
 
+``render`` is the public entry point; ``heat=True`` colours nodes by ``meta['sqnr_db']``, which
+:func:`qpasses.analysis.node_sqnr.node_sqnr` writes. HTML and DOT need nothing beyond qpasses; SVG needs
+Graphviz's layout engine (the ``viz`` extra), and its absence is a one-line ``VisualiserUnavailable``.
+
 Layout is Graphviz ``dot`` throughout: for SVG through pygraphviz or the ``dot`` program, in the HTML page
 through a vendored WebAssembly build, so that page can collapse and expand modules offline.
 """
 
-from tools.viz.diff import GraphDiff, diff_graphs
-from tools.viz.dot import to_dot
-from tools.viz.layout import LayoutEngineMissing
-from tools.viz.render import render
+from qpasses.viz.diff import GraphDiff, diff_graphs
+from qpasses.viz.dot import to_dot
+from qpasses.viz.layout import LayoutEngineMissing
+from qpasses.viz.render import render
 
-__all__ = ["GraphDiff", "LayoutEngineMissing", "diff_graphs", "render", "to_dot"]
+VisualiserUnavailable = LayoutEngineMissing
+
+__all__ = ["GraphDiff", "LayoutEngineMissing", "VisualiserUnavailable", "diff_graphs", "render", "to_dot"]

@@ -11,9 +11,9 @@ import json
 from importlib import resources
 from typing import Any
 
-from tools.viz.describe import QSTATES
-from tools.viz.diff import ADDED, CHANGED, REMOVED
-from tools.viz.dot import (
+from qpasses.viz.describe import QSTATES
+from qpasses.viz.diff import ADDED, CHANGED, REMOVED
+from qpasses.viz.dot import (
     DIFF_ATTRS,
     DIFF_COLOR,
     GHOST_EDGE_ATTRS,
@@ -32,7 +32,7 @@ EXPAND_LIMIT = 120
 
 
 def _asset(name: str) -> str:
-    return resources.files("tools.viz").joinpath(name).read_text(encoding="utf-8")
+    return resources.files("qpasses.viz").joinpath(name).read_text(encoding="utf-8")
 
 
 def _inline_script(code: str) -> str:

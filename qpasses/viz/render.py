@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch.fx as fx
 
-from tools.viz.dot import assemble_dot, build_spec
-from tools.viz.layout import dot_to_svg
-from tools.viz.page import html_page
+from qpasses.viz.dot import assemble_dot, build_spec
+from qpasses.viz.layout import dot_to_svg
+from qpasses.viz.page import html_page
 
 Snapshots = Sequence[tuple[str, fx.GraphModule]]
 FORMATS = ("html", "svg", "dot")
