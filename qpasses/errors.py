@@ -7,6 +7,15 @@ class QPassesError(Exception):
     """Base class of every error qpasses raises on purpose."""
 
 
+class InputError(QPassesError, ValueError, TypeError):
+    """A bad argument, refused before any work starts: a model that is not a usable ``nn.Module``, example
+    inputs it cannot run on, calibration data that is not an iterable of batches, a count that is not a
+    positive int.
+
+    Also a ``ValueError`` and a ``TypeError``, so code that caught those from earlier versions still does.
+    """
+
+
 class TraceError(QPassesError):
     """The model could not be captured into a graph.
 
@@ -55,3 +64,9 @@ class VerificationError(PassError):
 
 class ExportError(QPassesError):
     """A model cannot be exported (not lowered, or an op the target format cannot express)."""
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (multi-line messages, e.g. an expected folder layout, joined by '; ')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__

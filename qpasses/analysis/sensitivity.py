@@ -60,6 +60,7 @@ from qpasses.quant.observers import MinMaxObserver, MovingAverageMinMaxObserver,
 from qpasses.quant.ops import Role
 from qpasses.quant.overrides import exact_pattern, with_node_overrides
 from qpasses.quant.spec import QuantConfig, QuantPair, QuantSpec
+from qpasses.validation import check_count, check_data, check_model
 
 # ------------------------------------------------------------------------------------------------ metrics
 
@@ -311,9 +312,9 @@ class Sensitivity:
                  config: QuantConfig | None = None, num_batches: int | None = None,
                  eval_fn: Callable[[nn.Module], float] | None = None, eval_data: Iterable | None = None,
                  float_passes: Sequence[Pass] | None = None, progress: bool = True):
-        if num_batches is not None and num_batches < 1:
-            raise ValueError(f"num_batches must be at least 1, got {num_batches}")
-        self.calibration = list(itertools.islice(data, num_batches))
+        check_model(model, "Sensitivity")
+        num_batches = check_count(num_batches, "num_batches", "Sensitivity")
+        self.calibration = list(itertools.islice(check_data(data, "Sensitivity"), num_batches))
         if not self.calibration:
             raise QPassesError("sensitivity: the calibration data yielded no batches; give at least one")
         inputs = as_input_tuple(example_inputs) if example_inputs is not None else batch_inputs(self.calibration[0], 1)

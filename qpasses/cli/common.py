@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qpasses.errors import QPassesError
+from qpasses.errors import QPassesError, one_line
 from qpasses.passes.base import Pass, PassContext
 from qpasses.passes.manager import Instrument, PassRecord
 from qpasses.passes.registry import PassOptions, pass_names
@@ -25,12 +26,6 @@ from qpasses.quant.backends import BACKENDS
 
 class CLIError(QPassesError):
     """Bad command-line input: a model that cannot be found or built, a missing file, a bad combination."""
-
-
-def one_line(error: BaseException) -> str:
-    """The error's message on one line (multi-line messages, e.g. an expected folder layout, joined by '; ')."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines) or type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -75,9 +70,15 @@ def _from_factory(spec: str) -> nn.Module:
     return model.eval()
 
 
-def check_out_folder(out: Path) -> None:
+def check_out_path(out: Path) -> None:
+    """Refuse, before any model is loaded, an ``--out`` that cannot be written: a folder, or a missing or
+    read-only parent folder (``os.access`` also reports a read-only file system)."""
+    if out.is_dir():
+        raise CLIError(f"--out {out}: is a folder; give a file name inside it, e.g. {out / 'model.pt'}")
     if not out.parent.is_dir():
         raise CLIError(f"--out {out}: folder '{out.parent}' does not exist")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise CLIError(f"--out {out}: cannot write there (read-only); choose a writable folder")
 
 
 def check_runs(spec: str, loaded: LoadedModel, example: torch.Tensor) -> None:

@@ -11,15 +11,17 @@ import torch
 
 from qpasses.analysis.metrics import sqnr, topk_agreement
 from qpasses.cli.common import (
+    CLIError,
     LoadedModel,
     PrintProgress,
     add_pipeline_arguments,
     calibration_loader,
-    check_out_folder,
+    check_out_path,
     check_runs,
     held_out_photos,
     json_number,
     load_model,
+    one_line,
     pass_options,
     positive_int,
 )
@@ -51,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.out is not None:
-        check_out_folder(args.out)
+        check_out_path(args.out)
     loaded = load_model(args.model, args.pretrained, args.input_size)
     calibration = calibration_loader(args.calib, loaded, args.num_batches, args.batch_size)
     passes = build_pipeline(args.passes, pass_options(args, calibration, progress=not args.json))
@@ -64,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
     check_runs(args.model, loaded, example)
     quantized = pm.run(loaded.model, example)
     if args.out is not None:
-        torch.save(quantized, args.out)
+        try:
+            torch.save(quantized, args.out)
+        except (OSError, RuntimeError) as exc:  # torch's writer reports an unwritable file as a RuntimeError
+            raise CLIError(f"--out {args.out}: cannot write: {one_line(exc)}") from exc
     held_out = evaluate(loaded, quantized, args.eval, args.batch_size) if args.eval else None
     if args.json:
         print(json.dumps({**summary(args, pm.report, example), "eval": held_out}, indent=2))

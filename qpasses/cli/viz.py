@@ -15,7 +15,7 @@ from qpasses.cli.common import (
     PrintProgress,
     add_pipeline_arguments,
     calibration_loader,
-    check_out_folder,
+    check_out_path,
     check_runs,
     load_model,
     one_line,
@@ -24,6 +24,7 @@ from qpasses.cli.common import (
 from qpasses.graph.trace import propagate_shapes, trace
 from qpasses.passes.manager import PassManager
 from qpasses.passes.registry import build_pipeline
+from qpasses.serialization import load
 from qpasses.viz import render
 
 EXAMPLES = """examples:
@@ -52,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_out_folder(args.out)
+    check_out_path(args.out)
     if args.format is None and args.out.suffix.lower() not in (".html", ".svg", ".dot"):
         raise CLIError(f"--out {args.out}: cannot tell the format; end it in .html, .svg or .dot, or give --format")
     if args.diff and not args.passes:
@@ -116,10 +117,7 @@ def _saved_graph(path: Path, args: argparse.Namespace) -> fx.GraphModule:
 
 
 def _load_graph_module(path: Path) -> fx.GraphModule:
-    try:
-        model = torch.load(path, weights_only=False)
-    except Exception as exc:  # any unpickling failure means the same thing to the user
-        raise CLIError(f"cannot load {path}: {type(exc).__name__}: {one_line(exc)}") from exc
+    model = load(path)
     if not isinstance(model, fx.GraphModule):
         raise CLIError(f"{path} holds a {type(model).__name__}, not a torch.fx.GraphModule (save the result of "
                        f"qpasses quantize, or give the model's name)")

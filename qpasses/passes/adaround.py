@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qpasses.errors import InputError
 from qpasses.graph.channels import out_channels
 from qpasses.graph.links import activation_bounds
 from qpasses.graph.regions import blocks, parent_module
@@ -20,6 +21,7 @@ from qpasses.quant.layerwise import Block, annotation_of, collect_batches, sweep
 from qpasses.quant.lowering import FLOAT_WEIGHT_KEY, WEIGHT_QPARAMS_KEY, fake_quantize_weight, weight_qparams
 from qpasses.quant.ops import Role
 from qpasses.quant.spec import QuantSpec
+from qpasses.validation import check_count, check_data
 
 ADAROUND_REPORT_KEY = "qpasses_adaround"
 # Stretch of the rectified sigmoid, from the paper: h(V) = clamp(sigmoid(V)·(ζ − γ) + γ, 0, 1).
@@ -101,12 +103,15 @@ class AdaRound(Pass):
                  regularization: float = 0.01, beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2,
                  lr: float = 1e-3, granularity: Literal["block", "layer"] = "layer", rescale: bool = False,
                  checkpoints: int = 10, seed: int = 0, progress: bool = True):
-        if iterations < 1 or checkpoints < 1 or not 0 <= warmup < 1 or regularization < 0 or lr <= 0:
-            raise ValueError("AdaRound needs iterations >= 1, checkpoints >= 1, 0 <= warmup < 1, "
-                             "regularization >= 0, lr > 0")
+        check_count(iterations, "iterations", self.name, optional=False)
+        check_count(checkpoints, "checkpoints", self.name, optional=False)
+        if not 0 <= warmup < 1 or regularization < 0 or lr <= 0:
+            raise InputError(f"AdaRound needs 0 <= warmup < 1, regularization >= 0, lr > 0; got warmup={warmup!r}, "
+                             f"regularization={regularization!r}, lr={lr!r}")
         if granularity not in ("block", "layer"):
             raise ValueError(f"AdaRound granularity must be 'block' or 'layer', not {granularity!r}")
-        self.data, self.num_batches = data, num_batches
+        self.data = check_data(data, self.name)
+        self.num_batches = check_count(num_batches, "num_batches", self.name)
         self.iterations, self.regularization, self.beta = iterations, regularization, beta
         self.warmup, self.lr, self.granularity, self.rescale = warmup, lr, granularity, rescale
         self.checkpoints, self.seed, self.progress = checkpoints, seed, progress

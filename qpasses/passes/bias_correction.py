@@ -17,6 +17,7 @@ from qpasses.quant.layerwise import Layer, annotation_of, collect_batches, sweep
 from qpasses.quant.lowering import WEIGHT_QPARAMS_KEY, fake_quantize_weight, float_weight, weight_spec
 from qpasses.quant.observers import Observer
 from qpasses.quant.ops import Role
+from qpasses.validation import check_count, check_data
 
 
 def _by_channel(t: torch.Tensor) -> torch.Tensor:
@@ -99,10 +100,8 @@ class BiasCorrection(Pass):
     provides = frozenset({"bias_corrected"})
 
     def __init__(self, data: Iterable | None = None, num_batches: int | None = None):
-        if num_batches is not None and num_batches < 1:
-            raise ValueError(f"num_batches must be at least 1, got {num_batches}")
-        self.data = data
-        self.num_batches = num_batches
+        self.data = check_data(data, self.name, optional=True)
+        self.num_batches = check_count(num_batches, "num_batches", self.name)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ann = annotation_of(gm, self.name)

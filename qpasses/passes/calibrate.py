@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.quant.observers import CalibrationError, Observer
+from qpasses.validation import check_count, check_data
 
 
 def batch_inputs(batch: Any, n_inputs: int) -> tuple:
@@ -90,10 +91,8 @@ class Calibrate(Pass):
     provides = frozenset({"calibrated"})
 
     def __init__(self, data: Iterable, num_batches: int | None = None, progress: bool = True):
-        if num_batches is not None and num_batches < 1:
-            raise ValueError(f"num_batches must be at least 1, got {num_batches}")
-        self.data = data
-        self.num_batches = num_batches
+        self.data = check_data(data, self.name)
+        self.num_batches = check_count(num_batches, "num_batches", self.name)
         self.progress = progress
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:

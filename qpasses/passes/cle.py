@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from qpasses.errors import InputError
 from qpasses.graph.channels import (
     divide_output_channels,
     divide_output_stats,
@@ -30,6 +31,7 @@ from qpasses.graph.links import (
 )
 from qpasses.nn import ChannelClamp
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+from qpasses.validation import check_count
 
 CLE_REPORT_KEY = "qpasses_cle"
 
@@ -110,8 +112,9 @@ class CLE(Pass):
     preserves_function = True
 
     def __init__(self, tolerance: float = 1e-3, max_iterations: int = 50, activation_growth: float | None = None):
-        if tolerance <= 0 or max_iterations < 1:
-            raise ValueError(f"CLE needs tolerance > 0 and max_iterations >= 1, got {tolerance}, {max_iterations}")
+        check_count(max_iterations, "max_iterations", self.name, optional=False)
+        if tolerance <= 0:
+            raise InputError(f"CLE needs tolerance > 0, got {tolerance!r}")
         if activation_growth is not None and activation_growth <= 0:
             raise ValueError(f"CLE: activation_growth must be > 0, got {activation_growth}")
         self.tolerance = tolerance

@@ -32,9 +32,10 @@ import torch.fx as fx
 from torch import nn
 
 from qpasses.analysis.metrics import sqnr
-from qpasses.errors import PassError, PlanError, QPassesError, VerificationError
-from qpasses.graph.trace import LeafSpec, as_input_tuple, propagate_shapes, trace
+from qpasses.errors import InputError, PassError, PlanError, QPassesError, VerificationError
+from qpasses.graph.trace import LeafSpec, propagate_shapes, trace
 from qpasses.passes.base import Pass, PassContext, Stage, describe
+from qpasses.validation import as_input_tuple, check_model
 
 PROPERTIES_KEY = "qpasses_properties"
 # A pipeline that provides this yields a model to train (QAT); its lowering waits for qpasses.convert().
@@ -423,6 +424,12 @@ class PassManager:
         return str(self.plan(model))
 
     def run(self, model: nn.Module, example_inputs: Any, inplace: bool = False) -> fx.GraphModule:
+        """Plan, trace ``model`` on ``example_inputs``, run the passes; returns the rewritten graph module.
+
+        Checked before any work (and before the deep copy): the plan (``PlanError``), the model and the
+        inputs (``InputError``: not a float32 ``nn.Module``, or inputs it cannot run on, naming the node).
+        """
+        check_model(model, "PassManager.run")
         plan = self.plan(model)
         inputs = as_input_tuple(example_inputs)
         if not inplace:
@@ -430,7 +437,10 @@ class PassManager:
         start = time.perf_counter()
         if isinstance(model, fx.GraphModule):
             gm = model
-            _run_verified_forward(gm, inputs)
+            try:
+                _run_verified_forward(gm, inputs)
+            except InputError as exc:
+                raise InputError(f"{type(gm).__name__} cannot run on the example inputs: {exc}") from exc
         else:
             with _eval_mode(model):
                 gm = trace(model, inputs, leaf_modules=self.leaf_modules, auto_leaf=self.auto_leaf)

@@ -14,6 +14,7 @@ from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import Calibrate
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.quant.overrides import add_overrides
+from qpasses.validation import check_count, check_data
 
 
 class MixedPrecision(Pass):
@@ -48,8 +49,8 @@ class MixedPrecision(Pass):
                  progress: bool = True):
         self.budget = budget
         self.bits = tuple(bits)
-        self.data = data
-        self.num_batches = num_batches
+        self.data = check_data(data, self.name, optional=True)
+        self.num_batches = check_count(num_batches, "num_batches", self.name)
         self.eval_fn = eval_fn
         self.progress = progress
         self.plan = None  # the last BitsPlan, for inspection
