@@ -1,6 +1,7 @@
 """The qpasses command line, called as ``main(argv)`` (and once as a real process)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,9 @@ import pytest
 import torch
 import torch.fx as fx
 
+import qpasses
+import qpasses.cli.quantize
+import qpasses.cli.viz
 from qpasses.analysis.metrics import sqnr
 from qpasses.cli import main
 from qpasses.passes.registry import PASSES
@@ -67,7 +71,7 @@ def saved_qnnpack(tmp_path_factory):
 def test_quantize_json_and_the_saved_model_runs(saved_qnnpack, capsys):
     code, out_path = saved_qnnpack
     assert code == 0
-    model = torch.load(out_path, weights_only=False)
+    model = qpasses.load(out_path)
     assert isinstance(model, fx.GraphModule)
     float_model = tiny_unet()
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -154,6 +158,50 @@ def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, monkeypatch, argv,
     monkeypatch.chdir(tmp_path)
     code, _, err = run(capsys, *argv)
     assert_one_line_error(code, err, *fragments)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder this process cannot write to: chmod 555, or for root (whom modes do not stop) a read-only mount."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if not os.access(folder, os.W_OK):
+            yield folder
+        elif os.path.isdir("/proc/sys") and not os.access("/proc/sys", os.W_OK):
+            yield Path("/proc/sys")
+        else:
+            pytest.skip("no folder this process cannot write to")
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", ["quantize", "viz"])
+@pytest.mark.parametrize("where", ["folder", "read_only"])
+def test_unwritable_out_fails_in_one_line_before_the_model_loads(capsys, monkeypatch, tmp_path, read_only_dir,
+                                                                   command, where):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(qpasses.cli.quantize, "load_model", never)
+    monkeypatch.setattr(qpasses.cli.viz, "load_model", never)
+    name = "g.html" if command == "viz" else "m.pt"
+    if where == "folder":
+        out = tmp_path / name
+        out.mkdir()
+    else:
+        out = read_only_dir / name
+    before = sorted(tmp_path.rglob("*"))
+    code, _, err = run(capsys, command, TINY, *SMALL, "--out", str(out))
+    assert_one_line_error(code, err, f"--out {out}", "is a folder" if where == "folder" else "read-only")
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_viz_of_a_file_that_holds_no_model(capsys, tmp_path):
+    torch.save({"weight": torch.ones(2)}, tmp_path / "state.pt")
+    code, _, err = run(capsys, "viz", str(tmp_path / "state.pt"), "--out", str(tmp_path / "g.html"))
+    assert_one_line_error(code, err, "state.pt holds a dict, not a model")
 
 
 def test_forwarded_commands(capsys, monkeypatch):
