@@ -8,8 +8,10 @@ not after calibration with a deep torch error.
 from __future__ import annotations
 
 import numbers
+import os
 import reprlib
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +30,8 @@ def check_model(model: Any, owner: str) -> nn.Module:
             if tensor.is_meta:
                 raise InputError(f"{owner}: {kind} '{name}' is on the meta device and holds no values; materialize "
                                  f"the model first (model.to_empty(device='cpu'), then load_state_dict)")
-            if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            # Parameters only: buffers may be float64 on purpose (qpasses' histogram observers are).
+            if kind == "parameter" and tensor.is_floating_point() and tensor.dtype != torch.float32:
                 raise InputError(f"{owner}: {kind} '{name}' is {tensor.dtype}; qpasses calibrates and quantizes "
                                  f"float32 models: pass model.float() (and float32 inputs)")
     return model
@@ -69,6 +72,18 @@ def check_count(value: Any, name: str, owner: str, optional: bool = True) -> int
         allowed = "a positive int or None" if optional else "a positive int"
         raise InputError(f"{owner}: {name} must be {allowed}, got {value!r}")
     return int(value)
+
+
+def check_out_path(out: Path, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output file that cannot be written: a folder, or a missing or read-only
+    parent folder (``os.access`` also reports a read-only file system)."""
+    if out.is_dir():
+        raise InputError(f"{flag} {out}: is a folder; give a file name inside it, e.g. {out / ('out' + out.suffix)}")
+    if not out.parent.is_dir():
+        raise InputError(f"{flag} {out}: folder '{out.parent}' does not exist")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise InputError(f"{flag} {out}: cannot write there (read-only); choose a writable folder")
+    return out
 
 
 def _kind(value: Any) -> str:

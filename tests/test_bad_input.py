@@ -94,10 +94,9 @@ def data_passes(data):
 @pytest.mark.parametrize("name", ["PTQ", "Calibrate", "AdaRound", "Sensitivity"])
 @pytest.mark.parametrize("data", [None, 5, "images/"])
 def test_missing_or_non_iterable_data_is_refused_when_the_pass_is_built(name, data):
-    owner = "Calibrate" if name == "PTQ" else name
     with pytest.raises(InputError) as excinfo:
         data_passes(data)[name]()
-    one_line(excinfo, f"{owner} needs calibration data as an iterable of batches", repr(data))
+    one_line(excinfo, f"{name} needs calibration data as an iterable of batches", repr(data))
 
 
 def test_optional_data_must_still_be_data():

@@ -60,7 +60,7 @@ from qpasses.quant.observers import MinMaxObserver, MovingAverageMinMaxObserver,
 from qpasses.quant.ops import Role
 from qpasses.quant.overrides import exact_pattern, with_node_overrides
 from qpasses.quant.spec import QuantConfig, QuantPair, QuantSpec
-from qpasses.validation import check_count, check_data, check_model
+from qpasses.validation import check_count, check_data, check_model, check_out_path
 
 # ------------------------------------------------------------------------------------------------ metrics
 
@@ -646,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
+        for flag, path in (("--out", args.out), ("--plot", args.plot)):
+            if path is not None:
+                check_out_path(path, flag)
         model, size, normalization = _load_model(args.model, args.pretrained)
         size = args.input_size or size
         data = _calibration(args.calib, args.num_batches, args.batch_size, size, normalization)

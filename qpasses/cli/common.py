@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -68,17 +67,6 @@ def _from_factory(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise CLIError(f"model '{spec}': {attr}() returned a {type(model).__name__}, not a torch.nn.Module")
     return model.eval()
-
-
-def check_out_path(out: Path) -> None:
-    """Refuse, before any model is loaded, an ``--out`` that cannot be written: a folder, or a missing or
-    read-only parent folder (``os.access`` also reports a read-only file system)."""
-    if out.is_dir():
-        raise CLIError(f"--out {out}: is a folder; give a file name inside it, e.g. {out / 'model.pt'}")
-    if not out.parent.is_dir():
-        raise CLIError(f"--out {out}: folder '{out.parent}' does not exist")
-    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise CLIError(f"--out {out}: cannot write there (read-only); choose a writable folder")
 
 
 def check_runs(spec: str, loaded: LoadedModel, example: torch.Tensor) -> None:

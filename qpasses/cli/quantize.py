@@ -16,7 +16,6 @@ from qpasses.cli.common import (
     PrintProgress,
     add_pipeline_arguments,
     calibration_loader,
-    check_out_path,
     check_runs,
     held_out_photos,
     json_number,
@@ -27,6 +26,7 @@ from qpasses.cli.common import (
 )
 from qpasses.passes.manager import PassManager, Report
 from qpasses.passes.registry import build_pipeline
+from qpasses.validation import check_out_path
 
 EXAMPLES = """examples:
   qpasses quantize resnet18 --passes fusebn,ptq --backend x86 --out resnet18_int8.pt

@@ -15,7 +15,6 @@ from qpasses.cli.common import (
     PrintProgress,
     add_pipeline_arguments,
     calibration_loader,
-    check_out_path,
     check_runs,
     load_model,
     one_line,
@@ -25,6 +24,7 @@ from qpasses.graph.trace import propagate_shapes, trace
 from qpasses.passes.manager import PassManager
 from qpasses.passes.registry import build_pipeline
 from qpasses.serialization import load
+from qpasses.validation import check_out_path
 from qpasses.viz import render
 
 EXAMPLES = """examples:

@@ -9,6 +9,7 @@ from qpasses.passes.calibrate import Calibrate
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.lower import Lower
 from qpasses.quant.spec import QuantConfig
+from qpasses.validation import check_count, check_data
 
 
 class PTQ(CompositePass):
@@ -26,6 +27,9 @@ class PTQ(CompositePass):
     def __init__(self, data: Iterable, backend: str = "x86", config: QuantConfig | None = None,
                  bits: int | None = None, per_channel: bool | None = None, num_batches: int | None = None,
                  progress: bool = True):
+        # Checked here too, so the error names the PTQ the user wrote rather than its Calibrate part.
+        check_data(data, self.name)
+        check_count(num_batches, "num_batches", self.name)
         self.parts: list[Pass] = [
             InsertObservers(backend, config, bits, per_channel),
             Calibrate(data, num_batches, progress),

@@ -178,3 +178,14 @@ def test_cli_main(tmp_path, capsys):
     assert main(["no_such_model", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("qpasses sensitivity: error:") and "no_such_model" in err and "\n" not in err
+
+
+def test_cli_refuses_an_unwritable_out_before_building_the_model(tmp_path, capsys, monkeypatch):
+    import qpasses.analysis.sensitivity as module
+
+    monkeypatch.setattr(module, "_load_model", lambda *args: pytest.fail("the model was built before --out was checked"))
+    for flag, path, why in (("--out", tmp_path, "is a folder"), ("--plot", tmp_path / "no" / "p.png", "does not exist")):
+        assert main(["tests.analysis.test_sensitivity:sensitive_net", flag, str(path), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"qpasses sensitivity: error: {flag} {path}: {why}") and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
