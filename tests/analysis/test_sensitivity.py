@@ -187,5 +187,5 @@ def test_cli_refuses_an_unwritable_out_before_building_the_model(tmp_path, capsy
     for flag, path, why in (("--out", tmp_path, "is a folder"), ("--plot", tmp_path / "no" / "p.png", "does not exist")):
         assert main(["tests.analysis.test_sensitivity:sensitive_net", flag, str(path), "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith(f"qpasses sensitivity: error: {flag} {path}: {why}") and "\n" not in err
+        assert err.startswith(f"qpasses sensitivity: error: {flag} {path}: ") and why in err and "\n" not in err
     assert list(tmp_path.iterdir()) == []
