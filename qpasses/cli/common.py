@@ -21,6 +21,7 @@ from qpasses.passes.base import Pass, PassContext
 from qpasses.passes.manager import Instrument, PassRecord
 from qpasses.passes.registry import PassOptions, pass_names
 from qpasses.quant.backends import BACKENDS
+from qpasses.validation import check_model
 
 
 class CLIError(QPassesError):
@@ -66,7 +67,7 @@ def _from_factory(spec: str) -> nn.Module:
         raise CLIError(f"model '{spec}': calling {attr}() failed: {type(exc).__name__}: {one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise CLIError(f"model '{spec}': {attr}() returned a {type(model).__name__}, not a torch.nn.Module")
-    return model.eval()
+    return check_model(model, f"model '{spec}'").eval()  # a half or meta model: say so, not "fails on images"
 
 
 def check_runs(spec: str, loaded: LoadedModel, example: torch.Tensor) -> None:

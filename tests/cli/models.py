@@ -10,6 +10,11 @@ def tiny_unet() -> torch.nn.Module:
     return randomize_bn(TinyUNet()).eval()
 
 
+def half_unet() -> torch.nn.Module:
+    """A float16 model: refused with what to do (model.float())."""
+    return tiny_unet().half()
+
+
 def linear() -> torch.nn.Module:
     """Takes 10 features, not images."""
     return torch.nn.Linear(10, 2)

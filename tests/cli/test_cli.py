@@ -152,6 +152,8 @@ def test_viz_of_a_saved_model(saved_qnnpack, tmp_path, capsys):
     (["viz", TINY, "--diff", "fusebn", "--out", "g.html"], ["--diff PASS needs --passes"]),
     (["quantize", "tests.cli.models:linear", *SMALL], ["fails on a 1×3×16×16 image batch", "--input-size"]),
     (["viz", "tests.cli.models:linear", "--out", "g.html"], ["fails on a 1×3×224×224 image batch"]),
+    (["quantize", "tests.cli.models:half_unet", *SMALL], ["model 'tests.cli.models:half_unet'", "torch.float16",
+                                                          "model.float()"]),
     (["bench", "nonexistent"], ["unknown benchmark 'nonexistent'", "ptq"]),
 ])
 def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, monkeypatch, argv, fragments):
