@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
+from torchvision.models import ResNet18_Weights
+
 from qpasses_zoo.errors import DatasetNotFound, PretrainedUnavailable, UnknownName, ZooError
 from qpasses_zoo.models import MODELS, ModelSpec, get, list_models, spec
-from torchvision.models import ResNet18_Weights
 
 
 def imagenet_classes() -> list[str]:

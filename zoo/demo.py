@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import argparse
 
-import qpasses_zoo as zoo
 import torch
-from qpasses_zoo.data import SYMMETRIC, loader, photo_crops
-from qpasses_zoo.models.lite0 import preprocess
 from skimage import data as skdata
 
+import qpasses_zoo as zoo
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr, topk_agreement
 from qpasses.passes import CLE, PTQ, BiasCorrection, FuseBN, HighBiasAbsorption, ReplaceFunctional
+from qpasses_zoo.data import SYMMETRIC, loader, photo_crops
+from qpasses_zoo.models.lite0 import preprocess
 
 
 def predictions(model: torch.nn.Module, images: torch.Tensor, classes: list[str]) -> list[str]:

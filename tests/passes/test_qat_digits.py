@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from qpasses_zoo.data import digits
 from torch import nn
 
 import qpasses
 from qpasses import PassManager
 from qpasses.passes import PTQ, QAT, FuseBN
+from qpasses_zoo.data import digits
 from tests.nets import conv_bn_act
 from tools.bench.qat import accuracy, fit
 

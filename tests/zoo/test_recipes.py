@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from qpasses_zoo.recipes import main
-from qpasses_zoo.recipes.common import RecipeError, Settings, TrainConfig, checkpoint_path, train
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from qpasses_zoo.recipes import main
+from qpasses_zoo.recipes.common import RecipeError, Settings, TrainConfig, checkpoint_path, train
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from qpasses_zoo import data
 from qpasses_zoo.data.transforms import Normalization
 

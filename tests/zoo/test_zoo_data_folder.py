@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
-import qpasses_zoo.data
 from PIL import Image
+
+import qpasses_zoo.data
 from qpasses_zoo.data import SYMMETRIC, DatasetNotFound, image_folder
 
 

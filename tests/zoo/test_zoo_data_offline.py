@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from qpasses_zoo import data
 from qpasses_zoo.data.photos import photos
 from qpasses_zoo.data.synthetic_depth import render_room

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import qpasses_zoo as zoo
 import torch
 import torchvision
-from qpasses_zoo.models.depth_unet import ENCODER_STAGES
-from qpasses_zoo.models.lite0 import map_by_position, preprocess
 from skimage import data as skimage_data
 
+import qpasses_zoo as zoo
 from qpasses.graph import trace
+from qpasses_zoo.models.depth_unet import ENCODER_STAGES
+from qpasses_zoo.models.lite0 import map_by_position, preprocess
 
 
 def _small_input(name: str) -> torch.Tensor:

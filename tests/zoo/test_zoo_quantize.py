@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import qpasses_zoo as zoo
 import torch
 import torch.ao.nn.quantized as nnq
 
+import qpasses_zoo as zoo
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
 from qpasses.passes import PTQ, FuseBN

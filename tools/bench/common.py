@@ -10,12 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import qpasses_zoo as zoo
 import torch
-from qpasses_zoo.data import SYMMETRIC, loader, photo_crops
 from torch import nn
 
+import qpasses_zoo as zoo
 from qpasses.analysis.metrics import sqnr, topk_agreement
+from qpasses_zoo.data import SYMMETRIC, loader, photo_crops
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 

@@ -33,10 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import qpasses_zoo as zoo
 import torch
 from torch import nn
 
+import qpasses_zoo as zoo
 from qpasses.analysis.metrics import latency, model_size
 from qpasses.export import onnx as export_onnx
 from qpasses.export import torchscript

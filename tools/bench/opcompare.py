@@ -25,12 +25,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-import qpasses_zoo as zoo
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+import qpasses_zoo as zoo
 from qpasses.graph.nx import node_kind
 from tools.bench.common import markdown_table, torch_ao_fx_ptq
 from tools.bench.ptq import qpasses_ptq

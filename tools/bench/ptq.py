@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import platform
 
-import qpasses_zoo as zoo
 import torch
 
+import qpasses_zoo as zoo
 from qpasses import PassManager
 from qpasses.analysis.metrics import latency, model_size
 from qpasses.passes import PTQ, FuseBN

@@ -21,13 +21,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from qpasses_zoo.data import mnist5k
 from torch import nn
 
 import qpasses
 from qpasses import PassManager
 from qpasses.passes import PTQ, QAT, FuseBN
 from qpasses.passes.calibrate import progress
+from qpasses_zoo.data import mnist5k
 from tools.bench.common import markdown_table, write_section
 
 COMMAND = "python -m tools.bench.qat"

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Dataset
+
 from qpasses_zoo.data.cifar import cifar10, cifar100
 from qpasses_zoo.data.digits import digits, mnist5k
 from qpasses_zoo.data.folder import image_folder
@@ -34,7 +36,6 @@ from qpasses_zoo.data.transforms import (
     to_float_image,
 )
 from qpasses_zoo.errors import DatasetNotFound, UnknownName
-from torch.utils.data import DataLoader, Dataset
 
 _OFFLINE: dict[str, Callable[..., Dataset]] = {
     "photo_crops": photo_crops,

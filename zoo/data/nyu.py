@@ -20,9 +20,10 @@ import h5py
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
+
 from qpasses_zoo.data.transforms import IMAGENET, Normalization, resize, to_float_image
 from qpasses_zoo.errors import DatasetNotFound
-from torch.utils.data import Dataset
 
 SPLITS = ("train", "test")
 DEFAULT_CSV = {"train": "data/nyu2_train.csv", "test": "data/nyu2_test.csv"}

@@ -15,10 +15,11 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from qpasses_zoo.data.transforms import IMAGENET, Normalization, resize, to_float_image
 from skimage import data as skimage_data
 from sklearn.datasets import load_sample_images
 from torch.utils.data import TensorDataset
+
+from qpasses_zoo.data.transforms import IMAGENET, Normalization, resize, to_float_image
 
 SPLITS = ("calib", "eval")
 

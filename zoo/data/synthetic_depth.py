@@ -15,8 +15,9 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from qpasses_zoo.data.transforms import IMAGENET, Normalization
 from torch.utils.data import TensorDataset
+
+from qpasses_zoo.data.transforms import IMAGENET, Normalization
 
 # NYU Depth v2's Kinect sees about 58° horizontally; depths stay within its 0.5-10 m range.
 _FIELD_OF_VIEW = math.radians(58.0)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from qpasses_zoo.data.transforms import CIFAR10, CIFAR100, IMAGENET, SYMMETRIC, Normalization
 from qpasses_zoo.errors import UnknownName
 from qpasses_zoo.models.cifar_resnet import cifar_resnet18, cifar_resnet34, cifar_resnet50
@@ -20,7 +22,6 @@ from qpasses_zoo.models.lite0 import efficientnet_lite0, tf_efficientnet_lite0
 from qpasses_zoo.models.preact_resnet import preact_resnet34
 from qpasses_zoo.models.torchvision_models import mobilenet_v2, resnet18, resnet34, resnet50
 from qpasses_zoo.models.weights import load_local_weights
-from torch import nn
 
 
 @dataclass(frozen=True)

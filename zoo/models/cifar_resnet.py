@@ -8,9 +8,10 @@ torchvision's, only ``conv1.weight`` has another shape.
 from __future__ import annotations
 
 import torch
-from qpasses_zoo.models.weights import no_pretrained_weights
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from qpasses_zoo.models.weights import no_pretrained_weights
 
 
 class CifarResNet(ResNet):

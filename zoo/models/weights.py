@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from qpasses_zoo.errors import PretrainedUnavailable
 from torch import nn
+
+from qpasses_zoo.errors import PretrainedUnavailable
 
 
 def read_state_dict(path: str | Path) -> Mapping[str, torch.Tensor]:

@@ -14,9 +14,8 @@ import importlib
 import warnings
 from pathlib import Path
 
-from qpasses_zoo.recipes.common import DEFAULT_CACHE, Settings
-
 from qpasses.errors import QPassesError
+from qpasses_zoo.recipes.common import DEFAULT_CACHE, Settings
 
 # name → (module, one-line description); modules are imported only when their recipe runs.
 RECIPES: dict[str, tuple[str, str]] = {

@@ -15,6 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
+
+from qpasses.passes import PTQ, QAT, BiasCorrection, FuseBN, Pass
 from qpasses_zoo.recipes.common import (
     Column,
     Failed,
@@ -39,9 +42,6 @@ from qpasses_zoo.recipes.common import (
     training_note,
     write_outputs,
 )
-from torch import nn
-
-from qpasses.passes import PTQ, QAT, BiasCorrection, FuseBN, Pass
 
 MODELS = ("cifar_resnet18", "cifar_resnet50")
 # ResNet-50 by default would take about an hour on 2 CPU cores (its float epochs and five QAT epochs are

@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 
-import qpasses_zoo as zoo
 import torch
+
+import qpasses_zoo as zoo
+from qpasses.analysis.metrics import sqnr, topk_agreement
+from qpasses.analysis.sensitivity import Sensitivity
+from qpasses.passes import PTQ, FuseBN
+from qpasses.quant.backends import get_backend
+from qpasses.quant.spec import QuantConfig
 from qpasses_zoo.data import SYMMETRIC, imagenette, photo_crops
 from qpasses_zoo.recipes.common import (
     Column,
@@ -37,12 +43,6 @@ from qpasses_zoo.recipes.common import (
     topk_accuracy,
     write_outputs,
 )
-
-from qpasses.analysis.metrics import sqnr, topk_agreement
-from qpasses.analysis.sensitivity import Sensitivity
-from qpasses.passes import PTQ, FuseBN
-from qpasses.quant.backends import get_backend
-from qpasses.quant.spec import QuantConfig
 
 MODELS = ("tf_efficientnet_lite0", "efficientnet_lite0")
 OBSERVERS = {"max": "minmax", "percentile": "percentile", "entropy": "entropy", "MSE": "mse"}

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from qpasses_zoo.data import loader
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
@@ -36,6 +35,7 @@ from qpasses.passes.calibrate import progress
 from qpasses.quant.backends import get_backend
 from qpasses.quant.lowering import quantized_engine
 from qpasses.quant.spec import QuantConfig
+from qpasses_zoo.data import loader
 
 DEFAULT_CACHE = Path(os.environ.get("QPASSES_CACHE", Path.home() / ".cache" / "qpasses")) / "checkpoints"
 

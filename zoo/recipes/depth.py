@@ -17,8 +17,13 @@ from ``gm.meta['qpasses_cle']``). Data: the rendered rooms of ``qpasses_zoo.data
 
 from __future__ import annotations
 
-import qpasses_zoo as zoo
 import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+import qpasses_zoo as zoo
+from qpasses.passes import CLE, PTQ, QAT, BiasCorrection, FuseBN, Pass
+from qpasses.passes.cle import CLE_REPORT_KEY
 from qpasses_zoo.data import nyu_csv, nyu_mat, synthetic_depth
 from qpasses_zoo.recipes.common import (
     Column,
@@ -41,11 +46,6 @@ from qpasses_zoo.recipes.common import (
     train,
     write_outputs,
 )
-from torch import nn
-from torch.utils.data import Dataset, Subset
-
-from qpasses.passes import CLE, PTQ, QAT, BiasCorrection, FuseBN, Pass
-from qpasses.passes.cle import CLE_REPORT_KEY
 
 BACKENDS = ("x86", "qnnpack")
 # --quick keeps each backend's own default granularity only.

@@ -10,6 +10,8 @@ classifier, so its rows show how little it buys for a CNN. Static PTQ targets th
 from __future__ import annotations
 
 import torch
+
+from qpasses.passes import PTQ, QAT, DynamicQuant, FuseBN
 from qpasses_zoo.recipes.common import (
     CIFAR_DATASETS,
     Column,
@@ -34,8 +36,6 @@ from qpasses_zoo.recipes.common import (
     training_note,
     write_outputs,
 )
-
-from qpasses.passes import PTQ, QAT, DynamicQuant, FuseBN
 
 DEFAULT_MODELS = ("cifar_resnet18", "preact_resnet34")
 QUICK_MODELS = ("cifar_resnet18",)
