@@ -7,6 +7,7 @@ import copy
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.operator_schemas import normalize_function
 
 from qpasses.errors import QPassesError
 from qpasses.graph.match import is_max_pool
@@ -18,12 +19,21 @@ from qpasses.quant import lowering
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.backends import get_backend
 from qpasses.quant.observers import Observer
-from qpasses.quant.ops import Role
+from qpasses.quant.ops import REQUANT_FUNCTION_MODULES, Role
 
 _SHAPE_QUERIES = ("size", "dim")
 # qnnpack's quantized clamp returns wrong values on channels-last tensors (its convs' output layout);
 # measured on torch 2.14.1: up to the whole range off, exact once contiguous.
 _CLAMP_NEEDS_CONTIGUOUS = ("qnnpack",)
+
+
+def _module_of_call(node: fx.Node) -> nn.Module:
+    """The module that computes functional call ``node`` (``F.leaky_relu(x, negative_slope=0.2)`` →
+    ``nn.LeakyReLU(0.2)``), from all of its arguments, positional or keyword."""
+    call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    options = dict(call.kwargs)
+    options.pop("input")
+    return REQUANT_FUNCTION_MODULES[node.target](**options)
 
 
 class Lower(Pass):
@@ -78,6 +88,7 @@ class _Lowering:
         self.dequantized: dict[fx.Node, fx.Node] = {}
         self.erased_modules: set[str] = set()  # observers and folded activations no node calls any more
         self.code_clamps: list[fx.Node] = []  # clamps of codes to a spec's range narrower than 8 bits
+        self.lowered_modules: dict[str, nn.Module] = {}  # module name → the float module its int8 form replaced
 
     def observer(self, node: fx.Node) -> Observer | None:
         if node.op != "call_module":
@@ -208,7 +219,7 @@ class _Lowering:
     def lower_compute(self, node: fx.Node) -> None:
         self.check_inputs_quantized(node)
         scale, zero_point = self.output_qparams(node)
-        module = self.symmetric_same_padding(node, self.gm.get_submodule(node.target), scale, zero_point)
+        module = self.symmetric_same_padding(node, self.float_module(node), scale, zero_point)
         # qpasses.convert() puts the weight qparams QAT trained with there; PTQ observes the weight here.
         qmodule = lowering.quantized_compute(module, self.ann.pairs[node.name].weight, scale, zero_point,
                                              node.meta.get(lowering.WEIGHT_QPARAMS_KEY))
@@ -268,10 +279,10 @@ class _Lowering:
         self.check_inputs_quantized(node)
         scale, zero_point = self.output_qparams(node)
         if node.op == "call_module":
-            self.replace_module(node.target, lowering.quantized_unary(self.gm.get_submodule(node.target), scale, zero_point))
+            qmodule = lowering.quantized_unary(self.float_module(node), scale, zero_point)  # may rename the target
+            self.replace_module(node.target, qmodule)
         else:
-            float_module = {"hardswish": nn.Hardswish(), "leaky_relu": nn.LeakyReLU(*node.args[1:2]),
-                            "elu": nn.ELU(*node.args[1:2])}[node.target.__name__]
+            float_module = _module_of_call(node)
             target = unique_name(self.gm, f"{node.name}_q")
             self.gm.add_submodule(target, lowering.quantized_unary(float_module, scale, zero_point))
             with self.graph.inserting_before(node):
@@ -282,6 +293,17 @@ class _Lowering:
             node = new
         self.mark_int8(node, scale, zero_point)
         self.ctx.stats["int8_unary"] += 1
+
+    def float_module(self, node: fx.Node) -> nn.Module:
+        """The float module ``node`` calls, which its int8 form will replace. A module called from several
+        places (``conv(conv(x))``) gets an int8 module per call: each call writes at its own qparams, so a
+        call after the first is pointed at a new name, and the weights are packed once per call."""
+        float_module = self.lowered_modules.get(node.target)
+        if float_module is not None:
+            node.target = unique_name(self.gm, f"{node.target}_{node.name}")
+            self.gm.add_submodule(node.target, float_module)
+        self.lowered_modules[node.target] = self.gm.get_submodule(node.target)
+        return self.lowered_modules[node.target]
 
     def mark_int8(self, node: fx.Node, scale: float, zero_point: int) -> None:
         self.quantized[node] = True

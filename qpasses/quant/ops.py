@@ -32,7 +32,11 @@ class Role(enum.Enum):
 
 COMPUTE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d)
 REQUANT_MODULES = (nn.Hardswish, nn.LeakyReLU, nn.ELU)
-REQUANT_FUNCTIONS = (F.hardswish, F.leaky_relu, F.elu)
+# The functional form of each: lowering builds the module from the call's own arguments.
+REQUANT_FUNCTION_MODULES: dict[object, type[nn.Module]] = {
+    F.hardswish: nn.Hardswish, F.leaky_relu: nn.LeakyReLU, F.elu: nn.ELU,
+}
+REQUANT_FUNCTIONS = tuple(REQUANT_FUNCTION_MODULES)
 FIXED_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh)
 FIXED_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.tanh, F.tanh)
 FIXED_METHODS = ("sigmoid", "tanh")

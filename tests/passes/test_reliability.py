@@ -3,12 +3,14 @@ quantized and compared with the float eager model."""
 
 import pytest
 import torch
+import torch.ao.nn.quantized as nnq
 import torch.nn.functional as F
 from torch import nn
 
+import qpasses
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
-from qpasses.passes import PTQ
+from qpasses.passes import PTQ, QAT
 
 BACKENDS = ["x86", "qnnpack"]
 SHAPE = (2, 3, 8, 8)
@@ -84,3 +86,56 @@ class NestedCat(nn.Module):
 def test_a_cat_feeding_a_cat_joins_one_sharing_group(backend):
     torch.manual_seed(0)
     assert quantized_sqnr(NestedCat().eval(), backend) > 25  # was "InsertObservers: internal error KeyError"
+
+
+class ConvThen(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.conv, self.fn = nn.Conv2d(3, 8, 3, padding=1), fn
+
+    def forward(self, x):
+        return self.fn(self.conv(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", [
+    lambda x: F.leaky_relu(x, negative_slope=0.2), lambda x: F.leaky_relu(x, 0.3),
+    lambda x: F.elu(x, alpha=0.3), lambda x: F.hardswish(x, inplace=False),
+], ids=["leaky_relu_kwarg", "leaky_relu_positional", "elu_kwarg", "hardswish"])
+def test_lowering_rebuilds_functional_ops_from_args_and_kwargs(backend, fn):
+    torch.manual_seed(0)
+    assert quantized_sqnr(ConvThen(fn).eval(), backend) > 25  # was 14.7 dB: slope 0.01 instead of 0.2
+
+
+class ConvCalledTwice(nn.Module):
+    """One conv module called in sequence and from a second branch, and one Hardswish module called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 3, 3, padding=1), nn.Hardswish()
+
+    def forward(self, x):
+        y = self.act(self.conv(self.conv(x)))
+        return y + self.act(self.conv(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_module_called_twice_gets_an_int8_module_per_call(backend):
+    torch.manual_seed(0)
+    assert quantized_sqnr(ConvCalledTwice().eval(), backend) > 25  # was "Lower: no int8 kernel for QuantizedConv2d"
+
+
+def test_a_conv_called_twice_converts_after_qat_with_its_trained_weight_grid():
+    torch.manual_seed(0)
+    model = ConvCalledTwice()
+    qm = PassManager([QAT(backend="qnnpack")]).run(model, batches(1)[0])
+    with torch.no_grad():
+        for x in batches():  # observe ranges, as training would
+            qm(x)
+    qm.eval()
+    lowered = qpasses.convert(qm)
+    x = batches(seed=5)[0]
+    with torch.no_grad():
+        assert sqnr(qm(x), lowered(x)) > 40  # the int8 model computes what the fake-quant model simulated
+    convs = [m for m in lowered.modules() if isinstance(m, nnq.Conv2d)]
+    assert len(convs) == 3 and all(torch.equal(c.weight().int_repr(), convs[0].weight().int_repr()) for c in convs)
