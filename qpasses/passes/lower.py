@@ -19,12 +19,9 @@ from qpasses.quant import lowering
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.backends import get_backend
 from qpasses.quant.observers import Observer
-from qpasses.quant.ops import REQUANT_FUNCTION_MODULES, Role
+from qpasses.quant.ops import REQUANT_FUNCTION_MODULES, Role, role_of, runs_clamp_kernel
 
 _SHAPE_QUERIES = ("size", "dim")
-# qnnpack's quantized clamp returns wrong values on channels-last tensors (its convs' output layout);
-# measured on torch 2.14.1: up to the whole range off, exact once contiguous.
-_CLAMP_NEEDS_CONTIGUOUS = ("qnnpack",)
 
 
 def _module_of_call(node: fx.Node) -> nn.Module:
@@ -83,6 +80,7 @@ class Lower(Pass):
 class _Lowering:
     def __init__(self, gm: fx.GraphModule, ann: Annotation, ctx: PassContext):
         self.gm, self.ann, self.ctx = gm, ann, ctx
+        self.backend = get_backend(ann.backend)
         self.graph = gm.graph
         self.quantized: dict[fx.Node, bool] = {}
         self.dequantized: dict[fx.Node, fx.Node] = {}
@@ -139,16 +137,30 @@ class _Lowering:
                 self.quantized[node] = bool(inputs) and self.quantized[inputs[0]]
                 if self.quantized[node]:
                     node.meta["qstate"] = "int8"
+                    self.clamp_contiguous(node)
             elif node.op in ("call_module", "call_function", "call_method"):
                 if not (node.op == "call_method" and node.target in _SHAPE_QUERIES):
                     self.dequantize_inputs(node)
                 self.quantized[node] = False
-        if self.ann.backend not in _CLAMP_NEEDS_CONTIGUOUS:
+        if not self.backend.clamp_needs_contiguous:
             for clamp in self.code_clamps:
                 self.sink_below_max_pool(clamp)
         referenced = {n.target for n in self.graph.nodes if n.op in ("call_module", "get_attr")}
         for name in sorted(self.erased_modules - referenced):
             self.gm.delete_submodule(name)
+
+    def clamp_contiguous(self, node: fx.Node) -> None:
+        """On backends whose clamp kernel is wrong on channels-last data, a clamp-like op kept on int8 codes
+        (a ReLU6 whose producer has other readers) reads its input made contiguous."""
+        if not (self.backend.clamp_needs_contiguous and role_of(self.gm, node) is Role.FUSED_ACT
+                and runs_clamp_kernel(self.gm, node)):
+            return
+        value = node.args[0]
+        with self.graph.inserting_before(node):
+            contiguous = self.graph.call_method("contiguous", (value,))
+        contiguous.meta = {**value.meta, "qstate": "int8"}
+        node.replace_input_with(value, contiguous)
+        self.quantized[contiguous] = True
 
     def returns_input(self, node: fx.Node) -> bool:
         """An ``nn.Identity`` or ``nn.Dropout`` call: int8 graphs only run inference, where both return their input."""
@@ -196,7 +208,7 @@ class _Lowering:
         bounds = lowering.code_range(scale, zero_point, spec)
         if bounds is not None:
             with self.graph.inserting_before(node):
-                if self.ann.backend in _CLAMP_NEEDS_CONTIGUOUS:
+                if self.backend.clamp_needs_contiguous:
                     result = self.graph.call_method("contiguous", (result,))
                 result = self.graph.call_function(torch.clamp, (result, *bounds))
             result.meta["qstate"] = "int8"

@@ -51,6 +51,9 @@ class Backend:
     ``quantized_bias``: conv/linear kernels round the float bias to int32 at scale ``s_in·s_w`` (per output
     channel) before adding it to the integer accumulator (qnnpack); the others add it in float
     (fbgemm: ``acc + b / (s_in·s_w)`` before requantizing). QAT simulates whichever the backend does.
+    ``clamp_needs_contiguous``: the quantized clamp kernel (``torch.clamp``, ``hardtanh``, ``relu6``, ``nn.ReLU6``;
+    not ``relu``) returns wrong values on channels-last tensors, the layout its convs write (qnnpack, torch
+    2.14.1: up to the whole range off, exact once contiguous); lowering makes every such input contiguous.
     """
 
     name: str
@@ -67,6 +70,7 @@ class Backend:
     activation_dtype: torch.dtype = torch.quint8
     weight_dtype: torch.dtype = torch.qint8
     quantized_bias: bool = False
+    clamp_needs_contiguous: bool = False
     notes: str = ""
 
     @property
@@ -244,6 +248,7 @@ BACKENDS: dict[str, Backend] = {
         "sums): measured exact with full-range activations where fbgemm's AVX2 path saturates.",
         per_channel_conv_transpose_axis=1,
         quantized_bias=True,
+        clamp_needs_contiguous=True,
     ),
     "onednn": Backend(
         name="onednn",

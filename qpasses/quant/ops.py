@@ -142,6 +142,14 @@ def clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | None, float
     return lo, hi
 
 
+def runs_clamp_kernel(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a clamp-like node, on int8 input, runs the quantized clamp kernel: ``relu6``, ``hardtanh`` and
+    ``clamp`` (bounded above) do; ``relu`` has its own kernel and ``ChannelClamp`` clamps the integer codes."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ChannelClamp):
+        return False
+    return clamp_bounds(gm, node)[1] is not None
+
+
 def describe_op(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         return f"{type(gm.get_submodule(node.target)).__name__} '{node.target}'"

@@ -307,3 +307,16 @@ def test_error_messages():
         qnnpack.check_module(nn.ConvTranspose2d(4, 4, 3), QuantSpec(signed=True, symmetric=True, axis=0))
     with pytest.raises(UnsupportedSpecError, match="Linear weights must be split along axis 0"):
         qnnpack.check_module(nn.Linear(4, 4), QuantSpec(signed=True, symmetric=True, axis=1))
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_clamp_kernel_on_channels_last_is_what_the_table_says(engine, name):
+    """``clamp_needs_contiguous``: relu6 / hardtanh / clamp on a channels-last quint8 tensor (a conv's output
+    layout) differ from the contiguous result where the table says so, and match it elsewhere; relu never."""
+    engine(name)
+    x = torch.quantize_per_tensor(torch.randn(2, 8, 5, 5) * 10, 0.2, 128, torch.quint8)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    for op in (F.relu6, lambda t: F.hardtanh(t, -1.0, 2.0), lambda t: torch.clamp(t, -3.0, 4.0)):
+        wrong = not torch.equal(op(x).int_repr(), op(channels_last).int_repr())
+        assert wrong == BACKENDS[name].clamp_needs_contiguous
+    assert torch.equal(F.relu(x).int_repr(), F.relu(channels_last).int_repr())
