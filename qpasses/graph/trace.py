@@ -17,9 +17,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from qpasses.errors import TraceError
+from qpasses.errors import GraphRunError, QPassesError, TraceError
 from qpasses.graph import canonical
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -109,10 +110,47 @@ def _symbolic_trace(model: nn.Module, leaf_names: set[str], leaf_types: tuple[ty
     return fx.GraphModule(tracer.root, graph, name)
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """torch.fx's ShapeProp, except that a node that fails raises ``GraphRunError`` naming the node and the
+    kernel's own message: ShapeProp prints a traceback and formats the node's metadata, which fails on
+    quantized dtypes (``KeyError: torch.quint8``) and hides the real error. fx's own error decoration
+    (``extra_traceback``) prints the whole graph module, which fails the same way, so it is off."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.extra_traceback = False
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except QPassesError:
+            raise
+        except Exception as exc:
+            reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            target = n.target if isinstance(n.target, str) else (
+                getattr(n.target, "_qualified_op_name", None) or getattr(n.target, "__name__", str(n.target)))
+            raise GraphRunError(f"running node '{n.name}' ({n.op} {target}) failed: {reason}", node=n.name) from exc
+        found_tensor = False
+
+        def tensor_meta(value: Any) -> Any:
+            nonlocal found_tensor
+            if isinstance(value, torch.Tensor):
+                found_tensor = True
+                return _extract_tensor_metadata(value)
+            return value
+
+        meta = map_aggregate(result, tensor_meta)
+        if found_tensor:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
-    """Run ``gm`` once on ``example_inputs``, record ``tensor_meta`` on every node, return the output."""
+    """Run ``gm`` once on ``example_inputs``, record ``tensor_meta`` on every node, return the output.
+    Raises ``GraphRunError`` naming the node that failed."""
     with torch.no_grad():
-        return ShapeProp(gm).propagate(*example_inputs)
+        return _ShapeRecorder(gm).run(*example_inputs)
 
 
 def trace(

@@ -86,6 +86,7 @@ class _Lowering:
         self.dequantized: dict[fx.Node, fx.Node] = {}
         self.erased_modules: set[str] = set()  # observers and folded activations no node calls any more
         self.code_clamps: list[fx.Node] = []  # clamps of codes to a spec's range narrower than 8 bits
+        self.widened: dict[Observer, tuple[float, int]] = {}  # observer → the legal grid it gets instead
         self.lowered_modules: dict[str, nn.Module] = {}  # module name → the float module its int8 form replaced
 
     def observer(self, node: fx.Node) -> Observer | None:
@@ -94,19 +95,79 @@ class _Lowering:
         module = self.gm.get_submodule(node.target)
         return module if isinstance(module, Observer) else None
 
-    def output_qparams(self, node: fx.Node) -> tuple[float, int]:
-        """Scale and zero point of the observer reading ``node``'s value (after its fused activation)."""
+    def output_observer(self, node: fx.Node) -> Observer:
+        """The observer reading ``node``'s value (after its fused activation)."""
         value = next((self.graph_node(a) for a, p in self.ann.fused.items() if p == node.name), node)
         users = [u for u in value.users if self.observer(u) is not None]
         if not users:
             raise QPassesError(f"internal: no observer reads '{value.name}'")
-        scale, zero_point = self.observer(users[0]).qparams()
+        return self.observer(users[0])
+
+    def output_qparams(self, node: fx.Node) -> tuple[float, int]:
+        """Scale and zero point ``node`` writes its value at (after its fused activation)."""
+        return self.qparams(self.output_observer(node))
+
+    def qparams(self, observer: Observer) -> tuple[float, int]:
+        """An observer's scale and zero point, or the wider grid ``legalize_add_scales`` gave it."""
+        if observer in self.widened:
+            return self.widened[observer]
+        scale, zero_point = observer.qparams()
         return float(scale), int(zero_point)
+
+    def value_observer(self, node: fx.Node) -> Observer | None:
+        """The observer whose grid ``node``'s value is on: its own, or through qparams-preserving ops, that
+        of the value they read; None where a kernel decides it (fixed-range, derived ops)."""
+        while self.observer(node) is None:
+            if self.ann.roles.get(node.name) is not Role.PRESERVING or not node.all_input_nodes:
+                return None
+            node = node.all_input_nodes[0]
+        return self.observer(node)
+
+    def legalize_add_scales(self) -> None:
+        """Widen grids until every int8 add's input-to-output scale ratios lie in the backend's
+        ``add_scale_ratio`` (qnnpack refuses others at run time).
+
+        A ratio out of range means one grid is degenerate next to the other, e.g. a ReLU branch that never
+        fires (range 0, so the smallest scale) added to a live one. The narrower grid is widened to the
+        nearest legal scale, keeping its zero point (so it still covers its observed range): its step stays
+        at most 2**-14 of an output step (or the output's at most 2**-8 of an input step), so no output
+        code moves except at a rounding tie. Widening one grid can break another add's ratio; this repeats
+        until none changes (scales only grow).
+        """
+        if self.backend.add_scale_ratio is None:
+            return
+        margin = 1e-3  # the kernel divides in float32
+        low, high = self.backend.add_scale_ratio[0] * (1 + margin), self.backend.add_scale_ratio[1] / (1 + margin)
+        adds = []
+        for node in self.graph.nodes:
+            if self.ann.roles.get(node.name) is Role.FUNCTIONAL and node.target in ("add", "add_relu"):
+                inputs = [self.value_observer(arg) for arg in node.args[1:] if isinstance(arg, fx.Node)]
+                adds.append((node, [o for o in inputs if o is not None], self.output_observer(node)))
+        changed = True
+        while changed:
+            changed = False
+            for node, inputs, output in adds:
+                widest = max((self.qparams(o)[0] for o in inputs), default=0.0)
+                if widest / self.qparams(output)[0] >= high:
+                    self.widen(output, widest / high, node)
+                    changed = True
+                for observer in inputs:
+                    if self.qparams(observer)[0] / self.qparams(output)[0] < low:
+                        self.widen(observer, self.qparams(output)[0] * low, node)
+                        changed = True
+
+    def widen(self, observer: Observer, scale: float, add: fx.Node) -> None:
+        old_scale, zero_point = self.qparams(observer)
+        self.widened[observer] = (scale, zero_point)
+        low, high = self.backend.add_scale_ratio
+        self.ctx.note(f"{self.backend.name}: widened the grid of '{observer.name}' from scale {old_scale:.3g} to "
+                      f"{scale:.3g}: add '{add.name}' needs input/output scale ratios in [{low:g}, {high:g})")
 
     def graph_node(self, name: str) -> fx.Node:
         return next(n for n in self.graph.nodes if n.name == name)
 
     def run(self) -> None:
+        self.legalize_add_scales()
         for node in list(self.graph.nodes):
             if self.observer(node) is not None:
                 self.lower_observer(node)
@@ -193,8 +254,7 @@ class _Lowering:
     def lower_observer(self, node: fx.Node) -> None:
         observer = self.observer(node)
         value = node.args[0]
-        scale, zero_point = (float(v) for v in observer.qparams())
-        zero_point = int(zero_point)
+        scale, zero_point = self.qparams(observer)
         spec = observer.spec
         if self.quantized.get(value, False):
             result = value

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qpasses import TraceError, to_networkx, trace
+from qpasses.errors import GraphRunError
 from qpasses.graph import find_chains, is_module
 from qpasses.nn import SamePad2d
 
@@ -186,3 +187,17 @@ def test_shifted_same_pad_and_crop_equal_same_padding_on_int8_codes(kernel, size
     shifted = CropStart2d()(convs[1](ShiftedSamePad2d(kernel, 2)(x)))
     assert shifted.shape == same.shape
     assert torch.equal(shifted.int_repr(), same.int_repr())
+
+
+def test_a_node_that_fails_on_quantized_values_is_named_not_masked():
+    """fx's ShapeProp formats the graph's metadata when a node fails, which raised ``KeyError: torch.quint8``
+    instead of the kernel's error."""
+
+    class AddsQuantizedTensors(nn.Module):
+        def forward(self, x):
+            q = torch.quantize_per_tensor(x, 0.1, 0, torch.quint8)
+            return q + q  # no int8 kernel for a plain + of quantized tensors
+
+    with pytest.raises(GraphRunError, match=r"running node 'add' .*failed: .*QuantizedCPU") as info:
+        trace(AddsQuantizedTensors(), torch.randn(1, 3))
+    assert info.value.node == "add"

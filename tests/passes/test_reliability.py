@@ -160,3 +160,31 @@ class Relu6WithAnotherReader(nn.Module):
 def test_an_unfolded_clamp_is_exact_on_channels_last_codes(backend, act):
     torch.manual_seed(0)
     assert quantized_sqnr(Relu6WithAnotherReader(act).eval(), backend) > 25  # was 1.4 dB on qnnpack
+
+
+class AddOfDeadRelu(nn.Module):
+    """``x + relu(conv(x))`` where the ReLU never fires: its grid is degenerate (scale ~1e-7), and qnnpack's
+    add refuses input/output scale ratios outside [2**-14, 2**8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        with torch.no_grad():
+            self.conv.bias.fill_(-100.0)
+
+    def forward(self, x):
+        return x + F.relu(self.conv(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_add_of_a_dead_branch_widens_the_degenerate_grid(backend):
+    torch.manual_seed(0)
+    assert quantized_sqnr(AddOfDeadRelu().eval(), backend) > 30  # was "Lower: internal error KeyError: torch.quint8"
+
+
+def test_the_widened_grid_is_reported():
+    data = batches()
+    pm = PassManager([PTQ(data, backend="qnnpack", progress=False)])
+    pm.run(AddOfDeadRelu().eval(), data[0])
+    notes = next(r for r in pm.report.records if r.name == "Lower").notes
+    assert any("widened the grid of 'relu'" in note for note in notes)

@@ -320,3 +320,22 @@ def test_clamp_kernel_on_channels_last_is_what_the_table_says(engine, name):
         wrong = not torch.equal(op(x).int_repr(), op(channels_last).int_repr())
         assert wrong == BACKENDS[name].clamp_needs_contiguous
     assert torch.equal(F.relu(x).int_repr(), F.relu(channels_last).int_repr())
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_add_scale_ratio_is_what_the_table_says(engine, name):
+    """``add_scale_ratio``: quantized add runs for input/output scale ratios just inside the range and is
+    refused just outside it (where the table has no limit, everything runs)."""
+    engine(name)
+    x = torch.rand(1, 4, 3, 3)
+    limits = BACKENDS[name].add_scale_ratio
+    low, high = limits if limits is not None else (2.0**-14, 2.0**8)
+    for ratio, legal in ((low * 1.001, True), (high / 1.001, True), (low / 1.001, False), (high * 1.001, False)):
+        a = torch.quantize_per_tensor(x, 0.01 * ratio, 0, torch.quint8)
+        b = torch.quantize_per_tensor(x, 0.01, 0, torch.quint8)
+        try:
+            torch.ops.quantized.add(a, b, 0.01, 0)
+            runs = True
+        except RuntimeError:
+            runs = False
+        assert runs == (legal or limits is None)
