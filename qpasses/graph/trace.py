@@ -198,7 +198,7 @@ def trace(
         )
     canonical.decompose(gm)
     gm.meta["opaque_modules"] = opaque
-    with buffers_restored(model):  # a model in training mode must not count the example as BN statistics
+    with buffers_restored(model), buffers_restored(gm):  # a model in training mode keeps its BN statistics
         propagate_shapes(gm, inputs)
     if verify:
         verify_capture(model, gm, inputs)

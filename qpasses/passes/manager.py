@@ -8,8 +8,8 @@ one-line fix. Cycles, conflicts and invalidated prerequisites are refused too.
 
 Running: the model is deep-copied (unless ``inplace=True``) and traced, and the capture is checked against
 the eager model (``verify_capture``); after each pass the graph is linted, re-run on the example inputs
-(which refreshes shape metadata), and compared with the eager model's output (the report's SQNR). Passes that claim to preserve the function must keep SQNR ≥
-``sqnr_threshold_db`` against the output before them (after an approximating pass, that is the new one); if
+(which refreshes shape metadata), and compared with the eager model's output (the report's SQNR). Passes
+that claim to preserve the function must keep SQNR ≥ ``sqnr_threshold_db`` against the output before them (after an approximating pass, that is the new one); if
 not, the error names the pass and the first node whose output no longer matches any value of the graph
 before the pass.
 """
