@@ -21,10 +21,14 @@ def batches(n=4, seed=0):
     return [torch.randn(*SHAPE, generator=g) for _ in range(n)]
 
 
+def quantize(model, backend, passes=()):
+    data = batches()
+    return PassManager([*passes, PTQ(data, backend=backend, progress=False)]).run(model, data[0])
+
+
 def quantized_sqnr(model, backend, passes=()):
     """SQNR (dB) of ``model`` quantized by PTQ on ``backend`` against the float eager model, on unseen data."""
-    data = batches()
-    qm = PassManager([*passes, PTQ(data, backend=backend, progress=False)]).run(model, data[0])
+    qm = quantize(model, backend, passes)
     x = batches(seed=5)[0]
     with torch.no_grad():
         return sqnr(model(x), qm(x))
@@ -53,6 +57,15 @@ def test_a_folded_activation_under_cat_keeps_its_bounds(backend, model):
     torch.manual_seed(0)
     model.eval()
     assert quantized_sqnr(model, backend) > 25  # was 4.9 dB: the ReLU was dropped on the cat's grid
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_relu6_under_cat_clips_at_its_bounds(backend):
+    torch.manual_seed(0)
+    qm = quantize(CatOfActivatedConv(nn.ReLU6()).eval(), backend)
+    with torch.no_grad():
+        clipped = qm(batches(seed=5)[0])[:, :8]
+    assert float(clipped.min()) >= 0.0 and float(clipped.max()) <= 6.0 + 1e-4  # was [-22, 22]
 
 
 class CatOfReluConvs(nn.Module):
