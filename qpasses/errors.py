@@ -58,6 +58,14 @@ class PassError(QPassesError):
         self.node = node
 
 
+class GraphRunError(QPassesError):
+    """Running a graph on example inputs failed at ``node`` (e.g. a kernel refused its arguments)."""
+
+    def __init__(self, message: str, node: str | None = None):
+        super().__init__(message)
+        self.node = node
+
+
 class VerificationError(PassError):
     """A pass that claims to preserve the model's function changed it, or broke the graph."""
 

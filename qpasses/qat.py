@@ -79,14 +79,16 @@ def convert(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     gm = model if inplace else copy.deepcopy(model)
     gm.eval()
     _remove_steps(gm)
+    trained: dict[str, tuple | None] = {}  # QAT module name → its trained weight qparams (a module may be called twice)
     for node in gm.graph.nodes:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(module, QATModule):
-            continue
-        plain = module.float_module()  # fake-quantizes the weight: its fake-quant now holds the eval range
-        if module.weight_fake_quant is not None:
-            node.meta[WEIGHT_QPARAMS_KEY] = module.weight_fake_quant.qparams()
-        set_module(gm, node.target, plain)
+        if isinstance(module, QATModule):
+            plain = module.float_module()  # fake-quantizes the weight: its fake-quant now holds the eval range
+            fake_quant = module.weight_fake_quant
+            trained[node.target] = fake_quant.qparams() if fake_quant is not None else None
+            set_module(gm, node.target, plain)
+        if trained.get(node.target) is not None:
+            node.meta[WEIGHT_QPARAMS_KEY] = trained[node.target]
     ctx = PassContext(example_inputs=())
     gm = Lower().run(gm, ctx).graph_module
     gm.meta[PROPERTIES_KEY] = sorted((set(gm.meta[PROPERTIES_KEY]) - Lower.invalidates - {TRAINABLE}) | Lower.provides)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch.fx as fx
 from torch import nn
 
@@ -53,3 +56,30 @@ def remove_unused_modules(gm: fx.GraphModule) -> list[str]:
             delattr(gm, name)
             removed.append(name)
     return removed
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Verification forwards must not update BN statistics or sample dropout; restore modes after."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+@contextlib.contextmanager
+def buffers_restored(module: nn.Module) -> Iterator[None]:
+    """Verification forwards leave no trace: observers must not count the example inputs as calibration data."""
+    saved = [(m, name, buf.clone()) for m in module.modules() for name, buf in m._buffers.items() if buf is not None]
+    try:
+        yield
+    finally:
+        for m, name, buf in saved:
+            current = m._buffers.get(name)
+            if current is not None and current.shape == buf.shape and current.dtype == buf.dtype:
+                current.copy_(buf)
+            else:
+                m._buffers[name] = buf

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import linecache
 import os
+import re
 import traceback
 import warnings
 from collections.abc import Iterable, Sequence
@@ -20,17 +21,23 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.overrides import TorchFunctionMode
 
-from qpasses.errors import InputError, TraceError
+from qpasses.analysis.metrics import sqnr
+from qpasses.errors import GraphRunError, InputError, QPassesError, TraceError
 from qpasses.graph import canonical
+from qpasses.graph.modules import buffers_restored, eval_mode
 from qpasses.validation import as_input_tuple, check_model
 
-__all__ = ["LeafSpec", "as_input_tuple", "propagate_shapes", "trace"]
+__all__ = ["LeafSpec", "as_input_tuple", "propagate_shapes", "trace", "verify_capture"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _QPASSES_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LeafSpec = str | type
+# A capture must reproduce the eager model as closely as the function-preserving passes must reproduce it
+# (the PassManager's default threshold): float reassociation stays far above it, a lost operation far below.
+CAPTURE_SQNR_DB = 60.0
 
 
 class _Tracer(fx.Tracer):
@@ -38,6 +45,7 @@ class _Tracer(fx.Tracer):
 
     def __init__(self, leaf_names: set[str] | None = None, leaf_types: tuple[type, ...] = ()):
         super().__init__()
+        self.record_stack_traces = True  # a capture that differs from the eager model names the user's line
         self.leaf_names = leaf_names or set()
         self.leaf_types = leaf_types
         self.failed_module: str | None = None
@@ -60,16 +68,11 @@ class _Tracer(fx.Tracer):
 
 def _user_frame(exc: BaseException) -> tuple[str | None, str | None]:
     """The deepest frame of the traceback outside torch and qpasses: where the user's code failed."""
-    found = None
-    for frame in traceback.extract_tb(exc.__traceback__):
-        path = os.path.abspath(frame.filename)
-        if path.startswith(_TORCH_DIR) or path.startswith(_QPASSES_DIR):
-            continue
-        found = frame
+    found = _user_frame_of(traceback.extract_tb(exc.__traceback__))
     if found is None:
         return None, None
-    text = (found.line or linecache.getline(found.filename, found.lineno)).strip()
-    return f"{found.filename}:{found.lineno}", text
+    filename, lineno, text = found
+    return f"{filename}:{lineno}", text
 
 
 def _trace_error(model: nn.Module, module: str | None, exc: BaseException) -> TraceError:
@@ -162,21 +165,29 @@ def _describe_module(module: nn.Module, target: str) -> str:
 
 
 class _ShapeRecorder(fx.Interpreter):
-    """fx's ShapeProp without its printed traceback: a failing node becomes one line naming it."""
+    """fx's ShapeProp, except that a node that fails raises one ``GraphRunError`` line naming the node, its
+    module and the inputs' shapes, with the kernel's own message. ShapeProp prints a traceback and formats the
+    node's metadata, which fails on quantized dtypes (``KeyError: torch.quint8``) and hides the real error."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
-        self.extra_traceback = False  # else fx appends the node's format and stack trace to the message
+        self.extra_traceback = False  # else fx appends the node's format and the whole graph to the message
 
     def run_node(self, n: fx.Node) -> Any:
         try:
             result = super().run_node(n)
+        except QPassesError:
+            raise
         except Exception as exc:
             inputs = ", ".join(_describe(v) for v in self.example_inputs)
-            module = f" ({_describe_module(self.module.get_submodule(n.target), n.target)})" \
-                if n.op == "call_module" else ""
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InputError(f"node '{n.name}'{module} fails on inputs [{inputs}]: {reason}") from exc
+            if n.op == "call_module":
+                what = _describe_module(self.module.get_submodule(n.target), n.target)
+            else:
+                what = n.target if isinstance(n.target, str) else (
+                    getattr(n.target, "_qualified_op_name", None) or getattr(n.target, "__name__", str(n.target)))
+            reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise GraphRunError(f"node '{n.name}' ({what}) fails on inputs [{inputs}]: {reason}",
+                                node=n.name) from exc
         has_tensor = False
 
         def tensor_meta(value: Any) -> Any:
@@ -200,7 +211,7 @@ class _ShapeRecorder(fx.Interpreter):
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
     """Run ``gm`` once on ``example_inputs``, record ``tensor_meta`` on every node, return the output.
 
-    A node that fails raises :class:`InputError` naming it, its module and the inputs' shapes, on one line.
+    A node that fails raises :class:`GraphRunError` naming it, its module and the inputs' shapes, on one line.
     """
     with torch.no_grad():
         return _ShapeRecorder(gm).run(*example_inputs)
@@ -211,12 +222,15 @@ def trace(
     example_inputs: Any,
     leaf_modules: Iterable[LeafSpec] = (),
     auto_leaf: bool = False,
+    verify: bool = True,
 ) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule with ``node.meta['tensor_meta']`` on every tensor-valued node.
 
     ``leaf_modules`` are kept opaque (called, not traced through): qualified names such as
     ``"blocks.3"`` or module classes. With ``auto_leaf=True`` a submodule that cannot be traced is made
     a leaf and tracing retried; the names left opaque are in ``gm.meta['opaque_modules']``.
+    ``verify``: compare the graph with the eager model on ``example_inputs`` (see ``verify_capture``);
+    a capture that computes something else raises ``TraceError``.
     The model itself is not modified: the graph module shares its parameters.
     Forward parameters the example inputs do not fill (``forward(x, *, mask=None)``) are captured at their
     defaults, so the graph takes the example inputs alone. Bad input (not a float32 ``nn.Module``, inputs it
@@ -249,7 +263,106 @@ def trace(
     canonical.decompose(gm)
     gm.meta["opaque_modules"] = opaque
     try:
-        propagate_shapes(gm, inputs)
-    except InputError as exc:
+        with buffers_restored(model), buffers_restored(gm):  # a model in training mode keeps its BN statistics
+            propagate_shapes(gm, inputs)
+    except GraphRunError as exc:
         raise InputError(f"{type(model).__name__} cannot run on the example inputs: {exc}") from exc
+    if verify:
+        verify_capture(model, gm, inputs)
     return gm
+
+
+# Augmented assignments: torch.fx records ``a += b`` as ``a = a + b`` (its proxies have no in-place operators),
+# which differs from the eager model when ``a`` aliases another live tensor.
+_AUGMENTED_ASSIGNMENT = re.compile(r"(?<![=!<>+\-*/%&|^@])(\+|-|\*\*|\*|//|/|%|&|\||\^|@|<<|>>)=(?!=)")
+
+
+def verify_capture(model: nn.Module, gm: fx.GraphModule, example_inputs: Any,
+                   threshold_db: float = CAPTURE_SQNR_DB) -> Any:
+    """Check that ``gm`` computes what the eager ``model`` computes on ``example_inputs``; return the eager
+    output.
+
+    Both run once, in eval mode (deterministic: no dropout sampling, no BN statistics updates), on their own
+    copies of the inputs, and leave every buffer as it was. An output SQNR below ``threshold_db`` raises
+    ``TraceError`` naming the graph node and the user's line where the capture departs from the model (an
+    in-place ``+=`` on an aliased value, which fx records out of place), and how to fix it.
+    """
+    inputs = as_input_tuple(example_inputs)
+    with eval_mode(model), eval_mode(gm), buffers_restored(model), buffers_restored(gm), torch.no_grad():
+        expected = model(*_copies(inputs))
+        got = gm(*_copies(inputs))
+        quality = sqnr(expected, got)
+        if quality >= threshold_db:
+            return expected
+        recorder = _InPlaceSites()
+        with recorder:
+            model(*_copies(inputs))
+    raise TraceError(_divergence_message(model, gm, quality, threshold_db, recorder.sites))
+
+
+def _copies(inputs: tuple) -> tuple:
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+class _InPlaceSites(TorchFunctionMode):
+    """Records where the eager model runs an augmented assignment (``a += b``) on a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: list[tuple[str, int, str, str]] = []  # (file, line, code, op: "add" for ``+=``)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.startswith("_"):  # in-place: ``a += b`` runs ``add_``
+            frame = _user_frame_of(traceback.extract_stack())
+            code = frame[2].split("#")[0].strip() if frame is not None else ""
+            site = (*frame[:2], code, name[:-1]) if frame is not None else None
+            if site is not None and _AUGMENTED_ASSIGNMENT.search(code) and site not in self.sites:
+                self.sites.append(site)
+        return func(*args, **(kwargs or {}))
+
+
+def _user_frame_of(frames: Iterable[traceback.FrameSummary]) -> tuple[str, int, str] | None:
+    """The deepest frame outside torch and qpasses: (file, line, code)."""
+    found = None
+    for frame in frames:
+        path = os.path.abspath(frame.filename)
+        if not (path.startswith(_TORCH_DIR) or path.startswith(_QPASSES_DIR)):
+            found = frame
+    if found is None:
+        return None
+    text = (found.line or linecache.getline(found.filename, found.lineno)).strip()
+    return found.filename, found.lineno, text
+
+
+_STACK_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')
+
+
+def _node_at(gm: fx.GraphModule, file: str, line: int, op: str) -> fx.Node | None:
+    """The graph node traced from ``file:line`` (its recorded stack's user frame), preferring one that calls
+    ``op``."""
+    found = []
+    for node in gm.graph.nodes:
+        frames = [(m["file"], int(m["line"])) for m in _STACK_FRAME.finditer(node.meta.get("stack_trace") or "")]
+        user = [f for f in frames if not os.path.abspath(f[0]).startswith((_TORCH_DIR, _QPASSES_DIR))]
+        if user and user[-1] == (file, line):
+            found.append(node)
+    calls_op = [n for n in found if getattr(n.target, "__name__", n.target) == op]
+    return (calls_op or found or [None])[0]
+
+
+def _divergence_message(model: nn.Module, gm: fx.GraphModule, quality: float, threshold_db: float,
+                        sites: list[tuple[str, int, str]]) -> str:
+    what = (f"the traced graph of {type(model).__name__} differs from the eager model on the example inputs "
+            f"(SQNR {quality:.1f} dB < {threshold_db:.0f} dB)")
+    if not sites:
+        return (f"{what}; its forward depends on something torch.fx does not record (in-place updates of "
+                f"aliased tensors, Python state); mark the submodule that does it as a leaf (leaf_modules=[...])")
+    file, line, code, op = sites[0]
+    node = _node_at(gm, file, line, op)
+    at = f" (node '{node.name}')" if node is not None else ""
+    enclosing = list((node.meta.get("nn_module_stack") or {}).values()) if node is not None else []
+    leaf = f", or mark module '{enclosing[-1][0]}' as a leaf (leaf_modules=['{enclosing[-1][0]}'])" if enclosing else ""
+    return (f"{what}: torch.fx records the in-place `{code}` at {file}:{line}{at} out of place, which changes "
+            f"the result when its target aliases another tensor (e.g. the input an eval-mode Dropout/Identity "
+            f"returns, or a slice); replace it with an out-of-place operation (`a = a + b`){leaf}")

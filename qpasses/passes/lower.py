@@ -7,6 +7,7 @@ import copy
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.operator_schemas import normalize_function
 
 from qpasses.errors import QPassesError
 from qpasses.graph.match import is_max_pool
@@ -18,12 +19,18 @@ from qpasses.quant import lowering
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.backends import get_backend
 from qpasses.quant.observers import Observer
-from qpasses.quant.ops import Role
+from qpasses.quant.ops import REQUANT_FUNCTION_MODULES, Role, role_of, runs_clamp_kernel
 
 _SHAPE_QUERIES = ("size", "dim")
-# qnnpack's quantized clamp returns wrong values on channels-last tensors (its convs' output layout);
-# measured on torch 2.14.1: up to the whole range off, exact once contiguous.
-_CLAMP_NEEDS_CONTIGUOUS = ("qnnpack",)
+
+
+def _module_of_call(node: fx.Node) -> nn.Module:
+    """The module that computes functional call ``node`` (``F.leaky_relu(x, negative_slope=0.2)`` →
+    ``nn.LeakyReLU(0.2)``), from all of its arguments, positional or keyword."""
+    call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    options = dict(call.kwargs)
+    options.pop("input")
+    return REQUANT_FUNCTION_MODULES[node.target](**options)
 
 
 class Lower(Pass):
@@ -73,11 +80,14 @@ class Lower(Pass):
 class _Lowering:
     def __init__(self, gm: fx.GraphModule, ann: Annotation, ctx: PassContext):
         self.gm, self.ann, self.ctx = gm, ann, ctx
+        self.backend = get_backend(ann.backend)
         self.graph = gm.graph
         self.quantized: dict[fx.Node, bool] = {}
         self.dequantized: dict[fx.Node, fx.Node] = {}
         self.erased_modules: set[str] = set()  # observers and folded activations no node calls any more
         self.code_clamps: list[fx.Node] = []  # clamps of codes to a spec's range narrower than 8 bits
+        self.widened: dict[Observer, tuple[float, int]] = {}  # observer → the legal grid it gets instead
+        self.lowered_modules: dict[str, nn.Module] = {}  # module name → the float module its int8 form replaced
 
     def observer(self, node: fx.Node) -> Observer | None:
         if node.op != "call_module":
@@ -85,19 +95,79 @@ class _Lowering:
         module = self.gm.get_submodule(node.target)
         return module if isinstance(module, Observer) else None
 
-    def output_qparams(self, node: fx.Node) -> tuple[float, int]:
-        """Scale and zero point of the observer reading ``node``'s value (after its fused activation)."""
+    def output_observer(self, node: fx.Node) -> Observer:
+        """The observer reading ``node``'s value (after its fused activation)."""
         value = next((self.graph_node(a) for a, p in self.ann.fused.items() if p == node.name), node)
         users = [u for u in value.users if self.observer(u) is not None]
         if not users:
             raise QPassesError(f"internal: no observer reads '{value.name}'")
-        scale, zero_point = self.observer(users[0]).qparams()
+        return self.observer(users[0])
+
+    def output_qparams(self, node: fx.Node) -> tuple[float, int]:
+        """Scale and zero point ``node`` writes its value at (after its fused activation)."""
+        return self.qparams(self.output_observer(node))
+
+    def qparams(self, observer: Observer) -> tuple[float, int]:
+        """An observer's scale and zero point, or the wider grid ``legalize_add_scales`` gave it."""
+        if observer in self.widened:
+            return self.widened[observer]
+        scale, zero_point = observer.qparams()
         return float(scale), int(zero_point)
+
+    def value_observer(self, node: fx.Node) -> Observer | None:
+        """The observer whose grid ``node``'s value is on: its own, or through qparams-preserving ops, that
+        of the value they read; None where a kernel decides it (fixed-range, derived ops)."""
+        while self.observer(node) is None:
+            if self.ann.roles.get(node.name) is not Role.PRESERVING or not node.all_input_nodes:
+                return None
+            node = node.all_input_nodes[0]
+        return self.observer(node)
+
+    def legalize_add_scales(self) -> None:
+        """Widen grids until every int8 add's input-to-output scale ratios lie in the backend's
+        ``add_scale_ratio`` (qnnpack refuses others at run time).
+
+        A ratio out of range means one grid is degenerate next to the other, e.g. a ReLU branch that never
+        fires (range 0, so the smallest scale) added to a live one. The narrower grid is widened to the
+        nearest legal scale, keeping its zero point (so it still covers its observed range): its step stays
+        at most 2**-14 of an output step (or the output's at most 2**-8 of an input step), so no output
+        code moves except at a rounding tie. Widening one grid can break another add's ratio; this repeats
+        until none changes (scales only grow).
+        """
+        if self.backend.add_scale_ratio is None:
+            return
+        margin = 1e-3  # the kernel divides in float32
+        low, high = self.backend.add_scale_ratio[0] * (1 + margin), self.backend.add_scale_ratio[1] / (1 + margin)
+        adds = []
+        for node in self.graph.nodes:
+            if self.ann.roles.get(node.name) is Role.FUNCTIONAL and node.target in ("add", "add_relu"):
+                inputs = [self.value_observer(arg) for arg in node.args[1:] if isinstance(arg, fx.Node)]
+                adds.append((node, [o for o in inputs if o is not None], self.output_observer(node)))
+        changed = True
+        while changed:
+            changed = False
+            for node, inputs, output in adds:
+                widest = max((self.qparams(o)[0] for o in inputs), default=0.0)
+                if widest / self.qparams(output)[0] >= high:
+                    self.widen(output, widest / high, node)
+                    changed = True
+                for observer in inputs:
+                    if self.qparams(observer)[0] / self.qparams(output)[0] < low:
+                        self.widen(observer, self.qparams(output)[0] * low, node)
+                        changed = True
+
+    def widen(self, observer: Observer, scale: float, add: fx.Node) -> None:
+        old_scale, zero_point = self.qparams(observer)
+        self.widened[observer] = (scale, zero_point)
+        low, high = self.backend.add_scale_ratio
+        self.ctx.note(f"{self.backend.name}: widened the grid of '{observer.name}' from scale {old_scale:.3g} to "
+                      f"{scale:.3g}: add '{add.name}' needs input/output scale ratios in [{low:g}, {high:g})")
 
     def graph_node(self, name: str) -> fx.Node:
         return next(n for n in self.graph.nodes if n.name == name)
 
     def run(self) -> None:
+        self.legalize_add_scales()
         for node in list(self.graph.nodes):
             if self.observer(node) is not None:
                 self.lower_observer(node)
@@ -128,16 +198,30 @@ class _Lowering:
                 self.quantized[node] = bool(inputs) and self.quantized[inputs[0]]
                 if self.quantized[node]:
                     node.meta["qstate"] = "int8"
+                    self.clamp_contiguous(node)
             elif node.op in ("call_module", "call_function", "call_method"):
                 if not (node.op == "call_method" and node.target in _SHAPE_QUERIES):
                     self.dequantize_inputs(node)
                 self.quantized[node] = False
-        if self.ann.backend not in _CLAMP_NEEDS_CONTIGUOUS:
+        if not self.backend.clamp_needs_contiguous:
             for clamp in self.code_clamps:
                 self.sink_below_max_pool(clamp)
         referenced = {n.target for n in self.graph.nodes if n.op in ("call_module", "get_attr")}
         for name in sorted(self.erased_modules - referenced):
             self.gm.delete_submodule(name)
+
+    def clamp_contiguous(self, node: fx.Node) -> None:
+        """On backends whose clamp kernel is wrong on channels-last data, a clamp-like op kept on int8 codes
+        (a ReLU6 whose producer has other readers) reads its input made contiguous."""
+        if not (self.backend.clamp_needs_contiguous and role_of(self.gm, node) is Role.FUSED_ACT
+                and runs_clamp_kernel(self.gm, node)):
+            return
+        value = node.args[0]
+        with self.graph.inserting_before(node):
+            contiguous = self.graph.call_method("contiguous", (value,))
+        contiguous.meta = {**value.meta, "qstate": "int8"}
+        node.replace_input_with(value, contiguous)
+        self.quantized[contiguous] = True
 
     def returns_input(self, node: fx.Node) -> bool:
         """An ``nn.Identity`` or ``nn.Dropout`` call: int8 graphs only run inference, where both return their input."""
@@ -170,8 +254,7 @@ class _Lowering:
     def lower_observer(self, node: fx.Node) -> None:
         observer = self.observer(node)
         value = node.args[0]
-        scale, zero_point = (float(v) for v in observer.qparams())
-        zero_point = int(zero_point)
+        scale, zero_point = self.qparams(observer)
         spec = observer.spec
         if self.quantized.get(value, False):
             result = value
@@ -185,7 +268,7 @@ class _Lowering:
         bounds = lowering.code_range(scale, zero_point, spec)
         if bounds is not None:
             with self.graph.inserting_before(node):
-                if self.ann.backend in _CLAMP_NEEDS_CONTIGUOUS:
+                if self.backend.clamp_needs_contiguous:
                     result = self.graph.call_method("contiguous", (result,))
                 result = self.graph.call_function(torch.clamp, (result, *bounds))
             result.meta["qstate"] = "int8"
@@ -208,7 +291,7 @@ class _Lowering:
     def lower_compute(self, node: fx.Node) -> None:
         self.check_inputs_quantized(node)
         scale, zero_point = self.output_qparams(node)
-        module = self.symmetric_same_padding(node, self.gm.get_submodule(node.target), scale, zero_point)
+        module = self.symmetric_same_padding(node, self.float_module(node), scale, zero_point)
         # qpasses.convert() puts the weight qparams QAT trained with there; PTQ observes the weight here.
         qmodule = lowering.quantized_compute(module, self.ann.pairs[node.name].weight, scale, zero_point,
                                              node.meta.get(lowering.WEIGHT_QPARAMS_KEY))
@@ -268,10 +351,10 @@ class _Lowering:
         self.check_inputs_quantized(node)
         scale, zero_point = self.output_qparams(node)
         if node.op == "call_module":
-            self.replace_module(node.target, lowering.quantized_unary(self.gm.get_submodule(node.target), scale, zero_point))
+            qmodule = lowering.quantized_unary(self.float_module(node), scale, zero_point)  # may rename the target
+            self.replace_module(node.target, qmodule)
         else:
-            float_module = {"hardswish": nn.Hardswish(), "leaky_relu": nn.LeakyReLU(*node.args[1:2]),
-                            "elu": nn.ELU(*node.args[1:2])}[node.target.__name__]
+            float_module = _module_of_call(node)
             target = unique_name(self.gm, f"{node.name}_q")
             self.gm.add_submodule(target, lowering.quantized_unary(float_module, scale, zero_point))
             with self.graph.inserting_before(node):
@@ -282,6 +365,17 @@ class _Lowering:
             node = new
         self.mark_int8(node, scale, zero_point)
         self.ctx.stats["int8_unary"] += 1
+
+    def float_module(self, node: fx.Node) -> nn.Module:
+        """The float module ``node`` calls, which its int8 form will replace. A module called from several
+        places (``conv(conv(x))``) gets an int8 module per call: each call writes at its own qparams, so a
+        call after the first is pointed at a new name, and the weights are packed once per call."""
+        float_module = self.lowered_modules.get(node.target)
+        if float_module is not None:
+            node.target = unique_name(self.gm, f"{node.target}_{node.name}")
+            self.gm.add_submodule(node.target, float_module)
+        self.lowered_modules[node.target] = self.gm.get_submodule(node.target)
+        return self.lowered_modules[node.target]
 
     def mark_int8(self, node: fx.Node, scale: float, zero_point: int) -> None:
         self.quantized[node] = True

@@ -6,22 +6,21 @@ keeping the user's order wherever nothing constrains it. A missing prerequisite 
 pass is the only correct provider (CLE needs BN folded → FuseBN), otherwise the plan is refused with a
 one-line fix. Cycles, conflicts and invalidated prerequisites are refused too.
 
-Running: the model is deep-copied (unless ``inplace=True``) and traced; after each pass the graph is
-linted, re-run on the example inputs (which refreshes shape metadata), and compared with the original
-model's output (the report's SQNR). Passes that claim to preserve the function must keep SQNR ≥
-``sqnr_threshold_db`` against the output before them (after an approximating pass, that is the new one); if
+Running: the model is deep-copied (unless ``inplace=True``) and traced, and the capture is checked against
+the eager model (``verify_capture``); after each pass the graph is linted, re-run on the example inputs
+(which refreshes shape metadata), and compared with the eager model's output (the report's SQNR). Passes
+that claim to preserve the function must keep SQNR ≥ ``sqnr_threshold_db`` against the output before them (after an approximating pass, that is the new one); if
 not, the error names the pass and the first node whose output no longer matches any value of the graph
 before the pass.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,9 @@ import torch.fx as fx
 from torch import nn
 
 from qpasses.analysis.metrics import sqnr
-from qpasses.errors import InputError, PassError, PlanError, QPassesError, VerificationError
-from qpasses.graph.trace import LeafSpec, propagate_shapes, trace
+from qpasses.errors import GraphRunError, InputError, PassError, PlanError, QPassesError, VerificationError
+from qpasses.graph.modules import buffers_restored, eval_mode
+from qpasses.graph.trace import LeafSpec, propagate_shapes, trace, verify_capture
 from qpasses.passes.base import Pass, PassContext, Stage, describe
 from qpasses.validation import as_input_tuple, check_model
 
@@ -265,35 +265,8 @@ def _node_table(gm: fx.GraphModule) -> str:
 # -------------------------------------------------------------------------------------------- verification
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Verification forwards must not update BN statistics or sample dropout; restore modes after."""
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
-@contextlib.contextmanager
-def _buffers_restored(module: nn.Module) -> Iterator[None]:
-    """Verification forwards leave no trace: observers must not count the example inputs as calibration data."""
-    saved = [(m, name, buf.clone()) for m in module.modules() for name, buf in m._buffers.items() if buf is not None]
-    try:
-        yield
-    finally:
-        for m, name, buf in saved:
-            current = m._buffers.get(name)
-            if current is not None and current.shape == buf.shape and current.dtype == buf.dtype:
-                current.copy_(buf)
-            else:
-                m._buffers[name] = buf
-
-
 def _run_verified_forward(gm: fx.GraphModule, inputs: tuple) -> Any:
-    with _eval_mode(gm), _buffers_restored(gm):
+    with eval_mode(gm), buffers_restored(gm):
         return propagate_shapes(gm, inputs)
 
 
@@ -307,7 +280,7 @@ def _node_outputs(gm: fx.GraphModule, inputs: tuple) -> dict[str, torch.Tensor]:
                 outputs[n.name] = result
             return result
 
-    with _eval_mode(gm), _buffers_restored(gm), torch.no_grad():
+    with eval_mode(gm), buffers_restored(gm), torch.no_grad():
         Recorder(gm).run(*inputs)
     return outputs
 
@@ -435,19 +408,25 @@ class PassManager:
         if not inplace:
             model = copy.deepcopy(model)
         start = time.perf_counter()
+        captured = None  # the capture's SQNR against the eager model
         if isinstance(model, fx.GraphModule):
             gm = model
             try:
-                _run_verified_forward(gm, inputs)
-            except InputError as exc:
+                reference = _run_verified_forward(gm, inputs)
+            except GraphRunError as exc:
                 raise InputError(f"{type(gm).__name__} cannot run on the example inputs: {exc}") from exc
         else:
-            with _eval_mode(model):
-                gm = trace(model, inputs, leaf_modules=self.leaf_modules, auto_leaf=self.auto_leaf)
-        reference = _run_verified_forward(gm, inputs)
+            with eval_mode(model):
+                gm = trace(model, inputs, leaf_modules=self.leaf_modules, auto_leaf=self.auto_leaf, verify=False)
+            traced = _run_verified_forward(gm, inputs)
+            if self.verify:  # every pass is then measured against the eager model, which is what the user has
+                reference = verify_capture(model, gm, inputs, self.sqnr_threshold_db)
+                captured = sqnr(reference, traced)
+            else:
+                reference = traced
         report = Report(plan, opaque_modules=list(gm.meta.get("opaque_modules", [])))
         n_nodes = len(gm.graph.nodes)
-        report.records.append(PassRecord("trace", time.perf_counter() - start, n_nodes, n_nodes, sqnr_db=None))
+        report.records.append(PassRecord("trace", time.perf_counter() - start, n_nodes, n_nodes, sqnr_db=captured))
         if self._dumper is not None:
             self._dumper.dump("traced", gm)
         if self._snapshots is not None:

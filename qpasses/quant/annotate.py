@@ -10,8 +10,9 @@ Rules (the design notes' "what" step):
 - fixed-range (sigmoid, tanh) and derived (add_scalar, mul_scalar) ops get their qparams from the kernel.
 - ops without an int8 kernel stay float; a float value that feeds an int8 op is observed there, and
   becomes a quantize at lowering.
-- cat inputs produced by requantizing ops read only by the cat share the cat's observer, so the cat
-  is a plain concatenation.
+- cat inputs produced by requantizing ops read only by the cat share the cat's observer (transitively,
+  through nested cats), so the cat is a plain concatenation; a folded activation shares only a grid whose
+  values all lie within its bounds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch.fx as fx
+from networkx.utils import UnionFind
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qpasses.quant.backends import Backend, UnsupportedSpecError
@@ -169,13 +171,49 @@ def _runs_quantized(node: fx.Node, role: Role, quantized: dict[fx.Node, bool]) -
 
 
 def _share_cat_observers(gm: fx.GraphModule, ann: Annotation) -> None:
-    for node in gm.graph.nodes:
-        if ann.roles[node.name] is not Role.FUNCTIONAL or node.target != "cat" or node.name not in ann.observe:
-            continue
-        for arg in node.args[1]:
-            producer = ann.fused.get(arg.name, arg.name)
-            owner = arg if arg.name == producer else next(n for n in gm.graph.nodes if n.name == producer)
-            if (arg.name in ann.observe and ann.roles[owner.name] in REQUANTIZING and len(arg.users) == 1
-                    and ann.observe[arg.name] == ann.observe[node.name]):
-                ann.shared[arg.name] = node.name
+    """Cat inputs produced by requantizing ops that only the cat reads write at the cat's qparams, so the
+    cat is a plain concatenation. Sharing is transitive (a cat feeding a cat): each group, found by
+    union-find, has one observer, owned by its outermost cat.
 
+    A folded activation's bounds are its grid's saturation; on a shared grid they hold only if every value
+    the group's observer sees (each input of its cats) lies within them, otherwise Lower would drop the
+    activation and let the other inputs' range through (a ReLU folded into a grid spanning negatives).
+    Such a value keeps its own observer, and the cat requantizes it.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    cats = [n for n in gm.graph.nodes
+            if ann.roles[n.name] is Role.FUNCTIONAL and n.target == "cat" and n.name in ann.observe]
+    groups = UnionFind()
+    candidates: dict[str, fx.Node] = {}  # cat input → the cat it may share with
+    for cat in cats:
+        for arg in cat.args[1]:
+            producer = nodes[ann.fused.get(arg.name, arg.name)]
+            if (arg.name in ann.observe and ann.roles[producer.name] in REQUANTIZING and len(arg.users) == 1
+                    and ann.observe[arg.name] == ann.observe[cat.name]):
+                candidates[arg.name] = cat
+                groups.union(cat.name, arg.name)
+    seen: dict[str, list[fx.Node]] = {}  # group root → every value its cats read
+    for cat in cats:
+        seen.setdefault(groups[cat.name], []).extend(cat.args[1])
+    grouped_cats = {cat.name for cat in cats if cat.name in candidates}  # their inputs are in ``seen``
+    for name in list(candidates):
+        bounds = _bounds(gm, nodes[name], ann)
+        if bounds != (None, None) and not all(value.name in grouped_cats or _within(_bounds(gm, value, ann), bounds)
+                                              for value in seen[groups[name]]):
+            del candidates[name]
+    # The owner of a group is its one cat whose value is not itself shared.
+    owners = {groups[cat.name]: cat.name for cat in cats if cat.name not in candidates}
+    for name in candidates:
+        ann.shared[name] = owners[groups[name]]
+
+
+def _bounds(gm: fx.GraphModule, node: fx.Node, ann: Annotation) -> tuple[float | None, float | None]:
+    """The (min, max) a value is known to lie in: a folded activation's bounds, else unbounded."""
+    return clamp_bounds(gm, node) if node.name in ann.fused else (None, None)
+
+
+def _within(inner: tuple[float | None, float | None], outer: tuple[float | None, float | None]) -> bool:
+    """Whether bounds ``inner`` lie within ``outer`` (None: unbounded on that side)."""
+    (lo, hi), (outer_lo, outer_hi) = inner, outer
+    return ((outer_lo is None or (lo is not None and lo >= outer_lo))
+            and (outer_hi is None or (hi is not None and hi <= outer_hi)))

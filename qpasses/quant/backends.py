@@ -51,6 +51,13 @@ class Backend:
     ``quantized_bias``: conv/linear kernels round the float bias to int32 at scale ``s_in·s_w`` (per output
     channel) before adding it to the integer accumulator (qnnpack); the others add it in float
     (fbgemm: ``acc + b / (s_in·s_w)`` before requantizing). QAT simulates whichever the backend does.
+    ``clamp_needs_contiguous``: the quantized clamp kernel (``torch.clamp``, ``hardtanh``, ``relu6``, ``nn.ReLU6``;
+    not ``relu``) returns wrong values on channels-last tensors, the layout its convs write (qnnpack, torch
+    2.14.1: up to the whole range off, exact once contiguous); lowering makes every such input contiguous.
+    ``add_scale_ratio``: the range ``[low, high)`` the add kernels (``quantized::add``, ``add_relu``) accept for
+    each input's scale divided by the output's, or None (no limit). qnnpack refuses others ("scale ratio must
+    be in [2**-14, 2**8) range"), as after a ReLU that never fires (its range, hence scale, is degenerate);
+    lowering widens the narrower grid until the ratio is legal.
     """
 
     name: str
@@ -67,6 +74,8 @@ class Backend:
     activation_dtype: torch.dtype = torch.quint8
     weight_dtype: torch.dtype = torch.qint8
     quantized_bias: bool = False
+    clamp_needs_contiguous: bool = False
+    add_scale_ratio: tuple[float, float] | None = None
     notes: str = ""
 
     @property
@@ -244,6 +253,8 @@ BACKENDS: dict[str, Backend] = {
         "sums): measured exact with full-range activations where fbgemm's AVX2 path saturates.",
         per_channel_conv_transpose_axis=1,
         quantized_bias=True,
+        clamp_needs_contiguous=True,
+        add_scale_ratio=(2.0**-14, 2.0**8),
     ),
     "onednn": Backend(
         name="onednn",

@@ -32,7 +32,11 @@ class Role(enum.Enum):
 
 COMPUTE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d)
 REQUANT_MODULES = (nn.Hardswish, nn.LeakyReLU, nn.ELU)
-REQUANT_FUNCTIONS = (F.hardswish, F.leaky_relu, F.elu)
+# The functional form of each: lowering builds the module from the call's own arguments.
+REQUANT_FUNCTION_MODULES: dict[object, type[nn.Module]] = {
+    F.hardswish: nn.Hardswish, F.leaky_relu: nn.LeakyReLU, F.elu: nn.ELU,
+}
+REQUANT_FUNCTIONS = tuple(REQUANT_FUNCTION_MODULES)
 FIXED_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh)
 FIXED_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.tanh, F.tanh)
 FIXED_METHODS = ("sigmoid", "tanh")
@@ -136,6 +140,14 @@ def clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | None, float
     lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
     hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
     return lo, hi
+
+
+def runs_clamp_kernel(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a clamp-like node, on int8 input, runs the quantized clamp kernel: ``relu6``, ``hardtanh`` and
+    ``clamp`` (bounded above) do; ``relu`` has its own kernel and ``ChannelClamp`` clamps the integer codes."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ChannelClamp):
+        return False
+    return clamp_bounds(gm, node)[1] is not None
 
 
 def describe_op(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -1,10 +1,12 @@
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from qpasses import TraceError, to_networkx, trace
-from qpasses.graph import find_chains, is_module
+from qpasses.errors import GraphRunError, InputError
+from qpasses.graph import find_chains, is_module, propagate_shapes
 from qpasses.nn import SamePad2d
 
 
@@ -186,3 +188,76 @@ def test_shifted_same_pad_and_crop_equal_same_padding_on_int8_codes(kernel, size
     shifted = CropStart2d()(convs[1](ShiftedSamePad2d(kernel, 2)(x)))
     assert shifted.shape == same.shape
     assert torch.equal(shifted.int_repr(), same.int_repr())
+
+
+def test_a_node_that_fails_on_quantized_values_is_named_not_masked():
+    """fx's ShapeProp formats the graph's metadata when a node fails, which raised ``KeyError: torch.quint8``
+    instead of the kernel's error."""
+
+    class AddsQuantizedTensors(nn.Module):
+        def forward(self, x):
+            q = torch.quantize_per_tensor(x, 0.1, 0, torch.quint8)
+            return q + q  # no int8 kernel for a plain + of quantized tensors
+
+    with pytest.raises(InputError, match=r"cannot run on the example inputs: node 'add' \(add\) fails on .*QuantizedCPU"):
+        trace(AddsQuantizedTensors(), torch.randn(1, 3))
+    with pytest.raises(GraphRunError, match=r"node 'add' \(add\) fails on .*QuantizedCPU") as info:
+        propagate_shapes(fx.symbolic_trace(AddsQuantizedTensors()), (torch.randn(1, 3),))
+    assert info.value.node == "add"
+
+
+class AddsIntoDropoutOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.drop = nn.Conv2d(3, 3, 1), nn.Dropout()
+
+    def forward(self, x):
+        a = self.drop(x)  # in eval mode, x itself
+        a += self.conv(x)  # eager: x changes too; torch.fx: a = a + conv(x)
+        return a + x
+
+
+class Wraps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = AddsIntoDropoutOutput()
+
+    def forward(self, x):
+        return self.block(x) * 2
+
+
+def test_an_in_place_add_on_an_aliased_value_is_caught_against_the_eager_model():
+    with pytest.raises(TraceError) as info:
+        trace(Wraps().eval(), torch.randn(1, 3, 4, 4))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "differs from the eager model" in message
+    assert "in-place `a += self.conv(x)` at" in message and f"{__file__}:" in message and "(node 'add')" in message
+    assert "leaf_modules=['block']" in message
+
+
+def test_an_in_place_update_of_a_slice_is_caught_and_a_harmless_one_is_not():
+    class SliceUpdate(nn.Module):
+        def forward(self, x):
+            head = x[:, :2]
+            head *= 0.5  # halves x's first channels in eager mode
+            return x + 1
+
+    class FreshUpdate(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            y += 1  # y aliases nothing: recording it out of place changes nothing
+            return y
+
+    with pytest.raises(TraceError, match=r"in-place `head \*= 0\.5`.*out-of-place"):
+        trace(SliceUpdate(), torch.randn(1, 3, 4))
+    trace(FreshUpdate(), torch.randn(1, 3, 4))
+    trace(SliceUpdate(), torch.randn(1, 3, 4), verify=False)  # the check can be turned off
+
+
+def test_capture_verification_runs_in_eval_mode_and_leaves_the_model_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5)).train()
+    stats = model[1].running_mean.clone()
+    trace(model, torch.randn(2, 3, 6, 6))
+    # Dropout samples in training mode; the check compares deterministic eval-mode forwards: no false alarm.
+    assert model.training and torch.equal(model[1].running_mean, stats)  # BN statistics untouched

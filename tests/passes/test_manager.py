@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from qpasses import PassError, PassManager, PlanError, VerificationError
+from qpasses import PassError, PassManager, PlanError, TraceError, VerificationError
 from qpasses.passes import FuseBN, Pass, PassResult, ReplaceFunctional, Stage
 from tests.nets import TinyUNet, randomize_bn
 
@@ -234,3 +234,37 @@ def test_dumps_and_snapshots(tmp_path):
     assert any(isinstance(m, nn.BatchNorm2d) for m in pm.snapshots[1][1].modules())
     with pytest.raises(Exception, match="snapshots=True"):
         _ = PassManager([FuseBN()]).snapshots
+
+
+class AliasedInPlaceAdd(nn.Module):
+    """``a += b`` where ``a`` is what an eval-mode Dropout returns: its input, which later code reads too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.drop, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Dropout(), \
+            nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        a = self.drop(y)
+        a += self.conv2(y)
+        return a + y
+
+
+def test_the_capture_is_verified_against_the_eager_model():
+    """Before, FuseBN "preserved" the traced graph (inf dB in the report) whose function was not the model's
+    (2.5 dB against it): the reference was the traced graph, never compared with the eager model."""
+    model = randomize_bn(AliasedInPlaceAdd()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(TraceError, match=r"differs from the eager model .*in-place `a \+= self\.conv2\(y\)`"):
+        PassManager([FuseBN()]).run(model, x)
+    PassManager([FuseBN()], verify=False).run(model, x)  # verification off: no check
+
+
+def test_passes_are_measured_against_the_eager_model():
+    model = randomize_bn(TinyUNet()).eval()
+    pm = PassManager([FuseBN()])
+    pm.run(model, torch.randn(1, 3, 16, 16))
+    trace_record, fuse_record = pm.report.records
+    assert trace_record.name == "trace" and trace_record.sqnr_db == float("inf")  # the capture is exact
+    assert fuse_record.sqnr_db > 60

@@ -307,3 +307,35 @@ def test_error_messages():
         qnnpack.check_module(nn.ConvTranspose2d(4, 4, 3), QuantSpec(signed=True, symmetric=True, axis=0))
     with pytest.raises(UnsupportedSpecError, match="Linear weights must be split along axis 0"):
         qnnpack.check_module(nn.Linear(4, 4), QuantSpec(signed=True, symmetric=True, axis=1))
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_clamp_kernel_on_channels_last_is_what_the_table_says(engine, name):
+    """``clamp_needs_contiguous``: relu6 / hardtanh / clamp on a channels-last quint8 tensor (a conv's output
+    layout) differ from the contiguous result where the table says so, and match it elsewhere; relu never."""
+    engine(name)
+    x = torch.quantize_per_tensor(torch.randn(2, 8, 5, 5) * 10, 0.2, 128, torch.quint8)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    for op in (F.relu6, lambda t: F.hardtanh(t, -1.0, 2.0), lambda t: torch.clamp(t, -3.0, 4.0)):
+        wrong = not torch.equal(op(x).int_repr(), op(channels_last).int_repr())
+        assert wrong == BACKENDS[name].clamp_needs_contiguous
+    assert torch.equal(F.relu(x).int_repr(), F.relu(channels_last).int_repr())
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_add_scale_ratio_is_what_the_table_says(engine, name):
+    """``add_scale_ratio``: quantized add runs for input/output scale ratios just inside the range and is
+    refused just outside it (where the table has no limit, everything runs)."""
+    engine(name)
+    x = torch.rand(1, 4, 3, 3)
+    limits = BACKENDS[name].add_scale_ratio
+    low, high = limits if limits is not None else (2.0**-14, 2.0**8)
+    for ratio, legal in ((low * 1.001, True), (high / 1.001, True), (low / 1.001, False), (high * 1.001, False)):
+        a = torch.quantize_per_tensor(x, 0.01 * ratio, 0, torch.quint8)
+        b = torch.quantize_per_tensor(x, 0.01, 0, torch.quint8)
+        try:
+            torch.ops.quantized.add(a, b, 0.01, 0)
+            runs = True
+        except RuntimeError:
+            runs = False
+        assert runs == (legal or limits is None)
