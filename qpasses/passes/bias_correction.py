@@ -119,7 +119,7 @@ class BiasCorrection(Pass):
         # On the grid lowering will use: the one AdaRound pinned, if it ran.
         weight = fake_quantize_weight(layer.module.weight, layer.spec, layer.node.meta.get(WEIGHT_QPARAMS_KEY))
         quantized = [layer.run(x, weight) for x in layer.quant_inputs]
-        lower, upper = activation_bounds(gm, layer.node, torch.zeros(quantized[0].shape[1]))
+        lower, upper = activation_bounds(gm, layer.node, quantized[0].new_zeros(quantized[0].shape[1]))
         shift = _mean_matching_shift(quantized, layer.float_outputs, lower, upper)
         with torch.no_grad():
             if layer.module.bias is None:

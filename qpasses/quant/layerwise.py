@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from qpasses.errors import QPassesError
 from qpasses.graph.regions import Region
-from qpasses.passes.calibrate import batch_inputs
+from qpasses.passes.calibrate import batch_inputs, model_device, to_device
 from qpasses.passes.insert_observers import ANNOTATION_KEY
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.lowering import FLOAT_WEIGHT_KEY, on_grid, weight_spec
@@ -103,12 +103,14 @@ def annotation_of(gm: fx.GraphModule, pass_name: str) -> Annotation:
 
 
 def collect_batches(data: Iterable, gm: fx.GraphModule, num_batches: int | None, pass_name: str) -> list[tuple]:
+    """The model inputs of the first ``num_batches`` batches of ``data``, on the model's device."""
     n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    device = model_device(gm)
     batches = []
     for batch in data:
         if num_batches is not None and len(batches) >= num_batches:
             break
-        batches.append(tuple(t.detach() for t in batch_inputs(batch, n_inputs)))
+        batches.append(tuple(t.detach() for t in to_device(batch_inputs(batch, n_inputs), device)))
     if not batches:
         raise QPassesError(f"{pass_name}: the data yielded no batches; give at least one")
     return batches
