@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 
 import torch
 import torch.fx as fx
@@ -75,7 +76,8 @@ class Lower(Pass):
 
 def _to_cpu(gm: fx.GraphModule, backend: str, ctx: PassContext) -> None:
     """Move a graph calibrated or trained on another device (a GPU) to the CPU, where the int8 kernels run,
-    with the tensors passes left in node metadata (AdaRound's grids and float weights); say so in the report."""
+    with the tensors passes left in node metadata (AdaRound's grids and float weights); say so in the report
+    and in the ``qpasses`` logger (``convert`` has no report)."""
     devices = {t.device for t in itertools.chain(gm.parameters(), gm.buffers()) if t.device.type != "cpu"}
     if not devices:
         return
@@ -84,8 +86,10 @@ def _to_cpu(gm: fx.GraphModule, backend: str, ctx: PassContext) -> None:
         for key in (lowering.WEIGHT_QPARAMS_KEY, lowering.FLOAT_WEIGHT_KEY):
             if key in node.meta:
                 node.meta[key] = tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, node.meta[key])
-    ctx.note(f"lowering moved the model from {', '.join(sorted(map(str, devices)))} to the CPU: "
-             f"the {backend} int8 kernels run on CPU only")
+    message = (f"lowering moved the model from {', '.join(sorted(map(str, devices)))} to the CPU: "
+               f"the {backend} int8 kernels run on CPU only")
+    ctx.note(message)
+    logging.getLogger("qpasses").info(message)
 
 
 class _Lowering:

@@ -35,6 +35,7 @@ from qpasses.analysis.metrics import sqnr
 from qpasses.errors import PassError, PlanError, QPassesError, VerificationError
 from qpasses.graph.trace import LeafSpec, as_input_tuple, propagate_shapes, trace
 from qpasses.passes.base import Pass, PassContext, Stage, describe
+from qpasses.passes.calibrate import model_device, to_device
 
 PROPERTIES_KEY = "qpasses_properties"
 # A pipeline that provides this yields a model to train (QAT); its lowering waits for qpasses.convert().
@@ -292,8 +293,9 @@ def _buffers_restored(module: nn.Module) -> Iterator[None]:
 
 
 def _run_verified_forward(gm: fx.GraphModule, inputs: tuple) -> Any:
+    # On the graph's device: a pass may move it (Calibrate(device=...) to a GPU, Lower back to the CPU).
     with _eval_mode(gm), _buffers_restored(gm):
-        return propagate_shapes(gm, inputs)
+        return propagate_shapes(gm, to_device(inputs, model_device(gm)))
 
 
 def _node_outputs(gm: fx.GraphModule, inputs: tuple) -> dict[str, torch.Tensor]:
