@@ -17,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from qpasses.errors import QPassesError
 
@@ -87,6 +89,22 @@ def merge_observers(model: nn.Module, group: Any = None) -> int:
     for name, observer in observers.items():
         observer.merge_states([contribution[name] for contribution in contributions])
     return len(observers)
+
+
+def gather_indexed(parts: dict[int, Any], group: Any = None) -> list[Any]:
+    """Every rank's ``parts`` (global index → value, indices disjoint across ranks) as one list in index
+    order, on every rank: per-batch results to be reduced in batch order, as one process would. Tensors
+    travel on the CPU."""
+    if not is_distributed(group):
+        return [parts[i] for i in sorted(parts)]
+    merged: dict[int, Any] = {}
+    for part in all_gather_object({i: tree_map(_on_cpu, value) for i, value in parts.items()}, group):
+        merged.update(part)
+    return [merged[i] for i in sorted(merged)]
+
+
+def _on_cpu(value: Any) -> Any:
+    return value.cpu() if isinstance(value, torch.Tensor) else value
 
 
 def split(count: int, group: Any = None) -> range:

@@ -15,7 +15,7 @@ from torch import nn
 
 from qpasses import PassManager
 from qpasses.analysis.sensitivity import Sensitivity
-from qpasses.passes import AdaRound, Calibrate, FuseBN, InsertObservers
+from qpasses.passes import AdaRound, BiasCorrection, Calibrate, FuseBN, InsertObservers
 from qpasses.passes.calibrate import run_batches
 from qpasses.quant.backends import get_backend
 from qpasses.quant.observers import Observer, make_observer
@@ -116,6 +116,9 @@ def scenario() -> dict[str, object]:
     rounded = PassManager([FuseBN(), InsertObservers("x86", config("minmax")), Calibrate(data, progress=False),
                            AdaRound(data[:3], iterations=40, lr=1e-2, checkpoints=4, progress=False)]).run(net(), data[0])
     results["adaround"] = {key: value.clone() for key, value in rounded.state_dict().items()}
+    corrected = PassManager([FuseBN(), InsertObservers("x86", config("minmax")), Calibrate(data, progress=False),
+                             BiasCorrection(data, num_batches=5)]).run(net(), data[0])
+    results["bias_correction"] = {key: value.clone() for key, value in corrected.state_dict().items()}
     sens = Sensitivity(net(), data[:3], config=config("minmax"), progress=False)
     table = sens.run()
     results["sensitivity"] = [table.full] + [(r.layer.name, r.alone, r.all_but) for r in table.rows]

@@ -1,6 +1,6 @@
 """Distributed calibration (torchrun, 2 CPU processes, gloo) against one process on the union of the shards:
-every observer buffer and qparam, AdaRound's rounded weights and the sensitivity table must be bit-identical
-on both ranks."""
+every observer buffer and qparam, AdaRound's rounded weights, BiasCorrection's biases and the sensitivity
+table must be bit-identical on both ranks."""
 
 import os
 import subprocess
@@ -48,7 +48,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("part", ["batches", "observers", "weight_observer", "ptq_percentile", "ptq_entropy",
-                                  "ptq_mse", "adaround", "sensitivity"])
+                                  "ptq_mse", "adaround", "bias_correction", "sensitivity"])
 def test_two_ranks_match_one_process_bit_for_bit(runs, part):
     single, rank0, rank1 = runs
     assert_identical(single[part], rank0[part], f"rank 0 {part}")
