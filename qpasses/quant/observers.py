@@ -426,11 +426,15 @@ class HistogramObserver(Observer):
         e = _bin_exponent(lo, hi, bins)
         return e, math.floor(math.ldexp(lo, -e))
 
-    @staticmethod
-    def _window(hist_lo: float, hist_hi: float, bins: int) -> tuple[int, int]:
+    def _window(self, hist_lo: float, hist_hi: float) -> tuple[int, int]:
         """``(e, first)`` of a histogram's window ``[hist_lo, hist_hi]`` (both exact multiples of ``2^e``)."""
-        e = math.frexp((hist_hi - hist_lo) / bins)[1] - 1
-        return e, round(math.ldexp(hist_lo, -e))
+        e = math.frexp((hist_hi - hist_lo) / self.bins)[1] - 1
+        first = round(math.ldexp(hist_lo, -e))
+        if math.ldexp(first, e) != hist_lo or math.ldexp(first + self.bins, e) != hist_hi:
+            raise CalibrationError(f"{self._label()}: its histogram window [{hist_lo}, {hist_hi}] is not on the "
+                                   "power-of-two lattice (a state saved by an older qpasses); its ranges can "
+                                   "be read, but to observe more data or merge it, calibrate it again")
+        return e, first
 
     def _set_window(self, e: int, first: int) -> None:
         self.hist_lo.fill_(math.ldexp(first, e))
@@ -459,7 +463,7 @@ class HistogramObserver(Observer):
             batch_min, batch_max = min(float(self.min_val), batch_min), max(float(self.max_val), batch_max)
         lattice = self._lattice(batch_min, batch_max, self.bins)
         if self.calibrated:
-            old = self._window(float(self.hist_lo), float(self.hist_hi), self.bins)
+            old = self._window(float(self.hist_lo), float(self.hist_hi))
             if old != lattice:
                 self.histogram.copy_(self._regroup(self.histogram, old, lattice))
         self._set_window(*lattice)
@@ -477,7 +481,7 @@ class HistogramObserver(Observer):
             if state["histogram"].numel() != self.bins:
                 raise CalibrationError(f"{self._label()}: {state['histogram'].numel()} bins in another process, "
                                        f"{self.bins} here; every process must build the same observers")
-            own = self._window(float(state["hist_lo"]), float(state["hist_hi"]), self.bins)
+            own = self._window(float(state["hist_lo"]), float(state["hist_hi"]))
             # Counts are integers below 2^53, so adding them in float64 is exact in any order.
             merged += self._regroup(state["histogram"].double(), own, lattice)
         self.histogram.copy_(merged)

@@ -327,6 +327,14 @@ def test_merged_shards_equal_one_observer_on_all_batches_in_order(kind, axis):
     assert all(torch.equal(a, b) for a, b in zip(whole.qparams(), merged.qparams(), strict=True))
 
 
+def test_a_histogram_off_the_lattice_cannot_grow_or_merge():
+    observer = PercentileObserver(U8)
+    observer(torch.randn(100))
+    observer.hist_lo.fill_(float(observer.hist_lo) + 0.001)  # as a state saved under the old growth rule could be
+    with pytest.raises(CalibrationError, match="not on the power-of-two lattice"):
+        observer(torch.randn(100) * 10)
+
+
 def test_moving_average_outside_distributed_calibration_cannot_be_merged():
     observer = make_observer(U8.replace(observer="moving_average"))
     observer(torch.randn(10))
