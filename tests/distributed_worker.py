@@ -15,6 +15,7 @@ from torch import nn
 
 from qpasses import PassManager
 from qpasses.analysis.sensitivity import Sensitivity
+from qpasses.errors import QPassesError
 from qpasses.passes import AdaRound, BiasCorrection, Calibrate, FuseBN, InsertObservers
 from qpasses.passes.calibrate import run_batches
 from qpasses.quant.backends import get_backend
@@ -119,6 +120,12 @@ def scenario() -> dict[str, object]:
     corrected = PassManager([FuseBN(), InsertObservers("x86", config("minmax")), Calibrate(data, progress=False),
                              BiasCorrection(data, num_batches=5)]).run(net(), data[0])
     results["bias_correction"] = {key: value.clone() for key, value in corrected.state_dict().items()}
+    poisoned = [x.clone() for x in data]
+    poisoned[3][0, 0, 0, 0] = float("nan")  # rank 1's second batch
+    try:
+        run_batches(traced(Watched()), poisoned, None, "calibrating", False)
+    except QPassesError as exc:
+        results["failure"] = str(exc).splitlines()[0]
     sens = Sensitivity(net(), data[:3], config=config("minmax"), progress=False)
     table = sens.run()
     results["sensitivity"] = [table.full] + [(r.layer.name, r.alone, r.all_but) for r in table.rows]

@@ -65,3 +65,10 @@ def test_the_comparison_covers_every_observer_kind_and_real_work(runs):
     assert states["watch.percentile.histogram"].sum() == 5 * 2 * 4 * 6 * 6
     assert any(key.endswith(".histogram") for key in single["ptq_entropy"])
     assert len(single["sensitivity"]) == 1 + 3
+
+
+def test_a_failing_batch_stops_every_rank_with_one_line(runs):
+    single, rank0, rank1 = (run["failure"] for run in runs)
+    assert single.startswith("batch 3: ") and "NaN" in single
+    assert rank1 == single  # the rank that ran batch 3 raises its own error
+    assert rank0.startswith("calibrating failed on rank 1: batch 3: ")
