@@ -287,6 +287,21 @@ def test_streaming_rebinning_is_exact():
     assert torch.equal(direct, obs.histogram)
 
 
+@pytest.mark.parametrize(("scale", "offset"), [(1.0, 0.0), (1.0, 1e7), (1e6, 0.0), (1e-30, 0.0), (1e-40, 0.0)])
+def test_bin_numbers_are_exact_near_zero_far_from_it_and_at_any_scale(scale, offset):
+    # Small bin numbers are computed in float32, others in float64 (offset 1e7, bins wider than 1, or narrower
+    # than 2^-127 for subnormal data): the same exact counts.
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(20_000, generator=g) * scale + offset
+    obs = HistogramObserver(U8, bins=128)
+    for chunk in values.chunk(5):
+        obs(chunk)
+    lo, hi = float(obs.hist_lo), float(obs.hist_hi)
+    width = (hi - lo) / 128
+    direct = torch.bincount((torch.floor(values.double() / width) - lo / width).long(), minlength=128).double()
+    assert torch.equal(direct, obs.histogram)
+
+
 @pytest.mark.parametrize("cls", [PercentileObserver, EntropyObserver, MSEObserver])
 def test_histogram_depends_only_on_the_values_not_the_batches_or_their_order(cls):
     batches = _batches_of_changing_range()
