@@ -18,7 +18,8 @@ inputs that share its observer) is calibrated once, and every variant's observer
 the result is bit-identical to calibrating that variant on its own (tested), for a fraction of the cost.
 
 Under torch.distributed, calibration is sharded over the ranks and merged (``qpasses.distributed``), and
-each rank measures its share of the variants; every rank gets the same table as one process would.
+each rank measures its share of the variants; every rank gets the same table as one process would. An
+``eval_fn`` then runs on one rank per variant, so it must not use collectives itself.
 
 Metric: by default the SQNR (dB) of the model's outputs against the float model on the evaluation
 batches (the calibration batches unless ``eval_data`` is given); or ``eval_fn(model) -> float``,
