@@ -27,7 +27,7 @@ def sqnr(reference: Any, test: Any) -> float:
     """Signal-to-quantization-noise ratio in dB: ``10 log10(Σ ref² / Σ (ref − test)²)``.
 
     Nested outputs (tuples, lists, dicts) are compared leaf by leaf and the worst leaf is returned;
-    identical outputs give ``inf``.
+    identical outputs give ``inf``. ``test`` may be on another device (a model lowered to the CPU).
     """
     refs, tests = _float_leaves(reference), _float_leaves(test)
     if len(refs) != len(tests):
@@ -36,7 +36,7 @@ def sqnr(reference: Any, test: Any) -> float:
     for r, t in zip(refs, tests, strict=True):
         if r.shape != t.shape:
             raise ValueError(f"output shapes differ: {tuple(r.shape)} vs {tuple(t.shape)}")
-        noise = float(((r - t) ** 2).sum())
+        noise = float(((r - t.to(r.device)) ** 2).sum())
         signal = float((r**2).sum())
         if noise == 0.0:
             continue

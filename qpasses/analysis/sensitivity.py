@@ -17,6 +17,10 @@ in every variant. Each group of values one observer watches (a value alone, or a
 inputs that share its observer) is calibrated once, and every variant's observers load those buffers:
 the result is bit-identical to calibrating that variant on its own (tested), for a fraction of the cost.
 
+Under torch.distributed, calibration is sharded over the ranks and merged (``qpasses.distributed``), and
+each rank measures its share of the variants; every rank gets the same table as one process would. An
+``eval_fn`` then runs on one rank per variant, so it must not use collectives itself.
+
 Metric: by default the SQNR (dB) of the model's outputs against the float model on the evaluation
 batches (the calibration batches unless ``eval_data`` is given); or ``eval_fn(model) -> float``,
 higher is better. ``main(argv)`` is the ``qpasses sensitivity`` command.
@@ -43,12 +47,13 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from qpasses import distributed
 from qpasses.analysis.metrics import sqnr
 from qpasses.errors import QPassesError
 from qpasses.graph.modules import set_module, unique_name
 from qpasses.graph.trace import as_input_tuple
 from qpasses.passes.base import Pass, PassContext
-from qpasses.passes.calibrate import batch_inputs, progress, run_batches
+from qpasses.passes.calibrate import batch_inputs, model_device, progress, run_batches, to_device
 from qpasses.passes.fuse_bn import FuseBN
 from qpasses.passes.insert_observers import InsertObservers, resolve_config
 from qpasses.passes.lower import Lower
@@ -91,8 +96,11 @@ class OutputSQNR(Metric):
         self.reference = self._outputs(reference)
 
     def _outputs(self, model: nn.Module) -> list[torch.Tensor]:
+        """Every output on every batch, on the CPU (the float model may run on a GPU, the int8 one on the CPU)."""
+        device = model_device(model)
         with torch.no_grad():
-            per_batch = [tree_flatten(model(*inputs))[0] for inputs in self.batches]
+            per_batch = [[leaf.cpu() for leaf in tree_flatten(model(*to_device(inputs, device)))[0]]
+                         for inputs in self.batches]
         return [torch.cat([leaves[i] for leaves in per_batch]) for i in range(len(per_batch[0]))]
 
     def __call__(self, model: nn.Module) -> float:
@@ -346,6 +354,7 @@ class Sensitivity:
         self._states: dict[_GroupKey, dict[str, torch.Tensor]] = {}
         self._ranges: dict[tuple[_GroupKey, QuantSpec], tuple[torch.Tensor, torch.Tensor]] = {}
         self.calibration_passes = 0
+        self._splitting = False  # measuring a share of the variants (torch.distributed): no collectives then
 
     @staticmethod
     def _prepare(model: nn.Module, inputs: tuple, float_passes: Sequence[Pass] | None) -> fx.GraphModule:
@@ -413,6 +422,10 @@ class Sensitivity:
     def _calibrate(self, groups: dict[_GroupKey, QuantSpec]) -> None:
         if not groups:
             return
+        if self._splitting and distributed.is_distributed():
+            # Calibration is a collective; inside work split over ranks the others would never join it.
+            raise QPassesError(f"internal: sensitivity needs observers ({next(iter(groups))[0]}) its prefetch "
+                               "did not calibrate")
         gm = copy.deepcopy(self.prepared)
         nodes = {n.name: n for n in gm.graph.nodes}
         targets = {}
@@ -460,8 +473,15 @@ class Sensitivity:
         return self.metric(self.quantize(config))
 
     def _measure_all(self, configs: list[QuantConfig], description: str) -> list[float]:
+        """The metric of each configuration; under torch.distributed each rank measures its share of them
+        and every rank gets all the values (calibration, shared, runs first on all ranks together)."""
         self.prefetch(configs)
-        return [self.measure(c) for c in progress(configs, len(configs), description, self.progress, "variant")]
+        self._splitting = True
+        try:
+            return distributed.map_items(configs, self.measure, show=lambda mine: progress(
+                mine, len(mine), description, self.progress, "variant"))
+        finally:
+            self._splitting = False
 
     # --------------------------------------------------------------------------------------- analyses
 

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qpasses import distributed
 from qpasses.errors import InputError
 from qpasses.graph.channels import out_channels
 from qpasses.graph.links import activation_bounds
@@ -93,6 +94,10 @@ class AdaRound(Pass):
     Quantization settings come from the PTQ pass in the pipeline. Requires: ``calibrated``. Provides:
     ``weights_rounded``. Per block, the reconstruction error with nearest and learned rounding is kept in
     ``gm.meta['qpasses_adaround']`` (:class:`RoundingResult`) and summarised in the report.
+    Under torch.distributed every rank gets the same rounding as one process. Each optimisation step depends
+    on the one before, and each layer's input on the rounding of the layers before it, so the steps run on
+    every rank; the reconstruction errors measured on all batches (the checkpoints) are split over the ranks.
+    It runs on the device the model is on (a GPU: ``model.cuda()`` before the pipeline).
     """
 
     stage = Stage.QUANTIZE
@@ -206,7 +211,7 @@ class _Rounding:
         self.v = (-torch.log((_ZETA - _GAMMA) / (fraction - _GAMMA) - 1)).requires_grad_(True)
         self.rescale = rescale
         self.log_gain = torch.zeros_like(scale).requires_grad_(rescale)
-        self.bias = module.bias.detach() if module.bias is not None else torch.zeros(out_channels(module))
+        self.bias = module.bias.detach() if module.bias is not None else weight.new_zeros(out_channels(module))
         self.bias_shift = torch.zeros_like(self.bias).requires_grad_(rescale)
 
     def parameters(self) -> list[torch.Tensor]:
@@ -256,7 +261,7 @@ class _Rounding:
 
 def _activation(gm: fx.GraphModule, node: fx.Node, reference: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """The clamp of the activation that alone reads ``node``'s output, per channel (dim 1)."""
-    lower, upper = activation_bounds(gm, node, torch.zeros(reference.shape[1]))
+    lower, upper = activation_bounds(gm, node, reference.new_zeros(reference.shape[1]))
     shape = (1, -1, *([1] * (reference.dim() - 2)))
     lower, upper = lower.reshape(shape), upper.reshape(shape)
     return lambda y: torch.clamp(y, lower, upper)
@@ -270,5 +275,10 @@ def _squared_error(block: Block, k: int, output: torch.Tensor,
 
 def _error(block: Block, params: dict[fx.Node, dict[str, torch.Tensor]],
            activation: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    errors = [_squared_error(block, k, block.run(x, params), activation) for k, x in enumerate(block.quant_inputs)]
+    """The mean of the batches' errors; under torch.distributed each rank computes its share of the batches
+    (a collective), and the sum runs over all of them in batch order on every rank, as in one process."""
+    def batch_error(k: int) -> torch.Tensor:
+        return _squared_error(block, k, block.run(block.quant_inputs[k], params), activation).cpu()
+
+    errors = distributed.map_items(range(len(block.quant_inputs)), batch_error)
     return float(sum(errors) / len(errors))

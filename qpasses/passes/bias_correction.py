@@ -8,12 +8,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qpasses import distributed
 from qpasses.graph.channels import constant_input_response, output_stats
 from qpasses.graph.links import activation_bounds, channel_bounds, find_links, link_activation
 from qpasses.nn import SamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.quant.annotate import Annotation
-from qpasses.quant.layerwise import Layer, annotation_of, collect_batches, sweep
+from qpasses.quant.layerwise import Layer, annotation_of, collect_shard, sweep
 from qpasses.quant.lowering import WEIGHT_QPARAMS_KEY, fake_quantize_weight, float_weight, weight_spec
 from qpasses.quant.observers import Observer
 from qpasses.quant.ops import Role
@@ -25,30 +26,39 @@ def _by_channel(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1)
 
 
-def _activated_mean(outputs: list[torch.Tensor], lower: torch.Tensor, upper: torch.Tensor,
+def _activated_mean(outputs: list[torch.Tensor], indices: list[int], lower: torch.Tensor, upper: torch.Tensor,
                     shift: torch.Tensor) -> torch.Tensor:
-    """Per channel, the mean of ``clamp(y − shift, lower, upper)`` over every position of ``outputs``."""
-    total, count = torch.zeros_like(lower), 0
-    for y in outputs:
+    """Per channel, the mean of ``clamp(y − shift, lower, upper)`` over every position of ``outputs`` (the
+    batches ``indices``); under torch.distributed over every rank's batches, summed in batch order."""
+    sums = {}
+    for i, y in zip(indices, outputs, strict=True):
         y = _by_channel(y)
-        total += torch.clamp(y - shift[:, None], lower[:, None], upper[:, None]).sum(dim=1)
-        count += y.shape[1]
+        sums[i] = (torch.clamp(y - shift[:, None], lower[:, None], upper[:, None]).sum(dim=1), y.shape[1])
+    total, count = torch.zeros_like(lower), 0
+    for batch_sum, positions in distributed.gather_indexed(sums):
+        total += batch_sum.to(total.device)
+        count += positions
     return total / count
 
 
 def _mean_matching_shift(quantized: list[torch.Tensor], reference: list[torch.Tensor], lower: torch.Tensor,
-                         upper: torch.Tensor, steps: int = 40) -> torch.Tensor:
+                         upper: torch.Tensor, steps: int = 40, indices: list[int] | None = None) -> torch.Tensor:
     """Per channel, the shift ``δ`` of smallest magnitude with ``E[f(y_q − δ)] = E[f(y)]``, ``f`` the clamp to
     ``(lower, upper)``: the next layer then reads the float model's mean input. Without an activation it is
-    ``E[y_q − y]``. ``E[f(y_q − δ)]`` falls monotonically in ``δ``, so bisection from ``0`` finds it."""
-    target = _activated_mean(reference, lower, upper, torch.zeros_like(lower))
+    ``E[y_q − y]``. ``E[f(y_q − δ)]`` falls monotonically in ``δ``, so bisection from ``0`` finds it.
+    ``quantized`` and ``reference`` hold the batches ``indices`` (default: all; this rank's, under
+    torch.distributed)."""
+    indices = list(range(len(quantized))) if indices is None else indices
+    target = _activated_mean(reference, indices, lower, upper, torch.zeros_like(lower))
 
     def gap(shift: torch.Tensor) -> torch.Tensor:
-        return _activated_mean(quantized, lower, upper, shift) - target
+        return _activated_mean(quantized, indices, lower, upper, shift) - target
 
     reach = torch.zeros_like(lower)  # |δ| ≤ max|y_q| + max|y|: past it every y_q − δ is clipped or beyond y
-    for yq, y in zip(quantized, reference, strict=True):
-        reach = torch.maximum(reach, _by_channel(yq).abs().amax(dim=1) + _by_channel(y).abs().amax(dim=1))
+    peaks = {i: _by_channel(yq).abs().amax(dim=1) + _by_channel(y).abs().amax(dim=1)
+             for i, yq, y in zip(indices, quantized, reference, strict=True)}
+    for peak in distributed.gather_indexed(peaks):
+        reach = torch.maximum(reach, peak.to(reach.device))
     direction = torch.sign(gap(torch.zeros_like(lower)))
     near, far = torch.zeros_like(lower), direction * reach  # the gap keeps direction's sign at near, not at far
     for _ in range(steps):
@@ -85,6 +95,9 @@ class BiasCorrection(Pass):
     head for errors ReLU6 discards, costing ~5 dB of logit SQNR; and averaging only where ``y`` or ``y_q`` is
     unclipped is biased wherever the error is large (at 4 bits): the positions a positive error lifts above
     a ReLU's 0 are counted, those it leaves below are not.
+    Under torch.distributed each rank propagates its share of the batches (batch ``i`` on rank
+    ``i % world_size``) and the per-batch sums are reduced in batch order: every rank gets the biases one
+    process would.
     Analytical (``data=None``, data-free): ``E[x]`` of a layer's input channel is the mean of the previous
     layer's output, modelled as ``N(β, γ²)`` from its folded BatchNorm and clipped by the activation between;
     ``b ← b − Σ (Q(W) − W)[:, c, k] · E[x_c]``. Layers whose input has no BN statistics are left as they are.
@@ -108,18 +121,17 @@ class BiasCorrection(Pass):
         if self.data is None:
             self._analytical(gm, ann, ctx)
         else:
-            batches = collect_batches(self.data, gm, self.num_batches, self.name)
-            ctx.stats["batches"] = len(batches)
-            ctx.stats["corrected"] = sweep(gm, ann, batches, lambda layer: self._correct(gm, layer))
+            indices, batches, ctx.stats["batches"] = collect_shard(self.data, gm, self.num_batches, self.name)
+            ctx.stats["corrected"] = sweep(gm, ann, batches, lambda layer: self._correct(gm, layer, indices))
         return PassResult(gm, modified=ctx.stats["corrected"] > 0)
 
     @staticmethod
-    def _correct(gm: fx.GraphModule, layer: Layer) -> torch.Tensor:
+    def _correct(gm: fx.GraphModule, layer: Layer, indices: list[int]) -> torch.Tensor:
         # On the grid lowering will use: the one AdaRound pinned, if it ran.
         weight = fake_quantize_weight(layer.module.weight, layer.spec, layer.node.meta.get(WEIGHT_QPARAMS_KEY))
         quantized = [layer.run(x, weight) for x in layer.quant_inputs]
-        lower, upper = activation_bounds(gm, layer.node, torch.zeros(quantized[0].shape[1]))
-        shift = _mean_matching_shift(quantized, layer.float_outputs, lower, upper)
+        lower, upper = activation_bounds(gm, layer.node, quantized[0].new_zeros(quantized[0].shape[1]))
+        shift = _mean_matching_shift(quantized, layer.float_outputs, lower, upper, indices=indices)
         with torch.no_grad():
             if layer.module.bias is None:
                 layer.module.bias = nn.Parameter(-shift)

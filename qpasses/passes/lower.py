@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import itertools
+import logging
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.operator_schemas import normalize_function
+from torch.utils._pytree import tree_map
 
 from qpasses.errors import QPassesError
 from qpasses.graph.match import is_max_pool
@@ -68,6 +71,7 @@ class Lower(Pass):
         if backend.name != ann.backend:
             raise QPassesError(f"observers were placed for backend '{ann.backend}', which differs from "
                                f"'{backend.name}'; lower with Lower('{ann.backend}') or insert observers for '{backend.name}'")
+        _to_cpu(gm, backend.name, ctx)
         with lowering.quantized_engine(backend.engine):
             _Lowering(gm, ann, ctx).run()
         lowering.select_engine_first(gm, backend.engine)
@@ -75,6 +79,24 @@ class Lower(Pass):
         del gm.meta[ANNOTATION_KEY]
         gm.recompile()
         return PassResult(gm, modified=True)
+
+
+def _to_cpu(gm: fx.GraphModule, backend: str, ctx: PassContext) -> None:
+    """Move a graph calibrated or trained on another device (a GPU) to the CPU, where the int8 kernels run,
+    with the tensors passes left in node metadata (AdaRound's grids and float weights); say so in the report
+    and in the ``qpasses`` logger (``convert`` has no report)."""
+    devices = {t.device for t in itertools.chain(gm.parameters(), gm.buffers()) if t.device.type != "cpu"}
+    if not devices:
+        return
+    gm.cpu()
+    for node in gm.graph.nodes:
+        for key in (lowering.WEIGHT_QPARAMS_KEY, lowering.FLOAT_WEIGHT_KEY):
+            if key in node.meta:
+                node.meta[key] = tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, node.meta[key])
+    message = (f"lowering moved the model from {', '.join(sorted(map(str, devices)))} to the CPU: "
+               f"the {backend} int8 kernels run on CPU only")
+    ctx.note(message)
+    logging.getLogger("qpasses").info(message)
 
 
 class _Lowering:

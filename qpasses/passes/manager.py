@@ -35,6 +35,7 @@ from qpasses.errors import GraphRunError, InputError, PassError, PlanError, QPas
 from qpasses.graph.modules import buffers_restored, eval_mode
 from qpasses.graph.trace import LeafSpec, propagate_shapes, trace, verify_capture
 from qpasses.passes.base import Pass, PassContext, Stage, describe
+from qpasses.passes.calibrate import model_device, to_device
 from qpasses.validation import as_input_tuple, check_model
 
 PROPERTIES_KEY = "qpasses_properties"
@@ -266,8 +267,9 @@ def _node_table(gm: fx.GraphModule) -> str:
 
 
 def _run_verified_forward(gm: fx.GraphModule, inputs: tuple) -> Any:
+    # On the graph's device: a pass may move it (Calibrate(device=...) to a GPU, Lower back to the CPU).
     with eval_mode(gm), buffers_restored(gm):
-        return propagate_shapes(gm, inputs)
+        return propagate_shapes(gm, to_device(inputs, model_device(gm)))
 
 
 def _node_outputs(gm: fx.GraphModule, inputs: tuple) -> dict[str, torch.Tensor]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
+
 from qpasses.passes.base import CompositePass, Pass, Stage
 from qpasses.passes.calibrate import Calibrate
 from qpasses.passes.insert_observers import InsertObservers
@@ -18,7 +20,9 @@ class PTQ(CompositePass):
     ``backend``: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; ``config``: a :class:`QuantConfig` (default: the
     backend's preset); ``bits``: shorthand for ``bits``-bit weights and activations (2–8);
     ``per_channel``: per-channel weights (default: the backend's preset); ``num_batches``: at most this many
-    calibration batches. The manager expands it into its three parts, each verified and reported.
+    calibration batches; ``device``: where calibration runs (default: where the model is; see ``Calibrate``,
+    also for torch.distributed); lowering then moves the model to the CPU, where the int8 kernels run. The
+    manager expands it into its three parts, each verified and reported.
     """
 
     stage = Stage.QUANTIZE
@@ -26,12 +30,12 @@ class PTQ(CompositePass):
 
     def __init__(self, data: Iterable, backend: str = "x86", config: QuantConfig | None = None,
                  bits: int | None = None, per_channel: bool | None = None, num_batches: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, device: str | torch.device | None = None):
         # Checked here too, so the error names the PTQ the user wrote rather than its Calibrate part.
         check_data(data, self.name)
         check_count(num_batches, "num_batches", self.name)
         self.parts: list[Pass] = [
             InsertObservers(backend, config, bits, per_channel),
-            Calibrate(data, num_batches, progress),
+            Calibrate(data, num_batches, progress, device),
             Lower(backend),
         ]

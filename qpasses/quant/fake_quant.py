@@ -25,7 +25,7 @@ lowers exactly as it was trained. Calibration (PTQ before QAT) fills them like a
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -138,6 +138,13 @@ class FakeQuantize(MovingAverageMinMaxObserver):
             dist.all_reduce(batch_min, op=dist.ReduceOp.MIN)
             dist.all_reduce(batch_max, op=dist.ReduceOp.MAX)
         return batch_min, batch_max
+
+    def shard_state(self) -> dict[str, Any]:
+        return {"batches_seen": self.batches_seen.detach().cpu().clone()}
+
+    def merge_states(self, states: list[dict[str, Any]]) -> None:
+        """Nothing to merge: under torch.distributed every training batch's range is already reduced over the
+        replicas (``_batch_min_max``), so every replica holds the same state."""
 
     def initialize_from(self, observer: Observer) -> None:
         """Start from a calibrated observer's range (PTQ before QAT)."""

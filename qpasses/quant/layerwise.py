@@ -23,9 +23,10 @@ import torch.fx as fx
 from torch import nn
 from torch.func import functional_call
 
+from qpasses import distributed
 from qpasses.errors import QPassesError
 from qpasses.graph.regions import Region
-from qpasses.passes.calibrate import batch_inputs
+from qpasses.passes.calibrate import batch_inputs, model_device, to_device
 from qpasses.passes.insert_observers import ANNOTATION_KEY
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.lowering import FLOAT_WEIGHT_KEY, on_grid, weight_spec
@@ -103,15 +104,31 @@ def annotation_of(gm: fx.GraphModule, pass_name: str) -> Annotation:
 
 
 def collect_batches(data: Iterable, gm: fx.GraphModule, num_batches: int | None, pass_name: str) -> list[tuple]:
+    """The model inputs of the first ``num_batches`` batches of ``data``, on the model's device."""
     n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    device = model_device(gm)
     batches = []
     for batch in data:
         if num_batches is not None and len(batches) >= num_batches:
             break
-        batches.append(tuple(t.detach() for t in batch_inputs(batch, n_inputs)))
+        batches.append(tuple(t.detach() for t in to_device(batch_inputs(batch, n_inputs), device)))
     if not batches:
         raise QPassesError(f"{pass_name}: the data yielded no batches; give at least one")
     return batches
+
+
+def collect_shard(data: Iterable, gm: fx.GraphModule, num_batches: int | None,
+                  pass_name: str) -> tuple[list[int], list[tuple], int]:
+    """This rank's share of ``collect_batches``: the batches' indices, the batches and how many there are in
+    all. Under torch.distributed batch
+    ``i`` goes to rank ``i % world_size`` (every rank keeps all of them when there are fewer batches than
+    ranks); without it, all batches. Per-batch results are then reduced in index order
+    (``distributed.gather_indexed``), as one process would."""
+    batches = collect_batches(data, gm, num_batches, pass_name)
+    if len(batches) < distributed.rank_and_size()[1]:
+        return list(range(len(batches))), batches, len(batches)
+    indices = list(distributed.split(len(batches)))
+    return indices, [batches[i] for i in indices], len(batches)
 
 
 def _fetch(gm: nn.Module, target: str):

@@ -8,6 +8,10 @@ They are ``nn.Module``s with buffers so that a calibrated graph can be saved and
 - ``MovingAverageMinMaxObserver``: exponential moving average of each batch's min and max.
 - ``PercentileObserver``, ``EntropyObserver``, ``MSEObserver``: a streaming histogram in bounded memory
   (``HistogramObserver``) and three ways to choose a clipping range from it.
+
+Every observer's state can be merged across processes (``Observer.merge_``, ``qpasses.distributed``): the
+merged state is bit-identical to observing every process's batches in one process, in global batch order.
+Buffers live on the device of the first batch observed.
 """
 
 from __future__ import annotations
@@ -32,12 +36,18 @@ class Observer(nn.Module):
     ``name`` (the graph node the observer watches, set by whoever inserts it) appears in error messages.
     Subclasses implement ``_observe(x)`` (``x`` a detached float32 tensor with finite values) and
     ``_range()``; ``batches_seen`` counts the batches recorded.
+
+    Merging across processes: ``shard_state()`` is what this process contributes (CPU tensors, picklable),
+    ``merge_states(states)`` combines every process's contribution (in rank order) into this observer, and
+    ``merge_(group)`` does both with one collective. ``batch_index``, set by distributed calibration to the
+    global index of the batch being observed, lets an order-dependent observer replay batches in that order.
     """
 
     def __init__(self, spec: QuantSpec, name: str = ""):
         super().__init__()
         self.spec = spec
         self.name = name
+        self.batch_index: int | None = None
         self.register_buffer("batches_seen", torch.tensor(0, dtype=torch.int64))
 
     @property
@@ -63,9 +73,41 @@ class Observer(nn.Module):
                     f"{self._label()}: input contains {bad} NaN/Inf value(s) of {data.numel()}; "
                     "the float model already produces them on this calibration batch"
                 )
+            if not self.calibrated:
+                self._follow(data.device)
             self._observe(data)
             self.batches_seen += 1
         return x
+
+    def _follow(self, device: torch.device) -> None:
+        """Keep the buffers on the device of the data (an observer created on CPU, fed CUDA tensors)."""
+        for key, buf in self._buffers.items():
+            if buf is not None and buf.device != device:
+                self._buffers[key] = buf.to(device)
+
+    def shard_state(self) -> dict[str, Any]:
+        """What this process contributes to a merge: its buffers, on CPU."""
+        return {key: buf.detach().cpu().clone() for key, buf in self._buffers.items() if buf is not None}
+
+    def merge_states(self, states: list[dict[str, Any]]) -> None:
+        """Combine every process's ``shard_state()`` (rank order) into this observer: afterwards it holds
+        what one process observing all their batches, in global batch order, would hold."""
+        self.__dict__.pop("_range_cache", None)
+        calibrated = [state for state in states if int(state["batches_seen"]) > 0]
+        if calibrated:
+            self._merge(calibrated)
+        self.batches_seen.fill_(sum(int(state["batches_seen"]) for state in states))
+
+    def _merge(self, states: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def merge_(self, group: Any = None) -> Observer:
+        """Merge this observer's state across the processes of ``group`` (default: the world): a collective,
+        every process must call it. Returns the observer."""
+        from qpasses.distributed import all_gather_object
+
+        self.merge_states(all_gather_object(self.shard_state(), group))
+        return self
 
     def _observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError
@@ -150,7 +192,10 @@ class MinMaxObserver(Observer):
 
     def _observe(self, x: torch.Tensor) -> None:
         batch_min, batch_max = self._batch_min_max(x)
-        if not self.calibrated:
+        self._update(batch_min, batch_max, first=not self.calibrated)
+
+    def _update(self, batch_min: torch.Tensor, batch_max: torch.Tensor, first: bool) -> None:
+        if first:
             # resize_ + copy_ keep the registered buffers (and their non-inference-ness) in place.
             self.min_val.resize_(batch_min.shape).copy_(batch_min)
             self.max_val.resize_(batch_max.shape).copy_(batch_max)
@@ -158,6 +203,12 @@ class MinMaxObserver(Observer):
         self._check_channels(batch_min)
         torch.minimum(self.min_val, batch_min, out=self.min_val)
         torch.maximum(self.max_val, batch_max, out=self.max_val)
+
+    def _merge(self, states: list[dict[str, Any]]) -> None:
+        # The minimum of the processes' minima is the minimum over all batches: exact in any order.
+        for i, state in enumerate(states):
+            self._update(state["min_val"].to(self.min_val.device), state["max_val"].to(self.max_val.device),
+                         first=i == 0)
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.min_val.clone(), self.max_val.clone()
@@ -192,10 +243,17 @@ class ChannelMSEObserver(MinMaxObserver):
         rows = x.movedim(self.spec.axis, 0).reshape(x.shape[self.spec.axis], -1)
         self.values.resize_(rows.shape).copy_(rows)
 
+    def _merge(self, states: list[dict[str, Any]]) -> None:
+        if len(states) > 1 or int(states[0]["batches_seen"]) > 1:
+            raise CalibrationError(f"{self._label()}: per-channel MSE ranges are searched on one tensor (a "
+                                   f"weight), but {len(states)} processes observed data; observe it in one")
+        for key in ("min_val", "max_val", "values"):
+            getattr(self, key).resize_(states[0][key].shape).copy_(states[0][key])
+
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self.min_val.clone(), self.max_val.clone()
         best_error = torch.full_like(lo, math.inf)
-        for ratio in torch.linspace(self.min_ratio, 1.0, self.grid):
+        for ratio in torch.linspace(self.min_ratio, 1.0, self.grid, device=lo.device):
             scale, zero_point = compute_qparams(self.min_val * ratio, self.max_val * ratio, self.spec)
             scale, zero_point = scale[:, None], zero_point[:, None]
             codes = torch.clamp(torch.round(self.values / scale) + zero_point, self.spec.quant_min, self.spec.quant_max)
@@ -209,17 +267,51 @@ class ChannelMSEObserver(MinMaxObserver):
 
 class MovingAverageMinMaxObserver(MinMaxObserver):
     """Exponential moving average of each batch's min and max, with ``c = spec.averaging_constant``:
-    ``min_val ← min_val + c · (min(x) − min_val)`` (the first batch sets it), same for max."""
+    ``min_val ← min_val + c · (min(x) − min_val)`` (the first batch sets it), same for max.
+
+    The average depends on the order of the batches, so while ``batch_index`` is set (distributed
+    calibration) each batch's (min, max) is also kept with its global index (two small tensors a batch), and
+    a merge replays every process's batches in global order."""
+
+    def __init__(self, spec: QuantSpec, name: str = ""):
+        super().__init__(spec, name)
+        self.history: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
 
     def _observe(self, x: torch.Tensor) -> None:
-        if not self.calibrated:
-            super()._observe(x)
-            return
         batch_min, batch_max = self._batch_min_max(x)
+        if self.batch_index is not None:
+            if self.history is None:
+                if self.calibrated:
+                    raise CalibrationError(f"{self._label()}: it observed batches before distributed calibration "
+                                           "began; a merge could not place them in the global order")
+                self.history = []
+            self.history.append((self.batch_index, batch_min.clone(), batch_max.clone()))
+        self._update(batch_min, batch_max, first=not self.calibrated)
+
+    def _update(self, batch_min: torch.Tensor, batch_max: torch.Tensor, first: bool) -> None:
+        if first:
+            super()._update(batch_min, batch_max, first)
+            return
         self._check_channels(batch_min)
         c = self.spec.averaging_constant
         self.min_val.add_(c * (batch_min - self.min_val))
         self.max_val.add_(c * (batch_max - self.max_val))
+
+    def shard_state(self) -> dict[str, Any]:
+        if self.calibrated and self.history is None:
+            raise CalibrationError(f"{self._label()}: its batches were observed outside distributed calibration, "
+                                   "so their global order is unknown; calibrate with torch.distributed initialised")
+        history = [(index, lo.cpu(), hi.cpu()) for index, lo, hi in self.history or []]
+        return {**super().shard_state(), "history": history}
+
+    def _merge(self, states: list[dict[str, Any]]) -> None:
+        # Batches are dealt to ranks, so indices never repeat across ranks; the stable sort keeps the order of
+        # several observations of one batch (an observer shared by the inputs of a cat).
+        replay = sorted((entry for state in states for entry in state["history"]), key=lambda entry: entry[0])
+        device = self.min_val.device
+        for i, (_, batch_min, batch_max) in enumerate(replay):
+            self._update(batch_min.to(device), batch_max.to(device), first=i == 0)
+        self.history = None
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
@@ -245,22 +337,23 @@ class _Histogram:
     def __init__(self, counts: torch.Tensor, lo: float, hi: float, max_abs: float):
         self.counts = counts.double()
         self.lo, self.hi, self.max_abs = lo, hi, max_abs
-        self.edges = torch.linspace(lo, hi, counts.numel() + 1, dtype=torch.float64)
+        self.float64 = {"dtype": torch.float64, "device": counts.device}
+        self.edges = torch.linspace(lo, hi, counts.numel() + 1, **self.float64)
         self.total = float(self.counts.sum())
-        self.cdf = torch.cat([torch.zeros(1, dtype=torch.float64), self.counts.cumsum(0)]) / self.total
+        self.cdf = torch.cat([torch.zeros(1, **self.float64), self.counts.cumsum(0)]) / self.total
 
     def quantile(self, q: float) -> float:
-        return float(_inverse(torch.tensor([q], dtype=torch.float64), self.cdf, self.edges))
+        return float(_inverse(torch.tensor([q], **self.float64), self.cdf, self.edges))
 
     def _abs_grid(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``t`` on ``n + 1`` points over ``[0, max|x|]`` and the mass of ``|x| ≤ t`` there."""
-        t = torch.linspace(0.0, self.max_abs, n + 1, dtype=torch.float64)
+        t = torch.linspace(0.0, self.max_abs, n + 1, **self.float64)
         inside = _interp(t, self.edges, self.cdf) - _interp(-t, self.edges, self.cdf)
         return t, torch.cummax(inside.clamp(min=0.0), 0).values
 
     def abs_quantile(self, q: float) -> float:
         t, inside = self._abs_grid(8 * self.counts.numel())
-        return float(_inverse(torch.tensor([q], dtype=torch.float64), inside, t))
+        return float(_inverse(torch.tensor([q], **self.float64), inside, t))
 
     def abs_histogram(self, n: int) -> tuple[torch.Tensor, float]:
         """The histogram of ``|x|`` on ``n`` bins over ``[0, max|x|]`` (counts) and its bin width."""
@@ -271,22 +364,43 @@ class _Histogram:
         """``per_bin`` evenly spaced points inside each non-empty bin and their masses (sum 1)."""
         nonempty = self.counts > 0
         width = (self.hi - self.lo) / self.counts.numel()
-        offsets = (torch.arange(per_bin, dtype=torch.float64) + 0.5) / per_bin
+        offsets = (torch.arange(per_bin, **self.float64) + 0.5) / per_bin
         points = (self.edges[:-1][nonempty, None] + width * offsets).reshape(-1)
         mass = (self.counts[nonempty, None] / (self.total * per_bin)).expand(-1, per_bin).reshape(-1)
         return points, mass
+
+
+# Bin widths are powers of two from 2^-149 (float32's smallest spacing) up; the width is also at least
+# 2^-_RELATIVE_BITS of the data's magnitude, so that bin numbers stay exact integers in float64.
+_SMALLEST_EXPONENT = -149
+_RELATIVE_BITS = 40
+
+
+def _bin_exponent(lo: float, hi: float, bins: int) -> int:
+    """The smallest ``e`` for which ``bins`` bins of width ``2^e``, starting at a multiple of ``2^e``, cover
+    ``[lo, hi]`` (and ``2^e ≥ 2^-40 · max(|lo|, |hi|)``). It only grows when ``[lo, hi]`` does."""
+    magnitude = max(abs(lo), abs(hi))
+    e = max(_SMALLEST_EXPONENT, math.frexp(magnitude)[1] - _RELATIVE_BITS if magnitude > 0 else _SMALLEST_EXPONENT)
+    if hi > lo:  # a lower bound: the window's width bins · 2^e exceeds hi − lo
+        e = max(e, math.frexp((hi - lo) / bins)[1] - 1)
+    while math.floor(math.ldexp(hi, -e)) - math.floor(math.ldexp(lo, -e)) > bins - 1:
+        e += 1
+    return e
 
 
 class HistogramObserver(Observer):
     """Streaming histogram in bounded memory: ``bins`` counts over ``[hist_lo, hist_hi]``, whatever the
     number of batches. Subclasses choose the clipping range from it (``_select``).
 
-    The first batch sets ``[hist_lo, hist_hi] = [min(x), max(x)]``. When a batch falls outside, the range
-    grows to bins of ``k`` times the width ``w`` (``k`` the smallest integer that fits), its start moving
-    down by a whole number ``m`` of old bins (chosen to centre the data): every old bin then lies inside
-    exactly one new bin (old bin ``i`` → new bin ``(m + i) // k``), so re-binning moves counts exactly and
-    loses only resolution; the range stays below about twice the data's. The exact data min and max are
-    kept as well; selected ranges never exceed them. Per tensor only.
+    The bins lie on a fixed lattice: width ``w = 2^e``, ``e`` the smallest exponent for which ``bins``
+    bins starting at ``hist_lo = ⌊min/w⌋ · w`` cover ``[min, max]`` of all data seen; value ``x`` is
+    counted in bin ``⌊x/w⌋ − hist_lo/w``, computed exactly in float64 (scaling by a power of two is exact).
+    When a batch widens ``[min, max]``, ``e`` grows by ``d`` and each old bin ``i`` moves whole into new
+    bin ``⌊(hist_lo/w + i) / 2^d⌋ − new_lo/w'``, again exactly. So the histogram is a function of the
+    multiset of values seen, whatever the batches and their order, and the histograms of several processes
+    merge exactly (regroup each onto the lattice of the global min and max, then add the counts). The
+    window is less than about twice the data's range. The exact data min and max are kept as well;
+    selected ranges never exceed them. Per tensor only.
     """
 
     def __init__(self, spec: QuantSpec, name: str = "", bins: int = 2048):
@@ -306,44 +420,82 @@ class HistogramObserver(Observer):
     def bins(self) -> int:
         return self.histogram.numel()
 
-    def _grow(self, batch_min: float, batch_max: float) -> None:
-        lo, hi, bins = float(self.hist_lo), float(self.hist_hi), self.bins
-        width = (hi - lo) / bins
-        below = max(0, math.ceil((lo - batch_min) / width))  # old bins needed below lo
-        span = max(bins, math.ceil((max(hi, batch_max) - lo) / width))  # old bins from lo to the new top
-        factor = math.ceil((below + span) / bins)
-        # Centre the data in the grown range, so that the next batch has headroom on both sides.
-        shift = below + (bins * factor - below - span) // 2
-        new_lo = lo - shift * width
-        target = (shift + torch.arange(bins)) // factor
-        regrouped = torch.zeros_like(self.histogram).index_add_(0, target, self.histogram)
-        self.histogram.copy_(regrouped)
-        self.hist_lo.fill_(new_lo)
-        self.hist_hi.fill_(new_lo + bins * factor * width)
+    @staticmethod
+    def _lattice(lo: float, hi: float, bins: int) -> tuple[int, int]:
+        """``(e, first)``: bins of width ``2^e`` numbered from ``first = ⌊lo / 2^e⌋`` on the lattice."""
+        e = _bin_exponent(lo, hi, bins)
+        return e, math.floor(math.ldexp(lo, -e))
+
+    def _window(self, hist_lo: float, hist_hi: float) -> tuple[int, int]:
+        """``(e, first)`` of a histogram's window ``[hist_lo, hist_hi]`` (both exact multiples of ``2^e``)."""
+        e = math.frexp((hist_hi - hist_lo) / self.bins)[1] - 1
+        first = round(math.ldexp(hist_lo, -e))
+        if math.ldexp(first, e) != hist_lo or math.ldexp(first + self.bins, e) != hist_hi:
+            raise CalibrationError(f"{self._label()}: its histogram window [{hist_lo}, {hist_hi}] is not on the "
+                                   "power-of-two lattice (a state saved by an older qpasses); its ranges can "
+                                   "be read, but to observe more data or merge it, calibrate it again")
+        return e, first
+
+    def _set_window(self, e: int, first: int) -> None:
+        self.hist_lo.fill_(math.ldexp(first, e))
+        self.hist_hi.fill_(math.ldexp(first + self.bins, e))
+
+    @staticmethod
+    def _regroup(counts: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+        """``counts`` on the lattice ``old = (e, first)`` moved onto the coarser lattice ``new`` (exact)."""
+        (e, first), (new_e, new_first) = old, new
+        # Bin numbers are below 2^53 in magnitude, so a shift by 62 or more gives the same floor as any larger one.
+        shift = min(new_e - e, 62)
+        bins = counts.numel()
+        target = ((torch.arange(bins, device=counts.device) + first) >> shift) - new_first
+        # Only empty bins can fall outside the new window (every value lies inside it).
+        target = target.clamp(0, bins - 1)
+        return torch.zeros_like(counts).index_add_(0, target, counts)
+
+    def _count(self, x: torch.Tensor, e: int, first: int) -> torch.Tensor:
+        """The histogram of ``x`` on the lattice ``(e, first)``, as float64 counts.
+
+        ``⌊x / 2^e⌋`` is exact in float32 when ``−127 ≤ e ≤ 0`` (scaling up never underflows) and every bin number
+        is below 2^24 in magnitude (exact float32 integers); otherwise it is computed in float64, where it is
+        always exact. Both give the same counts; float32 takes about half the time."""
+        magnitude = max(abs(float(self.min_val)), abs(float(self.max_val)))
+        exact_in_float32 = -127 <= e <= 0 and math.ldexp(magnitude, -e) < 2.0**24  # 2^-e a float32 too
+        scaled = x.mul(math.ldexp(1.0, -e)) if exact_in_float32 else x.double().mul_(math.ldexp(1.0, -e))
+        index = scaled.floor_().sub_(first)
+        return torch.bincount(index.long().flatten(), minlength=self.bins).double()
 
     def _observe(self, x: torch.Tensor) -> None:
         batch_min, batch_max = (float(v) for v in torch.aminmax(x))
-        if not self.calibrated:
-            if batch_max - batch_min <= 0.0:
-                # A constant batch: give the histogram a tiny non-empty range around it.
-                pad = max(abs(batch_min), 1.0) * 1e-6
-                lo, hi = batch_min - pad, batch_max + pad
-            else:
-                lo, hi = batch_min, batch_max
-            self.hist_lo.fill_(lo)
-            self.hist_hi.fill_(hi)
-            self.min_val.fill_(batch_min)
-            self.max_val.fill_(batch_max)
-        else:
-            self.min_val.fill_(min(float(self.min_val), batch_min))
-            self.max_val.fill_(max(float(self.max_val), batch_max))
-            if batch_min < float(self.hist_lo) or batch_max > float(self.hist_hi):
-                self._grow(batch_min, batch_max)
-        lo, hi = float(self.hist_lo), float(self.hist_hi)
-        # histc drops values outside [lo, hi]; clamping keeps float rounding at the edges from losing counts.
-        counts = torch.histc(x.clamp(lo, hi), bins=self.bins, min=lo, max=hi)
-        self.histogram.add_(counts.double())
-        self.exact_zeros.add_(int((x == 0).sum()))
+        if self.calibrated:
+            batch_min, batch_max = min(float(self.min_val), batch_min), max(float(self.max_val), batch_max)
+        lattice = self._lattice(batch_min, batch_max, self.bins)
+        if self.calibrated:
+            old = self._window(float(self.hist_lo), float(self.hist_hi))
+            if old != lattice:
+                self.histogram.copy_(self._regroup(self.histogram, old, lattice))
+        self._set_window(*lattice)
+        self.min_val.fill_(batch_min)
+        self.max_val.fill_(batch_max)
+        self.histogram.add_(self._count(x, *lattice))
+        self.exact_zeros.add_((x == 0).sum())
+
+    def _merge(self, states: list[dict[str, Any]]) -> None:
+        lo = min(float(state["min_val"]) for state in states)
+        hi = max(float(state["max_val"]) for state in states)
+        lattice = self._lattice(lo, hi, self.bins)
+        merged = torch.zeros(self.bins, dtype=torch.float64)
+        for state in states:
+            if state["histogram"].numel() != self.bins:
+                raise CalibrationError(f"{self._label()}: {state['histogram'].numel()} bins in another process, "
+                                       f"{self.bins} here; every process must build the same observers")
+            own = self._window(float(state["hist_lo"]), float(state["hist_hi"]))
+            # Counts are integers below 2^53, so adding them in float64 is exact in any order.
+            merged += self._regroup(state["histogram"].double(), own, lattice)
+        self.histogram.copy_(merged)
+        self._set_window(*lattice)
+        self.min_val.fill_(lo)
+        self.max_val.fill_(hi)
+        self.exact_zeros.fill_(sum(float(state["exact_zeros"]) for state in states))
 
     def _data_range(self) -> tuple[float, float]:
         return float(self.min_val), float(self.max_val)
@@ -360,7 +512,9 @@ class HistogramObserver(Observer):
         )
         lo, hi = self._select(hist)
         lo, hi = max(lo, data_lo), min(hi, data_hi)
-        return torch.tensor(min(lo, hi), dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
+        device = self.min_val.device
+        return (torch.tensor(min(lo, hi), dtype=torch.float32, device=device),
+                torch.tensor(hi, dtype=torch.float32, device=device))
 
 
 class PercentileObserver(HistogramObserver):
@@ -385,7 +539,7 @@ class EntropyObserver(HistogramObserver):
     ``P = h[:i]`` with the clipped mass ``Σ h[i:]`` added to its last bin;
     ``Q``: ``h[:i]`` merged into ``L`` groups of consecutive bins, each group's mass spread evenly over
     its non-empty bins; ``KL(P‖Q) = Σ P log(P / Q)`` after normalising both. Exact zeros are taken out
-    of ``h`` first: every grid represents them exactly. The ``i`` with the least KL gives ``t = i · (bin width)``, and the range is ``[−t, t]`` intersected with the data range.
+    of the histogram first: every grid represents them exactly. The ``i`` with the least KL gives ``t = i · (bin width)``, and the range is ``[−t, t]`` intersected with the data range.
     """
 
     abs_bins = 2048
@@ -398,15 +552,21 @@ class EntropyObserver(HistogramObserver):
         return levels
 
     def _select(self, hist: _Histogram) -> tuple[float, float]:
-        counts, width = hist.abs_histogram(self.abs_bins)
         # Exact zeros (what ReLU and ReLU6 emit for every negative input) lie on every grid, so they carry no
         # quantization error; left in, their spike dominates the divergence and picks ranges that clip most
         # of the signal (pretrained Lite0's ReLU6 outputs got [0, 0.375]: 0 dB SQNR for the whole model).
-        counts[0] = (counts[0] - self.exact_zeros).clamp(min=0)
+        # They are taken out of the bin holding 0 before it is spread over the bins of |x|.
+        zero_bin = int(torch.searchsorted(hist.edges, torch.zeros(1, dtype=torch.float64, device=hist.edges.device),
+                                          right=True)) - 1
+        if 0 <= zero_bin < hist.counts.numel() and float(self.exact_zeros) < hist.total:
+            without_zeros = hist.counts.clone()
+            without_zeros[zero_bin] = (without_zeros[zero_bin] - self.exact_zeros).clamp(min=0)
+            hist = _Histogram(without_zeros, hist.lo, hist.hi, hist.max_abs)
+        counts, width = hist.abs_histogram(self.abs_bins)
         levels, n = self._levels(), counts.numel()
         if n <= levels:
             return -n * width, n * width
-        cuts = torch.arange(levels, n + 1)
+        cuts = torch.arange(levels, n + 1, device=counts.device)
         t = int(cuts[int(torch.argmin(self.kl_divergences(counts, cuts, levels)))]) * width
         return -t, t
 
@@ -422,14 +582,14 @@ class EntropyObserver(HistogramObserver):
         the last bin's term is then replaced by the one with ``h_{i−1} + O``.
         """
         h = counts.double()
-        zero = torch.zeros(1, dtype=torch.float64)
+        zero = torch.zeros(1, dtype=torch.float64, device=h.device)
         mass_before = torch.cat([zero, h.cumsum(0)])
         nonempty_before = torch.cat([zero, (h > 0).double().cumsum(0)])
         hlogh_before = torch.cat(
             [zero, torch.where(h > 0, h * torch.log(h.clamp(min=1e-300)), 0.0).cumsum(0)]
         )
         total = float(mass_before[-1])
-        bounds = (torch.arange(levels + 1)[None, :] * cuts[:, None] + levels - 1) // levels  # (C, L+1)
+        bounds = (torch.arange(levels + 1, device=h.device)[None, :] * cuts[:, None] + levels - 1) // levels  # (C, L+1)
         group_mass = mass_before[bounds].diff(dim=1)
         group_nonempty = nonempty_before[bounds].diff(dim=1)
         inside = mass_before[cuts]
@@ -479,7 +639,7 @@ class MSEObserver(HistogramObserver):
 
     def _search(self, score, upper: float) -> float:
         """The ``t`` in ``(0, upper]`` with the least ``score(t)`` (coarse grid, then refined)."""
-        ts = upper * torch.arange(1, self.grid + 1, dtype=torch.float64) / self.grid
+        ts = upper * torch.arange(1, self.grid + 1, dtype=torch.float64, device=self.histogram.device) / self.grid
         best = int(torch.argmin(score(ts)))
         step = upper / self.grid
         fine = torch.linspace(
@@ -487,6 +647,7 @@ class MSEObserver(HistogramObserver):
             min(float(ts[best]) + step, upper),
             self.grid,
             dtype=torch.float64,
+            device=self.histogram.device,
         )
         return float(fine[int(torch.argmin(score(fine)))])
 

@@ -161,13 +161,13 @@ def compute_qparams(
             f"compute_qparams: min_val shape {tuple(lo.shape)} != max_val shape {tuple(hi.shape)}"
         )
     qmin, qmax = spec.quant_min, spec.quant_max
-    eps = torch.tensor(_EPS, dtype=torch.float32)
+    eps = torch.tensor(_EPS, dtype=torch.float32, device=lo.device)
     if spec.symmetric and spec.signed:
         scale = torch.maximum(torch.maximum(-lo, hi) / (float(qmax - qmin) / 2), eps)
-        zero_point = torch.zeros(lo.shape, dtype=torch.int64)
+        zero_point = torch.zeros(lo.shape, dtype=torch.int64, device=lo.device)
     elif spec.symmetric:
         scale = torch.maximum(hi / float(qmax - qmin), eps)
-        zero_point = torch.full(lo.shape, qmin, dtype=torch.int64)
+        zero_point = torch.full(lo.shape, qmin, dtype=torch.int64, device=lo.device)
     else:
         scale = torch.maximum((hi - lo) / float(qmax - qmin), eps)
         zero_point = torch.clamp(qmin - torch.round(lo / scale).to(torch.int64), qmin, qmax)

@@ -266,20 +266,95 @@ def test_streaming_histogram_one_batch_vs_many_entropy():
     assert kl[streamed_cut - 128].item() <= 1.05 * kl.min().item()
 
 
-def test_streaming_rebinning_is_exact():
-    # Old bins nest inside new bins, so the streamed counts equal a histogram of all data on the final range.
+def _batches_of_changing_range():
     g = torch.Generator().manual_seed(1)
-    batches = [
-        torch.randn(4000, generator=g) * s + c for s, c in [(0.1, 0), (1, 0), (3, 2), (0.5, -9), (10, 0)]
-    ]
+    return [torch.randn(4000, generator=g) * s + c for s, c in [(0.1, 0), (1, 0), (3, 2), (0.5, -9), (10, 0)]]
+
+
+def test_streaming_rebinning_is_exact():
+    # Old bins nest inside new bins, so the streamed counts equal a histogram of all data on the final window.
+    batches = _batches_of_changing_range()
     obs = HistogramObserver(U8, bins=256)
     for b in batches:
         obs(b)
+    every = torch.cat(batches).double()
     lo, hi = float(obs.hist_lo), float(obs.hist_hi)
-    assert lo <= float(torch.cat(batches).min()) and hi >= float(torch.cat(batches).max())
-    direct = torch.histc(torch.cat(batches).double(), bins=256, min=lo, max=hi)
-    # Values within float rounding of a bin edge may land on either side.
-    assert (direct - obs.histogram).abs().sum().item() <= 4
+    width = (hi - lo) / 256
+    assert lo <= float(every.min()) and hi > float(every.max())
+    assert width == 2.0 ** round(torch.tensor(width).log2().item())  # a power of two
+    assert (hi - lo) < 2 * float(every.max() - every.min()) * 256 / 255  # the smallest such width
+    direct = torch.bincount(torch.floor((every - lo) / width).long(), minlength=256).double()
+    assert torch.equal(direct, obs.histogram)
+
+
+@pytest.mark.parametrize(("scale", "offset"), [(1.0, 0.0), (1.0, 1e7), (1e6, 0.0), (1e-30, 0.0), (1e-40, 0.0)])
+def test_bin_numbers_are_exact_near_zero_far_from_it_and_at_any_scale(scale, offset):
+    # Small bin numbers are computed in float32, others in float64 (offset 1e7, bins wider than 1, or narrower
+    # than 2^-127 for subnormal data): the same exact counts.
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(20_000, generator=g) * scale + offset
+    obs = HistogramObserver(U8, bins=128)
+    for chunk in values.chunk(5):
+        obs(chunk)
+    lo, hi = float(obs.hist_lo), float(obs.hist_hi)
+    width = (hi - lo) / 128
+    direct = torch.bincount((torch.floor(values.double() / width) - lo / width).long(), minlength=128).double()
+    assert torch.equal(direct, obs.histogram)
+
+
+@pytest.mark.parametrize("cls", [PercentileObserver, EntropyObserver, MSEObserver])
+def test_histogram_depends_only_on_the_values_not_the_batches_or_their_order(cls):
+    batches = _batches_of_changing_range()
+    one, streamed, reordered = cls(U8), cls(U8), cls(U8)
+    one(torch.cat(batches))
+    for b in batches:
+        streamed(b)
+    for b in reversed(torch.cat(batches).chunk(7)):
+        reordered(b)
+    for other in (streamed, reordered):
+        for key, value in one.state_dict().items():
+            if key != "batches_seen":
+                assert torch.equal(value, other.state_dict()[key]), key
+        assert torch.equal(one.qparams()[0], other.qparams()[0])
+
+
+@pytest.mark.parametrize(("kind", "axis"), [("minmax", None), ("moving_average", None), ("percentile", None),
+                                           ("entropy", None), ("mse", None), ("minmax", 1), ("moving_average", 1)])
+def test_merged_shards_equal_one_observer_on_all_batches_in_order(kind, axis):
+    spec = U8.replace(observer=kind, axis=axis, averaging_constant=0.3)
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(3, 4, 5, generator=g) * (1 + i) + i for i in range(5)]
+    whole = make_observer(spec)
+    for b in batches:
+        whole(b)
+    # Three "ranks" (rank 2 sees nothing); batch i on rank i % 3, as distributed calibration deals them.
+    shards = [make_observer(spec) for _ in range(3)]
+    for i, b in enumerate(batches[:4]):
+        shards[i % 2].batch_index = i
+        shards[i % 2](b)
+    shards[0].batch_index = 4
+    shards[0](batches[4])
+    merged = make_observer(spec)
+    merged.merge_states([s.shard_state() for s in shards])
+    assert int(merged.batches_seen) == 5
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, merged.state_dict()[key]), key
+    assert all(torch.equal(a, b) for a, b in zip(whole.qparams(), merged.qparams(), strict=True))
+
+
+def test_a_histogram_off_the_lattice_cannot_grow_or_merge():
+    observer = PercentileObserver(U8)
+    observer(torch.randn(100))
+    observer.hist_lo.fill_(float(observer.hist_lo) + 0.001)  # as a state saved under the old growth rule could be
+    with pytest.raises(CalibrationError, match="not on the power-of-two lattice"):
+        observer(torch.randn(100) * 10)
+
+
+def test_moving_average_outside_distributed_calibration_cannot_be_merged():
+    observer = make_observer(U8.replace(observer="moving_average"))
+    observer(torch.randn(10))
+    with pytest.raises(CalibrationError, match="global order is unknown"):
+        observer.shard_state()
 
 
 def test_entropy_ignores_the_spike_of_exact_zeros_after_relu():
