@@ -29,7 +29,7 @@ from tests.fuzz.random_graphs import (
     random_spec,
 )
 
-FAST = settings(max_examples=100, deadline=None, derandomize=True, print_blob=True, database=None,
+FAST = settings(max_examples=50, deadline=None, derandomize=True, print_blob=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 specs = st.randoms(use_true_random=False).map(random_spec)
