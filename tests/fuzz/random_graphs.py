@@ -38,7 +38,7 @@ class KnownOpen:
     its name is a feature of the graphs (``op_features``) that triggers it."""
 
     pipelines: frozenset[str] | None = None
-    message: str | None = None
+    messages: tuple[str, ...] = ()
 
 
 # TEMPORARY (empty it once the fixes are merged): the generator leaves out the features open everywhere;
@@ -51,8 +51,11 @@ KNOWN_OPEN: dict[str, KnownOpen] = {
     "module_twice": KnownOpen(),  # one conv module called twice: "no int8 kernel for QuantizedConv2d"
     # qnnpack relu6/hardtanh/clamp on channels-last data (which qnnpack's convs write)
     "qnnpack_clamp": KnownOpen(frozenset({"ptq_qnnpack"})),
-    # qnnpack add with an input-to-output scale ratio outside [2^-14, 2^8) (an add that cancels its inputs)
-    "qnnpack_add_ratio": KnownOpen(frozenset({"ptq_qnnpack"}), "KeyError: torch.quint8"),
+    # qnnpack add with an input-to-output scale ratio outside [2^-14, 2^8) (an add that cancels its inputs):
+    # qnnpack's refusal reaches Lower as a KeyError or (seen once in 653 graphs) as a RuntimeError of its
+    # shape propagation naming the quantized add
+    "qnnpack_add_ratio": KnownOpen(frozenset({"ptq_qnnpack"}),
+                                   ("KeyError: torch.quint8", "target=torch.ops.quantized.add]")),
     # Found by this fuzz, not fixed yet: in QAT a cat's inputs and output share one FakeQuantize, called once
     # per member each forward, so its moving average mixes the inputs' narrower ranges into the output's and
     # the cat's output clips (PTQ's min/max takes their union).
@@ -430,8 +433,11 @@ class Outcome:
 # chain of N alike quantizations ends N times noisier (SQNR − 10·log10(N)); an add or a cat sums its inputs'
 # noise powers (independent noise), which is what an add that cancels most of its inputs' signal amplifies;
 # a mul adds its inputs' relative noises. The floor is that prediction less MARGIN_DB, for what the model
-# leaves out (see `predicted_sqnr_db`). Calibrated with `python -m tools.fuzz --calibrate`: the measured
-# SQNR less the prediction, over graphs that pass every other check (numbers in tools/fuzz.py's docstring).
+# leaves out (see `predicted_sqnr_db`). Calibrated on the column "SQNR − prediction" of `python -m tools.fuzz`
+# (graphs that pass every other check, known-open features left out): over 653 graphs (seed 1, 10 min) its
+# minimum was −6.9 dB on PTQ x86, −8.3 dB on qnnpack, −3.0 dB on QAT x86, median about +2 dB; the failure
+# this fuzz found (QAT cat ranges) measured −13 to −32 dB. 10 dB keeps the known-good graphs passing and
+# still catches that class.
 MARGIN_DB = 10.0
 WEIGHT_BITS = 8
 FIXED_RANGES = {"sigmoid": 1.0, "tanh": 2.0}  # outputs on a fixed grid over [0, 1] / [-1, 1]
@@ -541,10 +547,10 @@ def _run_pipeline(pipeline: str, model: nn.Module, x: torch.Tensor) -> nn.Module
     raise ValueError(f"unknown pipeline {pipeline!r}; one of {PIPELINES}")
 
 
-def error_outcome(pipeline: str, exc: Exception) -> Outcome:
-    """Classify an exception a pipeline raised (property (a))."""
+def error_outcome(pipeline: str, exc: Exception, known_open: dict[str, KnownOpen] | None = None) -> Outcome:
+    """Classify an exception a pipeline raised (property (a)); ``known_open`` defaults to ``KNOWN_OPEN``."""
     detail = f"{type(exc).__name__}: {exc}"
-    if known := known_error(pipeline, detail):
+    if known := known_error(pipeline, detail, known_open):
         return Outcome(pipeline, SKIPPED, known)
     if not isinstance(exc, QPassesError) or "internal error" in str(exc):
         return Outcome(pipeline, INTERNAL, detail)
@@ -555,47 +561,49 @@ def error_outcome(pipeline: str, exc: Exception) -> Outcome:
     return Outcome(pipeline, REFUSED, detail)
 
 
-def _open(name: str, pipeline: str) -> bool:
-    known = KNOWN_OPEN.get(name)
-    return known is not None and (known.pipelines is None or pipeline in known.pipelines)
+def _open_on(known_open: dict[str, KnownOpen], pipeline: str) -> dict[str, KnownOpen]:
+    return {name: known for name, known in known_open.items() if known.pipelines is None or pipeline in known.pipelines}
 
 
-def open_on(spec: Spec, pipeline: str) -> list[str]:
-    """The ``KNOWN_OPEN`` features of ``spec`` that are open on ``pipeline``."""
-    return sorted(f for f in spec.features() if _open(f, pipeline) and KNOWN_OPEN[f].message is None)
+def open_on(spec: Spec, pipeline: str, known_open: dict[str, KnownOpen] | None = None) -> list[str]:
+    """The features of ``spec`` open on ``pipeline`` in ``known_open`` (default ``KNOWN_OPEN``)."""
+    known = _open_on(KNOWN_OPEN if known_open is None else known_open, pipeline)
+    return sorted(f for f in spec.features() if f in known and not known[f].messages)
 
 
-def known_error(pipeline: str, detail: str) -> str | None:
-    """The ``KNOWN_OPEN`` class an error message on ``pipeline`` belongs to."""
-    return next((name for name, known in KNOWN_OPEN.items()
-                 if known.message and known.message in detail and _open(name, pipeline)), None)
+def known_error(pipeline: str, detail: str, known_open: dict[str, KnownOpen] | None = None) -> str | None:
+    """The class of ``known_open`` (default ``KNOWN_OPEN``) an error message on ``pipeline`` belongs to."""
+    known = _open_on(KNOWN_OPEN if known_open is None else known_open, pipeline)
+    return next((name for name, k in known.items() if any(m in detail for m in k.messages)), None)
 
 
-def check(spec: Spec, pipelines: tuple[str, ...] = PIPELINES) -> list[Outcome]:
-    """Capture ``spec``'s network and run each pipeline on it; one ``Outcome`` for the capture and for each."""
+def check(spec: Spec, pipelines: tuple[str, ...] = PIPELINES,
+          known_open: dict[str, KnownOpen] | None = None) -> list[Outcome]:
+    """Capture ``spec``'s network and run each pipeline on it; one ``Outcome`` for the capture and for each.
+    A pipeline (the capture too) a feature of ``spec`` is open on in ``known_open`` (default ``KNOWN_OPEN``;
+    ``{}`` checks everything) is skipped, an error ``known_open`` names is classified as skipped."""
     model = RandomGraph(spec)
     x = example_input(spec)
     with torch.no_grad():
         expected = model(x)
         values = model.values(x)
-    outcomes = []
-    try:
-        with torch.no_grad():
-            captured_db = sqnr(expected, qpasses.trace(model, x)(x))
-        status = OK if captured_db >= PRESERVE_DB else CAPTURE_MISMATCH
-        outcomes.append(Outcome(CAPTURE, status, f"{captured_db:.1f} dB against eager", captured_db))
-    except Exception as exc:  # noqa: BLE001 - every exception is classified, none is lost
-        outcomes.append(error_outcome(CAPTURE, exc))
-    for pipeline in pipelines:
-        if open_on(spec, pipeline):
-            outcomes.append(Outcome(pipeline, SKIPPED, ", ".join(open_on(spec, pipeline))))
-            continue
+    skipped = {p: ", ".join(open_on(spec, p, known_open)) for p in (CAPTURE, *pipelines)}
+    outcomes = [Outcome(p, SKIPPED, why) for p, why in skipped.items() if why]
+    if not skipped[CAPTURE]:
+        try:
+            with torch.no_grad():
+                captured_db = sqnr(expected, qpasses.trace(model, x)(x))
+            status = OK if captured_db >= PRESERVE_DB else CAPTURE_MISMATCH
+            outcomes.append(Outcome(CAPTURE, status, f"{captured_db:.1f} dB against eager", captured_db))
+        except Exception as exc:  # noqa: BLE001 - every exception is classified, none is lost
+            outcomes.append(error_outcome(CAPTURE, exc, known_open))
+    for pipeline in (p for p in pipelines if not skipped[p]):
         try:
             result = _run_pipeline(pipeline, model, x)
             with torch.no_grad():
                 got_db = sqnr(expected, result(x))
         except Exception as exc:  # noqa: BLE001
-            outcomes.append(error_outcome(pipeline, exc))
+            outcomes.append(error_outcome(pipeline, exc, known_open))
             continue
         floor_db = PRESERVE_DB if pipeline in PRESERVING else sqnr_floor(spec, values, pipeline)
         failed = NOT_PRESERVED if pipeline in PRESERVING else BELOW_FLOOR
