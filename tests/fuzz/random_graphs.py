@@ -34,8 +34,8 @@ from tests.nets import randomize_bn
 @dataclass(frozen=True)
 class KnownOpen:
     """A failure class being fixed on another branch. ``pipelines``: where it is open (None: everywhere,
-    capture included). ``message``: the error text that identifies it, for a class that raises; otherwise
-    its name is a feature of the graphs (``op_features``) that triggers it."""
+    capture included). ``messages``: error texts that identify it, for a class that raises; without them,
+    its name is a feature of the graphs (``Spec.features``) that triggers it."""
 
     pipelines: frozenset[str] | None = None
     messages: tuple[str, ...] = ()
@@ -97,6 +97,7 @@ class Spec:
     seed: int = 0  # weights, BN statistics, inputs
 
     def features(self) -> set[str]:
+        """The op kinds and features (``op_features``) of the network, for ``KNOWN_OPEN`` and the summary."""
         found = set().union(*(op_features(self.ops[:i], op, self.channels_last) for i, op in enumerate(self.ops)))
         if any(_stale(self.ops, v) for v in self.outputs):
             found.add("inplace_alias")
