@@ -90,13 +90,16 @@ class Summary:
 
     def markdown(self) -> str:
         pipelines = [p for p in (CAPTURE, *PIPELINES) if p in self.counts]
-        lines = [f"## qpasses fuzz: {self.graphs} random graphs in {self.seconds / 60:.1f} min (seed {self.seed})", "",
+        minutes = self.seconds / 60
+        lines = [f"## qpasses fuzz: {self.graphs} random graphs in {minutes:.1f} min (seed {self.seed})", "",
                  f"Quantized pipelines fail below their predicted SQNR − {MARGIN_DB:.0f} dB.", "",
                  "| pipeline | " + " | ".join(STATUSES) + " | SQNR − prediction, dB: min / 5% / median |",
                  "|---" * (len(STATUSES) + 2) + "|"]
         for p in pipelines:
             margins = self.margins.get(p)
-            low = " / ".join(f"{v:+.1f}" for v in _quantiles(margins)) + f" (#{self.tightest[p][1]})" if margins else ""
+            low = ""
+            if margins:
+                low = " / ".join(f"{v:+.1f}" for v in _quantiles(margins)) + f" (#{self.tightest[p][1]})"
             lines.append(f"| {p} | " + " | ".join(str(self.counts[p][s]) for s in STATUSES) + f" | {low} |")
         for title, wanted in (("Failures", FAILURES), ("Refusals (one-line QPassesError: allowed)", (REFUSED,)),
                               ("Known open (skipped)", (SKIPPED,))):
@@ -122,7 +125,8 @@ class Summary:
             "sqnr_minus_prediction_db": {p: dict(zip(("min", "p5", "median"), map(round, _quantiles(m), [2] * 3),
                                                      strict=True)) for p, m in self.margins.items()},
             "margin_db": MARGIN_DB,
-            "tightest": {p: {"graph": g, "reproducer": f"check({spec!r})"} for p, (_, g, spec) in self.tightest.items()},
+            "tightest": {p: {"graph": g, "reproducer": f"check({spec!r})"}
+                         for p, (_, g, spec) in self.tightest.items()},
             "classes": [{"pipeline": p, "class": sig, "count": c.count, "graph": c.graph, "detail": c.detail,
                          "features": c.features, "reproducer": f"check({c.spec!r})"}
                         for (p, sig), c in self.classes.items()],

@@ -433,8 +433,8 @@ class Outcome:
 # model and propagates the noise as a fraction r of each value's power: each quantization adds its ε, so a
 # chain of N alike quantizations ends N times noisier (SQNR − 10·log10(N)); an add or a cat sums its inputs'
 # noise powers (independent noise), which is what an add that cancels most of its inputs' signal amplifies;
-# a mul adds its inputs' relative noises. The floor is that prediction less MARGIN_DB, for what the model
-# leaves out (see `predicted_sqnr_db`). Calibrated on the column "SQNR − prediction" of `python -m tools.fuzz`
+# a mul adds its inputs' relative noise amplitudes. The floor is that prediction less MARGIN_DB, for what the
+# model leaves out (see `predicted_sqnr_db`). Calibrated on the column "SQNR − prediction" of `python -m tools.fuzz`
 # (graphs that pass every other check, known-open features left out): over 653 graphs (seed 1, 10 min) its
 # minimum was −6.9 dB on PTQ x86, −8.3 dB on qnnpack, −3.0 dB on QAT x86, median about +2 dB; the failure
 # this fuzz found (QAT cat ranges) measured −13 to −32 dB. 10 dB keeps the known-good graphs passing and
@@ -484,8 +484,8 @@ def predicted_sqnr_db(spec: Spec, values: list[torch.Tensor], bits: int) -> floa
     Noise is tracked as a power per element: a quantization adds step²/12; an elementwise activation
     multiplies it by its mean square slope, a scale by its square; adds sum it (an add of a value with
     itself quadruples it), cats average it over channels; convs, BN, muls and the head keep it as a fraction
-    of the signal (a mul adds its inputs' fractions). Left out, so covered by ``MARGIN_DB``: noise correlated
-    between branches that share a producer (counted as independent: pessimistic where an add cancels it),
+    of the signal (a mul adds its inputs' relative amplitudes, which bounds a product of correlated values).
+    Left out, so covered by ``MARGIN_DB``: noise correlated between branches that share a producer (counted as independent: pessimistic where an add cancels it),
     noise gains of convs that differ from their signal gains, averaging in pools (pessimistic), ranges the
     observers choose other than min/max, a clamp folded into its producer's range (counted at the producer's
     wider range)."""
@@ -503,8 +503,8 @@ def predicted_sqnr_db(spec: Spec, values: list[torch.Tensor], bits: int) -> floa
         ins = op.inputs
         if op.kind in ("add", "iadd"):
             carried = 4 * noise[ins[0]] if ins[0] == ins[1] else noise[ins[0]] + noise[ins[1]]
-        elif op.kind == "mul":
-            carried = power[out] * (noise[ins[0]] / power[ins[0]] + noise[ins[1]] / power[ins[1]])
+        elif op.kind == "mul":  # relative noise amplitudes add: the bound for correlated inputs (x · x)
+            carried = power[out] * sum(math.sqrt(noise[v] / power[v]) for v in ins) ** 2
         elif op.kind == "cat":
             channels = [values[v].shape[1] for v in ins]
             carried = sum(noise[v] * c for v, c in zip(ins, channels, strict=True)) / sum(channels)
@@ -563,7 +563,8 @@ def error_outcome(pipeline: str, exc: Exception, known_open: dict[str, KnownOpen
 
 
 def _open_on(known_open: dict[str, KnownOpen], pipeline: str) -> dict[str, KnownOpen]:
-    return {name: known for name, known in known_open.items() if known.pipelines is None or pipeline in known.pipelines}
+    return {name: known for name, known in known_open.items()
+            if known.pipelines is None or pipeline in known.pipelines}
 
 
 def open_on(spec: Spec, pipeline: str, known_open: dict[str, KnownOpen] | None = None) -> list[str]:

@@ -58,7 +58,8 @@ def test_generator_leaves_out_excluded_features():
 
 def test_inplace_add_on_an_alias_is_a_capture_feature():
     conv = Op("conv", (0,), (("bias", True), ("cout", 4), ("groups", 1), ("k", 1), ("stride", 1)))
-    ops = (conv, Op("alias", (1,), (("module", "dropout"),)), Op("iadd", (2, 1)), Op("conv_again", (1,), (("conv", 0),)))
+    ops = (conv, Op("alias", (1,), (("module", "dropout"),)), Op("iadd", (2, 1)),
+           Op("conv_again", (1,), (("conv", 0),)))
     assert "inplace_alias" in op_features(ops[:3], ops[3], channels_last=False)
 
 
