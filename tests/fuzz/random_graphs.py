@@ -44,18 +44,6 @@ class KnownOpen:
 # TEMPORARY (empty it once the fixes are merged): the generator leaves out the features open everywhere;
 # `check` skips a pipeline that a feature of the graph is open on, and classifies a known message as known.
 KNOWN_OPEN: dict[str, KnownOpen] = {
-    "clamp_act_under_cat": KnownOpen(),  # ReLU/ReLU6 folded under torch.cat loses the activation
-    "nested_cat": KnownOpen(),  # KeyError in InsertObservers
-    "inplace_alias": KnownOpen(),  # `a += b` on an aliased value: fx records it out of place (capture ≠ eager)
-    "leaky_relu_kwargs": KnownOpen(),  # F.leaky_relu(x, negative_slope=s): the slope is dropped at lowering
-    "module_twice": KnownOpen(),  # one conv module called twice: "no int8 kernel for QuantizedConv2d"
-    # qnnpack relu6/hardtanh/clamp on channels-last data (which qnnpack's convs write)
-    "qnnpack_clamp": KnownOpen(frozenset({"ptq_qnnpack"})),
-    # qnnpack add with an input-to-output scale ratio outside [2^-14, 2^8) (an add that cancels its inputs):
-    # qnnpack's refusal reaches Lower as a KeyError or (seen once in 653 graphs) as a RuntimeError of its
-    # shape propagation naming the quantized add
-    "qnnpack_add_ratio": KnownOpen(frozenset({"ptq_qnnpack"}),
-                                   ("KeyError: torch.quint8", "target=torch.ops.quantized.add]")),
     # Found by this fuzz, not fixed yet: in QAT a cat's inputs and output share one FakeQuantize, called once
     # per member each forward, so its moving average mixes the inputs' narrower ranges into the output's and
     # the cat's output clips (PTQ's min/max takes their union).
