@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 # TORCH_SPEC: a pip constraints file pinning torch and torchvision for this venv (.ci/torch-*.txt), e.g.
-#   make test VENV=.venv-torch2.12 TORCH_SPEC=.ci/torch-2.12.txt
+#   make test VENV=.venv-torch2.13 TORCH_SPEC=.ci/torch-2.13.txt
 # It is passed as PIP_CONSTRAINT, which replaces any constraint file pip's own configuration names (on a
 # machine whose pip caps torch, that is how a release above the cap installs). Empty: the newest torch that
 # pyproject.toml and pip's configuration allow.
