@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -73,6 +74,10 @@ def load_model(spec: str, pretrained: bool = False, input_size: int | None = Non
 
 def _from_factory(spec: str) -> nn.Module:
     module_name, _, attr = spec.partition(":")
+    # The `qpasses` script, unlike `python -m qpasses`, does not put the current folder on sys.path; a model
+    # file beside the user must import all the same.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -101,8 +101,9 @@ def test_quantize_from_the_wheel(installed):
     _, site = installed
     (site.parent / "tinymodel.py").write_text(TINY_MODEL)
     saved = site.parent / "tiny_int8.pt"
-    quantize = _run(site, "-m", "qpasses", "quantize", "tinymodel:tiny", "--input-size", "16", "--num-batches", "2",
-                    "--batch-size", "2", "--out", str(saved), "--json")
+    # The `qpasses` script pip installed (sys.path[0] is its folder, not the current one, unlike `python -m`).
+    quantize = _run(site, str(site / "bin" / "qpasses"), "quantize", "tinymodel:tiny", "--input-size", "16",
+                    "--num-batches", "2", "--batch-size", "2", "--out", str(saved), "--json")
     assert quantize.returncode == 0, quantize.stderr
     summary = json.loads(quantize.stdout)
     assert summary["plan"][-1] == "Lower" and summary["sqnr_db_on_example"] > 15
