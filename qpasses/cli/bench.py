@@ -1,4 +1,7 @@
-"""``qpasses bench [NAME] ...``: the benchmarks in ``tools/bench`` (``tools.bench.<NAME>.main``)."""
+"""``qpasses bench [NAME] ...``: the benchmarks in ``tools/bench`` (``tools.bench.<NAME>.main``).
+
+``tools/`` belongs to the source checkout, not to the installed package: from a wheel, every ``qpasses bench``
+command ends with one line saying where the benchmarks run."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from qpasses.cli.forward import forward, module_available
 
 PACKAGE = "tools.bench"
 HELPERS = {"common"}  # modules of tools/bench that are not benchmarks
+NOT_INSTALLED = ("the benchmarks are scripts of a qpasses source checkout, not part of this installation: "
+                 "run them there with `python -m tools.bench.NAME`")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +31,8 @@ def benchmarks() -> list[str]:
 
 
 def run(argv: list[str]) -> int:
+    if not module_available(PACKAGE):
+        raise CLIError(NOT_INSTALLED)
     names = benchmarks()
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: qpasses bench NAME [options]   (qpasses bench NAME --help for its options)")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -28,22 +30,35 @@ class CLIError(QPassesError):
     """Bad command-line input: a model that cannot be found or built, a missing file, a bad combination."""
 
 
+ZOO_EXTRA = "pip install 'qpasses[zoo]'"
+
+
+def import_zoo(module: str, purpose: str) -> ModuleType:
+    """``module`` of ``qpasses_zoo``; where a dependency of the zoo is missing (qpasses installed without its
+    ``zoo`` extra), one line saying what needs it and what to install."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        package = (exc.name or str(exc)).partition(".")[0]
+        raise CLIError(f"{purpose} needs qpasses' zoo extra (no module '{package}'): {ZOO_EXTRA}") from exc
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     model: nn.Module
     input_size: int
-    normalization: Any  # qpasses_zoo.data.Normalization
+    normalization: Any  # qpasses_zoo.data.Normalization; None: ImageNet's (module:factory models)
 
 
 def load_model(spec: str, pretrained: bool = False, input_size: int | None = None) -> LoadedModel:
-    """A zoo model by name, or ``module:factory`` (a callable returning an ``nn.Module``, called without arguments)."""
-    import qpasses_zoo as zoo
-    from qpasses_zoo.data import IMAGENET
+    """A zoo model by name, or ``module:factory`` (a callable returning an ``nn.Module``, called without arguments).
 
+    ``module:factory`` needs no zoo: drawing such a model works in an installation without the ``zoo`` extra."""
     if ":" in spec:
         if pretrained:
             raise CLIError(f"--pretrained applies to zoo models; '{spec}' builds its own weights")
-        return LoadedModel(_from_factory(spec), input_size or 224, IMAGENET)
+        return LoadedModel(_from_factory(spec), input_size or 224, None)
+    zoo = import_zoo("qpasses_zoo", f"zoo model '{spec}'")
     if spec not in zoo.MODELS:
         raise CLIError(f"unknown model '{spec}': give a zoo model ({', '.join(zoo.list_models())}) "
                        f"or module:factory (e.g. torchvision.models:resnet18)")
@@ -54,6 +69,10 @@ def load_model(spec: str, pretrained: bool = False, input_size: int | None = Non
 
 def _from_factory(spec: str) -> nn.Module:
     module_name, _, attr = spec.partition(":")
+    # The `qpasses` script, unlike `python -m qpasses`, does not put the current folder on sys.path; a model
+    # file beside the user must import all the same.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -83,30 +102,29 @@ def check_runs(spec: str, loaded: LoadedModel, example: torch.Tensor) -> None:
 
 def calibration_loader(source: str, loaded: LoadedModel, num_batches: int, batch_size: int) -> Callable[[], list]:
     """A cached function returning the calibration batches: ``photos`` (offline photo crops) or an image folder."""
-    from qpasses_zoo.data import image_folder, loader, photo_crops
-
     if source != "photos" and not Path(source).is_dir():
         raise CLIError(f"--calib {source}: no such folder; give 'photos' (offline photo crops) or a folder of images")
+    data = import_zoo("qpasses_zoo.data", f"calibrating on --calib {source}")
+    normalization = loaded.normalization or data.IMAGENET
 
     @cache
     def batches() -> list[torch.Tensor]:
         if source == "photos":
-            dataset = photo_crops(num_batches * batch_size, loaded.input_size, seed=0, split="calib",
-                                  normalization=loaded.normalization)
+            dataset = data.photo_crops(num_batches * batch_size, loaded.input_size, seed=0, split="calib",
+                                       normalization=normalization)
         else:
-            dataset = image_folder(source, loaded.input_size, loaded.normalization)
-        return [images for (images,), _ in zip(loader(dataset, batch_size), range(num_batches), strict=False)]
+            dataset = data.image_folder(source, loaded.input_size, normalization)
+        return [images for (images,), _ in zip(data.loader(dataset, batch_size), range(num_batches), strict=False)]
 
     return batches
 
 
 def held_out_photos(loaded: LoadedModel, num_batches: int, batch_size: int) -> list[torch.Tensor]:
     """Photo crops from the halves of the photos that ``--calib photos`` never reads (qpasses_zoo.data.photos)."""
-    from qpasses_zoo.data import loader, photo_crops
-
-    dataset = photo_crops(num_batches * batch_size, loaded.input_size, seed=1, split="eval",
-                          normalization=loaded.normalization)
-    return [images for (images,) in loader(dataset, batch_size)]
+    data = import_zoo("qpasses_zoo.data", "--eval (held-out photo crops)")
+    dataset = data.photo_crops(num_batches * batch_size, loaded.input_size, seed=1, split="eval",
+                               normalization=loaded.normalization or data.IMAGENET)
+    return [images for (images,) in data.loader(dataset, batch_size)]
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser, passes_default: str | None) -> None:

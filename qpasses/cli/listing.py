@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
 from qpasses.cli.bench import benchmarks
+from qpasses.cli.common import CLIError, import_zoo
 from qpasses.passes.registry import PASSES
 from qpasses.quant.backends import BACKENDS
 
@@ -25,8 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def collect(what: str) -> dict[str, str]:
     """``{name: one-line description}`` for one section."""
     if what == "models":
-        import qpasses_zoo as zoo
-
+        zoo = import_zoo("qpasses_zoo", "listing the zoo's models")
         return {name: f"{s.input_size}×{s.input_size}" + (f", {s.num_classes} classes" if s.num_classes else "")
                 for name, s in zoo.MODELS.items()}
     if what == "passes":
@@ -36,15 +37,22 @@ def collect(what: str) -> dict[str, str]:
         return {name: f"engine {b.engine}" + ("" if b.engine in engines else " (not in this torch build)")
                 + (f"; {b.notes}" if b.notes else "") for name, b in BACKENDS.items()}
     if what == "datasets":
-        from qpasses_zoo.data import list_datasets
-
-        return {name: "" for name in list_datasets()}
+        return {name: "" for name in import_zoo("qpasses_zoo.data", "listing the zoo's datasets").list_datasets()}
     return {name: "" for name in benchmarks()}
 
 
 def run(args: argparse.Namespace) -> int:
     sections = [args.what] if args.what else list(SECTIONS)
-    found = {what: collect(what) for what in sections}
+    found, missing = {}, {}
+    for what in sections:
+        try:
+            found[what] = collect(what)
+        except CLIError as exc:  # a section of the zoo without the zoo extra: the others are still listed
+            if args.what:
+                raise
+            missing[what] = str(exc)
+    for what, message in missing.items():
+        print(f"{what}: {message}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(found, indent=2))
         return 0

@@ -145,6 +145,12 @@ def _symbolic_trace(model: nn.Module, leaf_names: set[str], leaf_types: tuple[ty
         graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as exc:
         raise _trace_error(model, tracer.failed_module, exc) from exc
+    # Under `from __future__ import annotations` a forward's annotations are strings, which fx copies as the
+    # placeholders' and output's types; torch < 2.14 then cannot pickle the GraphModule (torch.save fails
+    # with "'str' object has no attribute '__name__'"). They only annotate the generated code.
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     if defaults:
         _drop_captured(gm, n_inputs, len(defaults))

@@ -218,6 +218,15 @@ def test_forwarded_commands(capsys, monkeypatch):
     assert_one_line_error(code, err, "'qpasses recipe' needs qpasses_zoo.no_such_recipes")
 
 
+@pytest.mark.parametrize("argv", [["bench"], ["bench", "ptq", "--quick"]])
+def test_bench_without_tools_points_at_a_source_checkout(capsys, monkeypatch, argv):
+    import qpasses.cli.bench
+
+    monkeypatch.setattr(qpasses.cli.bench, "PACKAGE", "tools.no_such_bench")  # as in an installed wheel
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, "source checkout", "python -m tools.bench.NAME")
+
+
 def test_a_real_process():
     def qpasses(*argv):
         env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}

@@ -261,3 +261,15 @@ def test_capture_verification_runs_in_eval_mode_and_leaves_the_model_alone():
     trace(model, torch.randn(2, 3, 6, 6))
     # Dropout samples in training mode; the check compares deterministic eval-mode forwards: no false alarm.
     assert model.training and torch.equal(model[1].running_mean, stats)  # BN statistics untouched
+
+
+def test_postponed_annotations_leave_no_string_types_and_the_graph_pickles(tmp_path):
+    # tests.nets is written with `from __future__ import annotations`: its forward's annotations are strings,
+    # which torch < 2.14 cannot pickle as node types.
+    from tests.nets import TinyUNet
+
+    gm = trace(TinyUNet().eval(), torch.randn(1, 3, 16, 16))
+    assert not [n.name for n in gm.graph.nodes if isinstance(n.type, str)]
+    torch.save(gm, tmp_path / "g.pt")
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(torch.load(tmp_path / "g.pt", weights_only=False)(x), gm(x))

@@ -21,6 +21,8 @@ from qpasses_zoo.recipes.common import DEFAULT_CACHE, Settings
 RECIPES: dict[str, tuple[str, str]] = {
     "resnet": ("qpasses_zoo.recipes.resnet", "float, dynamic fp16/int8, static int8 PTQ, eager and TorchScript: "
                                      "top-1/5, size, latency, peak memory (CIFAR ResNets)"),
+    "resnet_ddp": ("qpasses_zoo.recipes.resnet_ddp", "the resnet recipe's ResNet-18 float / PTQ / QAT rows, trained "
+                                                 "with torchrun on N processes (gloo on CPU, NCCL on GPU)"),
     "bits": ("qpasses_zoo.recipes.bits", "8- to 4-bit PTQ (plain, +BiasCorrection, +AdaRound) and QAT of ResNet-18 "
                                  "(and ResNet-50 with --model)"),
     "calibration": ("qpasses_zoo.recipes.calibration", "max vs percentile vs entropy vs MSE calibration "

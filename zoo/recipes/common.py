@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from qpasses import PassManager
 from qpasses.analysis.metrics import latency, model_size, peak_memory, ssim
@@ -75,6 +77,24 @@ def chosen_models(settings: Settings, available: Sequence[str], default: Sequenc
     return list(settings.models or (quick if settings.quick else default))
 
 
+# ----------------------------------------------------------------------------------------- processes
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed's once a process group is initialised (torchrun),
+    else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def training_device() -> torch.device:
+    """Where :func:`train` runs: this process's GPU under an NCCL process group, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -122,12 +142,26 @@ def train(
     ``<cache>/<name>-<config hash>-epoch<NNN>.pt`` and the previous epoch's file is removed; an
     interrupted run resumes from the last epoch written. Each epoch shuffles with seed ``seed + epoch``,
     so a resumed run sees the batches an uninterrupted one would. Returns the training record
-    (``losses`` per epoch, ``checkpoint``, ``resumed_from``, ``seconds``). The model ends in eval mode.
+    (``losses`` per epoch, ``checkpoint``, ``resumed_from``, ``seconds``). The model ends in eval mode, on
+    the CPU.
+
+    Under a torch.distributed process group (torchrun) every process calls this: the model trains as
+    ``DistributedDataParallel`` on :func:`training_device`, each process on its ``DistributedSampler`` shard
+    in batches of ``batch_size``, and after each epoch every replica takes rank 0's buffers, so all end with
+    the same weights and statistics; the losses are averaged over all processes, rank 0 alone writes the
+    checkpoints, and the world size is part of the cache key.
     """
+    rank, world_size = world()
     key = {"model": name, "data": data_description, **config.__dict__}
+    if world_size > 1:  # the effective batch is world_size × batch_size: another training
+        key["world_size"] = world_size
+    device = training_device()
     settings.cache.mkdir(parents=True, exist_ok=True)
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(train_set) // config.batch_size)
+    sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=config.seed) \
+        if world_size > 1 else None
+    steps_per_epoch = -(-(len(sampler) if sampler is not None else len(train_set)) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
     record: dict[str, Any] = {"losses": [], "resumed_from": 0, "config_hash": config_hash(key), "seconds": 0.0}
     found = _latest_checkpoint(settings.cache, name, key, config.epochs)
@@ -143,28 +177,41 @@ def train(
             raise RecipeError(f"checkpoint {path} is unreadable ({exc}); delete it to retrain") from exc
         record.update(losses=list(state["losses"]), resumed_from=start_epoch, checkpoint=str(path))
     torch.manual_seed(config.seed)
+    net = model if world_size == 1 else \
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     start = time.perf_counter()
     for epoch in range(start_epoch + 1, config.epochs + 1):
         model.train()
-        total, count = 0.0, 0
-        batches = loader(train_set, config.batch_size, shuffle=True, seed=config.seed + epoch)
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss × samples, samples
+        if sampler is None:
+            batches = loader(train_set, config.batch_size, shuffle=True, seed=config.seed + epoch)
+        else:
+            sampler.set_epoch(epoch)
+            batches = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler)
         for inputs, targets in progress(batches, len(batches), f"{name} epoch {epoch}/{config.epochs}",
-                                        settings.show_progress):
-            loss = loss_fn(model(inputs), targets)
+                                        settings.show_progress and rank == 0):
+            inputs, targets = inputs.to(device), targets.to(device)
+            loss = loss_fn(net(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += float(loss.detach()) * len(inputs)
-            count += len(inputs)
-        record["losses"].append(total / count)
+            totals += torch.tensor([float(loss.detach()) * len(inputs), len(inputs)], device=device)
+        if world_size > 1:
+            dist.all_reduce(totals)
+            # DDP hands rank 0's buffers to every replica before each forward, after which each updates its
+            # own (BN statistics, fake-quant ranges) from its shard: rank 0's last ones are the model's.
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+        record["losses"].append(float(totals[0] / totals[1]))
         path = checkpoint_path(settings.cache, name, key, epoch)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "losses": record["losses"], "config": key}, path)
-        previous = checkpoint_path(settings.cache, name, key, epoch - 1)
-        previous.unlink(missing_ok=True)
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "losses": record["losses"], "config": key}, path)
+            checkpoint_path(settings.cache, name, key, epoch - 1).unlink(missing_ok=True)
         record["checkpoint"] = str(path)
     record["seconds"] = time.perf_counter() - start
+    model.to("cpu")
     model.eval()
     return record
 

@@ -48,17 +48,25 @@ COLUMNS = [
 ]
 
 
-def eager_variants(model: torch.nn.Module, calibration: list, example: torch.Tensor, qat: QATRun,
-                   settings: Settings) -> list:
+def int8_variants(model: torch.nn.Module, calibration: list, example: torch.Tensor, qat: QATRun,
+                  settings: Settings) -> list:
+    """Static int8 PTQ (FuseBN, then PTQ on the calibration batches) and QAT int8 (fine-tuned as ``qat``)."""
     config = quant_config(settings, BACKEND)
     return [
-        Variant("float", copy_of(model)),
-        build("dynamic fp16", pipeline(model, example, DynamicQuant(torch.float16))),
-        build("dynamic int8", pipeline(model, example, DynamicQuant(torch.qint8))),
         build(f"static int8 PTQ ({BACKEND})",
               pipeline(model, example, FuseBN(), PTQ(calibration, backend=BACKEND, config=config,
                                                      progress=settings.show_progress))),
         qat_variant(f"QAT int8 ({BACKEND})", model, example, [QAT(backend=BACKEND, config=config)], qat, settings),
+    ]
+
+
+def eager_variants(model: torch.nn.Module, calibration: list, example: torch.Tensor, qat: QATRun,
+                   settings: Settings) -> list:
+    return [
+        Variant("float", copy_of(model)),
+        build("dynamic fp16", pipeline(model, example, DynamicQuant(torch.float16))),
+        build("dynamic int8", pipeline(model, example, DynamicQuant(torch.qint8))),
+        *int8_variants(model, calibration, example, qat, settings),
     ]
 
 
