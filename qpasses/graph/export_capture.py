@@ -198,6 +198,7 @@ class ExportedGraph:
 
     graph_module: fx.GraphModule
     aten_ops: dict[str, int]  # op name → count of nodes left as ATen calls
+    batch_generic: bool  # False: every size is the example's (export specialised the batch dimension too)
 
 
 def export_graph(model: nn.Module, inputs: tuple) -> ExportedGraph:
@@ -207,8 +208,35 @@ def export_graph(model: nn.Module, inputs: tuple) -> ExportedGraph:
     graph the normaliser cannot map (buffer mutations, inputs export did not keep).
     """
     with eval_mode(model), buffers_restored(model):
-        exported = torch.export.export(model, inputs, strict=False)
+        exported = _export_batch_generic(model, inputs)
+        if exported is None:
+            exported = torch.export.export(model, inputs, strict=False)
     return normalise(model, exported, len(inputs))
+
+
+def _export_batch_generic(model: nn.Module, inputs: tuple) -> torch.export.ExportedProgram | None:
+    """The export with the batch (first) dimension of every tensor input symbolic, or None where the model
+    fixes it. Export specialises every size it sees, so a graph exported at batch 2 would refuse calibration
+    batches of 8; export also specialises a size of 1, so a batch of 1 is exported as two copies."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if not tensors:
+        return None
+    widened = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1 else x
+                    for x in inputs)
+    dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+                    for x in inputs)
+    try:
+        exported = torch.export.export(model, widened, dynamic_shapes=dynamic, strict=False)
+    except Exception:  # a model that needs its example's batch size: export it as it is
+        return None
+    return exported if _batch_is_symbolic(exported) else None
+
+
+def _batch_is_symbolic(exported: torch.export.ExportedProgram) -> bool:
+    users = {s.arg.name for s in exported.graph_signature.input_specs if s.kind is InputKind.USER_INPUT}
+    values = [n.meta.get("val") for n in exported.graph.nodes if n.op == "placeholder" and n.name in users]
+    sizes = [v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return bool(sizes) and all(isinstance(size, torch.SymInt) for size in sizes)
 
 
 def _op_name(target: Any) -> str:
@@ -267,7 +295,7 @@ class _Normaliser:
                 raise TraceError(f"exported node '{node.name}' ({node.op}) has no canonical form")
         self.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "get_attr")
         gm = fx.GraphModule(self.owned, self.graph, type(self.model).__name__)
-        return ExportedGraph(gm, dict(sorted(self.aten_ops.items())))
+        return ExportedGraph(gm, dict(sorted(self.aten_ops.items())), _batch_is_symbolic(self.exported))
 
     @staticmethod
     def copy_meta(new: Any, old: fx.Node) -> Any:

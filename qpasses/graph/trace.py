@@ -61,15 +61,22 @@ class CaptureInfo:
     as ``MultiheadAttention`` that symbolic tracing keeps whole when export could not capture them).
     ``aten_ops``: with export, ATen ops with no canonical form, left as they are (they run float), by count.
     ``tried``: the rungs tried before, each with why it was not used.
+    ``fixed_shapes``: with export, the graph holds every size of the example inputs (the model fixed the
+    batch size too); otherwise only their sizes past the first are fixed (export specialises them), and
+    symbolic tracing fixes none.
     """
 
     method: str
     opaque_modules: list[str] = field(default_factory=list)
     aten_ops: dict[str, int] = field(default_factory=dict)
     tried: list[str] = field(default_factory=list)
+    fixed_shapes: bool = False
 
     def __str__(self) -> str:
         lines = [f"capture: {self.method}" + (f" (after {'; '.join(self.tried)})" if self.tried else "")]
+        if self.method == EXPORT:
+            lines.append("export fixed the example inputs' sizes" + ("" if self.fixed_shapes else
+                         " past the batch dimension") + "; inputs of other sizes need a new capture")
         if self.opaque_modules:
             lines.append(f"left opaque (untraced, float): {', '.join(self.opaque_modules)}")
         if self.aten_ops:
@@ -307,11 +314,13 @@ def trace(
         canonical.decompose(gm)
         info = CaptureInfo(SYMBOLIC_TRACE)
         composites = _torch_nn_composites(gm)
-        if composites and may_export:
+        functional = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _FUNCTIONAL_LAYERS]
+        shortfalls = ([f"symbolic_trace kept {', '.join(composites)} whole"] if composites else []) + (
+            [f"symbolic_trace left {', '.join(functional)} functional (float)"] if functional else [])
+        if shortfalls and may_export:
             exported, why = _export_rung(model, inputs)
             if exported is not None:
-                exported.meta["capture"].tried.append(
-                    f"symbolic_trace kept {', '.join(composites)} whole")
+                exported.meta["capture"].tried += shortfalls
                 return _finish(model, exported, inputs, verify=False)
             info.tried.append(why)
         info.opaque_modules = composites
@@ -348,6 +357,12 @@ def trace(
     return _finish(model, gm, inputs, verify)
 
 
+# Weighted layers called as functions (``F.conv2d(x, self.weight)``): the op table quantizes modules only, and
+# export's normaliser builds a module around a Parameter weight.
+_FUNCTIONAL_LAYERS = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+                      torch.nn.functional.linear)
+
+
 def _torch_nn_composites(gm: fx.GraphModule) -> list[str]:
     """``torch.nn`` modules with submodules that the graph calls whole (fx never traces into ``torch.nn``):
     ``MultiheadAttention``, ``TransformerEncoderLayer``; their linears would stay float."""
@@ -371,7 +386,7 @@ def _export_rung(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule | None
     except Exception as exc:  # any failure of export or of its graph: the next rung decides
         reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         return None, f"torch.export failed: {type(exc).__name__}: {reason}"
-    gm.meta["capture"] = CaptureInfo(EXPORT, aten_ops=exported.aten_ops)
+    gm.meta["capture"] = CaptureInfo(EXPORT, aten_ops=exported.aten_ops, fixed_shapes=not exported.batch_generic)
     return gm, ""
 
 

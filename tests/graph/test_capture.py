@@ -247,3 +247,28 @@ def test_the_translation_table_targets_what_the_op_table_knows():
         name = record.target if isinstance(record.target, str) else record.target.__name__
         assert record.target in known or name in arithmetic, op
     assert torch.ops.aten.conv3d.default in MODULE_OPS and torch.ops.aten.linear.default in MODULE_OPS
+
+
+def test_a_functional_conv_on_a_parameter_is_captured_by_export_as_a_conv_module():
+    class WeightNormed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+        def forward(self, x):
+            return F.conv2d(x, self.weight, padding=1)
+
+    model = WeightNormed().eval()
+    gm = trace(model, torch.randn(1, 3, 5, 5))
+    assert gm.meta["capture"].method == "export" and "left conv2d functional" in gm.meta["capture"].tried[0]
+    (conv,) = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    assert type(conv) is nn.Conv2d and conv.weight is model.weight and conv.padding == (1, 1)
+
+
+def test_an_export_capture_takes_other_batch_sizes_even_from_a_batch_of_one():
+    model = Encoder().eval()
+    gm = trace(model, torch.randn(1, 6, 32))
+    assert gm.meta["capture"].method == "export" and not gm.meta["capture"].fixed_shapes
+    for batch in (1, 3):
+        x = torch.randn(batch, 6, 32)
+        torch.testing.assert_close(gm(x), model(x))
