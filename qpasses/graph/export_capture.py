@@ -365,6 +365,12 @@ class _Normaliser:
             module = op.build(cls, arguments, config)
             for attr, name in names.items():
                 setattr(module, attr, self.tensor(name))
+            device = self.tensor(first).device
+            for attr, buffer in list(module.named_buffers()):
+                if buffer.is_meta:  # no op argument holds it (BN's num_batches_tracked): the owner's, or zeros
+                    held = getattr(owner, attr, None)
+                    module.register_buffer(attr, held if isinstance(held, torch.Tensor) and not held.is_meta
+                                           else torch.zeros(buffer.shape, dtype=buffer.dtype, device=device))
             module.eval()
             qualname = self.fresh_name(first)
             self.owned[qualname] = module

@@ -287,9 +287,10 @@ def trace(
     ``leaf_modules`` are kept opaque (called, not traced through): qualified names such as
     ``"blocks.3"`` or module classes; export cannot keep a module opaque, so naming leaves skips that rung.
     With ``auto_leaf=True`` a submodule that cannot be traced is made a leaf and tracing retried.
-    ``verify``: compare the graph with the eager model on ``example_inputs`` (see ``verify_capture``);
-    a capture that computes something else raises ``TraceError``. An export capture is accepted only if it
-    passes that check, whatever ``verify`` says (it is a choice between rungs).
+    ``verify``: compare the graph with the eager model on ``example_inputs`` (see ``verify_capture``); a
+    symbolic trace that computes something else (an in-place ``+=`` on an aliased value) goes on to export,
+    and where export fails too raises ``TraceError``. An export capture is accepted only if it passes that
+    check, whatever ``verify`` says (it is a choice between rungs).
     The model itself is not modified: the graph module shares its parameters.
     Forward parameters the example inputs do not fill (``forward(x, *, mask=None)``) are captured at their
     defaults, so the graph takes the example inputs alone. Bad input (not a float32 ``nn.Module``, inputs it
@@ -315,8 +316,8 @@ def trace(
         info = CaptureInfo(SYMBOLIC_TRACE)
         composites = _torch_nn_composites(gm)
         functional = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _FUNCTIONAL_LAYERS]
-        shortfalls = ([f"symbolic_trace kept {', '.join(composites)} whole"] if composites else []) + (
-            [f"symbolic_trace left {', '.join(functional)} functional (float)"] if functional else [])
+        shortfalls = ([f"symbolic_trace kept {_some(composites)} whole"] if composites else []) + (
+            [f"symbolic_trace left {_some(functional)} functional (float)"] if functional else [])
         if shortfalls and may_export:
             exported, why = _export_rung(model, inputs)
             if exported is not None:
@@ -325,7 +326,16 @@ def trace(
             info.tried.append(why)
         info.opaque_modules = composites
         gm.meta["capture"] = info
-        return _finish(model, gm, inputs, verify)
+        try:
+            return _finish(model, gm, inputs, verify)
+        except TraceError as err:  # the graph computes something else (fx records ``a += b`` out of place)
+            if not may_export:
+                raise
+            exported, why = _export_rung(model, inputs)
+            if exported is None:
+                raise TraceError(f"{err}; {why}", module=err.module, source=err.source) from err
+            exported.meta["capture"].tried.append(str(err).split("; ")[0].replace("the traced graph", "symbolic_trace's graph", 1))
+            return _finish(model, exported, inputs, verify=False)
 
     tried = [f"symbolic_trace failed: {str(failure).splitlines()[0]}"]
     if may_export:
@@ -361,6 +371,10 @@ def trace(
 # export's normaliser builds a module around a Parameter weight.
 _FUNCTIONAL_LAYERS = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
                       torch.nn.functional.linear)
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names) if len(names) <= shown else f"{', '.join(names[:shown])}, … ({len(names)} in all)"
 
 
 def _torch_nn_composites(gm: fx.GraphModule) -> list[str]:

@@ -423,7 +423,9 @@ class PassManager:
                 raise InputError(f"{type(gm).__name__} cannot run on the example inputs: {exc}") from exc
         else:
             with eval_mode(model):
-                gm = trace(model, inputs, leaf_modules=self.leaf_modules, auto_leaf=self.auto_leaf, verify=False)
+                # trace verifies each rung it tries (a symbolic trace that differs goes on to export)
+                gm = trace(model, inputs, leaf_modules=self.leaf_modules, auto_leaf=self.auto_leaf,
+                           verify=self.verify)
             traced = _run_verified_forward(gm, inputs)
             if self.verify:  # every pass is then measured against the eager model, which is what the user has
                 reference = verify_capture(model, gm, inputs, self.sqnr_threshold_db)

@@ -272,3 +272,23 @@ def test_an_export_capture_takes_other_batch_sizes_even_from_a_batch_of_one():
     for batch in (1, 3):
         x = torch.randn(batch, 6, 32)
         torch.testing.assert_close(gm(x), model(x))
+
+
+def test_a_batch_norm_with_its_own_forward_is_rebuilt_and_folds():
+    class BatchNormAct(nn.BatchNorm2d):
+        """timm's BatchNormAct2d: BN and activation in one module's forward."""
+
+        def forward(self, x):
+            return F.relu(super().forward(x))
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct(4)).eval()
+    model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 3, 6, 6)
+    gm = export_graph(model, (x,)).graph_module
+    bn = gm.get_submodule("1")
+    assert type(bn) is nn.BatchNorm2d and bn.running_var is model[1].running_var
+    assert bn.num_batches_tracked is model[1].num_batches_tracked
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [F.relu]
+    qm, pm = ptq(gm, (1, 3, 6, 6), passes=[FuseBN()])
+    assert [r for r in pm.report.records if r.name == "FuseBN"][0].stats["folded"] == 1
+    assert count(qm, nnq.Conv2d) == 1 and sqnr(model(x), qm(x)) > 25

@@ -2,7 +2,8 @@
 convs/linears run int8, and the SQNR of FuseBN + PTQ (x86) against the float model on random inputs.
 
 ``python -m tools.bench.capture [model ...]`` prints a table (it writes nothing). Random weights
-(``pretrained=False``), BN statistics randomised so that folding is not the identity, 4 calibration batches.
+(``pretrained=False``; zero-initialised weights drawn at random), BN statistics randomised so that folding is
+not the identity, 4 calibration batches.
 """
 
 from __future__ import annotations
@@ -48,9 +49,14 @@ MODELS = {
 }
 
 
-def _randomize_bn(model: nn.Module) -> None:
+def _randomize(model: nn.Module) -> None:
+    """BN statistics away from (0, 1); weights initialised to zero (torchvision's ViT head) drawn at random,
+    else the output is the bias whatever the rest computes."""
     g = torch.Generator().manual_seed(0)
     for m in model.modules():
+        weight = getattr(m, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.dim() > 1 and not weight.any():
+            weight.data.normal_(0, 0.02, generator=g)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
@@ -60,7 +66,7 @@ def measure(name: str) -> dict[str, object]:
     torch.manual_seed(0)
     model, shape = MODELS[name]()
     model.eval()
-    _randomize_bn(model)
+    _randomize(model)
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(*shape, generator=g) for _ in range(4)]
     # an attention block's in-projection is a linear on its in_proj_weight, not a module: counted once per block
