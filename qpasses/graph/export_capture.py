@@ -50,9 +50,14 @@ def _tuple(value: Any, n: int) -> Any:
     return values * n if len(values) == 1 else values
 
 
+def _transposed(args: dict) -> bool:
+    """aten.convolution says so in ``transposed``; aten.conv_transpose*d are the ops with ``output_padding``."""
+    return bool(args.get("transposed", "output_padding" in args))
+
+
 def _conv_class(args: dict) -> type[nn.Module]:
     rank = args["weight"].meta["val"].dim() - 2
-    if args.get("transposed"):
+    if _transposed(args):
         return {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[rank]
     return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[rank]
 
@@ -61,7 +66,7 @@ def _conv_config(args: dict) -> dict[str, Any]:
     rank = args["weight"].meta["val"].dim() - 2
     config = {name: _tuple(args[name], rank) for name in ("stride", "padding", "dilation")}
     config["groups"] = args["groups"]
-    if args.get("transposed"):
+    if _transposed(args):
         config["output_padding"] = _tuple(args["output_padding"], rank)
     return config
 
@@ -69,8 +74,8 @@ def _conv_config(args: dict) -> dict[str, Any]:
 def _conv_build(cls: type[nn.Module], args: dict, config: dict) -> nn.Module:
     shape = args["weight"].meta["val"].shape
     groups = config["groups"]
-    in_ch, out_ch = (shape[0], shape[1] * groups) if issubclass(cls, nn.ConvTranspose1d | nn.ConvTranspose2d
-                                                                  | nn.ConvTranspose3d) else (shape[1] * groups, shape[0])
+    transposed = issubclass(cls, nn.modules.conv._ConvTransposeNd)
+    in_ch, out_ch = (shape[0], shape[1] * groups) if transposed else (shape[1] * groups, shape[0])
     return cls(in_ch, out_ch, tuple(shape[2:]), bias=args["bias"] is not None, device="meta", **config)
 
 
@@ -114,8 +119,7 @@ MODULE_OPS: dict[Any, ModuleOp] = {
     aten.conv1d.default: _CONV, aten.conv2d.default: _CONV, aten.conv3d.default: _CONV,
     aten.conv1d.padding: _CONV, aten.conv2d.padding: _CONV, aten.conv3d.padding: _CONV,
     aten.convolution.default: _CONV,
-    aten.conv_transpose1d.default: ModuleOp(lambda a: nn.ConvTranspose1d, lambda a: {**_conv_config(a), "output_padding": _tuple(a["output_padding"], 1)}, _conv_build, _CONV_TENSORS),
-    aten.conv_transpose2d.input: ModuleOp(lambda a: nn.ConvTranspose2d, lambda a: {**_conv_config(a), "output_padding": _tuple(a["output_padding"], 2)}, _conv_build, _CONV_TENSORS),
+    aten.conv_transpose1d.default: _CONV, aten.conv_transpose2d.input: _CONV, aten.conv_transpose3d.input: _CONV,
     aten.linear.default: ModuleOp(lambda a: nn.Linear, lambda a: {}, _linear_build, _CONV_TENSORS),
     aten.batch_norm.default: _BN,
 }

@@ -292,3 +292,31 @@ def test_a_batch_norm_with_its_own_forward_is_rebuilt_and_folds():
     qm, pm = ptq(gm, (1, 3, 6, 6), passes=[FuseBN()])
     assert [r for r in pm.report.records if r.name == "FuseBN"][0].stats["folded"] == 1
     assert count(qm, nnq.Conv2d) == 1 and sqnr(model(x), qm(x)) > 25
+
+
+def test_transposed_convs_and_qat_on_an_export_capture():
+    from qpasses import convert
+    from qpasses.passes import QAT
+
+    class UpLayerScale(LayerScale):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+        def forward(self, x):
+            return self.up(super().forward(x))
+
+    model = UpLayerScale().eval()
+    x = torch.randn(2, 4, 4, 4)
+    gm = trace(model, x)
+    assert gm.meta["capture"].method == "export" and gm.get_submodule("up") is model.up
+    qat = PassManager([QAT(backend="x86")]).run(model, x)
+    qat.train()
+    optimizer = torch.optim.SGD(qat.parameters(), lr=1e-3)
+    for batch in batches((2, 4, 4, 4)):
+        optimizer.zero_grad()
+        qat(batch).square().mean().backward()
+        optimizer.step()
+    lowered = convert(qat.eval())
+    assert count(lowered, nnq.Conv2d) == 1 and count(lowered, nnq.ConvTranspose2d) == 1
+    assert sqnr(qat(x), lowered(x)) > 25
