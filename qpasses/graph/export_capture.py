@@ -140,22 +140,27 @@ class FunctionOp:
     target: Callable | str
     args: tuple[str, ...]
     kwargs: tuple[tuple[str, str], ...] = ()
+    in_place: bool = False  # the op writes its input: the target is called with ``inplace=True``
 
 
 def _same(target: Callable | str, *args: str, **kwargs: str) -> FunctionOp:
     return FunctionOp(target, args, tuple(kwargs.items()))
 
 
+def _in_place(target: Callable, *args: str) -> FunctionOp:
+    return FunctionOp(target, args, in_place=True)
+
+
 _POOL = ("input", "kernel_size", "stride", "padding")
 FUNCTION_OPS: dict[Any, FunctionOp] = {
     aten.relu.default: _same(F.relu, "input"),
-    aten.relu_.default: _same(F.relu, "input"),
+    aten.relu_.default: _in_place(F.relu, "input"),
     aten.hardtanh.default: _same(F.hardtanh, "input", "min_val", "max_val"),
-    aten.hardtanh_.default: _same(F.hardtanh, "input", "min_val", "max_val"),
+    aten.hardtanh_.default: _in_place(F.hardtanh, "input", "min_val", "max_val"),
     aten.relu6.default: _same(F.relu6, "input"),
     aten.clamp.default: _same(torch.clamp, "input", "min", "max"),
     aten.hardswish.default: _same(F.hardswish, "input"),
-    aten.hardswish_.default: _same(F.hardswish, "input"),
+    aten.hardswish_.default: _in_place(F.hardswish, "input"),
     aten.hardsigmoid.default: _same(F.hardsigmoid, "input"),
     aten.leaky_relu.default: _same(F.leaky_relu, "input", "negative_slope"),
     aten.sigmoid.default: _same(torch.sigmoid, "input"),
@@ -298,8 +303,22 @@ class _Normaliser:
             else:
                 raise TraceError(f"exported node '{node.name}' ({node.op}) has no canonical form")
         self.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "get_attr")
+        self.check_names()
         gm = fx.GraphModule(self.owned, self.graph, type(self.model).__name__)
         return ExportedGraph(gm, dict(sorted(self.aten_ops.items())), _batch_is_symbolic(self.exported))
+
+    def check_names(self) -> None:
+        """A module built under an owner's name ('bn1' for timm's BatchNormAct2d) must not hide another name the
+        graph reads below it ('bn1.act'), unless that is the very attribute the built module holds."""
+        for built in self.built.values():
+            module = self.owned[built]
+            for name, value in self.owned.items():
+                if name.startswith(built + "."):
+                    held: Any = module
+                    for part in name[len(built) + 1:].split("."):
+                        held = getattr(held, part, None)
+                    if held is not value:
+                        raise TraceError(f"module '{built}' built for an ATen op would hide '{name}'")
 
     @staticmethod
     def copy_meta(new: Any, old: fx.Node) -> Any:
@@ -345,6 +364,8 @@ class _Normaliser:
             return None  # e.g. add with alpha: no operator form
         args = self.value(tuple(arguments[name] for name in op.args))
         kwargs = self.value({keyword: arguments[name] for name, keyword in op.kwargs})
+        if op.in_place:
+            kwargs["inplace"] = True
         if isinstance(op.target, str):
             return self.graph.call_method(op.target, args, kwargs)
         return self.graph.call_function(op.target, args, kwargs)
@@ -361,7 +382,8 @@ class _Normaliser:
         first = names[op.tensors[0][1]]
         owner_name, _, _ = first.rpartition(".")
         owner = self.model.get_submodule(owner_name) if owner_name else self.model
-        if self.owned.get(owner_name, owner) is owner and self.computes(owner, cls, config, names, owner_name):
+        if owner_name and self.owned.get(owner_name, owner) is owner and self.computes(owner, cls, config, names,
+                                                                                        owner_name):
             self.owned[owner_name] = owner
             return self.graph.call_module(owner_name, (self.value(arguments[_first_input(node)]),))
         key = (cls, tuple(sorted(config.items())), tuple(sorted(names.items())))
@@ -376,7 +398,7 @@ class _Normaliser:
                     module.register_buffer(attr, held if isinstance(held, torch.Tensor) and not held.is_meta
                                            else torch.zeros(buffer.shape, dtype=buffer.dtype, device=device))
             module.eval()
-            qualname = self.fresh_name(first)
+            qualname = self.fresh_name(first, cls)
             self.owned[qualname] = module
             self.built[key] = qualname
         return self.graph.call_module(self.built[key], (self.value(arguments[_first_input(node)]),))
@@ -398,11 +420,14 @@ class _Normaliser:
         prefix = f"{owner_name}." if owner_name else ""
         return names == {attr: prefix + attr for attr in expected}
 
-    def fresh_name(self, tensor_name: str) -> str:
-        """A module name for a module built around ``tensor_name`` ('a.in_proj_weight' → 'a.in_proj',
-        'conv.weight' → 'conv' where that is free)."""
+    def fresh_name(self, tensor_name: str, cls: type[nn.Module]) -> str:
+        """A module name for a ``cls`` built around ``tensor_name`` ('a.in_proj_weight' → 'a.in_proj',
+        'conv.weight' → 'conv' where that is free, the model's own 'weight' → 'conv2d')."""
         owner, _, attr = tensor_name.rpartition(".")
-        base = owner if attr in ("weight", "running_mean") else f"{owner}.{attr.removesuffix('_weight')}".lstrip(".")
+        if attr in ("weight", "running_mean"):
+            base = owner or cls.__name__.lower()
+        else:
+            base = f"{owner}.{attr.removesuffix('_weight')}".lstrip(".")
         taken = set(self.owned) | {name for name, _ in self.model.named_modules() if name != base}
         candidate, i = base, 1
         while candidate in taken or not candidate:

@@ -320,3 +320,30 @@ def test_transposed_convs_and_qat_on_an_export_capture():
     lowered = convert(qat.eval())
     assert count(lowered, nnq.Conv2d) == 1 and count(lowered, nnq.ConvTranspose2d) == 1
     assert sqnr(qat(x), lowered(x)) > 25
+
+
+def test_an_in_place_activation_stays_in_place():
+    class ReadsAfterReLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = y.relu_()  # y is z now: both read the rectified values
+            return y + z
+
+    model = ReadsAfterReLU().eval()
+    x = torch.randn(1, 3, 4, 4)
+    gm = export_graph(model, (x,)).graph_module
+    (relu,) = [n for n in gm.graph.nodes if n.target is F.relu]
+    assert relu.kwargs == {"inplace": True}
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+def test_a_bare_layer_is_captured_and_quantized():
+    model = nn.Linear(8, 4).eval()
+    gm = trace(model, torch.randn(2, 8))  # symbolic tracing sees F.linear on the root's own weight
+    assert gm.meta["capture"].method == "export" and type(gm.get_submodule("linear")) is nn.Linear
+    qm, _ = ptq(model, (2, 8))
+    assert count(qm, nnq.Linear) == 1
