@@ -8,8 +8,8 @@ from torch import nn
 
 from qpasses import PassManager, TraceError, trace
 from qpasses.analysis.metrics import sqnr
+from qpasses.graph import CaptureInfo
 from qpasses.graph.export_capture import FUNCTION_OPS, MODULE_OPS, export_graph
-from qpasses.graph.trace import CaptureInfo
 from qpasses.passes import PTQ, FuseBN
 
 
