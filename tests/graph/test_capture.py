@@ -24,6 +24,12 @@ def ptq(model, shape, passes=()):
     return pm.run(model, data[0]), pm
 
 
+@torch.fx.wrap
+def clip_if_large(x):
+    """Data-dependent control flow symbolic tracing keeps as one call (``torch.fx.wrap``); export cannot."""
+    return x.clamp(max=1.0) if x.abs().max() > 1 else x
+
+
 def count(gm, types):
     return sum(isinstance(m, types) for m in gm.modules())
 
@@ -347,3 +353,24 @@ def test_a_bare_layer_is_captured_and_quantized():
     assert gm.meta["capture"].method == "export" and type(gm.get_submodule("linear")) is nn.Linear
     qm, _ = ptq(model, (2, 8))
     assert count(qm, nnq.Linear) == 1
+
+
+def test_where_export_fails_the_symbolic_graph_is_kept_with_its_opaque_blocks_named():
+    class Attends(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.proj(clip_if_large(self.attn(x, x, x, need_weights=False)[0]))
+
+    model = Attends().eval()
+    x = torch.randn(2, 3, 8)
+    gm = trace(model, x)
+    capture = gm.meta["capture"]
+    assert capture.method == "symbolic_trace" and capture.opaque_modules == ["attn"]
+    assert capture.tried[0].startswith("torch.export failed")
+    qm, pm = ptq(model, (2, 3, 8))
+    assert count(qm, nnq.Linear) == 1  # proj; the attention block stays whole and float
+    assert "left opaque (untraced, float): attn" in str(pm.report)
