@@ -77,7 +77,7 @@ def test_a_layer_scale_gamma_is_captured_as_an_attribute_by_export():
     assert gm.conv is model.conv and gm.gamma is model.gamma  # shared, not copied
     assert set(gm.state_dict()) == set(model.state_dict())
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
-    qm, pm = ptq(model, (2, 4, 6, 6))
+    qm, pm = ptq(gm, (2, 4, 6, 6))
     assert count(qm, nnq.Conv2d) == 1
     assert "capture: export (after symbolic_trace failed" in str(pm.report)
     assert sqnr(model(x), qm(x)) > 25
@@ -157,7 +157,7 @@ def test_a_transformer_encoder_is_captured_by_export_and_all_its_linears_run_int
     info = gm.meta["capture"]
     assert info.method == "export" and "symbolic_trace kept encoder whole" in info.tried[0]
     assert "scaled_dot_product_attention.default" in info.aten_ops  # attention itself stays float
-    qm, pm = ptq(model, (2, 6, 32))
+    qm, pm = ptq(gm, (2, 6, 32))  # the captured graph: its capture is what the report shows
     # Per layer: the attention's in-projection (a Linear built on in_proj_weight), out_proj, linear1, linear2;
     # plus the head: 9 linears, every one int8 (symbolic tracing alone quantized the head only).
     assert count(qm, nnq.Linear) == 9
