@@ -111,5 +111,6 @@ def summary(args: argparse.Namespace, report: Report, example: torch.Tensor) -> 
         "sqnr_db_on_example": json_number(report.records[-1].sqnr_db),
         "out": str(args.out) if args.out is not None else None,
         "passes": records,
+        "capture": report.capture.method if report.capture is not None else None,
         "left_opaque": report.opaque_modules,
     }

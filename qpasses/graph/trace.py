@@ -1,8 +1,17 @@
 """Capture any model into a ``torch.fx.GraphModule`` with shape metadata on every node.
 
-The capture ladder: symbolic tracing with known leaf modules (and the canonical decompositions of
-``qpasses.graph.canonical``) → on failure, a precise error naming the submodule and the user's line →
-with ``auto_leaf=True``, retry with the failing submodule kept opaque, so the rest is still transformed.
+The capture ladder, each rung checked against the eager model:
+1. symbolic tracing with known leaf modules (and the canonical decompositions of ``qpasses.graph.canonical``);
+2. ``torch.export`` (non-strict training IR) normalised into the same canonical form
+   (``qpasses.graph.export_capture``), where symbolic tracing fails (a Parameter used directly, shape
+   arithmetic) or keeps a ``torch.nn`` composite whole (``nn.MultiheadAttention``, ``nn.TransformerEncoder``);
+3. with ``auto_leaf=True``, symbolic tracing again with each failing submodule kept opaque.
+Where all fail, a precise error names the submodule, the user's line and the fix. Which rung captured the
+graph, and what stayed opaque, is ``gm.meta['capture']`` (a ``CaptureInfo``).
+
+Symbolic tracing comes first because its graph is shape-generic (timm's 'SAME' padding is computed at run
+time; export specialises it to the example input's size) and records the user's own modules; export is the
+rung that captures what it cannot.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import re
 import traceback
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,10 +36,11 @@ from torch.overrides import TorchFunctionMode
 from qpasses.analysis.metrics import sqnr
 from qpasses.errors import GraphRunError, InputError, QPassesError, TraceError
 from qpasses.graph import canonical
+from qpasses.graph.export_capture import export_graph
 from qpasses.graph.modules import buffers_restored, eval_mode
 from qpasses.validation import as_input_tuple, check_model
 
-__all__ = ["LeafSpec", "as_input_tuple", "propagate_shapes", "trace", "verify_capture"]
+__all__ = ["CaptureInfo", "LeafSpec", "as_input_tuple", "propagate_shapes", "trace", "verify_capture"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _QPASSES_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +49,40 @@ LeafSpec = str | type
 # A capture must reproduce the eager model as closely as the function-preserving passes must reproduce it
 # (the PassManager's default threshold): float reassociation stays far above it, a lost operation far below.
 CAPTURE_SQNR_DB = 60.0
+SYMBOLIC_TRACE, EXPORT, AUTO_LEAF = "symbolic_trace", "export", "auto_leaf"
+
+
+@dataclass
+class CaptureInfo:
+    """How a graph was captured, in ``gm.meta['capture']``.
+
+    ``method``: the rung that captured it (``'symbolic_trace'``, ``'export'`` or ``'auto_leaf'``).
+    ``opaque_modules``: submodules called whole, untransformed (auto_leaf's, and ``torch.nn`` composites such
+    as ``MultiheadAttention`` that symbolic tracing keeps whole when export could not capture them).
+    ``aten_ops``: with export, ATen ops with no canonical form, left as they are (they run float), by count.
+    ``tried``: the rungs tried before, each with why it was not used.
+    ``fixed_shapes``: with export, the graph holds every size of the example inputs (the model fixed the
+    batch size too); otherwise only their sizes past the first are fixed (export specialises them), and
+    symbolic tracing fixes none.
+    """
+
+    method: str
+    opaque_modules: list[str] = field(default_factory=list)
+    aten_ops: dict[str, int] = field(default_factory=dict)
+    tried: list[str] = field(default_factory=list)
+    fixed_shapes: bool = False
+
+    def __str__(self) -> str:
+        lines = [f"capture: {self.method}" + (f" (after {'; '.join(self.tried)})" if self.tried else "")]
+        if self.method == EXPORT:
+            lines.append("export fixed the example inputs' sizes" + ("" if self.fixed_shapes else
+                         " past the batch dimension") + "; inputs of other sizes need a new capture")
+        if self.opaque_modules:
+            lines.append(f"left opaque (untraced, float): {', '.join(self.opaque_modules)}")
+        if self.aten_ops:
+            lines.append("ATen ops kept as they are (float): "
+                         + ", ".join(f"{name} ×{count}" for name, count in self.aten_ops.items()))
+        return "\n".join(lines)
 
 
 class _Tracer(fx.Tracer):
@@ -55,7 +100,7 @@ class _Tracer(fx.Tracer):
             return True
         if canonical.decomposition_for(m) is not None or type(m).__module__.startswith("qpasses."):
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        return super().is_leaf_module(m, module_qualified_name) or _runs_torch_nn_forward(m)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -64,6 +109,15 @@ class _Tracer(fx.Tracer):
             if self.failed_module is None:
                 self.failed_module = self.path_of_module(m)
             raise
+
+
+def _runs_torch_nn_forward(m: nn.Module) -> bool:
+    """A layer without submodules whose class keeps a ``torch.nn`` forward (torchvision's ``Conv3DSimple``
+    is an ``nn.Conv3d`` that only changes ``__init__``): a leaf like the ``torch.nn`` class, not traced into a
+    functional call the passes cannot fold or quantize."""
+    forward = type(m).forward
+    return not any(True for _ in m.children()) and any(
+        cls.__dict__.get("forward") is forward for cls in type(m).__mro__ if cls.__module__.startswith("torch.nn."))
 
 
 def _user_frame(exc: BaseException) -> tuple[str | None, str | None]:
@@ -230,13 +284,19 @@ def trace(
     auto_leaf: bool = False,
     verify: bool = True,
 ) -> fx.GraphModule:
-    """Trace ``model`` into a GraphModule with ``node.meta['tensor_meta']`` on every tensor-valued node.
+    """Capture ``model`` into a GraphModule with ``node.meta['tensor_meta']`` on every tensor-valued node.
 
+    The capture ladder (see the module docstring): symbolic tracing, then ``torch.export`` normalised into the
+    same canonical form where symbolic tracing fails or keeps a ``torch.nn`` composite (``MultiheadAttention``)
+    whole, then ``auto_leaf``. ``gm.meta['capture']`` is a :class:`CaptureInfo` saying which rung captured it
+    and what stayed opaque (``gm.meta['opaque_modules']`` lists the latter too).
     ``leaf_modules`` are kept opaque (called, not traced through): qualified names such as
-    ``"blocks.3"`` or module classes. With ``auto_leaf=True`` a submodule that cannot be traced is made
-    a leaf and tracing retried; the names left opaque are in ``gm.meta['opaque_modules']``.
-    ``verify``: compare the graph with the eager model on ``example_inputs`` (see ``verify_capture``);
-    a capture that computes something else raises ``TraceError``.
+    ``"blocks.3"`` or module classes; export cannot keep a module opaque, so naming leaves skips that rung.
+    With ``auto_leaf=True`` a submodule that cannot be traced is made a leaf and tracing retried.
+    ``verify``: compare the graph with the eager model on ``example_inputs`` (see ``verify_capture``); a
+    symbolic trace that computes something else (an in-place ``+=`` on an aliased value) goes on to export,
+    and where export fails too raises ``TraceError``. An export capture is accepted only if it passes that
+    check, whatever ``verify`` says (it is a choice between rungs).
     The model itself is not modified: the graph module shares its parameters.
     Forward parameters the example inputs do not fill (``forward(x, *, mask=None)``) are captured at their
     defaults, so the graph takes the example inputs alone. Bad input (not a float32 ``nn.Module``, inputs it
@@ -250,24 +310,108 @@ def trace(
     unknown = [name for name in leaf_names if name not in dict(model.named_modules())]
     if unknown:
         raise TraceError(f"leaf_modules names no submodule of {type(model).__name__}: {sorted(unknown)}")
+    may_export = not leaf_names and not leaf_types
 
+    try:
+        gm = _symbolic_trace(model, leaf_names, leaf_types, len(inputs), defaults)
+    except TraceError as err:
+        failure = err
+        gm = None
+    if gm is not None:
+        canonical.decompose(gm)
+        info = CaptureInfo(SYMBOLIC_TRACE)
+        composites = _torch_nn_composites(gm)
+        functional = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _FUNCTIONAL_LAYERS]
+        shortfalls = ([f"symbolic_trace kept {_some(composites)} whole"] if composites else []) + (
+            [f"symbolic_trace left {_some(functional)} functional (float)"] if functional else [])
+        if shortfalls and may_export:
+            exported, why = _export_rung(model, inputs)
+            if exported is not None:
+                exported.meta["capture"].tried += shortfalls
+                return _finish(model, exported, inputs, verify=False)
+            info.tried.append(why)
+        info.opaque_modules = composites
+        gm.meta["capture"] = info
+        try:
+            return _finish(model, gm, inputs, verify)
+        except TraceError as err:  # the graph computes something else (fx records ``a += b`` out of place)
+            if not may_export:
+                raise
+            exported, why = _export_rung(model, inputs)
+            if exported is None:
+                raise TraceError(f"{err}; {why}", module=err.module, source=err.source) from err
+            exported.meta["capture"].tried.append(str(err).split("; ")[0].replace("the traced graph", "symbolic_trace's graph", 1))
+            return _finish(model, exported, inputs, verify=False)
+
+    tried = [f"symbolic_trace failed: {str(failure).splitlines()[0]}"]
+    if may_export:
+        exported, why = _export_rung(model, inputs)
+        if exported is not None:
+            exported.meta["capture"].tried += tried
+            return _finish(model, exported, inputs, verify=False)
+        tried.append(why)
+    if not auto_leaf or not failure.module or failure.module in leaf_names:
+        if may_export:
+            raise TraceError(f"{failure}\n  {why}", module=failure.module, source=failure.source) from failure
+        raise failure
     opaque: list[str] = []
     while True:
         try:
             gm = _symbolic_trace(model, leaf_names, leaf_types, len(inputs), defaults)
             break
         except TraceError as err:
-            if not auto_leaf or not err.module or err.module in leaf_names:
+            if not err.module or err.module in leaf_names:
                 raise
             leaf_names.add(err.module)
             opaque.append(err.module)
-    if opaque:
-        warnings.warn(
-            f"auto_leaf: kept {len(opaque)} submodule(s) opaque, they stay float and untransformed: {opaque}",
-            stacklevel=2,
-        )
+    warnings.warn(
+        f"auto_leaf: kept {len(opaque)} submodule(s) opaque, they stay float and untransformed: {opaque}",
+        stacklevel=2,
+    )
     canonical.decompose(gm)
-    gm.meta["opaque_modules"] = opaque
+    gm.meta["capture"] = CaptureInfo(AUTO_LEAF, opaque_modules=opaque, tried=tried)
+    return _finish(model, gm, inputs, verify)
+
+
+# Weighted layers called as functions (``F.conv2d(x, self.weight)``): the op table quantizes modules only, and
+# export's normaliser builds a module around a Parameter weight.
+_FUNCTIONAL_LAYERS = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+                      torch.nn.functional.linear)
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names) if len(names) <= shown else f"{', '.join(names[:shown])}, … ({len(names)} in all)"
+
+
+def _torch_nn_composites(gm: fx.GraphModule) -> list[str]:
+    """``torch.nn`` modules with submodules that the graph calls whole (fx never traces into ``torch.nn``):
+    ``MultiheadAttention``, ``TransformerEncoderLayer``; their linears would stay float."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if type(module).__module__.startswith("torch.nn.") and any(True for _ in module.children()):
+                found.append(node.target)
+    return found
+
+
+def _export_rung(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule | None, str]:
+    """The export capture, verified against the eager model, or None and why it was not used."""
+    try:
+        exported = export_graph(model, inputs)
+        gm = exported.graph_module
+        with buffers_restored(model), buffers_restored(gm):
+            propagate_shapes(gm, inputs)
+        verify_capture(model, gm, inputs)
+    except Exception as exc:  # any failure of export or of its graph: the next rung decides
+        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        return None, f"torch.export failed: {type(exc).__name__}: {reason}"
+    gm.meta["capture"] = CaptureInfo(EXPORT, aten_ops=exported.aten_ops, fixed_shapes=not exported.batch_generic)
+    return gm, ""
+
+
+def _finish(model: nn.Module, gm: fx.GraphModule, inputs: tuple, verify: bool) -> fx.GraphModule:
+    gm.meta["opaque_modules"] = list(gm.meta["capture"].opaque_modules)
     try:
         with buffers_restored(model), buffers_restored(gm):  # a model in training mode keeps its BN statistics
             propagate_shapes(gm, inputs)

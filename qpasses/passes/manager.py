@@ -33,7 +33,7 @@ from torch import nn
 from qpasses.analysis.metrics import sqnr
 from qpasses.errors import GraphRunError, InputError, PassError, PlanError, QPassesError, VerificationError
 from qpasses.graph.modules import buffers_restored, eval_mode
-from qpasses.graph.trace import LeafSpec, propagate_shapes, trace, verify_capture
+from qpasses.graph.trace import CaptureInfo, LeafSpec, propagate_shapes, trace, verify_capture
 from qpasses.passes.base import Pass, PassContext, Stage, describe
 from qpasses.passes.calibrate import model_device, to_device
 from qpasses.validation import as_input_tuple, check_model
@@ -185,7 +185,11 @@ class PassRecord:
 class Report:
     plan: Plan
     records: list[PassRecord] = field(default_factory=list)
-    opaque_modules: list[str] = field(default_factory=list)
+    capture: CaptureInfo | None = None  # None when the pipeline ran on a GraphModule captured elsewhere
+
+    @property
+    def opaque_modules(self) -> list[str]:
+        return list(self.capture.opaque_modules) if self.capture is not None else []
 
     def table(self) -> str:
         header = ("pass", "time ms", "nodes", "+added", "-removed", "~changed", "SQNR dB", "stats")
@@ -202,8 +206,8 @@ class Report:
         for r in self.records:
             lines += [f"{r.name}: {n}" for n in r.notes]
         lines += [f"plan: {n}" for n in self.plan.notes]
-        if self.opaque_modules:
-            lines.append(f"left opaque (untraced, float): {', '.join(self.opaque_modules)}")
+        if self.capture is not None:
+            lines.append(str(self.capture))
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -419,14 +423,16 @@ class PassManager:
                 raise InputError(f"{type(gm).__name__} cannot run on the example inputs: {exc}") from exc
         else:
             with eval_mode(model):
-                gm = trace(model, inputs, leaf_modules=self.leaf_modules, auto_leaf=self.auto_leaf, verify=False)
+                # trace verifies each rung it tries (a symbolic trace that differs goes on to export)
+                gm = trace(model, inputs, leaf_modules=self.leaf_modules, auto_leaf=self.auto_leaf,
+                           verify=self.verify)
             traced = _run_verified_forward(gm, inputs)
             if self.verify:  # every pass is then measured against the eager model, which is what the user has
                 reference = verify_capture(model, gm, inputs, self.sqnr_threshold_db)
                 captured = sqnr(reference, traced)
             else:
                 reference = traced
-        report = Report(plan, opaque_modules=list(gm.meta.get("opaque_modules", [])))
+        report = Report(plan, capture=gm.meta.get("capture"))
         n_nodes = len(gm.graph.nodes)
         report.records.append(PassRecord("trace", time.perf_counter() - start, n_nodes, n_nodes, sqnr_db=captured))
         if self._dumper is not None:

@@ -17,7 +17,7 @@ from torch import nn
 from qpasses.errors import QPassesError
 from qpasses.graph.modules import unique_name
 from qpasses.quant.observers import make_observer
-from qpasses.quant.ops import DERIVED_METHODS
+from qpasses.quant.ops import DERIVED_METHODS, entry_for
 from qpasses.quant.spec import QuantSpec
 
 # node.meta key: a conv/linear's weight (scale, zero_point) pinned by a pass that rounded on that grid
@@ -217,7 +217,7 @@ def quantized_compute(module: nn.Module, spec: QuantSpec, scale: float, zero_poi
                       trained_qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
     """The int8 version of a conv or linear layer, writing its output at (``scale``, ``zero_point``), its
     weight at ``trained_qparams`` if given (e.g. by QAT), else at the weight's observed range."""
-    cls = _QUANTIZED_COMPUTE.get(type(module))
+    cls = entry_for(module, _QUANTIZED_COMPUTE)
     if cls is None:
         raise QPassesError(f"no int8 kernel for {type(module).__name__}")
     qweight = quantize_weight(module.weight, weight_spec(module, spec), trained_qparams)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import operator
+from typing import TypeVar
 
 import torch
 import torch.fx as fx
@@ -16,6 +17,8 @@ from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 
 from qpasses.nn import ChannelClamp, SamePad2d
+
+T = TypeVar("T")
 
 
 class Role(enum.Enum):
@@ -63,6 +66,16 @@ FUNCTIONAL_METHODS = ("add", "add_relu", "mul", "cat")
 DERIVED_METHODS = ("add_scalar", "mul_scalar")
 
 
+def entry_for(module: nn.Module, table: dict[type, T]) -> T | None:
+    """``table``'s entry for ``module``'s class, or for the class it subclasses without changing ``forward``
+    (torchvision's ``Conv3DSimple`` is an ``nn.Conv3d`` with its own ``__init__``): it computes what that
+    class computes. A subclass with its own forward has no entry."""
+    for base in type(module).__mro__:
+        if base in table:
+            return table[base] if type(module).forward is base.forward else None
+    return None
+
+
 def is_tensor_node(node: fx.Node) -> bool:
     meta = node.meta.get("tensor_meta")
     return hasattr(meta, "dtype") and meta.dtype.is_floating_point
@@ -75,7 +88,10 @@ def functional_module(gm: fx.GraphModule, node: fx.Node) -> FloatFunctional | No
     owner = node.args[0]
     if owner.op != "get_attr":
         return None
-    module = gm.get_submodule(owner.target)
+    try:
+        module = gm.get_submodule(owner.target)
+    except AttributeError:  # a Parameter read directly (``self.cls_token.expand(...)``), not a module
+        return None
     return module if isinstance(module, FloatFunctional) else None
 
 

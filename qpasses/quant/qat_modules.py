@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from qpasses.errors import QPassesError
 from qpasses.quant.fake_quant import FakeQuantize, round_ste
+from qpasses.quant.ops import entry_for
 
 
 def _per_output_channel(values: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
@@ -192,7 +193,7 @@ def to_qat(module: nn.Module, name: str, bn: _BatchNorm | None = None) -> QATMod
     """
     if isinstance(module, QATModule):
         return module
-    cls = _QAT_TYPES.get(type(module))
+    cls = entry_for(module, _QAT_TYPES)
     if cls is None:
         raise QPassesError(f"'{name}': no QAT version of {type(module).__name__} "
                            f"(supported: {', '.join(t.__name__ for t in _QAT_TYPES)}); keep it float with "

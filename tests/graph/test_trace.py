@@ -227,8 +227,13 @@ class Wraps(nn.Module):
 
 
 def test_an_in_place_add_on_an_aliased_value_is_caught_against_the_eager_model():
-    with pytest.raises(TraceError) as info:
-        trace(Wraps().eval(), torch.randn(1, 3, 4, 4))
+    model, x = Wraps().eval(), torch.randn(1, 3, 4, 4)
+    gm = trace(model, x)  # export records the in-place add as it runs: the ladder's next rung captures it
+    assert gm.meta["capture"].method == "export"
+    assert "in-place `a += self.conv(x)`" in gm.meta["capture"].tried[0]
+    torch.testing.assert_close(gm(x.clone()), model(x.clone()))
+    with pytest.raises(TraceError) as info:  # naming a leaf skips export: the symbolic trace's error
+        trace(model, x, leaf_modules=[nn.Dropout])
     message = str(info.value)
     assert "\n" not in message
     assert "differs from the eager model" in message
@@ -250,8 +255,12 @@ def test_an_in_place_update_of_a_slice_is_caught_and_a_harmless_one_is_not():
             return y
 
     with pytest.raises(TraceError, match=r"in-place `head \*= 0\.5`.*out-of-place"):
-        trace(SliceUpdate(), torch.randn(1, 3, 4))
-    trace(FreshUpdate(), torch.randn(1, 3, 4))
+        trace(SliceUpdate(), torch.randn(1, 3, 4), leaf_modules=[nn.Dropout])  # a named leaf: symbolic only
+    x = torch.randn(1, 3, 4)
+    gm = trace(SliceUpdate(), x)  # export runs the in-place update on the slice as the model does
+    assert gm.meta["capture"].method == "export"
+    torch.testing.assert_close(gm(x.clone()), SliceUpdate()(x.clone()))
+    assert trace(FreshUpdate(), torch.randn(1, 3, 4)).meta["capture"].method == "symbolic_trace"
     trace(SliceUpdate(), torch.randn(1, 3, 4), verify=False)  # the check can be turned off
 
 

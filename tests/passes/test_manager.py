@@ -257,8 +257,12 @@ def test_the_capture_is_verified_against_the_eager_model():
     model = randomize_bn(AliasedInPlaceAdd()).eval()
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(TraceError, match=r"differs from the eager model .*in-place `a \+= self\.conv2\(y\)`"):
-        PassManager([FuseBN()]).run(model, x)
+        PassManager([FuseBN()], leaf_modules=[nn.Dropout]).run(model, x)  # a named leaf: no export rung
     PassManager([FuseBN()], verify=False).run(model, x)  # verification off: no check
+    pm = PassManager([FuseBN()])  # export captures the in-place add as the model runs it
+    fused = pm.run(model, x)
+    assert pm.report.capture.method == "export" and "in-place `a += self.conv2(y)`" in pm.report.capture.tried[0]
+    torch.testing.assert_close(fused(x.clone()), model(x.clone()), rtol=1e-4, atol=1e-4)
 
 
 def test_passes_are_measured_against_the_eager_model():
