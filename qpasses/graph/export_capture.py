@@ -216,11 +216,19 @@ def export_graph(model: nn.Module, inputs: tuple) -> ExportedGraph:
     Raises whatever export raises (the capture ladder falls back on any failure) and ``TraceError`` for a
     graph the normaliser cannot map (buffer mutations, inputs export did not keep).
     """
+    modes = {name: module.training for name, module in model.named_modules()}
     with eval_mode(model), buffers_restored(model):
         exported = _export_batch_generic(model, inputs)
         if exported is None:
             exported = torch.export.export(model, inputs, strict=False)
-    return normalise(model, exported, len(inputs))
+        captured = normalise(model, exported, len(inputs))
+    # The GraphModule and the containers fx builds for dotted names start in training mode; they take the
+    # model's modes, as a symbolic trace's do (a lowered model in training mode ran its float BN on batch
+    # statistics).
+    for name, module in captured.graph_module.named_modules():
+        if name in modes:
+            module.training = modes[name]
+    return captured
 
 
 def _export_batch_generic(model: nn.Module, inputs: tuple) -> torch.export.ExportedProgram | None:

@@ -84,12 +84,16 @@ class Spec:
     outputs: tuple[int, ...]
     seed: int = 0  # weights, BN statistics, inputs
 
+    def readers(self) -> list[int]:
+        """How many ops (and outputs) read each value."""
+        return [sum(v in op.inputs for op in self.ops) + (v in self.outputs) for v in range(len(self.ops) + 1)]
+
     def features(self) -> set[str]:
         """The op kinds and features (``op_features``) of the network, for ``KNOWN_OPEN`` and the summary."""
         found = set().union(*(op_features(self.ops[:i], op, self.channels_last) for i, op in enumerate(self.ops)))
         if any(_stale(self.ops, v) for v in self.outputs):
             found.add("inplace_alias")
-        readers = [sum(v in op.inputs for op in self.ops) + (v in self.outputs) for v in range(len(self.ops) + 1)]
+        readers = self.readers()
         if any(op.kind == "act" and op.get("fn") in ("relu6", "hardtanh") and readers[op.inputs[0]] > 1
                for op in self.ops):
             found.add("qnnpack_clamp")  # a producer read elsewhere too keeps its own range: the clamp is an op
@@ -437,11 +441,15 @@ def gaussian_quantization_db(bits: int) -> float:
     return 10 * math.log10(12 * (2**bits - 1) ** 2 / 64)
 
 
-def quantizations(op: Op, producer: Op | None) -> tuple[int, int]:
-    """How many quantizations (each adds its own noise) ``op`` makes, as (weights, activations): a conv or
-    linear quantizes its weight and its output, an add/mul/cat/average pool/standalone BN/activation its int8
-    output. BN after a conv and a clamp activation (ReLU, ReLU6, hardtanh) after a conv, BN or add fold into
-    their producer; max pooling, Dropout/Identity and flatten move codes unchanged."""
+def quantizations(spec: Spec, index: int) -> tuple[int, int]:
+    """How many quantizations (each adds its own noise) ``spec.ops[index]`` makes, as (weights, activations): a
+    conv or linear quantizes its weight and its output, an add/mul/cat/average pool/standalone BN/activation its
+    int8 output. BN after a conv and a clamp activation (ReLU, ReLU6, hardtanh) after a conv, BN or add fold
+    into their producer when they alone read it; max pooling, Dropout/Identity and flatten move codes
+    unchanged."""
+    op = spec.ops[index]
+    sole = spec.readers()[op.inputs[0]] == 1
+    producer = _producer(spec.ops, op.inputs[0]) if sole else None
     if op.kind in ("conv", "conv_again"):
         return 1, 1
     if op.kind == "head":
@@ -464,6 +472,15 @@ def _activation_gain(op: Op, x: torch.Tensor) -> float:
     return float(grad.pow(2).mean())
 
 
+def _channel_gain(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over channels of the square gain of a per-channel affine map ``x → y`` (a BN in eval mode): the
+    factor on noise that is the same in every channel, as a per-tensor quantization's is. A BN that is not
+    folded runs after its input's quantization, so a channel it scales up amplifies that noise however small
+    the channel's share of the signal (the rule 'keep the noise-to-signal ratio' misses exactly this)."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    return float((y.double().var(dims) / x.double().var(dims).clamp_min(1e-30)).mean())
+
+
 def predicted_sqnr_db(spec: Spec, values: list[torch.Tensor], bits: int) -> float:
     """The SQNR of the worst output if every quantization adds noise as the module comment above says, at
     ``bits`` for activations (``WEIGHT_BITS`` for weights, taken as Gaussian over ±4σ). ``values`` are the
@@ -471,8 +488,8 @@ def predicted_sqnr_db(spec: Spec, values: list[torch.Tensor], bits: int) -> floa
 
     Noise is tracked as a power per element: a quantization adds step²/12; an elementwise activation
     multiplies it by its mean square slope, a scale by its square; adds sum it (an add of a value with
-    itself quadruples it), cats average it over channels; convs, BN, muls and the head keep it as a fraction
-    of the signal (a mul adds its inputs' relative amplitudes, which bounds a product of correlated values).
+    itself quadruples it), cats average it over channels; a BN that is not folded multiplies it by its mean
+    square channel gain; convs, folded BN, muls and the head keep it as a fraction of the signal (a mul adds its inputs' relative amplitudes, which bounds a product of correlated values).
     Left out, so covered by ``MARGIN_DB``: noise correlated between branches that share a producer (counted as independent: pessimistic where an add cancels it),
     noise gains of convs that differ from their signal gains, averaging in pools (pessimistic), ranges the
     observers choose other than min/max, a clamp folded into its producer's range (counted at the producer's
@@ -500,11 +517,13 @@ def predicted_sqnr_db(spec: Spec, values: list[torch.Tensor], bits: int) -> floa
             carried = _activation_gain(op, values[ins[0]]) * noise[ins[0]]
         elif op.kind == "scale":
             carried = float(op.get("by")) ** 2 * noise[ins[0]]
+        elif op.kind == "bn" and quantizations(spec, out - 1)[1]:
+            carried = _channel_gain(values[ins[0]], values[out]) * noise[ins[0]]
         elif op.kind in ("conv", "conv_again", "bn", "head"):
             carried = power[out] * noise[ins[0]] / power[ins[0]]
         else:  # alias, pools
             carried = noise[ins[0]]
-        weights, activations = quantizations(op, _producer(spec.ops, ins[0]))
+        weights, activations = quantizations(spec, out - 1)
         noise.append(carried + weights * weight_noise * power[out] + activations * step_noise(out, op))
     return min(10 * math.log10(power[v] / noise[v]) for v in spec.outputs)
 

@@ -374,3 +374,35 @@ def test_where_export_fails_the_symbolic_graph_is_kept_with_its_opaque_blocks_na
     qm, pm = ptq(model, (2, 3, 8))
     assert count(qm, nnq.Linear) == 1  # proj; the attention block stays whole and float
     assert "left opaque (untraced, float): attn" in str(pm.report)
+
+
+class AddsIntoItsOwnInput(nn.Module):
+    """``a += b`` on an aliased value: symbolic_trace records it out of place, so export captures it. Its
+    ``block`` container and unfolded BN (after the add) must come out in the model's modes."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.ModuleDict({"conv": nn.Conv2d(3, 4, 3, padding=1), "drop": nn.Dropout(),
+                                    "bn": nn.BatchNorm2d(4)})
+
+    def forward(self, x):
+        y = self.block["conv"](x)
+        y_alias = self.block["drop"](y)  # in eval mode, y itself
+        y_alias += y
+        return self.block["bn"](y)
+
+
+def test_an_export_capture_keeps_the_models_modes():
+    model = AddsIntoItsOwnInput().eval()
+    with torch.no_grad():
+        model.block["bn"].running_mean.uniform_(-1, 1)
+        model.block["bn"].running_var.uniform_(0.05, 2)
+    x = torch.randn(4, 3, 8, 8)
+    gm = trace(model, x)
+    assert gm.meta["capture"].method == "export"
+    assert not [name for name, m in gm.named_modules() if m.training]
+    quantized = PassManager([FuseBN(), PTQ([x], backend="x86", progress=False)]).run(model, x)
+    # the BN after the add stays float: in training mode it would normalise with batch statistics
+    assert not [name for name, m in quantized.named_modules() if isinstance(m, nn.BatchNorm2d) and m.training]
+    with torch.no_grad():
+        assert sqnr(model(x), quantized(x)) > 25
