@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from qpasses.errors import PassError, QPassesError, VerificationError
 from tests.fuzz.random_graphs import (
     CAPTURE,
-    CAPTURE_MISMATCH,
     INTERNAL,
     KNOWN_OPEN,
     NOT_PRESERVED,
@@ -67,12 +66,14 @@ def test_inplace_add_on_an_alias_is_a_capture_feature():
 
 
 def test_an_inplace_add_on_an_alias_is_never_captured_silently_wrong():
-    # `a += b` on a Dropout's output changes the value it aliases; fx records the add out of place.
+    # `a += b` on a Dropout's output changes the value it aliases; fx records the add out of place, so the
+    # capture ladder goes on to torch.export, which records it as it runs (or, where it cannot, refuses).
     conv = Op("conv", (0,), (("bias", True), ("cout", 4), ("groups", 1), ("k", 1), ("stride", 1)))
     spec = Spec(3, 8, False, (conv, Op("alias", (1,), (("module", "dropout"),)), Op("iadd", (2, 1)),
                               Op("act", (1,), (("fn", "sigmoid"), ("form", "module")))), (4,), seed=1)
     (capture,) = check(spec, pipelines=(), known_open={})
-    assert capture.pipeline == CAPTURE and capture.status in (CAPTURE_MISMATCH, REFUSED), capture
+    assert capture.pipeline == CAPTURE and capture.status in (OK, REFUSED), capture
+    assert capture.status == REFUSED or capture.sqnr_db >= 60, capture
 
 
 @pytest.mark.parametrize("exc, status", [
