@@ -501,7 +501,8 @@ def predicted_sqnr_db(spec: Spec, values: list[torch.Tensor], bits: int) -> floa
             carried = noise[ins[0]]
         weights, activations = quantizations(op, _producer(spec.ops, ins[0]))
         noise.append(carried + weights * weight_noise * power[out] + activations * step_noise(out, op))
-    return min(10 * math.log10(power[v] / noise[v]) for v in spec.outputs)
+    # An output with no predicted noise (constant, e.g. a ReLU6 of negatives) is exact; ``sqnr`` skips such.
+    return min((10 * math.log10(power[v] / noise[v]) for v in spec.outputs if noise[v] > 0), default=math.inf)
 
 
 def sqnr_floor(spec: Spec, values: list[torch.Tensor], pipeline: str) -> float:
