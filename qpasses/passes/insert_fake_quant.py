@@ -34,7 +34,9 @@ class InsertFakeQuant(Pass):
     Placement is PTQ's: the same annotation (``InsertObservers``) decides which values get a range,
     which activations fold into their producer's range, which cat inputs share one. Each observer
     becomes a fake-quant module ``y = (clamp(round(x / s) + z, qmin, qmax) − z) · s`` (straight-through
-    gradients; see ``qpasses.quant.fake_quant``), shared where observers were shared; each int8
+    gradients; see ``qpasses.quant.fake_quant``), shared where observers were shared (a cat group's
+    members pass through it and its owner, the outermost cat's output, observes and rounds the concatenation:
+    one observation of the group per forward); each int8
     conv/linear becomes its QAT class with a fake-quant on its (BN-folded) weight. If observers were
     already calibrated (PTQ in the same pipeline), the fake-quants start from the calibrated ranges.
     Averaging ops that keep their input's qparams (average pooling, bilinear upsampling, mean) run on the
@@ -88,6 +90,7 @@ class InsertFakeQuant(Pass):
                 ctx.stats["from_calibration"] += 1
             set_module(gm, target, fake_quant)
             ctx.stats["activation_fake_quants"] += 1
+        ctx.stats["cat_members"] = _mark_cat_members(gm, ann)
         grid_of = _grids(gm, ann)
         quantized_bias = self.observers.backend.quantized_bias
         for node in gm.graph.nodes:
@@ -105,6 +108,19 @@ class InsertFakeQuant(Pass):
         ctx.stats["averages_on_codes"] = _average_on_codes(gm, ann, grid_of)
         gm.recompile()
         return PassResult(gm, modified=True)
+
+
+def _mark_cat_members(gm: fx.GraphModule, ann: Annotation) -> int:
+    """Call the shared fake-quant of a cat group with ``member=True`` on each value of the group but its owner
+    (the outermost cat's output): those calls pass through, and the owner's call observes and rounds the whole
+    concatenation (``FakeQuantize.forward``). Lowering still reads the member calls' qparams, which are the
+    owner's. Returns how many calls were marked."""
+    marked = [node for node in gm.graph.nodes if node.op == "call_module" and node.args
+              and isinstance(node.args[0], fx.Node) and node.args[0].name in ann.shared
+              and isinstance(gm.get_submodule(node.target), FakeQuantize)]
+    for node in marked:
+        node.kwargs = {**node.kwargs, "member": True}
+    return len(marked)
 
 
 def _grids(gm: fx.GraphModule, ann: Annotation) -> dict[fx.Node, str]:

@@ -85,7 +85,14 @@ class FakeQuantize(MovingAverageMinMaxObserver):
             return True
         return bool(self.observer_enabled) and (self.training or self.kind == "weight")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, member: bool = False) -> torch.Tensor:
+        """``member``: this call site is a value inside a cat group (``InsertFakeQuant``) that the group's
+        owner, a later call of this module on the outermost cat's output, contains: returned unchanged. The
+        owner's call observes the concatenation, whose min/max is the union of its members', and fake-quantizes
+        it elementwise, which rounds every member exactly as fake-quantizing it here would; so one forward is
+        one observation of the group (a moving average of each member's narrower range would clip the cat)."""
+        if member:
+            return x
         if self._wants_observation():
             super().forward(x)
         if not self.fake_quant_enabled:

@@ -93,3 +93,13 @@ def test_a_plain_network_passes(pipeline):
     spec = Spec(3, 8, False, (conv, Op("bn", (1,)), Op("act", (2,), (("fn", "relu"), ("form", "module")))), (3,))
     (outcome,) = [o for o in check(spec, pipelines=(pipeline,)) if o.pipeline == pipeline]
     assert outcome.status == OK, outcome.detail
+
+
+def test_a_constant_output_bounds_nothing():
+    # ReLU6 of a negated sigmoid is all zeros: no predicted noise, an exact int8 output (sqnr skips it).
+    conv = Op("conv", (0,), (("bias", True), ("cout", 4), ("groups", 1), ("k", 1), ("stride", 1)))
+    spec = Spec(3, 8, False, (conv, Op("act", (1,), (("fn", "sigmoid"), ("form", "functional"))),
+                              Op("scale", (2,), (("by", -1.0),)), Op("act", (3,), (("fn", "relu6"), ("form", "module")))),
+                (4, 2))
+    (outcome,) = [o for o in check(spec, pipelines=("ptq_x86",)) if o.pipeline == "ptq_x86"]
+    assert outcome.status == OK, outcome.detail

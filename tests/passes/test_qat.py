@@ -8,6 +8,7 @@ from torch import nn
 
 import qpasses
 from qpasses import PassManager
+from qpasses.analysis.metrics import sqnr
 from qpasses.errors import PlanError, QPassesError
 from qpasses.passes import PTQ, QAT, Calibrate, FoldBNForTraining, FuseBN, InsertObservers
 from qpasses.quant.fake_quant import FakeQuantize, LearnableFakeQuantize
@@ -201,6 +202,76 @@ def test_cat_inputs_share_one_fake_quant_and_convert_matches():
     with torch.no_grad():
         steps = (qm(x) - lowered(x)).abs() / float(fake_quants(qm)["head_obs"].qparams()[0])
     assert float(steps.max()) <= 1.0 + 1e-3
+
+
+class WideCat(nn.Module):
+    """A cat whose shared input (``b``, 5 channels) and own-grid input (``y``) have narrower ranges than
+    the concatenation; ``nested`` puts ``b`` and ``c`` in an inner cat that only the outer one reads."""
+
+    def __init__(self, nested=False):
+        super().__init__()
+        self.nested = nested
+        self.a, self.b, self.c = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 5, 1, bias=False), nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        inner = torch.cat([self.b(y), self.c(y)], 1) if self.nested else self.b(y)
+        return torch.cat([inner, y], 1)
+
+
+def cat_group(qm):
+    """The cat group's fake-quant, how many nodes call it, and the owner (outermost cat) node it observes."""
+    calls = [n for n in qm.graph.nodes if n.op == "call_module" and n.target.startswith("cat")
+             and isinstance(qm.get_submodule(n.target), FakeQuantize)]
+    assert len({n.target for n in calls}) == 1
+    return qm.get_submodule(calls[0].target), len(calls), calls[-1].args[0]
+
+
+def cat_output(qm, owner, x):
+    """The value of the owner cat on ``x``, computed on a copy of ``qm`` (whose observers it updates)."""
+    interpreter = torch.fx.Interpreter(copy.deepcopy(qm), garbage_collect_values=False)
+    interpreter.run(x)
+    return interpreter.env[next(n for n in interpreter.module.graph.nodes if n.name == owner.name)].detach()
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_cat_group_tracks_the_range_one_observer_of_the_cat_output_would(nested):
+    torch.manual_seed(0)
+    model, x = WideCat(nested).eval(), torch.randn(4, 4, 10, 10)
+    qm = PassManager([QAT(backend="x86")]).run(model, x).train()
+    group, sites, owner = cat_group(qm)
+    assert sites == (4 if nested else 2)  # b (c, the inner cat) and the outer cat: one fake-quant
+    reference = FakeQuantize(group.spec)
+    reference.load_state_dict(group.state_dict())  # the observation before any data, at capture
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05)
+    for step, batch in enumerate([x, *batches(3, shape=(4, 4, 10, 10), seed=3)]):
+        reference.train()(cat_output(qm, owner, batch))
+        loss = qm(batch).pow(2).mean()
+        torch.testing.assert_close(group.min_val, reference.min_val, rtol=0, atol=0)
+        torch.testing.assert_close(group.max_val, reference.max_val, rtol=0, atol=0)
+        if step == 0:  # one training-mode observation, as in the fuzz reproducer: as good as PTQ already
+            qm.eval()
+            with torch.no_grad():
+                qat_db = sqnr(model(x), qpasses.convert(qm)(x))
+                ptq_db = sqnr(model(x), PassManager([PTQ([x], backend="x86", progress=False)]).run(model, x)(x))
+            assert qat_db > ptq_db - 1.0, (qat_db, ptq_db)
+            qm.train()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_a_shared_learnable_scale_gets_the_gradient_of_the_whole_cat():
+    torch.manual_seed(0)
+    model, x = WideCat(nested=True).eval(), torch.randn(4, 4, 10, 10)
+    qm = PassManager([QAT(backend="x86", learnable=True)]).run(model, x).train()
+    group, _, owner = cat_group(qm)
+    reference = LearnableFakeQuantize(group.spec)
+    reference.load_state_dict(group.state_dict())
+    qm(x).pow(2).mean().backward()
+    reference.train()(cat_output(qm, owner, x)).pow(2).mean().backward()
+    assert float(group.scale.grad.abs()) > 0
+    torch.testing.assert_close(group.scale.grad, reference.scale.grad)
 
 
 def test_ptq_then_qat_starts_from_the_calibrated_ranges():
