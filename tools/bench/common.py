@@ -61,6 +61,36 @@ def torch_ao_fx_ptq(model: nn.Module, calib: list[torch.Tensor], backend: str) -
         return convert_fx(prepared)
 
 
+def torchao_pt2e_ptq(model: nn.Module, calib: list[torch.Tensor]) -> torch.fx.GraphModule:
+    """torchao PT2E with X86InductorQuantizer's default config (per-channel weights, 8-bit activations): the
+    converted Q/DQ graph, not compiled (compiling changes the kernels, not the quantization grid). The graph is
+    exported (non-strict) for batch 1 and calibrated on every sample of ``calib``; run it with ``PerSample``."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    exported = torch.export.export(copy.deepcopy(model).eval(), (calib[0][:1],), strict=False).module()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch in calib:
+            for x in batch.split(1):  # the exported graph is specialized to batch 1
+                prepared(x)
+    return convert_pt2e(prepared)
+
+
+class PerSample(nn.Module):
+    """Calls ``fn`` one sample at a time under inference mode: fixed-shape runtimes (ONNX sessions exported for
+    batch 1, graphs compiled for it) always see the shape and grad mode they were built for."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat([self.fn(x[i : i + 1]) for i in range(len(x))])
+
+
 def timed(fn: Callable[[], nn.Module]) -> tuple[nn.Module | None, float, str]:
     """Run ``fn``; return its model, the seconds it took, and '' or the first line of its error."""
     start = time.perf_counter()
