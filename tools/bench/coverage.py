@@ -50,7 +50,7 @@ from tools.bench.common import PerSample, PhotoSet, markdown_table, timed, torch
     write_section
 from tools.bench.ptq import qpasses_ptq
 
-COMMAND = "python -m tools.bench.coverage --results .bench/coverage.json --write"
+COMMAND = "python -m tools.bench.coverage"
 ROOT = Path(__file__).resolve().parents[2]
 FRAMES = 4  # frames per video clip
 SEQUENCE = (16, 32)  # (steps, features) of the LSTM's input
@@ -309,7 +309,9 @@ def _qpasses_activation_bits() -> int:
 def _fx_activation_bits() -> int:
     from torch.ao.quantization import get_default_qconfig_mapping
 
-    observer = get_default_qconfig_mapping("x86").global_qconfig.activation()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's own default still passes reduce_range
+        observer = get_default_qconfig_mapping("x86").global_qconfig.activation()
     return _bits(observer.quant_min, observer.quant_max)
 
 
@@ -345,6 +347,15 @@ TOOLS: dict[str, Tool] = {t.name: t for t in [
 
 
 # ---------------------------------------------------------------- one model, in a worker process
+
+
+@dataclass(frozen=True)
+class Params:
+    """What the rows of a results file were measured with; rows of other parameters are not comparable."""
+
+    size: int
+    calib: int
+    eval: int
 
 
 @dataclass
@@ -395,15 +406,15 @@ def measure(case: ModelCase, tool: Tool, model: nn.Module, inputs: Inputs, refer
     return row
 
 
-def run_worker(name: str, tools: list[str], size: int, n_calib: int, n_eval: int, rows_to: Path) -> None:
+def run_worker(name: str, tools: list[str], params: Params, rows_to: Path) -> None:
     """Measure ``tools`` on model ``name``, appending each row to ``rows_to`` (JSON lines) as soon as it is done,
     so rows measured before a crash survive it."""
     case = MODELS[name]
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = case.build(case.size(size) or 0).eval()
-    inputs = make_inputs(case, size, n_calib, n_eval)
+        model = case.build(case.size(params.size) or 0).eval()
+    inputs = make_inputs(case, params.size, params.calib, params.eval)
     reference = _outputs(model, inputs.evals)
     total = float_weighted_layers(model)
     for tool in tools:
@@ -414,15 +425,6 @@ def run_worker(name: str, tools: list[str], size: int, n_calib: int, n_eval: int
 
 
 # ---------------------------------------------------------------- the sweep
-
-
-@dataclass(frozen=True)
-class Params:
-    """What the rows of a results file were measured with; rows of other parameters are not comparable."""
-
-    size: int
-    calib: int
-    eval: int
 
 
 class Results:
@@ -545,8 +547,9 @@ def report(results: Results, models: list[str], tools: list[str]) -> str:
 
     p = results.params
     bits = {t: TOOLS[t].activation_bits() for t in tools}
+    command = f"{COMMAND} --size {p.size} --calib {p.calib} --eval {p.eval} --results .bench/coverage.json --write"
     lines = [
-        f"## Coverage (`{COMMAND}`)",
+        f"## Coverage (`{command}`)",
         f"Machine: {_cpu_model()}; int8 features: {_int8_features()}. torch {torch.__version__}, "
         f"torchao {torchao.__version__}. Random weights; images {p.size}×{p.size} (larger where a model needs "
         f"it: inception_v3 75, mobilevit_xxs 128) crops of real photos, {p.calib} for calibration and {p.eval} "
@@ -595,10 +598,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench.coverage", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: all)")
     parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated of {', '.join(TOOLS)}")
-    parser.add_argument("--size", type=int, default=96, help="image size (default 96)")
-    parser.add_argument("--calib", type=int, default=16, help="calibration samples (default 16)")
+    # 64 px and one calibration batch: the 31 models × 4 tools take ~45 min on 2 shared cores at that size
+    parser.add_argument("--size", type=int, default=64, help="image size (default 64)")
+    parser.add_argument("--calib", type=int, default=8, help="calibration samples (default 8)")
     parser.add_argument("--eval", type=int, default=16, help="evaluation samples (default 16)")
-    parser.add_argument("--quick", action="store_true", help="8 calibration and 8 evaluation samples")
+    parser.add_argument("--quick", action="store_true", help="8 calibration and 8 evaluation samples, 32 px")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model (default 600)")
     parser.add_argument("--results", type=Path, help="JSON file of rows: read to resume, updated after each model")
     parser.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
@@ -607,11 +611,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     models = _names(args.models, MODELS, "models")
     tools = _names(args.tools, TOOLS, "tools")
-    n_calib, n_eval = (8, 8) if args.quick else (args.calib, args.eval)
+    params = Params(32, 8, 8) if args.quick else Params(args.size, args.calib, args.eval)
     if args.worker:
-        run_worker(args.worker, tools, args.size, n_calib, n_eval, args.rows_to)
+        run_worker(args.worker, tools, params, args.rows_to)
         return 0
-    results = Results(args.results, Params(args.size, n_calib, n_eval))
+    results = Results(args.results, params)
     sweep(models, tools, results, args.timeout)
     body = report(results, models, tools)
     print(body)
