@@ -16,6 +16,7 @@ from tools.bench.coverage import (
     make_inputs,
     measure,
     pt2e_quantized_layers,
+    reestimate_batchnorm,
     report,
     run_model,
     sweep,
@@ -34,6 +35,7 @@ def tiny_rows() -> list[Row]:
         torch.manual_seed(0)
         model = case.build(case.size(TINY.size) or 0).eval()
         inputs = make_inputs(case, TINY.size, TINY.calib, TINY.eval)
+        reestimate_batchnorm(model, inputs.calib)
         with torch.no_grad():
             reference = [model(b) for b in inputs.evals]
         rows += [measure(case, tool, model, inputs, reference, float_weighted_layers(model)) for tool in TOOLS.values()]
@@ -57,6 +59,18 @@ def test_rows_of_every_tool_on_two_models(tiny_rows):
         assert by_key[model, "qpasses-ptq"].ok and by_key[model, "qpasses-qat"].ok
     assert by_key["resnet18", "qpasses-ptq"].quantized == 21
     assert by_key["lstm", "pt2e"].ok and by_key["lstm", "pt2e"].quantized == 1
+
+
+def test_batchnorm_statistics_become_those_of_the_calibration_batches():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    batches = [torch.randn(4, 3, 8, 8) * 5 + 2 for _ in range(3)]
+    reestimate_batchnorm(model, batches)
+    with torch.no_grad():
+        features = [model[0](b) for b in batches]
+    assert not model[1].training
+    # the cumulative average over equal batches: of their means, and of their (unbiased) variances
+    torch.testing.assert_close(model[1].running_mean, torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0))
+    torch.testing.assert_close(model[1].running_var, torch.stack([f.var((0, 2, 3)) for f in features]).mean(0))
 
 
 def test_pt2e_count_takes_weights_not_activation_matmuls():

@@ -10,7 +10,8 @@ passes over the calibration batches to initialise the fake-quants, BN statistics
 torch.ao FX PTQ (x86 default qconfig mapping) and torchao PT2E (``torch.export`` non-strict →
 ``X86InductorQuantizer`` default config → ``convert_pt2e``, the Q/DQ graph uncompiled, run one sample at a time).
 
-Models (``MODELS``): random weights (nothing is downloaded), image models fed crops of real photos
+Models (``MODELS``): random weights (nothing is downloaded), BatchNorm statistics re-estimated on the
+calibration inputs (``reestimate_batchnorm``: otherwise random deep models output ~0), image models fed crops of real photos
 (``PhotoSet``), the video model clips of 4 consecutive crops, the sequence models seeded random tensors. Each
 model runs in its own subprocess with a time limit, so an exception, a segfault or a hang is a row, not the end
 of the sweep. Per row: ok or the first line of the error, SQNR of the outputs against the float model on the
@@ -406,6 +407,26 @@ def measure(case: ModelCase, tool: Tool, model: nn.Module, inputs: Inputs, refer
     return row
 
 
+def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """Set every BatchNorm's running statistics to those of ``batches`` (the calibration inputs), in place.
+
+    With random weights and the fresh statistics (mean 0, variance 1) a deep network's activations vanish or
+    explode in eval mode (random mobilenet_v2's logits are ~1e-10), so every tool's SQNR would be 0 dB. With
+    statistics of real inputs each layer's output is normalised, as in a trained model. Only the BN modules
+    run in training mode: detectors in training mode would ask for targets."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches
+        norm.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for norm in norms:
+        norm.eval()
+    return model
+
+
 def run_worker(name: str, tools: list[str], params: Params, rows_to: Path) -> None:
     """Measure ``tools`` on model ``name``, appending each row to ``rows_to`` (JSON lines) as soon as it is done,
     so rows measured before a crash survive it."""
@@ -414,7 +435,8 @@ def run_worker(name: str, tools: list[str], params: Params, rows_to: Path) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = case.build(case.size(params.size) or 0).eval()
-    inputs = make_inputs(case, params.size, params.calib, params.eval)
+        inputs = make_inputs(case, params.size, params.calib, params.eval)
+        reestimate_batchnorm(model, inputs.calib)
     reference = _outputs(model, inputs.evals)
     total = float_weighted_layers(model)
     for tool in tools:
@@ -551,7 +573,8 @@ def report(results: Results, models: list[str], tools: list[str]) -> str:
     lines = [
         f"## Coverage (`{command}`)",
         f"Machine: {_cpu_model()}; int8 features: {_int8_features()}. torch {torch.__version__}, "
-        f"torchao {torchao.__version__}. Random weights; images {p.size}×{p.size} (larger where a model needs "
+        f"torchao {torchao.__version__}. Random weights, BatchNorm statistics set to those of the calibration "
+        f"inputs (random models' activations vanish otherwise); images {p.size}×{p.size} (larger where a model needs "
         f"it: inception_v3 75, mobilevit_xxs 128) crops of real photos, {p.calib} for calibration and {p.eval} "
         f"others for evaluation; video r3d_18 clips of {FRAMES} crops; sequence models seeded random inputs.",
         "Activation bits: " + ", ".join(f"{TOOLS[t].label} {bits[t]}" for t in tools) +
