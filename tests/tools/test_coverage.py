@@ -106,8 +106,8 @@ def test_sweep_resumes_from_its_results_file(tmp_path, monkeypatch):
         Results(path, Params(size=64, calib=8, eval=8))
 
 
-def test_a_worker_past_its_time_limit_is_a_failed_row_per_tool():
-    rows = run_model("lstm", ["fx", "pt2e"], TINY, timeout=0.5)  # torch alone takes longer to import
+def test_a_tool_past_its_time_limit_is_a_failed_row_and_the_next_gets_a_fresh_worker():
+    rows = run_model("lstm", ["fx", "pt2e"], TINY, timeout=0.5)  # importing torch alone takes longer
     assert [(r.tool, r.ok) for r in rows] == [("fx", False), ("pt2e", False)]
     assert all(r.error.startswith("timed out") for r in rows)
 

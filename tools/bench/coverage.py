@@ -11,13 +11,14 @@ torch.ao FX PTQ (x86 default qconfig mapping) and torchao PT2E (``torch.export``
 ``X86InductorQuantizer`` default config → ``convert_pt2e``, the Q/DQ graph uncompiled, run one sample at a time).
 
 Models (``MODELS``): random weights (nothing is downloaded), BatchNorm statistics re-estimated on the
-calibration inputs (``reestimate_batchnorm``: otherwise random deep models output ~0), image models fed crops of real photos
-(``PhotoSet``), the video model clips of 4 consecutive crops, the sequence models seeded random tensors. Each
-model runs in its own subprocess with a time limit, so an exception, a segfault or a hang is a row, not the end
-of the sweep. Per row: ok or the first line of the error, SQNR of the outputs against the float model on the
-evaluation inputs (the worst output leaf for structured outputs), top-1 agreement for logits, convs/linears
-quantized (``lowered_quantized_layers`` / ``pt2e_quantized_layers``) out of those of the float model
-(``float_weighted_layers``), prepare seconds (quantization with calibration), activation bits.
+calibration inputs (``reestimate_batchnorm``: otherwise random deep models output ~0), image models fed crops
+of real photos (``PhotoSet``), the video model clips of 4 consecutive crops, the sequence models seeded random
+tensors. Each model runs in its own subprocess, each tool with a time limit, so an exception, a segfault or a
+hang is a row, not the end of the sweep (the tools after it get a fresh subprocess). Per row: ok or the first
+line of the error, SQNR of the outputs against the float model on the evaluation inputs (the worst output leaf
+for structured outputs), top-1 agreement for logits, convs/linears quantized (``lowered_quantized_layers`` /
+``pt2e_quantized_layers``) out of those of the float model (``float_weighted_layers``), prepare seconds
+(quantization with calibration), activation bits.
 """
 
 from __future__ import annotations
@@ -432,12 +433,17 @@ def run_worker(name: str, tools: list[str], params: Params, rows_to: Path) -> No
     so rows measured before a crash survive it."""
     case = MODELS[name]
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = case.build(case.size(params.size) or 0).eval()
-        inputs = make_inputs(case, params.size, params.calib, params.eval)
-        reestimate_batchnorm(model, inputs.calib)
-    reference = _outputs(model, inputs.evals)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = case.build(case.size(params.size) or 0).eval()
+            inputs = make_inputs(case, params.size, params.calib, params.eval)
+            reestimate_batchnorm(model, inputs.calib)
+            reference = _outputs(model, inputs.evals)
+    except Exception as exc:  # the float model itself fails (e.g. at this input size): a row for each tool
+        failed = [Row(name, case.family, t, ok=False, error=f"float model: {_first_line(exc)}") for t in tools]
+        rows_to.write_text("".join(json.dumps(asdict(row)) + "\n" for row in failed))
+        return
     total = float_weighted_layers(model)
     for tool in tools:
         print(f"[{name}] {tool} ...", file=sys.stderr, flush=True)
@@ -477,29 +483,51 @@ class Results:
         self.path.write_text(json.dumps({"params": asdict(self.params), "rows": rows}, indent=1) + "\n")
 
 
-def run_model(name: str, tools: list[str], params: Params, timeout: float) -> list[Row]:
-    """``tools`` on ``name`` in a subprocess limited to ``timeout`` seconds; a tool the worker did not finish
-    (crash, timeout) is a failed row naming why."""
-    case = MODELS[name]
+def _worker(name: str, tools: list[str], params: Params, timeout: float) -> tuple[list[Row], str, float]:
+    """One worker subprocess measuring ``tools`` on ``name`` in order, stopped once a tool runs past ``timeout``
+    seconds (the first tool's time includes building the model and its float outputs). Returns the rows it
+    wrote, why it stopped before writing them all ('' if it did not) and the seconds since its last row."""
     with tempfile.TemporaryDirectory() as tmp:
-        rows_to = Path(tmp) / "rows.jsonl"
+        rows_to, stderr_to = Path(tmp) / "rows.jsonl", Path(tmp) / "stderr.txt"
         command = [sys.executable, "-m", "tools.bench.coverage", "--worker", name, "--tools", ",".join(tools),
                    "--size", str(params.size), "--calib", str(params.calib), "--eval", str(params.eval),
                    "--rows-to", str(rows_to)]
-        start = time.perf_counter()
-        try:
-            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-            stderr = [line for line in done.stderr.splitlines() if line.strip()]
-            why = "" if done.returncode == 0 else (
-                f"worker died (exit {done.returncode}): {stderr[-1][:160] if stderr else 'no message'}")
-        except subprocess.TimeoutExpired:
-            why = f"timed out: the model's {len(tools)} tools took over {timeout:.0f} s"
+
+        def rows_written() -> int:  # complete lines only: the worker may be writing one
+            return rows_to.read_text().count("\n") if rows_to.exists() else 0
+
+        with stderr_to.open("w") as stderr:
+            process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+            written, last_row, why = 0, time.monotonic(), ""
+            while process.poll() is None:
+                if rows_written() > written:
+                    written, last_row = rows_written(), time.monotonic()
+                elif time.monotonic() - last_row > timeout:
+                    process.kill()
+                    process.wait()
+                    why = f"timed out: over {timeout:.0f} s"
+                time.sleep(0.2)
         rows = [Row(**json.loads(line)) for line in rows_to.read_text().splitlines()] if rows_to.exists() else []
-    elapsed = time.perf_counter() - start
-    finished = {r.tool for r in rows}
-    unfinished = [t for t in tools if t not in finished]
-    rows += [Row(name, case.family, t, ok=False, error=why or "worker exited without a row",
-                 seconds=elapsed if t == unfinished[0] else None) for t in unfinished]
+        if len(rows) > written:
+            last_row = time.monotonic()
+        if not why and len(rows) < len(tools):
+            messages = [line for line in stderr_to.read_text().splitlines() if line.strip()]
+            why = f"worker died (exit {process.returncode}): {messages[-1][:160] if messages else 'no message'}"
+    return rows, why, time.monotonic() - last_row
+
+
+def run_model(name: str, tools: list[str], params: Params, timeout: float) -> list[Row]:
+    """``tools`` on ``name`` in worker subprocesses: the tool that stops a worker (crash, over ``timeout``
+    seconds) is a failed row naming why, and the tools after it get a fresh worker."""
+    rows: list[Row] = []
+    remaining = list(tools)
+    while remaining:
+        measured, why, seconds = _worker(name, remaining, params, timeout)
+        rows += measured
+        remaining = remaining[len(measured):]
+        if remaining:
+            rows.append(Row(name, MODELS[name].family, remaining[0], ok=False, error=why, seconds=seconds))
+            remaining = remaining[1:]
     return rows
 
 
@@ -626,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=int, default=8, help="calibration samples (default 8)")
     parser.add_argument("--eval", type=int, default=16, help="evaluation samples (default 16)")
     parser.add_argument("--quick", action="store_true", help="8 calibration and 8 evaluation samples, 32 px")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per model (default 600)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds a tool may take (default 600)")
     parser.add_argument("--results", type=Path, help="JSON file of rows: read to resume, updated after each model")
     parser.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
