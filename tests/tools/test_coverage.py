@@ -130,6 +130,6 @@ def test_report_is_written_between_the_coverage_markers(tiny_rows, tmp_path, mon
     assert "int8 features:" in text and "torchao " in text
     assert "**resnet18** (torchvision classification)" in text
     assert "| torch.ao FX | fails |  |  | –/26 | 0.5 | RuntimeError: boom |" in text
-    assert "Not measured yet: squeezenet1_1." in text
+    assert "Not measured yet (model (tools)): squeezenet1_1 (qpasses-ptq, qpasses-qat, pt2e)." in text
     ok = sum(r.ok for r in tiny_rows if r.tool == "qpasses-ptq")
     assert f"| qpasses PTQ | 7 | {ok}/2 |" in text

@@ -4,6 +4,7 @@ and how close the result stays to the float model.
     python -m tools.bench.coverage --results .bench/coverage.json --write   # full sweep, writes BENCHMARKS.md
     python -m tools.bench.coverage --models resnet18,lstm --tools qpasses-ptq,pt2e --quick
     python -m tools.bench.coverage --results .bench/coverage.json           # resumes: measured rows are kept
+    python -m tools.bench.coverage --results .bench/coverage.json --report-only --write   # what it holds
 
 Tools (``--tools``): qpasses PTQ (``FuseBN`` + ``PTQ``, x86), qpasses QAT (``QAT`` pass, training-mode forward
 passes over the calibration batches to initialise the fake-quants, BN statistics frozen, no optimizer step, then ``qpasses.convert``),
@@ -626,9 +627,9 @@ def report(results: Results, models: list[str], tools: list[str]) -> str:
     lines.append(markdown_table(["model", "family", "qpasses PTQ ≥ PT2E"], [
         [m, MODELS[m].family, _versus_pt2e(results.rows.get((m, "qpasses-ptq")), results.rows.get((m, "pt2e")))]
         for m in models]))
-    missing = [m for m in models if results.missing(m, tools)]
+    missing = [f"{m} ({', '.join(results.missing(m, tools))})" for m in models if results.missing(m, tools)]
     if missing:
-        lines.append("Not measured yet: " + ", ".join(missing) + ".")
+        lines.append("Not measured yet (model (tools)): " + "; ".join(missing) + ".")
     lines.append("### Per model")
     for m in models:
         rows = [[TOOLS[t].label, *_cell(results.rows.get((m, t)))] for t in tools]
@@ -657,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds a tool may take (default 600)")
     parser.add_argument("--results", type=Path, help="JSON file of rows: read to resume, updated after each model")
     parser.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: report the rows --results holds (an interrupted sweep's)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rows-to", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -667,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(args.worker, tools, params, args.rows_to)
         return 0
     results = Results(args.results, params)
-    sweep(models, tools, results, args.timeout)
+    if not args.report_only:
+        sweep(models, tools, results, args.timeout)
     body = report(results, models, tools)
     print(body)
     if args.write:
