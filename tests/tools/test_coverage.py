@@ -21,7 +21,7 @@ from tools.bench.coverage import (
     run_model,
     sweep,
 )
-from tools.bench.common import torchao_pt2e_ptq
+from tools.bench.common import PerSample, torchao_pt2e_ptq
 
 TINY = Params(size=32, calib=8, eval=8)  # one calibration batch of 8 crops
 
@@ -86,6 +86,12 @@ def test_pt2e_count_takes_weights_not_activation_matmuls():
     model = Net().eval()
     converted = torchao_pt2e_ptq(model, [torch.randn(2, 3, 8, 8)])
     assert float_weighted_layers(model) == 2 and pt2e_quantized_layers(converted) == 2
+
+
+def test_per_sample_joins_structured_outputs_leaf_by_leaf():
+    x = torch.arange(6.0).reshape(3, 2)
+    out = PerSample(lambda sample: {"out": sample * 2, "aux": [sample.sum(1)]})(x)
+    assert torch.equal(out["out"], x * 2) and torch.equal(out["aux"][0], x.sum(1))
 
 
 def test_sweep_resumes_from_its_results_file(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import qpasses_zoo as zoo
 import torch
 from qpasses_zoo.data import SYMMETRIC, loader, photo_crops
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from qpasses.analysis.metrics import sqnr, topk_agreement
 
@@ -80,15 +81,18 @@ def torchao_pt2e_ptq(model: nn.Module, calib: list[torch.Tensor]) -> torch.fx.Gr
 
 class PerSample(nn.Module):
     """Calls ``fn`` one sample at a time under inference mode: fixed-shape runtimes (ONNX sessions exported for
-    batch 1, graphs compiled for it) always see the shape and grad mode they were built for."""
+    batch 1, graphs compiled for it) always see the shape and grad mode they were built for. Structured outputs
+    (a segmentation model's dict) are joined leaf by leaf."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, fn: Callable[[torch.Tensor], object]):
         super().__init__()
         self.fn = fn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> object:
         with torch.inference_mode():
-            return torch.cat([self.fn(x[i : i + 1]) for i in range(len(x))])
+            outputs = [tree_flatten(self.fn(x[i : i + 1])) for i in range(len(x))]
+        leaves = [torch.cat(samples) for samples in zip(*(flat for flat, _ in outputs), strict=True)]
+        return tree_unflatten(leaves, outputs[0][1])
 
 
 def timed(fn: Callable[[], nn.Module]) -> tuple[nn.Module | None, float, str]:
