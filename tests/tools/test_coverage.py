@@ -122,8 +122,8 @@ def test_report_is_written_between_the_coverage_markers(tiny_rows, tmp_path, mon
     results = Results(None, TINY)
     for row in tiny_rows:
         results.add(row)
-    results.add(Row("squeezenet1_1", MODELS["squeezenet1_1"].family, "fx", ok=False, error="RuntimeError: boom",
-                    total=26, seconds=0.5))
+    results.add(Row("squeezenet1_1", MODELS["squeezenet1_1"].family, "fx", ok=False, total=26, seconds=0.5,
+                    error="RuntimeError: boom at /opt/py/lib/python3.11/site-packages/torch/a.py:1"))
     target = tmp_path / "BENCHMARKS.md"
     target.write_text("# Benchmarks\n\nkept\n")
     monkeypatch.setattr(common, "BENCHMARKS", target)
@@ -135,7 +135,7 @@ def test_report_is_written_between_the_coverage_markers(tiny_rows, tmp_path, mon
     assert text.count("<!-- coverage start -->") == 1 and text.count("<!-- coverage end -->") == 1
     assert "int8 features:" in text and "torchao " in text
     assert "**resnet18** (torchvision classification)" in text
-    assert "| torch.ao FX | fails |  |  | –/26 | 0.5 | RuntimeError: boom |" in text
+    assert "| torch.ao FX | fails |  |  | –/26 | 0.5 | RuntimeError: boom at torch/a.py:1 |" in text  # no local paths
     assert "Not measured yet (model (tools)): squeezenet1_1 (qpasses-ptq, qpasses-qat, pt2e)." in text
     ok = sum(r.ok for r in tiny_rows if r.tool == "qpasses-ptq")
     assert f"| qpasses PTQ | 7 | {ok}/2 |" in text

@@ -566,12 +566,16 @@ def _cpu_model() -> str:
     return match.group(1) if match else platform.processor() or platform.machine()
 
 
+_INSTALL_PREFIX = re.compile(r"/\S*/(site|dist)-packages/")
+
+
 def _cell(row: Row | None) -> list[str]:
     if row is None:
         return ["not run", "", "", "", "", ""]
     counts = f"{row.quantized}/{row.total}" if row.quantized is not None else f"–/{row.total}"
     if not row.ok:
-        return ["fails", "", "", counts, f"{row.seconds:.1f}" if row.seconds is not None else "", row.error]
+        error = _INSTALL_PREFIX.sub("", row.error)  # where this machine installed a package is no one's business
+        return ["fails", "", "", counts, f"{row.seconds:.1f}" if row.seconds is not None else "", error]
     top1 = f"{row.top1:.0%}" if row.top1 is not None else ""
     return ["ok", f"{row.sqnr:.1f}", top1, counts, f"{row.seconds:.1f}", ""]
 
