@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import qpasses_zoo as zoo
 from qpasses.analysis.metrics import sqnr, topk_agreement
@@ -59,6 +60,39 @@ def torch_ao_fx_ptq(model: nn.Module, calib: list[torch.Tensor], backend: str) -
             for batch in calib:
                 prepared(batch)
         return convert_fx(prepared)
+
+
+def torchao_pt2e_ptq(model: nn.Module, calib: list[torch.Tensor]) -> torch.fx.GraphModule:
+    """torchao PT2E with X86InductorQuantizer's default config (per-channel weights, 8-bit activations): the
+    converted Q/DQ graph, not compiled (compiling changes the kernels, not the quantization grid). The graph is
+    exported (non-strict) for batch 1 and calibrated on every sample of ``calib``; run it with ``PerSample``."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    exported = torch.export.export(copy.deepcopy(model).eval(), (calib[0][:1],), strict=False).module()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch in calib:
+            for x in batch.split(1):  # the exported graph is specialized to batch 1
+                prepared(x)
+    return convert_pt2e(prepared)
+
+
+class PerSample(nn.Module):
+    """Calls ``fn`` one sample at a time under inference mode: fixed-shape runtimes (ONNX sessions exported for
+    batch 1, graphs compiled for it) always see the shape and grad mode they were built for. Structured outputs
+    (a segmentation model's dict) are joined leaf by leaf."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], object]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> object:
+        with torch.inference_mode():
+            outputs = [tree_flatten(self.fn(x[i : i + 1])) for i in range(len(x))]
+        leaves = [torch.cat(samples) for samples in zip(*(flat for flat, _ in outputs), strict=True)]
+        return tree_unflatten(leaves, outputs[0][1])
 
 
 def timed(fn: Callable[[], nn.Module]) -> tuple[nn.Module | None, float, str]:

@@ -42,6 +42,7 @@ from qpasses.export import onnx as export_onnx
 from qpasses.export import torchscript
 from tools.bench.common import (
     BENCHMARKS,
+    PerSample,
     PhotoSet,
     fidelity,
     markdown_table,
@@ -57,19 +58,6 @@ MODELS = ("resnet18", "resnet50", "mobilenet_v2", "tf_efficientnet_lite0")
 FIDELITY_MODEL = "tf_efficientnet_lite0"
 CACHE = BENCHMARKS.parent / ".bench" / "compare.json"
 THREADS = 2
-
-
-class PerSample(nn.Module):
-    """Calls ``fn`` one sample at a time under inference mode: fixed-shape runtimes (ONNX sessions exported for
-    batch 1, graphs compiled for it) always see the shape and grad mode they were built for."""
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return torch.cat([self.fn(x[i : i + 1]) for i in range(len(x))])
 
 
 class OnEngine(nn.Module):

@@ -17,7 +17,6 @@ run as separate processes and a stopped run keeps what it finished.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import fcntl
 import json
@@ -36,12 +35,14 @@ from qpasses.passes.base import Pass
 from qpasses.quant.backends import get_backend
 from qpasses.quant.spec import QuantConfig
 from tools.bench.common import (
+    PerSample,
     PhotoSet,
     fidelity,
     markdown_table,
     pretrained_lite0,
     timed,
     torch_ao_fx_ptq,
+    torchao_pt2e_ptq,
     write_section,
 )
 
@@ -110,21 +111,8 @@ def quantize(model: nn.Module, passes: list[Pass], calib: list[torch.Tensor], ba
 
 
 def pt2e_x86_inductor(model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
-    """torchao PT2E with X86InductorQuantizer's default config (per-channel weights, 8-bit activations): the
-    converted Q/DQ graph, not compiled (compiling changes the kernels, not the quantization grid)."""
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    example = calib[0][:1]
-    exported = torch.export.export(copy.deepcopy(model), (example,)).module()
-    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        for batch in calib:
-            for x in batch.split(1):  # the exported graph is specialized to batch 1
-                prepared(x)
-    converted = convert_pt2e(prepared)
-    return lambda batch: torch.cat([converted(x) for x in batch.split(1)])
+    """torchao PT2E (``torchao_pt2e_ptq``: X86InductorQuantizer's default config), run one sample at a time."""
+    return PerSample(torchao_pt2e_ptq(model, calib))
 
 
 class Results:

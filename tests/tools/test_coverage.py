@@ -1,0 +1,141 @@
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import tools.bench.common as common
+from tools.bench.coverage import (
+    MODELS,
+    TOOLS,
+    Params,
+    Results,
+    Row,
+    float_weighted_layers,
+    make_inputs,
+    measure,
+    pt2e_quantized_layers,
+    reestimate_batchnorm,
+    report,
+    run_model,
+    sweep,
+)
+from tools.bench.common import PerSample, torchao_pt2e_ptq
+
+TINY = Params(size=32, calib=8, eval=8)  # one calibration batch of 8 crops
+
+
+@pytest.fixture(scope="module")
+def tiny_rows() -> list[Row]:
+    """Every tool on the LSTM and on resnet18 at 32×32, measured in this process."""
+    rows = []
+    for name in ("lstm", "resnet18"):
+        case = MODELS[name]
+        torch.manual_seed(0)
+        model = case.build(case.size(TINY.size) or 0).eval()
+        inputs = make_inputs(case, TINY.size, TINY.calib, TINY.eval)
+        reestimate_batchnorm(model, inputs.calib)
+        with torch.no_grad():
+            reference = [model(b) for b in inputs.evals]
+        rows += [measure(case, tool, model, inputs, reference, float_weighted_layers(model)) for tool in TOOLS.values()]
+    return rows
+
+
+def test_rows_of_every_tool_on_two_models(tiny_rows):
+    assert [(r.model, r.tool) for r in tiny_rows] == [(m, t) for m in ("lstm", "resnet18") for t in TOOLS]
+    totals = {r.model: r.total for r in tiny_rows}
+    assert totals == {"lstm": 2, "resnet18": 21}  # LSTM + head; 20 convs + fc
+    for row in tiny_rows:
+        if row.ok:
+            assert 0 <= row.quantized <= row.total
+            assert math.isfinite(row.sqnr) and 0 <= row.top1 <= 1
+            assert row.error == ""
+        else:
+            assert row.error and "\n" not in row.error and row.sqnr is None
+        assert row.activation_bits == (8 if row.tool == "pt2e" else 7)
+    by_key = {(r.model, r.tool): r for r in tiny_rows}
+    for model in ("lstm", "resnet18"):  # qpasses takes both; the LSTM itself stays float (no static LSTM kernel)
+        assert by_key[model, "qpasses-ptq"].ok and by_key[model, "qpasses-qat"].ok
+    assert by_key["resnet18", "qpasses-ptq"].quantized == 21
+    assert by_key["lstm", "pt2e"].ok and by_key["lstm", "pt2e"].quantized == 1
+
+
+def test_batchnorm_statistics_become_those_of_the_calibration_batches():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    batches = [torch.randn(4, 3, 8, 8) * 5 + 2 for _ in range(3)]
+    reestimate_batchnorm(model, batches)
+    with torch.no_grad():
+        features = [model[0](b) for b in batches]
+    assert not model[1].training
+    # the cumulative average over equal batches: of their means, and of their (unbiased) variances
+    torch.testing.assert_close(model[1].running_mean, torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0))
+    torch.testing.assert_close(model[1].running_var, torch.stack([f.var((0, 2, 3)) for f in features]).mean(0))
+
+
+def test_pt2e_count_takes_weights_not_activation_matmuls():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.fc(self.conv(x).mean((2, 3)))
+            return h @ h.t()  # two activations: no weight to count
+
+    model = Net().eval()
+    converted = torchao_pt2e_ptq(model, [torch.randn(2, 3, 8, 8)])
+    assert float_weighted_layers(model) == 2 and pt2e_quantized_layers(converted) == 2
+
+
+def test_per_sample_joins_structured_outputs_leaf_by_leaf():
+    x = torch.arange(6.0).reshape(3, 2)
+    out = PerSample(lambda sample: {"out": sample * 2, "aux": [sample.sum(1)]})(x)
+    assert torch.equal(out["out"], x * 2) and torch.equal(out["aux"][0], x.sum(1))
+
+
+def test_sweep_resumes_from_its_results_file(tmp_path, monkeypatch):
+    path = tmp_path / "coverage.json"
+    sweep(["lstm"], ["fx"], Results(path, TINY), timeout=300)  # one worker subprocess
+    saved = json.loads(path.read_text())
+    assert saved["params"] == {"size": 32, "calib": 8, "eval": 8}
+    assert [(r["model"], r["tool"], r["ok"]) for r in saved["rows"]] == [("lstm", "fx", True)]
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a measured model×tool ran again")
+
+    monkeypatch.setattr("tools.bench.coverage.run_model", must_not_run)
+    resumed = Results(path, TINY)
+    sweep(["lstm"], ["fx"], resumed, timeout=300)
+    assert resumed.rows["lstm", "fx"].ok
+    with pytest.raises(SystemExit, match="--size"):
+        Results(path, Params(size=64, calib=8, eval=8))
+
+
+def test_a_tool_past_its_time_limit_is_a_failed_row_and_the_next_gets_a_fresh_worker():
+    rows = run_model("lstm", ["fx", "pt2e"], TINY, timeout=0.5)  # importing torch alone takes longer
+    assert [(r.tool, r.ok) for r in rows] == [("fx", False), ("pt2e", False)]
+    assert all(r.error.startswith("timed out") for r in rows)
+
+
+def test_report_is_written_between_the_coverage_markers(tiny_rows, tmp_path, monkeypatch):
+    results = Results(None, TINY)
+    for row in tiny_rows:
+        results.add(row)
+    results.add(Row("squeezenet1_1", MODELS["squeezenet1_1"].family, "fx", ok=False, total=26, seconds=0.5,
+                    error="RuntimeError: boom at /opt/py/lib/python3.11/site-packages/torch/a.py:1"))
+    target = tmp_path / "BENCHMARKS.md"
+    target.write_text("# Benchmarks\n\nkept\n")
+    monkeypatch.setattr(common, "BENCHMARKS", target)
+    models = ["lstm", "resnet18", "squeezenet1_1"]
+    common.write_section("coverage", report(results, models, list(TOOLS)))
+    common.write_section("coverage", report(results, models, list(TOOLS)))  # replaces, does not append
+    text = target.read_text()
+    assert text.startswith("# Benchmarks\n\nkept\n")
+    assert text.count("<!-- coverage start -->") == 1 and text.count("<!-- coverage end -->") == 1
+    assert "int8 features:" in text and "torchao " in text
+    assert "**resnet18** (torchvision classification)" in text
+    assert "| torch.ao FX | fails |  |  | –/26 | 0.5 | RuntimeError: boom at torch/a.py:1 |" in text  # no local paths
+    assert "Not measured yet (model (tools)): squeezenet1_1 (qpasses-ptq, qpasses-qat, pt2e)." in text
+    ok = sum(r.ok for r in tiny_rows if r.tool == "qpasses-ptq")
+    assert f"| qpasses PTQ | 7 | {ok}/2 |" in text
