@@ -170,12 +170,14 @@ class _Lowering:
             changed = False
             for node, inputs, output in adds:
                 widest = max((self.qparams(o)[0] for o in inputs), default=0.0)
+                # Widened past the checked bound by the margin again: a grid widened to the bound itself can
+                # round back onto it and be widened for ever.
                 if widest / self.qparams(output)[0] >= high:
-                    self.widen(output, widest / high, node)
+                    self.widen(output, widest / high * (1 + margin), node)
                     changed = True
                 for observer in inputs:
                     if self.qparams(observer)[0] / self.qparams(output)[0] < low:
-                        self.widen(observer, self.qparams(output)[0] * low, node)
+                        self.widen(observer, self.qparams(output)[0] * low * (1 + margin), node)
                         changed = True
 
     def widen(self, observer: Observer, scale: float, add: fx.Node) -> None:

@@ -19,6 +19,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -459,75 +460,111 @@ def quantizations(spec: Spec, index: int) -> tuple[int, int]:
     return 0, 1
 
 
-def _activation_gain(op: Op, x: torch.Tensor) -> float:
-    """Mean square derivative of an activation over its eager input: the factor on independent noise."""
+def _per_channel(t: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the channel (dimension 1) of a float64 tensor."""
+    return t.mean([d for d in range(t.dim()) if d != 1])
+
+
+def _activation_gain(op: Op, x: torch.Tensor) -> torch.Tensor:
+    """Per channel, the mean square derivative of an activation over its eager input: the factor on
+    independent noise."""
     with torch.enable_grad():
         x = x.detach().double().requires_grad_()
         (grad,) = torch.autograd.grad(_ACT_FUNCTIONS[str(op.get("fn"))](x, **_act_kwargs(op)).sum(), x)
-    return float(grad.pow(2).mean())
+    return _per_channel(grad.pow(2))
 
 
-def _channel_gain(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean over channels of the square gain of a per-channel affine map ``x → y`` (a BN in eval mode): the
-    factor on noise that is the same in every channel, as a per-tensor quantization's is. A BN that is not
-    folded runs after its input's quantization, so a channel it scales up amplifies that noise however small
-    the channel's share of the signal (the rule 'keep the noise-to-signal ratio' misses exactly this)."""
-    dims = [d for d in range(x.dim()) if d != 1]
-    return float((y.double().var(dims) / x.double().var(dims).clamp_min(1e-30)).mean())
+def _linear_noise(weight: torch.Tensor, groups: int, noise: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the noise power a conv or linear layer passes on from independent input noise of
+    per-channel power ``noise``: Σ over its taps of w²·noise (exact for white noise; the bias adds none)."""
+    squared = weight.detach().double().pow(2)
+    if squared.dim() == 2:
+        return squared @ noise
+    k = squared.shape[-1]
+    noise_map = noise.view(1, -1, 1, 1).expand(1, noise.numel(), k, k)
+    return F.conv2d(noise_map, squared, groups=groups).flatten()
 
 
-def predicted_sqnr_db(spec: Spec, values: list[torch.Tensor], bits: int) -> float:
+def predicted_sqnr_db(spec: Spec, model: RandomGraph, values: list[torch.Tensor], bits: int) -> float:
     """The SQNR of the worst output if every quantization adds noise as the module comment above says, at
     ``bits`` for activations (``WEIGHT_BITS`` for weights, taken as Gaussian over ±4σ). ``values`` are the
-    eager model's (``RandomGraph.values``): each value's range and power, each activation's slope.
+    eager ``model``'s (``RandomGraph.values``): each value's range and power per channel, each activation's
+    slope; the model's weights and BN statistics give each layer's noise gain.
 
-    Noise is tracked as a power per element: a quantization adds step²/12; an elementwise activation
-    multiplies it by its mean square slope, a scale by its square; adds sum it (an add of a value with
-    itself quadruples it), cats average it over channels; a BN that is not folded multiplies it by its mean
-    square channel gain; convs, folded BN, muls and the head keep it as a fraction of the signal (a mul adds its inputs' relative amplitudes, which bounds a product of correlated values).
-    Left out, so covered by ``MARGIN_DB``: noise correlated between branches that share a producer (counted as independent: pessimistic where an add cancels it),
-    noise gains of convs that differ from their signal gains, averaging in pools (pessimistic), ranges the
-    observers choose other than min/max, a clamp folded into its producer's range (counted at the producer's
-    wider range)."""
+    Noise is tracked as a power per element of each channel, since a per-tensor quantization adds the same
+    step²/12 to every channel however small its share of the signal, and a later layer that weighs such a
+    channel heavily amplifies it. A conv or linear layer passes on Σ w²·noise over its taps (white noise); an
+    unfolded BN multiplies each channel's noise by its square gain; an elementwise activation by its mean square
+    slope, a scale by its square; adds sum it (an add of a value with itself quadruples it); a cat stacks its
+    inputs' channels; pools and a folded BN keep each channel's noise-to-signal ratio; a mul adds its inputs'
+    relative amplitudes (the bound for correlated inputs such as x·x). Weight quantization adds its relative
+    noise to each output channel's power. Left out, so covered by ``MARGIN_DB``: noise correlated between
+    branches that share a producer (counted as independent: pessimistic where an add cancels it), spatially
+    correlated noise through convs (counted as white), ranges the observers choose other than min/max, a clamp
+    folded into its producer's range (counted at the producer's wider range)."""
     weight_noise = 10 ** (-gaussian_quantization_db(WEIGHT_BITS) / 10)
     levels = 2**bits - 1
-    power = [float(v.double().pow(2).mean()) + 1e-30 for v in values]
+    power = [_per_channel(v.double().pow(2)) + 1e-30 for v in values]
 
-    def step_noise(v: int, op: Op | None) -> float:
+    # A cat's inputs and output share one grid (nested cats join one group), so a member is quantized on the
+    # group's span, however much narrower its own range.
+    groups = nx.utils.UnionFind(range(len(values)))
+    for out, op in enumerate(spec.ops, start=1):
+        if op.kind == "cat":
+            groups.union(out, *(_root(spec.ops, v) for v in op.inputs))
+    spans = {}
+    for group in groups.to_sets():
+        members = [values[v] for v in group]
+        spans.update(dict.fromkeys(group, float(max(v.max() for v in members) - min(v.min() for v in members))))
+
+    def step_noise(value: torch.Tensor, op: Op | None, index: int | None = None) -> float:
         span = FIXED_RANGES.get(str(op.get("fn"))) if op is not None and op.kind == "act" else None
-        span = span or float(values[v].max() - values[v].min())
+        span = span or (spans[index] if index is not None else float(value.max() - value.min()))
         return span**2 / (12 * levels**2)
 
-    noise = [step_noise(0, None)]  # the input's quantize
+    def kept_ratio(v_in: int, v_out: int) -> torch.Tensor:  # each channel's noise-to-signal ratio kept
+        return noise[v_in] * power[v_out] / power[v_in]
+
+    noise = [torch.full_like(power[0], step_noise(values[0], None, 0))]  # the input's quantize
     for out, op in enumerate(spec.ops, start=1):
         ins = op.inputs
+        layer = model.layers[f"op{op.get('conv')}" if op.kind == "conv_again" else f"op{out - 1}"] \
+            if op.kind in ("conv", "conv_again", "head") else None
         if op.kind in ("add", "iadd"):
             carried = 4 * noise[ins[0]] if ins[0] == ins[1] else noise[ins[0]] + noise[ins[1]]
         elif op.kind == "mul":  # relative noise amplitudes add: the bound for correlated inputs (x · x)
-            carried = power[out] * sum(math.sqrt(noise[v] / power[v]) for v in ins) ** 2
+            carried = power[out] * sum((noise[v] / power[v]).sqrt() for v in ins) ** 2
         elif op.kind == "cat":
-            channels = [values[v].shape[1] for v in ins]
-            carried = sum(noise[v] * c for v, c in zip(ins, channels, strict=True)) / sum(channels)
+            carried = torch.cat([noise[v] for v in ins])
         elif op.kind == "act":
             carried = _activation_gain(op, values[ins[0]]) * noise[ins[0]]
         elif op.kind == "scale":
             carried = float(op.get("by")) ** 2 * noise[ins[0]]
         elif op.kind == "bn" and quantizations(spec, out - 1)[1]:
-            carried = _channel_gain(values[ins[0]], values[out]) * noise[ins[0]]
-        elif op.kind in ("conv", "conv_again", "bn", "head"):
-            carried = power[out] * noise[ins[0]] / power[ins[0]]
-        else:  # alias, pools
-            carried = noise[ins[0]]
+            bn = model.layers[f"op{out - 1}"]
+            carried = (bn.weight.detach().double() ** 2 / (bn.running_var.double() + bn.eps)) * noise[ins[0]]
+        elif op.kind in ("conv", "conv_again"):
+            carried = _linear_noise(layer.weight, layer.groups, noise[ins[0]])
+        elif op.kind == "head":  # average pool (keeps each channel's ratio), its quantize, then the linear
+            pooled = F.adaptive_avg_pool2d(values[ins[0]].double(), 1).flatten(1)
+            # int8 average pooling keeps its input's grid: the pooled value is requantized on the input's span
+            pooled_noise = noise[ins[0]] * _per_channel(pooled.pow(2)) / power[ins[0]] + step_noise(pooled, None, ins[0])
+            carried = _linear_noise(layer.weight, 1, pooled_noise)
+        else:  # alias, pools, a folded BN
+            carried = kept_ratio(ins[0], out)
         weights, activations = quantizations(spec, out - 1)
-        noise.append(carried + weights * weight_noise * power[out] + activations * step_noise(out, op))
+        activations -= op.kind == "head"  # the head's pooled quantize is counted above
+        grid = ins[0] if op.kind == "pool" else out  # int8 pooling keeps its input's grid
+        noise.append(carried + weights * weight_noise * power[out] + activations * step_noise(values[out], op, grid))
     # An output with no predicted noise (constant, e.g. a ReLU6 of negatives) is exact; ``sqnr`` skips such.
-    return min((10 * math.log10(power[v] / noise[v]) for v in spec.outputs if noise[v] > 0), default=math.inf)
+    return min((10 * math.log10(float(power[v].mean() / noise[v].mean())) for v in spec.outputs
+                if float(noise[v].mean()) > 0), default=math.inf)
 
 
-def sqnr_floor(spec: Spec, values: list[torch.Tensor], pipeline: str) -> float:
-    """The SQNR a quantized ``pipeline`` must reach on ``spec`` against the eager float model."""
+def sqnr_floor(spec: Spec, model: RandomGraph, values: list[torch.Tensor], pipeline: str) -> float:
+    """The SQNR a quantized ``pipeline`` must reach on ``spec``'s eager float ``model``."""
     bits = 8 if "qnnpack" in pipeline else 7  # x86 activations run on the 7-bit step (reduce_range)
-    return predicted_sqnr_db(spec, values, bits) - MARGIN_DB
+    return predicted_sqnr_db(spec, model, values, bits) - MARGIN_DB
 
 
 def _run_pipeline(pipeline: str, model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -610,7 +647,7 @@ def check(spec: Spec, pipelines: tuple[str, ...] = PIPELINES,
         except Exception as exc:  # noqa: BLE001
             outcomes.append(error_outcome(pipeline, exc, known_open))
             continue
-        floor_db = PRESERVE_DB if pipeline in PRESERVING else sqnr_floor(spec, values, pipeline)
+        floor_db = PRESERVE_DB if pipeline in PRESERVING else sqnr_floor(spec, model, values, pipeline)
         failed = NOT_PRESERVED if pipeline in PRESERVING else BELOW_FLOOR
         outcomes.append(Outcome(pipeline, OK if got_db >= floor_db else failed,
                                 f"{got_db:.1f} dB against eager, floor {floor_db:.1f} dB", got_db, floor_db))

@@ -5,6 +5,7 @@ the same generator and checks for longer and tabulates the failures.
 """
 
 import random
+import signal
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
@@ -103,3 +104,26 @@ def test_a_constant_output_bounds_nothing():
                 (4, 2))
     (outcome,) = [o for o in check(spec, pipelines=("ptq_x86",)) if o.pipeline == "ptq_x86"]
     assert outcome.status == OK, outcome.detail
+
+
+def test_an_add_that_cancels_its_inputs_lowers_on_qnnpack_without_looping():
+    """Graph 267 of seed 5: x + (−0.998·x) leaves an output grid 2⁸ finer than its input's; Lower widened it
+    to the bound of qnnpack's scale ratio itself, which rounded back onto the bound, for ever."""
+    conv = Op("conv", (1,), (("bias", True), ("cout", 5), ("groups", 1), ("k", 3), ("stride", 1)))
+    spec = Spec(3, 12, False, (
+        Op("conv", (0,), (("bias", False), ("cout", 5), ("groups", 1), ("k", 1), ("stride", 2))), conv,
+        Op("scale", (2,), (("by", -0.998),)),
+        Op("conv", (3,), (("bias", True), ("cout", 4), ("groups", 1), ("k", 3), ("stride", 1))),
+        Op("iadd", (2, 3))), (4, 5), seed=48165)
+
+    def hung(*_):
+        raise TimeoutError("Lower did not finish in 60 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        (outcome,) = check(spec, pipelines=("ptq_qnnpack",), known_open={})[1:]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert outcome.status == OK, outcome

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import tools.bench.common as common
+from tools.bench.common import PerSample, torchao_pt2e_ptq
 from tools.bench.coverage import (
     MODELS,
     TOOLS,
@@ -21,7 +22,6 @@ from tools.bench.coverage import (
     run_model,
     sweep,
 )
-from tools.bench.common import PerSample, torchao_pt2e_ptq
 
 TINY = Params(size=32, calib=8, eval=8)  # one calibration batch of 8 crops
 
