@@ -49,8 +49,15 @@ from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr, topk_agreement
 from qpasses.passes import QAT
 from qpasses.quant.backends import get_backend
-from tools.bench.common import PerSample, PhotoSet, markdown_table, timed, torch_ao_fx_ptq, torchao_pt2e_ptq, \
-    write_section
+from tools.bench.common import (
+    PerSample,
+    PhotoSet,
+    markdown_table,
+    timed,
+    torch_ao_fx_ptq,
+    torchao_pt2e_ptq,
+    write_section,
+)
 from tools.bench.ptq import qpasses_ptq
 
 COMMAND = "python -m tools.bench.coverage"
