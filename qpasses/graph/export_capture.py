@@ -310,6 +310,7 @@ class _Normaliser:
                 self.env[node] = self.copy_meta(self.translate(node), node)
             else:
                 raise TraceError(f"exported node '{node.name}' ({node.op}) has no canonical form")
+        functionalize(self.graph)
         self.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "get_attr")
         self.check_names()
         gm = fx.GraphModule(self.owned, self.graph, type(self.model).__name__)
@@ -456,3 +457,59 @@ def normalise(model: nn.Module, exported: torch.export.ExportedProgram, n_inputs
         raise TraceError(f"the exported graph of {type(model).__name__} takes {len(user_inputs)} tensor inputs, "
                          f"the example inputs are {n_inputs}")
     return _Normaliser(model, exported).run()
+
+
+# In-place ops the canonical graph may hold, with their out-of-place forms.
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                 operator.itruediv: operator.truediv}
+# Ops whose result can share storage with their input: an in-place update of it reaches other values.
+_VIEWS = {operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+          torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.select}
+_VIEW_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "expand",
+                 "expand_as", "narrow", "select", "t", "chunk", "split"}
+
+
+def functionalize(graph: fx.Graph) -> None:
+    """Make the exported graph's in-place ops out of place, as every pass assumes.
+
+    The export records an in-place update as it runs (``a += b`` on ``a``, an activation with
+    ``inplace=True``), and an eval-mode dropout as a call that returns its input itself; later readers of
+    ``a`` (or of the value the dropout returned) then see the update through the alias, which a pass that
+    rewrites the op out of place (ReplaceFunctional's add) silently loses. Eval-mode dropouts are dropped,
+    each in-place op's later readers read its result instead, and the op becomes out of place. An in-place
+    update of a view (a slice, a reshape) would change its base too: that is refused, and the capture
+    ladder goes on to its next rung.
+    """
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is F.dropout and not _argument(node, 2, "training", True):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if node.op != "call_function" or not (node.target in _OUT_OF_PLACE or node.kwargs.get("inplace")):
+            continue
+        target = node.args[0]
+        if isinstance(target, fx.Node) and _is_view(target):
+            raise TraceError(f"exported node '{node.name}' updates a view ('{target.name}') in place, which "
+                             f"changes the tensor it views too; write it out of place")
+        for user in list(target.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(target, node)
+        if node.target in _OUT_OF_PLACE:
+            node.target = _OUT_OF_PLACE[node.target]
+        else:
+            node.kwargs = {**node.kwargs, "inplace": False}
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Whether ``node``'s value may share storage with its input: a view op, by the table above or, for an ATen
+    op left as it is, by its schema's alias annotation (``slice.Tensor(Tensor(a) self) -> Tensor(a)``)."""
+    if isinstance(node.target, torch._ops.OpOverload):
+        return any(ret.alias_info is not None for ret in node.target._schema.returns)
+    return node.target in _VIEWS or node.target in _VIEW_METHODS
+
+
+def _argument(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)

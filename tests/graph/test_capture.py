@@ -1,5 +1,7 @@
 """The capture ladder: symbolic tracing → torch.export normalised into the canonical form → auto_leaf."""
 
+import operator
+
 import pytest
 import torch
 import torch.ao.nn.quantized as nnq
@@ -328,7 +330,7 @@ def test_transposed_convs_and_qat_on_an_export_capture():
     assert sqnr(qat(x), lowered(x)) > 25
 
 
-def test_an_in_place_activation_stays_in_place():
+def test_an_in_place_activation_becomes_out_of_place_and_later_readers_read_its_result():
     class ReadsAfterReLU(nn.Module):
         def __init__(self):
             super().__init__()
@@ -343,8 +345,26 @@ def test_an_in_place_activation_stays_in_place():
     x = torch.randn(1, 3, 4, 4)
     gm = export_graph(model, (x,)).graph_module
     (relu,) = [n for n in gm.graph.nodes if n.target is F.relu]
-    assert relu.kwargs == {"inplace": True}
+    assert relu.kwargs == {"inplace": False}  # the passes assume out-of-place ops
+    (add,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (operator.add, torch.add)]
+    assert list(add.args) == [relu, relu]  # y's later read sees the update through the alias
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+def test_an_in_place_update_of_a_view_is_refused_by_export():
+    class HalvesASlice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            head = y[:, :2]
+            head *= 0.5  # halves y's first channels too
+            return y + 1
+
+    with pytest.raises(TraceError, match="updates a view .* in place"):
+        export_graph(HalvesASlice().eval(), (torch.randn(2, 3, 4, 4),))
 
 
 def test_a_bare_layer_is_captured_and_quantized():
