@@ -256,10 +256,10 @@ def test_an_in_place_update_of_a_slice_is_caught_and_a_harmless_one_is_not():
 
     with pytest.raises(TraceError, match=r"in-place `head \*= 0\.5`.*out-of-place"):
         trace(SliceUpdate(), torch.randn(1, 3, 4), leaf_modules=[nn.Dropout])  # a named leaf: symbolic only
-    x = torch.randn(1, 3, 4)
-    gm = trace(SliceUpdate(), x)  # export runs the in-place update on the slice as the model does
-    assert gm.meta["capture"].method == "export"
-    torch.testing.assert_close(gm(x.clone()), SliceUpdate()(x.clone()))
+    # export records the update of the view, but the passes assume out-of-place ops: refused on every rung
+    with pytest.raises(TraceError, match=r"in-place `head \*= 0\.5`.*torch\.export failed: .*updates a view") as info:
+        trace(SliceUpdate(), torch.randn(1, 3, 4))
+    assert "\n" not in str(info.value)
     assert trace(FreshUpdate(), torch.randn(1, 3, 4)).meta["capture"].method == "symbolic_trace"
     trace(SliceUpdate(), torch.randn(1, 3, 4), verify=False)  # the check can be turned off
 
