@@ -481,7 +481,8 @@ def functionalize(graph: fx.Graph) -> None:
     ladder goes on to its next rung.
     """
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is F.dropout and not _argument(node, 2, "training", True):
+        if node.op == "call_function" and node.target is F.dropout \
+                and not (_arguments(node) or {}).get("training", True):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     order = {node: i for i, node in enumerate(graph.nodes)}
@@ -507,9 +508,3 @@ def _is_view(node: fx.Node) -> bool:
     if isinstance(node.target, torch._ops.OpOverload):
         return any(ret.alias_info is not None for ret in node.target._schema.returns)
     return node.target in _VIEWS or node.target in _VIEW_METHODS
-
-
-def _argument(node: fx.Node, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
