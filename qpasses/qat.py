@@ -16,12 +16,11 @@ from qpasses.errors import QPassesError
 from qpasses.graph.modules import set_module
 from qpasses.passes.base import PassContext
 from qpasses.passes.insert_fake_quant import FROM_STEPS_METHOD, TO_STEPS_METHOD
-from qpasses.passes.insert_observers import ANNOTATION_KEY
 from qpasses.passes.lower import Lower
-from qpasses.passes.manager import PROPERTIES_KEY, TRAINABLE
+from qpasses.passes.manager import TRAINABLE
 from qpasses.quant.fake_quant import FakeQuantize
-from qpasses.quant.lowering import WEIGHT_QPARAMS_KEY
 from qpasses.quant.qat_modules import QATModule
+from qpasses.quant.state import WEIGHT_QPARAMS_KEY, existing_state, properties_of, state_of
 
 __all__ = ["convert", "disable_fake_quant", "enable_fake_quant", "freeze_bn_stats", "freeze_observers"]
 
@@ -72,8 +71,7 @@ def convert(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     codes as the QAT model in eval mode; only a value within float error (~1e-6 of a step) of a rounding
     tie can fall on the other side. ``model`` is left as it is unless ``inplace``.
     """
-    if not isinstance(model, fx.GraphModule) or TRAINABLE not in model.meta.get(PROPERTIES_KEY, ()) \
-            or ANNOTATION_KEY not in model.meta:
+    if TRAINABLE not in properties_of(model) or existing_state(model).annotation is None:
         raise QPassesError("convert() takes the model PassManager([QAT(...)]).run(model, x) returned "
                            f"(after training); got a {type(model).__name__} without fake-quant annotation")
     gm = model if inplace else copy.deepcopy(model)
@@ -91,7 +89,8 @@ def convert(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
             node.meta[WEIGHT_QPARAMS_KEY] = trained[node.target]
     ctx = PassContext(example_inputs=())
     gm = Lower().run(gm, ctx).graph_module
-    gm.meta[PROPERTIES_KEY] = sorted((set(gm.meta[PROPERTIES_KEY]) - Lower.invalidates - {TRAINABLE}) | Lower.provides)
+    state = state_of(gm)
+    state.properties = (state.properties - Lower.invalidates - {TRAINABLE}) | Lower.provides
     return gm
 
 

@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from qpasses.errors import InputError, one_line
+from qpasses.quant.state import existing_state
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The model ``torch.save(qmodel, path)`` wrote: a quantized ``GraphModule`` ready to run.
+    """The model ``torch.save(qmodel, path)`` wrote: a quantized ``GraphModule`` ready to run, with the state
+    qpasses keeps on it (:mod:`qpasses.quant.state`: node names, properties, the QAT annotation ``convert`` needs).
 
     A whole saved module is a pickle, which ``torch.load``'s default ``weights_only=True`` refuses; this
     loads it with ``weights_only=False``. **Unpickling runs code named in the file: load only files you
@@ -30,4 +32,5 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
         raise InputError(f"cannot load {path}: {type(exc).__name__}: {one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise InputError(f"{path} holds a {type(model).__name__}, not a model saved with torch.save(qmodel, path)")
+    existing_state(model)  # a graph module gets its node names and quantization metadata back
     return model

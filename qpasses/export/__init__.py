@@ -19,7 +19,6 @@ from qpasses.export.onnx_fold import fold_constant_quantizers
 from qpasses.export.qdq import REDUCE_RANGE_MODES, Grid, ReduceRange, is_lowered, qdq_model
 from qpasses.graph.trace import as_input_tuple
 from qpasses.quant import lowering
-from qpasses.quant.backends import get_backend
 
 __all__ = ["REDUCE_RANGE_MODES", "Grid", "ReduceRange", "is_lowered", "onnx", "qdq_model", "torchscript"]
 
@@ -39,8 +38,7 @@ def torchscript(qmodel: fx.GraphModule, example_inputs: Any) -> torch.jit.Script
         raise ExportError("torchscript needs a model lowered by qpasses (PassManager([..., PTQ(...)]).run); "
                           f"got a {type(qmodel).__name__} without int8 kernels")
     inputs = as_input_tuple(example_inputs)
-    engine = get_backend(qmodel.meta["qpasses_backend"]).engine
-    with lowering.quantized_engine(engine), torch.no_grad():
+    with lowering.quantized_engine(lowering.engine_of(qmodel)), torch.no_grad():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             scripted = torch.jit.freeze(torch.jit.trace(qmodel, inputs).eval())

@@ -35,7 +35,7 @@ from qpasses.errors import ExportError
 from qpasses.graph.match import is_max_pool
 from qpasses.graph.trace import as_input_tuple
 from qpasses.quant import lowering
-from qpasses.quant.backends import get_backend
+from qpasses.quant.state import QPARAMS_KEY
 
 ReduceRange = Literal["keep", "widen"]
 REDUCE_RANGE_MODES = ("keep", "widen")
@@ -75,7 +75,8 @@ class Grid:
 
 
 def is_lowered(model: nn.Module) -> bool:
-    return isinstance(model, fx.GraphModule) and "qpasses_backend" in model.meta
+    """``model`` was lowered by qpasses: its graph selects a quantized engine (``lowering.engine_of``)."""
+    return lowering.engine_of(model) is not None
 
 
 def _check_lowered(model: nn.Module, what: str) -> None:
@@ -103,8 +104,7 @@ def _record_grids(model: fx.GraphModule, inputs: tuple) -> dict[str, Grid]:
                 grids[n.name] = Grid(float(result.q_scale()), int(result.q_zero_point()), *codes)
             return result
 
-    engine = get_backend(model.meta["qpasses_backend"]).engine
-    with lowering.quantized_engine(engine), torch.no_grad():
+    with lowering.quantized_engine(lowering.engine_of(model)), torch.no_grad():
         Recorder(model).run(*inputs)
     return grids
 
@@ -171,11 +171,11 @@ class _ViewBuilder:
         users = list(node.users)
         if len(users) == 1 and (narrowed := self.code_clamp(users[0])) is not None:
             self.absorbed.add(users[0])
-            return narrowed, users[0].meta.get("qparams", {}).get("bits")
+            return narrowed, users[0].meta.get(QPARAMS_KEY, {}).get("bits")
         if len(users) == 1 and is_max_pool(self.model, users[0]) and len(users[0].users) == 1:
             clamp = next(iter(users[0].users))
             if (narrowed := self.code_clamp(clamp)) is not None:
-                return narrowed, clamp.meta.get("qparams", {}).get("bits")
+                return narrowed, clamp.meta.get(QPARAMS_KEY, {}).get("bits")
         return self.grids[node.name], None
 
     def weight(self, node: fx.Node, qweight: torch.Tensor) -> fx.Node:
@@ -207,7 +207,7 @@ class _ViewBuilder:
         if node in self.absorbed:
             return self.env[node.args[0]]
         if (narrowed := self.code_clamp(node)) is not None:
-            return self.fake_quant(self.env[node.args[0]], narrowed, node.meta.get("qparams", {}).get("bits"))
+            return self.fake_quant(self.env[node.args[0]], narrowed, node.meta.get(QPARAMS_KEY, {}).get("bits"))
         if node.op == "call_method" and node.target == "dequantize":
             return self.env[node.args[0]]
         value = self.float_op(node)

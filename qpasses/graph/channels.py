@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-OUTPUT_STATS_KEY = "qpasses_output_stats"
+from qpasses.quant.state import state_of
 
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
@@ -151,7 +151,7 @@ class ChannelStats:
 
 def output_stats(gm: fx.GraphModule) -> dict[str, ChannelStats]:
     """The recorded statistics, by the layer's module name (an empty dict to fill if none yet)."""
-    return gm.meta.setdefault(OUTPUT_STATS_KEY, {})
+    return state_of(gm).output_stats
 
 
 def record_output_stats(gm: fx.GraphModule, target: str, mean: torch.Tensor, std: torch.Tensor) -> None:

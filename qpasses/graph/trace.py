@@ -7,7 +7,7 @@ The capture ladder, each rung checked against the eager model:
    arithmetic) or keeps a ``torch.nn`` composite whole (``nn.MultiheadAttention``, ``nn.TransformerEncoder``);
 3. with ``auto_leaf=True``, symbolic tracing again with each failing submodule kept opaque.
 Where all fail, a precise error names the submodule, the user's line and the fix. Which rung captured the
-graph, and what stayed opaque, is ``gm.meta['capture']`` (a ``CaptureInfo``).
+graph, and what stayed opaque, is ``state_of(gm).capture`` (a ``CaptureInfo``).
 
 Symbolic tracing comes first because its graph is shape-generic (timm's 'SAME' padding is computed at run
 time; export specialises it to the example input's size) and records the user's own modules; export is the
@@ -38,6 +38,7 @@ from qpasses.errors import GraphRunError, InputError, QPassesError, TraceError
 from qpasses.graph import canonical
 from qpasses.graph.export_capture import export_graph
 from qpasses.graph.modules import buffers_restored, eval_mode
+from qpasses.quant.state import state_of
 from qpasses.validation import as_input_tuple, check_model
 
 __all__ = ["CaptureInfo", "LeafSpec", "as_input_tuple", "propagate_shapes", "trace", "verify_capture"]
@@ -54,7 +55,7 @@ SYMBOLIC_TRACE, EXPORT, AUTO_LEAF = "symbolic_trace", "export", "auto_leaf"
 
 @dataclass
 class CaptureInfo:
-    """How a graph was captured, in ``gm.meta['capture']``.
+    """How a graph was captured, in ``state_of(gm).capture`` (:mod:`qpasses.quant.state`).
 
     ``method``: the rung that captured it (``'symbolic_trace'``, ``'export'`` or ``'auto_leaf'``).
     ``opaque_modules``: submodules called whole, untransformed (auto_leaf's, and ``torch.nn`` composites such
@@ -288,8 +289,8 @@ def trace(
 
     The capture ladder (see the module docstring): symbolic tracing, then ``torch.export`` normalised into the
     same canonical form where symbolic tracing fails or keeps a ``torch.nn`` composite (``MultiheadAttention``)
-    whole, then ``auto_leaf``. ``gm.meta['capture']`` is a :class:`CaptureInfo` saying which rung captured it
-    and what stayed opaque (``gm.meta['opaque_modules']`` lists the latter too).
+    whole, then ``auto_leaf``. ``state_of(gm).capture`` is a :class:`CaptureInfo` saying which rung captured it
+    and what stayed opaque.
     ``leaf_modules`` are kept opaque (called, not traced through): qualified names such as
     ``"blocks.3"`` or module classes; export cannot keep a module opaque, so naming leaves skips that rung.
     With ``auto_leaf=True`` a submodule that cannot be traced is made a leaf and tracing retried.
@@ -327,11 +328,11 @@ def trace(
         if shortfalls and may_export:
             exported, why = _export_rung(model, inputs)
             if exported is not None:
-                exported.meta["capture"].tried += shortfalls
+                state_of(exported).capture.tried += shortfalls
                 return _finish(model, exported, inputs, verify=False)
             info.tried.append(why)
         info.opaque_modules = composites
-        gm.meta["capture"] = info
+        state_of(gm).capture = info
         try:
             return _finish(model, gm, inputs, verify)
         except TraceError as err:  # the graph computes something else (fx records ``a += b`` out of place)
@@ -340,14 +341,14 @@ def trace(
             exported, why = _export_rung(model, inputs)
             if exported is None:
                 raise TraceError(f"{err}; {why}", module=err.module, source=err.source) from err
-            exported.meta["capture"].tried.append(str(err).split("; ")[0].replace("the traced graph", "symbolic_trace's graph", 1))
+            state_of(exported).capture.tried.append(str(err).split("; ")[0].replace("the traced graph", "symbolic_trace's graph", 1))
             return _finish(model, exported, inputs, verify=False)
 
     tried = [f"symbolic_trace failed: {str(failure).splitlines()[0]}"]
     if may_export:
         exported, why = _export_rung(model, inputs)
         if exported is not None:
-            exported.meta["capture"].tried += tried
+            state_of(exported).capture.tried += tried
             return _finish(model, exported, inputs, verify=False)
         tried.append(why)
     if not auto_leaf or not failure.module or failure.module in leaf_names:
@@ -369,7 +370,7 @@ def trace(
         stacklevel=2,
     )
     canonical.decompose(gm)
-    gm.meta["capture"] = CaptureInfo(AUTO_LEAF, opaque_modules=opaque, tried=tried)
+    state_of(gm).capture = CaptureInfo(AUTO_LEAF, opaque_modules=opaque, tried=tried)
     return _finish(model, gm, inputs, verify)
 
 
@@ -406,12 +407,11 @@ def _export_rung(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule | None
     except Exception as exc:  # any failure of export or of its graph: the next rung decides
         reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         return None, f"torch.export failed: {type(exc).__name__}: {reason}"
-    gm.meta["capture"] = CaptureInfo(EXPORT, aten_ops=exported.aten_ops, fixed_shapes=not exported.batch_generic)
+    state_of(gm).capture = CaptureInfo(EXPORT, aten_ops=exported.aten_ops, fixed_shapes=not exported.batch_generic)
     return gm, ""
 
 
 def _finish(model: nn.Module, gm: fx.GraphModule, inputs: tuple, verify: bool) -> fx.GraphModule:
-    gm.meta["opaque_modules"] = list(gm.meta["capture"].opaque_modules)
     try:
         with buffers_restored(model), buffers_restored(gm):  # a model in training mode keeps its BN statistics
             propagate_shapes(gm, inputs)

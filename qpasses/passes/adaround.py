@@ -19,9 +19,10 @@ from qpasses.graph.regions import blocks, parent_module
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import progress
 from qpasses.quant.layerwise import Block, annotation_of, collect_batches, sweep_blocks
-from qpasses.quant.lowering import FLOAT_WEIGHT_KEY, WEIGHT_QPARAMS_KEY, fake_quantize_weight, weight_qparams
+from qpasses.quant.lowering import fake_quantize_weight, weight_qparams
 from qpasses.quant.ops import Role
 from qpasses.quant.spec import QuantSpec
+from qpasses.quant.state import FLOAT_WEIGHT_KEY, WEIGHT_QPARAMS_KEY
 from qpasses.validation import check_count, check_data
 
 ADAROUND_REPORT_KEY = "qpasses_adaround"

@@ -15,9 +15,10 @@ from qpasses.nn import SamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.layerwise import Layer, annotation_of, collect_shard, sweep
-from qpasses.quant.lowering import WEIGHT_QPARAMS_KEY, fake_quantize_weight, float_weight, weight_spec
+from qpasses.quant.lowering import fake_quantize_weight, float_weight, weight_spec
 from qpasses.quant.observers import Observer
 from qpasses.quant.ops import Role
+from qpasses.quant.state import WEIGHT_QPARAMS_KEY
 from qpasses.validation import check_count, check_data
 
 

@@ -10,13 +10,14 @@ from torch import nn
 from qpasses.graph.match import any_of, is_function, is_method, is_module
 from qpasses.graph.modules import set_module
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
-from qpasses.passes.insert_observers import ANNOTATION_KEY, InsertObservers
+from qpasses.passes.insert_observers import InsertObservers
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.fake_quant import FakeQuantize, make_fake_quant
 from qpasses.quant.observers import Observer
 from qpasses.quant.ops import Role
 from qpasses.quant.qat_modules import to_qat
 from qpasses.quant.spec import QuantConfig
+from qpasses.quant.state import state_of
 
 # Methods of a fake-quant the graph calls around an averaging op: op(x) becomes from_steps(op(to_steps(x))).
 TO_STEPS_METHOD, FROM_STEPS_METHOD = "to_steps", "from_steps"
@@ -77,9 +78,9 @@ class InsertFakeQuant(Pass):
         return None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if ANNOTATION_KEY not in gm.meta:
+        if state_of(gm).annotation is None:
             gm = self.observers.run(gm, ctx).graph_module
-        ann: Annotation = gm.meta[ANNOTATION_KEY]
+        ann: Annotation = state_of(gm).annotation
         for target, observer in list(gm.named_modules()):
             if not isinstance(observer, Observer) or isinstance(observer, FakeQuantize):
                 continue

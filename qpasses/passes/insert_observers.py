@@ -13,8 +13,7 @@ from qpasses.quant.observers import make_observer
 from qpasses.quant.ops import Role
 from qpasses.quant.overrides import apply_overrides
 from qpasses.quant.spec import QuantConfig
-
-ANNOTATION_KEY = "qpasses_quant"
+from qpasses.quant.state import QSTATE_KEY, state_of
 
 
 def resolve_config(backend: str, config: QuantConfig | None, bits: int | None, per_channel: bool | None) -> QuantConfig:
@@ -74,9 +73,9 @@ class InsertObservers(Pass):
             with gm.graph.inserting_after(node):
                 observed = gm.graph.call_module(target, (node,))
             observed.meta = dict(node.meta)
-            observed.meta["qstate"] = "observed"
+            observed.meta[QSTATE_KEY] = "observed"
             node.replace_all_uses_with(observed, delete_user_cb=lambda user, o=observed: user is not o)
-        gm.meta[ANNOTATION_KEY] = ann
+        state_of(gm).annotation = ann
         for name in ann.float_reasons:
             ctx.note(f"stays float: {ann.float_reasons[name]}")
         for note in ann.notes:

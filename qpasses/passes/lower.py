@@ -17,12 +17,12 @@ from qpasses.graph.match import is_max_pool
 from qpasses.graph.modules import unique_name
 from qpasses.nn import ChannelClamp, CropStart2d, SamePad2d, ShiftedSamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
-from qpasses.passes.insert_observers import ANNOTATION_KEY
 from qpasses.quant import lowering
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.backends import get_backend
 from qpasses.quant.observers import Observer
 from qpasses.quant.ops import REQUANT_FUNCTION_MODULES, Role, role_of, runs_clamp_kernel
+from qpasses.quant.state import FLOAT_WEIGHT_KEY, QPARAMS_KEY, QSTATE_KEY, WEIGHT_QPARAMS_KEY, state_of
 
 _SHAPE_QUERIES = ("size", "dim")
 
@@ -64,7 +64,8 @@ class Lower(Pass):
         self.backend = backend
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        ann: Annotation | None = gm.meta.get(ANNOTATION_KEY)
+        state = state_of(gm)
+        ann: Annotation | None = state.annotation
         if ann is None:
             raise QPassesError("the graph carries no quantization annotation; run InsertObservers and Calibrate first")
         backend = get_backend(self.backend or ann.backend)
@@ -75,8 +76,7 @@ class Lower(Pass):
         with lowering.quantized_engine(backend.engine):
             _Lowering(gm, ann, ctx).run()
         lowering.select_engine_first(gm, backend.engine)
-        gm.meta["qpasses_backend"] = backend.name
-        del gm.meta[ANNOTATION_KEY]
+        state.annotation = None
         gm.recompile()
         return PassResult(gm, modified=True)
 
@@ -90,7 +90,7 @@ def _to_cpu(gm: fx.GraphModule, backend: str, ctx: PassContext) -> None:
         return
     gm.cpu()
     for node in gm.graph.nodes:
-        for key in (lowering.WEIGHT_QPARAMS_KEY, lowering.FLOAT_WEIGHT_KEY):
+        for key in (WEIGHT_QPARAMS_KEY, FLOAT_WEIGHT_KEY):
             if key in node.meta:
                 node.meta[key] = tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, node.meta[key])
     message = (f"lowering moved the model from {', '.join(sorted(map(str, devices)))} to the CPU: "
@@ -211,7 +211,7 @@ class _Lowering:
             elif role is Role.REQUANT:
                 self.lower_unary(node)
             elif role is Role.FUSED_ACT and self.clamps_per_channel(node):
-                produced = node.all_input_nodes[0].meta["qparams"]  # the int8 op before it writes at these
+                produced = node.all_input_nodes[0].meta[QPARAMS_KEY]  # the int8 op before it writes at these
                 self.mark_int8(node, produced["scale"], produced["zero_point"])
             elif role is Role.FUSED_ACT:
                 producer = node.all_input_nodes[0]
@@ -221,7 +221,7 @@ class _Lowering:
                 inputs = [a for a in node.all_input_nodes if a in self.quantized]
                 self.quantized[node] = bool(inputs) and self.quantized[inputs[0]]
                 if self.quantized[node]:
-                    node.meta["qstate"] = "int8"
+                    node.meta[QSTATE_KEY] = "int8"
                     self.clamp_contiguous(node)
             elif node.op in ("call_module", "call_function", "call_method"):
                 if not (node.op == "call_method" and node.target in _SHAPE_QUERIES):
@@ -243,7 +243,7 @@ class _Lowering:
         value = node.args[0]
         with self.graph.inserting_before(node):
             contiguous = self.graph.call_method("contiguous", (value,))
-        contiguous.meta = {**value.meta, "qstate": "int8"}
+        contiguous.meta = {**value.meta, QSTATE_KEY: "int8"}
         node.replace_input_with(value, contiguous)
         self.quantized[contiguous] = True
 
@@ -287,7 +287,7 @@ class _Lowering:
             with self.graph.inserting_before(node):
                 result = self.graph.create_node("call_function", quantize, (value, *qparams),
                                                 name=f"{value.name}_quant")
-            result.meta["qstate"] = "int8"
+            result.meta[QSTATE_KEY] = "int8"
             self.ctx.stats["quantize"] += 1
         bounds = lowering.code_range(scale, zero_point, spec)
         if bounds is not None:
@@ -295,9 +295,9 @@ class _Lowering:
                 if self.backend.clamp_needs_contiguous:
                     result = self.graph.call_method("contiguous", (result,))
                 result = self.graph.call_function(torch.clamp, (result, *bounds))
-            result.meta["qstate"] = "int8"
+            result.meta[QSTATE_KEY] = "int8"
             self.code_clamps.append(result)
-        result.meta["qparams"] = {"scale": scale, "zero_point": zero_point, "dtype": str(spec.dtype), "bits": spec.bits}
+        result.meta[QPARAMS_KEY] = {"scale": scale, "zero_point": zero_point, "dtype": str(spec.dtype), "bits": spec.bits}
         node.replace_all_uses_with(result)
         self.erase(node)
         self.quantized[result] = True
@@ -318,8 +318,8 @@ class _Lowering:
         module = self.symmetric_same_padding(node, self.float_module(node), scale, zero_point)
         # qpasses.convert() puts the weight qparams QAT trained with there; PTQ observes the weight here.
         qmodule = lowering.quantized_compute(module, self.ann.pairs[node.name].weight, scale, zero_point,
-                                             node.meta.get(lowering.WEIGHT_QPARAMS_KEY))
-        node.meta.pop(lowering.FLOAT_WEIGHT_KEY, None)
+                                             node.meta.get(WEIGHT_QPARAMS_KEY))
+        node.meta.pop(FLOAT_WEIGHT_KEY, None)
         self.replace_module(node.target, qmodule)
         self.mark_int8(node, scale, zero_point)
         self.ctx.stats["int8_" + type(module).__name__.lower()] += 1
@@ -403,8 +403,8 @@ class _Lowering:
 
     def mark_int8(self, node: fx.Node, scale: float, zero_point: int) -> None:
         self.quantized[node] = True
-        node.meta["qstate"] = "int8"
-        node.meta["qparams"] = {"scale": scale, "zero_point": zero_point}
+        node.meta[QSTATE_KEY] = "int8"
+        node.meta[QPARAMS_KEY] = {"scale": scale, "zero_point": zero_point}
 
     def replace_module(self, target: str, module) -> None:
         parent, _, child = target.rpartition(".")

@@ -36,9 +36,9 @@ from qpasses.graph.modules import buffers_restored, eval_mode
 from qpasses.graph.trace import CaptureInfo, LeafSpec, propagate_shapes, trace, verify_capture
 from qpasses.passes.base import Pass, PassContext, Stage, describe
 from qpasses.passes.calibrate import model_device, to_device
+from qpasses.quant.state import properties_of, state_of
 from qpasses.validation import as_input_tuple, check_model
 
-PROPERTIES_KEY = "qpasses_properties"
 # A pipeline that provides this yields a model to train (QAT); its lowering waits for qpasses.convert().
 TRAINABLE = "fake_quantized"
 
@@ -396,8 +396,7 @@ class PassManager:
 
     def plan(self, model: nn.Module | None = None) -> Plan:
         """The order the passes will run in, with notes on insertions and moves. Raises ``PlanError``."""
-        established = model.meta.get(PROPERTIES_KEY, ()) if isinstance(model, fx.GraphModule) else ()
-        return plan_pipeline(self.passes, established)
+        return plan_pipeline(self.passes, properties_of(model))
 
     def explain(self, model: nn.Module | None = None) -> str:
         return str(self.plan(model))
@@ -432,7 +431,7 @@ class PassManager:
                 captured = sqnr(reference, traced)
             else:
                 reference = traced
-        report = Report(plan, capture=gm.meta.get("capture"))
+        report = Report(plan, capture=state_of(gm).capture)
         n_nodes = len(gm.graph.nodes)
         report.records.append(PassRecord("trace", time.perf_counter() - start, n_nodes, n_nodes, sqnr_db=captured))
         if self._dumper is not None:
@@ -441,14 +440,13 @@ class PassManager:
             self._snapshots.snapshots.append(("traced", copy.deepcopy(gm)))
         self.report = report
 
-        properties = set(gm.meta.get(PROPERTIES_KEY, ()))
         baseline = reference  # what a function-preserving pass must reproduce: the output before it
         for position, p in enumerate(plan.passes):
             gm, output = self._run_one(p, position, plan, gm, inputs, reference, baseline, report)
             if not p.preserves_function:
                 baseline = output
-            properties = (properties - p.invalidates) | p.provides
-            gm.meta[PROPERTIES_KEY] = sorted(properties)
+            state = state_of(gm)
+            state.properties = (state.properties - p.invalidates) | p.provides
         return gm
 
     def _fail(self, message: str, p: Pass, position: int, plan: Plan, node: str | None = None,

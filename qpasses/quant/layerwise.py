@@ -27,12 +27,12 @@ from qpasses import distributed
 from qpasses.errors import QPassesError
 from qpasses.graph.regions import Region
 from qpasses.passes.calibrate import batch_inputs, model_device, to_device
-from qpasses.passes.insert_observers import ANNOTATION_KEY
 from qpasses.quant.annotate import Annotation
-from qpasses.quant.lowering import FLOAT_WEIGHT_KEY, on_grid, weight_spec
+from qpasses.quant.lowering import on_grid, weight_spec
 from qpasses.quant.observers import Observer
 from qpasses.quant.ops import Role
 from qpasses.quant.spec import QuantSpec
+from qpasses.quant.state import FLOAT_WEIGHT_KEY, existing_state
 
 
 @dataclass
@@ -96,7 +96,8 @@ BlockWeightsFor = Callable[[Block], dict[fx.Node, torch.Tensor]]
 
 def annotation_of(gm: fx.GraphModule, pass_name: str) -> Annotation:
     """The quantization decisions InsertObservers published on the graph (backend, specs per node)."""
-    ann = gm.meta.get(ANNOTATION_KEY)
+    state = existing_state(gm)
+    ann = state.annotation if state is not None else None
     if ann is None:
         raise QPassesError(f"{pass_name} needs the quantization settings of a PTQ pass in the same pipeline: "
                            f"add PTQ(data, backend=...) (or InsertObservers + Calibrate) to it")

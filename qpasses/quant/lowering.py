@@ -19,13 +19,7 @@ from qpasses.graph.modules import unique_name
 from qpasses.quant.observers import make_observer
 from qpasses.quant.ops import DERIVED_METHODS, entry_for
 from qpasses.quant.spec import QuantSpec
-
-# node.meta key: a conv/linear's weight (scale, zero_point) pinned by a pass that rounded on that grid
-# (AdaRound, QAT's convert); lowering and bias correction quantize the weight at exactly these.
-WEIGHT_QPARAMS_KEY = "weight_qparams"
-# node.meta key: a conv/linear's float weight from before a pass replaced it by its rounded values (AdaRound);
-# the reference later passes measure quantization error against. Lowering drops it.
-FLOAT_WEIGHT_KEY = "float_weight"
+from qpasses.quant.state import FLOAT_WEIGHT_KEY
 
 
 def float_weight(node: fx.Node, module: nn.Module) -> torch.Tensor:
@@ -143,6 +137,7 @@ class QuantizedEngine(nn.Module):
     A module called from the graph, not a forward pre-hook: ``torch.save``/``torch.load`` rebuild a
     GraphModule from its code and submodules (dropping hooks and ``gm.meta``), and ``copy.deepcopy``
     drops forward hooks, so only state that is part of the graph survives both. TorchScript skips it.
+    It is also what says that a model is lowered, and for which engine (:func:`engine_of`).
     """
 
     _is_impure = True  # no user reads its output; keeps fx's dead-code elimination from dropping it
@@ -157,6 +152,14 @@ class QuantizedEngine(nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self.engine)
+
+
+def engine_of(gm: nn.Module) -> str | None:
+    """The quantized engine ``gm`` was lowered for (its :class:`QuantizedEngine`), None if it is not lowered."""
+    if not isinstance(gm, fx.GraphModule):
+        return None
+    return next((module.engine for node in gm.graph.nodes if node.op == "call_module"
+                 and isinstance(module := gm.get_submodule(node.target), QuantizedEngine)), None)
 
 
 def select_engine_first(gm: fx.GraphModule, engine: str) -> None:

@@ -1,7 +1,7 @@
 """Per-node configuration overrides that a pass hands to observer insertion through the graph.
 
 A pass that decides something about individual nodes before quantization (``MixedPrecision`` choosing
-weight bit-widths) records it with ``add_overrides`` in ``gm.meta`` and declares
+weight bit-widths) records it with ``add_overrides`` in the graph's ``QuantState`` and declares
 ``provides = {"config_overrides"}``; ``InsertObservers`` runs after any such pass and applies the
 overrides on top of its own configuration (``apply_overrides``). No pass reaches into another's state.
 """
@@ -15,8 +15,7 @@ from collections.abc import Mapping
 import torch.fx as fx
 
 from qpasses.quant.spec import QuantConfig, QuantPair
-
-OVERRIDES_KEY = "qpasses_config_overrides"
+from qpasses.quant.state import existing_state, state_of
 
 
 def exact_pattern(name: str) -> str:
@@ -35,10 +34,11 @@ def with_node_overrides(config: QuantConfig, pairs: Mapping[str, QuantPair | Non
 
 def add_overrides(gm: fx.GraphModule, pairs: Mapping[str, QuantPair | None]) -> None:
     """Record ``pairs`` for the observer insertion that follows; later calls win over earlier ones."""
-    gm.meta[OVERRIDES_KEY] = {**gm.meta.get(OVERRIDES_KEY, {}), **pairs}
+    state_of(gm).overrides.update(pairs)
 
 
 def apply_overrides(gm: fx.GraphModule, config: QuantConfig) -> QuantConfig:
     """``config`` with the overrides recorded on ``gm`` (``config`` itself if there are none)."""
-    pairs = gm.meta.get(OVERRIDES_KEY)
+    state = existing_state(gm)
+    pairs = state.overrides if state is not None else None
     return with_node_overrides(config, pairs) if pairs else config

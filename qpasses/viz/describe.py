@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from qpasses.graph.nx import node_kind
+from qpasses.quant.state import QPARAMS_KEY, QSTATE_KEY
 
 QSTATES = ("float", "observed", "fake_quant", "int8")
 
@@ -57,7 +58,7 @@ def _tensor_metas(node: fx.Node) -> list[Any]:
 
 def qstate_of(gm: fx.GraphModule, node: fx.Node) -> str:
     """The node's quantization state: ``node.meta['qstate']`` when set, else inferred from its module/output."""
-    explicit = node.meta.get("qstate")
+    explicit = node.meta.get(QSTATE_KEY)
     if explicit is not None:
         if explicit not in QSTATES:
             raise ValueError(f"node {node.name!r}: meta['qstate'] is {explicit!r}, expected one of {QSTATES}")
@@ -102,7 +103,7 @@ def _num(value: float) -> str:
 
 
 def _qparams_dict(node: fx.Node) -> dict[str, Any] | None:
-    qparams = node.meta.get("qparams")
+    qparams = node.meta.get(QPARAMS_KEY)
     if qparams:
         return dict(qparams)
     for meta in _tensor_metas(node):

@@ -13,6 +13,7 @@ from qpasses.analysis.metrics import sqnr
 from qpasses.graph import CaptureInfo
 from qpasses.graph.export_capture import FUNCTION_OPS, MODULE_OPS, export_graph
 from qpasses.passes import PTQ, FuseBN
+from qpasses.quant.state import state_of
 
 
 def batches(shape, n=4, seed=0):
@@ -71,7 +72,7 @@ def test_a_layer_scale_gamma_is_captured_as_an_attribute_by_export():
     model = LayerScale().eval()
     x = torch.randn(2, 4, 6, 6)
     gm = trace(model, x)
-    info = gm.meta["capture"]
+    info = state_of(gm).capture
     assert isinstance(info, CaptureInfo) and info.method == "export"
     assert info.tried and info.tried[0].startswith("symbolic_trace failed")
     assert [n.target for n in gm.graph.nodes if n.op == "get_attr"] == ["gamma"]
@@ -89,7 +90,7 @@ def test_a_cls_token_cat_is_captured_and_its_linear_quantized():
     model = ClsToken().eval()
     x = torch.randn(2, 5, 8)
     gm = trace(model, x)
-    assert gm.meta["capture"].method == "export"
+    assert state_of(gm).capture.method == "export"
     assert torch.cat in {n.target for n in gm.graph.nodes}
     qm, _ = ptq(model, (2, 5, 8))
     assert count(qm, nnq.Linear) == 1
@@ -156,7 +157,7 @@ def test_a_transformer_encoder_is_captured_by_export_and_all_its_linears_run_int
     model = Encoder().eval()
     x = torch.randn(2, 6, 32)
     gm = trace(model, x)
-    info = gm.meta["capture"]
+    info = state_of(gm).capture
     assert info.method == "export" and "symbolic_trace kept encoder whole" in info.tried[0]
     assert "scaled_dot_product_attention.default" in info.aten_ops  # attention itself stays float
     qm, pm = ptq(gm, (2, 6, 32))  # the captured graph: its capture is what the report shows
@@ -208,7 +209,7 @@ def test_data_dependent_control_flow_falls_back_to_auto_leaf_and_says_why():
     assert "'block'" in str(info.value) and "torch.export failed" in str(info.value)
     with pytest.warns(UserWarning, match="block"):
         gm = trace(model, x, auto_leaf=True)
-    capture = gm.meta["capture"]
+    capture = state_of(gm).capture
     assert capture.method == "auto_leaf" and capture.opaque_modules == ["block"]
     assert capture.tried[0].startswith("symbolic_trace failed") and capture.tried[1].startswith("torch.export failed")
     assert "left opaque (untraced, float): block" in str(capture)
@@ -217,7 +218,7 @@ def test_data_dependent_control_flow_falls_back_to_auto_leaf_and_says_why():
 def test_where_symbolic_tracing_captures_everything_export_is_not_tried():
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU()).eval()
     gm = trace(model, torch.randn(1, 3, 4, 4))
-    assert gm.meta["capture"] == CaptureInfo("symbolic_trace")
+    assert state_of(gm).capture == CaptureInfo("symbolic_trace")
     pm = PassManager([FuseBN()])
     pm.run(model, torch.randn(1, 3, 4, 4))
     assert pm.report.capture == CaptureInfo("symbolic_trace") and "capture: symbolic_trace" in str(pm.report)
@@ -226,7 +227,7 @@ def test_where_symbolic_tracing_captures_everything_export_is_not_tried():
 def test_leaf_modules_skip_export():
     model = Encoder().eval()
     gm = trace(model, torch.randn(1, 3, 32), leaf_modules=["encoder"])
-    assert gm.meta["capture"].method == "symbolic_trace"
+    assert state_of(gm).capture.method == "symbolic_trace"
     assert "encoder" in {n.target for n in gm.graph.nodes if n.op == "call_module"}
 
 
@@ -268,7 +269,7 @@ def test_a_functional_conv_on_a_parameter_is_captured_by_export_as_a_conv_module
 
     model = WeightNormed().eval()
     gm = trace(model, torch.randn(1, 3, 5, 5))
-    assert gm.meta["capture"].method == "export" and "left conv2d functional" in gm.meta["capture"].tried[0]
+    assert state_of(gm).capture.method == "export" and "left conv2d functional" in state_of(gm).capture.tried[0]
     (conv,) = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
     assert type(conv) is nn.Conv2d and conv.weight is model.weight and conv.padding == (1, 1)
 
@@ -276,7 +277,7 @@ def test_a_functional_conv_on_a_parameter_is_captured_by_export_as_a_conv_module
 def test_an_export_capture_takes_other_batch_sizes_even_from_a_batch_of_one():
     model = Encoder().eval()
     gm = trace(model, torch.randn(1, 6, 32))
-    assert gm.meta["capture"].method == "export" and not gm.meta["capture"].fixed_shapes
+    assert state_of(gm).capture.method == "export" and not state_of(gm).capture.fixed_shapes
     for batch in (1, 3):
         x = torch.randn(batch, 6, 32)
         torch.testing.assert_close(gm(x), model(x))
@@ -317,7 +318,7 @@ def test_transposed_convs_and_qat_on_an_export_capture():
     model = UpLayerScale().eval()
     x = torch.randn(2, 4, 4, 4)
     gm = trace(model, x)
-    assert gm.meta["capture"].method == "export" and gm.get_submodule("up") is model.up
+    assert state_of(gm).capture.method == "export" and gm.get_submodule("up") is model.up
     qat = PassManager([QAT(backend="x86")]).run(model, x)
     qat.train()
     optimizer = torch.optim.SGD(qat.parameters(), lr=1e-3)
@@ -370,7 +371,7 @@ def test_an_in_place_update_of_a_view_is_refused_by_export():
 def test_a_bare_layer_is_captured_and_quantized():
     model = nn.Linear(8, 4).eval()
     gm = trace(model, torch.randn(2, 8))  # symbolic tracing sees F.linear on the root's own weight
-    assert gm.meta["capture"].method == "export" and type(gm.get_submodule("linear")) is nn.Linear
+    assert state_of(gm).capture.method == "export" and type(gm.get_submodule("linear")) is nn.Linear
     qm, _ = ptq(model, (2, 8))
     assert count(qm, nnq.Linear) == 1
 
@@ -388,7 +389,7 @@ def test_where_export_fails_the_symbolic_graph_is_kept_with_its_opaque_blocks_na
     model = Attends().eval()
     x = torch.randn(2, 3, 8)
     gm = trace(model, x)
-    capture = gm.meta["capture"]
+    capture = state_of(gm).capture
     assert capture.method == "symbolic_trace" and capture.opaque_modules == ["attn"]
     assert capture.tried[0].startswith("torch.export failed")
     qm, pm = ptq(model, (2, 3, 8))
@@ -419,7 +420,7 @@ def test_an_export_capture_keeps_the_models_modes():
         model.block["bn"].running_var.uniform_(0.05, 2)
     x = torch.randn(4, 3, 8, 8)
     gm = trace(model, x)
-    assert gm.meta["capture"].method == "export"
+    assert state_of(gm).capture.method == "export"
     assert not [name for name, m in gm.named_modules() if m.training]
     quantized = PassManager([FuseBN(), PTQ([x], backend="x86", progress=False)]).run(model, x)
     # the BN after the add stays float: in training mode it would normalise with batch statistics

@@ -8,6 +8,7 @@ from qpasses import TraceError, to_networkx, trace
 from qpasses.errors import GraphRunError, InputError
 from qpasses.graph import find_chains, is_module, propagate_shapes
 from qpasses.nn import SamePad2d
+from qpasses.quant.state import state_of
 
 
 def test_every_model_traces_with_shapes_and_same_output(named_model):
@@ -89,7 +90,7 @@ def test_auto_leaf_keeps_failing_submodule_opaque_and_transforms_the_rest():
     x = torch.randn(1, 3, 8, 8)
     with pytest.warns(UserWarning, match="blocks.1"):
         gm = trace(model, x, auto_leaf=True)
-    assert gm.meta["opaque_modules"] == ["blocks.1"]
+    assert state_of(gm).capture.opaque_modules == ["blocks.1"]
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["stem", "blocks.0", "blocks.1", "head"]
     torch.testing.assert_close(gm(x), model(x))
 
@@ -98,7 +99,7 @@ def test_auto_leaf_keeps_failing_submodule_opaque_and_transforms_the_rest():
 def test_explicit_leaf_by_name_or_type(leaf):
     gm = trace(Outer(), torch.randn(1, 3, 8, 8), leaf_modules=[leaf])
     assert "blocks.1" in {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    assert gm.meta["opaque_modules"] == []
+    assert state_of(gm).capture.opaque_modules == []
 
 
 def test_unknown_leaf_name_is_an_error():
@@ -229,8 +230,8 @@ class Wraps(nn.Module):
 def test_an_in_place_add_on_an_aliased_value_is_caught_against_the_eager_model():
     model, x = Wraps().eval(), torch.randn(1, 3, 4, 4)
     gm = trace(model, x)  # export records the in-place add as it runs: the ladder's next rung captures it
-    assert gm.meta["capture"].method == "export"
-    assert "in-place `a += self.conv(x)`" in gm.meta["capture"].tried[0]
+    assert state_of(gm).capture.method == "export"
+    assert "in-place `a += self.conv(x)`" in state_of(gm).capture.tried[0]
     torch.testing.assert_close(gm(x.clone()), model(x.clone()))
     with pytest.raises(TraceError) as info:  # naming a leaf skips export: the symbolic trace's error
         trace(model, x, leaf_modules=[nn.Dropout])
@@ -260,7 +261,7 @@ def test_an_in_place_update_of_a_slice_is_caught_and_a_harmless_one_is_not():
     with pytest.raises(TraceError, match=r"in-place `head \*= 0\.5`.*torch\.export failed: .*updates a view") as info:
         trace(SliceUpdate(), torch.randn(1, 3, 4))
     assert "\n" not in str(info.value)
-    assert trace(FreshUpdate(), torch.randn(1, 3, 4)).meta["capture"].method == "symbolic_trace"
+    assert state_of(trace(FreshUpdate(), torch.randn(1, 3, 4))).capture.method == "symbolic_trace"
     trace(SliceUpdate(), torch.randn(1, 3, 4), verify=False)  # the check can be turned off
 
 

@@ -11,8 +11,9 @@ from qpasses.passes import PTQ, AdaRound, BiasCorrection, Calibrate, FuseBN, Ins
 from qpasses.passes.adaround import ADAROUND_REPORT_KEY
 from qpasses.quant.backends import get_backend
 from qpasses.quant.layerwise import annotation_of, sweep, sweep_blocks
-from qpasses.quant.lowering import FLOAT_WEIGHT_KEY, fake_quantize_weight, weight_qparams
+from qpasses.quant.lowering import fake_quantize_weight, weight_qparams
 from qpasses.quant.ops import Role
+from qpasses.quant.state import FLOAT_WEIGHT_KEY
 
 
 def net() -> nn.Sequential:

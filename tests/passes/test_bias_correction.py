@@ -12,9 +12,10 @@ from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.bias_correction import _mean_matching_shift
 from qpasses.quant.backends import get_backend
 from qpasses.quant.layerwise import annotation_of
-from qpasses.quant.lowering import WEIGHT_QPARAMS_KEY, weight_qparams, weight_spec
+from qpasses.quant.lowering import weight_qparams, weight_spec
 from qpasses.quant.ops import Role
 from qpasses.quant.spec import QuantSpec
+from qpasses.quant.state import WEIGHT_QPARAMS_KEY
 
 
 def net() -> nn.Sequential:

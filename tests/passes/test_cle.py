@@ -6,7 +6,7 @@ from torch import nn
 
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
-from qpasses.graph.channels import input_channel_ranges, output_channel_ranges
+from qpasses.graph.channels import input_channel_ranges, output_channel_ranges, output_stats
 from qpasses.nn import ChannelClamp
 from qpasses.passes import CLE, PTQ, FuseBN
 from qpasses.passes.cle import CLE_REPORT_KEY
@@ -205,13 +205,11 @@ def test_pretrained_lite0_small_inputs_keeps_function_and_equalizes():
 
 
 def test_activation_growth_bounds_the_estimated_activation_ranges():
-    from qpasses.graph.channels import OUTPUT_STATS_KEY
-
     model = build([("conv", "relu", 8), ("depthwise", "relu", 8), ("conv", "relu", 6)], head=False, seed=7)
     x = torch.randn(2, 4, 8, 8)
 
     def estimates(gm):
-        return {name: torch.clamp(s.mean + 3 * s.std, min=0) for name, s in gm.meta[OUTPUT_STATS_KEY].items()}
+        return {name: torch.clamp(s.mean + 3 * s.std, min=0) for name, s in output_stats(gm).items()}
 
     folded = estimates(PassManager([FuseBN()]).run(model, x))
     free = estimates(PassManager([FuseBN(), CLE()]).run(model, x))

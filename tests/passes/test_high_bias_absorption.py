@@ -3,7 +3,7 @@ from torch import nn
 
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
-from qpasses.graph.channels import OUTPUT_STATS_KEY
+from qpasses.graph.channels import output_stats
 from qpasses.nn import ChannelClamp
 from qpasses.passes import CLE, FuseBN, HighBiasAbsorption, ReplaceFunctional
 
@@ -42,7 +42,7 @@ def test_exact_through_relu_that_never_clips():
         assert torch.allclose(after, pre - shift.view(1, -1, 1, 1), atol=1e-5)
     record = [r for r in pm.report.records if r.name == "HighBiasAbsorption"][0]
     assert record.stats["absorbed"] == 1 and record.stats["channels_shifted"] == 6
-    assert torch.allclose(gm.meta[OUTPUT_STATS_KEY]["0"].mean, torch.full((6,), 1.5), atol=1e-5)
+    assert torch.allclose(output_stats(gm)["0"].mean, torch.full((6,), 1.5), atol=1e-5)
 
 
 def test_relu6_upper_bound_moves_with_the_shift():

@@ -6,6 +6,7 @@ from torch import nn
 
 from qpasses import PassError, PassManager, PlanError, TraceError, VerificationError
 from qpasses.passes import FuseBN, Pass, PassResult, ReplaceFunctional, Stage
+from qpasses.quant.state import properties_of
 from tests.nets import TinyUNet, randomize_bn
 
 
@@ -216,7 +217,7 @@ def test_result_is_a_normal_module(tmp_path):
 def test_properties_carry_over_to_a_second_manager():
     model, x = model_and_input()
     gm = PassManager([FuseBN()]).run(model, x)
-    assert "bn_folded" in gm.meta["qpasses_properties"]
+    assert "bn_folded" in properties_of(gm)
     assert [p.name for p in PassManager([NeedsFoldedBN()]).plan(gm).passes] == ["NeedsFoldedBN"]
     again = PassManager([NeedsFoldedBN()]).run(gm, x)
     torch.testing.assert_close(again(x), model(x))

@@ -35,7 +35,7 @@ from qpasses.errors import QPassesError
 from qpasses.passes import AdaRound
 from qpasses.passes.calibrate import progress
 from qpasses.quant.backends import get_backend
-from qpasses.quant.lowering import quantized_engine
+from qpasses.quant.lowering import engine_of, quantized_engine
 from qpasses.quant.spec import QuantConfig
 from qpasses_zoo.data import loader
 
@@ -336,12 +336,6 @@ def qat_variant(label: str, model: nn.Module, example: torch.Tensor, passes: Seq
         return qpasses.convert(trainable)
 
     return build(label, make, **kwargs)
-
-
-def engine_of(model: nn.Module) -> str | None:
-    """The quantized engine a lowered qpasses model was built for (None for float models)."""
-    backend = getattr(model, "meta", {}).get("qpasses_backend")
-    return get_backend(backend).engine if backend else None
 
 
 def running(variant: Variant) -> contextlib.AbstractContextManager:
