@@ -34,7 +34,7 @@ class MixedPrecision(Pass):
     Requires: ``functional_modules``; runs after BN folding and other float rewrites and before
     observer insertion, whose backend and configuration it reads from the pipeline's ``InsertObservers``
     (``PTQ`` contains one). Calibration data: ``data`` or the pipeline's ``Calibrate`` data.
-    Provides: ``config_overrides`` (per-layer weight specs in ``gm.meta``, applied by ``InsertObservers``).
+    Provides: ``config_overrides`` (per-layer weight specs in ``state_of(gm).overrides``, applied by ``InsertObservers``).
     Preserves: the float function (the graph is untouched).
     """
 

@@ -33,7 +33,7 @@ INT8 = (Role.COMPUTE, Role.FUNCTIONAL, Role.REQUANT, Role.FIXED, Role.DERIVED, R
 
 @dataclass
 class Annotation:
-    """Decisions for one graph; kept in ``gm.meta['qpasses_quant']`` from observer insertion to lowering."""
+    """Decisions for one graph; kept in ``state_of(gm).annotation`` from observer insertion to lowering."""
 
     backend: str
     config: QuantConfig

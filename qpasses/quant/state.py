@@ -13,9 +13,13 @@ annotation ``convert`` lowers with, FuseBN's channel statistics, per-layer overr
   the copy (its constructor keeps only attributes the graph references; torch.ao's ``quantize_fx`` keeps its
   attributes the same way);
 - pickled, it records the graph's nodes in order (name, op, target) with the node metadata of
-  :data:`NODE_META_KEYS`; the graph module it is pickled with is rebuilt by :class:`ReloadTracer` (``get_attr``
-  kept), and the first :func:`state_of` after loading (``qpasses.load`` calls it) gives the rebuilt nodes their
-  names and metadata back, so everything keyed by node name (the annotation, reports, the visualiser) holds.
+  :data:`NODE_META_KEYS`; ``torch.load`` rebuilds the graph with :class:`ReloadTracer` (``gm._tracer_cls``),
+  which keeps ``get_attr`` nodes and gives the rebuilt nodes their saved names and metadata back, so that
+  everything keyed by node name (the annotation, reports, the visualiser) holds.
+
+After a plain ``torch.load``, the state is listed for deepcopy again on the first qpasses read
+(:func:`existing_state`; ``qpasses.load``, ``PassManager``, ``convert`` and the exporters all read it): a
+deepcopy before any such read drops it, as it drops any attribute the graph does not reference.
 
 What the module itself says is not stored: whether a model is lowered, and for which quantized engine, is its
 ``QuantizedEngine`` module (``qpasses.quant.lowering.engine_of``).
@@ -96,7 +100,7 @@ class QuantState:
     def __setstate__(self, state: dict[str, Any]) -> None:
         saved = state.pop("saved_nodes")
         self.__init__(**state)
-        self._saved_nodes = saved or None
+        self._saved_nodes = saved or None  # for the ReloadTracer that rebuilds the graph next
 
     def __deepcopy__(self, memo: dict[int, Any]) -> QuantState:
         clone = QuantState(**{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)})
@@ -116,8 +120,7 @@ def state_of(gm: fx.GraphModule) -> QuantState:
 
 
 def existing_state(model: nn.Module | None) -> QuantState | None:
-    """The state qpasses attached to ``model``, None if there is none (nothing is attached). A graph module
-    rebuilt by ``torch.load`` first gets its saved node names and metadata back."""
+    """The state qpasses attached to ``model``, None if there is none (nothing is attached)."""
     state = model.__dict__.get(ATTRIBUTE) if isinstance(model, fx.GraphModule) else None
     if state is not None and state._owner is not model:  # loaded, or copied other than by deepcopy
         _bind(model, state)
@@ -133,9 +136,9 @@ def properties_of(model: nn.Module | None) -> frozenset[str]:
 def _bind(gm: fx.GraphModule, state: QuantState) -> None:
     state._owner = gm
     gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[ATTRIBUTE] = state
-    gm._tracer_cls = ReloadTracer  # how torch.load rebuilds the graph from the code
-    if state._saved_nodes is not None:
-        _restore_nodes(gm, state)
+    # How torch.load rebuilds the graph from the code: the module's tracer class, which a deepcopy takes from
+    # the graph's.
+    gm._tracer_cls = gm.graph._tracer_cls = ReloadTracer
 
 
 def _target_name(node: fx.Node) -> str:
@@ -147,37 +150,36 @@ def _target_name(node: fx.Node) -> str:
     return f"{getattr(target, '__module__', '')}.{name}" if name else str(target)
 
 
-def _restore_nodes(gm: fx.GraphModule, state: QuantState) -> None:
-    """Give the nodes of a graph rebuilt by ``torch.load`` their saved names and metadata, by position.
+def _with_saved_nodes(rebuilt: fx.Graph, state: QuantState) -> fx.Graph:
+    """``rebuilt`` (the graph ``torch.load`` traced from the code) with the saved node names and metadata.
 
     Renaming in place would collide with the rebuilt names, so the graph is copied node by node under the
-    saved names. A rebuilt graph that does not match the saved one node for node (a graph changed by hand
-    before saving) keeps its names; the annotation, keyed by the lost names, is dropped with a log line.
+    saved names. A rebuilt graph that does not match the saved one node for node keeps its names; the
+    annotation, keyed by the lost names, is dropped, with a log line.
     """
     saved, state._saved_nodes = state._saved_nodes, None
-    nodes = list(gm.graph.nodes)
+    nodes = list(rebuilt.nodes)
     if [(n.op, _target_name(n)) for n in nodes] != [(s.op, s.target) for s in saved]:
         _log.warning("the graph torch.load rebuilt differs from the saved one; its node names and "
                      "quantization metadata are not restored")
         state.annotation = None
-        return
-    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
-    graph._codegen = gm.graph._codegen
+        return rebuilt
+    graph = fx.Graph(tracer_cls=rebuilt._tracer_cls)
+    graph._codegen = rebuilt._codegen
     env: dict[fx.Node, fx.Node] = {}
     for node, record in zip(nodes, saved, strict=True):
         copied = graph.create_node(node.op, node.target, fx.map_arg(node.args, env.__getitem__),
                                    fx.map_arg(node.kwargs, env.__getitem__), name=record.name, type_expr=node.type)
         copied.meta = {**node.meta, **record.meta}
         env[node] = copied
-    gm.graph = graph
-    gm.recompile()
+    return graph
 
 
 class ReloadTracer(fx.Tracer):
     """The tracer ``torch.load`` rebuilds a qpasses graph module with (``gm._tracer_cls``; torch makes every
     module a leaf on top): modules the saved graph read with ``get_attr`` stay ``get_attr`` nodes, whose method
     calls (``FloatFunctional.add``, a fake-quant's ``to_steps``) stay ``call_method`` nodes, where fx's tracer
-    would trace into the methods and change the graph."""
+    would trace into the methods and change the graph; then the nodes get their saved names and metadata."""
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         state = getattr(root, "__dict__", {}).get(ATTRIBUTE)
@@ -188,7 +190,7 @@ class ReloadTracer(fx.Tracer):
         for node in reversed(graph.nodes):  # a module called from a get_attr proxy left its get_attr unused
             if node.op == "get_attr" and not node.users and id(_submodule(root, node.target)) in self._read_modules:
                 graph.erase_node(node)
-        return graph
+        return _with_saved_nodes(graph, state) if saved else graph
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         target = self._read_modules.get(id(attr_val)) if isinstance(attr_val, nn.Module) else None
