@@ -88,7 +88,7 @@ class QuantState:
 
     def __post_init__(self) -> None:
         self._owner: fx.GraphModule | None = None  # the graph module whose nodes are pickled with the state
-        self._saved_nodes: list[_SavedNode] | None = None  # read from a file, not yet given back to the graph
+        self._saved_nodes: list[_SavedNode] | None = None  # unpickled, for the ReloadTracer rebuilding the graph
 
     def __getstate__(self) -> dict[str, Any]:
         state = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -100,7 +100,7 @@ class QuantState:
     def __setstate__(self, state: dict[str, Any]) -> None:
         saved = state.pop("saved_nodes")
         self.__init__(**state)
-        self._saved_nodes = saved or None  # for the ReloadTracer that rebuilds the graph next
+        self._saved_nodes = saved or None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> QuantState:
         clone = QuantState(**{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)})
@@ -120,7 +120,8 @@ def state_of(gm: fx.GraphModule) -> QuantState:
 
 
 def existing_state(model: nn.Module | None) -> QuantState | None:
-    """The state qpasses attached to ``model``, None if there is none (nothing is attached)."""
+    """The state qpasses attached to ``model``, None if there is none (nothing is attached then). A state
+    ``torch.load`` brought back is listed for deepcopy again here (see the module docstring)."""
     state = model.__dict__.get(ATTRIBUTE) if isinstance(model, fx.GraphModule) else None
     if state is not None and state._owner is not model:  # loaded, or copied other than by deepcopy
         _bind(model, state)
