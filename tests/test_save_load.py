@@ -15,12 +15,12 @@ import torch.fx as fx
 
 import qpasses
 from qpasses import PassManager
-from qpasses.export import is_lowered, qdq_model, torchscript
+from qpasses.export import is_lowered, lowered_backend, qdq_model, torchscript
 from qpasses.export import onnx as export_onnx
 from qpasses.graph import propagate_shapes
 from qpasses.passes import CLE, PTQ, QAT, FuseBN
 from qpasses.quant.backends import get_backend
-from qpasses.quant.lowering import engine_of, quantized_engine
+from qpasses.quant.lowering import quantized_engine
 from qpasses.quant.state import existing_state, properties_of
 from qpasses.viz.describe import describe
 from tests.nets import RandomNet, randomize_bn
@@ -86,11 +86,11 @@ def views(gm):
 def test_a_copied_lowered_model_exports_reports_and_visualises_like_the_original(backend, copy_with, tmp_path):
     original = lowered(backend)
     copied = copy_with(original, tmp_path)
-    assert is_lowered(copied) and engine_of(copied) == engine_of(original) == get_backend(backend).engine
+    assert is_lowered(copied) and lowered_backend(copied) == lowered_backend(original) == get_backend(backend)
     assert node_names(copied) == node_names(original)
     assert properties_of(copied) == properties_of(original) and "lowered" in properties_of(copied)
     assert existing_state(copied).capture == existing_state(original).capture
-    with quantized_engine(engine_of(original)):
+    with quantized_engine(get_backend(backend).engine):
         assert torch.equal(copied(X), original(X))
         assert torch.equal(torchscript(copied, X)(X), torchscript(original, X)(X))
     for reduce_range in ("keep", "widen"):  # "widen" reads the spec's bits from the node metadata

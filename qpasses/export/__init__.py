@@ -16,11 +16,12 @@ import torch.fx as fx
 
 from qpasses.errors import ExportError
 from qpasses.export.onnx_fold import fold_constant_quantizers
-from qpasses.export.qdq import REDUCE_RANGE_MODES, Grid, ReduceRange, is_lowered, qdq_model
+from qpasses.export.qdq import REDUCE_RANGE_MODES, Grid, ReduceRange, is_lowered, lowered_backend, qdq_model
 from qpasses.graph.trace import as_input_tuple
 from qpasses.quant import lowering
 
-__all__ = ["REDUCE_RANGE_MODES", "Grid", "ReduceRange", "is_lowered", "onnx", "qdq_model", "torchscript"]
+__all__ = ["REDUCE_RANGE_MODES", "Grid", "ReduceRange", "is_lowered", "lowered_backend", "onnx", "qdq_model",
+           "torchscript"]
 
 OPSET = 17
 
@@ -38,7 +39,7 @@ def torchscript(qmodel: fx.GraphModule, example_inputs: Any) -> torch.jit.Script
         raise ExportError("torchscript needs a model lowered by qpasses (PassManager([..., PTQ(...)]).run); "
                           f"got a {type(qmodel).__name__} without int8 kernels")
     inputs = as_input_tuple(example_inputs)
-    with lowering.quantized_engine(lowering.engine_of(qmodel)), torch.no_grad():
+    with lowering.quantized_engine(lowered_backend(qmodel).engine), torch.no_grad():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             scripted = torch.jit.freeze(torch.jit.trace(qmodel, inputs).eval())

@@ -35,7 +35,8 @@ from qpasses.errors import ExportError
 from qpasses.graph.match import is_max_pool
 from qpasses.graph.trace import as_input_tuple
 from qpasses.quant import lowering
-from qpasses.quant.state import QPARAMS_KEY
+from qpasses.quant.backends import Backend, get_backend
+from qpasses.quant.state import QPARAMS_KEY, existing_state
 
 ReduceRange = Literal["keep", "widen"]
 REDUCE_RANGE_MODES = ("keep", "widen")
@@ -74,9 +75,14 @@ class Grid:
         return Grid(self.scale * 127 / 255, min(max(zero_point, lo), hi), lo, hi)
 
 
+def lowered_backend(model: nn.Module) -> Backend | None:
+    """The backend ``Lower`` lowered ``model`` for (``QuantState.backend``), None for any other model."""
+    state = existing_state(model)
+    return get_backend(state.backend) if state is not None and state.backend is not None else None
+
+
 def is_lowered(model: nn.Module) -> bool:
-    """``model`` was lowered by qpasses: its graph selects a quantized engine (``lowering.engine_of``)."""
-    return lowering.engine_of(model) is not None
+    return lowered_backend(model) is not None
 
 
 def _check_lowered(model: nn.Module, what: str) -> None:
@@ -104,7 +110,7 @@ def _record_grids(model: fx.GraphModule, inputs: tuple) -> dict[str, Grid]:
                 grids[n.name] = Grid(float(result.q_scale()), int(result.q_zero_point()), *codes)
             return result
 
-    with lowering.quantized_engine(lowering.engine_of(model)), torch.no_grad():
+    with lowering.quantized_engine(lowered_backend(model).engine), torch.no_grad():
         Recorder(model).run(*inputs)
     return grids
 

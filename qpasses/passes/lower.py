@@ -76,7 +76,7 @@ class Lower(Pass):
         with lowering.quantized_engine(backend.engine):
             _Lowering(gm, ann, ctx).run()
         lowering.select_engine_first(gm, backend.engine)
-        state.annotation = None
+        state.annotation, state.backend = None, backend.name
         gm.recompile()
         return PassResult(gm, modified=True)
 

@@ -137,7 +137,6 @@ class QuantizedEngine(nn.Module):
     A module called from the graph, not a forward pre-hook: ``torch.save``/``torch.load`` rebuild a
     GraphModule from its code and submodules (dropping hooks and ``gm.meta``), and ``copy.deepcopy``
     drops forward hooks, so only state that is part of the graph survives both. TorchScript skips it.
-    It is also what says that a model is lowered, and for which engine (:func:`engine_of`).
     """
 
     _is_impure = True  # no user reads its output; keeps fx's dead-code elimination from dropping it
@@ -152,14 +151,6 @@ class QuantizedEngine(nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self.engine)
-
-
-def engine_of(gm: nn.Module) -> str | None:
-    """The quantized engine ``gm`` was lowered for (its :class:`QuantizedEngine`), None if it is not lowered."""
-    if not isinstance(gm, fx.GraphModule):
-        return None
-    return next((module.engine for node in gm.graph.nodes if node.op == "call_module"
-                 and isinstance(module := gm.get_submodule(node.target), QuantizedEngine)), None)
 
 
 def select_engine_first(gm: fx.GraphModule, engine: str) -> None:

@@ -21,8 +21,8 @@ After a plain ``torch.load``, the state is listed for deepcopy again on the firs
 (:func:`existing_state`; ``qpasses.load``, ``PassManager``, ``convert`` and the exporters all read it): a
 deepcopy before any such read drops it, as it drops any attribute the graph does not reference.
 
-What the module itself says is not stored: whether a model is lowered, and for which quantized engine, is its
-``QuantizedEngine`` module (``qpasses.quant.lowering.engine_of``).
+A QuantizedEngine module does not say whether a model is lowered: DynamicQuant's models have one too, and the
+exporters take static int8 graphs only; ``backend`` does.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ class QuantState:
     ``capture``: how the graph was captured. ``annotation``: InsertObservers' decisions, from observer
     insertion (or QAT's fake-quant insertion) to lowering. ``output_stats``: per-channel output statistics of
     layers FuseBN folded, by module name (CLE/HBA keep them current). ``overrides``: per-node QuantPairs a pass
-    recorded for the next observer insertion (MixedPrecision), by node or module name.
+    recorded for the next observer insertion (MixedPrecision), by node or module name. ``backend``: the
+    backend ``Lower`` lowered the graph for (None: float, or quantized dynamically); the exporters need it.
     """
 
     properties: frozenset[str] = frozenset()
@@ -85,6 +86,7 @@ class QuantState:
     annotation: Annotation | None = None
     output_stats: dict[str, ChannelStats] = field(default_factory=dict)
     overrides: dict[str, QuantPair | None] = field(default_factory=dict)
+    backend: str | None = None
 
     def __post_init__(self) -> None:
         self._owner: fx.GraphModule | None = None  # the graph module whose nodes are pickled with the state

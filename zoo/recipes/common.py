@@ -32,10 +32,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from qpasses import PassManager
 from qpasses.analysis.metrics import latency, model_size, peak_memory, ssim
 from qpasses.errors import QPassesError
+from qpasses.export import lowered_backend
 from qpasses.passes import AdaRound
 from qpasses.passes.calibrate import progress
 from qpasses.quant.backends import get_backend
-from qpasses.quant.lowering import engine_of, quantized_engine
+from qpasses.quant.lowering import quantized_engine
 from qpasses.quant.spec import QuantConfig
 from qpasses_zoo.data import loader
 
@@ -341,6 +342,12 @@ def qat_variant(label: str, model: nn.Module, example: torch.Tensor, passes: Seq
 def running(variant: Variant) -> contextlib.AbstractContextManager:
     """The context a variant runs in: its quantized engine, if it has one."""
     return quantized_engine(variant.engine) if variant.engine else contextlib.nullcontext()
+
+
+def engine_of(model: nn.Module) -> str | None:
+    """The quantized engine a lowered qpasses model was built for (None for float and dynamic models)."""
+    backend = lowered_backend(model)
+    return backend.engine if backend else None
 
 
 def torchscript(variant: Variant, example: torch.Tensor) -> Variant | Failed:
