@@ -7,6 +7,7 @@ from torch.ao.quantization.observer import (
 from qpasses.errors import QPassesError
 from qpasses.quant.observers import (
     CalibrationError,
+    ChannelMSEObserver,
     EntropyObserver,
     HistogramObserver,
     MinMaxObserver,
@@ -395,6 +396,51 @@ def test_channel_mse_observer_clips_outlier_weights_per_channel():
         assert bool((chosen <= error(mins * ratio, maxs * ratio) + 1e-12).all())
     with pytest.raises(QPassesError, match="searched on one tensor"):
         observer(weight)
+
+
+def _channel_mse_reference(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel MSE search written plainly: each channel, each of the 71 ratios, the first strictly
+    smaller error wins, a channel whose every error overflows keeps its full range."""
+    lows, highs = [], []
+    for row in weight.movedim(spec.axis, 0).reshape(weight.shape[spec.axis], -1):
+        full_lo, full_hi = torch.aminmax(row)
+        best, lo, hi = float("inf"), full_lo, full_hi
+        for ratio in torch.linspace(0.3, 1.0, 71):
+            scale, zp = compute_qparams(full_lo * ratio, full_hi * ratio, spec)
+            codes = torch.clamp(torch.round(row / scale) + zp, spec.quant_min, spec.quant_max)
+            error = float((((codes - zp) * scale - row) ** 2).sum())
+            if error < best:
+                best, lo, hi = error, full_lo * ratio, full_hi * ratio
+        lows.append(lo)
+        highs.append(hi)
+    return torch.stack(lows), torch.stack(highs)
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(signed=True, symmetric=True, axis=0, observer="mse"),  # x86 / fbgemm weights
+    QuantSpec(signed=True, symmetric=True, axis=0, observer="mse", bits=4),
+    QuantSpec(signed=True, symmetric=False, axis=0, observer="mse", bits=4),  # zero points != 0
+    QuantSpec(signed=False, symmetric=True, axis=1, observer="mse", bits=4),
+], ids=str)
+def test_channel_mse_search_picks_the_ranges_of_the_plain_search(spec, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    clipped = 0
+    for i, shape in enumerate([(16, 32, 3, 3), (8, 1, 5, 5), (24, 60, 10), (6, 7, 1, 1)]):
+        weight = torch.randn(shape, generator=g)
+        weight.view(-1)[::97] *= 6.0  # outliers, so that clipping pays on some channels
+        if i % 2:  # skewed data: affine zero points move off 0, and unsigned grids get their kind of data
+            weight = weight.abs() if not spec.signed else weight + 0.5 * weight.abs().amax()
+        if i == 3:
+            weight.select(spec.axis, 1).zero_()  # a constant channel: every candidate scores 0, ratio 0.3 wins
+        expected_lo, expected_hi = _channel_mse_reference(weight, spec)
+        clipped += int((expected_hi < weight.movedim(spec.axis, 0).flatten(1).amax(1)).sum())
+        for chunk in (1 << 20, 50):  # every channel in one chunk, and one channel a chunk
+            monkeypatch.setattr(ChannelMSEObserver, "chunk_elements", chunk)
+            observer = make_observer(spec)
+            observer(weight)
+            lo, hi = observer.range()
+            assert torch.equal(lo, expected_lo) and torch.equal(hi, expected_hi), (shape, chunk)
+    assert clipped > 4  # the search chose something other than the full range, so the comparison can fail
 
 
 def test_x86_weights_use_the_per_channel_mse_search():
