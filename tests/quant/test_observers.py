@@ -106,8 +106,9 @@ def test_errors_name_the_observer(kind):
     obs = make_observer(U8.replace(observer=kind), name="layer1.relu")
     with pytest.raises(CalibrationError, match=r"at 'layer1.relu'.*no data observed yet"):
         obs.qparams()
-    with pytest.raises(CalibrationError, match=r"at 'layer1.relu'.*1 NaN/Inf value\(s\) of 3"):
-        obs(torch.tensor([1.0, float("nan"), 2.0]))
+    for bad in ("nan", "inf", "-inf"):
+        with pytest.raises(CalibrationError, match=r"at 'layer1.relu'.*1 NaN/Inf value\(s\) of 3"):
+            obs(torch.tensor([1.0, float(bad), 2.0]))
     with pytest.raises(CalibrationError, match="floating-point"):
         obs(torch.tensor([1, 2]))
     assert issubclass(CalibrationError, QPassesError) and not obs.calibrated
