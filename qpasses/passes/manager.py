@@ -17,7 +17,6 @@ before the pass.
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -327,25 +326,33 @@ def _get_attr(gm: nn.Module, target: str) -> Any:
     return obj
 
 
-def _tensor_bytes(value: Any) -> bytes:
-    if isinstance(value, torch.Tensor):
-        t = value.detach()
-        if t.is_quantized:
-            return _tensor_bytes(t.int_repr()) + repr(t.q_per_channel_scales().tolist() if t.qscheme() in (
-                torch.per_channel_affine, torch.per_channel_symmetric) else t.q_scale()).encode()
-        return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    if isinstance(value, list | tuple):
-        return b"".join(_tensor_bytes(v) for v in value)
-    return repr(value).encode()
+def _state(gm: fx.GraphModule, copy_tensors: bool) -> tuple[str, dict[str, Any]]:
+    """The graph's code and its parameters and buffers (copies if ``copy_tensors``), to compare with later."""
+    state = gm.state_dict()
+    if copy_tensors:
+        state = {name: value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+                 for name, value in state.items()}
+    return gm.code, state
 
 
-def fingerprint(gm: fx.GraphModule) -> str:
-    """A hash of the graph's code and every parameter and buffer: equal fingerprints, same model."""
-    h = hashlib.blake2b(gm.code.encode(), digest_size=16)
-    for name, value in gm.state_dict().items():
-        h.update(name.encode())
-        h.update(_tensor_bytes(value))
-    return h.hexdigest()
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def same_model(state: tuple[str, dict[str, Any]], gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` has the code and the parameter and buffer values of ``state`` (from ``_state``).
+
+    An exact comparison (quantized tensors: codes and grid); a NaN never equals itself, so a model holding
+    one counts as changed. Copying the state before a pass costs a memory copy, a tenth of hashing it."""
+    code, before = state
+    after = gm.state_dict()
+    return code == gm.code and before.keys() == after.keys() and all(
+        _same_value(before[name], after[name]) for name in before)
 
 
 def _signatures(gm: fx.GraphModule) -> dict[str, tuple]:
@@ -473,7 +480,8 @@ class PassManager:
         keep_before = (self.verify and p.preserves_function) or self.reproducer_dir is not None
         before = copy.deepcopy(gm) if keep_before else None
         signatures = _signatures(gm)
-        digest = fingerprint(gm)
+        # What a pass that does not say whether it changed the model is compared with afterwards.
+        state = _state(before, copy_tensors=False) if before is not None else _state(gm, copy_tensors=True)
         nodes_before = len(gm.graph.nodes)
         for inst in self.instruments:
             inst.before_pass(p, gm, ctx)
@@ -508,7 +516,7 @@ class PassManager:
                 p, position, plan, node=node, error_type=VerificationError,
             )
         after = _signatures(gm)
-        modified = result.modified if result.modified is not None else fingerprint(gm) != digest
+        modified = result.modified if result.modified is not None else not same_model(state, gm)
         record = PassRecord(
             name=p.name, seconds=seconds, nodes_before=nodes_before, nodes_after=len(gm.graph.nodes),
             added=len(after.keys() - signatures.keys()), removed=len(signatures.keys() - after.keys()),
