@@ -16,6 +16,7 @@ Buffers live on the device of the first batch observed.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -693,11 +694,22 @@ class MSEObserver(HistogramObserver):
             sign = -1.0 if self.spec.signed else 0.0
             t = self._search(lambda ts: err(sign * ts, ts), top)
             return sign * t, t
+
+        # Each search depends only on the other end of the range: remembered, a round that would repeat one is
+        # free (non-negative data, e.g. after ReLU, never moves the bottom, so every round after the first).
+        @functools.cache
+        def best_top(lo: float) -> float:
+            return self._search(lambda ts: err(torch.full_like(ts, lo), ts), data_hi)
+
+        @functools.cache
+        def best_bottom(hi: float) -> float:
+            return -self._search(lambda ts: err(-ts, torch.full_like(ts, hi)), -data_lo)
+
         for _ in range(self.rounds):
             if data_hi > 0.0:
-                hi = self._search(lambda ts, lo=lo: err(torch.full_like(ts, lo), ts), data_hi)
+                hi = best_top(lo)
             if data_lo < 0.0:
-                lo = -self._search(lambda ts, hi=hi: err(-ts, torch.full_like(ts, hi)), -data_lo)
+                lo = best_bottom(hi)
         return lo, hi
 
 

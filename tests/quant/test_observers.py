@@ -450,3 +450,21 @@ def test_x86_weights_use_the_per_channel_mse_search():
     assert get_backend("x86").default_config().weight.observer == "mse"
     with pytest.raises(ValueError, match="per tensor only"):
         QuantSpec(signed=False, symmetric=False, axis=0, observer="entropy")
+
+
+def test_affine_mse_search_does_not_repeat_a_search_it_already_made(monkeypatch):
+    # After ReLU the bottom stays 0, so the second round's search for the top is the first one's.
+    calls = []
+    search = MSEObserver._search
+    monkeypatch.setattr(MSEObserver, "_search", lambda self, score, upper: calls.append(upper) or search(
+        self, score, upper))
+    g = torch.Generator().manual_seed(0)
+    relu = make_observer(U8.replace(observer="mse"))
+    relu(torch.randn(10_000, generator=g).relu())
+    lo, hi = relu.range()
+    assert len(calls) == 1 and float(lo) == 0.0 and 0.0 < float(hi) <= calls[0]
+    calls.clear()
+    signed = make_observer(U8.replace(observer="mse"))
+    signed(torch.randn(10_000, generator=g))
+    signed.range()
+    assert len(calls) == 2 * MSEObserver.rounds  # top and bottom, each round: each depends on the other's move
