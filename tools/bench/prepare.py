@@ -4,6 +4,7 @@ and torchao PT2E on the same calibration batches.
     python -m tools.bench.prepare                       # 4 models, 8 batches of 8 crops, 3 rounds; prints
     python -m tools.bench.prepare --write               # and writes the table into BENCHMARKS.md
     python -m tools.bench.prepare --models resnet18 --batches 2 --rounds 1 --tools qpasses,fx
+    python -m tools.bench.prepare --threads 1 --write --note "Other jobs shared the machine."
 
 Per model (random weights, BatchNorm statistics re-estimated on the calibration crops, as in
 ``tools.bench.coverage``), each tool quantizes a copy of the float model with the same ``--batches``
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    parser.add_argument("--note", default="", help="what else ran on the machine, written under the table")
     args = parser.parse_args(argv)
     models, tools = args.models.split(","), args.tools.split(",")
     for name in models:
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "verification on; torch.ao FX: prepare_fx + calibration + convert_fx; torchao PT2E: export + "
         "prepare_pt2e + calibration one sample at a time + convert_pt2e).",
         table(models, tools, results),
+        *([args.note] if args.note else []),
     ])
     print(body)
     if args.write:
