@@ -46,7 +46,7 @@ from tools.bench.common import (
 from tools.bench.coverage import reestimate_batchnorm
 from tools.bench.ptq import qpasses_ptq
 
-COMMAND = "python -m tools.bench.prepare --write"
+COMMAND = "python -m tools.bench.prepare --threads 1 --write"
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "tf_efficientnet_lite0")
 # The model torch.ao FX is timed on where it cannot trace the model itself.
 FX_STAND_IN = {"tf_efficientnet_lite0": "efficientnet_lite0"}
