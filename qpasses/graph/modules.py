@@ -22,10 +22,10 @@ def set_module(gm: nn.Module, qualname: str, module: nn.Module) -> None:
 
 def unique_name(gm: nn.Module, base: str) -> str:
     """A qualified name next to ``base`` that no submodule or attribute of ``gm`` uses yet."""
-    existing = {name for name, _ in gm.named_modules()} | {name for name, _ in gm.named_parameters()}
-    existing |= {name for name, _ in gm.named_buffers()}
+    # Submodules, parameters and buffers are attributes too: looking the candidate up is enough, and does not
+    # list the whole model for each new name (quadratic in the observers InsertObservers adds).
     candidate, i = base, 1
-    while candidate in existing or _has_attr(gm, candidate):
+    while _has_attr(gm, candidate):
         candidate = f"{base}_{i}"
         i += 1
     return candidate

@@ -230,9 +230,10 @@ class _ShapeRecorder(fx.Interpreter):
     module and the inputs' shapes, with the kernel's own message. ShapeProp prints a traceback and formats the
     node's metadata, which fails on quantized dtypes (``KeyError: torch.quint8``) and hides the real error."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, outputs: dict[str, torch.Tensor] | None = None):
         super().__init__(gm)
         self.extra_traceback = False  # else fx appends the node's format and the whole graph to the message
+        self.outputs = outputs
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -261,6 +262,8 @@ class _ShapeRecorder(fx.Interpreter):
         meta = map_aggregate(result, tensor_meta)
         if has_tensor:
             n.meta["tensor_meta"] = meta
+        if self.outputs is not None and isinstance(result, torch.Tensor) and result.is_floating_point():
+            self.outputs[n.name] = result
         n.meta["type"] = type(result)
         return result
 
@@ -269,13 +272,15 @@ class _ShapeRecorder(fx.Interpreter):
         return super().run(*args, **kwargs)
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                     outputs: dict[str, torch.Tensor] | None = None) -> Any:
     """Run ``gm`` once on ``example_inputs``, record ``tensor_meta`` on every node, return the output.
 
+    With ``outputs`` (a dict), each node's floating-point tensor output is also kept there under the node's name.
     A node that fails raises :class:`GraphRunError` naming it, its module and the inputs' shapes, on one line.
     """
     with torch.no_grad():
-        return _ShapeRecorder(gm).run(*example_inputs)
+        return _ShapeRecorder(gm, outputs).run(*example_inputs)
 
 
 def trace(

@@ -25,7 +25,7 @@ class Stage(enum.IntEnum):
 
 class PassResult(NamedTuple):
     graph_module: fx.GraphModule
-    modified: bool | None = None  # None: the manager computes it by fingerprinting graph and parameters
+    modified: bool | None = None  # None: the manager compares graph and parameters with those before
 
 
 @dataclass

@@ -17,7 +17,6 @@ before the pass.
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -270,34 +269,24 @@ def _node_table(gm: fx.GraphModule) -> str:
 # -------------------------------------------------------------------------------------------- verification
 
 
-def _run_verified_forward(gm: fx.GraphModule, inputs: tuple) -> Any:
+def _run_verified_forward(gm: fx.GraphModule, inputs: tuple, outputs: dict[str, torch.Tensor] | None = None) -> Any:
+    """Run ``gm`` as verification does (eval mode, buffers restored), refreshing its shape metadata; with
+    ``outputs``, keep every node's float output there too."""
     # On the graph's device: a pass may move it (Calibrate(device=...) to a GPU, Lower back to the CPU).
     with eval_mode(gm), buffers_restored(gm):
-        return propagate_shapes(gm, to_device(inputs, model_device(gm)))
+        return propagate_shapes(gm, to_device(inputs, model_device(gm)), outputs)
 
 
-def _node_outputs(gm: fx.GraphModule, inputs: tuple) -> dict[str, torch.Tensor]:
-    outputs: dict[str, torch.Tensor] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            result = super().run_node(n)
-            if isinstance(result, torch.Tensor) and result.is_floating_point():
-                outputs[n.name] = result
-            return result
-
-    with eval_mode(gm), buffers_restored(gm), torch.no_grad():
-        Recorder(gm).run(*inputs)
-    return outputs
-
-
-def first_divergence(before: fx.GraphModule, after: fx.GraphModule, inputs: tuple, threshold_db: float) -> str | None:
-    """The first node of ``after`` (in graph order) whose output matches no value computed by ``before``."""
-    reference = _node_outputs(before, inputs)
+def first_divergence(reference: dict[str, torch.Tensor], after: fx.GraphModule, inputs: tuple,
+                     threshold_db: float) -> str | None:
+    """The first node of ``after`` (in graph order) whose output matches none of ``reference`` (the node
+    outputs of the graph before the pass, from ``_run_verified_forward``)."""
     by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for value in reference.values():
         by_shape[tuple(value.shape)].append(value)
-    for name, value in _node_outputs(after, inputs).items():
+    outputs: dict[str, torch.Tensor] = {}
+    _run_verified_forward(after, inputs, outputs)
+    for name, value in outputs.items():
         same_name = reference.get(name)
         candidates = ([same_name] if same_name is not None and same_name.shape == value.shape else [])
         candidates += by_shape.get(tuple(value.shape), [])
@@ -327,25 +316,33 @@ def _get_attr(gm: nn.Module, target: str) -> Any:
     return obj
 
 
-def _tensor_bytes(value: Any) -> bytes:
-    if isinstance(value, torch.Tensor):
-        t = value.detach()
-        if t.is_quantized:
-            return _tensor_bytes(t.int_repr()) + repr(t.q_per_channel_scales().tolist() if t.qscheme() in (
-                torch.per_channel_affine, torch.per_channel_symmetric) else t.q_scale()).encode()
-        return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    if isinstance(value, list | tuple):
-        return b"".join(_tensor_bytes(v) for v in value)
-    return repr(value).encode()
+def _state(gm: fx.GraphModule, copy_tensors: bool) -> tuple[str, dict[str, Any]]:
+    """The graph's code and its parameters and buffers (copies if ``copy_tensors``), to compare with later."""
+    state = gm.state_dict()
+    if copy_tensors:
+        state = {name: value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+                 for name, value in state.items()}
+    return gm.code, state
 
 
-def fingerprint(gm: fx.GraphModule) -> str:
-    """A hash of the graph's code and every parameter and buffer: equal fingerprints, same model."""
-    h = hashlib.blake2b(gm.code.encode(), digest_size=16)
-    for name, value in gm.state_dict().items():
-        h.update(name.encode())
-        h.update(_tensor_bytes(value))
-    return h.hexdigest()
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def same_model(state: tuple[str, dict[str, Any]], gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` has the code and the parameter and buffer values of ``state`` (from ``_state``).
+
+    An exact comparison (quantized tensors: codes and grid); a NaN never equals itself, so a model holding
+    one counts as changed. Copying the state before a pass costs a memory copy, a tenth of hashing it."""
+    code, before = state
+    after = gm.state_dict()
+    return code == gm.code and before.keys() == after.keys() and all(
+        _same_value(before[name], after[name]) for name in before)
 
 
 def _signatures(gm: fx.GraphModule) -> dict[str, tuple]:
@@ -414,10 +411,13 @@ class PassManager:
             model = copy.deepcopy(model)
         start = time.perf_counter()
         captured = None  # the capture's SQNR against the eager model
+        # Each node's output before a pass that must preserve the function: where it fails, they locate the
+        # first node that departs. Kept from the forward that verifies the pass before (no copy of the model).
+        node_outputs = self._record_for(plan, 0)
         if isinstance(model, fx.GraphModule):
             gm = model
             try:
-                reference = _run_verified_forward(gm, inputs)
+                reference = _run_verified_forward(gm, inputs, node_outputs)
             except GraphRunError as exc:
                 raise InputError(f"{type(gm).__name__} cannot run on the example inputs: {exc}") from exc
         else:
@@ -425,7 +425,7 @@ class PassManager:
                 # trace verifies each rung it tries (a symbolic trace that differs goes on to export)
                 gm = trace(model, inputs, leaf_modules=self.leaf_modules, auto_leaf=self.auto_leaf,
                            verify=self.verify)
-            traced = _run_verified_forward(gm, inputs)
+            traced = _run_verified_forward(gm, inputs, node_outputs)
             if self.verify:  # every pass is then measured against the eager model, which is what the user has
                 reference = verify_capture(model, gm, inputs, self.sqnr_threshold_db)
                 captured = sqnr(reference, traced)
@@ -442,12 +442,18 @@ class PassManager:
 
         baseline = reference  # what a function-preserving pass must reproduce: the output before it
         for position, p in enumerate(plan.passes):
-            gm, output = self._run_one(p, position, plan, gm, inputs, reference, baseline, report)
+            gm, output, node_outputs = self._run_one(p, position, plan, gm, inputs, reference, baseline, report,
+                                                     node_outputs)
             if not p.preserves_function:
                 baseline = output
             state = state_of(gm)
             state.properties = (state.properties - p.invalidates) | p.provides
         return gm
+
+    def _record_for(self, plan: Plan, position: int) -> dict[str, torch.Tensor] | None:
+        """A dict for node outputs if pass ``position`` of ``plan`` will be verified, else None."""
+        verified = position < len(plan.passes) and self.verify and plan.passes[position].preserves_function
+        return {} if verified else None
 
     def _fail(self, message: str, p: Pass, position: int, plan: Plan, node: str | None = None,
               error_type: type[PassError] = PassError) -> PassError:
@@ -465,13 +471,15 @@ class PassManager:
         (self.reproducer_dir / "pipeline.txt").write_text(str(plan) + f"\nfailed at: {p.name}\n")
         return f"; reproducer written to {self.reproducer_dir}"
 
-    def _run_one(self, p: Pass, position: int, plan: Plan, gm: fx.GraphModule, inputs: tuple,
-                 reference: Any, baseline: Any, report: Report) -> tuple[fx.GraphModule, Any]:
+    def _run_one(self, p: Pass, position: int, plan: Plan, gm: fx.GraphModule, inputs: tuple, reference: Any,
+                 baseline: Any, report: Report, outputs_before: dict[str, torch.Tensor] | None
+                 ) -> tuple[fx.GraphModule, Any, dict[str, torch.Tensor] | None]:
         ctx = PassContext(example_inputs=inputs, pipeline=plan.passes, position=position)
-        keep_before = (self.verify and p.preserves_function) or self.reproducer_dir is not None
-        before = copy.deepcopy(gm) if keep_before else None
+        before = copy.deepcopy(gm) if self.reproducer_dir is not None else None
         signatures = _signatures(gm)
-        digest = fingerprint(gm)
+        # What a pass that does not say whether it changed the model is compared with afterwards.
+        state = _state(before, copy_tensors=False) if before is not None else _state(gm, copy_tensors=True)
+        outputs_after = self._record_for(plan, position + 1)
         nodes_before = len(gm.graph.nodes)
         for inst in self.instruments:
             inst.before_pass(p, gm, ctx)
@@ -480,7 +488,7 @@ class PassManager:
             result = p.run(gm, ctx)
             gm = result.graph_module
             check_graph(gm)
-            output = _run_verified_forward(gm, inputs)
+            output = _run_verified_forward(gm, inputs, outputs_after)
         except QPassesError as exc:
             for inst in self.instruments:
                 inst.after_pass_failed(p, gm, ctx, exc)
@@ -497,7 +505,7 @@ class PassManager:
         quality = sqnr(reference, output)
         kept = quality if baseline is reference else sqnr(baseline, output)
         if self.verify and p.preserves_function and kept < self.sqnr_threshold_db:
-            node = first_divergence(before, gm, inputs, self.sqnr_threshold_db)
+            node = first_divergence(outputs_before or {}, gm, inputs, self.sqnr_threshold_db)
             at = f"; first diverging node: '{node}'" if node else ""
             hint = self._save_reproducer(before, p, plan)
             raise self._fail(
@@ -506,7 +514,7 @@ class PassManager:
                 p, position, plan, node=node, error_type=VerificationError,
             )
         after = _signatures(gm)
-        modified = result.modified if result.modified is not None else fingerprint(gm) != digest
+        modified = result.modified if result.modified is not None else not same_model(state, gm)
         record = PassRecord(
             name=p.name, seconds=seconds, nodes_before=nodes_before, nodes_after=len(gm.graph.nodes),
             added=len(after.keys() - signatures.keys()), removed=len(signatures.keys() - after.keys()),
@@ -516,4 +524,4 @@ class PassManager:
         report.records.append(record)
         for inst in self.instruments:
             inst.after_pass(p, gm, ctx, record)
-        return gm, output
+        return gm, output, outputs_after

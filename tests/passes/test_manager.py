@@ -169,6 +169,31 @@ def test_broken_graph_fails_verification():
         PassManager([Dangling()]).run(model, x)
 
 
+class ScalesAWeight(Pass):
+    """Changes one weight through ``.data`` (no version bump) and does not say whether it changed anything."""
+
+    def run(self, gm, ctx):
+        next(m for m in gm.modules() if isinstance(m, nn.Conv2d)).weight.data.mul_(1.5)
+        return PassResult(gm)
+
+
+class RenamesANode(Pass):
+    def run(self, gm, ctx):
+        node = next(n for n in gm.graph.nodes if n.op == "call_module")
+        node.name = node.name + "_renamed"
+        gm.recompile()
+        return PassResult(gm)
+
+
+def test_modified_is_computed_for_a_pass_that_does_not_report_it():
+    model, x = model_and_input()
+    for changer in (ScalesAWeight(), RenamesANode()):
+        pm = PassManager([Spy(), changer, FuseBN(), Spy()])  # the Spies change nothing
+        pm.run(model, x)
+        modified = [r.modified for r in pm.report.records[1:]]
+        assert modified == [False, True, True, False], changer.name
+
+
 def test_report_counts_and_modified_flag():
     model, x = model_and_input()
     pm = PassManager([ReplaceFunctional(), FuseBN(), Spy()])

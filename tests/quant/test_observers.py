@@ -7,6 +7,7 @@ from torch.ao.quantization.observer import (
 from qpasses.errors import QPassesError
 from qpasses.quant.observers import (
     CalibrationError,
+    ChannelMSEObserver,
     EntropyObserver,
     HistogramObserver,
     MinMaxObserver,
@@ -105,8 +106,9 @@ def test_errors_name_the_observer(kind):
     obs = make_observer(U8.replace(observer=kind), name="layer1.relu")
     with pytest.raises(CalibrationError, match=r"at 'layer1.relu'.*no data observed yet"):
         obs.qparams()
-    with pytest.raises(CalibrationError, match=r"at 'layer1.relu'.*1 NaN/Inf value\(s\) of 3"):
-        obs(torch.tensor([1.0, float("nan"), 2.0]))
+    for bad in ("nan", "inf", "-inf"):
+        with pytest.raises(CalibrationError, match=r"at 'layer1.relu'.*1 NaN/Inf value\(s\) of 3"):
+            obs(torch.tensor([1.0, float(bad), 2.0]))
     with pytest.raises(CalibrationError, match="floating-point"):
         obs(torch.tensor([1, 2]))
     assert issubclass(CalibrationError, QPassesError) and not obs.calibrated
@@ -397,9 +399,72 @@ def test_channel_mse_observer_clips_outlier_weights_per_channel():
         observer(weight)
 
 
+def _channel_mse_reference(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel MSE search written plainly: each channel, each of the 71 ratios, the first strictly
+    smaller error wins, a channel whose every error overflows keeps its full range."""
+    lows, highs = [], []
+    for row in weight.movedim(spec.axis, 0).reshape(weight.shape[spec.axis], -1):
+        full_lo, full_hi = torch.aminmax(row)
+        best, lo, hi = float("inf"), full_lo, full_hi
+        for ratio in torch.linspace(0.3, 1.0, 71):
+            scale, zp = compute_qparams(full_lo * ratio, full_hi * ratio, spec)
+            codes = torch.clamp(torch.round(row / scale) + zp, spec.quant_min, spec.quant_max)
+            error = float((((codes - zp) * scale - row) ** 2).sum())
+            if error < best:
+                best, lo, hi = error, full_lo * ratio, full_hi * ratio
+        lows.append(lo)
+        highs.append(hi)
+    return torch.stack(lows), torch.stack(highs)
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(signed=True, symmetric=True, axis=0, observer="mse"),  # x86 / fbgemm weights
+    QuantSpec(signed=True, symmetric=True, axis=0, observer="mse", bits=4),
+    QuantSpec(signed=True, symmetric=False, axis=0, observer="mse", bits=4),  # zero points != 0
+    QuantSpec(signed=False, symmetric=True, axis=1, observer="mse", bits=4),
+], ids=str)
+def test_channel_mse_search_picks_the_ranges_of_the_plain_search(spec, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    clipped = 0
+    for i, shape in enumerate([(16, 32, 3, 3), (8, 1, 5, 5), (24, 60, 10), (6, 7, 1, 1)]):
+        weight = torch.randn(shape, generator=g)
+        weight.view(-1)[::97] *= 6.0  # outliers, so that clipping pays on some channels
+        if i % 2:  # skewed data: affine zero points move off 0, and unsigned grids get their kind of data
+            weight = weight.abs() if not spec.signed else weight + 0.5 * weight.abs().amax()
+        if i == 3:
+            weight.select(spec.axis, 1).zero_()  # a constant channel: every candidate scores 0, ratio 0.3 wins
+        expected_lo, expected_hi = _channel_mse_reference(weight, spec)
+        clipped += int((expected_hi < weight.movedim(spec.axis, 0).flatten(1).amax(1)).sum())
+        for chunk in (1 << 20, 50):  # every channel in one chunk, and one channel a chunk
+            monkeypatch.setattr(ChannelMSEObserver, "chunk_elements", chunk)
+            observer = make_observer(spec)
+            observer(weight)
+            lo, hi = observer.range()
+            assert torch.equal(lo, expected_lo) and torch.equal(hi, expected_hi), (shape, chunk)
+    assert clipped > 4  # the search chose something other than the full range, so the comparison can fail
+
+
 def test_x86_weights_use_the_per_channel_mse_search():
     from qpasses.quant.backends import get_backend
 
     assert get_backend("x86").default_config().weight.observer == "mse"
     with pytest.raises(ValueError, match="per tensor only"):
         QuantSpec(signed=False, symmetric=False, axis=0, observer="entropy")
+
+
+def test_affine_mse_search_does_not_repeat_a_search_it_already_made(monkeypatch):
+    # After ReLU the bottom stays 0, so the second round's search for the top is the first one's.
+    calls = []
+    search = MSEObserver._search
+    monkeypatch.setattr(MSEObserver, "_search", lambda self, score, upper: calls.append(upper) or search(
+        self, score, upper))
+    g = torch.Generator().manual_seed(0)
+    relu = make_observer(U8.replace(observer="mse"))
+    relu(torch.randn(10_000, generator=g).relu())
+    lo, hi = relu.range()
+    assert len(calls) == 1 and float(lo) == 0.0 and 0.0 < float(hi) <= calls[0]
+    calls.clear()
+    signed = make_observer(U8.replace(observer="mse"))
+    signed(torch.randn(10_000, generator=g))
+    signed.range()
+    assert len(calls) == 2 * MSEObserver.rounds  # top and bottom, each round: each depends on the other's move
