@@ -12,7 +12,7 @@ from qpasses.quant.backends import get_backend
 from qpasses.quant.observers import make_observer
 from qpasses.quant.ops import Role
 from qpasses.quant.overrides import apply_overrides
-from qpasses.quant.spec import QuantConfig
+from qpasses.quant.spec import QuantConfig, int16_pair_sum_overflows
 
 ANNOTATION_KEY = "qpasses_quant"
 
@@ -25,6 +25,20 @@ def resolve_config(backend: str, config: QuantConfig | None, bits: int | None, p
         config = config.with_bits(bits)
     chosen.check_config(config)
     return config
+
+
+def activation_bits_note(backend: str, config: QuantConfig, given: bool) -> str:
+    """Which activation bits ``config`` uses for ``backend`` and why (the backend table's reason for its
+    default; ``given``: the user's config, which wins over the table)."""
+    chosen, activation = get_backend(backend), config.activation
+    bits = f"{activation.bits - 1}-bit activation steps (reduce_range)" if activation.reduce_range else (
+        f"{activation.bits}-bit activations")
+    if given:
+        return f"{chosen.name}: {bits}, as the given config asks"
+    choice = chosen.activation_range()
+    if choice.reduce_range and not int16_pair_sum_overflows(activation.replace(reduce_range=False), config.weight):
+        return f"{chosen.name}: {bits}: {activation.bits}-bit grids cannot overflow an int16 pair sum"
+    return f"{chosen.name}: {bits}: {choice.why}"
 
 
 class InsertObservers(Pass):
@@ -48,6 +62,7 @@ class InsertObservers(Pass):
                  per_channel: bool | None = None):
         self.backend = get_backend(backend)
         self.config = resolve_config(backend, config, bits, per_channel)
+        self.activation_note = activation_bits_note(backend, self.config, given=config is not None)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         config = apply_overrides(gm, self.config)
@@ -85,7 +100,6 @@ class InsertObservers(Pass):
         ctx.stats["float_ops"] = len(ann.float_reasons)
         ctx.stats["observers"] = len(set(targets.values()))
         ctx.stats["fused_activations"] = len(ann.fused)
-        if self.backend.reduce_range:
-            ctx.note(f"{self.backend.name}: activations use a reduced range: {self.backend.reduce_range_why}")
+        ctx.note(self.activation_note)
         gm.recompile()
         return PassResult(gm, modified=True)

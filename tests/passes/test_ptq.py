@@ -8,6 +8,7 @@ from torch import nn
 
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
+from qpasses.cpu import OVERRIDE_ENV
 from qpasses.errors import PassError, QPassesError
 from qpasses.passes import PTQ, Calibrate, DynamicQuant, FuseBN, InsertObservers, Lower
 from qpasses.quant.backends import UnsupportedSpecError
@@ -288,7 +289,8 @@ def test_dynamic_quantization_of_linear_and_lstm():
         PassManager([DynamicQuant()]).run(ConvAct(nn.ReLU()).eval(), torch.randn(1, 3, 4, 4))
 
 
-def test_reduce_range_only_where_a_gemm_reads_the_value():
+def test_reduce_range_only_where_a_gemm_reads_the_value(monkeypatch):
+    monkeypatch.setenv(OVERRIDE_ENV, "novnni")  # x86 reduces the range on CPUs without AVX-512 VNNI
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -354,7 +356,8 @@ def clamps(gm):
     return [n for n in gm.graph.nodes if n.target is torch.clamp]
 
 
-def test_x86_headroom_needs_no_clamp_and_equals_fbgemm_inside_the_range():
+def test_x86_headroom_needs_no_clamp_and_equals_fbgemm_inside_the_range(monkeypatch):
+    monkeypatch.setenv(OVERRIDE_ENV, "novnni")  # x86's 7-bit grid, for CPUs without AVX-512 VNNI
     torch.manual_seed(0)
     model = StemPoolNet().eval()
     x86, _ = quantize(model, (2, 3, 16, 16), "x86")
@@ -369,7 +372,8 @@ def test_x86_headroom_needs_no_clamp_and_equals_fbgemm_inside_the_range():
     assert not torch.equal(x86(beyond), fbgemm(beyond))
 
 
-def test_x86_headroom_stops_at_a_folded_relu6_that_feeds_a_conv():
+def test_x86_headroom_stops_at_a_folded_relu6_that_feeds_a_conv(monkeypatch):
+    monkeypatch.setenv(OVERRIDE_ENV, "novnni")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 4, 1)).eval()
     with torch.no_grad():
@@ -378,6 +382,27 @@ def test_x86_headroom_stops_at_a_folded_relu6_that_feeds_a_conv():
     assert clamps(qm)  # the ReLU6's 6 is the top of a 7-bit range: its codes stop at 127, not 255
     x = calibration((2, 3, 8, 8), seed=5)[0]  # the ×20 pre-activations pass 6 even on calibration-like data
     assert sqnr(model(x), qm(x)) > 25
+
+
+def test_x86_activation_bits_follow_the_cpu_and_the_report_says_why(monkeypatch):
+    def notes(**kw):
+        qm, pm = quantize(StemPoolNet().eval(), (2, 3, 16, 16), "x86", **kw)
+        record = next(r for r in pm.report.records if r.name == "InsertObservers")
+        return qm, [n for n in record.notes if n.startswith("x86: ")]
+
+    monkeypatch.setenv(OVERRIDE_ENV, "vnni")
+    qm, said = notes()
+    assert len(said) == 1 and said[0].startswith("x86: 8-bit activations: this CPU, ")
+    assert "has AVX-512 VNNI" in said[0] and "override QPASSES_CPU_INT8=vnni" in said[0]
+    assert not clamps(qm)
+    x = calibration((2, 3, 16, 16), seed=3)[0]
+    assert int(qm.stem(quantize_input(qm, x)).int_repr().max()) > 127  # the full u8 grid inside the range
+    monkeypatch.setenv(OVERRIDE_ENV, "novnni")
+    assert notes()[1][0].startswith("x86: 7-bit activation steps (reduce_range): this CPU, ")
+    assert "has no AVX-512 VNNI" in notes()[1][0]
+    assert notes(bits=4)[1] == ["x86: 4-bit activations: 4-bit grids cannot overflow an int16 pair sum"]
+    given = QuantConfig(weight=QuantSpec(signed=True, symmetric=True), activation=QuantSpec(signed=False, symmetric=False))
+    assert notes(config=given)[1] == ["x86: 8-bit activations, as the given config asks"]
 
 
 def test_a_clamp_with_a_positive_lower_bound_is_not_folded_into_the_grid():

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.ao.nn.quantized as nnq
 import torch.nn.functional as F
 from torch import nn
 
+from qpasses.cpu import OVERRIDE_ENV, cpu_int8_features
 from qpasses.errors import QPassesError
 from qpasses.quant.backends import BACKENDS, UnsupportedSpecError, get_backend
 from qpasses.quant.observers import MinMaxObserver
@@ -193,7 +195,7 @@ def test_conv_transpose_table(engine, name):
             except RuntimeError:
                 kernel_ok = False
             # The x86/onednn symmetric bug only shows on CPUs with VNNI, where those weights go to oneDNN.
-            vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: True)()
+            vnni = cpu_int8_features().avx512_vnni
             if not vnni and backend.symmetric_conv_transpose_wrong and expected_ok is False and kernel_ok:
                 continue
             assert kernel_ok == expected_ok, (weight, in_ch, out_ch, axis)
@@ -202,7 +204,7 @@ def test_conv_transpose_table(engine, name):
 def test_x86_symmetric_conv_transpose_is_wrong_on_vnni(engine):
     """A sentinel for the torch bug the table works around: when it fails, the bug is fixed and
     ``symmetric_conv_transpose_wrong`` can go."""
-    if not getattr(torch.cpu, "_is_vnni_supported", lambda: False)():
+    if not cpu_int8_features().avx512_vnni:
         pytest.skip("x86 routes symmetric weights to oneDNN only on CPUs with VNNI")
     engine("x86")
     out, exact, _, step = _run(
@@ -220,47 +222,102 @@ def test_x86_symmetric_conv_transpose_is_wrong_on_vnni(engine):
         get_backend("x86").check_module(nn.ConvTranspose2d(4, 8, 3), QuantSpec(signed=True, symmetric=True))
 
 
-_SATURATION_PROBE = textwrap.dedent("""
-    import torch, torch.ao.nn.quantized as nnq
-    torch.backends.quantized.engine = "fbgemm"
-    for qmax in (255, 127):  # full 8-bit activations, then reduce_range
-        x = torch.quantize_per_tensor(torch.full((1, 64), float(qmax)), 1.0, 0, torch.quint8)
-        w = torch.quantize_per_tensor(torch.full((4, 64), 127.0), 1.0, 0, torch.qint8)
-        m = nnq.Linear(64, 4)
-        m.set_weight_bias(w, None)
-        m.scale, m.zero_point = qmax * 127 * 64 / 200, 0
-        print(m(x).dequantize()[0, 0].item() / (qmax * 127 * 64))
+def saturation_ratio(kind: str, activation: QuantSpec, weight: QuantSpec) -> float:
+    """The current engine's output over the exact result when every activation code is the top of
+    ``activation``'s grid and every weight code is 127: where a sum of two u8×s8 products into int16 saturates
+    (1.0: exact). ``kind``: conv (oneDNN under x86 on VNNI CPUs), depthwise (128 groups: fbgemm under x86) or
+    linear (fbgemm under x86)."""
+    top, channels = float(activation.quant_max), 128 if kind == "depthwise" else 64
+    if kind == "linear":
+        x, module, w_shape, products = torch.full((1, channels), top), nnq.Linear(channels, 4), (4, channels), channels
+    else:
+        groups = channels if kind == "depthwise" else 1
+        out_ch = channels if kind == "depthwise" else 4
+        x, module = torch.full((1, channels, 5, 5), top), nnq.Conv2d(channels, out_ch, 3, groups=groups)
+        w_shape, products = (out_ch, channels // groups, 3, 3), channels // groups * 9
+    w = torch.full(w_shape, 127.0)
+    if weight.per_channel:
+        ones, zeros = torch.ones(w_shape[0], dtype=torch.double), torch.zeros(w_shape[0], dtype=torch.long)
+        wq = torch.quantize_per_channel(w, ones, zeros, 0, torch.qint8)
+    else:
+        wq = torch.quantize_per_tensor(w, 1.0, 0, torch.qint8)
+    module.set_weight_bias(wq, None)
+    exact = top * 127 * products
+    module.scale, module.zero_point = exact / 200, 0
+    return module(torch.quantize_per_tensor(x, 1.0, 0, activation.dtype)).dequantize().flatten()[0].item() / exact
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "linear"])
+def test_default_activations_are_exact_on_this_cpu(engine, name, kind):
+    """The table's activation bits for this machine's CPU (8 on AVX-512 VNNI for x86/onednn, else 7), re-measured
+    at the inputs where int16 pair sums saturate: the kernels give the exact integer result."""
+    engine(name)
+    config = get_backend(name).default_config()
+    assert saturation_ratio(kind, config.activation, config.weight) == pytest.approx(1.0, abs=0.01)
+
+
+_EMULATED_CPU_PROBE = textwrap.dedent("""
+    import torch
+    from qpasses.cpu import cpu_int8_features
+    from qpasses.quant.backends import get_backend
+    from tests.quant.test_backends import saturation_ratio
+    for name in ("fbgemm", "x86", "onednn"):
+        torch.backends.quantized.engine = name
+        for override in ("novnni", "vnni"):
+            config = get_backend(name).default_config(cpu=cpu_int8_features(override))
+            print(name, override, config.activation.quant_max,
+                  *(saturation_ratio(kind, config.activation, config.weight) for kind in ("conv", "depthwise", "linear")))
 """)
 
 
-def test_reduce_range_prevents_avx2_saturation():
-    """fbgemm's AVX2 kernels saturate int16 pair sums of full-range u8 activations; 7-bit ones are exact."""
-    if (
-        "fbgemm" not in torch.backends.quantized.supported_engines
-        or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
-    ):
-        pytest.skip("needs fbgemm on an x86 CPU with AVX2")
-    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
-    result = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", _SATURATION_PROBE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    full, reduced = (float(v) for v in result.stdout.split())
-    assert full < 0.6  # 2·255·127 pair sums clipped to 32767
-    assert reduced == pytest.approx(1.0, abs=0.01)
-    assert get_backend("fbgemm").reduce_range and get_backend("x86").reduce_range
-    assert not get_backend("qnnpack").reduce_range
+def test_activation_bits_follow_int32_accumulation_on_an_emulated_cpu_without_vnni():
+    """With fbgemm and oneDNN held to their AVX2 kernels (as on a CPU without AVX-512 VNNI), the presets' 7-bit
+    activations for such a CPU are exact, and the full range they take on VNNI CPUs saturates (~50% lost)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("needs an x86 CPU with AVX2")
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", _EMULATED_CPU_PROBE], env=env, capture_output=True,
+                            text=True, timeout=120, check=True, cwd=Path(__file__).resolve().parents[2])
+    rows = {tuple(line.split()[:2]): [float(v) for v in line.split()[2:]] for line in result.stdout.splitlines()}
+    for name in ("fbgemm", "x86", "onednn"):
+        top, *ratios = rows[name, "novnni"]
+        assert top == 127 and ratios == pytest.approx([1.0] * 3, abs=0.01), name
+    assert rows["fbgemm", "vnni"] == rows["fbgemm", "novnni"]  # the fbgemm preset is 7-bit on every CPU
+    for name in ("x86", "onednn"):
+        top, conv, _, linear = rows[name, "vnni"]
+        assert top == 255 and conv < 0.6 and linear < 0.6, name  # 2·255·127 pair sums clipped to 32767
+    # oneDNN's depthwise kernels stay exact; x86 sends 128 groups to fbgemm, which saturates
+    assert rows["onednn", "vnni"][2] == pytest.approx(1.0, abs=0.01) and rows["x86", "vnni"][2] < 0.6
+
+
+def test_activation_bits_are_decided_by_the_cpu():
+    vnni, novnni = cpu_int8_features("vnni"), cpu_int8_features("novnni")
+    for name, bits_with_vnni in (("x86", 255), ("onednn", 255), ("fbgemm", 127), ("qnnpack", 255)):
+        backend = get_backend(name)
+        assert backend.default_config(cpu=vnni).activation.quant_max == bits_with_vnni, name
+        assert backend.default_config(cpu=novnni).activation.quant_max == (255 if name == "qnnpack" else 127), name
+    x86 = get_backend("x86")
+    assert x86.default_config(cpu=novnni).activation.code_max == 255  # headroom: 7-bit steps, codes run on
+    assert x86.default_config(cpu=novnni, bits=4).activation.quant_max == 15  # 4 bits cannot saturate
+    assert "has AVX-512 VNNI" in x86.activation_range(vnni).why and x86.activation_range(vnni).reduce_range is False
+    assert "has no AVX-512 VNNI" in x86.activation_range(novnni).why
+    assert get_backend("fbgemm").activation_range(vnni).reduce_range  # always, whatever the CPU
+
+
+def test_the_cpu_override_reaches_the_default_config(monkeypatch):
+    monkeypatch.setenv(OVERRIDE_ENV, "novnni")
+    assert get_backend("x86").default_config().activation.quant_max == 127
+    monkeypatch.setenv(OVERRIDE_ENV, "vnni")
+    assert get_backend("x86").default_config().activation.quant_max == 255
 
 
 def test_default_configs():
+    cpu = cpu_int8_features()
     x86 = get_backend("x86").default_config()
-    assert x86.activation.quant_max == 127 and x86.activation.dtype == torch.quint8
+    assert x86.activation.quant_max == (255 if cpu.u8s8_accumulates_in_int32 else 127)
+    assert x86.activation.dtype == torch.quint8
     assert x86.weight.axis == 0 and x86.weight.symmetric and x86.weight.dtype == torch.qint8
-    assert get_backend("x86").default_config(bits=4).activation.quant_max == 15  # 4 bits cannot saturate
     assert get_backend("x86").default_config(per_channel=False).weight.axis is None
     qnnpack = get_backend("qnnpack").default_config()
     assert qnnpack.weight.axis is None and qnnpack.activation.quant_max == 255
