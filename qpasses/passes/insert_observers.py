@@ -7,12 +7,12 @@ import torch.fx as fx
 from qpasses.errors import QPassesError
 from qpasses.graph.modules import unique_name
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
-from qpasses.quant.annotate import annotate
-from qpasses.quant.backends import get_backend
+from qpasses.quant.annotate import Annotation, annotate
+from qpasses.quant.backends import Backend, get_backend
 from qpasses.quant.observers import make_observer
 from qpasses.quant.ops import Role
 from qpasses.quant.overrides import apply_overrides
-from qpasses.quant.spec import QuantConfig, int16_pair_sum_overflows
+from qpasses.quant.spec import QuantConfig
 
 ANNOTATION_KEY = "qpasses_quant"
 
@@ -27,18 +27,25 @@ def resolve_config(backend: str, config: QuantConfig | None, bits: int | None, p
     return config
 
 
-def activation_bits_note(backend: str, config: QuantConfig, given: bool) -> str:
-    """Which activation bits ``config`` uses for ``backend`` and why (the backend table's reason for its
-    default; ``given``: the user's config, which wins over the table)."""
-    chosen, activation = get_backend(backend), config.activation
-    bits = f"{activation.bits - 1}-bit activation steps (reduce_range)" if activation.reduce_range else (
-        f"{activation.bits}-bit activations")
-    if given:
-        return f"{chosen.name}: {bits}, as the given config asks"
-    choice = chosen.activation_range()
-    if choice.reduce_range and not int16_pair_sum_overflows(activation.replace(reduce_range=False), config.weight):
-        return f"{chosen.name}: {bits}: {activation.bits}-bit grids cannot overflow an int16 pair sum"
-    return f"{chosen.name}: {bits}: {choice.why}"
+def activation_bits_note(backend: Backend, config: QuantConfig, ann: Annotation, given: bool) -> str:
+    """Which activation bits the annotation of ``config`` (``given`` by the user, which wins over the table, or
+    the backend's default) chose under ``backend`` on this CPU, and why."""
+    activation = config.activation
+    bits = f"{activation.bits}-bit activations"
+    if not activation.reduce_range:
+        if given:
+            why = "as the given config asks"
+        elif backend.reduce_range == "never":
+            why = backend.reduce_range_why
+        else:
+            why = f"{activation.bits}-bit grids cannot overflow an int16 pair sum"
+        return f"{backend.name}: {bits}: {why}"
+    reduced = sum(spec.reduce_range for spec in ann.observe.values())
+    where = f"on all {len(ann.observe)} observed values" if not reduced else (
+        f"{activation.bits - 1}-bit steps (reduce_range) on the {reduced} of {len(ann.observe)} observed values "
+        "read by kernels that add int16 pairs")
+    asked = " (the given config asks for reduce_range where it is needed)" if given else ""
+    return f"{backend.name}: {bits}, {where}{asked}: {backend.reduce_range_reason()}"
 
 
 class InsertObservers(Pass):
@@ -62,7 +69,7 @@ class InsertObservers(Pass):
                  per_channel: bool | None = None):
         self.backend = get_backend(backend)
         self.config = resolve_config(backend, config, bits, per_channel)
-        self.activation_note = activation_bits_note(backend, self.config, given=config is not None)
+        self.given_config = config is not None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         config = apply_overrides(gm, self.config)
@@ -100,6 +107,6 @@ class InsertObservers(Pass):
         ctx.stats["float_ops"] = len(ann.float_reasons)
         ctx.stats["observers"] = len(set(targets.values()))
         ctx.stats["fused_activations"] = len(ann.fused)
-        ctx.note(self.activation_note)
+        ctx.note(activation_bits_note(self.backend, config, ann, self.given_config))
         gm.recompile()
         return PassResult(gm, modified=True)

@@ -10,6 +10,7 @@ from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
 from qpasses.cpu import OVERRIDE_ENV
 from qpasses.errors import PassError, QPassesError
+from qpasses.export import qdq_model
 from qpasses.passes import PTQ, Calibrate, DynamicQuant, FuseBN, InsertObservers, Lower
 from qpasses.quant.backends import UnsupportedSpecError
 from qpasses.quant.observers import Observer
@@ -384,25 +385,56 @@ def test_x86_headroom_stops_at_a_folded_relu6_that_feeds_a_conv(monkeypatch):
     assert sqnr(model(x), qm(x)) > 25
 
 
+class DepthwiseNet(nn.Module):
+    """conv → ReLU6 → a depthwise conv of 128 groups (fbgemm's kernel under x86) → a 1×1 conv → linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand, self.act = nn.Conv2d(3, 128, 1), nn.ReLU6()
+        self.depthwise, self.project = nn.Conv2d(128, 128, 3, padding=1, groups=128), nn.Conv2d(128, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.project(self.depthwise(self.act(self.expand(x)))).mean((2, 3)))
+
+
 def test_x86_activation_bits_follow_the_cpu_and_the_report_says_why(monkeypatch):
-    def notes(**kw):
-        qm, pm = quantize(StemPoolNet().eval(), (2, 3, 16, 16), "x86", **kw)
-        record = next(r for r in pm.report.records if r.name == "InsertObservers")
-        return qm, [n for n in record.notes if n.startswith("x86: ")]
+    def run(**kw):
+        torch.manual_seed(0)
+        observed = PassManager([InsertObservers("x86", **kw)])
+        gm = observed.run(DepthwiseNet().eval(), torch.randn(1, 3, 8, 8))
+        reduced = {name for name, m in gm.named_modules() if isinstance(m, Observer) and m.spec.reduce_range}
+        return reduced, [n for n in observed.report.records[-1].notes if n.startswith("x86: ")]
 
     monkeypatch.setenv(OVERRIDE_ENV, "vnni")
-    qm, said = notes()
-    assert len(said) == 1 and said[0].startswith("x86: 8-bit activations: this CPU, ")
+    reduced, said = run()
+    assert reduced == {"act_obs"}  # only the depthwise conv's input: every other kernel accumulates in int32
+    assert len(said) == 1 and said[0].startswith(
+        "x86: 8-bit activations, 7-bit steps (reduce_range) on the 1 of 5 observed values read by kernels that add "
+        "int16 pairs: this CPU, ")
     assert "has AVX-512 VNNI" in said[0] and "override QPASSES_CPU_INT8=vnni" in said[0]
-    assert not clamps(qm)
-    x = calibration((2, 3, 16, 16), seed=3)[0]
-    assert int(qm.stem(quantize_input(qm, x)).int_repr().max()) > 127  # the full u8 grid inside the range
     monkeypatch.setenv(OVERRIDE_ENV, "novnni")
-    assert notes()[1][0].startswith("x86: 7-bit activation steps (reduce_range): this CPU, ")
-    assert "has no AVX-512 VNNI" in notes()[1][0]
-    assert notes(bits=4)[1] == ["x86: 4-bit activations: 4-bit grids cannot overflow an int16 pair sum"]
+    reduced, said = run()
+    assert reduced == {"x_obs", "act_obs", "depthwise_obs", "project_obs"}  # every conv/linear input
+    assert "on the 4 of 5 observed values" in said[0] and "has no AVX-512 VNNI" in said[0]
+    assert run(bits=4) == (set(), ["x86: 4-bit activations: 4-bit grids cannot overflow an int16 pair sum"])
     given = QuantConfig(weight=QuantSpec(signed=True, symmetric=True), activation=QuantSpec(signed=False, symmetric=False))
-    assert notes(config=given)[1] == ["x86: 8-bit activations, as the given config asks"]
+    assert run(config=given) == (set(), ["x86: 8-bit activations: as the given config asks"])
+
+
+def test_x86_model_on_this_cpu_matches_its_reference_where_int16_pair_sums_would_saturate():
+    """The lowered x86 model on this machine's CPU equals the float simulation of its grids (the QDQ view) where
+    full-range codes would saturate the depthwise kernel's int16 pair sums (ReLU6 at its top, every depthwise
+    weight code 127): 0 output steps apart; with 8-bit inputs there, 31."""
+    torch.manual_seed(0)
+    model = DepthwiseNet().eval()
+    with torch.no_grad():
+        model.expand.weight.abs_()
+        model.depthwise.weight.fill_(0.1)
+    data = [torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)) + 2 for i in range(2)]
+    qm = PassManager([PTQ(data, backend="x86", progress=False)]).run(model, data[0])
+    x = data[0]
+    assert float((qdq_model(qm, x[:1])(x) - qm(x)).abs().max()) <= qm.fc.scale
 
 
 def test_a_clamp_with_a_positive_lower_bound_is_not_folded_into_the_grid():

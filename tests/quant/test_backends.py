@@ -222,102 +222,135 @@ def test_x86_symmetric_conv_transpose_is_wrong_on_vnni(engine):
         get_backend("x86").check_module(nn.ConvTranspose2d(4, 8, 3), QuantSpec(signed=True, symmetric=True))
 
 
+KERNELS = {  # under x86 on a VNNI CPU: oneDNN, fbgemm's depthwise kernel, oneDNN, fbgemm's GEMM
+    "conv": lambda: nn.Conv2d(64, 4, 3, padding=1),
+    "depthwise": lambda: nn.Conv2d(128, 128, 3, padding=1, groups=128),
+    "small depthwise": lambda: nn.Conv2d(32, 32, 5, padding=2, groups=32),
+    "linear": lambda: nn.Linear(64, 4),
+}
+
+
 def saturation_ratio(kind: str, activation: QuantSpec, weight: QuantSpec) -> float:
-    """The current engine's output over the exact result when every activation code is the top of
-    ``activation``'s grid and every weight code is 127: where a sum of two u8×s8 products into int16 saturates
-    (1.0: exact). ``kind``: conv (oneDNN under x86 on VNNI CPUs), depthwise (128 groups: fbgemm under x86) or
-    linear (fbgemm under x86)."""
-    top, channels = float(activation.quant_max), 128 if kind == "depthwise" else 64
-    if kind == "linear":
-        x, module, w_shape, products = torch.full((1, channels), top), nnq.Linear(channels, 4), (4, channels), channels
+    """The current engine's output over the exact result for ``KERNELS[kind]`` when every activation code is the
+    top of ``activation``'s grid and every weight code is 127: where a sum of two u8×s8 products into int16
+    saturates (1.0: exact)."""
+    float_module, top = KERNELS[kind](), float(activation.quant_max)
+    if isinstance(float_module, nn.Linear):
+        x = torch.full((1, float_module.in_features), top)
+        module, products = nnq.Linear(float_module.in_features, float_module.out_features), float_module.in_features
     else:
-        groups = channels if kind == "depthwise" else 1
-        out_ch = channels if kind == "depthwise" else 4
-        x, module = torch.full((1, channels, 5, 5), top), nnq.Conv2d(channels, out_ch, 3, groups=groups)
-        w_shape, products = (out_ch, channels // groups, 3, 3), channels // groups * 9
-    w = torch.full(w_shape, 127.0)
+        x = torch.full((1, float_module.in_channels, 12, 12), top)
+        module = nnq.Conv2d(float_module.in_channels, float_module.out_channels, float_module.kernel_size,
+                            padding=float_module.padding, groups=float_module.groups)
+        products = float_module.weight[0].numel()
+    w = torch.full(float_module.weight.shape, 127.0)
+    out_ch = w.shape[0]
     if weight.per_channel:
-        ones, zeros = torch.ones(w_shape[0], dtype=torch.double), torch.zeros(w_shape[0], dtype=torch.long)
+        ones, zeros = torch.ones(out_ch, dtype=torch.double), torch.zeros(out_ch, dtype=torch.long)
         wq = torch.quantize_per_channel(w, ones, zeros, 0, torch.qint8)
     else:
         wq = torch.quantize_per_tensor(w, 1.0, 0, torch.qint8)
     module.set_weight_bias(wq, None)
     exact = top * 127 * products
     module.scale, module.zero_point = exact / 200, 0
-    return module(torch.quantize_per_tensor(x, 1.0, 0, activation.dtype)).dequantize().flatten()[0].item() / exact
+    y = module(torch.quantize_per_tensor(x, 1.0, 0, activation.dtype)).dequantize()
+    return y.flatten(2)[0, 0, 6 * 12 + 6].item() / exact if y.dim() == 4 else y[0, 0].item() / exact
+
+
+def input_spec(name: str, kind: str, cpu=None) -> tuple[QuantSpec, QuantSpec]:
+    """The default activation and weight specs of backend ``name`` for the input of ``KERNELS[kind]``: 7-bit steps
+    where the table says its kernel needs them on ``cpu`` (None: this one), as annotation decides."""
+    backend = get_backend(name)
+    config = backend.default_config()
+    if not backend.saturates(KERNELS[kind](), config.weight, cpu):
+        return config.activation.replace(reduce_range=False), config.weight
+    return config.activation, config.weight
 
 
 @pytest.mark.parametrize("name", AVAILABLE)
-@pytest.mark.parametrize("kind", ["conv", "depthwise", "linear"])
+@pytest.mark.parametrize("kind", list(KERNELS))
 def test_default_activations_are_exact_on_this_cpu(engine, name, kind):
-    """The table's activation bits for this machine's CPU (8 on AVX-512 VNNI for x86/onednn, else 7), re-measured
-    at the inputs where int16 pair sums saturate: the kernels give the exact integer result."""
+    """The table's activation bits for each kernel on this machine's CPU (with AVX-512 VNNI: 8 for x86 except into
+    fbgemm's depthwise kernels, 8 for onednn; else 7), re-measured at the inputs where int16 pair sums saturate:
+    the kernels give the exact integer result."""
     engine(name)
-    config = get_backend(name).default_config()
-    assert saturation_ratio(kind, config.activation, config.weight) == pytest.approx(1.0, abs=0.01)
+    assert saturation_ratio(kind, *input_spec(name, kind)) == pytest.approx(1.0, abs=0.01)
+
+
+def test_fbgemms_depthwise_kernel_adds_int16_pairs_even_with_vnni(engine):
+    """Why x86 keeps 7-bit steps into depthwise convs of more than 100 groups on VNNI CPUs too: fbgemm runs them,
+    and its depthwise kernels saturate with full-range inputs (oneDNN, which takes those of up to 100, does not)."""
+    engine("x86")
+    full = get_backend("x86").default_config().activation.replace(reduce_range=False)
+    weight = get_backend("x86").weight
+    assert saturation_ratio("depthwise", full, weight) < 0.6
+    if cpu_int8_features().avx512_vnni:
+        assert saturation_ratio("small depthwise", full, weight) == pytest.approx(1.0, abs=0.01)
 
 
 _EMULATED_CPU_PROBE = textwrap.dedent("""
     import torch
     from qpasses.cpu import cpu_int8_features
-    from qpasses.quant.backends import get_backend
-    from tests.quant.test_backends import saturation_ratio
+    from tests.quant.test_backends import input_spec, saturation_ratio
     for name in ("fbgemm", "x86", "onednn"):
         torch.backends.quantized.engine = name
         for override in ("novnni", "vnni"):
-            config = get_backend(name).default_config(cpu=cpu_int8_features(override))
-            print(name, override, config.activation.quant_max,
-                  *(saturation_ratio(kind, config.activation, config.weight) for kind in ("conv", "depthwise", "linear")))
+            for kind in ("conv", "linear"):
+                activation, weight = input_spec(name, kind, cpu_int8_features(override))
+                print(name, override, kind, activation.quant_max, saturation_ratio(kind, activation, weight))
 """)
 
 
 def test_activation_bits_follow_int32_accumulation_on_an_emulated_cpu_without_vnni():
-    """With fbgemm and oneDNN held to their AVX2 kernels (as on a CPU without AVX-512 VNNI), the presets' 7-bit
-    activations for such a CPU are exact, and the full range they take on VNNI CPUs saturates (~50% lost)."""
+    """With fbgemm and oneDNN held to their AVX2 kernels (as on a CPU without AVX-512 VNNI), the 7-bit steps the
+    table gives convs and linears for such a CPU are exact, and the full range it gives them on VNNI CPUs
+    saturates (~50% lost)."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("needs an x86 CPU with AVX2")
     env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    env.pop(OVERRIDE_ENV, None)
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", _EMULATED_CPU_PROBE], env=env, capture_output=True,
                             text=True, timeout=120, check=True, cwd=Path(__file__).resolve().parents[2])
-    rows = {tuple(line.split()[:2]): [float(v) for v in line.split()[2:]] for line in result.stdout.splitlines()}
-    for name in ("fbgemm", "x86", "onednn"):
-        top, *ratios = rows[name, "novnni"]
-        assert top == 127 and ratios == pytest.approx([1.0] * 3, abs=0.01), name
-    assert rows["fbgemm", "vnni"] == rows["fbgemm", "novnni"]  # the fbgemm preset is 7-bit on every CPU
-    for name in ("x86", "onednn"):
-        top, conv, _, linear = rows[name, "vnni"]
-        assert top == 255 and conv < 0.6 and linear < 0.6, name  # 2·255·127 pair sums clipped to 32767
-    # oneDNN's depthwise kernels stay exact; x86 sends 128 groups to fbgemm, which saturates
-    assert rows["onednn", "vnni"][2] == pytest.approx(1.0, abs=0.01) and rows["x86", "vnni"][2] < 0.6
+    rows = {tuple(line.split()[:3]): (int(line.split()[3]), float(line.split()[4])) for line in result.stdout.splitlines()}
+    assert len(rows) == 12
+    for (name, cpu, kind), (top, ratio) in rows.items():
+        if cpu == "novnni" or name == "fbgemm":  # the fbgemm preset is 7-bit into every kernel on every CPU
+            assert top == 127 and ratio == pytest.approx(1.0, abs=0.01), (name, cpu, kind)
+        else:
+            assert top == 255 and ratio < 0.6, (name, cpu, kind)  # 2·255·127 pair sums clipped to 32767
 
 
-def test_activation_bits_are_decided_by_the_cpu():
+def test_the_table_says_which_kernels_need_reduce_range_on_which_cpu():
     vnni, novnni = cpu_int8_features("vnni"), cpu_int8_features("novnni")
-    for name, bits_with_vnni in (("x86", 255), ("onednn", 255), ("fbgemm", 127), ("qnnpack", 255)):
-        backend = get_backend(name)
-        assert backend.default_config(cpu=vnni).activation.quant_max == bits_with_vnni, name
-        assert backend.default_config(cpu=novnni).activation.quant_max == (255 if name == "qnnpack" else 127), name
-    x86 = get_backend("x86")
-    assert x86.default_config(cpu=novnni).activation.code_max == 255  # headroom: 7-bit steps, codes run on
-    assert x86.default_config(cpu=novnni, bits=4).activation.quant_max == 15  # 4 bits cannot saturate
-    assert "has AVX-512 VNNI" in x86.activation_range(vnni).why and x86.activation_range(vnni).reduce_range is False
-    assert "has no AVX-512 VNNI" in x86.activation_range(novnni).why
-    assert get_backend("fbgemm").activation_range(vnni).reduce_range  # always, whatever the CPU
+    weight, affine = QuantSpec(signed=True, symmetric=True, axis=0), QuantSpec(signed=True, symmetric=False, axis=0)
+    modules = {kind: build() for kind, build in KERNELS.items()}
+    x86, onednn = get_backend("x86"), get_backend("onednn")
+    assert {k: x86.saturates(m, weight, vnni) for k, m in modules.items()} == {
+        "conv": False, "depthwise": True, "small depthwise": False, "linear": False}
+    assert x86.saturates(modules["small depthwise"], affine, vnni)  # asymmetric weights: fbgemm's kernel
+    assert not any(onednn.saturates(m, weight, vnni) for m in modules.values())
+    for name in ("x86", "onednn", "fbgemm"):
+        assert all(get_backend(name).saturates(m, weight, novnni) for m in modules.values()), name
+    assert all(get_backend("fbgemm").saturates(m, weight, vnni) for m in modules.values())
+    assert not any(get_backend("qnnpack").saturates(m, weight, cpu) for m in modules.values() for cpu in (vnni, novnni))
+    assert "has AVX-512 VNNI" in x86.reduce_range_reason(vnni) and "more than 100 groups" in x86.reduce_range_reason(vnni)
+    assert "has no AVX-512 VNNI" in x86.reduce_range_reason(novnni)
+    assert "more than 100 groups" not in onednn.reduce_range_reason(vnni)
 
 
-def test_the_cpu_override_reaches_the_default_config(monkeypatch):
+def test_the_cpu_override_reaches_the_table(monkeypatch):
+    weight = get_backend("x86").weight
     monkeypatch.setenv(OVERRIDE_ENV, "novnni")
-    assert get_backend("x86").default_config().activation.quant_max == 127
+    assert get_backend("x86").saturates(nn.Linear(4, 4), weight)
     monkeypatch.setenv(OVERRIDE_ENV, "vnni")
-    assert get_backend("x86").default_config().activation.quant_max == 255
+    assert not get_backend("x86").saturates(nn.Linear(4, 4), weight)
 
 
 def test_default_configs():
-    cpu = cpu_int8_features()
     x86 = get_backend("x86").default_config()
-    assert x86.activation.quant_max == (255 if cpu.u8s8_accumulates_in_int32 else 127)
-    assert x86.activation.dtype == torch.quint8
+    assert x86.activation.quant_max == 127 and x86.activation.dtype == torch.quint8  # where a kernel needs it
     assert x86.weight.axis == 0 and x86.weight.symmetric and x86.weight.dtype == torch.qint8
+    assert get_backend("x86").default_config(bits=4).activation.quant_max == 15  # 4 bits cannot saturate
     assert get_backend("x86").default_config(per_channel=False).weight.axis is None
     qnnpack = get_backend("qnnpack").default_config()
     assert qnnpack.weight.axis is None and qnnpack.activation.quant_max == 255

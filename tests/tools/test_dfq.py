@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from qpasses.cpu import OVERRIDE_ENV
 from tools.bench.dfq import Results, config_for, selection, setting_label
 
 PARAMS = {"size": 32, "calib": 8, "eval": 8, "iterations": 2}
@@ -11,15 +12,17 @@ def setting(label):
     return lambda row: row["setting"] == label
 
 
-@pytest.mark.parametrize(("backend", "bits", "label"), [
-    ("qnnpack", 8, "W8A8 qnnpack (per-tensor)"),
-    ("x86", 8, "W8A7 x86 (per-channel)"),  # reduce_range: 7-bit activations
+@pytest.mark.parametrize(("cpu", "backend", "bits", "label"), [
+    ("novnni", "qnnpack", 8, "W8A8 qnnpack (per-tensor)"),
+    ("novnni", "x86", 8, "W8A7 x86 (per-channel)"),  # reduce_range: 7-bit activations without VNNI
+    ("vnni", "x86", 8, "W8A8 x86 (per-channel)"),  # int32 accumulation: 8-bit activations are exact
     # 4-bit weights cannot overflow an int16 pair sum; below 8 bits x86 weights are affine
-    ("x86", 4, "W4A8 x86 (per-channel, affine)"),
-    ("onednn", 4, "W4A8 onednn (per-channel)"),
-    ("onednn", 8, "W8A8 onednn (per-channel)"),
+    ("novnni", "x86", 4, "W4A8 x86 (per-channel, affine)"),
+    ("novnni", "onednn", 4, "W4A8 onednn (per-channel)"),
+    ("vnni", "onednn", 8, "W8A8 onednn (per-channel)"),
 ])
-def test_setting_labels_say_the_activation_bits_the_config_uses(backend, bits, label):
+def test_setting_labels_say_the_activation_bits_the_config_uses(monkeypatch, cpu, backend, bits, label):
+    monkeypatch.setenv(OVERRIDE_ENV, cpu)
     assert setting_label(backend, config_for(backend, bits)) == label
 
 

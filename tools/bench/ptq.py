@@ -1,7 +1,8 @@
 """PTQ benchmark: fidelity on pretrained EfficientNet-Lite0, latency and size on four CNNs.
 
-    python -m tools.bench.ptq            # full run, writes its tables into BENCHMARKS.md
-    python -m tools.bench.ptq --quick    # fewer crops and iterations, prints only
+    python -m tools.bench.ptq                    # full run, writes its tables into BENCHMARKS.md
+    python -m tools.bench.ptq --quick            # fewer crops and iterations, prints only
+    python -m tools.bench.ptq --activation-bits  # Lite0 fidelity of x86's 7- and 8-bit activations only
 
 Side by side in one run, same data, 2 threads, batch 1, 224×224: qpasses (FuseBN + PTQ) for x86 and
 qnnpack against torch.ao FX PTQ with its default qconfig mappings.
@@ -10,16 +11,20 @@ qnnpack against torch.ao FX PTQ with its default qconfig mappings.
 from __future__ import annotations
 
 import argparse
-import platform
+import time
 
 import torch
 
 import qpasses_zoo as zoo
 from qpasses import PassManager
-from qpasses.analysis.metrics import latency, model_size
+from qpasses.analysis.metrics import latency, model_size, sqnr
+from qpasses.cpu import cpu_int8_features
+from qpasses.export import qdq_model
 from qpasses.passes import PTQ, FuseBN
+from qpasses.quant.backends import get_backend
 from tools.bench.common import (
     PhotoSet,
+    describe_machine,
     fidelity,
     markdown_table,
     pretrained_lite0,
@@ -57,6 +62,29 @@ def fidelity_rows(photos: PhotoSet) -> list[list[str]]:
     return rows
 
 
+def activation_bits_rows(photos: PhotoSet) -> list[list[str]]:
+    """x86's default PTQ on pretrained Lite0 as decided for a CPU without AVX-512 VNNI (7-bit steps) and with it
+    (8-bit), and onednn's, with how far the lowered int8 model is from its QDQ reference on this CPU (the
+    float simulation of the same integer grids: kernels that saturate fall far below the rounding's ~40 dB)."""
+    model = pretrained_lite0("tf_efficientnet_lite0")
+    rows = []
+    for label, backend, override in [("x86 as for a CPU without VNNI", "x86", "novnni"),
+                                     ("x86 as for a CPU with VNNI", "x86", "vnni"), ("onednn", "onednn", None)]:
+        config = get_backend(backend).default_config(cpu=cpu_int8_features(override))
+        start = time.perf_counter()
+        qm = qpasses_ptq(model, photos.calib, backend, config=config)
+        seconds = time.perf_counter() - start
+        db, agreement = fidelity(model, qm, photos.evals)
+        x = photos.evals[0]
+        with torch.no_grad():
+            exactness = sqnr(qdq_model(qm, x[:1])(x), qm(x))
+        spec = config.activation
+        bits = f"{spec.bits - 1} (reduce_range)" if spec.reduce_range else str(spec.bits)
+        rows.append([f"qpasses {label}", bits, f"{db:.1f}", f"{agreement:.1%}", f"{exactness:.1f}", f"{seconds:.0f}"])
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
 def speed_rows(photos: PhotoSet, iters: int) -> list[list[str]]:
     rows = []
     x = photos.evals[0][:1]
@@ -86,15 +114,34 @@ def speed_rows(photos: PhotoSet, iters: int) -> list[list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qpasses bench ptq", description="PTQ benchmark (fidelity, latency, size)")
     parser.add_argument("--quick", action="store_true", help="16 calibration / 32 eval crops, 10 iterations; no file")
+    parser.add_argument("--activation-bits", action="store_true",
+                        help="only x86's Lite0 fidelity with 7- and 8-bit activations (its own section)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     photos = PhotoSet.make(16, 32) if args.quick else PhotoSet.make(64, 128)
+    crops = (f"Calibration: {sum(len(b) for b in photos.calib)} photo crops; evaluation: "
+             f"{sum(len(b) for b in photos.evals)} other crops (disjoint photo halves, fixed seeds).")
+    if args.activation_bits:
+        rows = activation_bits_rows(photos)
+        body = "\n\n".join([
+            f"## x86 activation bits on pretrained EfficientNet-Lite0 (`{COMMAND} --activation-bits`)",
+            f"Machine: {describe_machine()}; this CPU's x86 default: "
+            f"{'8-bit' if cpu_int8_features().u8s8_accumulates_in_int32 else '7-bit'} activations. {crops} "
+            "qpasses FuseBN + PTQ with the backend's preset, decided for the CPU the row names "
+            "(`default_config(cpu=cpu_int8_features('novnni' | 'vnni'))`; onednn: this CPU). Fidelity: SQNR of the logits and top-1 agreement against the float model. "
+            "Kernels vs reference: SQNR of the lowered int8 model's logits against its QDQ view (the float "
+            "simulation of the same grids) on this CPU, on the first 16 evaluation crops.",
+            markdown_table(["method", "activation bits", "SQNR dB", "top-1 agreement", "kernels vs reference dB",
+                            "prepare s"], rows),
+        ])
+        print(body)
+        if not args.quick:
+            write_section("ptq-activation-bits", body)
+        return 0
     fid = fidelity_rows(photos)
     speed = speed_rows(photos, iters=10 if args.quick else 30)
-    machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 2 threads, batch 1, 224×224"
     body = "\n\n".join([
-        f"## PTQ (`{COMMAND}`)\n\nMachine: {machine}. Calibration: {sum(len(b) for b in photos.calib)} photo crops; "
-        f"evaluation: {sum(len(b) for b in photos.evals)} other crops (disjoint photo halves, fixed seeds).",
+        f"## PTQ (`{COMMAND}`)\n\nMachine: {describe_machine(2)}, batch 1, 224×224. {crops}",
         "### Fidelity on ImageNet-pretrained EfficientNet-Lite0 (vs the float model)",
         markdown_table(["method", "model", "SQNR dB", "top-1 agreement", "prepare s", "failure"], fid),
         "### Latency (median) and size",
