@@ -35,8 +35,8 @@ def activation_bits_note(backend: Backend, config: QuantConfig, ann: Annotation,
     if not activation.reduce_range:
         if given:
             why = "as the given config asks"
-        elif backend.reduce_range == "never":
-            why = backend.reduce_range_why
+        elif not backend.has_saturating_kernels():
+            why = backend.reduce_range_reason()
         else:
             why = f"{activation.bits}-bit grids cannot overflow an int16 pair sum"
         return f"{backend.name}: {bits}: {why}"

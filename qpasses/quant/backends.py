@@ -120,11 +120,22 @@ class Backend:
         return (f"this CPU, {cpu}, has AVX-512 VNNI: {self.name}'s u8×s8 kernels add every product into int32, exact "
                 f"with 8-bit activations{grouped} (quantize for a CPU without VNNI with QPASSES_CPU_INT8=novnni)")
 
-    def default_config(self, per_channel: bool | None = None, bits: int | None = None) -> QuantConfig:
+    def has_saturating_kernels(self, cpu: CpuInt8Features | None = None) -> bool:
+        """Whether some conv or linear kernel of this backend needs ``reduce_range`` inputs on ``cpu`` (None: this
+        machine's), i.e. ``saturates`` for some module."""
+        if self.reduce_range != "saturating_kernels":
+            return self.reduce_range == "every_gemm"
+        cpu = cpu if cpu is not None else cpu_int8_features()
+        return not cpu.u8s8_accumulates_in_int32 or self.onednn_max_groups is not None
+
+    def default_config(
+        self, per_channel: bool | None = None, bits: int | None = None, cpu: CpuInt8Features | None = None
+    ) -> QuantConfig:
         """The backend's default weight and activation specs, per channel or per tensor as asked
         (None: the backend's default), at ``bits`` bits if given. Activations get ``reduce_range``
-        where the backend has kernels that need it and the chosen grids could overflow an int16 pair sum;
-        annotation keeps it only on the values such a kernel reads (``saturates``)."""
+        where some kernel needs it on ``cpu`` (None: this machine's; ``has_saturating_kernels``) and the chosen
+        grids could overflow an int16 pair sum; annotation keeps it only on the values such a kernel reads
+        (``saturates``)."""
         weight = self.weight
         if per_channel is not None:
             if per_channel and not self.supports_per_channel_weights:
@@ -133,7 +144,7 @@ class Backend:
         activation = self.activation.replace(reduce_range=False)
         if bits is not None:
             weight, activation = weight.replace(bits=bits), activation.replace(bits=bits)
-        if self.reduce_range != "never" and int16_pair_sum_overflows(activation, weight):
+        if self.has_saturating_kernels(cpu) and int16_pair_sum_overflows(activation, weight):
             activation = activation.replace(reduce_range=True)
         return QuantConfig(weight=weight, activation=activation)
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
-from qpasses.cpu import OVERRIDE_ENV
+from qpasses.cpu import OVERRIDE_ENV, cpu_int8_features
 from qpasses.errors import PassError, QPassesError
 from qpasses.export import qdq_model
 from qpasses.passes import PTQ, Calibrate, DynamicQuant, FuseBN, InsertObservers, Lower
@@ -420,6 +420,13 @@ def test_x86_activation_bits_follow_the_cpu_and_the_report_says_why(monkeypatch)
     assert run(bits=4) == (set(), ["x86: 4-bit activations: 4-bit grids cannot overflow an int16 pair sum"])
     given = QuantConfig(weight=QuantSpec(signed=True, symmetric=True), activation=QuantSpec(signed=False, symmetric=False))
     assert run(config=given) == (set(), ["x86: 8-bit activations: as the given config asks"])
+    monkeypatch.setenv(OVERRIDE_ENV, "vnni")
+    onednn = PassManager([InsertObservers("onednn")])
+    onednn.run(DepthwiseNet().eval(), torch.randn(1, 3, 8, 8))
+    assert [n for n in onednn.report.records[-1].notes if n.startswith("onednn: ")] == [
+        f"onednn: 8-bit activations: this CPU, {cpu_int8_features()}, has AVX-512 VNNI: onednn's u8×s8 kernels add "
+        "every product into int32, exact with 8-bit activations (quantize for a CPU without VNNI with "
+        "QPASSES_CPU_INT8=novnni)"]
 
 
 def test_x86_model_on_this_cpu_matches_its_reference_where_int16_pair_sums_would_saturate():

@@ -261,7 +261,7 @@ def input_spec(name: str, kind: str, cpu=None) -> tuple[QuantSpec, QuantSpec]:
     """The default activation and weight specs of backend ``name`` for the input of ``KERNELS[kind]``: 7-bit steps
     where the table says its kernel needs them on ``cpu`` (None: this one), as annotation decides."""
     backend = get_backend(name)
-    config = backend.default_config()
+    config = backend.default_config(cpu=cpu)
     if not backend.saturates(KERNELS[kind](), config.weight, cpu):
         return config.activation.replace(reduce_range=False), config.weight
     return config.activation, config.weight
@@ -336,6 +336,10 @@ def test_the_table_says_which_kernels_need_reduce_range_on_which_cpu():
     assert "has AVX-512 VNNI" in x86.reduce_range_reason(vnni) and "more than 100 groups" in x86.reduce_range_reason(vnni)
     assert "has no AVX-512 VNNI" in x86.reduce_range_reason(novnni)
     assert "more than 100 groups" not in onednn.reduce_range_reason(vnni)
+    assert x86.has_saturating_kernels(vnni) and not onednn.has_saturating_kernels(vnni)
+    assert onednn.default_config(cpu=vnni).activation.quant_max == 255  # nothing to protect: plainly 8-bit
+    assert onednn.default_config(cpu=novnni).activation.quant_max == 127
+    assert not get_backend("qnnpack").has_saturating_kernels(novnni)
 
 
 def test_the_cpu_override_reaches_the_table(monkeypatch):

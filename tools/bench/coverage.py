@@ -312,7 +312,7 @@ def _bits(quant_min: int, quant_max: int) -> int:
 
 
 def _qpasses_activation_bits() -> int:
-    spec = get_backend("x86").default_config().activation  # the bits x86 takes on this CPU
+    spec = get_backend("x86").default_config().activation  # 7 where a kernel needs it (see the report's text)
     return _bits(spec.quant_min, spec.quant_max)
 
 
@@ -600,8 +600,9 @@ def report(results: Results, models: list[str], tools: list[str]) -> str:
         f"others for evaluation; video r3d_18 clips of {FRAMES} crops; sequence models seeded random inputs.",
         "Activation bits: " + ", ".join(f"{TOOLS[t].label} {bits[t]}" for t in tools) +
         ". torch.ao FX keeps x86's 7-bit activations (reduce_range: fbgemm's int16 pair sums on CPUs without "
-        "VNNI) on every CPU; qpasses x86 takes 8-bit ones where the CPU's kernels accumulate in int32 (AVX-512 "
-        "VNNI), 7-bit elsewhere; PT2E 8-bit. A tool a bit short loses up to ~6 dB for it. "
+        "VNNI) on every CPU; qpasses x86 takes 7-bit steps only into the kernels that add int16 pairs on this "
+        "CPU (every conv and linear without AVX-512 VNNI; with it, depthwise convs of more than 100 groups), "
+        "8-bit elsewhere; PT2E 8-bit. A bit short costs up to ~6 dB. "
         "Quantized: convs/linears whose weights run int8, out of those of the float model "
         "(`tools/bench/coverage.py`: `lowered_quantized_layers`, `pt2e_quantized_layers`, "
         "`float_weighted_layers`). SQNR: outputs against the float model (worst leaf of structured outputs); "
