@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             "VNNI), as the InsertObservers note says. Fidelity: SQNR of the logits and top-1 agreement against the "
             "float model. Kernels vs reference: SQNR of the lowered int8 model's logits against its QDQ view (the "
             "float simulation of the same grids) on this CPU, on the first 16 evaluation crops: requantization "
-            "rounding alone leaves ~25-30 dB over Lite0's depth; kernels that saturate fall far below.",
+            "rounding alone leaves ~25-30 dB over Lite0's depth; kernels that saturate fall far below. The row with "
+            "8-bit activations everywhere shows what the 7-bit steps protect: the int16 pair sums of the kernels "
+            "that add them (fbgemm's depthwise ones under x86, on every CPU).",
             markdown_table(["method", "activation bits", "SQNR dB", "top-1 agreement", "kernels vs reference dB",
                             "prepare s"], rows),
         ])
