@@ -2,10 +2,12 @@
 activations, and what every benchmark writes next to its timings.
 
 fbgemm (the x86 engine's linears, its convs with asymmetric weights or more than 100 groups) picks its
-u8×s8 kernels from the CPU: with AVX-512 VNNI they accumulate ``vpdpbusd`` products straight into int32;
+u8×s8 GEMM kernels from the CPU: with AVX-512 VNNI they accumulate ``vpdpbusd`` products straight into int32;
 without it (AVX2, AVX-512 without VNNI; fbgemm has no AVX-VNNI kernels) ``vpmaddubsw`` first adds pairs of
-products into a saturating int16. torch's x86 engine sends the other convs to oneDNN only on AVX-512 VNNI
-CPUs. So AVX-512 VNNI is the one feature that makes full-range u8 activations exact; AMX-int8 CPUs have it.
+products into a saturating int16 (its depthwise kernels do so on every CPU). torch's x86 engine sends the
+other convs to oneDNN only on AVX-512 VNNI CPUs; oneDNN, too, saturates without VNNI. So AVX-512 VNNI is the
+one feature that makes full-range u8 activations exact (AMX-int8 CPUs have it); which kernels still need 7-bit
+inputs is the backend table's business (``qpasses.quant.backends.Backend.saturates``).
 """
 
 from __future__ import annotations
