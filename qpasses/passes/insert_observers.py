@@ -7,8 +7,8 @@ import torch.fx as fx
 from qpasses.errors import QPassesError
 from qpasses.graph.modules import unique_name
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
-from qpasses.quant.annotate import annotate
-from qpasses.quant.backends import get_backend
+from qpasses.quant.annotate import Annotation, annotate
+from qpasses.quant.backends import Backend, get_backend
 from qpasses.quant.observers import make_observer
 from qpasses.quant.ops import Role
 from qpasses.quant.overrides import apply_overrides
@@ -24,6 +24,27 @@ def resolve_config(backend: str, config: QuantConfig | None, bits: int | None, p
         config = config.with_bits(bits)
     chosen.check_config(config)
     return config
+
+
+def activation_bits_note(backend: Backend, config: QuantConfig, ann: Annotation, given: bool) -> str:
+    """Which activation bits the annotation of ``config`` (``given`` by the user, which wins over the table, or
+    the backend's default) chose under ``backend`` on this CPU, and why."""
+    activation = config.activation
+    bits = f"{activation.bits}-bit activations"
+    if not activation.reduce_range:
+        if given:
+            why = "as the given config asks"
+        elif not backend.has_saturating_kernels():
+            why = backend.reduce_range_reason()
+        else:
+            why = f"{activation.bits}-bit grids cannot overflow an int16 pair sum"
+        return f"{backend.name}: {bits}: {why}"
+    reduced = sum(spec.reduce_range for spec in ann.observe.values())
+    where = f"on all {len(ann.observe)} observed values" if not reduced else (
+        f"{activation.bits - 1}-bit steps (reduce_range) on the {reduced} of {len(ann.observe)} observed values "
+        "read by kernels that add int16 pairs")
+    asked = " (the given config asks for reduce_range where it is needed)" if given else ""
+    return f"{backend.name}: {bits}, {where}{asked}: {backend.reduce_range_reason()}"
 
 
 class InsertObservers(Pass):
@@ -47,6 +68,7 @@ class InsertObservers(Pass):
                  per_channel: bool | None = None):
         self.backend = get_backend(backend)
         self.config = resolve_config(backend, config, bits, per_channel)
+        self.given_config = config is not None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         config = apply_overrides(gm, self.config)
@@ -84,7 +106,6 @@ class InsertObservers(Pass):
         ctx.stats["float_ops"] = len(ann.float_reasons)
         ctx.stats["observers"] = len(set(targets.values()))
         ctx.stats["fused_activations"] = len(ann.fused)
-        if self.backend.reduce_range:
-            ctx.note(f"{self.backend.name}: activations use a reduced range: {self.backend.reduce_range_why}")
+        ctx.note(activation_bits_note(self.backend, config, ann, self.given_config))
         gm.recompile()
         return PassResult(gm, modified=True)

@@ -10,6 +10,8 @@ Rules (the design notes' "what" step):
 - fixed-range (sigmoid, tanh) and derived (add_scalar, mul_scalar) ops get their qparams from the kernel.
 - ops without an int8 kernel stay float; a float value that feeds an int8 op is observed there, and
   becomes a quantize at lowering.
+- ``reduce_range`` (7-bit steps) stays only on values read by a conv/linear whose kernel adds pairs of u8×s8
+  products into a saturating int16 on this CPU (``Backend.saturates``); every other value gets the full range.
 - cat inputs produced by requantizing ops read only by the cat share the cat's observer (transitively,
   through nested cats), so the cat is a plain concatenation; a folded activation shares only a grid whose
   values all lie within its bounds.
@@ -23,6 +25,7 @@ import torch.fx as fx
 from networkx.utils import UnionFind
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from qpasses.cpu import CpuInt8Features, cpu_int8_features
 from qpasses.quant.backends import Backend, UnsupportedSpecError
 from qpasses.quant.ops import Role, clamp_bounds, describe_op, is_tensor_node, role_of
 from qpasses.quant.spec import QuantConfig, QuantPair, QuantSpec
@@ -53,7 +56,10 @@ def _qualified_name(node: fx.Node) -> str:
     return node.target if node.op == "call_module" else node.name
 
 
-def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig) -> Annotation:
+def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
+             cpu: CpuInt8Features | None = None) -> Annotation:
+    """The decisions for ``gm`` under ``backend`` and ``config``; ``reduce_range`` is kept only on values read by
+    a kernel that needs it on ``cpu`` (None: this machine's, ``qpasses.cpu.cpu_int8_features``)."""
     ann = Annotation(backend=backend.name, config=config)
     quantized: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
@@ -90,7 +96,7 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig) -> Annot
                     ann.observe[arg.name] = ann.pairs[node.name].activation
     _share_cat_observers(gm, ann)
     _clip_at_range_where_activation_is_bounded(gm, ann)
-    _full_range_where_no_gemm_reads(gm, ann)
+    _full_range_where_no_saturating_kernel_reads(gm, ann, backend, cpu if cpu is not None else cpu_int8_features())
     return ann
 
 
@@ -106,23 +112,30 @@ def _clip_at_range_where_activation_is_bounded(gm: fx.GraphModule, ann: Annotati
             ann.observe[name] = spec.replace(headroom=False)
 
 
-def _feeds_gemm(node: fx.Node, ann: Annotation) -> bool:
-    """Whether a conv/linear kernel reads ``node``'s value, directly or through qparams-preserving ops."""
+def _feeds_saturating_kernel(gm: fx.GraphModule, node: fx.Node, ann: Annotation, backend: Backend,
+                              cpu: CpuInt8Features) -> bool:
+    """Whether a conv/linear kernel that needs ``reduce_range`` inputs on ``cpu`` (``Backend.saturates``) reads
+    ``node``'s value, directly or through qparams-preserving ops."""
     for user in node.users:
         role = ann.roles.get(user.name, Role.NONE)
-        if role is Role.COMPUTE or (role is Role.PRESERVING and _feeds_gemm(user, ann)):
+        if role is Role.COMPUTE and backend.saturates(gm.get_submodule(user.target), ann.pairs[user.name].weight, cpu):
+            return True
+        if role is Role.PRESERVING and _feeds_saturating_kernel(gm, user, ann, backend, cpu):
             return True
     return False
 
 
-def _full_range_where_no_gemm_reads(gm: fx.GraphModule, ann: Annotation) -> None:
-    """reduce_range exists for the u8 inputs of fbgemm's GEMM kernels (int16 pair sums saturate); a value
-    no conv or linear reads (logits, add operands) keeps the full 8-bit range. Cat-shared groups stay as
-    they are: one of their members may feed a GEMM."""
+def _full_range_where_no_saturating_kernel_reads(gm: fx.GraphModule, ann: Annotation, backend: Backend,
+                                                 cpu: CpuInt8Features) -> None:
+    """reduce_range exists for the u8 inputs of kernels that add pairs of u8×s8 products into a saturating int16
+    (fbgemm's without AVX-512 VNNI, its depthwise ones on every CPU); a value no such kernel reads (logits, add
+    operands, inputs of oneDNN's convs on a VNNI CPU) keeps the full 8-bit range. Cat-shared groups stay as
+    they are: one of their members may feed such a kernel."""
     nodes = {n.name: n for n in gm.graph.nodes}
     grouped = set(ann.shared) | set(ann.shared.values())
     for name, spec in list(ann.observe.items()):
-        if spec.reduce_range and name not in grouped and not _feeds_gemm(nodes[name], ann):
+        if spec.reduce_range and name not in grouped and not _feeds_saturating_kernel(gm, nodes[name], ann, backend,
+                                                                                      cpu):
             ann.observe[name] = spec.replace(reduce_range=False)
 
 

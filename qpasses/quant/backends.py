@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from qpasses.cpu import CpuInt8Features, cpu_int8_features
 from qpasses.errors import QPassesError
 from qpasses.quant.spec import QuantConfig, QuantSpec, int16_pair_sum_overflows
 
@@ -33,13 +34,20 @@ class UnsupportedSpecError(QPassesError):
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
+ReduceRange = Literal["never", "every_gemm", "saturating_kernels"]
+
 
 @dataclass(frozen=True)
 class Backend:
     """One quantized engine's capabilities and default specs.
 
-    ``reduce_range``/``reduce_range_why``: whether default activations drop a bit (only applied while an
-    int16 pair sum could still overflow, see ``int16_pair_sum_overflows``).
+    ``reduce_range``/``reduce_range_why``: where activations drop a bit (only while an int16 pair sum could
+    still overflow, see ``int16_pair_sum_overflows``): ``never``; ``every_gemm``: into every conv and linear on
+    every CPU; ``saturating_kernels``: into the convs and linears whose kernels add pairs of u8×s8 products into
+    a saturating int16 on the CPU at hand (``saturates``, ``qpasses.cpu.cpu_int8_features``), full 8 bits elsewhere.
+    ``onednn_max_groups``: the engine runs a conv in oneDNN on AVX-512 VNNI CPUs only with symmetric weights and
+    at most this many groups; a grouped conv past that runs in fbgemm's depthwise/groupwise kernels, which add
+    int16 pairs even there. None: every conv runs in the engine's own kernels.
     ``supports_per_channel_weights``: conv/linear weights per output channel (axis 0).
     ``per_channel_conv_transpose_axis``: the weight axis of per-channel transposed convolutions, or None
     where the kernels refuse them.
@@ -65,8 +73,9 @@ class Backend:
     activation: QuantSpec
     weight: QuantSpec
     supports_per_channel_weights: bool
-    reduce_range: bool
+    reduce_range: ReduceRange
     reduce_range_why: str
+    onednn_max_groups: int | None = None
     per_channel_conv_transpose_axis: int | None = None
     symmetric_weights_required: bool = False
     symmetric_conv_transpose_wrong: bool = False
@@ -83,10 +92,50 @@ class Backend:
         """Whether this torch build has the engine."""
         return self.engine in torch.backends.quantized.supported_engines
 
-    def default_config(self, per_channel: bool | None = None, bits: int | None = None) -> QuantConfig:
+    def saturates(self, module: nn.Module, weight: QuantSpec, cpu: CpuInt8Features | None = None) -> bool:
+        """Whether the int8 kernel of ``module`` (a conv or linear with ``weight``-spec weights) needs
+        ``reduce_range`` inputs on ``cpu`` (None: this machine's): whether it adds pairs of u8×s8 products into a
+        saturating int16 there (or the preset treats every kernel so: ``every_gemm``)."""
+        if self.reduce_range != "saturating_kernels":
+            return self.reduce_range == "every_gemm"
+        cpu = cpu if cpu is not None else cpu_int8_features()
+        if not cpu.u8s8_accumulates_in_int32:
+            return True
+        groups = getattr(module, "groups", 1)
+        if self.onednn_max_groups is None or groups == 1:
+            return False
+        return groups > self.onednn_max_groups or not weight.symmetric
+
+    def reduce_range_reason(self, cpu: CpuInt8Features | None = None) -> str:
+        """Why ``saturates`` answers as it does on ``cpu`` (None: this machine's), for the report."""
+        if self.reduce_range != "saturating_kernels":
+            return self.reduce_range_why
+        cpu = cpu if cpu is not None else cpu_int8_features()
+        if not cpu.u8s8_accumulates_in_int32:
+            return (f"this CPU, {cpu}, has no AVX-512 VNNI: {self.name}'s u8×s8 kernels add pairs of products into "
+                    "a saturating int16 (2·255·127 > 32767), exact with 7-bit activations")
+        grouped = "" if self.onednn_max_groups is None else (
+            f", except the grouped convs it runs in fbgemm (more than {self.onednn_max_groups} groups or asymmetric "
+            "weights), whose depthwise/groupwise kernels add pairs of products into a saturating int16 on every CPU")
+        return (f"this CPU, {cpu}, has AVX-512 VNNI: {self.name}'s u8×s8 kernels add every product into int32, exact "
+                f"with 8-bit activations{grouped} (quantize for a CPU without VNNI with QPASSES_CPU_INT8=novnni)")
+
+    def has_saturating_kernels(self, cpu: CpuInt8Features | None = None) -> bool:
+        """Whether some conv or linear kernel of this backend needs ``reduce_range`` inputs on ``cpu`` (None: this
+        machine's), i.e. ``saturates`` for some module."""
+        if self.reduce_range != "saturating_kernels":
+            return self.reduce_range == "every_gemm"
+        cpu = cpu if cpu is not None else cpu_int8_features()
+        return not cpu.u8s8_accumulates_in_int32 or self.onednn_max_groups is not None
+
+    def default_config(
+        self, per_channel: bool | None = None, bits: int | None = None, cpu: CpuInt8Features | None = None
+    ) -> QuantConfig:
         """The backend's default weight and activation specs, per channel or per tensor as asked
         (None: the backend's default), at ``bits`` bits if given. Activations get ``reduce_range``
-        only where the backend wants it and the chosen grids could overflow an int16 pair sum."""
+        where some kernel needs it on ``cpu`` (None: this machine's; ``has_saturating_kernels``) and the chosen
+        grids could overflow an int16 pair sum; annotation keeps it only on the values such a kernel reads
+        (``saturates``)."""
         weight = self.weight
         if per_channel is not None:
             if per_channel and not self.supports_per_channel_weights:
@@ -95,7 +144,7 @@ class Backend:
         activation = self.activation.replace(reduce_range=False)
         if bits is not None:
             weight, activation = weight.replace(bits=bits), activation.replace(bits=bits)
-        if self.reduce_range and int16_pair_sum_overflows(activation, weight):
+        if self.has_saturating_kernels(cpu) and int16_pair_sum_overflows(activation, weight):
             activation = activation.replace(reduce_range=True)
         return QuantConfig(weight=weight, activation=activation)
 
@@ -200,20 +249,30 @@ class Backend:
                 )
 
 
-_REDUCE_RANGE_WHY = (
-    "fbgemm's u8×s8 kernels without VNNI (AVX2, AVX-512 without VNNI) add pairs of products with "
-    "vpmaddubsw into a saturating int16: 2·255·127 = 64770 > 32767. Measured with "
-    "FBGEMM_ENABLE_INSTRUCTIONS=AVX2: full-range activations lose ~50% of the output, 7-bit ones are exact. "
-    "On VNNI CPUs (vpdpbusd, int32 accumulation) the full range is exact, but the model may be deployed "
-    "on one without."
+_SATURATING_PAIRS = (
+    "Without AVX-512 VNNI (AVX2, AVX-512 alone; fbgemm has no AVX-VNNI kernels) fbgemm's u8×s8 kernels add "
+    "pairs of products with vpmaddubsw into a saturating int16: 2·255·127 = 64770 > 32767. Measured with "
+    "FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (and AVX512): full-range activations lose ~50% of the output, 7-bit ones are "
+    "exact. With AVX-512 VNNI its GEMMs (linears, convs) add each product into int32 (vpdpbusd), exact with "
+    "8-bit activations, but its depthwise and groupwise conv kernels still add int16 pairs (measured: 3×3 and "
+    "5×5 depthwise convs with 'same' padding lose ~45%)."
 )
 
-_HEADROOM_WHY = (
-    " x86 keeps the 7-bit step with headroom (codes past the observed range run on to 255, as torch.ao's x86 "
-    "default does): on a VNNI CPU, where the x86 engine runs convs in oneDNN, that is exact with no clamp of "
-    "the codes; on one without, codes past 127 (values past the observed range) can saturate. fbgemm clips the "
-    "codes at 127: exact on every x86 CPU, at the cost of a clamp per activation (about 5% of ResNet-50's "
-    "latency)."
+_X86_WHY = (
+    _SATURATING_PAIRS
+    + " The x86 engine runs linears and grouped convs of more than 100 groups or asymmetric weights in fbgemm, "
+    "the other convs in oneDNN on AVX-512 VNNI CPUs (int32 accumulation, exact), in fbgemm elsewhere. So on a "
+    "VNNI CPU x86 takes 8-bit activations except into those grouped convs; without VNNI, 7-bit steps into every "
+    "conv and linear. A model is exact on CPUs like the one it was quantized on; QPASSES_CPU_INT8=novnni "
+    "quantizes for CPUs without VNNI. The 7-bit grid keeps headroom (codes past the observed range run on to "
+    "255, as torch.ao's x86 default does): no clamp of the codes, but codes past 127 (values past the observed "
+    "range) can saturate; fbgemm clips them at 127 instead."
+)
+
+_FBGEMM_WHY = (
+    _SATURATING_PAIRS
+    + " The fbgemm preset keeps 7-bit activations clipped at 127 into every conv and linear on every CPU, so its "
+    "models are exact on any x86 CPU, at the cost of a clamp per activation (about 5% of ResNet-50's latency)."
 )
 
 _X86_ACTIVATION = QuantSpec(signed=False, symmetric=False, observer="mse", reduce_range=True, headroom=True)
@@ -227,8 +286,9 @@ BACKENDS: dict[str, Backend] = {
         activation=_X86_ACTIVATION,
         weight=_PER_CHANNEL_WEIGHT,
         supports_per_channel_weights=True,
-        reduce_range=True,
-        reduce_range_why=_REDUCE_RANGE_WHY + _HEADROOM_WHY,
+        reduce_range="saturating_kernels",
+        reduce_range_why=_X86_WHY,
+        onednn_max_groups=100,
         symmetric_conv_transpose_wrong=True,
         notes="Dispatches each conv to oneDNN (symmetric weights, VNNI CPU) or fbgemm (otherwise).",
     ),
@@ -238,8 +298,8 @@ BACKENDS: dict[str, Backend] = {
         activation=_FBGEMM_ACTIVATION,
         weight=_PER_CHANNEL_WEIGHT,
         supports_per_channel_weights=True,
-        reduce_range=True,
-        reduce_range_why=_REDUCE_RANGE_WHY,
+        reduce_range="every_gemm",
+        reduce_range_why=_FBGEMM_WHY,
     ),
     "qnnpack": Backend(
         name="qnnpack",
@@ -248,7 +308,7 @@ BACKENDS: dict[str, Backend] = {
         # Per tensor, as in mobile deployments; the kernels also take per-channel weights.
         weight=QuantSpec(signed=True, symmetric=True, observer="minmax"),
         supports_per_channel_weights=True,
-        reduce_range=False,
+        reduce_range="never",
         reduce_range_why="qnnpack widens each u8 product before accumulating (no saturating int16 pair "
         "sums): measured exact with full-range activations where fbgemm's AVX2 path saturates.",
         per_channel_conv_transpose_axis=1,
@@ -262,10 +322,11 @@ BACKENDS: dict[str, Backend] = {
         activation=QuantSpec(signed=False, symmetric=False, observer="mse"),
         weight=_PER_CHANNEL_WEIGHT,
         supports_per_channel_weights=True,
-        reduce_range=False,
-        reduce_range_why="oneDNN targets VNNI CPUs (int32 accumulation; measured exact with full-range "
-        "activations there); torch's onednn default keeps the full range too and warns of "
-        "accuracy issues on CPUs without VNNI.",
+        reduce_range="saturating_kernels",
+        reduce_range_why="oneDNN's u8×s8 kernels accumulate in int32 on AVX-512 VNNI CPUs (measured exact with "
+        "full-range activations); without VNNI its convs and linears add pairs of products into a saturating int16 "
+        "like fbgemm's (measured with ONEDNN_MAX_CPU_ISA=AVX2 and AVX512_CORE: full-range activations lose half "
+        "the output; its depthwise convs stay exact, but are treated alike), which torch's onednn default only warns about.",
         symmetric_weights_required=True,
         symmetric_conv_transpose_wrong=True,
         signed_activation_modules=(nn.Linear,),

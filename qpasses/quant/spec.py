@@ -27,8 +27,10 @@ class QuantSpec:
     Range, with ``e = bits − 1`` if ``reduce_range`` else ``bits``:
       unsigned: ``[0, 2^e − 1]``; signed: ``[−2^(e−1), 2^(e−1) − 1]``;
       ``narrow_range`` (signed symmetric only) drops the most negative value: ``[−2^(e−1) + 1, 2^(e−1) − 1]``.
-    ``reduce_range`` exists for fbgemm's u8×s8 kernels on CPUs without VNNI, where ``vpmaddubsw`` adds
-    two u8·s8 products into a saturating int16: ``2·255·128 > 32767``, ``2·127·128 ≤ 32767``.
+    ``reduce_range`` exists for the u8×s8 kernels that add two u8·s8 products into a saturating int16
+    (``vpmaddubsw``: fbgemm's and oneDNN's on CPUs without AVX-512 VNNI, fbgemm's depthwise ones on every CPU):
+    ``2·255·128 > 32767``, ``2·127·128 ≤ 32767``. Annotation keeps it only on values such a kernel reads
+    (``Backend.saturates``).
 
     ``headroom`` (with ``reduce_range`` only) keeps the reduced grid's step but lets codes past the observed
     range run on to the full ``bits``-bit range (``[0, 255]`` for u8), as torch.ao's x86 default does: values

@@ -8,7 +8,9 @@ from torch import nn
 
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
+from qpasses.cpu import OVERRIDE_ENV, cpu_int8_features
 from qpasses.errors import PassError, QPassesError
+from qpasses.export import qdq_model
 from qpasses.passes import PTQ, Calibrate, DynamicQuant, FuseBN, InsertObservers, Lower
 from qpasses.quant.backends import UnsupportedSpecError
 from qpasses.quant.observers import Observer
@@ -288,7 +290,8 @@ def test_dynamic_quantization_of_linear_and_lstm():
         PassManager([DynamicQuant()]).run(ConvAct(nn.ReLU()).eval(), torch.randn(1, 3, 4, 4))
 
 
-def test_reduce_range_only_where_a_gemm_reads_the_value():
+def test_reduce_range_only_where_a_gemm_reads_the_value(monkeypatch):
+    monkeypatch.setenv(OVERRIDE_ENV, "novnni")  # x86 reduces the range on CPUs without AVX-512 VNNI
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -354,7 +357,8 @@ def clamps(gm):
     return [n for n in gm.graph.nodes if n.target is torch.clamp]
 
 
-def test_x86_headroom_needs_no_clamp_and_equals_fbgemm_inside_the_range():
+def test_x86_headroom_needs_no_clamp_and_equals_fbgemm_inside_the_range(monkeypatch):
+    monkeypatch.setenv(OVERRIDE_ENV, "novnni")  # x86's 7-bit grid, for CPUs without AVX-512 VNNI
     torch.manual_seed(0)
     model = StemPoolNet().eval()
     x86, _ = quantize(model, (2, 3, 16, 16), "x86")
@@ -369,7 +373,8 @@ def test_x86_headroom_needs_no_clamp_and_equals_fbgemm_inside_the_range():
     assert not torch.equal(x86(beyond), fbgemm(beyond))
 
 
-def test_x86_headroom_stops_at_a_folded_relu6_that_feeds_a_conv():
+def test_x86_headroom_stops_at_a_folded_relu6_that_feeds_a_conv(monkeypatch):
+    monkeypatch.setenv(OVERRIDE_ENV, "novnni")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 4, 1)).eval()
     with torch.no_grad():
@@ -378,6 +383,65 @@ def test_x86_headroom_stops_at_a_folded_relu6_that_feeds_a_conv():
     assert clamps(qm)  # the ReLU6's 6 is the top of a 7-bit range: its codes stop at 127, not 255
     x = calibration((2, 3, 8, 8), seed=5)[0]  # the ×20 pre-activations pass 6 even on calibration-like data
     assert sqnr(model(x), qm(x)) > 25
+
+
+class DepthwiseNet(nn.Module):
+    """conv → ReLU6 → a depthwise conv of 128 groups (fbgemm's kernel under x86) → a 1×1 conv → linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand, self.act = nn.Conv2d(3, 128, 1), nn.ReLU6()
+        self.depthwise, self.project = nn.Conv2d(128, 128, 3, padding=1, groups=128), nn.Conv2d(128, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.project(self.depthwise(self.act(self.expand(x)))).mean((2, 3)))
+
+
+def test_x86_activation_bits_follow_the_cpu_and_the_report_says_why(monkeypatch):
+    def run(**kw):
+        torch.manual_seed(0)
+        observed = PassManager([InsertObservers("x86", **kw)])
+        gm = observed.run(DepthwiseNet().eval(), torch.randn(1, 3, 8, 8))
+        reduced = {name for name, m in gm.named_modules() if isinstance(m, Observer) and m.spec.reduce_range}
+        return reduced, [n for n in observed.report.records[-1].notes if n.startswith("x86: ")]
+
+    monkeypatch.setenv(OVERRIDE_ENV, "vnni")
+    reduced, said = run()
+    assert reduced == {"act_obs"}  # only the depthwise conv's input: every other kernel accumulates in int32
+    assert len(said) == 1 and said[0].startswith(
+        "x86: 8-bit activations, 7-bit steps (reduce_range) on the 1 of 5 observed values read by kernels that add "
+        "int16 pairs: this CPU, ")
+    assert "has AVX-512 VNNI" in said[0] and "override QPASSES_CPU_INT8=vnni" in said[0]
+    monkeypatch.setenv(OVERRIDE_ENV, "novnni")
+    reduced, said = run()
+    assert reduced == {"x_obs", "act_obs", "depthwise_obs", "project_obs"}  # every conv/linear input
+    assert "on the 4 of 5 observed values" in said[0] and "has no AVX-512 VNNI" in said[0]
+    assert run(bits=4) == (set(), ["x86: 4-bit activations: 4-bit grids cannot overflow an int16 pair sum"])
+    given = QuantConfig(weight=QuantSpec(signed=True, symmetric=True), activation=QuantSpec(signed=False, symmetric=False))
+    assert run(config=given) == (set(), ["x86: 8-bit activations: as the given config asks"])
+    monkeypatch.setenv(OVERRIDE_ENV, "vnni")
+    onednn = PassManager([InsertObservers("onednn")])
+    onednn.run(DepthwiseNet().eval(), torch.randn(1, 3, 8, 8))
+    assert [n for n in onednn.report.records[-1].notes if n.startswith("onednn: ")] == [
+        f"onednn: 8-bit activations: this CPU, {cpu_int8_features()}, has AVX-512 VNNI: onednn's u8×s8 kernels add "
+        "every product into int32, exact with 8-bit activations (quantize for a CPU without VNNI with "
+        "QPASSES_CPU_INT8=novnni)"]
+
+
+def test_x86_model_on_this_cpu_matches_its_reference_where_int16_pair_sums_would_saturate():
+    """The lowered x86 model on this machine's CPU equals the float simulation of its grids (the QDQ view) where
+    full-range codes would saturate the depthwise kernel's int16 pair sums (ReLU6 at its top, every depthwise
+    weight code 127): 0 output steps apart; with 8-bit inputs there, 31."""
+    torch.manual_seed(0)
+    model = DepthwiseNet().eval()
+    with torch.no_grad():
+        model.expand.weight.abs_()
+        model.depthwise.weight.fill_(0.1)
+    data = [torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)) + 2 for i in range(2)]
+    qm = PassManager([PTQ(data, backend="x86", progress=False)]).run(model, data[0])
+    x = data[0]
+    assert float((qdq_model(qm, x[:1])(x) - qm(x)).abs().max()) <= qm.fc.scale
 
 
 def test_a_clamp_with_a_positive_lower_bound_is_not_folded_into_the_grid():

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.ao.nn.quantized as nnq
 import torch.nn.functional as F
 from torch import nn
 
+from qpasses.cpu import OVERRIDE_ENV, cpu_int8_features
 from qpasses.errors import QPassesError
 from qpasses.quant.backends import BACKENDS, UnsupportedSpecError, get_backend
 from qpasses.quant.observers import MinMaxObserver
@@ -193,7 +195,7 @@ def test_conv_transpose_table(engine, name):
             except RuntimeError:
                 kernel_ok = False
             # The x86/onednn symmetric bug only shows on CPUs with VNNI, where those weights go to oneDNN.
-            vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: True)()
+            vnni = cpu_int8_features().avx512_vnni
             if not vnni and backend.symmetric_conv_transpose_wrong and expected_ok is False and kernel_ok:
                 continue
             assert kernel_ok == expected_ok, (weight, in_ch, out_ch, axis)
@@ -202,7 +204,7 @@ def test_conv_transpose_table(engine, name):
 def test_x86_symmetric_conv_transpose_is_wrong_on_vnni(engine):
     """A sentinel for the torch bug the table works around: when it fails, the bug is fixed and
     ``symmetric_conv_transpose_wrong`` can go."""
-    if not getattr(torch.cpu, "_is_vnni_supported", lambda: False)():
+    if not cpu_int8_features().avx512_vnni:
         pytest.skip("x86 routes symmetric weights to oneDNN only on CPUs with VNNI")
     engine("x86")
     out, exact, _, step = _run(
@@ -220,45 +222,137 @@ def test_x86_symmetric_conv_transpose_is_wrong_on_vnni(engine):
         get_backend("x86").check_module(nn.ConvTranspose2d(4, 8, 3), QuantSpec(signed=True, symmetric=True))
 
 
-_SATURATION_PROBE = textwrap.dedent("""
-    import torch, torch.ao.nn.quantized as nnq
-    torch.backends.quantized.engine = "fbgemm"
-    for qmax in (255, 127):  # full 8-bit activations, then reduce_range
-        x = torch.quantize_per_tensor(torch.full((1, 64), float(qmax)), 1.0, 0, torch.quint8)
-        w = torch.quantize_per_tensor(torch.full((4, 64), 127.0), 1.0, 0, torch.qint8)
-        m = nnq.Linear(64, 4)
-        m.set_weight_bias(w, None)
-        m.scale, m.zero_point = qmax * 127 * 64 / 200, 0
-        print(m(x).dequantize()[0, 0].item() / (qmax * 127 * 64))
+KERNELS = {  # under x86 on a VNNI CPU: oneDNN, fbgemm's depthwise kernel, oneDNN, fbgemm's GEMM
+    "conv": lambda: nn.Conv2d(64, 4, 3, padding=1),
+    "depthwise": lambda: nn.Conv2d(128, 128, 3, padding=1, groups=128),
+    "small depthwise": lambda: nn.Conv2d(32, 32, 5, padding=2, groups=32),
+    "linear": lambda: nn.Linear(64, 4),
+}
+
+
+def saturation_ratio(kind: str, activation: QuantSpec, weight: QuantSpec) -> float:
+    """The current engine's output over the exact result for ``KERNELS[kind]`` when every activation code is the
+    top of ``activation``'s grid and every weight code is 127: where a sum of two u8×s8 products into int16
+    saturates (1.0: exact)."""
+    float_module, top = KERNELS[kind](), float(activation.quant_max)
+    if isinstance(float_module, nn.Linear):
+        x = torch.full((1, float_module.in_features), top)
+        module, products = nnq.Linear(float_module.in_features, float_module.out_features), float_module.in_features
+    else:
+        x = torch.full((1, float_module.in_channels, 12, 12), top)
+        module = nnq.Conv2d(float_module.in_channels, float_module.out_channels, float_module.kernel_size,
+                            padding=float_module.padding, groups=float_module.groups)
+        products = float_module.weight[0].numel()
+    w = torch.full(float_module.weight.shape, 127.0)
+    out_ch = w.shape[0]
+    if weight.per_channel:
+        ones, zeros = torch.ones(out_ch, dtype=torch.double), torch.zeros(out_ch, dtype=torch.long)
+        wq = torch.quantize_per_channel(w, ones, zeros, 0, torch.qint8)
+    else:
+        wq = torch.quantize_per_tensor(w, 1.0, 0, torch.qint8)
+    module.set_weight_bias(wq, None)
+    exact = top * 127 * products
+    module.scale, module.zero_point = exact / 200, 0
+    y = module(torch.quantize_per_tensor(x, 1.0, 0, activation.dtype)).dequantize()
+    return y.flatten(2)[0, 0, 6 * 12 + 6].item() / exact if y.dim() == 4 else y[0, 0].item() / exact
+
+
+def input_spec(name: str, kind: str, cpu=None) -> tuple[QuantSpec, QuantSpec]:
+    """The default activation and weight specs of backend ``name`` for the input of ``KERNELS[kind]``: 7-bit steps
+    where the table says its kernel needs them on ``cpu`` (None: this one), as annotation decides."""
+    backend = get_backend(name)
+    config = backend.default_config(cpu=cpu)
+    if not backend.saturates(KERNELS[kind](), config.weight, cpu):
+        return config.activation.replace(reduce_range=False), config.weight
+    return config.activation, config.weight
+
+
+@pytest.mark.parametrize("name", AVAILABLE)
+@pytest.mark.parametrize("kind", list(KERNELS))
+def test_default_activations_are_exact_on_this_cpu(engine, name, kind):
+    """The table's activation bits for each kernel on this machine's CPU (with AVX-512 VNNI: 8 for x86 except into
+    fbgemm's depthwise kernels, 8 for onednn; else 7), re-measured at the inputs where int16 pair sums saturate:
+    the kernels give the exact integer result."""
+    engine(name)
+    assert saturation_ratio(kind, *input_spec(name, kind)) == pytest.approx(1.0, abs=0.01)
+
+
+def test_fbgemms_depthwise_kernel_adds_int16_pairs_even_with_vnni(engine):
+    """Why x86 keeps 7-bit steps into depthwise convs of more than 100 groups on VNNI CPUs too: fbgemm runs them,
+    and its depthwise kernels saturate with full-range inputs (oneDNN, which takes those of up to 100, does not)."""
+    engine("x86")
+    full = get_backend("x86").default_config().activation.replace(reduce_range=False)
+    weight = get_backend("x86").weight
+    assert saturation_ratio("depthwise", full, weight) < 0.6
+    if cpu_int8_features().avx512_vnni:
+        assert saturation_ratio("small depthwise", full, weight) == pytest.approx(1.0, abs=0.01)
+
+
+_EMULATED_CPU_PROBE = textwrap.dedent("""
+    import torch
+    from qpasses.cpu import cpu_int8_features
+    from tests.quant.test_backends import input_spec, saturation_ratio
+    for name in ("fbgemm", "x86", "onednn"):
+        torch.backends.quantized.engine = name
+        for override in ("novnni", "vnni"):
+            for kind in ("conv", "linear"):
+                activation, weight = input_spec(name, kind, cpu_int8_features(override))
+                print(name, override, kind, activation.quant_max, saturation_ratio(kind, activation, weight))
 """)
 
 
-def test_reduce_range_prevents_avx2_saturation():
-    """fbgemm's AVX2 kernels saturate int16 pair sums of full-range u8 activations; 7-bit ones are exact."""
-    if (
-        "fbgemm" not in torch.backends.quantized.supported_engines
-        or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
-    ):
-        pytest.skip("needs fbgemm on an x86 CPU with AVX2")
-    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
-    result = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", _SATURATION_PROBE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    full, reduced = (float(v) for v in result.stdout.split())
-    assert full < 0.6  # 2·255·127 pair sums clipped to 32767
-    assert reduced == pytest.approx(1.0, abs=0.01)
-    assert get_backend("fbgemm").reduce_range and get_backend("x86").reduce_range
-    assert not get_backend("qnnpack").reduce_range
+def test_activation_bits_follow_int32_accumulation_on_an_emulated_cpu_without_vnni():
+    """With fbgemm and oneDNN held to their AVX2 kernels (as on a CPU without AVX-512 VNNI), the 7-bit steps the
+    table gives convs and linears for such a CPU are exact, and the full range it gives them on VNNI CPUs
+    saturates (~50% lost)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("needs an x86 CPU with AVX2")
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    env.pop(OVERRIDE_ENV, None)
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", _EMULATED_CPU_PROBE], env=env, capture_output=True,
+                            text=True, timeout=120, check=True, cwd=Path(__file__).resolve().parents[2])
+    rows = {tuple(line.split()[:3]): (int(line.split()[3]), float(line.split()[4])) for line in result.stdout.splitlines()}
+    assert len(rows) == 12
+    for (name, cpu, kind), (top, ratio) in rows.items():
+        if cpu == "novnni" or name == "fbgemm":  # the fbgemm preset is 7-bit into every kernel on every CPU
+            assert top == 127 and ratio == pytest.approx(1.0, abs=0.01), (name, cpu, kind)
+        else:
+            assert top == 255 and ratio < 0.6, (name, cpu, kind)  # 2·255·127 pair sums clipped to 32767
+
+
+def test_the_table_says_which_kernels_need_reduce_range_on_which_cpu():
+    vnni, novnni = cpu_int8_features("vnni"), cpu_int8_features("novnni")
+    weight, affine = QuantSpec(signed=True, symmetric=True, axis=0), QuantSpec(signed=True, symmetric=False, axis=0)
+    modules = {kind: build() for kind, build in KERNELS.items()}
+    x86, onednn = get_backend("x86"), get_backend("onednn")
+    assert {k: x86.saturates(m, weight, vnni) for k, m in modules.items()} == {
+        "conv": False, "depthwise": True, "small depthwise": False, "linear": False}
+    assert x86.saturates(modules["small depthwise"], affine, vnni)  # asymmetric weights: fbgemm's kernel
+    assert not any(onednn.saturates(m, weight, vnni) for m in modules.values())
+    for name in ("x86", "onednn", "fbgemm"):
+        assert all(get_backend(name).saturates(m, weight, novnni) for m in modules.values()), name
+    assert all(get_backend("fbgemm").saturates(m, weight, vnni) for m in modules.values())
+    assert not any(get_backend("qnnpack").saturates(m, weight, cpu) for m in modules.values() for cpu in (vnni, novnni))
+    assert "has AVX-512 VNNI" in x86.reduce_range_reason(vnni) and "more than 100 groups" in x86.reduce_range_reason(vnni)
+    assert "has no AVX-512 VNNI" in x86.reduce_range_reason(novnni)
+    assert "more than 100 groups" not in onednn.reduce_range_reason(vnni)
+    assert x86.has_saturating_kernels(vnni) and not onednn.has_saturating_kernels(vnni)
+    assert onednn.default_config(cpu=vnni).activation.quant_max == 255  # nothing to protect: plainly 8-bit
+    assert onednn.default_config(cpu=novnni).activation.quant_max == 127
+    assert not get_backend("qnnpack").has_saturating_kernels(novnni)
+
+
+def test_the_cpu_override_reaches_the_table(monkeypatch):
+    weight = get_backend("x86").weight
+    monkeypatch.setenv(OVERRIDE_ENV, "novnni")
+    assert get_backend("x86").saturates(nn.Linear(4, 4), weight)
+    monkeypatch.setenv(OVERRIDE_ENV, "vnni")
+    assert not get_backend("x86").saturates(nn.Linear(4, 4), weight)
 
 
 def test_default_configs():
     x86 = get_backend("x86").default_config()
-    assert x86.activation.quant_max == 127 and x86.activation.dtype == torch.quint8
+    assert x86.activation.quant_max == 127 and x86.activation.dtype == torch.quint8  # where a kernel needs it
     assert x86.weight.axis == 0 and x86.weight.symmetric and x86.weight.dtype == torch.qint8
     assert get_backend("x86").default_config(bits=4).activation.quant_max == 15  # 4 bits cannot saturate
     assert get_backend("x86").default_config(per_channel=False).weight.axis is None

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import tools.bench.common as common
+from qpasses.cpu import cpu_int8_features
 from tools.bench.common import PerSample, torchao_pt2e_ptq
 from tools.bench.coverage import (
     MODELS,
@@ -53,7 +54,7 @@ def test_rows_of_every_tool_on_two_models(tiny_rows):
             assert row.error == ""
         else:
             assert row.error and "\n" not in row.error and row.sqnr is None
-        assert row.activation_bits == (8 if row.tool == "pt2e" else 7)
+        assert row.activation_bits == (8 if row.tool == "pt2e" else 7)  # qpasses: 7 where a kernel needs it
     by_key = {(r.model, r.tool): r for r in tiny_rows}
     for model in ("lstm", "resnet18"):  # qpasses takes both; the LSTM itself stays float (no static LSTM kernel)
         assert by_key[model, "qpasses-ptq"].ok and by_key[model, "qpasses-qat"].ok
@@ -133,9 +134,15 @@ def test_report_is_written_between_the_coverage_markers(tiny_rows, tmp_path, mon
     text = target.read_text()
     assert text.startswith("# Benchmarks\n\nkept\n")
     assert text.count("<!-- coverage start -->") == 1 and text.count("<!-- coverage end -->") == 1
-    assert "int8 features:" in text and "torchao " in text
+    assert f"Machine: {cpu_int8_features()}, torch " in text and "torchao " in text
     assert "**resnet18** (torchvision classification)" in text
     assert "| torch.ao FX | fails |  |  | –/26 | 0.5 | RuntimeError: boom at torch/a.py:1 |" in text  # no local paths
     assert "Not measured yet (model (tools)): squeezenet1_1 (qpasses-ptq, qpasses-qat, pt2e)." in text
     ok = sum(r.ok for r in tiny_rows if r.tool == "qpasses-ptq")
     assert f"| qpasses PTQ | 7 | {ok}/2 |" in text
+
+
+def test_every_timing_line_names_the_cpu_and_its_int8_features():
+    line = common.describe_machine(1)
+    assert line.startswith(f"{cpu_int8_features()}, torch {torch.__version__}, 1 thread")
+    assert not line.endswith("threads") and common.describe_machine(2).endswith(", 2 threads")

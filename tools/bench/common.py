@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import qpasses_zoo as zoo
 from qpasses.analysis.metrics import sqnr, topk_agreement
+from qpasses.cpu import cpu_int8_features
 from qpasses_zoo.data import SYMMETRIC, loader, photo_crops
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
@@ -35,6 +36,13 @@ class PhotoSet:
         calib = [b for (b,) in loader(photo_crops(n_calib, size, seed=0, split="calib", normalization=SYMMETRIC), 8)]
         evals = [b for (b,) in loader(photo_crops(n_eval, size, seed=1, split="eval", normalization=SYMMETRIC), 16)]
         return cls(calib, evals)
+
+
+def describe_machine(threads: int | None = None) -> str:
+    """What a timing ran on, for the line next to every table: the CPU's model and int8 features (they decide
+    which kernels run, and x86's activation bits), torch's version and the threads (None: torch's current)."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return f"{cpu_int8_features()}, torch {torch.__version__}, {threads} thread{'s' * (threads != 1)}"
 
 
 def pretrained_lite0(variant: str = "tf_efficientnet_lite0") -> nn.Module:

@@ -25,7 +25,6 @@ import argparse
 import copy
 import io
 import json
-import platform
 import statistics
 import tempfile
 import warnings
@@ -44,6 +43,7 @@ from tools.bench.common import (
     BENCHMARKS,
     PerSample,
     PhotoSet,
+    describe_machine,
     fidelity,
     markdown_table,
     pretrained_lite0,
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     if progress is not None:
         progress.close()
     rows = [_format(cache["rows"][f"{n}|{m}"]) for n in models for m in methods]
-    machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {THREADS} threads, batch 1, 224×224"
+    machine = f"{describe_machine(THREADS)}, batch 1, 224×224"
     body = "\n\n".join([
         f"## Side by side (`{COMMAND}`)\n\nMachine: {machine}. Calibration: {sum(len(b) for b in photos.calib)} "
         f"photo crops; fidelity: {sum(len(b) for b in photos.evals)} other crops, pretrained "

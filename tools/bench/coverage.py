@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import re
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from qpasses.quant.backends import get_backend
 from tools.bench.common import (
     PerSample,
     PhotoSet,
+    describe_machine,
     markdown_table,
     timed,
     torch_ao_fx_ptq,
@@ -312,7 +312,7 @@ def _bits(quant_min: int, quant_max: int) -> int:
 
 
 def _qpasses_activation_bits() -> int:
-    spec = get_backend("x86").activation
+    spec = get_backend("x86").default_config().activation  # 7 where a kernel needs it (see the report's text)
     return _bits(spec.quant_min, spec.quant_max)
 
 
@@ -555,24 +555,6 @@ def sweep(models: list[str], tools: list[str], results: Results, timeout: float)
 # ---------------------------------------------------------------- the report
 
 
-def _int8_features() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown (no /proc/cpuinfo)"
-    flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
-    found = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return ", ".join(found) or "none of avx2/avx512_vnni/avx_vnni/amx_int8"
-
-
-def _cpu_model() -> str:
-    try:
-        match = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
-    except OSError:
-        match = None
-    return match.group(1) if match else platform.processor() or platform.machine()
-
-
 _INSTALL_PREFIX = re.compile(r"/\S*/(site|dist)-packages/")
 
 
@@ -612,14 +594,15 @@ def report(results: Results, models: list[str], tools: list[str]) -> str:
     command = f"{COMMAND} --size {p.size} --calib {p.calib} --eval {p.eval} --results .bench/coverage.json --write"
     lines = [
         f"## Coverage (`{command}`)",
-        f"Machine: {_cpu_model()}; int8 features: {_int8_features()}. torch {torch.__version__}, "
-        f"torchao {torchao.__version__}. Random weights, BatchNorm statistics set to those of the calibration "
+        f"Machine: {describe_machine()}, torchao {torchao.__version__}. Random weights, BatchNorm statistics set to those of the calibration "
         f"inputs (random models' activations vanish otherwise); images {p.size}×{p.size} (larger where a model needs "
         f"it: inception_v3 75, mobilevit_xxs 128) crops of real photos, {p.calib} for calibration and {p.eval} "
         f"others for evaluation; video r3d_18 clips of {FRAMES} crops; sequence models seeded random inputs.",
         "Activation bits: " + ", ".join(f"{TOOLS[t].label} {bits[t]}" for t in tools) +
-        ". qpasses and torch.ao FX use x86's 7-bit activations (reduce_range: fbgemm's int16 pair sums on "
-        "CPUs without VNNI), PT2E 8-bit, so an SQNR gap of up to ~6 dB in PT2E's favour is that bit. "
+        ". torch.ao FX keeps x86's 7-bit activations (reduce_range: fbgemm's int16 pair sums on CPUs without "
+        "VNNI) on every CPU; qpasses x86 takes 7-bit steps only into the kernels that add int16 pairs on this "
+        "CPU (every conv and linear without AVX-512 VNNI; with it, depthwise convs of more than 100 groups), "
+        "8-bit elsewhere; PT2E 8-bit. A bit short costs up to ~6 dB. "
         "Quantized: convs/linears whose weights run int8, out of those of the float model "
         "(`tools/bench/coverage.py`: `lowered_quantized_layers`, `pt2e_quantized_layers`, "
         "`float_weighted_layers`). SQNR: outputs against the float model (worst leaf of structured outputs); "

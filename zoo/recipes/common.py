@@ -16,7 +16,6 @@ import io
 import json
 import os
 import pickle
-import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from qpasses import PassManager
 from qpasses.analysis.metrics import latency, model_size, peak_memory, ssim
+from qpasses.cpu import cpu_int8_features
 from qpasses.errors import QPassesError
 from qpasses.export import lowered_backend
 from qpasses.passes import AdaRound
@@ -501,7 +501,8 @@ def plot(rows: Sequence[dict[str, Any]], axes: PlotAxes, title: str, path: Path)
 
 
 def machine(settings: Settings) -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    """The CPU (model and int8 features: they decide the kernels and x86's activation bits) next to the timings."""
+    return (f"{cpu_int8_features()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"latency with {settings.threads} thread(s), batch 1")
 
 
