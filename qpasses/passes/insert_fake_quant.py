@@ -43,7 +43,8 @@ class InsertFakeQuant(Pass):
     integer codes of their input's grid and round back onto it, ``from_steps(op(to_steps(x)))``, as their
     int8 kernels do (exact averages, ties to even). On backends whose kernels round the bias to int32
     (``Backend.quantized_bias``: ``round(b / (s_in·s_w))·s_in·s_w``, ``s_in`` from the fake-quant
-    of the layer's input), the deployed (BN-folded) bias is fake-quantized that way too, straight-through.
+    of the layer's input), the deployed (BN-folded) bias is fake-quantized that way too, straight-through;
+    a layer writing the model's output in float (``QuantConfig.quantize_output`` False) adds it in float.
     ``learnable``: LSQ scales (and zero points with ``learn_zero_point``) instead of min/max tracking.
     Requires: ``functional_modules``. Provides: ``fake_quantized``: the PassManager then leaves lowering
     to ``qpasses.convert``, after training.
@@ -56,8 +57,9 @@ class InsertFakeQuant(Pass):
     provides = frozenset({"fake_quantized"})
 
     def __init__(self, backend: str = "x86", config: QuantConfig | None = None, bits: int | None = None,
-                 per_channel: bool | None = None, learnable: bool = False, learn_zero_point: bool = False):
-        self.observers = InsertObservers(backend, config, bits, per_channel)
+                 per_channel: bool | None = None, learnable: bool = False, learn_zero_point: bool = False,
+                 quantize_output: bool | None = None):
+        self.observers = InsertObservers(backend, config, bits, per_channel, quantize_output)
         self.learnable = learnable
         self.learn_zero_point = learn_zero_point
 
@@ -102,7 +104,7 @@ class InsertFakeQuant(Pass):
             ))
             ctx.stats["weight_fake_quants"] += 1
             source = node.args[0] if node.args else None
-            if quantized_bias and source in grid_of:
+            if quantized_bias and source in grid_of and node.name not in ann.float_output:
                 module.quantize_bias_with(gm.get_submodule(grid_of[source]))
                 ctx.stats["bias_fake_quants"] += 1
         ctx.stats["averages_on_codes"] = _average_on_codes(gm, ann, grid_of)

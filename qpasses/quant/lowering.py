@@ -7,6 +7,7 @@ target (ONNX QDQ, reference int8, inductor) replaces this module, not the passes
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -109,6 +110,25 @@ class QuantizedLinear(_EnginePacked, nnq.Linear):
         module.scale, module.zero_point, module.training = scale, zero_point, training
         return module
 
+
+class FloatOutputLinear(QuantizedLinear):
+    """An int8 linear that writes float: fbgemm's ``linear_with_input_q_dq_qweight_dq_output_fp32`` computes the
+    int32 accumulator of the input's codes and the int8 weight and returns ``s_in·s_w·acc + b`` instead of
+    requantizing it (the qlinear with fp32 output that inductor runs for PT2E's float logits). It reads the
+    quantized input like ``nnq.Linear``; the kernel re-quantizes its dequantization at the same qparams, which
+    gives back the same codes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x.dequantize(), x.q_scale(), x.q_zero_point(), self._packed_params._packed_params)
+
+    def _get_name(self) -> str:
+        return "QuantizedLinear(float output)"
+
+
+# Engines whose packed linear weights implement the float-output kernel (torch 2.14.1, measured: qnnpack and
+# onednn raise "not implemented for this packed parameter type").
+_FLOAT_OUTPUT_LINEAR_ENGINES = ("x86", "fbgemm")
 
 _QUANTIZED_COMPUTE = {
     nn.Conv1d: QuantizedConv1d,
@@ -234,6 +254,26 @@ def quantized_compute(module: nn.Module, spec: QuantSpec, scale: float, zero_poi
     qmodule.scale, qmodule.zero_point = float(scale), int(zero_point)
     qmodule.packed_for = torch.backends.quantized.engine
     return qmodule
+
+
+def float_output_compute(module: nn.Module, spec: QuantSpec,
+                         trained_qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """A conv or linear computing from int8 inputs and its weight on ``spec``'s grid (at ``trained_qparams`` if
+    given, as ``quantized_compute``), with a float output: on engines with an int8 linear kernel that writes
+    float, a :class:`FloatOutputLinear`; otherwise the reference pattern, a copy of ``module`` whose weight is
+    its int8-grid values, which reads the dequantized input. Either computes what the
+    simulation computes, ``op(on_grid(x), on_grid(w)) + b``, to float rounding."""
+    if isinstance(module, nn.Linear) and torch.backends.quantized.engine in _FLOAT_OUTPUT_LINEAR_ENGINES:
+        plain = quantized_compute(module, spec, 1.0, 0, trained_qparams)
+        lowered = FloatOutputLinear.from_packing_args(plain.packing_args())
+        lowered.packed_for = plain.packed_for
+        return lowered
+    if entry_for(module, _QUANTIZED_COMPUTE) is None:
+        raise QPassesError(f"no int8 kernel for {type(module).__name__}")
+    reference = copy.deepcopy(module)
+    with torch.no_grad():
+        reference.weight.copy_(fake_quantize_weight(module.weight, weight_spec(module, spec), trained_qparams))
+    return reference
 
 
 def quantized_unary(module: nn.Module, scale: float, zero_point: int) -> nn.Module:
