@@ -328,15 +328,12 @@ class _Lowering:
         self.ctx.stats["int8_" + type(module).__name__.lower()] += 1
 
     def lower_float_output(self, node: fx.Node) -> None:
-        """A conv/linear that writes the model's output in float: its int8 kernel with a float output where the
-        engine has one, else the reference pattern (dequantize → the float op on its weight's int8 grid)."""
+        """A linear that writes the model's output in float: the int8 kernel that dequantizes its accumulator."""
         module = self.float_module(node)
         lowered = lowering.float_output_compute(module, self.ann.pairs[node.name].weight,
                                                 node.meta.get(lowering.WEIGHT_QPARAMS_KEY))
         node.meta.pop(lowering.FLOAT_WEIGHT_KEY, None)
         self.replace_module(node.target, lowered)
-        if not isinstance(lowered, lowering.FloatOutputLinear):
-            self.dequantize_inputs(node)
         self.quantized[node] = False
         node.meta["qstate"] = "int8_float_output"
         self.ctx.stats["float_output_" + type(module).__name__.lower()] += 1

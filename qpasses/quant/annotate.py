@@ -14,7 +14,8 @@ Rules (the design notes' "what" step):
   through nested cats), so the cat is a plain concatenation; a folded activation shares only a grid whose
   values all lie within its bounds.
 - a conv/linear whose value only the model's outputs read (directly or through qparams-preserving and
-  clamp-like ops: the logits) computes from int8 inputs and weights but writes float, unless
+  clamp-like ops: the logits) computes from int8 inputs and weights but writes float where the engine has
+  such a kernel (``lowering.has_float_output_kernel``: linears on x86/fbgemm), unless
   ``config.quantize_output``: its output is not observed and an activation after it runs float (PT2E's
   X86InductorQuantizer observes a value only where a quantized op reads it, so logits stay float).
 """
@@ -28,6 +29,7 @@ from networkx.utils import UnionFind
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qpasses.quant.backends import Backend, UnsupportedSpecError
+from qpasses.quant.lowering import has_float_output_kernel
 from qpasses.quant.ops import Role, clamp_bounds, describe_op, is_tensor_node, role_of
 from qpasses.quant.spec import QuantConfig, QuantPair, QuantSpec
 
@@ -72,10 +74,7 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig) -> Annot
             elif role is Role.COMPUTE:
                 pair = _runnable_pair(backend, module, pair, node, ann)
                 if not config.quantize_output and _only_outputs_read(gm, node):
-                    ann.float_output.add(node.name)
-                    ann.notes.append(f"output stays float: {describe_op(gm, node)} computes from int8 inputs "
-                                     "and weights and writes the model's output in float, not rounded to 8 "
-                                     "bits (as PT2E's X86InductorQuantizer); quantize_output=True rounds it")
+                    _decide_float_output(gm, node, module, backend, ann)
             if pair is not None:
                 ann.pairs[node.name] = pair
         if role is Role.FUSED_ACT:
@@ -142,6 +141,18 @@ def _only_outputs_read(gm: fx.GraphModule, node: fx.Node) -> bool:
     return bool(node.users) and all(
         user.op == "output" or (role_of(gm, user) in (Role.PRESERVING, Role.FUSED_ACT) and _only_outputs_read(gm, user))
         for user in node.users)
+
+
+def _decide_float_output(gm: fx.GraphModule, node: fx.Node, module, backend: Backend, ann: Annotation) -> None:
+    """A conv/linear writing the model's output writes float where the engine has an int8 kernel that does."""
+    if has_float_output_kernel(module, backend.engine):
+        ann.float_output.add(node.name)
+        ann.notes.append(f"output stays float: {describe_op(gm, node)} computes from int8 inputs and weights "
+                         "and writes the model's output in float, not rounded to 8 bits (as PT2E's "
+                         "X86InductorQuantizer); quantize_output=True rounds it")
+    else:
+        ann.notes.append(f"output rounded to 8 bits: {describe_op(gm, node)} writes the model's output, and no "
+                         f"{backend.engine} int8 kernel for it writes float")
 
 
 def _runnable_pair(backend: Backend, module, pair: QuantPair, node: fx.Node, ann: Annotation) -> QuantPair:

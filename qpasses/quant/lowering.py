@@ -7,7 +7,6 @@ target (ONNX QDQ, reference int8, inductor) replaces this module, not the passes
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 
 import torch
@@ -256,24 +255,23 @@ def quantized_compute(module: nn.Module, spec: QuantSpec, scale: float, zero_poi
     return qmodule
 
 
+def has_float_output_kernel(module: nn.Module, engine: str) -> bool:
+    """Whether ``engine`` has an int8 kernel for ``module`` that writes float (a linear on x86/fbgemm; no
+    engine's quantized convs do)."""
+    return entry_for(module, _QUANTIZED_COMPUTE) is QuantizedLinear and engine in _FLOAT_OUTPUT_LINEAR_ENGINES
+
+
 def float_output_compute(module: nn.Module, spec: QuantSpec,
                          trained_qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
-    """A conv or linear computing from int8 inputs and its weight on ``spec``'s grid (at ``trained_qparams`` if
-    given, as ``quantized_compute``), with a float output: on engines with an int8 linear kernel that writes
-    float, a :class:`FloatOutputLinear`; otherwise the reference pattern, a copy of ``module`` whose weight is
-    its int8-grid values, which reads the dequantized input. Either computes what the
-    simulation computes, ``op(on_grid(x), on_grid(w)) + b``, to float rounding."""
-    if isinstance(module, nn.Linear) and torch.backends.quantized.engine in _FLOAT_OUTPUT_LINEAR_ENGINES:
-        plain = quantized_compute(module, spec, 1.0, 0, trained_qparams)
-        lowered = FloatOutputLinear.from_packing_args(plain.packing_args())
-        lowered.packed_for = plain.packed_for
-        return lowered
-    if entry_for(module, _QUANTIZED_COMPUTE) is None:
-        raise QPassesError(f"no int8 kernel for {type(module).__name__}")
-    reference = copy.deepcopy(module)
-    with torch.no_grad():
-        reference.weight.copy_(fake_quantize_weight(module.weight, weight_spec(module, spec), trained_qparams))
-    return reference
+    """The int8 linear ``module`` writing float (:class:`FloatOutputLinear`; see ``has_float_output_kernel``),
+    its weight at ``trained_qparams`` if given, as ``quantized_compute``."""
+    if not has_float_output_kernel(module, torch.backends.quantized.engine):
+        raise QPassesError(f"internal: the {torch.backends.quantized.engine} engine has no int8 kernel for "
+                           f"{type(module).__name__} that writes float")
+    plain = quantized_compute(module, spec, 1.0, 0, trained_qparams)
+    lowered = FloatOutputLinear.from_packing_args(plain.packing_args())
+    lowered.packed_for = plain.packed_for
+    return lowered
 
 
 def quantized_unary(module: nn.Module, scale: float, zero_point: int) -> nn.Module:

@@ -205,8 +205,9 @@ class QuantConfig:
 
     ``quantize_output``: whether a conv/linear whose value only the model's outputs read (through reshapes,
     pooling or clamp-like activations: the logits) writes it on an 8-bit grid. False (default, as PT2E's
-    X86InductorQuantizer): it computes from int8 inputs and weights and writes float, so the model's output
-    is not rounded to 256 levels.
+    X86InductorQuantizer): where the engine has an int8 kernel for it that writes float (linears on x86 and
+    fbgemm), it computes from int8 inputs and weights and writes float, so the output is not rounded to 256
+    levels.
     """
 
     weight: QuantSpec
