@@ -157,3 +157,20 @@ def test_bias_correction_simulates_the_float_logits():
     # the correction's quantized path ends at the fc without rounding its output, as the lowered model does
     assert float((qm(x) - reference).pow(2).mean()) < float(reference.pow(2).mean()) * 1e-2
     assert isinstance(qm, fx.GraphModule)
+
+
+def test_float_output_linear_survives_save_load_deepcopy_and_torchscript(tmp_path):
+    import copy
+
+    from qpasses.export import torchscript
+
+    qm, _ = ptq("x86")
+    x = batches(1, seed=3)[0]
+    torch.save(qm, tmp_path / "m.pt")
+    loaded = qpasses.load(tmp_path / "m.pt")
+    assert isinstance(loaded.fc, FloatOutputLinear) and loaded.fc.packed_for == "x86"
+    assert torch.equal(loaded(x), qm(x))
+    assert torch.equal(copy.deepcopy(qm)(x), qm(x))
+    scripted = torchscript(qm, x)
+    torch.jit.save(scripted, tmp_path / "s.pt")
+    assert torch.equal(torch.jit.load(tmp_path / "s.pt")(x), qm(x))
