@@ -5,7 +5,8 @@ logits are rounded either way).
     python -m tools.bench.logits            # writes its table into BENCHMARKS.md
     python -m tools.bench.logits --quick    # fewer crops, prints only
 
-ResNet-18 and MobileNetV2 with random weights (seeded), tf_efficientnet_lite0 pretrained; real photo crops
+ResNet-18 and MobileNetV2 with random weights (seeded; BatchNorm statistics from the calibration photos),
+tf_efficientnet_lite0 pretrained; real photo crops
 (``PhotoSet``: 64 calibration, 128 evaluation), 224×224, FuseBN + PTQ. "head µs": the lowered last linear alone on
 its int8 input at batch 1, one thread (``torch.utils.benchmark``): the 8-bit form followed by the dequantize the
 graph then runs, against the int8 kernel that writes float.
@@ -27,11 +28,23 @@ COMMAND = "python -m tools.bench.logits"
 MODELS = ("resnet18", "mobilenet_v2", "tf_efficientnet_lite0")
 
 
-def model(name: str) -> torch.nn.Module:
+def model(name: str, photos: PhotoSet) -> torch.nn.Module:
+    """The pretrained Lite0, or a seeded random model whose BatchNorm statistics are those of the calibration
+    photos (with torchvision's init and unit statistics, MobileNetV2's ReLU6s saturate and every logit is
+    the same)."""
     if name == "tf_efficientnet_lite0":
         return pretrained_lite0(name)
     torch.manual_seed(0)
-    return zoo.get(name, pretrained=False).eval()
+    network = zoo.get(name, pretrained=False)
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average over the batches
+    network.train()
+    with torch.no_grad():
+        for batch in photos.calib:
+            network(batch)
+    return network.eval()
 
 
 def head_microseconds(qmodel: torch.fx.GraphModule, x: torch.Tensor) -> float:
@@ -52,7 +65,7 @@ def rows(photos: PhotoSet, backends: list[str]) -> list[list[str]]:
     found = []
     x = photos.evals[0][:1]
     for name in MODELS:
-        reference = model(name)
+        reference = model(name, photos)
         for backend in backends:
             row = [name, backend]
             for quantize_output in (True, False):
