@@ -43,8 +43,9 @@ class InsertFakeQuant(Pass):
     integer codes of their input's grid and round back onto it, ``from_steps(op(to_steps(x)))``, as their
     int8 kernels do (exact averages, ties to even). On backends whose kernels round the bias to int32
     (``Backend.quantized_bias``: ``round(b / (s_in·s_w))·s_in·s_w``, ``s_in`` from the fake-quant
-    of the layer's input), the deployed (BN-folded) bias is fake-quantized that way too, straight-through;
-    a layer writing the model's output in float (``QuantConfig.quantize_output`` False) adds it in float.
+    of the layer's input), the deployed (BN-folded) bias is fake-quantized that way too, straight-through.
+    A linear writing the model's output in float (``QuantConfig.quantize_output`` False, on engines with such
+    a kernel) has no fake-quant on its output, as the annotation places none.
     ``learnable``: LSQ scales (and zero points with ``learn_zero_point``) instead of min/max tracking.
     Requires: ``functional_modules``. Provides: ``fake_quantized``: the PassManager then leaves lowering
     to ``qpasses.convert``, after training.
@@ -104,7 +105,7 @@ class InsertFakeQuant(Pass):
             ))
             ctx.stats["weight_fake_quants"] += 1
             source = node.args[0] if node.args else None
-            if quantized_bias and source in grid_of and node.name not in ann.float_output:
+            if quantized_bias and source in grid_of:
                 module.quantize_bias_with(gm.get_submodule(grid_of[source]))
                 ctx.stats["bias_fake_quants"] += 1
         ctx.stats["averages_on_codes"] = _average_on_codes(gm, ann, grid_of)
