@@ -6,8 +6,8 @@ logits are rounded either way).
     python -m tools.bench.logits --quick    # fewer crops, prints only
 
 ResNet-18 and MobileNetV2 with random weights (seeded; BatchNorm statistics from the calibration photos),
-tf_efficientnet_lite0 pretrained; real photo crops
-(``PhotoSet``: 64 calibration, 128 evaluation), 224×224, FuseBN + PTQ. "head µs": the lowered last linear alone on
+tf_efficientnet_lite0 pretrained; real photo crops (``PhotoSet``: 64 calibration, 128 evaluation), 224×224,
+FuseBN + PTQ. "head µs": the lowered last linear alone on
 its int8 input at batch 1, one thread (``torch.utils.benchmark``): the 8-bit form followed by the dequantize the
 graph then runs, against the int8 kernel that writes float.
 """
@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         rows(photos, args.backends.split(",")))
     print(table)
     if not args.quick:
+        what, _usage, setup = __doc__.strip().split("\n\n")
         write_section("logits", f"## The model's output: float (default) or 8-bit (`{COMMAND}`)\n\n"
-                                f"{__doc__.split(chr(10) + chr(10))[0]}\n\n{table}\n")
+                                f"{what}\n\n{setup}\n\n{table}\n")
 
 
 if __name__ == "__main__":
