@@ -163,8 +163,8 @@ def positive_int(text: str) -> int:
 
 def pass_options(args: argparse.Namespace, calibration: Callable[[], list], progress: bool) -> PassOptions:
     return PassOptions(backend=args.backend, bits=args.bits, per_channel=args.per_channel,
-                       quantize_output=args.quantize_output, num_batches=args.num_batches, budget=args.budget, progress=progress,
-                       calibration=calibration)
+                       quantize_output=args.quantize_output, num_batches=args.num_batches, budget=args.budget,
+                       progress=progress, calibration=calibration)
 
 
 class PrintProgress(Instrument):

@@ -43,7 +43,8 @@ class InsertObservers(Pass):
     Provides: ``observed``. An annotation that quantizes nothing is an error, not silence.
     Per-node overrides recorded by an earlier pass (``qpasses.quant.overrides``) apply on top of ``config``.
     ``quantize_output``: sets ``QuantConfig.quantize_output`` (None: the config's, False by default): whether
-    a conv/linear writing the model's output (the logits) rounds it to 8 bits or writes float.
+    a linear writing the model's output (the logits) rounds it to 8 bits or, where the engine has such a
+    kernel, writes float (``qpasses.quant.annotate``).
     """
 
     stage = Stage.QUANTIZE

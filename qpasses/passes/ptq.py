@@ -21,8 +21,9 @@ class PTQ(CompositePass):
     backend's preset); ``bits``: shorthand for ``bits``-bit weights and activations (2–8);
     ``per_channel``: per-channel weights (default: the backend's preset); ``num_batches``: at most this many
     calibration batches; ``quantize_output``: round the model's output (logits) to 8 bits (default: the
-    config's, False: a conv/linear writing it computes int8 and writes float); ``device``: where calibration runs (default: where the model is; see ``Calibrate``,
-    also for torch.distributed); lowering then moves the model to the CPU, where the int8 kernels run. The
+    config's, False: a linear writing it computes int8 and writes float where the engine has such a kernel);
+    ``device``: where calibration runs (default: where the model is; see ``Calibrate``, also for
+    torch.distributed); lowering then moves the model to the CPU, where the int8 kernels run. The
     manager expands it into its three parts, each verified and reported.
     """
 
