@@ -140,6 +140,9 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, passes_default: str 
     channels.add_argument("--per-channel", dest="per_channel", action="store_true", default=None,
                           help="per-channel weights (default: the backend's preset)")
     channels.add_argument("--per-tensor", dest="per_channel", action="store_false", help="per-tensor weights")
+    group.add_argument("--quantize-output", dest="quantize_output", action="store_true", default=None,
+                       help="round the model's output (logits) to 8 bits; by default a linear writing it computes "
+                       "int8 and writes float where the backend has such a kernel (x86, fbgemm)")
     group.add_argument("--calib", default="photos", metavar="photos|PATH",
                        help="calibration images: offline photo crops (default) or a folder of images")
     group.add_argument("--num-batches", type=positive_int, default=8, metavar="N", help="calibration batches (default: 8)")
@@ -160,8 +163,8 @@ def positive_int(text: str) -> int:
 
 def pass_options(args: argparse.Namespace, calibration: Callable[[], list], progress: bool) -> PassOptions:
     return PassOptions(backend=args.backend, bits=args.bits, per_channel=args.per_channel,
-                       num_batches=args.num_batches, budget=args.budget, progress=progress,
-                       calibration=calibration)
+                       quantize_output=args.quantize_output, num_batches=args.num_batches, budget=args.budget,
+                       progress=progress, calibration=calibration)
 
 
 class PrintProgress(Instrument):

@@ -45,6 +45,8 @@ class InsertFakeQuant(Pass):
     int8 kernels do (exact averages, ties to even). On backends whose kernels round the bias to int32
     (``Backend.quantized_bias``: ``round(b / (s_in·s_w))·s_in·s_w``, ``s_in`` from the fake-quant
     of the layer's input), the deployed (BN-folded) bias is fake-quantized that way too, straight-through.
+    A linear writing the model's output in float (``QuantConfig.quantize_output`` False, on engines with such
+    a kernel) has no fake-quant on its output, as the annotation places none.
     ``learnable``: LSQ scales (and zero points with ``learn_zero_point``) instead of min/max tracking.
     Requires: ``functional_modules``. Provides: ``fake_quantized``: the PassManager then leaves lowering
     to ``qpasses.convert``, after training.
@@ -57,8 +59,9 @@ class InsertFakeQuant(Pass):
     provides = frozenset({"fake_quantized"})
 
     def __init__(self, backend: str = "x86", config: QuantConfig | None = None, bits: int | None = None,
-                 per_channel: bool | None = None, learnable: bool = False, learn_zero_point: bool = False):
-        self.observers = InsertObservers(backend, config, bits, per_channel)
+                 per_channel: bool | None = None, learnable: bool = False, learn_zero_point: bool = False,
+                 quantize_output: bool | None = None):
+        self.observers = InsertObservers(backend, config, bits, per_channel, quantize_output)
         self.learnable = learnable
         self.learn_zero_point = learn_zero_point
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.fx as fx
 
 from qpasses.errors import QPassesError
@@ -16,12 +18,16 @@ from qpasses.quant.spec import QuantConfig
 from qpasses.quant.state import QSTATE_KEY, state_of
 
 
-def resolve_config(backend: str, config: QuantConfig | None, bits: int | None, per_channel: bool | None) -> QuantConfig:
-    """The backend's default configuration unless one is given; ``bits`` sets weight and activation bits."""
+def resolve_config(backend: str, config: QuantConfig | None, bits: int | None, per_channel: bool | None,
+                   quantize_output: bool | None = None) -> QuantConfig:
+    """The backend's default configuration unless one is given; ``bits`` sets weight and activation bits,
+    ``quantize_output`` (if not None) ``QuantConfig.quantize_output``."""
     chosen = get_backend(backend)
     config = config if config is not None else chosen.default_config(per_channel=per_channel)
     if bits is not None:
         config = config.with_bits(bits)
+    if quantize_output is not None and quantize_output != config.quantize_output:
+        config = dataclasses.replace(config, quantize_output=quantize_output)
     chosen.check_config(config)
     return config
 
@@ -56,6 +62,9 @@ class InsertObservers(Pass):
     has a module. Preserves: the function exactly (observers return their input).
     Provides: ``observed``. An annotation that quantizes nothing is an error, not silence.
     Per-node overrides recorded by an earlier pass (``qpasses.quant.overrides``) apply on top of ``config``.
+    ``quantize_output``: sets ``QuantConfig.quantize_output`` (None: the config's, False by default): whether
+    a linear writing the model's output (the logits) rounds it to 8 bits or, where the engine has such a
+    kernel, writes float (``qpasses.quant.annotate``).
     """
 
     stage = Stage.QUANTIZE
@@ -65,9 +74,9 @@ class InsertObservers(Pass):
     preserves_function = True
 
     def __init__(self, backend: str = "x86", config: QuantConfig | None = None, bits: int | None = None,
-                 per_channel: bool | None = None):
+                 per_channel: bool | None = None, quantize_output: bool | None = None):
         self.backend = get_backend(backend)
-        self.config = resolve_config(backend, config, bits, per_channel)
+        self.config = resolve_config(backend, config, bits, per_channel, quantize_output)
         self.given_config = config is not None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -106,6 +115,7 @@ class InsertObservers(Pass):
         ctx.stats["float_ops"] = len(ann.float_reasons)
         ctx.stats["observers"] = len(set(targets.values()))
         ctx.stats["fused_activations"] = len(ann.fused)
+        ctx.stats["float_outputs"] = len(ann.float_output)
         ctx.note(activation_bits_note(self.backend, config, ann, self.given_config))
         gm.recompile()
         return PassResult(gm, modified=True)

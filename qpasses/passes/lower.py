@@ -314,6 +314,9 @@ class _Lowering:
 
     def lower_compute(self, node: fx.Node) -> None:
         self.check_inputs_quantized(node)
+        if node.name in self.ann.float_output:
+            self.lower_float_output(node)
+            return
         scale, zero_point = self.output_qparams(node)
         module = self.symmetric_same_padding(node, self.float_module(node), scale, zero_point)
         # qpasses.convert() puts the weight qparams QAT trained with there; PTQ observes the weight here.
@@ -323,6 +326,17 @@ class _Lowering:
         self.replace_module(node.target, qmodule)
         self.mark_int8(node, scale, zero_point)
         self.ctx.stats["int8_" + type(module).__name__.lower()] += 1
+
+    def lower_float_output(self, node: fx.Node) -> None:
+        """A linear that writes the model's output in float: the int8 kernel that dequantizes its accumulator."""
+        module = self.float_module(node)
+        lowered = lowering.float_output_compute(module, self.ann.pairs[node.name].weight,
+                                                node.meta.get(lowering.WEIGHT_QPARAMS_KEY))
+        node.meta.pop(lowering.FLOAT_WEIGHT_KEY, None)
+        self.replace_module(node.target, lowered)
+        self.quantized[node] = False
+        node.meta["qstate"] = "int8_float_output"
+        self.ctx.stats["float_output_" + type(module).__name__.lower()] += 1
 
     def symmetric_same_padding(self, node: fx.Node, conv: nn.Module, scale: float, zero_point: int) -> nn.Module:
         """A stride-2 depthwise conv after 'SAME' padding, rewritten to pad symmetrically itself.

@@ -39,6 +39,7 @@ class PassOptions:
     backend: str = "x86"
     bits: int | None = None
     per_channel: bool | None = None
+    quantize_output: bool | None = None
     num_batches: int | None = None
     budget: float | int = 0.6
     progress: bool = True
@@ -73,15 +74,18 @@ PASSES: dict[str, PassEntry] = {
     "biascorrection-analytical": PassEntry(lambda o: BiasCorrection(), "bias correction from BN statistics (no data)"),
     "adaround": PassEntry(lambda o: AdaRound(o.data("adaround"), o.num_batches, progress=o.progress),
                           "learned weight rounding on calibration data"),
-    "observe": PassEntry(lambda o: InsertObservers(o.backend, bits=o.bits, per_channel=o.per_channel),
+    "observe": PassEntry(lambda o: InsertObservers(o.backend, bits=o.bits, per_channel=o.per_channel,
+                                                 quantize_output=o.quantize_output),
                          "decide what runs int8 and insert observers"),
     "calibrate": PassEntry(lambda o: Calibrate(o.data("calibrate"), o.num_batches, o.progress),
                            "run calibration batches through the observers"),
     "lower": PassEntry(lambda o: Lower(o.backend), "replace observed ops by int8 kernels of the backend"),
     "ptq": PassEntry(lambda o: PTQ(o.data("ptq"), o.backend, bits=o.bits, per_channel=o.per_channel,
-                                   num_batches=o.num_batches, progress=o.progress),
+                                   num_batches=o.num_batches, progress=o.progress,
+                                   quantize_output=o.quantize_output),
                      "post-training static quantization: observe → calibrate → lower"),
-    "qat": PassEntry(lambda o: QAT(o.backend, bits=o.bits, per_channel=o.per_channel),
+    "qat": PassEntry(lambda o: QAT(o.backend, bits=o.bits, per_channel=o.per_channel,
+                                   quantize_output=o.quantize_output),
                      "fake-quant model to train in any loop, then qpasses.convert (lowering deferred)"),
     "mixed": PassEntry(lambda o: MixedPrecision(o.budget, data=o.data("mixed"), num_batches=o.num_batches,
                                                 progress=o.progress),

@@ -15,6 +15,11 @@ Rules (the design notes' "what" step):
 - cat inputs produced by requantizing ops read only by the cat share the cat's observer (transitively,
   through nested cats), so the cat is a plain concatenation; a folded activation shares only a grid whose
   values all lie within its bounds.
+- a conv/linear whose value only the model's outputs read (directly or through qparams-preserving and
+  clamp-like ops: the logits) computes from int8 inputs and weights but writes float where the engine has
+  such a kernel (``lowering.has_float_output_kernel``: linears on x86/fbgemm), unless
+  ``config.quantize_output``: its output is not observed and an activation after it runs float (PT2E's
+  X86InductorQuantizer observes a value only where a quantized op reads it, so logits stay float).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from qpasses.cpu import CpuInt8Features, cpu_int8_features
 from qpasses.quant.backends import Backend, UnsupportedSpecError
+from qpasses.quant.lowering import has_float_output_kernel
 from qpasses.quant.ops import Role, clamp_bounds, describe_op, is_tensor_node, role_of
 from qpasses.quant.spec import QuantConfig, QuantPair, QuantSpec
 
@@ -46,6 +52,7 @@ class Annotation:
     observe: dict[str, QuantSpec] = field(default_factory=dict)  # value node → activation spec
     shared: dict[str, str] = field(default_factory=dict)  # value node → value whose observer it shares
     float_reasons: dict[str, str] = field(default_factory=dict)  # node → why it stays float
+    float_output: set[str] = field(default_factory=set)  # int8 conv/linear nodes that write float
     notes: list[str] = field(default_factory=list)  # decisions the report should show
 
     def is_int8(self, name: str) -> bool:
@@ -72,6 +79,8 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
                 role = Role.FLOAT
             elif role is Role.COMPUTE:
                 pair = _runnable_pair(backend, module, pair, node, ann)
+                if not config.quantize_output and _only_outputs_read(gm, node):
+                    _decide_float_output(gm, node, module, backend, ann)
             if pair is not None:
                 ann.pairs[node.name] = pair
         if role is Role.FUSED_ACT:
@@ -83,11 +92,11 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
                 else f"{describe_op(gm, node)} has no int8 kernel"
             )
         ann.roles[node.name] = role
-        quantized[node] = _runs_quantized(node, role, quantized)
+        quantized[node] = _runs_quantized(node, role, quantized) and node.name not in ann.float_output
 
     for node in gm.graph.nodes:
         role = ann.roles[node.name]
-        if role in REQUANTIZING:
+        if role in REQUANTIZING and node.name not in ann.float_output:
             value = next((a for a, p in ann.fused.items() if p == node.name), node.name)
             ann.observe[value] = ann.pairs[node.name].activation
         if role in INT8 and role is not Role.FUSED_ACT:
@@ -139,6 +148,26 @@ def _full_range_where_no_saturating_kernel_reads(gm: fx.GraphModule, ann: Annota
             ann.observe[name] = spec.replace(reduce_range=False)
 
 
+def _only_outputs_read(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether only the graph's output reads ``node``'s value, directly or through ops that keep a value's grid
+    (reshapes, pooling) or clamp it (activations)."""
+    return bool(node.users) and all(
+        user.op == "output" or (role_of(gm, user) in (Role.PRESERVING, Role.FUSED_ACT) and _only_outputs_read(gm, user))
+        for user in node.users)
+
+
+def _decide_float_output(gm: fx.GraphModule, node: fx.Node, module, backend: Backend, ann: Annotation) -> None:
+    """A conv/linear writing the model's output writes float where the engine has an int8 kernel that does."""
+    if has_float_output_kernel(module, backend.engine):
+        ann.float_output.add(node.name)
+        ann.notes.append(f"output stays float: {describe_op(gm, node)} computes from int8 inputs and weights "
+                         "and writes the model's output in float, not rounded to 8 bits (as PT2E's "
+                         "X86InductorQuantizer); quantize_output=True rounds it")
+    else:
+        ann.notes.append(f"output rounded to 8 bits: {describe_op(gm, node)} writes the model's output, and no "
+                         f"{backend.engine} int8 kernel for it writes float")
+
+
 def _runnable_pair(backend: Backend, module, pair: QuantPair, node: fx.Node, ann: Annotation) -> QuantPair:
     """``pair``, or the nearest weight spec the backend's kernel for ``module`` can run (with a note).
 
@@ -167,7 +196,8 @@ def _fuse_or_preserve(gm: fx.GraphModule, node: fx.Node, ann: Annotation) -> Rol
     grid_can_clip = numeric and (lo is None or lo <= 0) and (hi is None or hi >= 0)
     if len(inputs) == 1 and grid_can_clip:
         producer = inputs[0]
-        if ann.roles.get(producer.name) in REQUANTIZING and len(producer.users) == 1 and producer.name not in ann.fused.values():
+        if (ann.roles.get(producer.name) in REQUANTIZING and len(producer.users) == 1
+                and producer.name not in ann.fused.values() and producer.name not in ann.float_output):
             ann.fused[node.name] = producer.name
             ann.pairs[node.name] = ann.pairs[producer.name]
             return Role.FUSED_ACT

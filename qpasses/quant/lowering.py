@@ -104,6 +104,25 @@ class QuantizedLinear(_EnginePacked, nnq.Linear):
         return module
 
 
+class FloatOutputLinear(QuantizedLinear):
+    """An int8 linear that writes float: fbgemm's ``linear_with_input_q_dq_qweight_dq_output_fp32`` computes the
+    int32 accumulator of the input's codes and the int8 weight and returns ``s_in·s_w·acc + b`` instead of
+    requantizing it (the qlinear with fp32 output that inductor runs for PT2E's float logits). It reads the
+    quantized input like ``nnq.Linear``; the kernel re-quantizes its dequantization at the same qparams, which
+    gives back the same codes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x.dequantize(), x.q_scale(), x.q_zero_point(), self._packed_params._packed_params)
+
+    def _get_name(self) -> str:
+        return "QuantizedLinear(float output)"
+
+
+# Engines whose packed linear weights implement the float-output kernel (torch 2.14.1, measured: qnnpack and
+# onednn raise "not implemented for this packed parameter type").
+_FLOAT_OUTPUT_LINEAR_ENGINES = ("x86", "fbgemm")
+
 _QUANTIZED_COMPUTE = {
     nn.Conv1d: QuantizedConv1d,
     nn.Conv2d: QuantizedConv2d,
@@ -228,6 +247,25 @@ def quantized_compute(module: nn.Module, spec: QuantSpec, scale: float, zero_poi
     qmodule.scale, qmodule.zero_point = float(scale), int(zero_point)
     qmodule.packed_for = torch.backends.quantized.engine
     return qmodule
+
+
+def has_float_output_kernel(module: nn.Module, engine: str) -> bool:
+    """Whether ``engine`` has an int8 kernel for ``module`` that writes float (a linear on x86/fbgemm; no
+    engine's quantized convs do)."""
+    return entry_for(module, _QUANTIZED_COMPUTE) is QuantizedLinear and engine in _FLOAT_OUTPUT_LINEAR_ENGINES
+
+
+def float_output_compute(module: nn.Module, spec: QuantSpec,
+                         trained_qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """The int8 linear ``module`` writing float (:class:`FloatOutputLinear`; see ``has_float_output_kernel``),
+    its weight at ``trained_qparams`` if given, as ``quantized_compute``."""
+    if not has_float_output_kernel(module, torch.backends.quantized.engine):
+        raise QPassesError(f"internal: the {torch.backends.quantized.engine} engine has no int8 kernel for "
+                           f"{type(module).__name__} that writes float")
+    plain = quantized_compute(module, spec, 1.0, 0, trained_qparams)
+    lowered = FloatOutputLinear.from_packing_args(plain.packing_args())
+    lowered.packed_for = plain.packed_for
+    return lowered
 
 
 def quantized_unary(module: nn.Module, scale: float, zero_point: int) -> nn.Module:

@@ -204,6 +204,12 @@ class QuantConfig:
     ``by_name`` (pattern → pair or None; first matching pattern in insertion order);
     ``by_module_type`` (type → pair or None; the most specific base class of ``module_type`` listed);
     the global ``QuantPair(weight, activation)``.
+
+    ``quantize_output``: whether a conv/linear whose value only the model's outputs read (through reshapes,
+    pooling or clamp-like activations: the logits) writes it on an 8-bit grid. False (default, as PT2E's
+    X86InductorQuantizer): where the engine has an int8 kernel for it that writes float (linears on x86 and
+    fbgemm), it computes from int8 inputs and weights and writes float, so the output is not rounded to 256
+    levels.
     """
 
     weight: QuantSpec
@@ -211,6 +217,7 @@ class QuantConfig:
     by_module_type: dict[type, QuantPair | None] = field(default_factory=dict)
     by_name: dict[str, QuantPair | None] = field(default_factory=dict)
     keep_float: set[str] = field(default_factory=set)
+    quantize_output: bool = False
 
     @property
     def default_pair(self) -> QuantPair:

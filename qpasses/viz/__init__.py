@@ -3,7 +3,8 @@
 It reads the metadata that the passes write on nodes:
 
 - ``meta['tensor_meta']`` (torch.fx ShapeProp): output shape and dtype, and whether it is quantized;
-- ``meta['qstate']``: ``"float"`` (default), ``"observed"``, ``"fake_quant"`` or ``"int8"``; without it, a
+- ``meta['qstate']``: ``"float"`` (default), ``"observed"``, ``"fake_quant"``, ``"int8"`` or
+  ``"int8_float_output"`` (an int8 linear writing the model's output in float); without it, a
   call to a ``torch.ao.nn.quantized`` module or a quantized output counts as int8, an ``*Observer``
   module as observed and a ``*FakeQuantize`` module as fake-quant;
 - ``meta['qparams']``: ``scale`` and ``zero_point`` (numbers, or per-channel lists/tensors), ``dtype``,

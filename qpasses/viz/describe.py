@@ -18,7 +18,7 @@ import torch.fx as fx
 from qpasses.graph.nx import node_kind
 from qpasses.quant.state import QPARAMS_KEY, QSTATE_KEY
 
-QSTATES = ("float", "observed", "fake_quant", "int8")
+QSTATES = ("float", "observed", "fake_quant", "int8", "int8_float_output")
 
 _QUANTIZED_MODULE_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
 

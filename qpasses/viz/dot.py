@@ -17,8 +17,10 @@ from qpasses.viz.diff import ADDED, CHANGED, REMOVED, diff_graphs
 
 FONT = "Helvetica"  # one of the fonts whose metrics Graphviz knows without a font library
 
-QSTATE_FILL = {"float": "#ffffff", "observed": "#cfe2ff", "fake_quant": "#e4d7fb", "int8": "#b9e6dc"}
-QSTATE_TEXT = {"float": "float", "observed": "observed", "fake_quant": "fake-quant", "int8": "int8"}
+QSTATE_FILL = {"float": "#ffffff", "observed": "#cfe2ff", "fake_quant": "#e4d7fb", "int8": "#b9e6dc",
+               "int8_float_output": "#e3f5f0"}
+QSTATE_TEXT = {"float": "float", "observed": "observed", "fake_quant": "fake-quant", "int8": "int8",
+               "int8_float_output": "int8 → float output"}
 NO_SQNR_FILL = "#eceff1"
 DIFF_COLOR = {ADDED: "#1e8e3e", REMOVED: "#d93025", CHANGED: "#f29900"}
 

@@ -18,3 +18,10 @@ def half_unet() -> torch.nn.Module:
 def linear() -> torch.nn.Module:
     """Takes 10 features, not images."""
     return torch.nn.Linear(10, 2)
+
+
+def tiny_classifier() -> torch.nn.Module:
+    """Conv → pool → linear logits."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 5)).eval()

@@ -95,6 +95,14 @@ def test_quantize_json_summary(tmp_path, capsys):
     assert 5 < held_out["sqnr_db"] < 60
 
 
+@pytest.mark.parametrize("flag", [[], ["--quantize-output"]])
+def test_quantize_output_flag_rounds_the_logits(capsys, flag):
+    code, out, _ = run(capsys, "quantize", "tests.cli.models:tiny_classifier", *SMALL, *flag, "--json")
+    assert code == 0
+    stats = json.loads(out)["passes"][-1]["stats"]
+    assert (stats.get("int8_linear", 0), stats.get("float_output_linear", 0)) == ((1, 0) if flag else (0, 1))
+
+
 def test_quantize_calibrates_on_an_image_folder(tmp_path, capsys):
     from tests.zoo.test_zoo_data_folder import write_images
 

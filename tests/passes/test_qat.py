@@ -145,13 +145,16 @@ def test_convert_matches_the_fake_quant_model(backend, bits, learnable):
     x = torch.cat(batches(4, seed=5))
     with torch.no_grad():
         expected, got = qm(x), lowered(x)
-    steps = (expected - got).abs() / output_step(qm)
+    # x86 writes the logits float (fbgemm's int8 linear with a float output): in steps of an 8-bit grid over them
+    steps = (expected - got).abs() / (output_step(qm) if backend == "qnnpack" else float(expected.abs().max()) / 127)
     # The fake-quant model simulates the kernels' arithmetic (weights lowered on their trained grid, int32
     # bias on qnnpack, averages of integer codes), so the codes agree; only a value within float error
     # (~1e-6 of a step) of a rounding tie could still fall the other way. Measured: identical logits in
     # every configuration here (before: one step off on 4–13% of the logits in all but one).
     assert float(steps.max()) <= 1.0 + 1e-3
     assert float((steps > 0.5).float().mean()) <= 0.01
+    if backend == "x86":  # float logits from the same codes: float accumulation order only (measured ≤ 3e-5)
+        assert float(steps.max()) <= 1e-3
     assert isinstance(qm.get_submodule("a.0"), QATConv2d)  # convert did not touch the QAT model
 
 
@@ -201,6 +204,7 @@ def test_cat_inputs_share_one_fake_quant_and_convert_matches():
     x = torch.cat(batches(2, seed=4))
     with torch.no_grad():
         steps = (qm(x) - lowered(x)).abs() / float(fake_quants(qm)["head_obs"].qparams()[0])
+    print("MAXSTEPS", float(steps.max()))
     assert float(steps.max()) <= 1.0 + 1e-3
 
 
