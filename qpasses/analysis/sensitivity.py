@@ -50,8 +50,9 @@ from torch.utils._pytree import tree_flatten
 from qpasses import distributed
 from qpasses.analysis.metrics import sqnr
 from qpasses.errors import QPassesError
+from qpasses.graph.channels import out_channels
 from qpasses.graph.modules import set_module, unique_name
-from qpasses.graph.trace import as_input_tuple
+from qpasses.graph.trace import as_input_tuple, propagate_shapes
 from qpasses.passes.base import Pass, PassContext
 from qpasses.passes.calibrate import batch_inputs, model_device, progress, run_batches, to_device
 from qpasses.passes.fuse_bn import FuseBN
@@ -127,12 +128,14 @@ class UserMetric(Metric):
 
 @dataclass(frozen=True)
 class Layer:
-    """A quantizable layer: its module's qualified name (what ``QuantConfig`` patterns match), class and
-    number of weight elements."""
+    """A quantizable layer: its module's qualified name (what ``QuantConfig`` patterns match), class,
+    number of weight elements, and multiply-accumulates per sample on the example inputs (output elements
+    × weights per output channel)."""
 
     name: str
     kind: str
     weights: int
+    macs: int = 0
 
     def weight_bytes(self, bits: int) -> int:
         """Its weights packed at ``bits`` bits: ``ceil(weights · bits / 8)``."""
@@ -339,7 +342,9 @@ class Sensitivity:
             self.metric = OutputSQNR(self.prepared, [batch_inputs(b, n_inputs) for b in batches])
         ann = annotate(self.prepared, get_backend(self.backend), self.config)
         modules = dict(self.prepared.named_modules())
-        self.layers = [Layer(n.target, type(modules[n.target]).__name__, modules[n.target].weight.numel())
+        propagate_shapes(self.prepared, to_device(inputs, model_device(self.prepared)))  # for the MACs
+        self.layers = [Layer(n.target, type(modules[n.target]).__name__, modules[n.target].weight.numel(),
+                             _macs(n, modules[n.target]))
                        for n in self.prepared.graph.nodes if ann.roles.get(n.name) is Role.COMPUTE]
         if not self.layers:
             raise QPassesError(f"sensitivity: no conv or linear layer is quantized under the {self.backend} "
@@ -572,6 +577,13 @@ class Sensitivity:
             predicted_loss=sum(costs[i][c] for i, c in enumerate(choice)), metric=measured, uniform_bits=bits[0],
             uniform_metric=uniform, losses=losses,
         )
+
+
+def _macs(node: fx.Node, module: nn.Module) -> int:
+    """Multiply-accumulates of a conv/linear node per sample: output elements × weights per output channel."""
+    shape = node.meta["tensor_meta"].shape
+    per_sample = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
+    return per_sample * module.weight.numel() // out_channels(module)
 
 
 _KNAPSACK_UNITS = 4096
