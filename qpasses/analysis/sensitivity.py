@@ -490,12 +490,15 @@ class Sensitivity:
 
     # --------------------------------------------------------------------------------------- analyses
 
-    def run(self, layers: Iterable[str] | None = None) -> SensitivityTable:
-        """Measure, for each layer (default: all), the model with only it quantized and with all but it."""
+    def run(self, layers: Iterable[str] | None = None, alone: bool = True) -> SensitivityTable:
+        """Measure, for each layer (default: all), the model with only it quantized and with all but it.
+        ``alone=False`` skips the first (half the variants; ``alone`` is then NaN): enough for ``gain``."""
         names = [layer.name for layer in self.layers] if layers is None else [self._layer(n).name for n in layers]
-        configs = [self.config, *(self.only(n) for n in names), *(self.keep_float_config([n]) for n in names)]
+        only = [self.only(n) for n in names] if alone else []
+        configs = [self.config, *only, *(self.keep_float_config([n]) for n in names)]
         values = self._measure_all(configs, "sensitivity")
-        full, alone, all_but = values[0], values[1:len(names) + 1], values[len(names) + 1:]
+        full, all_but = values[0], values[len(only) + 1:]
+        alone = values[1:len(only) + 1] if alone else [math.nan] * len(names)
         rows = [LayerSensitivity(self._layer(n), a, b, b - full) for n, a, b in zip(names, alone, all_but, strict=True)]
         return SensitivityTable(self.metric.name, self.backend, full, rows)
 

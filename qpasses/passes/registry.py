@@ -42,6 +42,8 @@ class PassOptions:
     num_batches: int | None = None
     budget: float | int = 0.6
     progress: bool = True
+    target_sqnr: float | None = None  # PTQ searches for the cheapest pipeline reaching it
+    recipe: bool = True  # PTQ adds the measured accuracy passes of its setting
     calibration: Callable[[], Iterable] | None = None
 
     def data(self, pass_name: str) -> Iterable:
@@ -79,7 +81,8 @@ PASSES: dict[str, PassEntry] = {
                            "run calibration batches through the observers"),
     "lower": PassEntry(lambda o: Lower(o.backend), "replace observed ops by int8 kernels of the backend"),
     "ptq": PassEntry(lambda o: PTQ(o.data("ptq"), o.backend, bits=o.bits, per_channel=o.per_channel,
-                                   num_batches=o.num_batches, progress=o.progress),
+                                   num_batches=o.num_batches, progress=o.progress, recipe=o.recipe,
+                                   target_sqnr=o.target_sqnr),
                      "post-training static quantization: observe → calibrate → lower"),
     "qat": PassEntry(lambda o: QAT(o.backend, bits=o.bits, per_channel=o.per_channel),
                      "fake-quant model to train in any loop, then qpasses.convert (lowering deferred)"),

@@ -69,7 +69,7 @@ class SearchStep:
     met: bool
 
     def line(self, unit: str) -> str:
-        where = f", {len(self.keep_float)} layers float ({self.float_share:.1%} of MACs)" if self.keep_float else ""
+        where = f", layers float: {len(self.keep_float)} ({self.float_share:.1%} of MACs)" if self.keep_float else ""
         return f"{self.label}: {self.value:.2f}{unit} in {self.seconds:.1f} s{where}{' — target met' if self.met else ''}"
 
 
@@ -82,6 +82,8 @@ class SearchResult:
     target: float
     steps: list[SearchStep] = field(default_factory=list)
     chosen: SearchStep | None = None
+    seconds: float = 0.0  # the whole search
+    ranking: str | None = None  # how the layers were ranked for the hybrid steps, with its cost
 
     @property
     def unit(self) -> str:
@@ -90,6 +92,7 @@ class SearchResult:
     def summary(self) -> str:
         lines = [f"target {self.metric} >= {self.target:.2f}:"]
         lines += [f"  {i + 1}. {s.line(self.unit)}" for i, s in enumerate(self.steps)]
+        lines += [f"  {self.ranking}"] if self.ranking else []
         return "\n".join(lines)
 
 
@@ -126,8 +129,12 @@ class TargetPTQ(Pass):
                          f"{self.target.max_drop})")
         search = _Search(self, gm, ctx, batches, metric, goal)
         model = search.run()
-        for step in search.result.steps:
-            ctx.note(step.line(search.result.unit))
+        result = search.result
+        ctx.notes += [f"step {i + 1}: {step.line(result.unit)}" for i, step in enumerate(result.steps)]
+        if result.ranking is not None:
+            ctx.note(result.ranking)
+        ctx.note(f"target {result.target:.2f}{result.unit} met by step {result.steps.index(result.chosen) + 1} "
+                 f"({result.chosen.label}) after {result.seconds:.0f} s")
         ctx.stats["steps"] = len(search.result.steps)
         ctx.stats["float_layers"] = len(search.result.chosen.keep_float)
         return PassResult(model, modified=True)
@@ -141,6 +148,7 @@ class _Search:
         self.owner, self.gm, self.ctx, self.batches, self.metric = owner, gm, ctx, batches, metric
         self.result = owner.result = SearchResult(metric.name, goal)
         self.started = time.perf_counter()
+        self.layers: list = []  # Sensitivity's quantized layers, once ranked
 
     def _quantize(self, passes: tuple[str, ...], config: QuantConfig) -> fx.GraphModule:
         from qpasses.passes.manager import PassManager  # the manager imports the passes
@@ -168,8 +176,7 @@ class _Search:
 
     def done(self, step: SearchStep, model: fx.GraphModule) -> fx.GraphModule:
         self.result.chosen = step
-        self.ctx.note(f"target {self.result.target:.2f}{self.result.unit} met by step "
-                      f"{self.result.steps.index(step) + 1} ({step.label}) after {time.perf_counter() - self.started:.0f} s")
+        self.result.seconds = time.perf_counter() - self.started
         return model
 
     def run(self) -> fx.GraphModule:
@@ -194,7 +201,7 @@ class _Search:
         best = max(self.result.steps, key=lambda s: s.value)
         raise TargetNotMetError(
             f"target {self.result.metric} >= {self.result.target:.2f} not met in {len(self.result.steps)} steps "
-            f"({time.perf_counter() - self.started:.0f} s): best {best.value:.2f} by {best.label}; lower the "
+            f"({time.perf_counter() - self.started:.0f} s): best {best.value:.2f} by '{best.label}'; lower the "
             f"target, raise max_float_share (now {o.max_float_share:.0%} of MACs), or give more calibration data")
 
     def _ranking(self, base: SearchStep) -> tuple[list[str], list[float]]:
@@ -209,23 +216,29 @@ class _Search:
             graph = PassManager(float_passes).run(self.gm, self.ctx.example_inputs)
         sens = Sensitivity(graph, self.batches, self.ctx.example_inputs, backend=o.backend, config=o.config,
                            eval_fn=o.target.evaluate, float_passes=(), progress=o.progress)
-        table = sens.run()
+        start = time.perf_counter()
+        table = sens.run(alone=False)  # the gain of keeping each layer float is all the ranking reads
+        self.result.ranking = (f"layers ranked by Sensitivity ({len(table.rows) + 1} variants, "
+                               f"{sens.calibration_passes} calibration passes) in {time.perf_counter() - start:.1f} s")
         total = sum(layer.macs for layer in sens.layers) or 1
         full_loss = sens.metric.loss(table.full)
         saved = {r.layer.name: full_loss - sens.metric.loss(r.all_but) for r in table.rows}
         ranking = sorted((r.layer for r in table.rows if saved[r.layer.name] > 0),
                          key=lambda layer: -saved[layer.name] / max(layer.macs, 1))
+        self.layers = sens.layers
         return [layer.name for layer in ranking], list(itertools.accumulate(layer.macs / total for layer in ranking))
 
     def _hybrid(self, base: SearchStep) -> tuple[SearchStep, fx.GraphModule] | None:
         """The fewest layers kept float (on top of ``base``'s passes) that meet the target, or None."""
         names, shares = self._ranking(base)
-        limit = sum(1 for s in shares if s <= self.owner.max_float_share)  # the longest prefix within budget
+        # The longest prefix within the budget, leaving a layer quantized (an all-float model is no PTQ).
+        limit = min(sum(1 for s in shares if s <= self.owner.max_float_share), len(self.layers) - 1)
         if limit == 0:
             return None
 
         def measure(k: int) -> tuple[SearchStep, fx.GraphModule]:
-            return self.measure(f"{base.label}, {k} layers float", base.passes, tuple(names[:k]), shares[k - 1])
+            return self.measure(f"{base.label}, {k} most sensitive layers float", base.passes, tuple(names[:k]),
+                                shares[k - 1])
 
         bar = progress(range(2 * limit.bit_length() + 2), None, "target search: layers kept float",
                        self.owner.progress, "step")
