@@ -259,7 +259,7 @@ def test_shifted_padding_keeps_a_per_channel_clamp_after_cle():
 def test_lower_needs_its_own_backend_and_the_plan_shows_the_parts():
     model = ConvAct(nn.ReLU()).eval()
     data = calibration((1, 3, 4, 4))
-    plan = PassManager([PTQ(data)]).plan()
+    plan = PassManager([PTQ(data, recipe=False)]).plan()  # the recipe's passes: tests/passes/test_ptq_target.py
     assert [p.name for p in plan.passes] == ["ReplaceFunctional", "InsertObservers", "Calibrate", "Lower"]
     with pytest.raises(PassError, match="observers were placed for backend 'x86'"):
         PassManager([InsertObservers("x86"), Calibrate(data, progress=False), Lower("qnnpack")]).run(model, data[0])
