@@ -82,10 +82,9 @@ class PTQ(CompositePass):
             if chosen:
                 raise PlanError(f"PTQ with a target chooses {chosen[0]} itself; drop {chosen[0]}() from the "
                                 "pipeline or the target")
-            if named:
-                self.parts[0].recipe = False
-                return self.expand(), [f"PTQ's target search adds no recipe: the pipeline names {named[0]}"]
-            return self.expand(), []
+            self.parts[0].recipe = self.recipe and not named  # set per plan: the same PTQ may go in another
+            why = [f"PTQ's target search adds no recipe: the pipeline names {named[0]}"] if named else []
+            return self.expand(), why
         if not self.recipe:
             return self.expand(), []
         recipe = find_recipe(self.backend, self.config)

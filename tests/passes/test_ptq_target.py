@@ -185,3 +185,14 @@ def test_registry_builds_ptq_with_a_target():
     data = calibration()
     (ptq,) = build_pipeline("ptq", PassOptions(calibration=lambda: data, target_sqnr=25.0, progress=False))
     assert [p.name for p in ptq.parts] == ["TargetPTQ"] and ptq.parts[0].target.sqnr_db == 25.0
+
+
+def test_sensitivity_gains_without_the_alone_variants():
+    from qpasses.analysis.sensitivity import Sensitivity
+
+    data = calibration(2)
+    sens = Sensitivity(small_net(), data, progress=False)
+    full, gains_only = sens.run(), sens.run(alone=False)
+    assert [r.all_but for r in gains_only.rows] == [r.all_but for r in full.rows]
+    assert all(r.alone != r.alone for r in gains_only.rows)  # NaN: not measured
+    assert [layer.macs for layer in sens.layers][:2] == [16 * 16 * 8 * (3 * 9), 8 * 8 * 16 * (8 * 9)]  # outputs × fan-in
