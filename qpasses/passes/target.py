@@ -41,6 +41,7 @@ from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import batch_inputs, progress
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.recipes import build_passes, find_recipe
+from qpasses.quant.observers import CalibrationError
 from qpasses.quant.overrides import exact_pattern
 from qpasses.quant.spec import QuantConfig
 
@@ -116,6 +117,8 @@ class TargetPTQ(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         batches = list(itertools.islice(self.data, self.num_batches))  # every candidate reads them again
+        if not batches:
+            raise CalibrationError("the calibration data yielded no batches; give at least one")
         n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
         with eval_mode(gm):
             if self.target.sqnr_db is not None:
@@ -168,7 +171,8 @@ class _Search:
         if keep_float:
             config = dataclasses.replace(config, keep_float=set(config.keep_float) | {exact_pattern(n) for n in keep_float})
         model = self._quantize(passes, config)
-        value = self.metric(model)
+        with eval_mode(model):
+            value = self.metric(model)
         step = SearchStep(label, passes, keep_float, value, time.perf_counter() - start, float_share,
                           value >= self.result.target)
         self.result.steps.append(step)

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224, help="crop size (default 224)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--bits", type=int, nargs="+", default=[8], help="--write-table: weight bits (default 8)")
-    parser.add_argument("--targets", type=float, nargs="+", default=[25.0, 30.0, 35.0], help="target SQNRs, dB")
+    parser.add_argument("--targets", type=float, nargs="*", default=[25.0, 30.0, 35.0],
+                        help="target SQNRs, dB (none: only the default rows)")
     parser.add_argument("--no-adaround", dest="adaround", action="store_false", help="targets: skip the AdaRound step")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
