@@ -83,7 +83,8 @@ PASSES: dict[str, PassEntry] = {
     "ptq": PassEntry(lambda o: PTQ(o.data("ptq"), o.backend, bits=o.bits, per_channel=o.per_channel,
                                    num_batches=o.num_batches, progress=o.progress, recipe=o.recipe,
                                    target_sqnr=o.target_sqnr),
-                     "post-training static quantization: observe → calibrate → lower"),
+                     "post-training static quantization: observe → calibrate → lower, with the measured recipe of "
+                     "its setting (--no-recipe: without); --target-sqnr DB: the cheapest pipeline reaching DB"),
     "qat": PassEntry(lambda o: QAT(o.backend, bits=o.bits, per_channel=o.per_channel),
                      "fake-quant model to train in any loop, then qpasses.convert (lowering deferred)"),
     "mixed": PassEntry(lambda o: MixedPrecision(o.budget, data=o.data("mixed"), num_batches=o.num_batches,
