@@ -17,10 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fcntl
+import importlib
 import platform
 import shlex
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -38,10 +41,10 @@ TABLE = Path(__file__).resolve().parents[2] / "qpasses" / "passes" / "recipe_tab
 CHEAP = ((), ("biascorrection",), ("cle", "hba", "biascorrection"))
 
 
-def measure_recipes(photos: PhotoSet, backends: list[str], bits: list[int], source: str) -> list[Recipe]:
-    """Per setting, every ``CHEAP`` pipeline measured; the best (logit SQNR on the evaluation crops) kept."""
+def measure_recipes(photos: PhotoSet, backends: list[str], bits: list[int], source: str) -> None:
+    """Per setting, every ``CHEAP`` pipeline measured; the best (logit SQNR on the evaluation crops) written to
+    the table as soon as its setting is done."""
     model = pretrained_lite0("tf_efficientnet_lite0")
-    recipes = []
     for weight_bits in bits:
         for backend in backends:
             config = config_for(backend, weight_bits)
@@ -58,19 +61,36 @@ def measure_recipes(photos: PhotoSet, backends: list[str], bits: list[int], sour
                       f"{seconds:.0f} s", flush=True)
             ptq_db = next(db for db, names, _ in rows if not names)
             db, names, seconds = max(rows)
-            recipes.append(Recipe(backend, config.weight.per_channel, weight_bits, names, round(db, 1),
-                                  round(ptq_db, 1), round(seconds), source))
-    return recipes
+            write_table(Recipe(backend, config.weight.per_channel, weight_bits, names, round(db, 1), round(ptq_db, 1),
+                               round(seconds), source))
 
 
-def write_table(recipes: list[Recipe], command: str) -> None:
-    rows = "\n".join("    Recipe(\n" + "".join(f"        {f.name}={getattr(r, f.name)!r},\n" for f in dataclasses.fields(r))
-                     + "    )," for r in recipes)
-    TABLE.write_text(f'''"""The measured recipe table (see ``qpasses.passes.recipes``), written by
+def write_table(recipe: Recipe) -> None:
+    """Replace ``recipe``'s setting in the table (or add it), keeping the others: settings measured by separate
+    invocations (in parallel: the file is locked while it is rewritten) end up in one table."""
+    with open(TABLE, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        from qpasses.passes import recipe_table
 
-    {command}
+        importlib.reload(recipe_table)
+        key = (recipe.backend, recipe.per_channel, recipe.weight_bits)
+        kept = [r for r in recipe_table.MEASURED if (r.backend, r.per_channel, r.weight_bits) != key]
+        _write(sorted([*kept, recipe], key=lambda r: (-r.weight_bits, BACKENDS.index(r.backend))))
 
-Do not edit: rerun it.
+
+def _field(value: object) -> str:
+    """A field's Python literal; long strings split into adjacent literals, so the table keeps the line limit."""
+    if not isinstance(value, str) or len(value) <= 80:
+        return repr(value)
+    parts = textwrap.wrap(value, 80, drop_whitespace=False, break_on_hyphens=False)
+    return "(\n" + "".join(f"            {part!r}\n" for part in parts) + "        )"
+
+
+def _write(recipes: list[Recipe]) -> None:
+    rows = "\n".join("    Recipe(\n" + "".join(f"        {f.name}={_field(getattr(r, f.name))},\n"
+                                                 for f in dataclasses.fields(r)) + "    )," for r in recipes)
+    TABLE.write_text(f'''"""The measured recipe table (see ``qpasses.passes.recipes``): each row written by
+``python -m tools.bench.auto --write-table`` (its ``source`` says which run). Do not edit: rerun it.
 """
 
 from qpasses.passes.recipes import Recipe
@@ -140,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     today = datetime.date.today().isoformat()
     if args.write_table:
-        source = f"tools.bench.auto, {args.calib}/{args.eval} crops at {args.size}px, {today}, commit {commit}"
-        write_table(measure_recipes(photos, args.backends, args.bits, source), command)
+        source = f"`{command}`, {today}, commit {commit}"
+        measure_recipes(photos, args.backends, args.bits, source)
         print(TABLE.read_text())
         return 0
     rows = target_rows(photos, args.backends, args.targets, args.adaround)
