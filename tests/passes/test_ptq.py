@@ -357,8 +357,9 @@ def clamps(gm):
 def test_x86_headroom_needs_no_clamp_and_equals_fbgemm_inside_the_range():
     torch.manual_seed(0)
     model = StemPoolNet().eval()
-    x86, _ = quantize(model, (2, 3, 16, 16), "x86")
-    fbgemm, _ = quantize(model, (2, 3, 16, 16), "fbgemm")
+    # Without the recipe: bias correction measures each backend's own kernels, so its biases would differ.
+    x86, _ = quantize(model, (2, 3, 16, 16), "x86", recipe=False)
+    fbgemm, _ = quantize(model, (2, 3, 16, 16), "fbgemm", recipe=False)
     assert not clamps(x86) and clamps(fbgemm)
     # same observers, same 7-bit steps: identical wherever no code passes 127
     inside = calibration((2, 3, 16, 16), seed=3)[0] * 0.25

@@ -132,10 +132,10 @@ def test_target_escalates_to_the_fewest_layers_kept_float():
 def test_unreachable_target_raises_one_clear_line():
     data = calibration()
     ptq = PTQ(data, target_sqnr=200.0, adaround=False, max_float_share=0.0, progress=False)
-    with pytest.raises(TargetNotMetError, match=r"target SQNR dB >= 200.00 not met in 2 steps .*best .*lower the target"):
+    with pytest.raises(TargetNotMetError, match=r"target SQNR dB >= 200.00 not met in \d steps .*best .*lower the target"):
         PassManager([FuseBN(), ptq]).run(small_net(), data[0])
-    assert [s.label for s in ptq.search.steps] == ["PTQ + biascorrection" if s.passes else "PTQ"
-                                                  for s in ptq.search.steps]
+    steps = ptq.search.steps
+    assert steps and steps[-1].passes[-1] == "biascorrection" and not any(s.keep_float for s in steps)
 
 
 def test_evaluate_with_max_drop():
