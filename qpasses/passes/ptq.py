@@ -13,6 +13,7 @@ from qpasses.passes.base import CompositePass, Pass, Stage
 from qpasses.passes.calibrate import Calibrate
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.lower import Lower
+from qpasses.passes.manager import TRAINABLE
 from qpasses.passes.recipes import ACCURACY_PASSES, build_passes, find_recipe, is_one_shot
 from qpasses.quant.spec import QuantConfig
 from qpasses.validation import check_count, check_data
@@ -90,6 +91,8 @@ class PTQ(CompositePass):
         recipe = find_recipe(self.backend, self.config)
         if recipe is None or not recipe.passes:
             return self.expand(), []
+        if any(TRAINABLE in part.provides for p in pipeline for part in p.expand()):
+            return self.expand(), ["PTQ added no recipe passes: it starts QAT, whose training corrects the weights"]
         if named:
             return self.expand(), [f"PTQ added no recipe passes: the pipeline names {named[0]}, so its accuracy "
                                    "passes are the user's"]

@@ -7,7 +7,7 @@ from torch import nn
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
 from qpasses.errors import InputError, PlanError, TargetNotMetError
-from qpasses.passes import CLE, PTQ, AdaRound, BiasCorrection, FuseBN, recipe_table
+from qpasses.passes import CLE, PTQ, QAT, AdaRound, BiasCorrection, FuseBN, recipe_table
 from qpasses.passes.recipes import Recipe, find_recipe
 from qpasses.passes.registry import PASSES, PassOptions, build_pipeline
 from qpasses.quant.backends import get_backend
@@ -83,6 +83,11 @@ def test_recipe_false_and_one_shot_data_add_nothing(table):
     plan = PassManager([PTQ(iter(data))]).plan()
     assert "BiasCorrection" not in names(plan)
     assert any("one-shot iterator" in n for n in plan.notes)
+
+
+def test_ptq_starting_qat_adds_no_recipe(table):
+    plan = PassManager([PTQ(calibration(), progress=False), QAT()]).plan()
+    assert "BiasCorrection" not in names(plan) and any("it starts QAT" in n for n in plan.notes)
 
 
 def test_lookup_falls_back_to_the_same_grid_on_another_backend():
