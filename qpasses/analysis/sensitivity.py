@@ -56,12 +56,13 @@ from qpasses.graph.trace import as_input_tuple, propagate_shapes
 from qpasses.passes.base import Pass, PassContext
 from qpasses.passes.calibrate import batch_inputs, model_device, progress, run_batches, to_device
 from qpasses.passes.fuse_bn import FuseBN
-from qpasses.passes.insert_observers import InsertObservers, resolve_config
+from qpasses.passes.insert_observers import ANNOTATION_KEY, InsertObservers, resolve_config
 from qpasses.passes.lower import Lower
 from qpasses.passes.manager import PassManager
 from qpasses.passes.replace_functional import ReplaceFunctional
 from qpasses.quant.annotate import Annotation, annotate
 from qpasses.quant.backends import get_backend
+from qpasses.quant.lowering import WEIGHT_QPARAMS_KEY, weight_qparams, weight_spec
 from qpasses.quant.observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer, make_observer
 from qpasses.quant.ops import Role
 from qpasses.quant.overrides import exact_pattern, with_node_overrides
@@ -358,6 +359,7 @@ class Sensitivity:
                 node.target if node.op == "call_module" else node.name)
         self._states: dict[_GroupKey, dict[str, torch.Tensor]] = {}
         self._ranges: dict[tuple[_GroupKey, QuantSpec], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weight_qparams: dict[tuple[str, QuantSpec], tuple[torch.Tensor, torch.Tensor]] = {}
         self.calibration_passes = 0
         self._splitting = False  # measuring a share of the variants (torch.distributed): no collectives then
 
@@ -461,8 +463,22 @@ class Sensitivity:
         for target, key in groups.items():
             observer = gm.get_submodule(target)
             set_module(gm, target, _fixed_range_observer(observer.spec, observer.name, self._range(key, observer.spec)))
+        self._pin_weight_qparams(gm)
         gm = Lower(self.backend).run(gm, ctx).graph_module
         return gm.eval()
+
+    def _pin_weight_qparams(self, gm: fx.GraphModule) -> None:
+        """Give each quantized layer the weight qparams lowering would compute, computed once per layer and
+        spec for all variants: a per-channel MSE weight range costs more than lowering the rest."""
+        ann = gm.meta[ANNOTATION_KEY]
+        for node in gm.graph.nodes:
+            if ann.roles.get(node.name) is not Role.COMPUTE or WEIGHT_QPARAMS_KEY in node.meta:
+                continue
+            module = gm.get_submodule(node.target)
+            spec = weight_spec(module, ann.pairs[node.name].weight)
+            if (node.target, spec) not in self._weight_qparams:
+                self._weight_qparams[node.target, spec] = weight_qparams(module.weight, spec)
+            node.meta[WEIGHT_QPARAMS_KEY] = self._weight_qparams[node.target, spec]
 
     def _range(self, key: _GroupKey, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """The range an observer of ``spec`` selects from group ``key``'s buffers, computed once: the
