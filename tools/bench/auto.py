@@ -101,7 +101,8 @@ MEASURED: tuple[Recipe, ...] = (
 ''')
 
 
-def target_rows(photos: PhotoSet, backends: list[str], targets: list[float], adaround: bool) -> list[list[str]]:
+def target_rows(photos: PhotoSet, backends: list[str], targets: list[float], adaround: bool,
+                max_float_share: float) -> list[list[str]]:
     model = pretrained_lite0("tf_efficientnet_lite0")
     rows = []
 
@@ -121,7 +122,8 @@ def target_rows(photos: PhotoSet, backends: list[str], targets: list[float], ada
         add([backend, "FuseBN + PTQ(data) (default recipe)", "", f"{db:.1f}", f"{agreement:.1%}", "0", "0%",
              f"{seconds:.0f}", added])
         for target in targets:
-            ptq = PTQ(photos.calib, backend=backend, target_sqnr=target, adaround=adaround, progress=False)
+            ptq = PTQ(photos.calib, backend=backend, target_sqnr=target, adaround=adaround,
+                      max_float_share=max_float_share, progress=False)
             built, seconds, error = timed(lambda p=ptq: PassManager([FuseBN(), p]).run(model, photos.calib[0][:1]))
             result = ptq.search
             path = "; ".join(f"{s.label}: {s.value:.1f} dB" for s in result.steps) if result else error
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", type=float, nargs="*", default=[25.0, 30.0, 35.0],
                         help="target SQNRs, dB (none: only the default rows)")
     parser.add_argument("--no-adaround", dest="adaround", action="store_false", help="targets: skip the AdaRound step")
+    parser.add_argument("--max-float-share", type=float, default=0.2,
+                        help="targets: the most MACs the search may keep float (default 0.2, PTQ's)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
     args = parser.parse_args(argv)
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         measure_recipes(photos, args.backends, args.bits, source)
         print(TABLE.read_text())
         return 0
-    rows = target_rows(photos, args.backends, args.targets, args.adaround)
+    rows = target_rows(photos, args.backends, args.targets, args.adaround, args.max_float_share)
     machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     body = "\n\n".join([
         f"## Accuracy you can ask for (`{COMMAND}`)",
