@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from qpasses.passes.manager import TRAINABLE
 from qpasses.passes.recipes import ACCURACY_PASSES, build_passes, find_recipe, is_one_shot
 from qpasses.quant.spec import QuantConfig
 from qpasses.validation import check_count, check_data
+
+if TYPE_CHECKING:
+    from qpasses.passes.target import SearchResult
 
 
 class PTQ(CompositePass):
@@ -61,8 +65,8 @@ class PTQ(CompositePass):
         observers = InsertObservers(backend, config, bits, per_channel)
         self.backend, self.config = observers.backend.name, observers.config
         _check_flag(adaround, "adaround")
-        self.target = _check_target(target_sqnr, evaluate, max_drop, max_float_share)
-        if self.target is not None:
+        self.target_kind = _check_target(target_sqnr, evaluate, max_drop, max_float_share)
+        if self.target_kind is not None:
             from qpasses.passes.target import Target, TargetPTQ  # it builds PTQs itself
 
             self.parts: list[Pass] = [TargetPTQ(self.data, self.backend, self.config, num_batches, progress, device,
@@ -72,13 +76,13 @@ class PTQ(CompositePass):
             self.parts = [observers, Calibrate(data, num_batches, progress, device), Lower(backend)]
 
     @property
-    def search(self):
+    def search(self) -> SearchResult | None:
         """The target search's result (``SearchResult``) after the pipeline ran, else None."""
         return getattr(self.parts[0], "result", None)
 
     def expand_in(self, pipeline: Sequence[Pass]) -> tuple[list[Pass], list[str]]:
         named = [p.name for p in pipeline if p.name in ACCURACY_PASSES]
-        if self.target is not None:
+        if self.target_kind is not None:
             chosen = [n for n in named if n in ("BiasCorrection", "AdaRound")]
             if chosen:
                 raise PlanError(f"PTQ with a target chooses {chosen[0]} itself; drop {chosen[0]}() from the "
