@@ -78,3 +78,8 @@ def one_line(error: BaseException) -> str:
     """The error's message on one line (multi-line messages, e.g. an expected folder layout, joined by '; ')."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "; ".join(lines) or type(error).__name__
+
+
+class TargetNotMetError(PassError):
+    """``PTQ(target_sqnr=...)`` (or ``evaluate=``, ``max_drop=``): no step of the bounded search met the target;
+    the message gives the best value reached and what to try."""

@@ -50,8 +50,9 @@ from torch.utils._pytree import tree_flatten
 from qpasses import distributed
 from qpasses.analysis.metrics import sqnr
 from qpasses.errors import QPassesError
+from qpasses.graph.channels import out_channels
 from qpasses.graph.modules import set_module, unique_name
-from qpasses.graph.trace import as_input_tuple
+from qpasses.graph.trace import as_input_tuple, propagate_shapes
 from qpasses.passes.base import Pass, PassContext
 from qpasses.passes.calibrate import batch_inputs, model_device, progress, run_batches, to_device
 from qpasses.passes.fuse_bn import FuseBN
@@ -61,10 +62,12 @@ from qpasses.passes.manager import PassManager
 from qpasses.passes.replace_functional import ReplaceFunctional
 from qpasses.quant.annotate import Annotation, annotate
 from qpasses.quant.backends import get_backend
+from qpasses.quant.lowering import weight_qparams, weight_spec
 from qpasses.quant.observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer, make_observer
 from qpasses.quant.ops import Role
 from qpasses.quant.overrides import exact_pattern, with_node_overrides
 from qpasses.quant.spec import QuantConfig, QuantPair, QuantSpec
+from qpasses.quant.state import WEIGHT_QPARAMS_KEY, state_of
 from qpasses.validation import check_count, check_data, check_model, check_out_path
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -127,12 +130,14 @@ class UserMetric(Metric):
 
 @dataclass(frozen=True)
 class Layer:
-    """A quantizable layer: its module's qualified name (what ``QuantConfig`` patterns match), class and
-    number of weight elements."""
+    """A quantizable layer: its module's qualified name (what ``QuantConfig`` patterns match), class,
+    number of weight elements, and multiply-accumulates per sample on the example inputs (output elements
+    × weights per output channel)."""
 
     name: str
     kind: str
     weights: int
+    macs: int = 0
 
     def weight_bytes(self, bits: int) -> int:
         """Its weights packed at ``bits`` bits: ``ceil(weights · bits / 8)``."""
@@ -339,7 +344,9 @@ class Sensitivity:
             self.metric = OutputSQNR(self.prepared, [batch_inputs(b, n_inputs) for b in batches])
         ann = annotate(self.prepared, get_backend(self.backend), self.config)
         modules = dict(self.prepared.named_modules())
-        self.layers = [Layer(n.target, type(modules[n.target]).__name__, modules[n.target].weight.numel())
+        propagate_shapes(self.prepared, to_device(inputs, model_device(self.prepared)))  # for the MACs
+        self.layers = [Layer(n.target, type(modules[n.target]).__name__, modules[n.target].weight.numel(),
+                             _macs(n, modules[n.target]))
                        for n in self.prepared.graph.nodes if ann.roles.get(n.name) is Role.COMPUTE]
         if not self.layers:
             raise QPassesError(f"sensitivity: no conv or linear layer is quantized under the {self.backend} "
@@ -353,6 +360,7 @@ class Sensitivity:
                 node.target if node.op == "call_module" else node.name)
         self._states: dict[_GroupKey, dict[str, torch.Tensor]] = {}
         self._ranges: dict[tuple[_GroupKey, QuantSpec], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weight_qparams: dict[tuple[str, QuantSpec], tuple[torch.Tensor, torch.Tensor]] = {}
         self.calibration_passes = 0
         self._splitting = False  # measuring a share of the variants (torch.distributed): no collectives then
 
@@ -456,8 +464,22 @@ class Sensitivity:
         for target, key in groups.items():
             observer = gm.get_submodule(target)
             set_module(gm, target, _fixed_range_observer(observer.spec, observer.name, self._range(key, observer.spec)))
+        self._pin_weight_qparams(gm)
         gm = Lower(self.backend).run(gm, ctx).graph_module
         return gm.eval()
+
+    def _pin_weight_qparams(self, gm: fx.GraphModule) -> None:
+        """Give each quantized layer the weight qparams lowering would compute, computed once per layer and
+        spec for all variants: a per-channel MSE weight range costs more than lowering the rest."""
+        ann = state_of(gm).annotation
+        for node in gm.graph.nodes:
+            if ann.roles.get(node.name) is not Role.COMPUTE or WEIGHT_QPARAMS_KEY in node.meta:
+                continue
+            module = gm.get_submodule(node.target)
+            spec = weight_spec(module, ann.pairs[node.name].weight)
+            if (node.target, spec) not in self._weight_qparams:
+                self._weight_qparams[node.target, spec] = weight_qparams(module.weight, spec)
+            node.meta[WEIGHT_QPARAMS_KEY] = self._weight_qparams[node.target, spec]
 
     def _range(self, key: _GroupKey, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """The range an observer of ``spec`` selects from group ``key``'s buffers, computed once: the
@@ -485,12 +507,15 @@ class Sensitivity:
 
     # --------------------------------------------------------------------------------------- analyses
 
-    def run(self, layers: Iterable[str] | None = None) -> SensitivityTable:
-        """Measure, for each layer (default: all), the model with only it quantized and with all but it."""
+    def run(self, layers: Iterable[str] | None = None, alone: bool = True) -> SensitivityTable:
+        """Measure, for each layer (default: all), the model with only it quantized and with all but it.
+        ``alone=False`` skips the first (half the variants; ``alone`` is then NaN): enough for ``gain``."""
         names = [layer.name for layer in self.layers] if layers is None else [self._layer(n).name for n in layers]
-        configs = [self.config, *(self.only(n) for n in names), *(self.keep_float_config([n]) for n in names)]
+        only = [self.only(n) for n in names] if alone else []
+        configs = [self.config, *only, *(self.keep_float_config([n]) for n in names)]
         values = self._measure_all(configs, "sensitivity")
-        full, alone, all_but = values[0], values[1:len(names) + 1], values[len(names) + 1:]
+        full, all_but = values[0], values[len(only) + 1:]
+        alone = values[1:len(only) + 1] if alone else [math.nan] * len(names)
         rows = [LayerSensitivity(self._layer(n), a, b, b - full) for n, a, b in zip(names, alone, all_but, strict=True)]
         return SensitivityTable(self.metric.name, self.backend, full, rows)
 
@@ -572,6 +597,13 @@ class Sensitivity:
             predicted_loss=sum(costs[i][c] for i, c in enumerate(choice)), metric=measured, uniform_bits=bits[0],
             uniform_metric=uniform, losses=losses,
         )
+
+
+def _macs(node: fx.Node, module: nn.Module) -> int:
+    """Multiply-accumulates of a conv/linear node per sample: output elements × weights per output channel."""
+    shape = node.meta["tensor_meta"].shape
+    per_sample = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
+    return per_sample * module.weight.numel() // out_channels(module)
 
 
 _KNAPSACK_UNITS = 4096

@@ -148,6 +148,11 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, passes_default: str 
     group.add_argument("--num-batches", type=positive_int, default=8, metavar="N", help="calibration batches (default: 8)")
     group.add_argument("--budget", type=float, default=0.6, metavar="F",
                        help="pass 'mixed': weight size budget, a fraction of the 8-bit size (default: 0.6)")
+    group.add_argument("--target-sqnr", type=float, metavar="DB",
+                       help="pass 'ptq': search for the cheapest pipeline whose output SQNR on the calibration data "
+                            "reaches DB (recipe, BiasCorrection, AdaRound, then the fewest layers kept float)")
+    group.add_argument("--no-recipe", dest="recipe", action="store_false",
+                       help="pass 'ptq': PTQ alone, without the measured default accuracy passes of its setting")
     group.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="images per batch (default: 8)")
     group.add_argument("--input-size", type=positive_int, metavar="S",
                        help="inputs are 3×S×S (default: the zoo model's own size, else 224)")
@@ -164,7 +169,7 @@ def positive_int(text: str) -> int:
 def pass_options(args: argparse.Namespace, calibration: Callable[[], list], progress: bool) -> PassOptions:
     return PassOptions(backend=args.backend, bits=args.bits, per_channel=args.per_channel,
                        quantize_output=args.quantize_output, num_batches=args.num_batches, budget=args.budget,
-                       progress=progress, calibration=calibration)
+                       progress=progress, calibration=calibration, target_sqnr=args.target_sqnr, recipe=args.recipe)
 
 
 class PrintProgress(Instrument):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -71,6 +72,12 @@ class Pass:
     def expand(self) -> list[Pass]:
         """The passes this one stands for; a composite such as PTQ returns its parts, the plan shows them."""
         return [self]
+
+    def expand_in(self, pipeline: Sequence[Pass]) -> tuple[list[Pass], list[str]]:
+        """The passes this one stands for in ``pipeline`` (the user's entries), with a plan note for each
+        choice made from it; by default ``expand()``. PTQ adds its measured recipe here, unless the
+        pipeline names accuracy passes itself."""
+        return self.expand(), []
 
     def conflict_with(self, other: Pass) -> str | None:
         """Why this pass and ``other`` cannot be in one pipeline, or None if they can."""

@@ -84,8 +84,13 @@ def plan_pipeline(passes: Sequence[Pass], established: Iterable[str] = ()) -> Pl
         if not isinstance(p, Pass):
             raise PlanError(f"pipeline entry {p!r} is not a Pass instance (did you write FuseBN instead of FuseBN()?)")
     established = set(established)
-    passes = [part for p in passes for part in p.expand()]
     notes: list[str] = []
+    expanded: list[Pass] = []
+    for p in passes:
+        parts, why = p.expand_in(passes)
+        expanded += parts
+        notes += why
+    passes = expanded
     if any(TRAINABLE in p.provides for p in passes):
         deferred = [p for p in passes if p.stage is Stage.LOWER]
         passes = [p for p in passes if p.stage is not Stage.LOWER]

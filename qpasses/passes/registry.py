@@ -43,6 +43,8 @@ class PassOptions:
     num_batches: int | None = None
     budget: float | int = 0.6
     progress: bool = True
+    target_sqnr: float | None = None  # PTQ searches for the cheapest pipeline reaching it
+    recipe: bool = True  # PTQ adds the measured accuracy passes of its setting
     calibration: Callable[[], Iterable] | None = None
 
     def data(self, pass_name: str) -> Iterable:
@@ -81,9 +83,10 @@ PASSES: dict[str, PassEntry] = {
                            "run calibration batches through the observers"),
     "lower": PassEntry(lambda o: Lower(o.backend), "replace observed ops by int8 kernels of the backend"),
     "ptq": PassEntry(lambda o: PTQ(o.data("ptq"), o.backend, bits=o.bits, per_channel=o.per_channel,
-                                   num_batches=o.num_batches, progress=o.progress,
-                                   quantize_output=o.quantize_output),
-                     "post-training static quantization: observe → calibrate → lower"),
+                                   num_batches=o.num_batches, progress=o.progress, recipe=o.recipe,
+                                   target_sqnr=o.target_sqnr, quantize_output=o.quantize_output),
+                     "post-training static quantization: observe → calibrate → lower, with the measured recipe of "
+                     "its setting (--no-recipe: without); --target-sqnr DB: the cheapest pipeline reaching DB"),
     "qat": PassEntry(lambda o: QAT(o.backend, bits=o.bits, per_channel=o.per_channel,
                                    quantize_output=o.quantize_output),
                      "fake-quant model to train in any loop, then qpasses.convert (lowering deferred)"),

@@ -62,7 +62,7 @@ def analysed():
 
 
 def ptq(model, data, config, backend="x86"):
-    return PassManager([FuseBN(), PTQ(data, backend=backend, config=config, progress=False)]).run(model, data[0])
+    return PassManager([FuseBN(), PTQ(data, backend=backend, config=config, progress=False, recipe=False)]).run(model, data[0])
 
 
 def test_deliberately_sensitive_layer_is_ranked_first(analysed):

@@ -128,7 +128,9 @@ def test_viz_pipeline_with_diff_and_heat(tmp_path, capsys):
                        "--out", str(out_path), "--json")
     assert code == 0
     summary = json.loads(out)
-    assert summary["graphs"] == ["traced", "FuseBN", "ReplaceFunctional", "InsertObservers", "Calibrate", "Lower"]
+    graphs = summary["graphs"]  # PTQ's measured recipe for its setting may add passes between these
+    assert graphs[:5] == ["traced", "FuseBN", "ReplaceFunctional", "InsertObservers", "Calibrate"]
+    assert graphs[-1] == "Lower"
     assert summary["diff"] == "FuseBN"
     page = out_path.read_text()
     assert "SQNR" in page and "enc1_0" in page
@@ -246,3 +248,12 @@ def test_a_real_process():
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("qpasses: error: unknown model")
     done = qpasses("list", "backends")
     assert done.returncode == 0 and "x86" in done.stdout
+
+
+def test_quantize_to_a_target_sqnr(capsys):
+    code, out, _ = run(capsys, "quantize", TINY, *SMALL, "--target-sqnr", "5", "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["plan"] == ["FuseBN", "ReplaceFunctional", "TargetPTQ"]
+    search = summary["passes"][-1]
+    assert search["notes"][0].startswith("step 1: PTQ") and "met by step" in search["notes"][-1]

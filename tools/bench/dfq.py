@@ -107,7 +107,7 @@ PIPELINE_ORDER = {label: i for i, (label, _) in enumerate(pipelines([], 1))}
 
 def quantize(model: nn.Module, passes: list[Pass], calib: list[torch.Tensor], backend: str,
              config: QuantConfig) -> nn.Module:
-    ptq = PTQ(calib, backend=backend, config=config, progress=False)
+    ptq = PTQ(calib, backend=backend, config=config, progress=False, recipe=False)  # the row's passes only
     return PassManager([FuseBN(), *passes, ptq]).run(model, calib[0][:1])
 
 

@@ -1,0 +1,47 @@
+"""The measured recipe table (see ``qpasses.passes.recipes``): each row written by
+``python -m tools.bench.auto --write-table`` (its ``source`` says which run). Do not edit: rerun it.
+"""
+
+from qpasses.passes.recipes import Recipe
+
+MEASURED: tuple[Recipe, ...] = (
+    Recipe(
+        backend='qnnpack',
+        per_channel=False,
+        weight_bits=8,
+        passes=('cle', 'hba', 'biascorrection'),
+        sqnr_db=15.7,
+        ptq_sqnr_db=4.2,
+        seconds=172,
+        source=(
+            '`python -m tools.bench.auto --write-table --calib 16 --eval 32 --backends '
+            'qnnpack --threads 1`, 2026-12-06, commit 78cfd5b'
+        ),
+    ),
+    Recipe(
+        backend='x86',
+        per_channel=True,
+        weight_bits=8,
+        passes=('biascorrection',),
+        sqnr_db=18.9,
+        ptq_sqnr_db=15.3,
+        seconds=183,
+        source=(
+            '`python -m tools.bench.auto --write-table --calib 16 --eval 32 --backends x86 '
+            '--threads 1`, 2026-12-06, commit 78cfd5b'
+        ),
+    ),
+    Recipe(
+        backend='onednn',
+        per_channel=True,
+        weight_bits=8,
+        passes=('biascorrection',),
+        sqnr_db=22.2,
+        ptq_sqnr_db=16.8,
+        seconds=180,
+        source=(
+            '`python -m tools.bench.auto --write-table --calib 16 --eval 32 --backends onednn'
+            ' --threads 1`, 2026-12-06, commit 78cfd5b'
+        ),
+    ),
+)

@@ -1,0 +1,191 @@
+"""Accuracy you can ask for, on pretrained EfficientNet-Lite0: the measured default recipe, and PTQ to a target.
+
+    python -m tools.bench.auto --write-table   # measure the cheap pipelines per setting; write the recipe table
+    python -m tools.bench.auto                 # default PTQ vs PT2E, then target_sqnr 25/30/35 per backend
+    python -m tools.bench.auto --calib 16 --eval 32 --backends x86 --no-adaround --write   # a reduced run
+
+``--write-table`` measures, per setting (backend at 8-bit weights, the dfq benchmark's settings), every cheap
+pipeline (no weight training: PTQ, + BiasCorrection, + CLE + HBA + BiasCorrection) on the PTQ
+benchmark's photo crops and writes the best one per setting to ``qpasses/passes/recipe_table.py``, the table
+``PTQ(data)`` reads its default passes from. The default run measures, per backend, ``FuseBN + PTQ(data)``
+(with that recipe) against torchao PT2E X86InductorQuantizer, then ``PTQ(data, target_sqnr=T)``: met or not,
+the layers kept float and their share of the conv/linear MACs, prepare time, and the held-out fidelity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import fcntl
+import importlib
+import platform
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from qpasses import PassManager
+from qpasses.passes import PTQ, FuseBN
+from qpasses.passes.recipes import Recipe, build_passes
+from tools.bench.common import PhotoSet, fidelity, markdown_table, pretrained_lite0, timed, write_section
+from tools.bench.dfq import BACKENDS, config_for, pt2e_x86_inductor, quantize, setting_label
+
+COMMAND = "python -m tools.bench.auto"
+TABLE = Path(__file__).resolve().parents[2] / "qpasses" / "passes" / "recipe_table.py"
+# The cheap pipelines (registry names, before PTQ): no weight training, so each prepares in about a minute.
+# CLE + HBA without BiasCorrection is left out: it never beat CLE + HBA + BiasCorrection in the dfq rows.
+CHEAP = ((), ("biascorrection",), ("cle", "hba", "biascorrection"))
+
+
+def measure_recipes(photos: PhotoSet, backends: list[str], bits: list[int], source: str) -> None:
+    """Per setting, every ``CHEAP`` pipeline measured; the best (logit SQNR on the evaluation crops) written to
+    the table as soon as its setting is done."""
+    model = pretrained_lite0("tf_efficientnet_lite0")
+    for weight_bits in bits:
+        for backend in backends:
+            config = config_for(backend, weight_bits)
+            rows = []
+            for names in CHEAP:
+                built, seconds, error = timed(lambda n=names, c=config, b=backend: quantize(
+                    model, build_passes(n, photos.calib, None), photos.calib, b, c))
+                if built is None:
+                    print(f"{setting_label(backend, config)} | {names} | fails: {error}", flush=True)
+                    continue
+                db, agreement = fidelity(model, built, photos.evals)
+                rows.append((db, names, seconds))
+                print(f"{setting_label(backend, config)} | PTQ {' + '.join(names)} | {db:.1f} dB | {agreement:.1%} | "
+                      f"{seconds:.0f} s", flush=True)
+            ptq_db = next(db for db, names, _ in rows if not names)
+            db, names, seconds = max(rows)
+            write_table(Recipe(backend, config.weight.per_channel, weight_bits, names, round(db, 1), round(ptq_db, 1),
+                               round(seconds), source))
+
+
+def write_table(recipe: Recipe) -> None:
+    """Replace ``recipe``'s setting in the table (or add it), keeping the others: settings measured by separate
+    invocations (in parallel: the file is locked while it is rewritten) end up in one table."""
+    with open(TABLE, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        from qpasses.passes import recipe_table
+
+        importlib.reload(recipe_table)
+        key = (recipe.backend, recipe.per_channel, recipe.weight_bits)
+        kept = [r for r in recipe_table.MEASURED if (r.backend, r.per_channel, r.weight_bits) != key]
+        _write(sorted([*kept, recipe], key=lambda r: (-r.weight_bits, BACKENDS.index(r.backend))))
+
+
+def _field(value: object) -> str:
+    """A field's Python literal; long strings split into adjacent literals, so the table keeps the line limit."""
+    if not isinstance(value, str) or len(value) <= 80:
+        return repr(value)
+    parts = textwrap.wrap(value, 80, drop_whitespace=False, break_on_hyphens=False)
+    return "(\n" + "".join(f"            {part!r}\n" for part in parts) + "        )"
+
+
+def _write(recipes: list[Recipe]) -> None:
+    rows = "\n".join("    Recipe(\n" + "".join(f"        {f.name}={_field(getattr(r, f.name))},\n"
+                                                 for f in dataclasses.fields(r)) + "    )," for r in recipes)
+    TABLE.write_text(f'''"""The measured recipe table (see ``qpasses.passes.recipes``): each row written by
+``python -m tools.bench.auto --write-table`` (its ``source`` says which run). Do not edit: rerun it.
+"""
+
+from qpasses.passes.recipes import Recipe
+
+MEASURED: tuple[Recipe, ...] = (
+{rows}
+)
+''')
+
+
+def target_rows(photos: PhotoSet, backends: list[str], targets: list[float], adaround: bool,
+                max_float_share: float) -> list[list[str]]:
+    model = pretrained_lite0("tf_efficientnet_lite0")
+    rows = []
+
+    def add(row: list[str]) -> None:
+        rows.append(row)
+        print(" | ".join(row), flush=True)
+
+    built, seconds, error = timed(lambda: pt2e_x86_inductor(model, photos.calib))
+    db, agreement = fidelity(model, built, photos.evals) if built is not None else (float("nan"), float("nan"))
+    add(["any", "torchao PT2E X86InductorQuantizer (reference)", "", f"{db:.1f}", f"{agreement:.1%}", "", "",
+         f"{seconds:.0f}", error])
+    for backend in backends:
+        pm = PassManager([FuseBN(), PTQ(photos.calib, backend=backend, progress=False)])
+        built, seconds, error = timed(lambda p=pm: p.run(model, photos.calib[0][:1]))
+        db, agreement = fidelity(model, built, photos.evals)
+        added = "; ".join(n.split(":")[0] for n in pm.report.plan.notes if n.startswith("PTQ added"))
+        add([backend, "FuseBN + PTQ(data) (default recipe)", "", f"{db:.1f}", f"{agreement:.1%}", "0", "0%",
+             f"{seconds:.0f}", added])
+        for target in targets:
+            ptq = PTQ(photos.calib, backend=backend, target_sqnr=target, adaround=adaround,
+                      max_float_share=max_float_share, progress=False)
+            built, seconds, error = timed(lambda p=ptq: PassManager([FuseBN(), p]).run(model, photos.calib[0][:1]))
+            result = ptq.search
+            path = "; ".join(f"{s.label}: {s.value:.1f} dB" for s in result.steps) if result else error
+            if built is None:
+                path = f"{path}; {error}" if result and result.steps else error
+                add([backend, f"PTQ(target_sqnr={target:g})", "not met", "", "", "", "", f"{seconds:.0f}", path])
+                continue
+            db, agreement = fidelity(model, built, photos.evals)
+            chosen = result.chosen
+            add([backend, f"PTQ(target_sqnr={target:g})", f"met: {chosen.value:.1f} dB", f"{db:.1f}",
+                 f"{agreement:.1%}", ", ".join(chosen.keep_float) or "0", f"{chosen.float_share:.1%}", f"{seconds:.0f}",
+                 path])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qpasses bench auto", description=__doc__.splitlines()[0])
+    parser.add_argument("--write-table", action="store_true", help="measure the cheap pipelines per setting and write "
+                        "qpasses/passes/recipe_table.py (no target runs)")
+    parser.add_argument("--calib", type=int, default=64, help="calibration crops (default 64)")
+    parser.add_argument("--eval", type=int, default=128, help="evaluation crops (default 128)")
+    parser.add_argument("--size", type=int, default=224, help="crop size (default 224)")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--bits", type=int, nargs="+", default=[8], help="--write-table: weight bits (default 8)")
+    parser.add_argument("--targets", type=float, nargs="*", default=[25.0, 30.0, 35.0],
+                        help="target SQNRs, dB (none: only the default rows)")
+    parser.add_argument("--no-adaround", dest="adaround", action="store_false", help="targets: skip the AdaRound step")
+    parser.add_argument("--max-float-share", type=float, default=0.2,
+                        help="targets: the most MACs the search may keep float (default 0.2, PTQ's)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
+    args = parser.parse_args(argv)
+    command = " ".join([COMMAND, shlex.join(argv if argv is not None else sys.argv[1:])])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    photos = PhotoSet.make(args.calib, args.eval, size=args.size)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    today = datetime.date.today().isoformat()
+    if args.write_table:
+        source = f"`{command}`, {today}, commit {commit}"
+        measure_recipes(photos, args.backends, args.bits, source)
+        print(TABLE.read_text())
+        return 0
+    rows = target_rows(photos, args.backends, args.targets, args.adaround, args.max_float_share)
+    machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    body = "\n\n".join([
+        f"## Accuracy you can ask for (`{COMMAND}`)",
+        f"Command: `{command}` ({today}, commit {commit}). Machine: {machine}. Pretrained tf_efficientnet_lite0, "
+        f"{args.calib} calibration crops, {args.eval} evaluation crops (the PTQ benchmark's photo crops), "
+        f"{args.size}×{args.size}. 'target': output SQNR on the calibration crops, what the search measures; "
+        "'held-out': logits against the float model on the evaluation crops. 'float MACs': the share of the "
+        "conv/linear multiply-accumulates in layers the search kept float. 'prepare s' includes the whole search."
+        + ("" if args.adaround else " The AdaRound step was skipped (`--no-adaround`)."),
+        markdown_table(["backend", "pipeline", "target", "held-out SQNR dB", "top-1 agreement", "layers kept float",
+                        "float MACs", "prepare s", "path / note"], rows),
+    ])
+    print(body)
+    if args.write:
+        write_section("auto", body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
