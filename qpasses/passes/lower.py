@@ -331,11 +331,11 @@ class _Lowering:
         """A linear that writes the model's output in float: the int8 kernel that dequantizes its accumulator."""
         module = self.float_module(node)
         lowered = lowering.float_output_compute(module, self.ann.pairs[node.name].weight,
-                                                node.meta.get(lowering.WEIGHT_QPARAMS_KEY))
-        node.meta.pop(lowering.FLOAT_WEIGHT_KEY, None)
+                                                node.meta.get(WEIGHT_QPARAMS_KEY))
+        node.meta.pop(FLOAT_WEIGHT_KEY, None)
         self.replace_module(node.target, lowered)
         self.quantized[node] = False
-        node.meta["qstate"] = "int8_float_output"
+        node.meta[QSTATE_KEY] = "int8_float_output"
         self.ctx.stats["float_output_" + type(module).__name__.lower()] += 1
 
     def symmetric_same_padding(self, node: fx.Node, conv: nn.Module, scale: float, zero_point: int) -> nn.Module:
