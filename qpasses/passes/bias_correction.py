@@ -22,8 +22,14 @@ from qpasses.quant.state import WEIGHT_QPARAMS_KEY
 from qpasses.validation import check_count, check_data
 
 
+def _channels_on_dim_1(layer: Layer, y: torch.Tensor) -> torch.Tensor:
+    """A layer's output with its channels on dim 1: a linear's are its last dim, after any (batch, sequence)
+    dims, e.g. a transformer's ``(batch, tokens, features)``."""
+    return y.movedim(-1, 1) if isinstance(layer.module, nn.Linear) and y.dim() > 2 else y
+
+
 def _by_channel(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as (channels, everything else): channels on dim 1 (the last dim of a linear layer's 2-D output)."""
+    """``t`` as (channels, everything else): channels on dim 1 (see ``_channels_on_dim_1``)."""
     return t.transpose(0, 1).reshape(t.shape[1], -1)
 
 
@@ -130,9 +136,10 @@ class BiasCorrection(Pass):
     def _correct(gm: fx.GraphModule, layer: Layer, indices: list[int]) -> torch.Tensor:
         # On the grid lowering will use: the one AdaRound pinned, if it ran.
         weight = fake_quantize_weight(layer.module.weight, layer.spec, layer.node.meta.get(WEIGHT_QPARAMS_KEY))
-        quantized = [layer.run(x, weight) for x in layer.quant_inputs]
+        quantized = [_channels_on_dim_1(layer, layer.run(x, weight)) for x in layer.quant_inputs]
+        reference = [_channels_on_dim_1(layer, y) for y in layer.float_outputs]
         lower, upper = activation_bounds(gm, layer.node, quantized[0].new_zeros(quantized[0].shape[1]))
-        shift = _mean_matching_shift(quantized, layer.float_outputs, lower, upper, indices=indices)
+        shift = _mean_matching_shift(quantized, reference, lower, upper, indices=indices)
         with torch.no_grad():
             if layer.module.bias is None:
                 layer.module.bias = nn.Parameter(-shift)

@@ -159,3 +159,27 @@ def test_the_shift_matches_the_mean_the_next_layer_reads_where_noise_crosses_the
     shift = _mean_matching_shift(quantized, y, lower, upper)
     fed = torch.cat([torch.relu(t[:, 0] - shift[0]) for t in quantized]).mean()
     assert abs(float(fed) - float(torch.cat([torch.relu(t[:, 0]) for t in y]).mean())) < 1e-4
+
+
+def test_a_linear_on_sequences_is_corrected_per_output_feature():
+    # A transformer's linears read (batch, tokens, features): their channels are the last dim, not dim 1.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6)).eval()
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.add_(0.1)
+    g = torch.Generator().manual_seed(3)
+    calib, evals = ([torch.randn(4, 5, 8, generator=g) + 0.5 for _ in range(6)] for _ in range(2))
+    config = dataclasses.replace(get_backend("qnnpack").default_config(),
+                                 weight=get_backend("qnnpack").default_config().weight.replace(bits=4))
+
+    def quantize(*passes):
+        return PassManager([*passes, PTQ(calib, backend="qnnpack", config=config, progress=False)]).run(model, calib[0])
+
+    def mean_error(qm):
+        with torch.no_grad():
+            return float(torch.cat([qm(x) - model(x) for x in evals]).mean(dim=(0, 1)).abs().mean())
+
+    plain, corrected = quantize(), quantize(BiasCorrection(calib))
+    assert mean_error(corrected) < 0.7 * mean_error(plain), (mean_error(plain), mean_error(corrected))

@@ -411,14 +411,15 @@ def test_x86_activation_bits_follow_the_cpu_and_the_report_says_why(monkeypatch)
     monkeypatch.setenv(OVERRIDE_ENV, "vnni")
     reduced, said = run()
     assert reduced == {"act_obs"}  # only the depthwise conv's input: every other kernel accumulates in int32
+    # 4 observed values: the logits fc writes stay float (QuantConfig.quantize_output=False)
     assert len(said) == 1 and said[0].startswith(
-        "x86: 8-bit activations, 7-bit steps (reduce_range) on the 1 of 5 observed values read by kernels that add "
+        "x86: 8-bit activations, 7-bit steps (reduce_range) on the 1 of 4 observed values read by kernels that add "
         "int16 pairs: this CPU, ")
     assert "has AVX-512 VNNI" in said[0] and "override QPASSES_CPU_INT8=vnni" in said[0]
     monkeypatch.setenv(OVERRIDE_ENV, "novnni")
     reduced, said = run()
     assert reduced == {"x_obs", "act_obs", "depthwise_obs", "project_obs"}  # every conv/linear input
-    assert "on the 4 of 5 observed values" in said[0] and "has no AVX-512 VNNI" in said[0]
+    assert "on the 4 of 4 observed values" in said[0] and "has no AVX-512 VNNI" in said[0]
     assert run(bits=4) == (set(), ["x86: 4-bit activations: 4-bit grids cannot overflow an int16 pair sum"])
     given = QuantConfig(weight=QuantSpec(signed=True, symmetric=True), activation=QuantSpec(signed=False, symmetric=False))
     assert run(config=given) == (set(), ["x86: 8-bit activations: as the given config asks"])
