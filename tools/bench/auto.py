@@ -19,7 +19,6 @@ import dataclasses
 import datetime
 import fcntl
 import importlib
-import platform
 import shlex
 import subprocess
 import sys
@@ -31,7 +30,15 @@ import torch
 from qpasses import PassManager
 from qpasses.passes import PTQ, FuseBN
 from qpasses.passes.recipes import Recipe, build_passes
-from tools.bench.common import PhotoSet, fidelity, markdown_table, pretrained_lite0, timed, write_section
+from tools.bench.common import (
+    PhotoSet,
+    describe_machine,
+    fidelity,
+    markdown_table,
+    pretrained_lite0,
+    timed,
+    write_section,
+)
 from tools.bench.dfq import BACKENDS, config_for, pt2e_x86_inductor, quantize, setting_label
 
 COMMAND = "python -m tools.bench.auto"
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(TABLE.read_text())
         return 0
     rows = target_rows(photos, args.backends, args.targets, args.adaround, args.max_float_share)
-    machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    machine = describe_machine()
     body = "\n\n".join([
         f"## Accuracy you can ask for (`{COMMAND}`)",
         f"Command: `{command}` ({today}, commit {commit}). Machine: {machine}. Pretrained tf_efficientnet_lite0, "
