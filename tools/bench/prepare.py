@@ -10,8 +10,9 @@ Per model (random weights, BatchNorm statistics re-estimated on the calibration 
 ``tools.bench.coverage``), each tool quantizes a copy of the float model with the same ``--batches``
 calibration batches of 8 photo crops at 224×224 (``PhotoSet``):
 
-- qpasses: ``PassManager([FuseBN(), PTQ(batches)]).run`` (``tools.bench.ptq.qpasses_ptq``, x86): capture and its
-  check against the eager model, the passes each verified, observers, calibration, int8 lowering;
+- qpasses: ``PassManager([FuseBN(), PTQ(batches, recipe=False)]).run`` (``tools.bench.ptq.qpasses_ptq``, x86):
+  capture and its check against the eager model, the passes each verified, observers, calibration, int8
+  lowering; without the default recipe's accuracy passes (BiasCorrection), which torch.ao FX has no counterpart of;
 - torch.ao FX: ``prepare_fx`` + the batches + ``convert_fx``, ``get_default_qconfig_mapping("x86")``;
 - torchao PT2E: ``torch.export`` + ``prepare_pt2e`` (``X86InductorQuantizer``) + the batches + ``convert_pt2e``;
   its graph is exported for batch 1, so it calibrates one sample at a time (``tools.bench.common``).
@@ -54,7 +55,7 @@ TARGET = 1.5  # qpasses' prepare time may be at most this multiple of torch.ao F
 
 Quantize = Callable[[nn.Module, list[torch.Tensor]], nn.Module]
 TOOLS: dict[str, tuple[str, Quantize]] = {
-    "qpasses": ("qpasses PTQ", lambda model, calib: qpasses_ptq(model, calib, "x86")),
+    "qpasses": ("qpasses PTQ", lambda model, calib: qpasses_ptq(model, calib, "x86", recipe=False)),
     "fx": ("torch.ao FX", lambda model, calib: torch_ao_fx_ptq(model, calib, "x86")),
     "pt2e": ("torchao PT2E", torchao_pt2e_ptq),
 }
