@@ -2,8 +2,10 @@
 
 Traces timm's TF-padded ``tf_efficientnet_lite0`` (which torch.ao FX cannot trace), folds its
 ``BatchNormAct2d`` BNs, rewrites arithmetic into FloatFunctional modules, then runs FuseBN + PTQ for
-x86 and qnnpack, calibrating on crops of real photos and comparing with the float model on other crops,
-and finally rescues per-tensor qnnpack with the data-free passes (CLE, bias absorption and correction).
+x86 and qnnpack, calibrating on crops of real photos and comparing with the float model on other crops.
+``PTQ(data)`` adds the measured best cheap passes of its setting (the recipe table: BiasCorrection on x86's
+per-channel grids, CLE + HighBiasAbsorption + BiasCorrection on qnnpack's per-tensor ones); qnnpack is shown
+without them too (``recipe=False``), to see what they rescue.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from skimage import data as skdata
 import qpasses_zoo as zoo
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr, topk_agreement
-from qpasses.passes import CLE, PTQ, BiasCorrection, FuseBN, HighBiasAbsorption, ReplaceFunctional
+from qpasses.passes import PTQ, FuseBN, ReplaceFunctional
 from qpasses_zoo.data import SYMMETRIC, loader, photo_crops
 from qpasses_zoo.models.lite0 import preprocess
 
@@ -58,9 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     evals = [b for (b,) in loader(photo_crops(args.eval, args.size, seed=1, split="eval", normalization=SYMMETRIC), 16)]
     pipelines = {
         "PTQ x86": [FuseBN(), PTQ(calib, backend="x86")],
+        "PTQ without its recipe, qnnpack": [FuseBN(), PTQ(calib, backend="qnnpack", recipe=False)],
         "PTQ qnnpack": [FuseBN(), PTQ(calib, backend="qnnpack")],
-        "CLE + HighBiasAbsorption + PTQ + BiasCorrection qnnpack": [
-            FuseBN(), CLE(), HighBiasAbsorption(), PTQ(calib, backend="qnnpack"), BiasCorrection()],
     }
     for title, passes in pipelines.items():
         backend = title.split()[-1]
