@@ -136,6 +136,33 @@ class _Lowering:
         scale, zero_point = observer.qparams()
         return float(scale), int(zero_point)
 
+    def value_grid(self, node: fx.Node) -> tuple[float, int] | None:
+        """The (scale, zero point) ``node``'s value has in the int8 graph: its observer's (or the widened one),
+        or for an op whose kernel decides its output grid (fixed-range, derived), what that kernel gives on its
+        input's grid, read from the kernel itself on a one-element probe. None for a value left float."""
+        while self.observer(node) is None and self.ann.roles.get(node.name) is Role.PRESERVING:
+            if not node.all_input_nodes:
+                return None
+            node = node.all_input_nodes[0]
+        if self.observer(node) is not None:
+            return self.qparams(self.observer(node))
+        if self.ann.roles.get(node.name) not in (Role.FIXED, Role.DERIVED):
+            return None
+        source = next((a for a in node.all_input_nodes if a.op != "get_attr"), None)
+        grid = self.value_grid(source) if source is not None else None
+        if grid is None:
+            return None
+        probe = torch.quantize_per_tensor(torch.zeros(1), grid[0], grid[1], torch.quint8)
+        if node.op == "call_method" and node.target in lowering.QUANTIZED_FUNCTIONAL_OPS:  # a derived scalar op
+            out = lowering.QUANTIZED_FUNCTIONAL_OPS[node.target](probe, node.args[-1])
+        elif node.op == "call_module":
+            out = self.gm.get_submodule(node.target)(probe)
+        elif node.op == "call_method":
+            out = getattr(probe, node.target)()
+        else:
+            out = node.target(probe)
+        return float(out.q_scale()), int(out.q_zero_point())
+
     def value_observer(self, node: fx.Node) -> Observer | None:
         """The observer whose grid ``node``'s value is on: its own, or through qparams-preserving ops, that
         of the value they read; None where a kernel decides it (fixed-range, derived ops)."""
@@ -163,13 +190,16 @@ class _Lowering:
         adds = []
         for node in self.graph.nodes:
             if self.ann.roles.get(node.name) is Role.FUNCTIONAL and node.target in ("add", "add_relu"):
-                inputs = [self.value_observer(arg) for arg in node.args[1:] if isinstance(arg, fx.Node)]
-                adds.append((node, [o for o in inputs if o is not None], self.output_observer(node)))
+                values = [arg for arg in node.args[1:] if isinstance(arg, fx.Node)]
+                inputs = [self.value_observer(arg) for arg in values]
+                adds.append((node, values, [o for o in inputs if o is not None], self.output_observer(node)))
         changed = True
         while changed:
             changed = False
-            for node, inputs, output in adds:
-                widest = max((self.qparams(o)[0] for o in inputs), default=0.0)
+            for node, values, inputs, output in adds:
+                # Every input's grid, those a kernel decides (sigmoid's, a scalar multiply's) included: only
+                # the observed ones can be widened, but the output must be wide enough for all of them.
+                widest = max((grid[0] for grid in map(self.value_grid, values) if grid is not None), default=0.0)
                 # Widened past the checked bound by the margin again: a grid widened to the bound itself can
                 # round back onto it and be widened for ever.
                 if widest / self.qparams(output)[0] >= high:

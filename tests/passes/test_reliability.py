@@ -195,6 +195,27 @@ def test_an_add_of_a_dead_branch_widens_the_degenerate_grid(backend):
     assert quantized_sqnr(AddOfDeadRelu().eval(), backend) > 30  # was "Lower: internal error KeyError: torch.quint8"
 
 
+class CancellingAddOfKernelGrids(nn.Module):
+    """``sigmoid(c) + (−0.998 · sigmoid(c))``: both inputs on grids a kernel decides (sigmoid's fixed 1/256, the
+    scalar multiply's derived one), the output a tiny range: an input/output scale ratio of ~500 (fuzz seed 17,
+    graph 5218)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+
+    def forward(self, x):
+        s = torch.sigmoid(self.conv(x))
+        return s + s * -0.998
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_add_of_inputs_on_kernel_decided_grids_gets_a_legal_output_grid(backend):
+    torch.manual_seed(0)
+    # was, on qnnpack: "failed to create QNNPACK Add operator" (ratio 566): the widening saw no input grid
+    assert quantized_sqnr(CancellingAddOfKernelGrids().eval(), backend) > 30
+
+
 def test_the_widened_grid_is_reported():
     data = batches()
     pm = PassManager([PTQ(data, backend="qnnpack", progress=False)])
