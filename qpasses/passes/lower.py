@@ -136,14 +136,19 @@ class _Lowering:
         scale, zero_point = observer.qparams()
         return float(scale), int(zero_point)
 
+    def grid_source(self, node: fx.Node) -> fx.Node:
+        """The node that decides ``node``'s grid: ``node`` itself, or through qparams-preserving ops the
+        value they read, up to one that is observed or computes its own grid."""
+        while (self.observer(node) is None and self.ann.roles.get(node.name) is Role.PRESERVING
+               and node.all_input_nodes):
+            node = node.all_input_nodes[0]
+        return node
+
     def value_grid(self, node: fx.Node) -> tuple[float, int] | None:
         """The (scale, zero point) ``node``'s value has in the int8 graph: its observer's (or the widened one),
         or for an op whose kernel decides its output grid (fixed-range, derived), what that kernel gives on its
         input's grid, read from the kernel itself on a one-element probe. None for a value left float."""
-        while self.observer(node) is None and self.ann.roles.get(node.name) is Role.PRESERVING:
-            if not node.all_input_nodes:
-                return None
-            node = node.all_input_nodes[0]
+        node = self.grid_source(node)
         if self.observer(node) is not None:
             return self.qparams(self.observer(node))
         if self.ann.roles.get(node.name) not in (Role.FIXED, Role.DERIVED):
@@ -166,11 +171,7 @@ class _Lowering:
     def value_observer(self, node: fx.Node) -> Observer | None:
         """The observer whose grid ``node``'s value is on: its own, or through qparams-preserving ops, that
         of the value they read; None where a kernel decides it (fixed-range, derived ops)."""
-        while self.observer(node) is None:
-            if self.ann.roles.get(node.name) is not Role.PRESERVING or not node.all_input_nodes:
-                return None
-            node = node.all_input_nodes[0]
-        return self.observer(node)
+        return self.observer(self.grid_source(node))
 
     def legalize_add_scales(self) -> None:
         """Widen grids until every int8 add's input-to-output scale ratios lie in the backend's

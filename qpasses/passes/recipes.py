@@ -4,7 +4,7 @@ Each ``Recipe`` row says which cheap passes (no weight training) gave the best o
 EfficientNet-Lite0 for one setting (backend, weight granularity, weight bits), and what was measured. The
 rows live in ``qpasses/passes/recipe_table.py``, which ``python -m tools.bench.auto --write-table`` writes
 from its measurements; nothing here is a guess. ``PTQ(data)`` adds the passes of the row for its setting
-(see ``PTQ.complete``), unless the user's pipeline names an accuracy pass itself or ``recipe=False``.
+(see ``PTQ.expand_in``), unless the user's pipeline names an accuracy pass itself or ``recipe=False``.
 """
 
 from __future__ import annotations
