@@ -1,6 +1,5 @@
 import pytest
 
-from tools.bench.common import cpu_model
 from tools.bench.prepare import main, table
 
 
@@ -37,5 +36,3 @@ def test_bad_arguments_are_refused_before_any_work(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_cpu_model_names_the_cpu_and_its_cores():
-    assert cpu_model().endswith("logical cores)") and len(cpu_model()) > len(" (2 logical cores)")

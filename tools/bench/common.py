@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import platform
 import re
 import time
 import warnings
@@ -113,14 +111,6 @@ def timed(fn: Callable[[], nn.Module]) -> tuple[nn.Module | None, float, str]:
     except Exception as exc:  # a reference tool failing is a result to record, not a crash
         return None, time.perf_counter() - start, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     return result, time.perf_counter() - start, ""
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows) and its logical cores."""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
-    name = names[0].strip() if names else (platform.processor() or platform.machine())
-    return f"{name} ({os.cpu_count()} logical cores)"
 
 
 def write_section(name: str, body: str) -> None:

@@ -37,7 +37,7 @@ from torch import nn
 import qpasses_zoo as zoo
 from tools.bench.common import (
     PhotoSet,
-    cpu_model,
+    describe_machine,
     markdown_table,
     timed,
     torch_ao_fx_ptq,
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     calib = PhotoSet.make(8 * args.batches, 8).calib
-    machine = f"{cpu_model()}, torch {torch.__version__}, torch threads: {torch.get_num_threads()}"
+    machine = describe_machine()
     print(f"machine: {machine}", flush=True)
     results = measure(models, tools, calib, args.rounds)
     body = "\n\n".join([
