@@ -1,0 +1,48 @@
+"""Deployment targets: each lowers qpasses' reference quantized graph to one runtime's int8 kernels.
+
+The reference graph (``qpasses.passes.Reference``) holds float ops between explicit
+``torch.ops.quantized_decomposed`` quantize/dequantize ops, the dialect torchao's ``convert_pt2e`` emits. Each
+target module here turns it into that runtime's artifact and checks that the runtime's int8 kernels really
+run (generated code, delegated partitions or executed node types), failing loudly where it fell back to float.
+
+``deploy(model, target, example_inputs, out)`` dispatches on ``TARGETS``: target name → the module that
+implements it, whose ``deploy(reference, example_inputs, out) -> Deployed`` does the work. Targets import
+their runtime lazily: each is an optional extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from qpasses.errors import InputError
+
+# target name → module implementing it (each an optional extra, imported on use)
+TARGETS: dict[str, str] = {}
+
+
+@dataclass
+class Deployed:
+    """A deployed model: ``run(*inputs)`` calls the runtime; ``artifact`` is the file written (None where the
+    target keeps it in memory); ``int8_kernels`` names the runtime's int8 kernels found in it, with how many."""
+
+    target: str
+    run: Callable[..., Any]
+    artifact: Path | None
+    int8_kernels: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.run(*inputs)
+
+
+def deploy(model: nn.Module, target: str, example_inputs: Any, out: str | Path | None = None) -> Deployed:
+    """Lower ``model`` (a qpasses reference graph, or a ``convert_pt2e`` one) to ``target``'s int8 kernels."""
+    if target not in TARGETS:
+        raise InputError(f"unknown deployment target {target!r}; choose one of {', '.join(sorted(TARGETS))}")
+    module = importlib.import_module(TARGETS[target])
+    return module.deploy(model, example_inputs, None if out is None else Path(out))
