@@ -5,9 +5,10 @@ The reference graph (``qpasses.passes.Reference``) holds float ops between expli
 target module here turns it into that runtime's artifact and checks that the runtime's int8 kernels really
 run (generated code, delegated partitions or executed node types), failing loudly where it fell back to float.
 
-``deploy(model, target, example_inputs, out)`` dispatches on ``TARGETS``: target name → the module that
-implements it, whose ``deploy(reference, example_inputs, out) -> Deployed`` does the work. Targets import
-their runtime lazily: each is an optional extra.
+``deploy(model, target, example_inputs, out)`` dispatches on ``TARGETS``, one ``Target`` record per runtime:
+the module that implements it (its ``deploy(reference, example_inputs, out) -> Deployed`` does the work), the
+backend-table preset whose grids that runtime's kernels run exactly (``qpasses.quant.backends``), and the pip
+extra that installs the runtime. Targets import their runtime lazily.
 """
 
 from __future__ import annotations
@@ -22,8 +23,19 @@ from torch import nn
 
 from qpasses.errors import InputError
 
-# target name → module implementing it (each an optional extra, imported on use)
-TARGETS: dict[str, str] = {}
+
+@dataclass(frozen=True)
+class Target:
+    """One deployment target: ``module`` implements it, ``backend`` names the preset to quantize for it,
+    ``extra`` is the ``pip install qpasses[extra]`` that brings its runtime."""
+
+    name: str
+    module: str
+    backend: str
+    extra: str
+
+
+TARGETS: dict[str, Target] = {}
 
 
 @dataclass
@@ -44,5 +56,5 @@ def deploy(model: nn.Module, target: str, example_inputs: Any, out: str | Path |
     """Lower ``model`` (a qpasses reference graph, or a ``convert_pt2e`` one) to ``target``'s int8 kernels."""
     if target not in TARGETS:
         raise InputError(f"unknown deployment target {target!r}; choose one of {', '.join(sorted(TARGETS))}")
-    module = importlib.import_module(TARGETS[target])
+    module = importlib.import_module(TARGETS[target].module)
     return module.deploy(model, example_inputs, None if out is None else Path(out))
