@@ -37,6 +37,16 @@ def check_model(model: Any, owner: str) -> nn.Module:
     return model
 
 
+def check_float_model(model: nn.Module, owner: str) -> None:
+    """Refuse a model that already runs int8 kernels (lowered by qpasses or by torch.ao): its passes need the float
+    model, and on a lowered one they would fail deep inside, or quantize the dequantized values a second time."""
+    for name, module in model.named_modules():
+        if any(cls.__module__.startswith("torch.ao.nn.quantized") for cls in type(module).__mro__):
+            where = f"module '{name}'" if name else "the model"
+            raise InputError(f"{owner}: {where} is already quantized ({type(module).__name__}, an int8 kernel); "
+                             f"run the pipeline on the float model it came from")
+
+
 def as_input_tuple(example_inputs: Any) -> tuple:
     """``example_inputs`` (a tensor or a tuple/list of them) as a tuple; floating tensors must be float32."""
     if isinstance(example_inputs, torch.Tensor):

@@ -186,3 +186,12 @@ def test_load_reads_a_saved_quantized_model(tmp_path):
     with pytest.raises(InputError) as excinfo:
         qpasses.load(tmp_path / "state.pt")
     one_line(excinfo, "holds a dict, not a model")
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_a_pipeline_on_an_already_lowered_model_is_refused_naming_the_int8_module(backend):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    lowered = PassManager([PTQ(DATA, backend=backend, recipe=False, progress=False)]).run(model, X)
+    with pytest.raises(InputError) as excinfo:
+        PassManager([PTQ(DATA, backend=backend, progress=False)]).run(lowered, X)
+    one_line(excinfo, "PassManager.run", "is already quantized", "run the pipeline on the float model")

@@ -36,7 +36,7 @@ from qpasses.graph.trace import CaptureInfo, LeafSpec, propagate_shapes, trace, 
 from qpasses.passes.base import Pass, PassContext, Stage, describe
 from qpasses.passes.calibrate import model_device, to_device
 from qpasses.quant.state import properties_of, state_of
-from qpasses.validation import as_input_tuple, check_model
+from qpasses.validation import as_input_tuple, check_float_model, check_model
 
 # A pipeline that provides this yields a model to train (QAT); its lowering waits for qpasses.convert().
 TRAINABLE = "fake_quantized"
@@ -410,6 +410,7 @@ class PassManager:
         inputs (``InputError``: not a float32 ``nn.Module``, or inputs it cannot run on, naming the node).
         """
         check_model(model, "PassManager.run")
+        check_float_model(model, "PassManager.run")
         plan = self.plan(model)
         inputs = as_input_tuple(example_inputs)
         if not inplace:
