@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized import FloatFunctional
 
 from qpasses.errors import InputError
 
@@ -41,6 +42,8 @@ def check_float_model(model: nn.Module, owner: str) -> None:
     """Refuse a model that already runs int8 kernels (lowered by qpasses or by torch.ao): its passes need the float
     model, and on a lowered one they would fail deep inside, or quantize the dequantized values a second time."""
     for name, module in model.named_modules():
+        if isinstance(module, FloatFunctional):  # torch.ao's float arithmetic module, which qpasses quantizes
+            continue
         if any(cls.__module__.startswith("torch.ao.nn.quantized") for cls in type(module).__mro__):
             where = f"module '{name}'" if name else "the model"
             raise InputError(f"{owner}: {where} is already quantized ({type(module).__name__}, an int8 kernel); "

@@ -15,11 +15,15 @@ Rules (the design notes' "what" step):
 - cat inputs produced by requantizing ops read only by the cat share the cat's observer (transitively,
   through nested cats), so the cat is a plain concatenation; a folded activation shares only a grid whose
   values all lie within its bounds.
-- a conv/linear whose value only the model's outputs read (directly or through qparams-preserving and
-  clamp-like ops: the logits) computes from int8 inputs and weights but writes float where the engine has
-  such a kernel (``lowering.has_float_output_kernel``: linears on x86/fbgemm), unless
-  ``config.quantize_output``: its output is not observed and an activation after it runs float (PT2E's
-  X86InductorQuantizer observes a value only where a quantized op reads it, so logits stay float).
+- a value is rounded to 8 bits only where something reads it as int8 codes (``_int8_readers``): a conv or
+  linear, or, directly or through qparams-preserving and clamp-like ops, an int8 op whose own value is so
+  read; the model's output counts only with ``config.quantize_output``. A conv/linear whose value nothing
+  reads as int8 (the logits; in a transformer the qkv projection before attention, fc1 before GELU, the
+  projections into a residual stream that layer norms read) computes from int8 inputs and weights but writes
+  float where the engine has such a kernel (``lowering.has_float_output_kernel``: linears on x86/fbgemm); an
+  add, mul, cat, hardswish-like, fixed-range or scalar op whose value nothing reads as int8 runs float on
+  its dequantized inputs, which is exact where the int8 op would round once more. This is PT2E's rule
+  (X86InductorQuantizer observes a value only where a quantized op reads it).
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
     a kernel that needs it on ``cpu`` (None: this machine's, ``qpasses.cpu.cpu_int8_features``)."""
     ann = Annotation(backend=backend.name, config=config)
     quantized: dict[fx.Node, bool] = {}
+    read_as_int8 = _int8_readers(gm, config)
     for node in gm.graph.nodes:
         role = role_of(gm, node)
         if role is not Role.NONE:
@@ -79,8 +84,12 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
                 role = Role.FLOAT
             elif role is Role.COMPUTE:
                 pair = _runnable_pair(backend, module, pair, node, ann)
-                if not config.quantize_output and _only_outputs_read(gm, node):
+                if not read_as_int8[node]:
                     _decide_float_output(gm, node, module, backend, ann)
+            elif role in _REQUANTIZES_ON_DEMAND and not read_as_int8[node]:
+                ann.float_reasons[node.name] = (f"{describe_op(gm, node)}: nothing reads its value as int8, so it runs "
+                                                "float on its dequantized inputs (exact, one rounding fewer)")
+                role = Role.FLOAT
             if pair is not None:
                 ann.pairs[node.name] = pair
         if role is Role.FUSED_ACT:
@@ -148,6 +157,33 @@ def _full_range_where_no_saturating_kernel_reads(gm: fx.GraphModule, ann: Annota
             ann.observe[name] = spec.replace(reduce_range=False)
 
 
+# Ops that write a new grid only so that an int8 reader can take their value as codes.
+_REQUANTIZES_ON_DEMAND = (Role.FUNCTIONAL, Role.REQUANT, Role.FIXED, Role.DERIVED)
+
+
+def _int8_readers(gm: fx.GraphModule, config: QuantConfig) -> dict[fx.Node, bool]:
+    """Per node, whether something reads its value as int8 codes: a conv/linear, or an op that passes codes on
+    (qparams-preserving, clamp-like, or one of ``_REQUANTIZES_ON_DEMAND``) whose own value is so read; the
+    graph's output with ``config.quantize_output``. Ops the configuration keeps float read floats."""
+    reads: dict[fx.Node, bool] = {}
+
+    def takes_codes(user: fx.Node) -> bool:
+        if user.op == "output":
+            return config.quantize_output
+        role = role_of(gm, user)
+        if role in (Role.NONE, Role.FLOAT):
+            return False
+        module = gm.get_submodule(user.target) if user.op == "call_module" else None
+        if role is not Role.PRESERVING and config.for_node(_qualified_name(user),
+                                                          type(module) if module is not None else None) is None:
+            return False
+        return role is Role.COMPUTE or reads[user]
+
+    for node in reversed(gm.graph.nodes):
+        reads[node] = any(takes_codes(user) for user in node.users)
+    return reads
+
+
 def _only_outputs_read(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether only the graph's output reads ``node``'s value, directly or through ops that keep a value's grid
     (reshapes, pooling) or clamp it (activations)."""
@@ -157,13 +193,16 @@ def _only_outputs_read(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _decide_float_output(gm: fx.GraphModule, node: fx.Node, module, backend: Backend, ann: Annotation) -> None:
-    """A conv/linear writing the model's output writes float where the engine has an int8 kernel that does."""
+    """A conv/linear whose value nothing reads as int8 writes float where the engine has an int8 kernel that
+    does; the note says so for the model's output."""
+    output = _only_outputs_read(gm, node)
     if has_float_output_kernel(module, backend.engine):
         ann.float_output.add(node.name)
-        ann.notes.append(f"output stays float: {describe_op(gm, node)} computes from int8 inputs and weights "
-                         "and writes the model's output in float, not rounded to 8 bits (as PT2E's "
-                         "X86InductorQuantizer); quantize_output=True rounds it")
-    else:
+        if output:
+            ann.notes.append(f"output stays float: {describe_op(gm, node)} computes from int8 inputs and weights "
+                             "and writes the model's output in float, not rounded to 8 bits (as PT2E's "
+                             "X86InductorQuantizer); quantize_output=True rounds it")
+    elif output:
         ann.notes.append(f"output rounded to 8 bits: {describe_op(gm, node)} writes the model's output, and no "
                          f"{backend.engine} int8 kernel for it writes float")
 

@@ -10,6 +10,7 @@ from torch import nn
 
 import qpasses
 from qpasses import PassManager
+from qpasses.analysis.metrics import sqnr
 from qpasses.export import qdq_model
 from qpasses.passes import PTQ, QAT, BiasCorrection, InsertObservers
 from qpasses.quant.lowering import FloatOutputLinear, QuantizedLinear
@@ -174,3 +175,41 @@ def test_float_output_linear_survives_save_load_deepcopy_and_torchscript(tmp_pat
     scripted = torchscript(qm, x)
     torch.jit.save(scripted, tmp_path / "s.pt")
     assert torch.equal(torch.jit.load(tmp_path / "s.pt")(x), qm(x))
+
+
+class Block(nn.Module):
+    """A transformer block's shape: qkv before a float op, fc1 before GELU, a residual stream read by a layer norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.qkv, self.fc1, self.fc2 = nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = x + torch.softmax(self.qkv(self.norm(x)), dim=-1)
+        x = x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return self.head(self.norm(x))
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_values_nothing_reads_as_int8_are_not_rounded(backend):
+    torch.manual_seed(0)
+    model = Block().eval()
+    data = [torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    pm = PassManager([PTQ(data, backend=backend, recipe=False, progress=False)])
+    qm = pm.run(model, data[0])
+    observed = next(r for r in pm.report.records if r.name == "InsertObservers")
+    ann_notes = " ".join(observed.notes)
+    # the adds feed only layer norms (float): they run float, on their dequantized inputs
+    assert "nothing reads its value as int8" in ann_notes
+    float_outputs = {n.target for n in qm.graph.nodes
+                     if n.op == "call_module" and isinstance(qm.get_submodule(n.target), FloatOutputLinear)}
+    if backend == "x86":  # fbgemm has the kernel: every linear here feeds a float op or the output
+        assert float_outputs == {"qkv", "fc1", "fc2", "head"}
+    else:
+        assert not float_outputs
+    assert not any(n.op == "call_function" and n.target is torch.ops.quantized.add for n in qm.graph.nodes)
+    x = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(9))
+    rounded = PassManager([PTQ(data, backend=backend, recipe=False, progress=False, quantize_output=True)]).run(model, x)
+    assert sqnr(model(x), qm(x)) > 25
+    assert sqnr(model(x), qm(x)) >= sqnr(model(x), rounded(x)) - 0.5

@@ -242,7 +242,7 @@ def cat_output(qm, owner, x):
 def test_a_cat_group_tracks_the_range_one_observer_of_the_cat_output_would(nested):
     torch.manual_seed(0)
     model, x = WideCat(nested).eval(), torch.randn(4, 4, 10, 10)
-    qm = PassManager([QAT(backend="x86")]).run(model, x).train()
+    qm = PassManager([QAT(backend="x86", quantize_output=True)]).run(model, x).train()  # the cat is the output
     group, sites, owner = cat_group(qm)
     assert sites == (4 if nested else 2)  # b (c, the inner cat) and the outer cat: one fake-quant
     reference = FakeQuantize(group.spec)
@@ -257,7 +257,8 @@ def test_a_cat_group_tracks_the_range_one_observer_of_the_cat_output_would(neste
             qm.eval()
             with torch.no_grad():
                 qat_db = sqnr(model(x), qpasses.convert(qm)(x))
-                ptq_db = sqnr(model(x), PassManager([PTQ([x], backend="x86", progress=False)]).run(model, x)(x))
+                ptq = PTQ([x], backend="x86", progress=False, quantize_output=True)
+                ptq_db = sqnr(model(x), PassManager([ptq]).run(model, x)(x))
             assert qat_db > ptq_db - 1.0, (qat_db, ptq_db)
             qm.train()
         opt.zero_grad()
@@ -268,7 +269,7 @@ def test_a_cat_group_tracks_the_range_one_observer_of_the_cat_output_would(neste
 def test_a_shared_learnable_scale_gets_the_gradient_of_the_whole_cat():
     torch.manual_seed(0)
     model, x = WideCat(nested=True).eval(), torch.randn(4, 4, 10, 10)
-    qm = PassManager([QAT(backend="x86", learnable=True)]).run(model, x).train()
+    qm = PassManager([QAT(backend="x86", learnable=True, quantize_output=True)]).run(model, x).train()
     group, _, owner = cat_group(qm)
     reference = LearnableFakeQuantize(group.spec)
     reference.load_state_dict(group.state_dict())
