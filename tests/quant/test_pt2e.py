@@ -1,0 +1,224 @@
+"""qpasses' annotation through torchao's PT2E flow: ``prepare_pt2e(exported, QPassesQuantizer(...))``."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("torchao")
+
+import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq  # noqa: E402
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: E402
+
+from qpasses import PassManager  # noqa: E402
+from qpasses.analysis.metrics import sqnr  # noqa: E402
+from qpasses.errors import TraceError  # noqa: E402
+from qpasses.passes import PTQ, FuseBN  # noqa: E402
+from qpasses.quant.backends import get_backend  # noqa: E402
+from qpasses.quant.pt2e import QPassesQuantizer  # noqa: E402
+from tests.nets import RandomNet, conv_bn_act, randomize_bn  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+BACKENDS = ["x86", "onednn", "qnnpack"]
+qd = torch.ops.quantized_decomposed
+QUANTIZE = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
+DEQUANTIZE = (qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default)
+aten = torch.ops.aten
+
+
+class CatOfCats(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn_act(3, 8)
+        self.a, self.b, self.c = conv_bn_act(8, 8), conv_bn_act(8, 8), conv_bn_act(8, 8)
+        self.head = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(torch.cat([torch.cat([self.a(h), self.b(h)], 1), self.c(h)], 1))
+
+
+class LinearHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn_act(3, 8), conv_bn_act(8, 16, stride=2))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1))
+
+
+NETS = {
+    "conv_bn_relu": lambda: nn.Sequential(conv_bn_act(3, 8), conv_bn_act(8, 8)),
+    "residual": lambda: RandomNet([("conv", "relu", 8), ("residual_relu", "relu", 8), ("residual", "relu", 8)]),
+    "cat_of_cats": CatOfCats,
+    "hardswish": lambda: RandomNet([("conv", "hardswish", 8), ("conv", "hardswish", 8)]),
+    "linear_head": LinearHead,
+}
+
+
+def build(name):
+    torch.manual_seed(0)
+    return randomize_bn(NETS[name]()).eval()
+
+
+def random_data():
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(4)]
+    return calib, [torch.randn(4, 3, 32, 32, generator=g) for _ in range(16)]
+
+
+def pt2e(model, quantizer, calib):
+    exported = torch.export.export(copy.deepcopy(model), (calib[0],), strict=False).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch in calib:
+            prepared(batch)
+    return convert_pt2e(prepared)
+
+
+def score(reference, model, batches):
+    with torch.no_grad():
+        return sqnr(torch.cat([reference(b) for b in batches]), torch.cat([model(b) for b in batches]))
+
+
+def x86_inductor_quantizer():
+    return xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+
+
+def calls(gm, *targets):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
+
+
+def grid(node):
+    """(scale, zero point) of a per-tensor quantize/dequantize node."""
+    return float(node.args[1]), int(node.args[2])
+
+
+def quantized_convs(gm):
+    """Convs/linears whose weight is dequantized from int8 codes."""
+    return [n for n in calls(gm, aten.conv2d.default, aten.linear.default)
+            if n.args[1].op == "call_function" and n.args[1].target in DEQUANTIZE]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", NETS)
+def test_converted_graph_places_qdq_where_qpasses_decides(name, backend):
+    model = build(name)
+    calib, evals = random_data()
+    quantizer = QPassesQuantizer(backend)
+    converted = pt2e(model, quantizer, calib)
+    assert score(model, converted, evals) > 25
+    convs = calls(converted, aten.conv2d.default, aten.linear.default)
+    assert convs and quantized_convs(converted) == convs  # every conv/linear reads int8 weights
+    for conv in convs:
+        assert conv.args[0].target in DEQUANTIZE  # and int8 inputs
+        weight = conv.args[1]  # symmetric int8 codes, per channel where the backend table says so
+        if get_backend(backend).default_config().weight.per_channel:
+            assert weight.target is qd.dequantize_per_channel.default
+            assert not getattr(converted, weight.args[2].target).any()
+        else:
+            assert weight.target is qd.dequantize_per_tensor.default and weight.args[2] == 0
+        # a ReLU/ReLU6 after a conv is folded into its range: no Q/DQ between them, the observer after it
+        (user,) = conv.users
+        if user.target in (aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default):
+            assert all(u.target in QUANTIZE or u.op == "output" for u in user.users)  # logits stay float
+    for cat in calls(converted, aten.cat.default):
+        # every input of these cats is written by a conv → activation that only the cat reads: one shared grid
+        (after,) = cat.users
+        assert after.target in QUANTIZE and {grid(a) for a in cat.args[0]} == {grid(after)}, cat.name
+    if name == "hardswish" and backend != "qnnpack":
+        # inductor runs hardswish as the conv's post-op: the conv's output is never rounded
+        for node in calls(converted, aten.hardswish.default, aten.hardswish_.default):
+            assert node.args[0].target is aten.conv2d.default
+
+
+OBSERVER_GAP = pytest.mark.xfail(strict=True, reason=(
+    "same Q/DQ placement as X86InductorQuantizer's; the preset's MSE observer picks wider ReLU ranges than torch's "
+    "HistogramObserver (0.0091 vs 0.0086 before the average pool), 0.7 dB below it on this net"))
+
+
+@pytest.mark.parametrize("backend", ["x86", "onednn"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=OBSERVER_GAP) if n == "linear_head" else n for n in NETS])
+def test_sqnr_at_least_x86_inductor_quantizers(name, backend):
+    model = build(name)
+    calib, evals = random_data()
+    anchor = score(model, pt2e(model, x86_inductor_quantizer(), calib), evals)
+    assert score(model, pt2e(model, QPassesQuantizer(backend), calib), evals) >= anchor - 0.5
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_qnnpack_graph_computes_the_int8_model_qpasses_ptq_lowers(name):
+    """Without inductor's fused kernels the decisions are PTQ's own: the converted graph simulates the model
+    qpasses lowers to qnnpack's kernels (same grids; only the kernels' requantization rounding differs)."""
+    model = build(name)
+    calib, evals = random_data()
+    converted = pt2e(model, QPassesQuantizer("qnnpack"), calib)
+    lowered = PassManager([FuseBN(), PTQ(calib, backend="qnnpack", progress=False, recipe=False)]).run(
+        copy.deepcopy(model), calib[0])
+    assert score(lowered, converted, evals) > score(model, converted, evals) + 5
+
+
+def test_nested_cats_share_one_observer_named_by_edge():
+    model = build("cat_of_cats")
+    exported = torch.export.export(model, (random_data()[0][0],), strict=False).module()
+    prepared = prepare_pt2e(exported, QPassesQuantizer("x86"))
+    inner, outer = calls(prepared, aten.cat.default)
+    observers = {prepared.get_submodule(arg.target) for cat in (inner, outer) for arg in cat.args[0]
+                 if arg.op == "call_module"}
+    observers.add(prepared.get_submodule(next(iter(outer.users)).target))
+    assert len(observers) == 1  # the inner cat's inputs, the inner cat, the third branch and the outer cat
+
+
+def lite0_stem_and_first_block():
+    import qpasses_zoo as zoo
+    from qpasses_zoo.data import SYMMETRIC, photo_crops
+
+    lite0 = zoo.get("tf_efficientnet_lite0", pretrained=True).eval()
+    model = nn.Sequential(lite0.conv_stem, lite0.bn1, lite0.blocks[0]).eval()
+    calib = photo_crops(32, 64, seed=0, split="calib", normalization=SYMMETRIC).tensors[0].split(8)
+    evals = photo_crops(32, 64, seed=1, split="eval", normalization=SYMMETRIC).tensors[0].split(8)
+    return model, list(calib), list(evals)
+
+
+def test_lite0_stem_folds_relu6_and_quantizes_more_than_x86_inductor_quantizer():
+    model, calib, evals = lite0_stem_and_first_block()
+    anchor = pt2e(model, x86_inductor_quantizer(), calib)
+    converted = pt2e(model, QPassesQuantizer("x86"), calib)
+    stem = calls(converted, aten.conv2d.default)[0]
+    (relu6,) = stem.users
+    (quantize,) = relu6.users
+    assert quantize.target in QUANTIZE and grid(quantize)[0] * 255 <= 6.0 + 1e-4  # the [0, 6] range, not ±200
+    # X86InductorQuantizer leaves the stem conv (behind the 'SAME' pad) float; qpasses quantizes it ...
+    assert len(quantized_convs(converted)) == 3 > len(quantized_convs(anchor))
+    # ... and, with the stem kept float as there, its decisions keep at least the anchor's fidelity
+    config = get_backend("x86").default_config()
+    config.keep_float = {"0"}
+    quantizer = QPassesQuantizer("x86", config=config)
+    same_layers = pt2e(model, quantizer, calib)
+    assert quantizer.float_reasons["conv2d"] == "kept float by the configuration"
+    assert score(model, same_layers, evals) >= score(model, anchor, evals) - 0.5
+
+
+def test_float_reasons_name_aten_nodes_and_compiled_graph_runs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.Conv2d(8, 8, 3), nn.ReLU()).eval()
+    calib, evals = random_data()
+    quantizer = QPassesQuantizer("x86")
+    converted = pt2e(model, quantizer, calib)
+    assert "has no int8 kernel" in quantizer.float_reasons["gelu"]
+    assert any("x86: 8-bit activations" in note for note in quantizer.notes)
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        compiled = torch.compile(converted)
+        assert sqnr(converted(evals[0]), compiled(evals[0])) > 30
+
+
+def test_a_graph_that_is_not_an_exported_aten_graph_is_refused_in_one_line():
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    with pytest.raises(TraceError, match="has no canonical form"):
+        QPassesQuantizer("x86").annotate(gm)
