@@ -1,0 +1,91 @@
+"""qpasses' decisions inside torchao's PT2E flow against torchao's own X86InductorQuantizer, same graph and data.
+
+    python -m tools.bench.pt2e                          # resnet18, mobilenet_v2; 32 calibration, 32 evaluation crops
+    python -m tools.bench.pt2e --models resnet18 --calib 16 --evals 16 --backends x86,onednn
+
+Each model (torchvision, random weights, BatchNorm statistics re-estimated on the calibration crops as in
+``tools.bench.coverage``) is exported once (``torch.export``, non-strict, batch 8) and quantized by
+``prepare_pt2e`` → calibration → ``convert_pt2e`` with each quantizer: torchao's ``X86InductorQuantizer`` (default
+config) and ``qpasses.quant.pt2e.QPassesQuantizer(backend)``. Per row: SQNR of the logits of the converted (Q/DQ,
+uncompiled) graph against the float model on the evaluation crops, top-1 agreement, convs/linears with int8
+weights, prepare + calibration seconds (or the quantizer's error). One thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from tools.bench.common import PhotoSet, describe_machine, markdown_table, timed
+from tools.bench.coverage import pt2e_quantized_layers, reestimate_batchnorm
+
+BATCH = 8
+
+
+def convert(model: nn.Module, quantizer, calib: list[torch.Tensor]) -> torch.fx.GraphModule:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    exported = torch.export.export(copy.deepcopy(model), (calib[0],), strict=False).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch in calib:
+            prepared(batch)
+    return convert_pt2e(prepared)
+
+
+def fidelity(model: nn.Module, converted: nn.Module, evals: list[torch.Tensor]) -> tuple[float, float]:
+    from qpasses.analysis.metrics import sqnr, topk_agreement
+
+    with torch.no_grad():
+        ref = torch.cat([model(b) for b in evals])
+        out = torch.cat([converted(b) for b in evals])
+    return sqnr(ref, out), topk_agreement(ref, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    import torchvision
+
+    from qpasses.quant.pt2e import QPassesQuantizer
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="resnet18,mobilenet_v2")
+    parser.add_argument("--backends", default="x86,onednn")
+    parser.add_argument("--calib", type=int, default=32)
+    parser.add_argument("--evals", type=int, default=32)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    photos = PhotoSet.make(n_calib=args.calib, n_eval=args.evals)
+    calib = list(torch.cat(photos.calib).split(BATCH))
+    evals = list(torch.cat(photos.evals).split(BATCH))
+    rows = []
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = reestimate_batchnorm(torchvision.models.get_model(name, weights=None), calib).eval()
+        quantizers = {"X86InductorQuantizer": lambda: xiq.X86InductorQuantizer().set_global(
+            xiq.get_default_x86_inductor_quantization_config())}
+        for backend in args.backends.split(","):
+            quantizers[f"QPassesQuantizer({backend})"] = lambda backend=backend: QPassesQuantizer(backend)
+        for label, make in quantizers.items():
+            converted, seconds, error = timed(lambda make=make, model=model: convert(model, make(), calib))
+            if converted is None:  # the anchor's failures are results (ResNets' reused ReLU)
+                rows.append([name, label, error, "", "", f"{seconds:.1f}"])
+            else:
+                db, top1 = fidelity(model, converted, evals)
+                rows.append([name, label, f"{db:.2f}", f"{top1:.3f}", str(pt2e_quantized_layers(converted)),
+                             f"{seconds:.1f}"])
+            print(" | ".join(rows[-1]), flush=True)
+    header = ["model", "quantizer (prepare_pt2e → convert_pt2e)", "SQNR dB", "top-1 agr.", "int8 convs/linears",
+              "prepare+calib s"]
+    print()
+    print(markdown_table(header, rows))
+    print(f"\n{describe_machine()}; {args.calib} calibration and {args.evals} evaluation photo crops (224 px)")
+
+
+if __name__ == "__main__":
+    main()
