@@ -288,7 +288,7 @@ class _Annotator:
         attribute (whose outputs PT2E does not observe), on every edge that reads it."""
         aten = self.aten_of(node)
         if aten.op in ("placeholder", "get_attr"):
-            readers = list(aten.users)
+            readers = [user for user in aten.users if user.op == "call_function"]  # not the input guards
             for reader in readers:
                 self.annotate_input((aten, reader), qspec)
             self.grid[node.name] = (aten, readers[0])

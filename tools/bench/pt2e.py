@@ -2,6 +2,7 @@
 
     python -m tools.bench.pt2e                          # resnet18, mobilenet_v2; 32 calibration, 32 evaluation crops
     python -m tools.bench.pt2e --models resnet18 --calib 16 --evals 16 --backends x86,onednn
+    python -m tools.bench.pt2e --models resnet18,mobilenet_v2,mobilenet_v3_small,efficientnet_b0 --write
 
 Each model (torchvision, random weights, BatchNorm statistics re-estimated on the calibration crops as in
 ``tools.bench.coverage``) is exported once (``torch.export``, non-strict, batch 8) and quantized by
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import warnings
 
 import torch
 from torch import nn
 
-from tools.bench.common import PhotoSet, describe_machine, markdown_table, timed
+from tools.bench.common import PhotoSet, describe_machine, markdown_table, timed, write_section
 from tools.bench.coverage import pt2e_quantized_layers, reestimate_batchnorm
 
 BATCH = 8
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", default="x86,onednn")
     parser.add_argument("--calib", type=int, default=32)
     parser.add_argument("--evals", type=int, default=32)
+    parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -82,9 +85,16 @@ def main(argv: list[str] | None = None) -> None:
             print(" | ".join(rows[-1]), flush=True)
     header = ["model", "quantizer (prepare_pt2e → convert_pt2e)", "SQNR dB", "top-1 agr.", "int8 convs/linears",
               "prepare+calib s"]
-    print()
-    print(markdown_table(header, rows))
-    print(f"\n{describe_machine()}; {args.calib} calibration and {args.evals} evaluation photo crops (224 px)")
+    command = "python -m tools.bench.pt2e " + " ".join(argv if argv is not None else sys.argv[1:])
+    body = "\n\n".join([
+        "## qpasses' decisions in torchao's PT2E flow (QPassesQuantizer vs X86InductorQuantizer)",
+        f"`{command.strip()}`: random weights, BatchNorm statistics re-estimated on the calibration crops; SQNR of "
+        "the converted (Q/DQ, uncompiled) graph's logits against the float model.",
+        markdown_table(header, rows),
+        f"{describe_machine()}; {args.calib} calibration and {args.evals} evaluation photo crops (224 px)."])
+    print("\n" + body)
+    if args.write:
+        write_section("pt2e-quantizer", body)
 
 
 if __name__ == "__main__":
