@@ -91,15 +91,15 @@ EdgeOrNode = tuple[fx.Node, fx.Node] | fx.Node
 
 def _inductor_post_op(gm: fx.GraphModule, producer: fx.Node, node: fx.Node) -> bool:
     """Whether inductor's CPU lowering runs ``node`` in the int8 kernel of the conv/linear ``producer``: a
-    hardswish after a conv (``qconv_pointwise``'s unary post-ops; clamp-like ones are folded into the range
-    anyway), an add or add+ReLU after a conv or linear (``qconv``/``qlinear_pointwise.binary``), the fusions
-    torchao's X86InductorQuantizer annotates."""
-    if node.op == "call_method":
-        return node.target in ("add", "add_relu")
+    hardswish after a 2-d conv (``qconv2d_pointwise``'s unary post-ops; clamp-like ones are folded into the range
+    anyway), an add or add+ReLU after a 2-d conv or a linear (``qconv2d_pointwise.binary``,
+    ``qlinear_pointwise.binary``): the fusions torchao's X86InductorQuantizer annotates."""
     module = gm.get_submodule(producer.target)
+    if node.op == "call_method":
+        return node.target in ("add", "add_relu") and type(module) in (nn.Conv2d, nn.Linear)
     hardswish = (isinstance(gm.get_submodule(node.target), nn.Hardswish) if node.op == "call_module"
                  else REQUANT_FUNCTION_MODULES.get(node.target) is nn.Hardswish)
-    return hardswish and isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    return hardswish and type(module) is nn.Conv2d
 
 
 # torch.compile's CPU lowering of a converted PT2E graph: int8 convs/linears write float and take post-ops.

@@ -18,7 +18,7 @@ from qpasses.cpu import OVERRIDE_ENV  # noqa: E402
 from qpasses.errors import TraceError  # noqa: E402
 from qpasses.passes import PTQ, FuseBN  # noqa: E402
 from qpasses.quant.backends import get_backend  # noqa: E402
-from qpasses.quant.pt2e import QPassesQuantizer  # noqa: E402
+from qpasses.quant.pt2e import QPassesQuantizer, QPassesWeightObserver, quantization_spec  # noqa: E402
 from tests.nets import RandomNet, conv_bn_act, randomize_bn  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -242,3 +242,20 @@ def test_a_graph_that_is_not_an_exported_aten_graph_is_refused_in_one_line():
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
     with pytest.raises(TraceError, match="has no canonical form"):
         QPassesQuantizer("x86").annotate(gm)
+
+
+def test_a_weight_is_observed_once_per_value():
+    """Calibration sends the weight through its observer on every batch; qpasses' per-channel MSE search takes one
+    tensor. The same value is not observed again, a changed one is observed afresh."""
+    spec = get_backend("x86").default_config().weight
+    observer = quantization_spec(spec, weight=True).observer_or_fake_quant_ctr.with_args(
+        dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=spec.qscheme)()
+    assert isinstance(observer, QPassesWeightObserver)
+    weight = torch.randn(4, 3, 3, 3)
+    for _ in range(3):
+        observer(weight)
+    scale, _ = observer.calculate_qparams()
+    with torch.no_grad():
+        weight.mul_(2)
+    observer(weight)
+    torch.testing.assert_close(observer.calculate_qparams()[0], 2 * scale)
