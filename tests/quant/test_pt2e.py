@@ -223,19 +223,22 @@ def test_lite0_stem_folds_relu6_and_quantizes_more_than_x86_inductor_quantizer()
     assert score(model, same_layers, evals) >= score(model, anchor, evals) - 0.5
 
 
-def test_float_reasons_name_aten_nodes_and_compiled_graph_runs():
+def test_float_reasons_name_aten_nodes_and_inductor_runs_every_conv_in_int8():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.Conv2d(8, 8, 3), nn.ReLU()).eval()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
     calib, evals = random_data()
     quantizer = QPassesQuantizer("x86")
     converted = pt2e(model, quantizer, calib)
     assert "has no int8 kernel" in quantizer.float_reasons["gelu"]
     assert any("x86: 8-bit activations" in note for note in quantizer.notes)
     import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
 
     with inductor_config.patch(freezing=True), torch.no_grad():
-        compiled = torch.compile(converted)
-        assert sqnr(converted(evals[0]), compiled(evals[0])) > 30
+        compiled, code = run_and_get_code(torch.compile(converted), evals[0])
+        assert sqnr(converted(evals[0]), compiled) > 30
+    # inductor matched every dequantize → conv (→ ReLU) → quantize of the graph as one int8 oneDNN conv
+    assert "\n".join(code).count("torch.ops.onednn.qconv_pointwise") == 3
 
 
 def test_a_graph_that_is_not_an_exported_aten_graph_is_refused_in_one_line():
