@@ -5,7 +5,7 @@ Example::
 
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from qpasses.quant.pt2e import QPassesQuantizer
+    from qpasses.quant.pt2e import QPassesQuantizer, quantize_pt2e
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
     x = torch.randn(2, 3, 16, 16)
@@ -17,6 +17,9 @@ Example::
     converted = convert_pt2e(prepared)     # float ops between quantized_decomposed Q/DQ ops
     print(quantizer.float_reasons)         # ATen node → why it stays float
     print("\\n".join(quantizer.notes))      # activation bits and other decisions, as InsertObservers reports them
+
+    # or the same in one call (export of a copy at the first batch's shapes, calibration, conversion):
+    converted = quantize_pt2e(model, QPassesQuantizer(backend="onednn"), [x, torch.randn(2, 3, 16, 16)])
 
 How the decisions reach the ATen nodes: the user's graph is normalised into qpasses' canonical graph
 (``export_capture.normalise_module``: one canonical node per ATen op, each naming its ATen node in
@@ -48,7 +51,9 @@ annotates the whole graph, so it does not compose with another quantizer's annot
 
 from __future__ import annotations
 
+import copy
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -71,6 +76,7 @@ from qpasses.quant.spec import QuantConfig, QuantSpec
 
 try:
     from torchao.quantization.pt2e import ObserverBase
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import (
         DerivedQuantizationSpec,
         FixedQParamsQuantizationSpec,
@@ -84,7 +90,8 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("qpasses.quant.pt2e needs torchao (pip install 'qpasses[export]')") from exc
 
-__all__ = ["QPassesObserver", "QPassesQuantizer", "QPassesWeightObserver", "canonical_graph", "quantization_spec"]
+__all__ = ["QPassesObserver", "QPassesQuantizer", "QPassesWeightObserver", "canonical_graph", "quantization_spec",
+           "quantize_pt2e"]
 
 EdgeOrNode = tuple[fx.Node, fx.Node] | fx.Node
 
@@ -336,3 +343,18 @@ class QPassesQuantizer(Quantizer):
 
     def validate(self, model: fx.GraphModule) -> None:
         """Nothing beyond ``annotate``: every spec it writes was checked against the backend table there."""
+
+
+def quantize_pt2e(model: nn.Module, quantizer: Quantizer, batches: Iterable[torch.Tensor]) -> fx.GraphModule:
+    """torchao's PT2E post-training flow with any ``quantizer``: ``torch.export`` (non-strict) of a copy of the
+    eval-mode ``model`` at the first batch's shapes, ``prepare_pt2e``, a forward pass per batch (all of the same
+    shape), ``convert_pt2e``. Returns the converted Q/DQ graph; ``model`` is not changed."""
+    batches = iter(batches)
+    first = next(batches)
+    exported = torch.export.export(copy.deepcopy(model).eval(), (first,), strict=False).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        prepared(first)
+        for batch in batches:
+            prepared(batch)
+    return convert_pt2e(prepared)

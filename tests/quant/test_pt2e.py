@@ -10,7 +10,7 @@ from torch import nn
 pytest.importorskip("torchao")
 
 import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq  # noqa: E402
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: E402
+from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e  # noqa: E402
 
 from qpasses import PassManager  # noqa: E402
 from qpasses.analysis.metrics import sqnr  # noqa: E402
@@ -18,7 +18,12 @@ from qpasses.cpu import OVERRIDE_ENV  # noqa: E402
 from qpasses.errors import TraceError  # noqa: E402
 from qpasses.passes import PTQ, FuseBN  # noqa: E402
 from qpasses.quant.backends import get_backend  # noqa: E402
-from qpasses.quant.pt2e import QPassesQuantizer, QPassesWeightObserver, quantization_spec  # noqa: E402
+from qpasses.quant.pt2e import (  # noqa: E402
+    QPassesQuantizer,
+    QPassesWeightObserver,
+    quantization_spec,
+    quantize_pt2e,
+)
 from tests.nets import RandomNet, conv_bn_act, randomize_bn  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -84,15 +89,6 @@ def random_data():
     return calib, [torch.randn(4, 3, 32, 32, generator=g) for _ in range(16)]
 
 
-def pt2e(model, quantizer, calib):
-    exported = torch.export.export(copy.deepcopy(model), (calib[0],), strict=False).module()
-    prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        for batch in calib:
-            prepared(batch)
-    return convert_pt2e(prepared)
-
-
 def score(reference, model, batches):
     with torch.no_grad():
         return sqnr(torch.cat([reference(b) for b in batches]), torch.cat([model(b) for b in batches]))
@@ -123,7 +119,7 @@ def test_converted_graph_places_qdq_where_qpasses_decides(name, backend):
     model = build(name)
     calib, evals = random_data()
     quantizer = QPassesQuantizer(backend)
-    converted = pt2e(model, quantizer, calib)
+    converted = quantize_pt2e(model, quantizer, calib)
     assert score(model, converted, evals) > 25
     convs = calls(converted, aten.conv2d.default, aten.linear.default)
     assert convs and quantized_convs(converted) == convs  # every conv/linear reads int8 weights
@@ -166,8 +162,8 @@ OBSERVER_GAP = pytest.mark.xfail(strict=True, reason=(
 def test_sqnr_at_least_x86_inductor_quantizers(name, backend):
     model = build(name)
     calib, evals = random_data()
-    anchor = score(model, pt2e(model, x86_inductor_quantizer(), calib), evals)
-    assert score(model, pt2e(model, QPassesQuantizer(backend), calib), evals) >= anchor - 0.5
+    anchor = score(model, quantize_pt2e(model, x86_inductor_quantizer(), calib), evals)
+    assert score(model, quantize_pt2e(model, QPassesQuantizer(backend), calib), evals) >= anchor - 0.5
 
 
 @pytest.mark.parametrize("name", NETS)
@@ -176,7 +172,7 @@ def test_qnnpack_graph_computes_the_int8_model_qpasses_ptq_lowers(name):
     qpasses lowers to qnnpack's kernels (same grids; only the kernels' requantization rounding differs)."""
     model = build(name)
     calib, evals = random_data()
-    converted = pt2e(model, QPassesQuantizer("qnnpack"), calib)
+    converted = quantize_pt2e(model, QPassesQuantizer("qnnpack"), calib)
     lowered = PassManager([FuseBN(), PTQ(calib, backend="qnnpack", progress=False, recipe=False)]).run(
         copy.deepcopy(model), calib[0])
     assert score(lowered, converted, evals) > score(model, converted, evals) + 5
@@ -206,8 +202,8 @@ def lite0_stem_and_first_block():
 
 def test_lite0_stem_folds_relu6_and_quantizes_more_than_x86_inductor_quantizer():
     model, calib, evals = lite0_stem_and_first_block()
-    anchor = pt2e(model, x86_inductor_quantizer(), calib)
-    converted = pt2e(model, QPassesQuantizer("x86"), calib)
+    anchor = quantize_pt2e(model, x86_inductor_quantizer(), calib)
+    converted = quantize_pt2e(model, QPassesQuantizer("x86"), calib)
     stem = calls(converted, aten.conv2d.default)[0]
     (relu6,) = stem.users
     (quantize,) = relu6.users
@@ -218,7 +214,7 @@ def test_lite0_stem_folds_relu6_and_quantizes_more_than_x86_inductor_quantizer()
     config = get_backend("x86").default_config()
     config.keep_float = {"0"}
     quantizer = QPassesQuantizer("x86", config=config)
-    same_layers = pt2e(model, quantizer, calib)
+    same_layers = quantize_pt2e(model, quantizer, calib)
     assert quantizer.float_reasons["conv2d"] == "kept float by the configuration"
     assert score(model, same_layers, evals) >= score(model, anchor, evals) - 0.5
 
@@ -228,7 +224,7 @@ def test_float_reasons_name_aten_nodes_and_inductor_runs_every_conv_in_int8():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
     calib, evals = random_data()
     quantizer = QPassesQuantizer("x86")
-    converted = pt2e(model, quantizer, calib)
+    converted = quantize_pt2e(model, quantizer, calib)
     assert "has no int8 kernel" in quantizer.float_reasons["gelu"]
     assert any("x86: 8-bit activations" in note for note in quantizer.notes)
     import torch._inductor.config as inductor_config

@@ -15,7 +15,6 @@ weights, prepare + calibration seconds (or the quantizer's error). One thread.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import warnings
 
@@ -26,17 +25,6 @@ from tools.bench.common import PhotoSet, describe_machine, markdown_table, timed
 from tools.bench.coverage import pt2e_quantized_layers, reestimate_batchnorm
 
 BATCH = 8
-
-
-def convert(model: nn.Module, quantizer, calib: list[torch.Tensor]) -> torch.fx.GraphModule:
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    exported = torch.export.export(copy.deepcopy(model), (calib[0],), strict=False).module()
-    prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        for batch in calib:
-            prepared(batch)
-    return convert_pt2e(prepared)
 
 
 def fidelity(model: nn.Module, converted: nn.Module, evals: list[torch.Tensor]) -> tuple[float, float]:
@@ -52,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     import torchvision
 
-    from qpasses.quant.pt2e import QPassesQuantizer
+    from qpasses.quant.pt2e import QPassesQuantizer, quantize_pt2e
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="resnet18,mobilenet_v2")
@@ -75,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         for backend in args.backends.split(","):
             quantizers[f"QPassesQuantizer({backend})"] = lambda backend=backend: QPassesQuantizer(backend)
         for label, make in quantizers.items():
-            converted, seconds, error = timed(lambda make=make, model=model: convert(model, make(), calib))
+            converted, seconds, error = timed(lambda make=make, model=model: quantize_pt2e(model, make(), calib))
             if converted is None:  # the anchor's failures are results (ResNets' reused ReLU)
                 rows.append([name, label, error, "", "", f"{seconds:.1f}"])
             else:
