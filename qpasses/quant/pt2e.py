@@ -307,7 +307,8 @@ class _Annotator:
 class QPassesQuantizer(Quantizer):
     """A PT2E ``Quantizer`` whose decisions are qpasses' (``qpasses.quant.annotate``), for ``backend``'s kernels
     (x86, fbgemm, onednn, qnnpack: the backend table's weight formats and, per this CPU, ``reduce_range``) and
-    ``config`` (None: the backend's default; ``bits``, ``per_channel``, ``quantize_output`` as for ``PTQ``).
+    ``config`` (None: the backend's default; ``bits``, ``per_channel``, ``quantize_output`` as for ``PTQ``; its
+    ``keep_float``/``by_name`` patterns match the exported graph's module paths, e.g. ``layer1.0.conv1``).
     ``for_inductor``: the converted graph runs under ``torch.compile``'s CPU lowering, whose int8 convs/linears
     write float and compute a hardswish or add after them in the same kernel (``INDUCTOR_CPU``), so those
     values are not rounded; None: for the backends it runs (x86, fbgemm, onednn), not for qnnpack (XNNPACK).

@@ -2,10 +2,10 @@
 
     python -m tools.bench.pt2e                          # resnet18, mobilenet_v2; 32 calibration, 32 evaluation crops
     python -m tools.bench.pt2e --models resnet18 --calib 16 --evals 16 --backends x86,onednn
-    python -m tools.bench.pt2e --models resnet18,mobilenet_v2,mobilenet_v3_small,efficientnet_b0 --write
+    python -m tools.bench.pt2e --models resnet18,mobilenet_v2,mobilenet_v3_small,tf_efficientnet_lite0 --write
 
 Each model (torchvision, random weights, BatchNorm statistics re-estimated on the calibration crops as in
-``tools.bench.coverage``) is exported once (``torch.export``, non-strict, batch 8) and quantized by
+``tools.bench.coverage``; ``tf_efficientnet_lite0``: pretrained, the zoo's packaged ImageNet weights) is exported once (``torch.export``, non-strict, batch 8) and quantized by
 ``prepare_pt2e`` → calibration → ``convert_pt2e`` with each quantizer: torchao's ``X86InductorQuantizer`` (default
 config) and ``qpasses.quant.pt2e.QPassesQuantizer(backend)``. Per row: SQNR of the logits of the converted (Q/DQ,
 uncompiled) graph against the float model on the evaluation crops, top-1 agreement, convs/linears with int8
@@ -21,7 +21,14 @@ import warnings
 import torch
 from torch import nn
 
-from tools.bench.common import PhotoSet, describe_machine, markdown_table, timed, write_section
+from tools.bench.common import (
+    PhotoSet,
+    describe_machine,
+    markdown_table,
+    pretrained_lite0,
+    timed,
+    write_section,
+)
 from tools.bench.coverage import pt2e_quantized_layers, reestimate_batchnorm
 
 BATCH = 8
@@ -57,7 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in args.models.split(","):
         torch.manual_seed(0)
-        model = reestimate_batchnorm(torchvision.models.get_model(name, weights=None), calib).eval()
+        if name == "tf_efficientnet_lite0":
+            model = pretrained_lite0().eval()
+        else:
+            model = reestimate_batchnorm(torchvision.models.get_model(name, weights=None), calib).eval()
         quantizers = {"X86InductorQuantizer": lambda: xiq.X86InductorQuantizer().set_global(
             xiq.get_default_x86_inductor_quantization_config())}
         for backend in args.backends.split(","):
@@ -76,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m tools.bench.pt2e " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n\n".join([
         "## qpasses' decisions in torchao's PT2E flow (QPassesQuantizer vs X86InductorQuantizer)",
-        f"`{command.strip()}`: random weights, BatchNorm statistics re-estimated on the calibration crops; SQNR of "
-        "the converted (Q/DQ, uncompiled) graph's logits against the float model.",
+        f"`{command.strip()}`: torchvision models with random weights, BatchNorm statistics re-estimated on the "
+        "calibration crops; tf_efficientnet_lite0 pretrained. SQNR of the converted (Q/DQ, uncompiled) graph's "
+        "logits against the float model.",
         markdown_table(header, rows),
         f"{describe_machine()}; {args.calib} calibration and {args.evals} evaluation photo crops (224 px)."])
     print("\n" + body)
