@@ -43,11 +43,35 @@ def fidelity(model: nn.Module, converted: nn.Module, evals: list[torch.Tensor]) 
     return sqnr(ref, out), topk_agreement(ref, out)
 
 
+def float_weight_layers(converted: torch.fx.GraphModule) -> set[str]:
+    """Module paths of the convs/linears whose weight the converted graph reads in float (a plain attribute)."""
+    aten = torch.ops.aten
+    return {node.args[1].target.rpartition(".")[0] for node in converted.graph.nodes
+            if node.target in (aten.conv2d.default, aten.linear.default) and node.args[1].op == "get_attr"}
+
+
+def add_row(rows: list[list[str]], name: str, label: str, model: nn.Module, quantizer, calib: list[torch.Tensor],
+            evals: list[torch.Tensor]) -> torch.fx.GraphModule | None:
+    """Quantize ``model`` with ``quantizer``; append its row (or its error: the anchor's failures are results, e.g.
+    on ResNets' reused ReLU) to ``rows``; return the converted graph or None."""
+    from qpasses.quant.pt2e import quantize_pt2e
+
+    converted, seconds, error = timed(lambda: quantize_pt2e(model, quantizer, calib))
+    if converted is None:
+        rows.append([name, label, error, "", "", f"{seconds:.1f}"])
+    else:
+        db, top1 = fidelity(model, converted, evals)
+        rows.append([name, label, f"{db:.2f}", f"{top1:.3f}", str(pt2e_quantized_layers(converted)), f"{seconds:.1f}"])
+    print(" | ".join(rows[-1]), flush=True)
+    return converted
+
+
 def main(argv: list[str] | None = None) -> None:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     import torchvision
 
-    from qpasses.quant.pt2e import QPassesQuantizer, quantize_pt2e
+    from qpasses.quant.backends import get_backend
+    from qpasses.quant.pt2e import QPassesQuantizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="resnet18,mobilenet_v2")
@@ -72,15 +96,17 @@ def main(argv: list[str] | None = None) -> None:
             xiq.get_default_x86_inductor_quantization_config())}
         for backend in args.backends.split(","):
             quantizers[f"QPassesQuantizer({backend})"] = lambda backend=backend: QPassesQuantizer(backend)
+        converted_by = {}
         for label, make in quantizers.items():
-            converted, seconds, error = timed(lambda make=make, model=model: quantize_pt2e(model, make(), calib))
-            if converted is None:  # the anchor's failures are results (ResNets' reused ReLU)
-                rows.append([name, label, error, "", "", f"{seconds:.1f}"])
-            else:
-                db, top1 = fidelity(model, converted, evals)
-                rows.append([name, label, f"{db:.2f}", f"{top1:.3f}", str(pt2e_quantized_layers(converted)),
-                             f"{seconds:.1f}"])
-            print(" | ".join(rows[-1]), flush=True)
+            converted_by[label] = add_row(rows, name, label, model, make(), calib, evals)
+        # With the layers the anchor leaves float kept float too: the same quantized layers, compared.
+        anchor, first = converted_by["X86InductorQuantizer"], args.backends.split(",")[0]
+        ours = converted_by[f"QPassesQuantizer({first})"]
+        if anchor is not None and ours is not None and float_weight_layers(anchor) - float_weight_layers(ours):
+            config = get_backend(first).default_config()
+            config.keep_float = float_weight_layers(anchor)
+            label = f"QPassesQuantizer({first}), the {len(config.keep_float)} layers X86InductorQuantizer leaves float too"
+            add_row(rows, name, label, model, QPassesQuantizer(first, config=config), calib, evals)
     header = ["model", "quantizer (prepare_pt2e → convert_pt2e)", "SQNR dB", "top-1 agr.", "int8 convs/linears",
               "prepare+calib s"]
     command = "python -m tools.bench.pt2e " + " ".join(argv if argv is not None else sys.argv[1:])
