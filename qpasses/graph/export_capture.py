@@ -35,9 +35,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from qpasses.errors import TraceError
 from qpasses.graph.modules import buffers_restored, eval_mode
 
-__all__ = ["FUNCTION_OPS", "MODULE_OPS", "ExportedGraph", "export_graph", "normalise"]
+__all__ = ["FUNCTION_OPS", "MODULE_OPS", "SOURCE_KEY", "ExportedGraph", "export_graph", "normalise", "normalise_module"]
 
 aten = torch.ops.aten
+
+# node.meta key: the name of the exported node a canonical node computes (one record per ATen op, so one node;
+# a pass that replaces a canonical node copies its meta, ReplaceFunctional's add_relu that of the ReLU). The
+# PT2E quantizer carries decisions made on the canonical graph back onto the user's ATen nodes by it.
+SOURCE_KEY = "export_source"
 
 
 # ------------------------------------------------------------------------------------------- module ops
@@ -251,7 +256,11 @@ def _export_batch_generic(model: nn.Module, inputs: tuple) -> torch.export.Expor
 
 def _batch_is_symbolic(exported: torch.export.ExportedProgram) -> bool:
     users = {s.arg.name for s in exported.graph_signature.input_specs if s.kind is InputKind.USER_INPUT}
-    values = [n.meta.get("val") for n in exported.graph.nodes if n.op == "placeholder" and n.name in users]
+    return _symbolic_batch([n for n in exported.graph.nodes if n.op == "placeholder" and n.name in users])
+
+
+def _symbolic_batch(inputs: list[fx.Node]) -> bool:
+    values = [n.meta.get("val") for n in inputs]
     sizes = [v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() > 0]
     return bool(sizes) and all(isinstance(size, torch.SymInt) for size in sizes)
 
@@ -266,20 +275,29 @@ def _arguments(node: fx.Node) -> dict[str, Any] | None:
 
 
 class _Normaliser:
-    def __init__(self, model: nn.Module, exported: torch.export.ExportedProgram):
+    """Rebuilds ``source`` (an exported graph) in canonical form around ``model``'s modules and tensors.
+
+    ``tensor_of``: the source nodes that stand for a parameter, buffer or constant (an exported program's lifted
+    placeholders, an unlifted graph module's ``get_attr``s), by qualified name; ``constants``: tensors that are
+    not attributes of ``model``."""
+
+    def __init__(self, model: nn.Module, source: fx.Graph, tensor_of: dict[fx.Node, str],
+                 constants: dict[str, Any], out_spec: pytree.TreeSpec | None):
         self.model = model
-        self.exported = exported
+        self.source = source
+        self.constants = constants
+        self.out_spec = out_spec
         self.graph = fx.Graph()
         self.owned: dict[str, Any] = {}  # qualified name → module / parameter / buffer the graph reads
         self.env: dict[fx.Node, Any] = {}
-        self.tensor_of: dict[fx.Node, str] = {}  # placeholder of a parameter/buffer/constant → its name
+        self.tensor_of = dict(tensor_of)
         self.built: dict[tuple, str] = {}  # (class, config, tensor names) → name of a module built for it
         self.aten_ops: dict[str, int] = {}
         self.attrs: dict[str, fx.Node] = {}  # one get_attr node per tensor read directly
 
     def tensor(self, name: str) -> Any:
-        if name in self.exported.constants:
-            return self.exported.constants[name]
+        if name in self.constants:
+            return self.constants[name]
         owner, _, attr = name.rpartition(".")
         return getattr(self.model.get_submodule(owner) if owner else self.model, attr)
 
@@ -290,31 +308,30 @@ class _Normaliser:
         return self.attrs[name]
 
     def run(self) -> ExportedGraph:
-        signature = self.exported.graph_signature
-        kinds = {spec.arg.name: spec for spec in signature.input_specs}
-        bad_outputs = [spec for spec in signature.output_specs if spec.kind is not OutputKind.USER_OUTPUT]
-        if bad_outputs:
-            raise TraceError(f"the exported graph of {type(self.model).__name__} mutates "
-                             f"{[spec.target for spec in bad_outputs]}; it cannot be normalised")
-        for node in self.exported.graph_module.graph.nodes:
+        inputs = []
+        for node in self.source.nodes:
+            if node in self.tensor_of:
+                continue
             if node.op == "placeholder":
-                spec = kinds[node.name]
-                if spec.kind is InputKind.USER_INPUT:
-                    self.env[node] = self.copy_meta(self.graph.placeholder(node.name), node)
-                else:
-                    self.tensor_of[node] = spec.target
+                inputs.append(node)
+                self.env[node] = self.copy_meta(self.graph.placeholder(node.name), node)
             elif node.op == "output":
                 (flat,) = node.args
-                self.graph.output(pytree.tree_unflatten([self.value(v) for v in flat], self.exported.call_spec.out_spec))
+                if self.out_spec is None:
+                    self.graph.output(self.value(flat))
+                else:
+                    self.graph.output(pytree.tree_unflatten([self.value(v) for v in flat], self.out_spec))
             elif node.op == "call_function":
                 self.env[node] = self.copy_meta(self.translate(node), node)
+            elif node.op == "call_module" and not node.users:
+                continue  # the input guards ``ExportedProgram.module()`` checks: nothing reads them
             else:
-                raise TraceError(f"exported node '{node.name}' ({node.op}) has no canonical form")
+                raise TraceError(f"exported node '{node.name}' ({node.op} {node.target}) has no canonical form")
         functionalize(self.graph)
         self.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "get_attr")
         self.check_names()
         gm = fx.GraphModule(self.owned, self.graph, type(self.model).__name__)
-        return ExportedGraph(gm, dict(sorted(self.aten_ops.items())), _batch_is_symbolic(self.exported))
+        return ExportedGraph(gm, dict(sorted(self.aten_ops.items())), _symbolic_batch(inputs))
 
     def check_names(self) -> None:
         """A module built under an owner's name ('bn1' for timm's BatchNormAct2d) must not hide another name the
@@ -335,6 +352,7 @@ class _Normaliser:
             for key in ("nn_module_stack", "stack_trace"):
                 if key in old.meta:
                     new.meta[key] = old.meta[key]
+            new.meta[SOURCE_KEY] = old.name
         return new
 
     def value(self, arg: Any) -> Any:
@@ -452,11 +470,33 @@ def _first_input(node: fx.Node) -> str:
 def normalise(model: nn.Module, exported: torch.export.ExportedProgram, n_inputs: int) -> ExportedGraph:
     """The canonical module-level graph of ``exported`` (an export of ``model``), sharing ``model``'s
     modules and parameters."""
-    user_inputs = [s for s in exported.graph_signature.input_specs if s.kind is InputKind.USER_INPUT]
+    signature = exported.graph_signature
+    user_inputs = [s for s in signature.input_specs if s.kind is InputKind.USER_INPUT]
     if len(user_inputs) != n_inputs:
         raise TraceError(f"the exported graph of {type(model).__name__} takes {len(user_inputs)} tensor inputs, "
                          f"the example inputs are {n_inputs}")
-    return _Normaliser(model, exported).run()
+    bad_outputs = [spec for spec in signature.output_specs if spec.kind is not OutputKind.USER_OUTPUT]
+    if bad_outputs:
+        raise TraceError(f"the exported graph of {type(model).__name__} mutates "
+                         f"{[spec.target for spec in bad_outputs]}; it cannot be normalised")
+    kinds = {spec.arg.name: spec for spec in signature.input_specs}
+    lifted = {node: kinds[node.name].target for node in exported.graph.nodes
+              if node.op == "placeholder" and kinds[node.name].kind is not InputKind.USER_INPUT}
+    return _Normaliser(model, exported.graph, lifted, exported.constants, exported.call_spec.out_spec).run()
+
+
+def normalise_module(gm: fx.GraphModule) -> ExportedGraph:
+    """The canonical module-level graph of an unlifted exported graph module (``ExportedProgram.module()``, the
+    graph PT2E's ``prepare_pt2e`` annotates), sharing ``gm``'s parameters. Its inputs are ``gm``'s graph's
+    placeholders (flat, as the graph takes them), its output the graph's flat outputs; every canonical node
+    names the node of ``gm`` it computes in ``meta[SOURCE_KEY]``. ``gm`` itself is not changed."""
+    attributes = {node: node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    for node, name in attributes.items():
+        owner, _, attr = name.rpartition(".")
+        if not isinstance(getattr(gm.get_submodule(owner) if owner else gm, attr, None), torch.Tensor):
+            raise TraceError(f"exported node '{node.name}' reads '{name}', which is not a tensor; "
+                             "it has no canonical form")
+    return _Normaliser(gm, gm.graph, attributes, {}, None).run()
 
 
 # In-place ops the canonical graph may hold, with their out-of-place forms.

@@ -6,13 +6,11 @@ import dataclasses
 
 import torch.fx as fx
 
-from qpasses.errors import QPassesError
 from qpasses.graph.modules import unique_name
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.quant.annotate import Annotation, annotate
 from qpasses.quant.backends import Backend, get_backend
 from qpasses.quant.observers import make_observer
-from qpasses.quant.ops import Role
 from qpasses.quant.overrides import apply_overrides
 from qpasses.quant.spec import QuantConfig
 from qpasses.quant.state import QSTATE_KEY, state_of
@@ -84,12 +82,7 @@ class InsertObservers(Pass):
         if config is not self.config:
             self.backend.check_config(config)
         ann = annotate(gm, self.backend, config)
-        int8 = [name for name, role in ann.roles.items() if ann.is_int8(name) and role is not Role.FUSED_ACT]
-        if not int8:
-            raise QPassesError(
-                "nothing to quantize: no node has an int8 kernel under this configuration "
-                f"({len(ann.float_reasons)} op(s) stay float, e.g. {next(iter(ann.float_reasons.values()), 'none')})"
-            )
+        int8 = ann.int8_ops()
         nodes = {n.name: n for n in gm.graph.nodes}
         targets: dict[str, str] = {}
         for value in sorted(ann.observe, key=lambda name: name in ann.shared):

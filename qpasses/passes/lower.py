@@ -157,16 +157,7 @@ class _Lowering:
         grid = self.value_grid(source) if source is not None else None
         if grid is None:
             return None
-        probe = torch.quantize_per_tensor(torch.zeros(1), grid[0], grid[1], torch.quint8)
-        if node.op == "call_method" and node.target in lowering.QUANTIZED_FUNCTIONAL_OPS:  # a derived scalar op
-            out = lowering.QUANTIZED_FUNCTIONAL_OPS[node.target](probe, node.args[-1])
-        elif node.op == "call_module":
-            out = self.gm.get_submodule(node.target)(probe)
-        elif node.op == "call_method":
-            out = getattr(probe, node.target)()
-        else:
-            out = node.target(probe)
-        return float(out.q_scale()), int(out.q_zero_point())
+        return lowering.kernel_output_grid(self.gm, node, grid)
 
     def value_observer(self, node: fx.Node) -> Observer | None:
         """The observer whose grid ``node``'s value is on: its own, or through qparams-preserving ops, that

@@ -24,10 +24,15 @@ Rules (the design notes' "what" step):
   add, mul, cat, hardswish-like, fixed-range or scalar op whose value nothing reads as int8 runs float on
   its dequantized inputs, which is exact where the int8 op would round once more. This is PT2E's rule
   (X86InductorQuantizer observes a value only where a quantized op reads it).
+- a lowering whose kernels do more in one call than the torch.ao engine's (``FusedKernels``: inductor's, for the
+  PT2E quantizer) changes two things: every conv/linear whose value nothing reads as int8 writes float, and a conv/linear
+  read only by one of its post-ops (hardswish, add, add_relu) is computed with it in one kernel, unrounded in
+  between: the post-op is recorded as folded into it (``Annotation.fused``) and only its output is observed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch.fx as fx
@@ -35,6 +40,7 @@ from networkx.utils import UnionFind
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qpasses.cpu import CpuInt8Features, cpu_int8_features
+from qpasses.errors import QPassesError
 from qpasses.quant.backends import Backend, UnsupportedSpecError
 from qpasses.quant.lowering import has_float_output_kernel
 from qpasses.quant.ops import Role, clamp_bounds, describe_op, is_tensor_node, role_of
@@ -51,7 +57,7 @@ class Annotation:
     backend: str
     config: QuantConfig
     roles: dict[str, Role] = field(default_factory=dict)
-    fused: dict[str, str] = field(default_factory=dict)  # activation node → producer node
+    fused: dict[str, str] = field(default_factory=dict)  # activation (or post-op) node → producer node
     pairs: dict[str, QuantPair] = field(default_factory=dict)  # int8 node → its weight/activation specs
     observe: dict[str, QuantSpec] = field(default_factory=dict)  # value node → activation spec
     shared: dict[str, str] = field(default_factory=dict)  # value node → value whose observer it shares
@@ -62,15 +68,38 @@ class Annotation:
     def is_int8(self, name: str) -> bool:
         return self.roles.get(name, Role.NONE) in INT8
 
+    def int8_ops(self) -> list[str]:
+        """The nodes that run an int8 kernel of their own (a folded activation runs in its producer's), or
+        ``QPassesError`` if there is none: a configuration that quantizes nothing is an error, not silence."""
+        int8 = [name for name, role in self.roles.items() if self.is_int8(name) and role is not Role.FUSED_ACT]
+        if not int8:
+            example = next(iter(self.float_reasons.values()), "none")
+            raise QPassesError("nothing to quantize: no node has an int8 kernel under this configuration "
+                               f"({len(self.float_reasons)} op(s) stay float, e.g. {example})")
+        return int8
+
+
+@dataclass(frozen=True)
+class FusedKernels:
+    """What the int8 kernels of a lowering other than the backend's torch.ao engine compute in one call (inductor's
+    CPU lowering of a PT2E graph: ``qconv``/``qlinear`` with a post-op, writing int8 or float).
+
+    ``float_output``: every conv/linear can write float. ``post_op``: whether a node (read from the conv/linear
+    it is given) runs in the conv/linear's kernel as a post-op."""
+
+    float_output: bool
+    post_op: Callable[[fx.GraphModule, fx.Node, fx.Node], bool]
+
 
 def _qualified_name(node: fx.Node) -> str:
     return node.target if node.op == "call_module" else node.name
 
 
 def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
-             cpu: CpuInt8Features | None = None) -> Annotation:
+             cpu: CpuInt8Features | None = None, kernels: FusedKernels | None = None) -> Annotation:
     """The decisions for ``gm`` under ``backend`` and ``config``; ``reduce_range`` is kept only on values read by
-    a kernel that needs it on ``cpu`` (None: this machine's, ``qpasses.cpu.cpu_int8_features``)."""
+    a kernel that needs it on ``cpu`` (None: this machine's, ``qpasses.cpu.cpu_int8_features``). ``kernels``: the
+    fused kernels of the lowering that will run the graph, where it is not the backend's torch.ao engine."""
     ann = Annotation(backend=backend.name, config=config)
     quantized: dict[fx.Node, bool] = {}
     read_as_int8 = _int8_readers(gm, config)
@@ -85,13 +114,15 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
             elif role is Role.COMPUTE:
                 pair = _runnable_pair(backend, module, pair, node, ann)
                 if not read_as_int8[node]:
-                    _decide_float_output(gm, node, module, backend, ann)
+                    _decide_float_output(gm, node, module, backend, ann, kernels)
             elif role in _REQUANTIZES_ON_DEMAND and not read_as_int8[node]:
                 ann.float_reasons[node.name] = (f"{describe_op(gm, node)}: nothing reads its value as int8, so it runs "
                                                 "float on its dequantized inputs (exact, one rounding fewer)")
                 role = Role.FLOAT
             if pair is not None:
                 ann.pairs[node.name] = pair
+            if kernels is not None and role in (Role.REQUANT, Role.FUNCTIONAL) and pair is not None:
+                _fuse_post_op(gm, node, ann, kernels)
         if role is Role.FUSED_ACT:
             role = _fuse_or_preserve(gm, node, ann)
         if role is Role.FLOAT and node.name not in ann.float_reasons:
@@ -123,7 +154,8 @@ def _clip_at_range_where_activation_is_bounded(gm: fx.GraphModule, ann: Annotati
     the top of the observed range; ``headroom`` would let codes run on past it, so such a value (and the
     cat group sharing its grid) clips at its range."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    bounded = [a for a in ann.fused if a in ann.observe and clamp_bounds(gm, nodes[a])[1] is not None]
+    bounded = [a for a in ann.fused if a in ann.observe and ann.roles[a] is Role.FUSED_ACT
+               and clamp_bounds(gm, nodes[a])[1] is not None]
     owners = {ann.shared.get(name, name) for name in bounded}
     for name, spec in list(ann.observe.items()):
         if spec.headroom and ann.shared.get(name, name) in owners:
@@ -147,13 +179,12 @@ def _full_range_where_no_saturating_kernel_reads(gm: fx.GraphModule, ann: Annota
                                                  cpu: CpuInt8Features) -> None:
     """reduce_range exists for the u8 inputs of kernels that add pairs of u8×s8 products into a saturating int16
     (fbgemm's without AVX-512 VNNI, its depthwise ones on every CPU); a value no such kernel reads (logits, add
-    operands, inputs of oneDNN's convs on a VNNI CPU) keeps the full 8-bit range. Cat-shared groups stay as
-    they are: one of their members may feed such a kernel."""
+    operands, inputs of oneDNN's convs on a VNNI CPU) keeps the full 8-bit range. A cat-shared group is one grid:
+    its members' values are read only by its cats, so the readers of its outermost cat decide for all of them."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    grouped = set(ann.shared) | set(ann.shared.values())
     for name, spec in list(ann.observe.items()):
-        if spec.reduce_range and name not in grouped and not _feeds_saturating_kernel(gm, nodes[name], ann, backend,
-                                                                                      cpu):
+        owner = nodes[ann.shared.get(name, name)]
+        if spec.reduce_range and not _feeds_saturating_kernel(gm, owner, ann, backend, cpu):
             ann.observe[name] = spec.replace(reduce_range=False)
 
 
@@ -192,11 +223,12 @@ def _only_outputs_read(gm: fx.GraphModule, node: fx.Node) -> bool:
         for user in node.users)
 
 
-def _decide_float_output(gm: fx.GraphModule, node: fx.Node, module, backend: Backend, ann: Annotation) -> None:
-    """A conv/linear whose value nothing reads as int8 writes float where the engine has an int8 kernel that
-    does; the note says so for the model's output."""
+def _decide_float_output(gm: fx.GraphModule, node: fx.Node, module, backend: Backend, ann: Annotation,
+                         kernels: FusedKernels | None) -> None:
+    """A conv/linear whose value nothing reads as int8 writes float where the engine (or the lowering's
+    ``kernels``) has an int8 kernel that does; the note says so for the model's output."""
     output = _only_outputs_read(gm, node)
-    if has_float_output_kernel(module, backend.engine):
+    if kernels.float_output if kernels is not None else has_float_output_kernel(module, backend.engine):
         ann.float_output.add(node.name)
         if output:
             ann.notes.append(f"output stays float: {describe_op(gm, node)} computes from int8 inputs and weights "
@@ -241,6 +273,17 @@ def _fuse_or_preserve(gm: fx.GraphModule, node: fx.Node, ann: Annotation) -> Rol
             ann.pairs[node.name] = ann.pairs[producer.name]
             return Role.FUSED_ACT
     return Role.PRESERVING
+
+
+def _fuse_post_op(gm: fx.GraphModule, node: fx.Node, ann: Annotation, kernels: FusedKernels) -> None:
+    """Fold ``node`` into the conv/linear it reads when the lowering's kernel computes it as that one's post-op
+    and nothing else reads the conv/linear (the first such input of an add; its other input stays as it is)."""
+    for producer in node.all_input_nodes:
+        if (ann.roles.get(producer.name) is Role.COMPUTE and len(producer.users) == 1
+                and producer.name not in ann.float_output and producer.name not in ann.fused.values()
+                and kernels.post_op(gm, producer, node)):
+            ann.fused[node.name] = producer.name
+            return
 
 
 def _runs_quantized(node: fx.Node, role: Role, quantized: dict[fx.Node, bool]) -> bool:
@@ -291,7 +334,7 @@ def _share_cat_observers(gm: fx.GraphModule, ann: Annotation) -> None:
 
 def _bounds(gm: fx.GraphModule, node: fx.Node, ann: Annotation) -> tuple[float | None, float | None]:
     """The (min, max) a value is known to lie in: a folded activation's bounds, else unbounded."""
-    return clamp_bounds(gm, node) if node.name in ann.fused else (None, None)
+    return clamp_bounds(gm, node) if ann.roles.get(node.name) is Role.FUSED_ACT else (None, None)
 
 
 def _within(inner: tuple[float | None, float | None], outer: tuple[float | None, float | None]) -> bool:

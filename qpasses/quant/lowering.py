@@ -304,6 +304,22 @@ def quantized_functional_call(method: str, args: tuple, kwargs: dict, scale: flo
     return op, args, {**kwargs, "scale": float(scale), "zero_point": int(zero_point)}
 
 
+def kernel_output_grid(gm: fx.GraphModule, node: fx.Node, grid: tuple[float, int]) -> tuple[float, int]:
+    """The (scale, zero point) the int8 kernel of ``node`` (a fixed-range or derived op: sigmoid, tanh,
+    ``FloatFunctional.add_scalar``, ...) writes on an input at ``grid``, read from the kernel itself on a
+    one-element probe: the kernel decides it, so no table of it can drift from it."""
+    probe = torch.quantize_per_tensor(torch.zeros(1), grid[0], grid[1], torch.quint8)
+    if node.op == "call_method" and node.target in QUANTIZED_FUNCTIONAL_OPS:  # a derived scalar op
+        out = QUANTIZED_FUNCTIONAL_OPS[node.target](probe, node.args[-1])
+    elif node.op == "call_module":
+        out = gm.get_submodule(node.target)(probe)
+    elif node.op == "call_method":
+        out = getattr(probe, node.target)()
+    else:
+        out = node.target(probe)
+    return float(out.q_scale()), int(out.q_zero_point())
+
+
 def quantize_call(scale: float, zero_point: int, spec: QuantSpec) -> tuple[object, tuple]:
     """The function and trailing arguments of a graph call that quantizes a float value to ``spec``'s dtype."""
     return torch.quantize_per_tensor, (float(scale), int(zero_point), spec.dtype)
