@@ -226,7 +226,8 @@ class _Search:
         self.owner, self.gm, self.ctx, self.batches, self.metric = owner, gm, ctx, batches, metric
         self.result = owner.result = SearchResult(metric.name, goal)
         self.started = time.perf_counter()
-        self.layers: list = []  # Sensitivity's quantized layers, once ranked
+        self.sens: Sensitivity | None = None  # the layer steps' ranking, once made (``_rank``)
+        self.gains: dict[str, float] = {}  # layer → output noise power keeping it float removes
 
     def _quantize(self, passes: tuple[str, ...], config: QuantConfig) -> fx.GraphModule:
         from qpasses.passes.manager import PassManager  # the manager imports the passes

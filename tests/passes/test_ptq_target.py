@@ -178,16 +178,22 @@ def test_a_4bit_target_raises_the_fewest_layers_to_8_bits_before_keeping_any_flo
 
 def test_a_higher_target_never_ends_earlier_or_with_fewer_layers():
     """Monotone in the target on the real search: each step kind (passes, layers at 8 bits, layers float)
-    and, within a kind, the number of layers never goes down as the target goes up."""
-    data = calibration()
+    and, within a kind, the number of layers never goes down as the target goes up. The targets are the
+    values an unreachable search measured at every step, so each is met exactly somewhere."""
+    data = calibration(2)
     model = small_net()
+    every = PTQ(data, bits=4, target_sqnr=100.0, adaround=False, max_float_share=1.0, progress=False)
+    with pytest.raises(TargetNotMetError):
+        PassManager([FuseBN(), every]).run(model, data[0])
+    goals = sorted({s.value for s in every.search.steps})
+    assert {s.order[0] for s in every.search.steps} == {0, 1, 2} and len(goals) >= 6
     orders = []
-    for goal in [15.0, 20.0, 23.0, 25.0, 29.0, 30.6]:
+    for goal in goals:
         ptq = PTQ(data, bits=4, target_sqnr=goal, adaround=False, max_float_share=1.0, progress=False)
         PassManager([FuseBN(), ptq]).run(model, data[0])
         orders.append(ptq.search.chosen.order)
     assert orders == sorted(orders)
-    assert len({kind for kind, _ in orders}) == 3  # the goals reach all three kinds of step
+    assert {kind for kind, _ in orders} >= {0, 1}  # the goals reach the passes and the layers at 8 bits
 
 
 def test_the_prefix_search_is_monotone_and_keeps_the_fewest_measured_hit_on_any_curve():
