@@ -405,6 +405,12 @@ class Sensitivity:
         return dataclasses.replace(self.config, keep_float=set(self.config.keep_float) | extra,
                                    by_name=dict(self.config.by_name), by_module_type=dict(self.config.by_module_type))
 
+    def layer_pairs(self, names: Iterable[str], pair: QuantPair) -> dict[str, QuantPair]:
+        """``pair`` for each layer of ``names`` and for the activations folded into its output range (what
+        ``only`` quantizes with the layer), keyed by qualified name, for ``with_node_overrides``."""
+        return {part: pair for name in names
+                for part in [self._layer(name).name, *self._folded.get(self._layer(name).name, [])]}
+
     def weight_bits_pairs(self, bits: dict[str, int]) -> dict[str, QuantPair]:
         """Per-layer pairs with ``bits[name]``-bit weights (activations as configured)."""
         pairs = {}

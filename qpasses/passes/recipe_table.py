@@ -12,10 +12,10 @@ MEASURED: tuple[Recipe, ...] = (
         passes=('cle', 'hba', 'biascorrection'),
         sqnr_db=15.7,
         ptq_sqnr_db=4.2,
-        seconds=172,
+        seconds=164,
         source=(
-            '`python -m tools.bench.auto --write-table --calib 16 --eval 32 --backends '
-            'qnnpack --threads 1`, 2026-12-06, commit 78cfd5b'
+            '`python -m tools.bench.auto --write-table --calib 16 --eval 32 --threads 1`, '
+            '2026-12-06, commit 448adfc'
         ),
     ),
     Recipe(
@@ -23,12 +23,12 @@ MEASURED: tuple[Recipe, ...] = (
         per_channel=True,
         weight_bits=8,
         passes=('biascorrection',),
-        sqnr_db=18.9,
-        ptq_sqnr_db=15.3,
-        seconds=183,
+        sqnr_db=22.1,
+        ptq_sqnr_db=16.7,
+        seconds=210,
         source=(
-            '`python -m tools.bench.auto --write-table --calib 16 --eval 32 --backends x86 '
-            '--threads 1`, 2026-12-06, commit 78cfd5b'
+            '`python -m tools.bench.auto --write-table --calib 16 --eval 32 --threads 1`, '
+            '2026-12-06, commit 448adfc'
         ),
     ),
     Recipe(
@@ -38,10 +38,10 @@ MEASURED: tuple[Recipe, ...] = (
         passes=('biascorrection',),
         sqnr_db=22.2,
         ptq_sqnr_db=16.8,
-        seconds=180,
+        seconds=179,
         source=(
-            '`python -m tools.bench.auto --write-table --calib 16 --eval 32 --backends onednn'
-            ' --threads 1`, 2026-12-06, commit 78cfd5b'
+            '`python -m tools.bench.auto --write-table --calib 16 --eval 32 --threads 1`, '
+            '2026-12-06, commit 448adfc'
         ),
     ),
 )

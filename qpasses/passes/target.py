@@ -8,17 +8,31 @@ the target:
 2. + empirical BiasCorrection, where the recipe has none;
 3. AdaRound (200 iterations per layer, lr 1e-2: the settings of BENCHMARKS.md's dfq rows), unless
    ``adaround=False``;
-4. hybrid: the cheapest pipeline measured above (steps 1-2) with the fewest layers kept float. Layers are
-   ranked by ``Sensitivity`` (one shared calibration for every variant) by the output noise power keeping
-   each one float removes per multiply-accumulate it costs; prefixes of that ranking are measured with
-   the real pipeline, doubling their length until the target is met (or the next would keep more than
-   ``max_float_share`` of the MACs float), then bisecting between the last miss and the first hit.
+4. higher bits: the cheapest pipeline measured above (steps 1-2) with the fewest layers raised to 8 bits
+   (weights and output; ``reduce_range`` only where the backend's kernel reading a value saturates, as
+   annotation decides), when the run quantizes below 8 bits (``bits=4``, say). Raising a layer keeps it
+   on the same int8 kernels, so it costs weight bytes, not float MACs; that is why it comes first. At 8-bit
+   weights and activations there is no higher-bit kernel (torch.ao's run 8-bit containers only), and the
+   step is skipped with a note that says so;
+5. hybrid: the same pipeline, at the configured bits, with the fewest layers kept float.
+
+Steps 4 and 5 share one ranking by ``Sensitivity`` (one shared calibration for every variant): the output
+noise power keeping each layer float removes (for 4, that gain alone, the bound of what raising it can
+remove; for 5, per multiply-accumulate it costs). Prefixes of a ranking are measured with the real
+pipeline, doubling their length until the target is met (or, for 5, the next would keep more than
+``max_float_share`` of the MACs float; one layer always stays at the configured grid), then bisecting
+between the last miss and the first hit. The measured curve need not be monotone in the prefix length
+(more layers protected can measure worse: the error moves to other grids); the search keeps the fewest
+layers among the measured prefixes that meet the target, a measured hit whatever the curve, and the
+report says where the curve fell. Because every measurement is deterministic and each bisection step
+only compares with the target, a higher target never ends at an earlier step, nor with fewer layers
+within a step (``SearchStep.order``).
 
 Every measurement is a real quantized model (the backend's int8 kernels), so the reported values are
-measured, not predicted. The search is bounded: at most 3 pass steps and ``2·log2(layers) + 2`` hybrid
-steps. ``result`` (a ``SearchResult``) holds the path: each step's pipeline, value, seconds and share of
-MACs kept float; the report's notes list it too. No step meeting the target raises ``TargetNotMetError``
-with the best value reached.
+measured, not predicted. The search is bounded (``max_measurements``). ``result`` (a ``SearchResult``)
+holds the path: each step's pipeline, value, seconds, layers at higher bits and share of MACs kept float;
+the report's notes list it too. No step meeting the target raises ``TargetNotMetError`` with the best
+value reached.
 """
 
 from __future__ import annotations
@@ -41,9 +55,10 @@ from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import batch_inputs, progress
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.recipes import build_passes, find_recipe
+from qpasses.quant.backends import get_backend
 from qpasses.quant.observers import CalibrationError
-from qpasses.quant.overrides import exact_pattern
-from qpasses.quant.spec import QuantConfig
+from qpasses.quant.overrides import exact_pattern, with_node_overrides
+from qpasses.quant.spec import QuantConfig, QuantPair
 
 
 @dataclass(frozen=True)
@@ -58,8 +73,9 @@ class Target:
 
 @dataclass
 class SearchStep:
-    """One measured candidate: its pipeline (``passes`` before PTQ, ``keep_float`` layers), the metric,
-    the seconds it took to build and measure, and the share of the MACs it keeps float."""
+    """One measured candidate: its pipeline (``passes`` before PTQ, ``raised`` layers at 8 bits,
+    ``keep_float`` layers), the metric, the seconds it took to build and measure, and the share of the MACs
+    it keeps float."""
 
     label: str
     passes: tuple[str, ...]
@@ -68,23 +84,36 @@ class SearchStep:
     seconds: float
     float_share: float
     met: bool
+    raised: tuple[str, ...] = ()
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Where the step sits in the search's escalation: (0 passes, 1 layers at higher bits, 2 layers
+        float; the number of those layers). A higher target never gives a smaller order."""
+        if self.keep_float:
+            return 2, len(self.keep_float)
+        return (1, len(self.raised)) if self.raised else (0, 0)
 
     def line(self, unit: str) -> str:
-        where = f", layers float: {len(self.keep_float)} ({self.float_share:.1%} of MACs)" if self.keep_float else ""
+        where = f", layers at 8 bits: {len(self.raised)}" if self.raised else ""
+        where += f", layers float: {len(self.keep_float)} ({self.float_share:.1%} of MACs)" if self.keep_float else ""
         return f"{self.label}: {self.value:.2f}{unit} in {self.seconds:.1f} s{where}{' — target met' if self.met else ''}"
 
 
 @dataclass
 class SearchResult:
     """The path of a target search: ``steps`` in the order they ran; ``chosen``: the step whose model was
-    kept (None when none met ``target``)."""
+    kept (None when none met ``target``); ``notes``: what the search skipped or found on the way (a step
+    it could not take, a measured curve that is not monotone)."""
 
     metric: str
     target: float
     steps: list[SearchStep] = field(default_factory=list)
     chosen: SearchStep | None = None
     seconds: float = 0.0  # the whole search
-    ranking: str | None = None  # how the layers were ranked for the hybrid steps, with its cost
+    ranking: str | None = None  # how the layers were ranked for the layer steps, with its cost
+    ranking_variants: int = 0  # models Sensitivity measured for the ranking (each an evaluate call)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def unit(self) -> str:
@@ -93,8 +122,54 @@ class SearchResult:
     def summary(self) -> str:
         lines = [f"target {self.metric} >= {self.target:.2f}:"]
         lines += [f"  {i + 1}. {s.line(self.unit)}" for i, s in enumerate(self.steps)]
-        lines += [f"  {self.ranking}"] if self.ranking else []
+        lines += [f"  {line}" for line in ([self.ranking] if self.ranking else []) + self.notes]
         return "\n".join(lines)
+
+
+def prefix_search_bound(limit: int) -> int:
+    """The most prefixes one layer step measures for prefixes of at most ``limit`` layers: doubling
+    (1, 2, 4, …, ``limit``: at most ``bit_length(limit) + 1``) then bisection inside the last doubling
+    (at most ``bit_length(limit) - 1``)."""
+    return 2 * limit.bit_length()
+
+
+def max_measurements(layers: int) -> int:
+    """The most models ``TargetPTQ`` measures (builds and scores) on a graph of ``layers`` quantized
+    layers: 3 pass steps and two layer steps of at most ``prefix_search_bound(layers - 1)`` prefixes each.
+    With ``evaluate=``, ``evaluate`` is called once per measured model, once on the float model and once
+    per Sensitivity variant of the ranking (``layers + 1``, ``SearchResult.ranking_variants``)."""
+    return 3 + 2 * prefix_search_bound(max(layers - 1, 0))
+
+
+def fewest_meeting(limit: int, measure: Callable[[int], tuple[bool, float]],
+                   tick: Callable[[], None] = lambda: None) -> int | None:
+    """The fewest ``k`` in ``[1, limit]`` for which ``measure(k)`` (``(met, value)``) met the target, among
+    the ``k`` measured: doubling from 1 to the first hit, then bisecting between the last miss and it; None
+    when ``limit`` itself misses. On a curve that is not monotone in ``k`` the result is still a measured
+    hit and the fewest hit measured (every bisection hit is below the previous one, every doubling miss
+    below the first hit), though an unmeasured smaller ``k`` may meet it too. Deterministic: given the
+    same curve, a higher target (fewer hits) never gives a smaller ``k``."""
+    low, k = 0, 1
+    while True:  # doubling, ending with the longest prefix within the limit
+        tick()
+        if measure(k)[0]:
+            break
+        if k >= limit:
+            return None
+        low, k = k, min(2 * k, limit)
+    high = k
+    while high - low > 1:  # bisection: low a miss, high a hit
+        tick()
+        middle = (low + high) // 2
+        low, high = (low, middle) if measure(middle)[0] else (middle, high)
+    return high
+
+
+def falls(curve: dict[int, float]) -> list[tuple[int, float, int, float]]:
+    """Where a measured curve (prefix length → value) is not monotone: each ``(k, value, k2, value2)`` with
+    ``k < k2`` adjacent in the measured lengths and ``value > value2``."""
+    points = sorted(curve.items())
+    return [(k, v, k2, v2) for (k, v), (k2, v2) in itertools.pairwise(points) if v > v2]
 
 
 class TargetPTQ(Pass):
@@ -134,12 +209,12 @@ class TargetPTQ(Pass):
         model = search.run()
         result = search.result
         ctx.notes += [f"step {i + 1}: {step.line(result.unit)}" for i, step in enumerate(result.steps)]
-        if result.ranking is not None:
-            ctx.note(result.ranking)
+        ctx.notes += ([result.ranking] if result.ranking is not None else []) + result.notes
         ctx.note(f"target {result.target:.2f}{result.unit} met by step {result.steps.index(result.chosen) + 1} "
                  f"({result.chosen.label}) after {result.seconds:.0f} s")
         ctx.stats["steps"] = len(search.result.steps)
         ctx.stats["float_layers"] = len(search.result.chosen.keep_float)
+        ctx.stats["8bit_layers"] = len(search.result.chosen.raised)
         return PassResult(model, modified=True)
 
 
@@ -151,7 +226,8 @@ class _Search:
         self.owner, self.gm, self.ctx, self.batches, self.metric = owner, gm, ctx, batches, metric
         self.result = owner.result = SearchResult(metric.name, goal)
         self.started = time.perf_counter()
-        self.layers: list = []  # Sensitivity's quantized layers, once ranked
+        self.sens: Sensitivity | None = None  # the layer steps' ranking, once made (``_rank``)
+        self.gains: dict[str, float] = {}  # layer → output noise power keeping it float removes
 
     def _quantize(self, passes: tuple[str, ...], config: QuantConfig) -> fx.GraphModule:
         from qpasses.passes.manager import PassManager  # the manager imports the passes
@@ -165,16 +241,21 @@ class _Search:
         return PassManager([*extra, ptq]).run(self.gm, self.ctx.example_inputs)
 
     def measure(self, label: str, passes: tuple[str, ...], keep_float: tuple[str, ...] = (),
-                float_share: float = 0.0) -> tuple[SearchStep, fx.GraphModule]:
+                float_share: float = 0.0, raised: dict[str, QuantPair] | None = None,
+                raised_layers: tuple[str, ...] = ()) -> tuple[SearchStep, fx.GraphModule]:
+        """``passes`` + PTQ with the layers ``keep_float`` float and the pairs ``raised`` (of the layers
+        ``raised_layers``) overriding the configuration, built and measured."""
         start = time.perf_counter()
         config = self.owner.config
+        if raised:
+            config = with_node_overrides(config, raised)
         if keep_float:
             config = dataclasses.replace(config, keep_float=set(config.keep_float) | {exact_pattern(n) for n in keep_float})
         model = self._quantize(passes, config)
         with eval_mode(model):
             value = self.metric(model)
         step = SearchStep(label, passes, keep_float, value, time.perf_counter() - start, float_share,
-                          value >= self.result.target)
+                          value >= self.result.target, raised_layers)
         self.result.steps.append(step)
         return step, model
 
@@ -199,18 +280,21 @@ class _Search:
                 return self.done(step, model)
             if passes != ("adaround",):
                 cheap.append(step)
-        found = self._hybrid(max(cheap, key=lambda s: s.value))
-        if found is not None:
-            return self.done(*found)
+        base = max(cheap, key=lambda s: s.value)
+        self._rank(base)
+        for layer_step in (self._higher_bits, self._hybrid):
+            found = layer_step(base)
+            if found is not None:
+                return self.done(*found)
         best = max(self.result.steps, key=lambda s: s.value)
         raise TargetNotMetError(
             f"target {self.result.metric} >= {self.result.target:.2f} not met in {len(self.result.steps)} steps "
             f"({time.perf_counter() - self.started:.0f} s): best {best.value:.2f} by '{best.label}'; lower the "
             f"target, raise max_float_share (now {o.max_float_share:.0%} of MACs), or give more calibration data")
 
-    def _ranking(self, base: SearchStep) -> tuple[list[str], list[float]]:
-        """Layers by output noise power removed per MAC when kept float (``Sensitivity``, on the graph after
-        ``base``'s float passes), with the cumulative share of the MACs of each prefix."""
+    def _rank(self, base: SearchStep) -> None:
+        """Rank the layers by the output noise power keeping each float removes (``Sensitivity``, on the graph
+        after ``base``'s float passes): ``self.gains``, and ``self.sens`` for the layers' pairs and MACs."""
         o = self.owner
         float_passes = [p for p in build_passes(base.passes, self.batches, None) if p.stage is Stage.FLOAT]
         graph = self.gm
@@ -218,53 +302,84 @@ class _Search:
             from qpasses.passes.manager import PassManager
 
             graph = PassManager(float_passes).run(self.gm, self.ctx.example_inputs)
-        sens = Sensitivity(graph, self.batches, self.ctx.example_inputs, backend=o.backend, config=o.config,
-                           eval_fn=o.target.evaluate, float_passes=(), progress=o.progress)
+        self.sens = Sensitivity(graph, self.batches, self.ctx.example_inputs, backend=o.backend, config=o.config,
+                                eval_fn=o.target.evaluate, float_passes=(), progress=o.progress)
         start = time.perf_counter()
-        table = sens.run(alone=False)  # the gain of keeping each layer float is all the ranking reads
-        self.result.ranking = (f"layers ranked by Sensitivity ({len(table.rows) + 1} variants, "
-                               f"{sens.calibration_passes} calibration passes) in {time.perf_counter() - start:.1f} s")
-        total = sum(layer.macs for layer in sens.layers) or 1
-        full_loss = sens.metric.loss(table.full)
-        saved = {r.layer.name: full_loss - sens.metric.loss(r.all_but) for r in table.rows}
-        ranking = sorted((r.layer for r in table.rows if saved[r.layer.name] > 0),
-                         key=lambda layer: -saved[layer.name] / max(layer.macs, 1))
-        self.layers = sens.layers
-        return [layer.name for layer in ranking], list(itertools.accumulate(layer.macs / total for layer in ranking))
+        table = self.sens.run(alone=False)  # the gain of keeping each layer float is all the ranking reads
+        self.result.ranking_variants = len(table.rows) + 1
+        self.result.ranking = (f"layers ranked by Sensitivity ({self.result.ranking_variants} variants, "
+                               f"{self.sens.calibration_passes} calibration passes) in "
+                               f"{time.perf_counter() - start:.1f} s")
+        full_loss = self.sens.metric.loss(table.full)
+        self.gains = {r.layer.name: full_loss - self.sens.metric.loss(r.all_but) for r in table.rows}
 
-    def _hybrid(self, base: SearchStep) -> tuple[SearchStep, fx.GraphModule] | None:
-        """The fewest layers kept float (on top of ``base``'s passes) that meet the target, or None."""
-        names, shares = self._ranking(base)
-        # The longest prefix within the budget, leaving a layer quantized (an all-float model is no PTQ).
-        limit = min(sum(1 for s in shares if s <= self.owner.max_float_share), len(self.layers) - 1)
+    def _prefix_step(self, what: str, names: list[str], limit: int,
+                     measure: Callable[[int], tuple[SearchStep, fx.GraphModule]]) -> tuple[SearchStep, fx.GraphModule] | None:
+        """The fewest layers of ``names`` (a prefix of at most ``limit``) for which ``measure`` meets the
+        target (``fewest_meeting``), or None; a note where the measured curve falls."""
         if limit == 0:
             return None
+        measured: dict[int, tuple[SearchStep, fx.GraphModule]] = {}
+
+        def measure_k(k: int) -> tuple[bool, float]:
+            step, model = measure(k)
+            measured[k] = (step, model if step.met else None)  # keep only the hits' models
+            return step.met, step.value
+
+        bar = progress(range(prefix_search_bound(limit)), None, f"target search: layers {what}", self.owner.progress,
+                       "step")
+        ticks = iter(bar)
+        try:
+            k = fewest_meeting(limit, measure_k, lambda: next(ticks, None))
+        finally:
+            if hasattr(bar, "close"):
+                bar.close()
+        fallen = falls({k: step.value for k, (step, _) in measured.items()})
+        if fallen:
+            where = "; ".join(f"{k} layers {v:.2f} > {k2} layers {v2:.2f}" for k, v, k2, v2 in fallen)
+            self.result.notes.append(
+                f"layers {what}: the measured values are not monotone in the number of layers ({where}); the search "
+                f"keeps the fewest layers among the measured prefixes that meet the target "
+                f"({', '.join(str(k) for k in sorted(measured))} measured)")
+        return None if k is None else measured[k]
+
+    def _higher_bits(self, base: SearchStep) -> tuple[SearchStep, fx.GraphModule] | None:
+        """The fewest layers raised to 8 bits (on top of ``base``'s passes) that meet the target, or None
+        (with a note when the step cannot run at all)."""
+        config, backend = self.owner.config, get_backend(self.owner.backend)
+        if config.weight.bits >= 8 and config.activation.bits >= 8:
+            reduced = " (its 7-bit steps, reduce_range, stay where a kernel reading them saturates: "
+            reduced = f"{reduced}{backend.reduce_range_reason()})" if config.activation.reduce_range else ""
+            self.result.notes.append(
+                f"no layers at higher bits: weights and activations are already 8-bit, the widest grid the "
+                f"{backend.name} int8 kernels run{reduced}; the search goes from the passes to layers kept float")
+            return None
+        # The 8-bit grids of this configuration; reduce_range as the backend's 8-bit preset asks for, which
+        # annotation keeps only on the values a saturating kernel reads.
+        preset = backend.default_config(per_channel=config.weight.per_channel)
+        pair = QuantPair(config.weight.replace(bits=8),
+                         config.activation.replace(bits=8, reduce_range=preset.activation.reduce_range))
+        names = sorted((n for n, gain in self.gains.items() if gain > 0), key=lambda n: -self.gains[n])
+        limit = min(len(names), len(self.sens.layers) - 1)  # one layer keeps the asked bits: else it is 8-bit PTQ
+
+        def measure(k: int) -> tuple[SearchStep, fx.GraphModule]:
+            return self.measure(f"{base.label}, {k} most sensitive layers at 8 bits", base.passes,
+                                raised=self.sens.layer_pairs(names[:k], pair), raised_layers=tuple(names[:k]))
+
+        return self._prefix_step("at 8 bits", names, limit, measure)
+
+    def _hybrid(self, base: SearchStep) -> tuple[SearchStep, fx.GraphModule] | None:
+        """The fewest layers kept float (on top of ``base``'s passes, at the configured bits) that meet the
+        target, or None."""
+        macs = {layer.name: layer.macs for layer in self.sens.layers}
+        total = sum(macs.values()) or 1
+        names = sorted((n for n, gain in self.gains.items() if gain > 0), key=lambda n: -self.gains[n] / max(macs[n], 1))
+        shares = list(itertools.accumulate(macs[n] / total for n in names))
+        # The longest prefix within the budget, leaving a layer quantized (an all-float model is no PTQ).
+        limit = min(sum(1 for s in shares if s <= self.owner.max_float_share), len(self.sens.layers) - 1)
 
         def measure(k: int) -> tuple[SearchStep, fx.GraphModule]:
             return self.measure(f"{base.label}, {k} most sensitive layers float", base.passes, tuple(names[:k]),
                                 shares[k - 1])
 
-        bar = progress(range(2 * limit.bit_length() + 2), None, "target search: layers kept float",
-                       self.owner.progress, "step")
-        ticks = iter(bar)
-        try:
-            low, k, found = 0, 1, None
-            while found is None:  # doubling, ending with the longest prefix within the budget
-                next(ticks, None)
-                step, model = measure(k)
-                if step.met:
-                    found = (k, step, model)
-                elif k == limit:
-                    return None
-                else:
-                    low, k = k, min(2 * k, limit)
-            high = found[0]
-            while high - low > 1:  # bisection: the fewest layers that still meet the target
-                next(ticks, None)
-                middle = (low + high) // 2
-                step, model = measure(middle)
-                low, high, found = (low, middle, (middle, step, model)) if step.met else (middle, high, found)
-            return found[1], found[2]
-        finally:
-            if hasattr(bar, "close"):
-                bar.close()
+        return self._prefix_step("float", names, limit, measure)

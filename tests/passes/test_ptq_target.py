@@ -10,6 +10,7 @@ from qpasses.errors import InputError, PlanError, TargetNotMetError
 from qpasses.passes import CLE, PTQ, QAT, AdaRound, BiasCorrection, FuseBN, recipe_table
 from qpasses.passes.recipes import Recipe, find_recipe
 from qpasses.passes.registry import PASSES, PassOptions, build_pipeline
+from qpasses.passes.target import _Search, fewest_meeting, max_measurements, prefix_search_bound
 from qpasses.quant.backends import get_backend
 from tests.nets import conv_bn_act, randomize_bn
 
@@ -115,15 +116,25 @@ def test_target_met_by_the_first_step_reports_its_path():
     assert sqnr(model(data[0]), qm(data[0])) == pytest.approx(result.chosen.value, abs=0.5)
 
 
+def pass_steps(result):
+    return [s for s in result.steps if s.order == (0, 0)]
+
+
+def weight_code_span(qm, name):
+    """The largest |code| of a lowered layer's weights: at most 8 on a 4-bit grid ([-8, 7]), up to 128 on 8 bits."""
+    return int(qm.get_submodule(name).weight().int_repr().abs().max())
+
+
 def test_target_escalates_to_the_fewest_layers_kept_float():
     data = calibration()
     model = small_net()
-    passes_only = PTQ(data, bits=4, target_sqnr=100.0, adaround=False, max_float_share=0.0, progress=False)
+    passes_only = PTQ(data, target_sqnr=100.0, adaround=False, max_float_share=0.0, progress=False)
     with pytest.raises(TargetNotMetError):
         PassManager([FuseBN(), passes_only]).run(model, data[0])
     goal = max(s.value for s in passes_only.search.steps) + 2.0  # beyond PTQ and BiasCorrection
-    ptq = PTQ(data, bits=4, target_sqnr=goal, adaround=False, max_float_share=1.0, progress=False)
-    qm = PassManager([FuseBN(), ptq]).run(model, data[0])
+    ptq = PTQ(data, target_sqnr=goal, adaround=False, max_float_share=1.0, progress=False)
+    pm = PassManager([FuseBN(), ptq])
+    qm = pm.run(model, data[0])
     result = ptq.search
     assert [s.met for s in result.steps[:2]] == [False, False] and result.chosen.met and result.chosen.keep_float
     with torch.no_grad():  # the search measures every calibration batch
@@ -132,6 +143,114 @@ def test_target_escalates_to_the_fewest_layers_kept_float():
     shorter = [s for s in result.steps if s.keep_float and len(s.keep_float) < len(result.chosen.keep_float)]
     assert all(not s.met for s in shorter) and result.ranking.startswith("layers ranked by Sensitivity")
     assert 0 < result.chosen.float_share < 1 and len(result.chosen.keep_float) < 4  # one layer stays int8
+    # 8-bit weights and activations: no higher-bit kernel, so that step is skipped, and the report says why.
+    assert not any(s.raised for s in result.steps)
+    skipped = "no layers at higher bits: weights and activations are already 8-bit"
+    assert any(n.startswith(skipped) for n in result.notes)
+    assert any(n.startswith(skipped) for n in next(r for r in pm.report.records if r.name == "TargetPTQ").notes)
+
+
+def test_a_4bit_target_raises_the_fewest_layers_to_8_bits_before_keeping_any_float():
+    data = calibration()
+    model = small_net()
+    passes_only = PTQ(data, bits=4, target_sqnr=100.0, adaround=False, max_float_share=0.0, progress=False)
+    with pytest.raises(TargetNotMetError):
+        PassManager([FuseBN(), passes_only]).run(model, data[0])
+    goal = max(s.value for s in pass_steps(passes_only.search)) + 2.0
+    ptq = PTQ(data, bits=4, target_sqnr=goal, adaround=False, max_float_share=1.0, progress=False)
+    pm = PassManager([FuseBN(), ptq])
+    qm = pm.run(model, data[0])
+    result = ptq.search
+    chosen = result.chosen
+    assert chosen.raised and not chosen.keep_float and chosen.float_share == 0 and chosen.order[0] == 1
+    assert not any(s.keep_float for s in result.steps)  # met before the float step
+    assert all(not s.met for s in result.steps if len(s.raised) < len(chosen.raised))
+    spans = {name: weight_code_span(qm, name) for name in ["0.0", "1.0", "2.0", "3"]}
+    assert all(spans[name] > 8 for name in chosen.raised)  # the raised layers run 8-bit weight codes
+    assert all(span <= 8 for name, span in spans.items() if name not in chosen.raised)  # the rest stay 4-bit
+    with torch.no_grad():
+        measured = sqnr(torch.cat([model(x) for x in data]), torch.cat([qm(x) for x in data]))
+    assert measured == pytest.approx(chosen.value, abs=0.01) and measured >= goal
+    record = next(r for r in pm.report.records if r.name == "TargetPTQ")
+    assert record.stats["8bit_layers"] == len(chosen.raised) and record.stats["float_layers"] == 0
+    assert any("layers at 8 bits: " in n for n in record.notes)
+
+
+def test_a_higher_target_never_ends_earlier_or_with_fewer_layers():
+    """Monotone in the target on the real search: each step kind (passes, layers at 8 bits, layers float)
+    and, within a kind, the number of layers never goes down as the target goes up. The targets are the
+    values an unreachable search measured at every step, so each is met exactly somewhere."""
+    data = calibration(2)
+    model = small_net()
+    every = PTQ(data, bits=4, target_sqnr=100.0, adaround=False, max_float_share=1.0, progress=False)
+    with pytest.raises(TargetNotMetError):
+        PassManager([FuseBN(), every]).run(model, data[0])
+    goals = sorted({s.value for s in every.search.steps})
+    assert {s.order[0] for s in every.search.steps} == {0, 1, 2} and len(goals) >= 6
+    orders = []
+    for goal in goals:
+        ptq = PTQ(data, bits=4, target_sqnr=goal, adaround=False, max_float_share=1.0, progress=False)
+        PassManager([FuseBN(), ptq]).run(model, data[0])
+        orders.append(ptq.search.chosen.order)
+    assert orders == sorted(orders)
+    assert {kind for kind, _ in orders} >= {0, 1}  # the goals reach the passes and the layers at 8 bits
+
+
+def test_the_prefix_search_is_monotone_and_keeps_the_fewest_measured_hit_on_any_curve():
+    """``fewest_meeting`` on random curves, most of them not monotone: it returns a measured hit, the
+    fewest hit it measured, never more than the bound, and never fewer layers for a higher target."""
+    g = torch.Generator().manual_seed(0)
+    for limit in [1, 2, 3, 5, 8, 13]:
+        for _ in range(40):
+            curve = torch.rand(limit + 1, generator=g).tolist()
+            previous = 0
+            for goal in sorted(curve) + [2.0]:
+                measured = []
+
+                def measure(k, goal=goal, measured=measured, curve=curve):
+                    measured.append(k)
+                    return curve[k] >= goal, curve[k]
+
+                k = fewest_meeting(limit, measure)
+                assert len(measured) <= prefix_search_bound(limit)
+                hits = [m for m in measured if curve[m] >= goal]
+                if k is None:
+                    assert not hits and limit in measured
+                    previous = limit + 1
+                    continue
+                assert k == min(hits) and 1 <= k <= limit
+                assert k >= previous
+                previous = k
+
+
+def test_a_curve_that_falls_is_reported_and_the_fewest_measured_hit_kept(monkeypatch):
+    """A measured curve that is not monotone (forced: 2 layers float measures 10 dB worse than it is) makes
+    the search note where it fell, and it still keeps a measured hit, the fewest measured."""
+    data = calibration()
+    measure = _Search.measure
+
+    def falling(self, label, passes, keep_float=(), *args, **kwargs):
+        step, model = measure(self, label, passes, keep_float, *args, **kwargs)
+        if len(keep_float) == 2:
+            step.value -= 10.0
+            step.met = step.value >= self.result.target
+        return step, model
+
+    monkeypatch.setattr(_Search, "measure", falling)
+    every = PTQ(data, target_sqnr=100.0, adaround=False, max_float_share=1.0, progress=False)
+    with pytest.raises(TargetNotMetError):  # measures 1, 2 and 3 layers float (the doubling up to the limit)
+        PassManager([FuseBN(), every]).run(small_net(), data[0])
+    curve = {len(s.keep_float): s.value for s in every.search.steps if s.keep_float}
+    assert sorted(curve) == [1, 2, 3] and curve[1] < curve[3]
+    goal = (curve[1] + curve[3]) / 2  # missed by 1 and (forced) by 2, met by 3
+    ptq = PTQ(data, target_sqnr=goal, adaround=False, max_float_share=1.0, progress=False)
+    PassManager([FuseBN(), ptq]).run(small_net(), data[0])
+    result = ptq.search
+    floats = {len(s.keep_float): s for s in result.steps if s.keep_float}
+    assert 2 in floats and floats[2].value < floats[1].value  # the curve fell, as forced
+    note = next(n for n in result.notes if n.startswith("layers float: the measured values are not monotone"))
+    assert "1 layers" in note and "2 layers" in note and "fewest layers among the measured prefixes" in note
+    assert result.chosen is floats[3] and result.chosen.met and not floats[1].met and not floats[2].met
 
 
 def test_unreachable_target_raises_one_clear_line():
@@ -161,6 +280,30 @@ def test_evaluate_with_max_drop():
     assert ptq.search.metric == "evaluate" and ptq.search.target == pytest.approx(-1.0, abs=1e-6)
     assert ptq.search.chosen.value >= -1.0 and len(calls) == 1 + len(ptq.search.steps)
     assert any(n.startswith("evaluate on the float model") for n in pm.report.records[-1].notes)
+
+
+def test_evaluate_is_called_a_bounded_number_of_times_through_every_step():
+    """An unreachable drop at 4 bits runs every step (passes, AdaRound, the ranking, layers at 8 bits,
+    layers float); evaluate is called once per measured model plus once on the float model, within
+    ``max_measurements``, however many layers the net has."""
+    data = calibration(2)
+    model = small_net()
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        with torch.no_grad():
+            return -float(((m(data[0]) - model(data[0])) ** 2).mean())
+
+    ptq = PTQ(data, bits=4, evaluate=evaluate, max_drop=1e-12, max_float_share=1.0, progress=False)
+    with pytest.raises(TargetNotMetError):
+        PassManager([FuseBN(), ptq]).run(model, data[0])
+    result, layers = ptq.search, 4
+    assert result.ranking_variants == layers + 1
+    assert {s.order[0] for s in result.steps} == {0, 1, 2} and "PTQ + adaround" in [s.label for s in result.steps]
+    assert len(calls) == 1 + len(result.steps) + result.ranking_variants
+    assert len(result.steps) <= max_measurements(layers)
+    assert max_measurements(layers) == 3 + 2 * 2 * (layers - 1).bit_length()
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -9,7 +9,8 @@ pipeline (no weight training: PTQ, + BiasCorrection, + CLE + HBA + BiasCorrectio
 benchmark's photo crops and writes the best one per setting to ``qpasses/passes/recipe_table.py``, the table
 ``PTQ(data)`` reads its default passes from. The default run measures, per backend, ``FuseBN + PTQ(data)``
 (with that recipe) against torchao PT2E X86InductorQuantizer, then ``PTQ(data, target_sqnr=T)``: met or not,
-the layers kept float and their share of the conv/linear MACs, prepare time, and the held-out fidelity.
+the layers raised to 8 bits (with ``--target-bits`` below 8) or kept float and the share of the conv/linear MACs
+kept float, prepare time, and the held-out fidelity.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ MEASURED: tuple[Recipe, ...] = (
 
 
 def target_rows(photos: PhotoSet, backends: list[str], targets: list[float], adaround: bool,
-                max_float_share: float) -> list[list[str]]:
+                max_float_share: float, bits: int | None) -> list[list[str]]:
     model = pretrained_lite0("tf_efficientnet_lite0")
     rows = []
 
@@ -129,20 +130,21 @@ def target_rows(photos: PhotoSet, backends: list[str], targets: list[float], ada
         add([backend, "FuseBN + PTQ(data) (default recipe)", "", f"{db:.1f}", f"{agreement:.1%}", "0", "0%",
              f"{seconds:.0f}", added])
         for target in targets:
-            ptq = PTQ(photos.calib, backend=backend, target_sqnr=target, adaround=adaround,
+            ptq = PTQ(photos.calib, backend=backend, bits=bits, target_sqnr=target, adaround=adaround,
                       max_float_share=max_float_share, progress=False)
             built, seconds, error = timed(lambda p=ptq: PassManager([FuseBN(), p]).run(model, photos.calib[0][:1]))
             result = ptq.search
-            path = "; ".join(f"{s.label}: {s.value:.1f} dB" for s in result.steps) if result else error
+            path = "; ".join([f"{s.label}: {s.value:.1f} dB" for s in result.steps] + result.notes) if result else error
             if built is None:
                 path = f"{path}; {error}" if result and result.steps else error
                 add([backend, f"PTQ(target_sqnr={target:g})", "not met", "", "", "", "", f"{seconds:.0f}", path])
                 continue
             db, agreement = fidelity(model, built, photos.evals)
             chosen = result.chosen
+            protected = [f"{len(chosen.raised)} at 8 bits: {', '.join(chosen.raised)}"] if chosen.raised else []
+            protected += [f"{len(chosen.keep_float)} float: {', '.join(chosen.keep_float)}"] if chosen.keep_float else []
             add([backend, f"PTQ(target_sqnr={target:g})", f"met: {chosen.value:.1f} dB", f"{db:.1f}",
-                 f"{agreement:.1%}", ", ".join(chosen.keep_float) or "0", f"{chosen.float_share:.1%}", f"{seconds:.0f}",
-                 path])
+                 f"{agreement:.1%}", "; ".join(protected) or "0", f"{chosen.float_share:.1%}", f"{seconds:.0f}", path])
     return rows
 
 
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", type=float, nargs="*", default=[25.0, 30.0, 35.0],
                         help="target SQNRs, dB (none: only the default rows)")
     parser.add_argument("--no-adaround", dest="adaround", action="store_false", help="targets: skip the AdaRound step")
+    parser.add_argument("--target-bits", type=int, help="targets: PTQ(bits=...), weights and activations (default: "
+                        "the backend's 8; below 8 the search raises layers to 8 bits before keeping any float)")
     parser.add_argument("--max-float-share", type=float, default=0.2,
                         help="targets: the most MACs the search may keep float (default 0.2, PTQ's)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         measure_recipes(photos, args.backends, args.bits, source)
         print(TABLE.read_text())
         return 0
-    rows = target_rows(photos, args.backends, args.targets, args.adaround, args.max_float_share)
+    rows = target_rows(photos, args.backends, args.targets, args.adaround, args.max_float_share, args.target_bits)
     machine = describe_machine()
     body = "\n\n".join([
         f"## Accuracy you can ask for (`{COMMAND}`)",
@@ -183,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.calib} calibration crops, {args.eval} evaluation crops (the PTQ benchmark's photo crops), "
         f"{args.size}×{args.size}. 'target': output SQNR on the calibration crops, what the search measures; "
         "'held-out': logits against the float model on the evaluation crops. 'float MACs': the share of the "
-        "conv/linear multiply-accumulates in layers the search kept float. 'prepare s' includes the whole search."
+        "conv/linear multiply-accumulates in layers the search kept float (layers raised to 8 bits stay on the int8 "
+        "kernels). 'prepare s' includes the whole search."
+        + (f" Targets at `bits={args.target_bits}`." if args.target_bits else "")
         + ("" if args.adaround else " The AdaRound step was skipped (`--no-adaround`)."),
-        markdown_table(["backend", "pipeline", "target", "held-out SQNR dB", "top-1 agreement", "layers kept float",
+        markdown_table(["backend", "pipeline", "target", "held-out SQNR dB", "top-1 agreement", "layers protected",
                         "float MACs", "prepare s", "path / note"], rows),
     ])
     print(body)
