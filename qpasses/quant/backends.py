@@ -278,6 +278,21 @@ _FBGEMM_WHY = (
 _X86_ACTIVATION = QuantSpec(signed=False, symmetric=False, observer="mse", reduce_range=True, headroom=True)
 _FBGEMM_ACTIVATION = _X86_ACTIVATION.replace(headroom=False)
 _PER_CHANNEL_WEIGHT = QuantSpec(signed=True, symmetric=True, axis=0, observer="mse")
+_ONNX_RUNTIME_WHY = (
+    "ONNX Runtime's CPU int8 kernels (MLAS: QLinearConv, QGemm, QLinearMatMul; U8S8, per-tensor u8 activations, "
+    "per-channel s8 weights) accumulate u8×s8 products in int32 with AVX-512 VNNI (measured exact with full-range "
+    "u8 activations on an AMD EPYC with AVX-512 VNNI, depthwise convs included: tests/lower/test_onnx.py); "
+    "without VNNI their AVX2/AVX-512 GEMMs add pairs of products into a saturating int16 (vpmaddubsw), which "
+    "ONNX Runtime's quantization docs answer with reduce_range. So 8-bit activations on AVX-512 VNNI CPUs, "
+    "7-bit steps into every conv and matmul elsewhere (headroom grids: no Clip of the codes in the graph)."
+)
+_OPENVINO_WHY = (
+    "OpenVINO's CPU plugin runs int8 convs and matmuls in oneDNN: int32 accumulation with AVX-512 VNNI (or AMX), "
+    "measured exact with full-range u8 activations on an AMD EPYC with AVX-512 VNNI (tests/lower/test_openvino.py); "
+    "without VNNI oneDNN adds pairs of u8×s8 products into a saturating int16 (NNCF answers it with 7-bit "
+    "weights, its overflow_fix; here the activations drop the bit instead). So 8-bit activations on AVX-512 "
+    "VNNI CPUs, 7-bit steps into every conv and matmul elsewhere."
+)
 
 BACKENDS: dict[str, Backend] = {
     "x86": Backend(
@@ -331,11 +346,33 @@ BACKENDS: dict[str, Backend] = {
         symmetric_conv_transpose_wrong=True,
         signed_activation_modules=(nn.Linear,),
     ),
+    "onnx": Backend(
+        name="onnx",
+        engine="x86",  # torch.ao's engine for Lower's eager form and the kernel-decided grids of the reference
+        activation=_X86_ACTIVATION,
+        weight=_PER_CHANNEL_WEIGHT,
+        supports_per_channel_weights=True,
+        reduce_range="saturating_kernels",
+        reduce_range_why=_ONNX_RUNTIME_WHY,
+        notes="QDQ ONNX for ONNX Runtime's int8 kernels (QLinearConv, QGemm, ...): deploy with --target onnx.",
+    ),
+    "openvino": Backend(
+        name="openvino",
+        engine="x86",  # torch.ao's engine for Lower's eager form and the kernel-decided grids of the reference
+        activation=_X86_ACTIVATION,
+        weight=_PER_CHANNEL_WEIGHT,
+        supports_per_channel_weights=True,
+        reduce_range="saturating_kernels",
+        reduce_range_why=_OPENVINO_WHY,
+        symmetric_weights_required=True,
+        notes="QDQ ONNX compiled by OpenVINO's CPU plugin (oneDNN int8 convs and matmuls): deploy with "
+        "--target openvino. Symmetric weights, as NNCF writes them for OpenVINO.",
+    ),
 }
 
 
 def get_backend(name: str) -> Backend:
-    """The table entry for ``name`` (x86, fbgemm, qnnpack, onednn)."""
+    """The table entry for ``name`` (x86, fbgemm, qnnpack, onednn, onnx, openvino, ...)."""
     try:
         return BACKENDS[name]
     except KeyError:
