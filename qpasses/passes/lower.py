@@ -17,9 +17,10 @@ from qpasses.graph.match import is_max_pool
 from qpasses.graph.modules import unique_name
 from qpasses.nn import ChannelClamp, CropStart2d, SamePad2d, ShiftedSamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+from qpasses.passes.reference import Reference, annotation_for, build_reference
 from qpasses.quant import lowering
 from qpasses.quant.annotate import Annotation
-from qpasses.quant.backends import get_backend
+from qpasses.quant.backends import Backend, get_backend
 from qpasses.quant.grids import Grids
 from qpasses.quant.observers import Observer
 from qpasses.quant.ops import REQUANT_FUNCTION_MODULES, Role, returns_input, role_of, runs_clamp_kernel
@@ -53,7 +54,9 @@ class Lower(Pass):
     A fused ``ChannelClamp`` (CLE's exact stand-in for ReLU6) disappears when its bounds are uniform, else it
     stays after the int8 op and clamps each channel's codes.
     Requires: ``calibrated``. Provides: ``lowered``. The result runs with the backend's engine (its first
-    op, a ``QuantizedEngine`` module, selects it), saves and loads, and can be TorchScripted.
+    op, a ``QuantizedEngine`` module, selects it), saves and loads, and can be TorchScripted. It keeps the
+    reference quantized graph of the same decisions (``Reference``) in ``state_of(result).reference``.
+    Grids are decided once, in ``qpasses.quant.grids``, for both.
     """
 
     stage = Stage.LOWER
@@ -65,21 +68,27 @@ class Lower(Pass):
         self.backend = backend
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        state = state_of(gm)
-        ann: Annotation | None = state.annotation
-        if ann is None:
-            raise QPassesError("the graph carries no quantization annotation; run InsertObservers and Calibrate first")
-        backend = get_backend(self.backend or ann.backend)
-        if backend.name != ann.backend:
-            raise QPassesError(f"observers were placed for backend '{ann.backend}', which differs from "
-                               f"'{backend.name}'; lower with Lower('{ann.backend}') or insert observers for '{backend.name}'")
+        ann, backend = annotation_for(gm, self.backend)
         _to_cpu(gm, backend.name, ctx)
+        reference = _reference_of(gm, backend)
         with lowering.quantized_engine(backend.engine):
             _Lowering(gm, ann, ctx).run()
         lowering.select_engine_first(gm, backend.engine)
-        state.annotation, state.backend = None, backend.name
+        state = state_of(gm)
+        state.annotation, state.backend, state.reference = None, backend.name, reference
         gm.recompile()
         return PassResult(gm, modified=True)
+
+
+def _reference_of(gm: fx.GraphModule, backend: Backend) -> fx.GraphModule:
+    """The reference quantized graph of the calibrated graph ``gm`` (``Reference``, on a copy), which the lowered
+    model keeps for its exporters: the same grid decisions, so the same codes."""
+    reference = copy.deepcopy(gm)
+    state = state_of(reference)
+    build_reference(reference, state.annotation, backend, PassContext(example_inputs=()))  # notes: Lower's own
+    state.annotation, state.reference_backend = None, backend.name
+    state.properties = (state.properties - Reference.invalidates) | Reference.provides
+    return reference
 
 
 def _to_cpu(gm: fx.GraphModule, backend: str, ctx: PassContext) -> None:

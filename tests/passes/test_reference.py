@@ -247,3 +247,21 @@ def test_sub_8_bit_per_tensor_weights_dequantize_per_tensor():
     weights = [n for n in reference.graph.nodes if n.op == "call_function" and n.target is DEQUANTIZE
                and n.args[0].op == "get_attr"]
     assert weights and all((n.args[3], n.args[4], n.args[5]) == (-32, 31, torch.int8) for n in weights)
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_a_lowered_model_keeps_its_reference_graph_through_save_load_and_deepcopy(backend, tmp_path):
+    torch.manual_seed(0)
+    model = randomize_bn(Net()).eval()
+    lowered = quantize(model, backend, lower=True)
+    x = batches(1, seed=7)[0]
+    path = tmp_path / "lowered.pt"
+    torch.save(lowered, path)
+    for copied in (lowered, qpasses.load(path), copy.deepcopy(lowered)):
+        reference = existing_state(copied).reference
+        assert is_reference(reference) and existing_state(reference).reference_backend == backend
+        assert_reference_dialect(reference)
+        with torch.no_grad():
+            assert_within_one_step(reference(x), copied(x), output_step(reference))
+    with torch.no_grad():  # the same graph PTQ(lower=False) returns
+        assert torch.equal(existing_state(lowered).reference(x), quantize(model, backend, lower=False)(x))
