@@ -190,6 +190,10 @@ class ReloadTracer(fx.Tracer):
     calls (``FloatFunctional.add``, a fake-quant's ``to_steps``) stay ``call_method`` nodes, where fx's tracer
     would trace into the methods and change the graph; then the nodes get their saved names and metadata."""
 
+    # A buffer read by the saved graph stays a get_attr node: fx's default runs ops on buffers while tracing and
+    # stores their result as a new constant (a reference graph's dequantized int8 weights would become float).
+    proxy_buffer_attributes = True
+
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         state = getattr(root, "__dict__", {}).get(ATTRIBUTE)
         saved = (state._saved_nodes or []) if isinstance(state, QuantState) else []
