@@ -70,3 +70,17 @@ def lite0_stem() -> nn.Module:
     pytest.importorskip("timm", reason="the Lite0 stem needs timm (pip install 'qpasses[zoo]')")
     model = zoo.get("tf_efficientnet_lite0", pretrained=True)
     return nn.Sequential(model.conv_stem, model.bn1, model.blocks[0]).eval()
+
+
+def saturating_conv_reference(backend: str) -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    """A 1×1 conv whose every u8×s8 product is 255·127 on all-ones input (the reference graph for ``backend``, and
+    that input): kernels that add pairs of products into a saturating int16 (2·255·127 > 32767) halve its
+    output; int32 accumulation (AVX-512 VNNI) gives the reference's."""
+    conv = nn.Conv2d(32, 4, 1)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.bias.zero_()
+    ones = torch.ones(1, 32, 4, 4)
+    data = [ones, torch.rand(1, 32, 4, 4, generator=torch.Generator().manual_seed(0))]
+    passes = [PTQ(data, backend=backend, lower=False, quantize_output=True, progress=False)]
+    return PassManager(passes).run(nn.Sequential(conv).eval(), ones), ones

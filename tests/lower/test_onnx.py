@@ -5,11 +5,18 @@ import numpy as np
 import pytest
 import torch
 
+from qpasses.cpu import cpu_int8_features
 from qpasses.errors import ExportError
 from qpasses.lower import deploy
 from qpasses.lower.onnx import export, optimized_node_types
 from qpasses.passes.reference import DEQUANTIZE, QUANTIZE
-from tests.lower.conftest import batches, output_step, reference_graph, within_one_step
+from tests.lower.conftest import (
+    batches,
+    output_step,
+    reference_graph,
+    saturating_conv_reference,
+    within_one_step,
+)
 
 onnx = pytest.importorskip("onnx", reason="the onnx target needs onnx (pip install 'qpasses[onnx]')")
 ort = pytest.importorskip("onnxruntime", reason="the onnx target runs on ONNX Runtime (pip install 'qpasses[onnx]')")
@@ -111,3 +118,13 @@ def test_a_conv_onnx_runtime_leaves_float_is_named(small_net):
 def test_a_float_model_is_refused_in_one_line(small_net):
     with pytest.raises(ExportError, match="needs a reference quantized graph"):
         deploy(small_net, "onnx", batches(SMALL, n=1)[0])
+
+
+@pytest.mark.skipif(not cpu_int8_features().avx512_vnni,
+                    reason="full-range u8 activations are exact only where the kernels accumulate in int32 (AVX-512 VNNI)")
+def test_full_range_u8_activations_are_exact_on_this_avx512_vnni_cpu():
+    reference, ones = saturating_conv_reference("onnx")
+    quantize = next(n for n in reference.graph.nodes if n.target is QUANTIZE)
+    assert quantize.args[3:5] == (0, 255)  # the onnx preset gives 8-bit activations on this CPU
+    deployed = deploy(reference, "onnx", ones)
+    assert within_one_step(deployed(ones), reference(ones), output_step(reference)) == 1.0
