@@ -62,6 +62,10 @@ class Backend:
     ``clamp_needs_contiguous``: the quantized clamp kernel (``torch.clamp``, ``hardtanh``, ``relu6``, ``nn.ReLU6``;
     not ``relu``) returns wrong values on channels-last tensors, the layout its convs write (qnnpack, torch
     2.14.1: up to the whole range off, exact once contiguous); lowering makes every such input contiguous.
+    ``runtime``: the runtime whose kernels the row describes where they are not torch.ao's engine (``onnxruntime``,
+    ``openvino``: presets of the ``qpasses.lower`` targets); its capabilities are measured on that runtime
+    (``tests/lower``), and ``engine`` serves only torch.ao's form of the model (``Lower``, which is exact only where
+    the torch.ao kernels agree) and the grids its fixed-range kernels give. None: torch.ao's engine itself.
     ``add_scale_ratio``: the range ``[low, high)`` the add kernels (``quantized::add``, ``add_relu``) accept for
     each input's scale divided by the output's, or None (no limit). qnnpack refuses others ("scale ratio must
     be in [2**-14, 2**8) range"), as after a ReLU that never fires (its range, hence scale, is degenerate);
@@ -85,6 +89,7 @@ class Backend:
     quantized_bias: bool = False
     clamp_needs_contiguous: bool = False
     add_scale_ratio: tuple[float, float] | None = None
+    runtime: str | None = None
     notes: str = ""
 
     @property
@@ -354,6 +359,7 @@ BACKENDS: dict[str, Backend] = {
         supports_per_channel_weights=True,
         reduce_range="saturating_kernels",
         reduce_range_why=_ONNX_RUNTIME_WHY,
+        runtime="onnxruntime",
         notes="QDQ ONNX for ONNX Runtime's int8 kernels (QLinearConv, QGemm, ...): deploy with --target onnx.",
     ),
     "openvino": Backend(
@@ -365,6 +371,7 @@ BACKENDS: dict[str, Backend] = {
         reduce_range="saturating_kernels",
         reduce_range_why=_OPENVINO_WHY,
         symmetric_weights_required=True,
+        runtime="openvino",
         notes="QDQ ONNX compiled by OpenVINO's CPU plugin (oneDNN int8 convs and matmuls): deploy with "
         "--target openvino. Symmetric weights, as NNCF writes them for OpenVINO.",
     ),
