@@ -128,3 +128,20 @@ def test_full_range_u8_activations_are_exact_on_this_avx512_vnni_cpu():
     assert quantize.args[3:5] == (0, 255)  # the onnx preset gives 8-bit activations on this CPU
     deployed = deploy(reference, "onnx", ones)
     assert within_one_step(deployed(ones), reference(ones), output_step(reference)) == 1.0
+
+
+def test_a_convert_pt2e_graph_deploys_too():
+    pt2e = pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e", reason="needs torchao")
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    x = batches(SMALL, n=1)[0]
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = pt2e.prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
+    for batch in batches(SMALL):
+        prepared(batch)
+    converted = pt2e.convert_pt2e(prepared)
+    deployed = deploy(converted, "onnx", x)
+    assert deployed.int8_kernels["QLinearConv"] == 1
+    torch.testing.assert_close(deployed(x), converted(x), rtol=0, atol=1e-4)
