@@ -1,8 +1,9 @@
 """Deployment formats for lowered models: TorchScript, and ONNX in QDQ form for ONNX Runtime.
 
 ``torchscript(qmodel, example_inputs)`` traces and freezes the lowered model (real fbgemm/qnnpack kernels).
-``onnx(qmodel, example_inputs, path)`` writes the float QDQ view (:mod:`qpasses.export.qdq`): QuantizeLinear /
-DequantizeLinear pairs with qpasses' own scales and zero points, per channel where the weights are.
+``onnx(qmodel, example_inputs, path)`` writes the float QDQ view (:mod:`qpasses.export.qdq`, the reference graph
+the lowered model keeps) with ``qpasses.lower.onnx``: QuantizeLinear / DequantizeLinear pairs with qpasses' own
+scales and zero points, int8 weights per channel where they are, int32 biases.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ import torch
 import torch.fx as fx
 
 from qpasses.errors import ExportError
-from qpasses.export.onnx_fold import fold_constant_quantizers
-from qpasses.export.qdq import REDUCE_RANGE_MODES, Grid, ReduceRange, is_lowered, lowered_backend, qdq_model
+from qpasses.export.qdq import REDUCE_RANGE_MODES, ReduceRange, is_lowered, lowered_backend, qdq_model
 from qpasses.graph.trace import as_input_tuple
+from qpasses.lower.onnx import OPSET, export
 from qpasses.quant import lowering
 
-__all__ = ["REDUCE_RANGE_MODES", "Grid", "ReduceRange", "is_lowered", "lowered_backend", "onnx", "qdq_model",
+__all__ = ["REDUCE_RANGE_MODES", "ReduceRange", "is_lowered", "lowered_backend", "onnx", "qdq_model",
            "torchscript"]
 
-OPSET = 17
 
 
 def torchscript(qmodel: fx.GraphModule, example_inputs: Any) -> torch.jit.ScriptModule:
@@ -53,30 +53,17 @@ def torchscript(qmodel: fx.GraphModule, example_inputs: Any) -> torch.jit.Script
 
 def onnx(qmodel: fx.GraphModule, example_inputs: Any, path: str | Path, reduce_range: ReduceRange = "keep",
          opset: int = OPSET) -> Path:
-    """Write ``qmodel`` (lowered by qpasses) to ``path`` as an ONNX QDQ model; returns the path.
+    """Write ``qmodel`` (lowered by qpasses, or a reference graph) to ``path`` as an ONNX QDQ model; returns the
+    path.
 
     ``reduce_range``: how 7-bit activation ranges (fbgemm's reduce_range) are written: ``"keep"`` exactly
     (QuantizeLinear → Clip(0, 127) → DequantizeLinear, same results as qpasses), ``"widen"`` as the same real
-    interval on 256 codes (finer steps; ONNX Runtime's kernels have no 7-bit limit). x86's ``headroom`` grids
-    (7-bit steps, codes up to 255, no clamp) are plain 8-bit QDQ either way. Weights are stored as their
-    int8 codes. Input shapes are fixed to ``example_inputs``' (TF 'SAME' padding depends on them). Needs the
-    ``export`` extra (onnx).
+    interval on 256 codes (finer steps; ONNX Runtime's kernels have no 7-bit limit on AVX-512 VNNI CPUs). x86's
+    ``headroom`` grids (7-bit steps, codes up to 255, no clamp) are plain 8-bit QDQ either way. Weights are
+    stored as their int8 codes, biases as int32 codes. Input shapes are fixed to ``example_inputs``' (TF 'SAME'
+    padding depends on them). Needs the ``onnx`` extra. ``qpasses.lower.deploy(..., "onnx")`` also checks
+    that ONNX Runtime runs every conv and matmul in int8.
     """
-    try:
-        import onnx as onnx_lib
-    except ImportError as exc:
-        raise ExportError("ONNX export needs the onnx package: pip install 'qpasses[export]'") from exc
-    if opset < 13:
-        raise ExportError(f"per-channel QDQ needs ONNX opset >= 13, got opset={opset}")
-    inputs = as_input_tuple(example_inputs)
-    view = qdq_model(qmodel, inputs, reduce_range)
     path = Path(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
-        torch.onnx.export(view, inputs, str(path), dynamo=False, opset_version=opset,
-                          input_names=[f"input_{i}" for i in range(len(inputs))], do_constant_folding=True)
-    model = onnx_lib.load(str(path))
-    fold_constant_quantizers(model)
-    onnx_lib.checker.check_model(model)
-    onnx_lib.save(model, str(path))
+    export(qdq_model(qmodel, example_inputs, reduce_range), example_inputs, path, opset)
     return path

@@ -35,7 +35,10 @@ class Target:
     extra: str
 
 
-TARGETS: dict[str, Target] = {}
+TARGETS: dict[str, Target] = {
+    "onnx": Target("onnx", "qpasses.lower.onnx", backend="onnx", extra="onnx"),
+    "openvino": Target("openvino", "qpasses.lower.openvino", backend="openvino", extra="openvino"),
+}
 
 
 @dataclass

@@ -62,6 +62,10 @@ class Backend:
     ``clamp_needs_contiguous``: the quantized clamp kernel (``torch.clamp``, ``hardtanh``, ``relu6``, ``nn.ReLU6``;
     not ``relu``) returns wrong values on channels-last tensors, the layout its convs write (qnnpack, torch
     2.14.1: up to the whole range off, exact once contiguous); lowering makes every such input contiguous.
+    ``runtime``: the runtime whose kernels the row describes where they are not torch.ao's engine (``onnxruntime``,
+    ``openvino``: presets of the ``qpasses.lower`` targets); its capabilities are measured on that runtime
+    (``tests/lower``), and ``engine`` serves only torch.ao's form of the model (``Lower``, which is exact only where
+    the torch.ao kernels agree) and the grids its fixed-range kernels give. None: torch.ao's engine itself.
     ``add_scale_ratio``: the range ``[low, high)`` the add kernels (``quantized::add``, ``add_relu``) accept for
     each input's scale divided by the output's, or None (no limit). qnnpack refuses others ("scale ratio must
     be in [2**-14, 2**8) range"), as after a ReLU that never fires (its range, hence scale, is degenerate);
@@ -85,6 +89,7 @@ class Backend:
     quantized_bias: bool = False
     clamp_needs_contiguous: bool = False
     add_scale_ratio: tuple[float, float] | None = None
+    runtime: str | None = None
     notes: str = ""
 
     @property
@@ -278,6 +283,21 @@ _FBGEMM_WHY = (
 _X86_ACTIVATION = QuantSpec(signed=False, symmetric=False, observer="mse", reduce_range=True, headroom=True)
 _FBGEMM_ACTIVATION = _X86_ACTIVATION.replace(headroom=False)
 _PER_CHANNEL_WEIGHT = QuantSpec(signed=True, symmetric=True, axis=0, observer="mse")
+_ONNX_RUNTIME_WHY = (
+    "ONNX Runtime's CPU int8 kernels (MLAS: QLinearConv, QGemm, QLinearMatMul; U8S8, per-tensor u8 activations, "
+    "per-channel s8 weights) accumulate u8×s8 products in int32 with AVX-512 VNNI (measured exact with full-range "
+    "u8 activations on an AMD EPYC with AVX-512 VNNI, depthwise convs included: tests/lower/test_onnx.py); "
+    "without VNNI their AVX2/AVX-512 GEMMs add pairs of products into a saturating int16 (vpmaddubsw), which "
+    "ONNX Runtime's quantization docs answer with reduce_range. So 8-bit activations on AVX-512 VNNI CPUs, "
+    "7-bit steps into every conv and matmul elsewhere (headroom grids: no Clip of the codes in the graph)."
+)
+_OPENVINO_WHY = (
+    "OpenVINO's CPU plugin runs int8 convs and matmuls in oneDNN: int32 accumulation with AVX-512 VNNI (or AMX), "
+    "measured exact with full-range u8 activations on an AMD EPYC with AVX-512 VNNI (tests/lower/test_openvino.py); "
+    "without VNNI oneDNN adds pairs of u8×s8 products into a saturating int16 (NNCF answers it with 7-bit "
+    "weights, its overflow_fix; here the activations drop the bit instead). So 8-bit activations on AVX-512 "
+    "VNNI CPUs, 7-bit steps into every conv and matmul elsewhere."
+)
 
 BACKENDS: dict[str, Backend] = {
     "x86": Backend(
@@ -331,11 +351,35 @@ BACKENDS: dict[str, Backend] = {
         symmetric_conv_transpose_wrong=True,
         signed_activation_modules=(nn.Linear,),
     ),
+    "onnx": Backend(
+        name="onnx",
+        engine="x86",  # torch.ao's engine for Lower's eager form and the kernel-decided grids of the reference
+        activation=_X86_ACTIVATION,
+        weight=_PER_CHANNEL_WEIGHT,
+        supports_per_channel_weights=True,
+        reduce_range="saturating_kernels",
+        reduce_range_why=_ONNX_RUNTIME_WHY,
+        runtime="onnxruntime",
+        notes="QDQ ONNX for ONNX Runtime's int8 kernels (QLinearConv, QGemm, ...): deploy with --target onnx.",
+    ),
+    "openvino": Backend(
+        name="openvino",
+        engine="x86",  # torch.ao's engine for Lower's eager form and the kernel-decided grids of the reference
+        activation=_X86_ACTIVATION,
+        weight=_PER_CHANNEL_WEIGHT,
+        supports_per_channel_weights=True,
+        reduce_range="saturating_kernels",
+        reduce_range_why=_OPENVINO_WHY,
+        symmetric_weights_required=True,
+        runtime="openvino",
+        notes="QDQ ONNX compiled by OpenVINO's CPU plugin (oneDNN int8 convs and matmuls): deploy with "
+        "--target openvino. Symmetric weights, as NNCF writes them for OpenVINO.",
+    ),
 }
 
 
 def get_backend(name: str) -> Backend:
-    """The table entry for ``name`` (x86, fbgemm, qnnpack, onednn)."""
+    """The table entry for ``name`` (x86, fbgemm, qnnpack, onednn, onnx, openvino, ...)."""
     try:
         return BACKENDS[name]
     except KeyError:

@@ -1,0 +1,281 @@
+"""Target ``onnx``: the reference quantized graph as a QDQ ONNX model, run by ONNX Runtime's int8 kernels.
+
+``export`` writes the graph op for op: each ``quantized_decomposed`` quantize/dequantize becomes
+QuantizeLinear/DequantizeLinear with the same scale and zero point, the int8 weight codes the reference
+dequantizes become int8 initializers read by a DequantizeLinear (per channel along the weight's axis), and
+every float op is written by ``torch.onnx``. That is the form ONNX Runtime's QDQ optimizer rewrites into int8
+nodes (QLinearConv, QGemm, QLinearMatMul, QLinearAdd, ...): DequantizeLinear → op → QuantizeLinear, weights as
+int8 initializers, biases as int32 initializers on the grid ``s_in·s_w`` (its Gemm → QGemm fusion takes no
+float bias; ``quantize_static`` writes them so too). Measured on ResNet-18 and MobileNetV2 (ONNX Runtime
+1.32): every conv fuses into QLinearConv and every add into QLinearAdd; the classifier runs as QGemm only with
+the int32 bias (a float Gemm on a per-call DequantizeLinear of its weight otherwise).
+
+Code ranges narrower than the 8-bit container (sub-8-bit, 7-bit ``reduce_range``) are kept exactly: a Clip of
+the codes between QuantizeLinear and DequantizeLinear, which ONNX Runtime runs on the uint8 codes between its
+int8 nodes (it still fuses them). Presets for this target avoid them where the kernels do not need them.
+
+``deploy`` writes the model (in memory where ``out`` is None), opens an ONNX Runtime CPU session on it and
+reads the graph ONNX Runtime optimized from it: ``Deployed.int8_kernels`` counts its int8 nodes, and a conv,
+transposed conv, Gemm or MatMul that ONNX Runtime left float is an error naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qpasses.errors import ExportError
+from qpasses.graph.trace import as_input_tuple
+from qpasses.lower import Deployed
+
+OPSET = 17
+
+# Node types of ONNX Runtime's optimized graph that run int8 arithmetic.
+ORT_INT8_KERNELS = frozenset({
+    "QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
+    "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearConvTranspose",
+    "QLinearReduceMean", "QLinearWhere",
+})
+# Float node types of the heavy ops: one left in the optimized graph ran its arithmetic in float.
+ORT_FLOAT_GEMMS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul",
+                             "NchwcConv"})
+
+_ONNX_DTYPE = {torch.uint8: 2, torch.int8: 3}  # TensorProto.UINT8, INT8
+_CONTAINER = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+
+
+def is_reference_graph(model: nn.Module) -> bool:
+    """Whether ``model`` is a graph in the reference dialect (``quantized_decomposed`` quantize/dequantize ops):
+    qpasses' ``Reference`` or torchao's ``convert_pt2e``."""
+    return isinstance(model, fx.GraphModule) and any(
+        n.op == "call_function" and str(n.target).startswith("quantized_decomposed.") for n in model.graph.nodes)
+
+
+def _check_reference(model: nn.Module) -> None:
+    if not is_reference_graph(model):
+        raise ExportError(f"the onnx target needs a reference quantized graph (PTQ(data, backend='onnx', "
+                          f"lower=False), or torchao's convert_pt2e); got a {type(model).__name__} without "
+                          "quantized_decomposed quantize/dequantize ops")
+
+
+# -- torch.onnx symbolics of the quantized_decomposed ops (registered only while ``export`` runs)
+
+
+def _const(value: Any, kind: str) -> Any:
+    from torch.onnx import symbolic_helper
+
+    return symbolic_helper._get_const(value, kind, "quantized_decomposed argument")
+
+
+def _scalar(g: Any, value: Any, dtype: torch.dtype) -> Any:
+    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+
+def _code_dtype(dtype: Any) -> torch.dtype:
+    from torch.onnx._internal.torchscript_exporter import _type_utils
+
+    code_dtype = _type_utils.JitScalarType(_const(dtype, "i")).dtype()
+    if code_dtype not in _CONTAINER:
+        raise ExportError(f"QDQ ONNX takes uint8 and int8 codes only; the reference graph quantizes to {code_dtype}")
+    return code_dtype
+
+
+def _quantize(g: Any, x: Any, scale: Any, zero_point: Any, qmin: Any, qmax: Any, dtype: Any) -> Any:
+    code_dtype = _code_dtype(dtype)
+    codes = g.op("QuantizeLinear", x, _scalar(g, _const(scale, "f"), torch.float32),
+                 _scalar(g, _const(zero_point, "i"), code_dtype))
+    lo, hi = _const(qmin, "i"), _const(qmax, "i")
+    if (lo, hi) == _CONTAINER[code_dtype]:
+        return codes
+    return g.op("Clip", codes, _scalar(g, lo, code_dtype), _scalar(g, hi, code_dtype))
+
+
+def _dequantize(g: Any, codes: Any, scale: Any, zero_point: Any, qmin: Any, qmax: Any, dtype: Any,
+                *out_dtype: Any) -> Any:
+    code_dtype = _code_dtype(dtype)
+    return g.op("DequantizeLinear", codes, _scalar(g, _const(scale, "f"), torch.float32),
+                _scalar(g, _const(zero_point, "i"), code_dtype))
+
+
+def _dequantize_per_channel(g: Any, codes: Any, scales: Any, zero_points: Any, axis: Any, qmin: Any, qmax: Any,
+                            dtype: Any, *out_dtype: Any) -> Any:
+    code_dtype = _code_dtype(dtype)
+    return g.op("DequantizeLinear", codes, g.op("Cast", scales, to_i=1),
+                g.op("Cast", zero_points, to_i=_ONNX_DTYPE[code_dtype]), axis_i=_const(axis, "i"))
+
+
+_SYMBOLICS = {"quantize_per_tensor": _quantize, "dequantize_per_tensor": _dequantize,
+              "dequantize_per_channel": _dequantize_per_channel}
+
+
+@contextlib.contextmanager
+def _qdq_symbolics(opset: int) -> Iterator[None]:
+    """torch.onnx's symbolics for the reference dialect, registered for the duration of one export."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+
+    for name, symbolic in _SYMBOLICS.items():
+        torch.onnx.register_custom_op_symbolic(f"quantized_decomposed::{name}", symbolic, opset)
+    try:
+        yield
+    finally:
+        for name in _SYMBOLICS:
+            torch.onnx.unregister_custom_op_symbolic(f"quantized_decomposed::{name}", opset)
+
+
+# -- the model
+
+
+def export(reference: nn.Module, example_inputs: Any, path: str | Path | None = None, opset: int = OPSET) -> Any:
+    """``reference`` (a reference quantized graph, not modified) as a QDQ ``onnx.ModelProto`` (see the module
+    docstring), also written to ``path`` where given. Input shapes are fixed to ``example_inputs``' (TF 'SAME'
+    padding depends on them). Needs the ``onnx`` extra."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ExportError("the onnx target needs the onnx package: pip install 'qpasses[onnx]'") from exc
+    _check_reference(reference)
+    if opset < 13:
+        raise ExportError(f"per-channel QDQ needs ONNX opset >= 13, got opset={opset}")
+    inputs = as_input_tuple(example_inputs)
+    # A plain GraphModule over the same graph and tensors: convert_pt2e's graphs refuse the train(False) that
+    # torch.onnx.export calls.
+    plain = fx.GraphModule(reference, reference.graph, class_name=type(reference).__name__)
+    buffer = io.BytesIO()
+    with _qdq_symbolics(opset), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
+        torch.onnx.export(plain, inputs, buffer, dynamo=False, opset_version=opset,
+                          input_names=[f"input_{i}" for i in range(len(inputs))], do_constant_folding=True)
+    model = onnx.load_model_from_string(buffer.getvalue())
+    quantize_biases(model)
+    onnx.checker.check_model(model)
+    if path is not None:
+        onnx.save(model, str(path))
+    return model
+
+
+def quantize_biases(model: Any) -> int:
+    """Store the float bias of every Conv/ConvTranspose/Gemm whose input and weight are dequantized as int32
+    codes on the grid ``s_in·s_w`` (per output channel), read by a DequantizeLinear, as ONNX Runtime's QDQ
+    fusions expect (``quantize_static`` writes them so). ``model`` (an ``onnx.ModelProto``) is edited in place;
+    returns how many biases were quantized. The rounding moves a bias by at most half an accumulator step
+    (``s_in·s_w / 2``), far below the output's step."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    values = {t.name: t for t in graph.initializer}
+    producer = {out: n for n in graph.node for out in n.output}
+    readers = Counter(name for n in graph.node for name in n.input)
+
+    def constant(name: str) -> np.ndarray | None:
+        if name in values:
+            return numpy_helper.to_array(values[name])
+        node = producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    def dequantize_scale(name: str) -> np.ndarray | None:
+        node = producer.get(name)
+        return None if node is None or node.op_type != "DequantizeLinear" else constant(node.input[1])
+
+    count = 0
+    for node in list(graph.node):
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3 or not node.input[2]:
+            continue
+        bias_name = node.input[2]
+        bias, input_scale, weight_scale = constant(bias_name), *map(dequantize_scale, node.input[:2])
+        if bias is None or input_scale is None or weight_scale is None or input_scale.size != 1:
+            continue
+        if node.op_type == "Gemm" and any(a.name == "transB" and a.i == 0 for a in node.attribute):
+            continue  # its weight's channels are its columns
+        step = (input_scale.astype(np.float64) * weight_scale.astype(np.float64)).reshape(-1)
+        if node.op_type == "ConvTranspose" and step.size > 1:
+            continue  # a per-channel transposed conv weight is split along axis 1; keep its float bias
+        step = np.broadcast_to(step, bias.shape)
+        codes = np.clip(np.rint(bias / step), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
+        name = f"{bias_name}_int32_{count}"
+        graph.initializer.extend([
+            numpy_helper.from_array(codes, name),
+            numpy_helper.from_array(step.astype(np.float32), f"{name}_scale"),
+            numpy_helper.from_array(np.zeros(step.shape, np.int32), f"{name}_zero_point"),
+        ])
+        dequantize = helper.make_node("DequantizeLinear", [name, f"{name}_scale", f"{name}_zero_point"],
+                                      [f"{name}_dequantized"], name=f"{name}_DequantizeLinear", axis=0)
+        graph.node.insert(list(graph.node).index(node), dequantize)
+        node.input[2] = dequantize.output[0]
+        readers[bias_name] -= 1
+        if readers[bias_name] == 0 and bias_name in values:
+            graph.initializer.remove(values.pop(bias_name))
+        count += 1
+    return count
+
+
+# -- ONNX Runtime
+
+
+def _session(model_bytes: bytes, optimized_path: Path | None = None, threads: int | None = None) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ExportError("the onnx target runs on ONNX Runtime: pip install 'qpasses[onnx]'") from exc
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the optimizer's notes on hardware-specific dumps are noise here
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    if threads is not None:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def optimized_node_types(model_bytes: bytes) -> tuple[Counter[str], list[tuple[str, str]]]:
+    """The node types of the graph ONNX Runtime optimizes ``model_bytes`` into (CPU provider, all
+    optimizations), and the (type, name) of each conv/Gemm/MatMul in it that runs in float."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as workdir:
+        optimized = Path(workdir) / "optimized.onnx"
+        _session(model_bytes, optimized)
+        graph = onnx.load(str(optimized)).graph
+    census = Counter(n.op_type for n in graph.node)
+    left_float = [(n.op_type, n.name) for n in graph.node if n.op_type in ORT_FLOAT_GEMMS]
+    return census, left_float
+
+
+def _runner(session: Any) -> Any:
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*inputs: Any) -> Any:
+        feed = {name: torch.as_tensor(x).detach().cpu().numpy() for name, x in zip(names, inputs, strict=True)}
+        outputs = [torch.from_numpy(o) for o in session.run(None, feed)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    return run
+
+
+def deploy(reference: nn.Module, example_inputs: Any, out: Path | None = None,
+           threads: int | None = None) -> Deployed:
+    """Export ``reference`` (to ``out`` where given, else in memory), check that ONNX Runtime runs every conv
+    and matmul in int8 (``ExportError`` naming the first it left float) and return the running session."""
+    model = export(reference, example_inputs, out)
+    model_bytes = model.SerializeToString()
+    census, left_float = optimized_node_types(model_bytes)
+    if left_float:
+        op_type, name = left_float[0]
+        raise ExportError(
+            f"ONNX Runtime runs {op_type} '{name}' in float ({len(left_float)} such node(s)): its QDQ fusion "
+            "needs DequantizeLinear on the input and the int8 weight and QuantizeLinear on the output; quantize "
+            "that op's output, or keep it float with a QuantConfig override")
+    int8_kernels = {op: n for op, n in sorted(census.items()) if op in ORT_INT8_KERNELS}
+    return Deployed("onnx", _runner(_session(model_bytes, threads=threads)), out, int8_kernels)
