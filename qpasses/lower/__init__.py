@@ -36,6 +36,7 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {}
+TARGETS["inductor"] = Target("inductor", "qpasses.lower.inductor", backend="inductor", extra="inductor")
 
 
 @dataclass

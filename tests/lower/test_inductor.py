@@ -1,0 +1,148 @@
+"""The inductor target: a reference quantized graph compiled to oneDNN's int8 kernels (torch.compile with freezing,
+and an AOTInductor package loaded in a fresh process without qpasses).
+
+Inductor compiles slowly on 2 cores, so every artifact is built once per module and shared by the asserts.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qpasses_zoo as zoo
+from qpasses.errors import DeployError, InputError
+from qpasses.lower import TARGETS, deploy
+from qpasses.lower.inductor import missing_runtime
+
+pytestmark = pytest.mark.skipif(missing_runtime() is not None, reason=str(missing_runtime()))
+
+
+class SmallNet(nn.Module):
+    """conv → relu, conv + residual add, cat, 1×1 conv, max pool, average pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.conv3, self.pool, self.fc = nn.Conv2d(32, 32, 1), nn.MaxPool2d(2), nn.Linear(32, 24)
+
+    def forward(self, x):
+        a = F.relu(self.conv1(x))
+        b = self.conv2(a) + a
+        c = self.pool(self.conv3(torch.cat([a, b], dim=1)))
+        return self.fc(F.adaptive_avg_pool2d(c, 1).flatten(1))
+
+
+def lite0_stem() -> nn.Module:
+    """Pretrained EfficientNet-Lite0's stem (TF 'same' padding, BN, ReLU6) and first block (depthwise, 1×1)."""
+    model = zoo.get("tf_efficientnet_lite0", pretrained=True)
+    return nn.Sequential(model.conv_stem, model.bn1, model.blocks[0]).eval()
+
+
+def pt2e_reference(model: nn.Module, calibration: list[torch.Tensor]) -> torch.fx.GraphModule:
+    """torchao's reference quantized graph (X86InductorQuantizer's grids, convert_pt2e)."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    exported = torch.export.export(model, (calibration[0],)).module()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for x in calibration:
+            prepared(x)
+    return convert_pt2e(prepared)
+
+
+def batches(n: int, shape: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def within_one_step(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """The fraction of values within one step of an 8-bit grid spanning the reference output (both nets end in
+    a float conv or linear, whose output has no grid of its own)."""
+    step = (reference.max() - reference.min()) / 255
+    return ((output - reference).abs() <= step).float().mean().item()
+
+
+NETS = {"small": (SmallNet, (1, 3, 16, 16)), "lite0_stem": (lite0_stem, (1, 3, 32, 32))}
+
+
+@pytest.fixture(scope="module", params=list(NETS))
+def reference(request):
+    build, shape = NETS[request.param]
+    torch.manual_seed(0)
+    model = build().eval()
+    return request.param, pt2e_reference(model, batches(4, shape, seed=0)), batches(1, shape, seed=1)[0]
+
+
+@pytest.fixture(scope="module")
+def packaged(reference, tmp_path_factory):
+    name, graph, x = reference
+    out = tmp_path_factory.mktemp(name) / f"{name}.pt2"
+    return deploy(graph, "inductor", (x,), out)
+
+
+def test_target_registered():
+    assert TARGETS["inductor"].module == "qpasses.lower.inductor" and TARGETS["inductor"].backend == "inductor"
+
+
+def test_package_runs_int8_kernels_and_matches_the_reference(reference, packaged):
+    name, graph, x = reference
+    convs_and_linears = {"small": 4, "lite0_stem": 3}[name]
+    assert sum(packaged.int8_kernels.values()) == convs_and_linears, packaged.int8_kernels
+    assert ("onednn.qlinear_pointwise" in packaged.int8_kernels) == (name == "small")
+    with torch.no_grad():
+        assert within_one_step(packaged(x), graph(x)) >= 0.99
+
+
+def test_package_loads_in_a_fresh_process_without_qpasses(reference, packaged, tmp_path):
+    _, graph, x = reference
+    torch.save(x, tmp_path / "x.pt")
+    # qpasses is importable from this venv: block it, so the package provably loads with torch alone
+    script = ("import sys; sys.modules['qpasses'] = sys.modules['qpasses_zoo'] = None; import torch; "
+              f"m = torch._inductor.aoti_load_package({str(packaged.artifact)!r}); "
+              f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with torch.no_grad():
+        assert within_one_step(torch.load(tmp_path / "y.pt"), graph(x)) >= 0.99
+
+
+def test_torch_compile_runs_int8_kernels_and_matches_the_reference():
+    torch.manual_seed(0)
+    shape = NETS["small"][1]
+    graph, x = pt2e_reference(SmallNet().eval(), batches(4, shape, seed=0)), batches(1, shape, seed=1)[0]
+    compiled = deploy(graph, "inductor", x)
+    assert compiled.artifact is None
+    assert compiled.int8_kernels == {"onednn.qconv_pointwise": 2, "onednn.qconv2d_pointwise.binary": 1,
+                                     "onednn.qlinear_pointwise": 1}
+    assert not torch._inductor.config.freezing  # scoped to the compilation
+    with torch.no_grad():
+        assert within_one_step(compiled(x), graph(x)) >= 0.99
+
+
+def test_float_fallback_is_an_error_naming_it():
+    class TinyHead(nn.Module):  # inductor computes a batch-1 linear of <= 16 features as a float loop
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    graph = pt2e_reference(TinyHead().eval(), batches(2, (1, 8), seed=0))
+    with pytest.raises(DeployError, match=r"0 of the 1 quantized convs/linears \(linear\).*cpp_fused_addmm"):
+        deploy(graph, "inductor", torch.randn(1, 8))
+
+
+def test_bad_input_is_refused_before_compiling(tmp_path):
+    with pytest.raises(InputError, match="no conv or linear reading dequantized"):
+        deploy(torch.fx.symbolic_trace(SmallNet()), "inductor", torch.randn(1, 3, 16, 16))
+    with pytest.raises(InputError, match="needs a reference quantized graph"):
+        deploy(SmallNet(), "inductor", torch.randn(1, 3, 16, 16))
+    graph = pt2e_reference(SmallNet().eval(), batches(1, (1, 3, 16, 16), seed=0))
+    with pytest.raises(InputError, match=r"\.pt2 file"):
+        deploy(graph, "inductor", torch.randn(1, 3, 16, 16), tmp_path / "model.pt")
