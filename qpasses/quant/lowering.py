@@ -215,15 +215,33 @@ def fake_quantize_weight(weight: torch.Tensor, spec: QuantSpec,
     return on_grid(weight.detach().float(), scale, zero_point, spec)
 
 
+def weight_codes(weight: torch.Tensor, spec: QuantSpec, qparams: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight``'s integer codes (``torch.int8``/``torch.uint8``, in the spec's possibly sub-8-bit range) with
+    their scale (float32) and zero point (int64), per channel along ``spec.axis`` or 0-d: at ``qparams`` if given
+    (e.g. trained by QAT, or AdaRound's grid), else at the range observed on the weight."""
+    scale, zero_point = qparams if qparams is not None else weight_qparams(weight, spec)
+    scale, zero_point = torch.as_tensor(scale).detach().float(), torch.as_tensor(zero_point).detach().long()
+    snapped = on_grid(weight.detach().float(), scale, zero_point, spec)
+    if spec.per_channel:
+        shape = [1] * weight.dim()
+        shape[spec.axis] = -1
+        codes = torch.round(snapped / scale.reshape(shape)) + zero_point.reshape(shape)
+    else:
+        codes = torch.round(snapped / scale) + zero_point
+    dtype = torch.int8 if spec.dtype == torch.qint8 else torch.uint8
+    return codes.clamp(spec.code_min, spec.code_max).to(dtype), scale, zero_point
+
+
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
                     qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``weight`` as a quantized tensor whose codes lie in the spec's (possibly sub-8-bit) range, at
-    ``qparams`` (scale, zero point) if given (e.g. trained by QAT), else at the range observed on it."""
-    scale, zero_point = qparams if qparams is not None else weight_qparams(weight, spec)
-    snapped = on_grid(weight.detach().float(), scale, zero_point, spec)
+    ``qparams`` (scale, zero point) if given (e.g. trained by QAT), else at the range observed on it: the
+    codes of ``weight_codes``."""
+    codes, scale, zero_point = weight_codes(weight, spec, qparams)
     if spec.per_channel:
-        return torch.quantize_per_channel(snapped, scale.double(), zero_point.long(), spec.axis, spec.dtype)
-    return torch.quantize_per_tensor(snapped, float(scale), int(zero_point), spec.dtype)
+        return torch._make_per_channel_quantized_tensor(codes, scale.double(), zero_point, spec.axis)
+    return torch._make_per_tensor_quantized_tensor(codes, float(scale), int(zero_point))
 
 
 def quantized_compute(module: nn.Module, spec: QuantSpec, scale: float, zero_point: int,
