@@ -16,6 +16,8 @@ import qpasses_zoo as zoo
 from qpasses.errors import DeployError, InputError
 from qpasses.lower import TARGETS, deploy
 from qpasses.lower.inductor import missing_runtime
+from qpasses.passes import PTQ, FuseBN
+from qpasses.passes.manager import PassManager
 
 pytestmark = pytest.mark.skipif(missing_runtime() is not None, reason=str(missing_runtime()))
 
@@ -39,6 +41,12 @@ def lite0_stem() -> nn.Module:
     """Pretrained EfficientNet-Lite0's stem (TF 'same' padding, BN, ReLU6) and first block (depthwise, 1×1)."""
     model = zoo.get("tf_efficientnet_lite0", pretrained=True)
     return nn.Sequential(model.conv_stem, model.bn1, model.blocks[0]).eval()
+
+
+def qpasses_reference(model: nn.Module, calibration: list[torch.Tensor]) -> torch.fx.GraphModule:
+    """qpasses' reference quantized graph for the inductor preset."""
+    ptq = PTQ(calibration, backend="inductor", progress=False, lower=False)
+    return PassManager([FuseBN(), ptq]).run(model, calibration[0])
 
 
 def pt2e_reference(model: nn.Module, calibration: list[torch.Tensor]) -> torch.fx.GraphModule:
@@ -75,7 +83,7 @@ def reference(request):
     build, shape = NETS[request.param]
     torch.manual_seed(0)
     model = build().eval()
-    return request.param, pt2e_reference(model, batches(4, shape, seed=0)), batches(1, shape, seed=1)[0]
+    return request.param, qpasses_reference(model, batches(4, shape, seed=0)), batches(1, shape, seed=1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +101,8 @@ def test_package_runs_int8_kernels_and_matches_the_reference(reference, packaged
     name, graph, x = reference
     convs_and_linears = {"small": 4, "lite0_stem": 3}[name]
     assert sum(packaged.int8_kernels.values()) == convs_and_linears, packaged.int8_kernels
-    assert ("onednn.qlinear_pointwise" in packaged.int8_kernels) == (name == "small")
+    assert set(packaged.int8_kernels) == {"small": {"onednn.qconv_pointwise", "onednn.qlinear_pointwise"},
+                                          "lite0_stem": {"onednn.qconv_pointwise"}}[name]
     with torch.no_grad():
         assert within_one_step(packaged(x), graph(x)) >= 0.99
 
@@ -111,7 +120,8 @@ def test_package_loads_in_a_fresh_process_without_qpasses(reference, packaged, t
         assert within_one_step(torch.load(tmp_path / "y.pt"), graph(x)) >= 0.99
 
 
-def test_torch_compile_runs_int8_kernels_and_matches_the_reference():
+def test_torch_compile_of_a_convert_pt2e_graph_runs_int8_kernels_and_matches_it():
+    """Interop: torchao's own reference graph deploys too; torch.compile fuses its residual add into the conv."""
     torch.manual_seed(0)
     shape = NETS["small"][1]
     graph, x = pt2e_reference(SmallNet().eval(), batches(4, shape, seed=0)), batches(1, shape, seed=1)[0]
@@ -133,7 +143,7 @@ def test_float_fallback_is_an_error_naming_it():
         def forward(self, x):
             return self.fc(x)
 
-    graph = pt2e_reference(TinyHead().eval(), batches(2, (1, 8), seed=0))
+    graph = qpasses_reference(TinyHead().eval(), batches(2, (1, 8), seed=0))
     with pytest.raises(DeployError, match=r"0 of the 1 quantized convs/linears \(linear\).*cpp_fused_addmm"):
         deploy(graph, "inductor", torch.randn(1, 8))
 
@@ -143,6 +153,6 @@ def test_bad_input_is_refused_before_compiling(tmp_path):
         deploy(torch.fx.symbolic_trace(SmallNet()), "inductor", torch.randn(1, 3, 16, 16))
     with pytest.raises(InputError, match="needs a reference quantized graph"):
         deploy(SmallNet(), "inductor", torch.randn(1, 3, 16, 16))
-    graph = pt2e_reference(SmallNet().eval(), batches(1, (1, 3, 16, 16), seed=0))
+    graph = qpasses_reference(SmallNet().eval(), batches(1, (1, 3, 16, 16), seed=0))
     with pytest.raises(InputError, match=r"\.pt2 file"):
         deploy(graph, "inductor", torch.randn(1, 3, 16, 16), tmp_path / "model.pt")
