@@ -353,6 +353,9 @@ BACKENDS: dict[str, Backend] = {
         reduce_range_why=_INDUCTOR_WHY,
         symmetric_weights_required=True,
         symmetric_conv_transpose_wrong=True,
+        # measured: qlinear_pointwise on s8 codes (every activation of a convert_pt2e-style graph moved to int8)
+        # matches the reference exactly; torch.ao's onednn linear takes them too, its conv does not
+        signed_activation_modules=(nn.Linear,),
         notes="the grids of torchao's X86InductorQuantizer: torch.compile (inductor, freezing) or AOTInductor "
         "runs every conv and linear in oneDNN (qconv/qlinear_pointwise); deploy with --target inductor. Per-channel "
         "weights only: inductor's int8 patterns take dequantize_per_channel weights.",
