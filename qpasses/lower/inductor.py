@@ -72,9 +72,10 @@ def missing_runtime() -> str | None:
 
 @contextmanager
 def freezing() -> Iterator[None]:
-    """Inductor's freezing on for the compilations inside (config is restored on exit), and no autograd (freezing
-    applies to inference graphs only)."""
-    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+    """Inductor's freezing on for the compilations inside (config restored on exit), in inference mode: freezing
+    applies to inference graphs only, and dynamo guards on the mode, so compiling and every later call in the same
+    mode, whatever the caller's, keep to the one frozen graph (a call in another mode would recompile)."""
+    with torch._inductor.config.patch(freezing=True), torch.inference_mode():
         yield
 
 
@@ -128,7 +129,7 @@ def deploy(reference: nn.Module, example_inputs: Any, out: Path | None = None) -
     ``example_inputs``; raise ``DeployError`` unless every quantized conv and linear runs on them.
 
     ``out`` None: ``torch.compile`` (compiled on this first call, whose generated code is checked); the result
-    runs it under freezing and ``no_grad``. ``out`` a ``.pt2`` file: an AOTInductor package of the exported graph,
+    runs it under ``freezing()`` (inference mode: its outputs are inference tensors). ``out`` a ``.pt2`` file: an AOTInductor package of the exported graph,
     compiled with freezing; it loads with ``torch._inductor.aoti_load_package`` alone, without qpasses, and the
     result runs that loaded package (its C++ wrapper is what is checked). Both are specialized to the example's
     shapes. The reference graph is not modified.
@@ -171,7 +172,7 @@ def _compiled(reference: fx.GraphModule, inputs: tuple) -> Deployed:
 def _packaged(reference: fx.GraphModule, inputs: tuple, out: Path) -> Deployed:
     from torch._inductor import aoti_compile_and_package, aoti_load_package
 
-    with torch.no_grad():
+    with torch.no_grad():  # export and AOTInductor trace in their own modes
         program = torch.export.export(reference, inputs)
         path = Path(aoti_compile_and_package(program, package_path=str(out), inductor_configs={"freezing": True}))
     kernels = check_int8(reference, package_wrapper_code(path), f"AOTInductor package {path}")

@@ -155,12 +155,22 @@ def torch_ao_fx(backend: str) -> Callable[[Setup], Prepared]:
     return build
 
 
+def frozen(compiled: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``compiled`` called under inductor freezing, in the one grad mode it was compiled in (another would make
+    dynamo recompile, without freezing where the caller's config has none)."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with freezing():
+            return compiled(x)
+
+    return run
+
+
 def float_compiled(s: Setup) -> Prepared:
     """Float eager under ``torch.compile`` (inductor, freezing: weights folded and prepacked for oneDNN)."""
-    compiled = torch.compile(s.model)
-    with freezing():  # scoped: compiles on this first call
-        compiled(s.example)
-    return Prepared(PerSample(compiled), state_bytes(s.model))
+    runner = frozen(torch.compile(s.model))
+    runner(s.example)  # compiles
+    return Prepared(PerSample(runner), state_bytes(s.model))
 
 
 def pt2e_x86_inductor(s: Setup) -> Prepared:
@@ -168,11 +178,10 @@ def pt2e_x86_inductor(s: Setup) -> Prepared:
     ``torch.compile`` under ``torch._inductor.config.freezing`` (without it the int8 rewrite never runs), whose
     generated code must call oneDNN's int8 kernels (checked as for qpasses' row)."""
     converted = torchao_pt2e_ptq(s.model, s.photos.calib)
-    compiled = torch.compile(converted)
-    with freezing():
-        _, code = run_and_get_code(compiled, s.example)
+    runner = frozen(torch.compile(converted))
+    _, code = run_and_get_code(runner, s.example)
     kernels = check_int8(converted, "\n".join(code), "PT2E + torch.compile")
-    return Prepared(PerSample(compiled), graph_tensor_bytes(converted),
+    return Prepared(PerSample(runner), graph_tensor_bytes(converted),
                     note=f"size: tensors the converted graph reads; {sum(kernels.values())} oneDNN int8 kernels")
 
 
