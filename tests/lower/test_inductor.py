@@ -14,7 +14,7 @@ from torch import nn
 
 import qpasses_zoo as zoo
 from qpasses.errors import DeployError, InputError
-from qpasses.lower import TARGETS, deploy
+from qpasses.lower import TARGETS, Deployed, deploy
 from qpasses.lower.inductor import missing_runtime
 from qpasses.passes import PTQ, FuseBN
 from qpasses.passes.manager import PassManager
@@ -86,44 +86,44 @@ def within_one_step(output: torch.Tensor, graph: torch.fx.GraphModule, x: torch.
 NETS = {"small": (SmallNet, (1, 3, 16, 16)), "lite0_stem": (lite0_stem, (1, 3, 32, 32))}
 
 
-@pytest.fixture(scope="module", params=list(NETS))
-def reference(request):
-    build, shape = NETS[request.param]
-    torch.manual_seed(0)
-    model = build().eval()
-    return request.param, qpasses_reference(model, batches(4, shape, seed=0)), batches(1, shape, seed=1)[0]
-
-
 @pytest.fixture(scope="module")
-def packaged(reference, tmp_path_factory):
-    name, graph, x = reference
-    out = tmp_path_factory.mktemp(name) / f"{name}.pt2"
-    return deploy(graph, "inductor", (x,), out)
+def packaged(tmp_path_factory) -> dict[str, tuple[torch.fx.GraphModule, torch.Tensor, Deployed]]:
+    """Each net's reference graph, an input, and its AOTInductor package deployed from it (built once)."""
+    folder, built = tmp_path_factory.mktemp("packages"), {}
+    for name, (build, shape) in NETS.items():
+        torch.manual_seed(0)
+        graph, x = qpasses_reference(build().eval(), batches(4, shape, seed=0)), batches(1, shape, seed=1)[0]
+        built[name] = graph, x, deploy(graph, "inductor", (x,), folder / f"{name}.pt2")
+    return built
 
 
 def test_target_registered():
     assert TARGETS["inductor"].module == "qpasses.lower.inductor" and TARGETS["inductor"].backend == "inductor"
 
 
-def test_package_runs_int8_kernels_and_matches_the_reference(reference, packaged):
-    name, graph, x = reference
+@pytest.mark.parametrize("name", list(NETS))
+def test_package_runs_int8_kernels_and_matches_the_reference(packaged, name):
+    graph, x, package = packaged[name]
     convs_and_linears = {"small": 4, "lite0_stem": 3}[name]
-    assert sum(packaged.int8_kernels.values()) == convs_and_linears, packaged.int8_kernels
-    assert set(packaged.int8_kernels) == {"small": {"onednn.qconv_pointwise", "onednn.qlinear_pointwise"},
-                                          "lite0_stem": {"onednn.qconv_pointwise"}}[name]
-    assert within_one_step(packaged(x), graph, x) >= 0.99
+    assert sum(package.int8_kernels.values()) == convs_and_linears, package.int8_kernels
+    assert set(package.int8_kernels) == {"small": {"onednn.qconv_pointwise", "onednn.qlinear_pointwise"},
+                                         "lite0_stem": {"onednn.qconv_pointwise"}}[name]
+    assert within_one_step(package(x), graph, x) >= 0.99
 
 
-def test_package_loads_in_a_fresh_process_without_qpasses(reference, packaged, tmp_path):
-    _, graph, x = reference
-    torch.save(x, tmp_path / "x.pt")
-    # qpasses is importable from this venv: block it, so the package provably loads with torch alone
-    script = ("import sys; sys.modules['qpasses'] = sys.modules['qpasses_zoo'] = None; import torch; "
-              f"m = torch._inductor.aoti_load_package({str(packaged.artifact)!r}); "
-              f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})")
+def test_packages_load_in_a_fresh_process_without_qpasses(packaged, tmp_path):
+    for name, (_, x, package) in packaged.items():
+        torch.save({"x": x, "package": str(package.artifact)}, tmp_path / f"{name}.in")
+    # qpasses is importable from this venv: block it, so the packages provably load with torch alone. One
+    # process loads them all (starting torch costs more than loading a package).
+    script = ("import sys; sys.modules['qpasses'] = sys.modules['qpasses_zoo'] = None; import torch\n"
+              f"for name in {list(packaged)!r}:\n"
+              "    given = torch.load(name + '.in')\n"
+              "    torch.save(torch._inductor.aoti_load_package(given['package'])(given['x']), name + '.out')")
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert within_one_step(torch.load(tmp_path / "y.pt"), graph, x) >= 0.99
+    for name, (graph, x, _) in packaged.items():
+        assert within_one_step(torch.load(tmp_path / f"{name}.out"), graph, x) >= 0.99, name
 
 
 def test_torch_compile_of_a_convert_pt2e_graph_runs_int8_kernels_and_matches_it():
