@@ -84,7 +84,7 @@ def quantized_compute(reference: fx.GraphModule) -> list[fx.Node]:
     on int8 kernels."""
     found = []
     for node in reference.graph.nodes:
-        if node.op != "call_function" or len(node.args) < 2 or not _kind(node):
+        if node.op != "call_function" or len(node.args) < 2 or not _is_conv_or_linear(node):
             continue
         activation, weight = node.args[:2]
         if all(isinstance(a, fx.Node) and a.target in _DEQUANTIZE for a in (activation, weight)):
@@ -92,9 +92,11 @@ def quantized_compute(reference: fx.GraphModule) -> list[fx.Node]:
     return found
 
 
-def _kind(node: fx.Node) -> str:
+def _is_conv_or_linear(node: fx.Node) -> bool:
+    """``F.conv2d``/``torch.conv2d``/``F.linear`` (qpasses' Reference) or ``aten.conv2d``/``aten.linear``
+    (convert_pt2e), transposed and 1d/3d ones included."""
     name = str(node.target) if isinstance(node.target, torch._ops.OpOverload) else getattr(node.target, "__name__", "")
-    return "linear" if "linear" in name else "conv" if "conv" in name else ""
+    return "conv" in name or "linear" in name
 
 
 def int8_kernels(code: str) -> dict[str, int]:
