@@ -89,6 +89,10 @@ def resolve_target(args: argparse.Namespace) -> str | None:
     missing = getattr(module, "missing_runtime", lambda: None)()
     if missing is not None:
         raise CLIError(f"--target {target}: {missing}")
+    suffix = getattr(module, "OUT_SUFFIX", None)
+    if args.out is not None and suffix is not None and args.out.suffix != suffix:
+        raise CLIError(f"--out {args.out}: --target {target} writes a {suffix} file; name it "
+                       f"{args.out.with_suffix(suffix)}")
     if "ptq" not in parse_pipeline(args.passes):
         raise CLIError(f"--target {target} deploys the reference graph that pass 'ptq' writes; add ptq to --passes")
     return target
@@ -149,7 +153,7 @@ def deploy_to(target: str, reference: torch.nn.Module, example: torch.Tensor, ou
 def deployed_summary(deployed: Deployed | None) -> dict:
     if deployed is None:
         return {}
-    return {"target": deployed.target, "artifact": None if deployed.artifact is None else str(deployed.artifact),
+    return {"artifact": None if deployed.artifact is None else str(deployed.artifact),
             "int8_kernels": deployed.int8_kernels}
 
 
@@ -173,6 +177,7 @@ def summary(args: argparse.Namespace, report: Report, example: torch.Tensor) -> 
     return {
         "model": args.model,
         "backend": args.backend,
+        "target": args.target,
         "bits": args.bits,
         "input_shape": list(example.shape),
         "plan": [p.name for p in report.plan.passes],

@@ -9,8 +9,8 @@ run (generated code, delegated partitions or executed node types), failing loudl
 the module that implements it (its ``deploy(reference, example_inputs, out) -> Deployed`` does the work), the
 backend-table preset whose grids that runtime's kernels run exactly (``qpasses.quant.backends``), and the pip
 extra that installs the runtime. Targets import their runtime lazily; a target module may define
-``missing_runtime() -> str | None`` (why this machine cannot deploy to it, None where it can), which the CLI asks
-before quantizing.
+``missing_runtime() -> str | None`` (why this machine cannot deploy to it, None where it can) and ``OUT_SUFFIX``
+(its artifact's file suffix), which the CLI checks before quantizing.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from qpasses.lower import Deployed
 from qpasses.validation import as_input_tuple, check_model, check_out_path
 
 EXTRA = "pip install 'qpasses[inductor]'"
+OUT_SUFFIX = ".pt2"  # AOTInductor packages; the CLI checks --out against it before quantizing
 FUSION_PASSES = "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer"
 
 _DEQUANTIZE = {
@@ -146,8 +147,9 @@ def deploy(reference: nn.Module, example_inputs: Any, out: Path | None = None) -
     inputs = as_input_tuple(example_inputs)
     if out is not None:
         out = check_out_path(Path(out), flag="out")
-        if out.suffix != ".pt2":
-            raise InputError(f"out {out}: an AOTInductor package is a .pt2 file; name it {out.with_suffix('.pt2')}")
+        if out.suffix != OUT_SUFFIX:
+            raise InputError(f"out {out}: an AOTInductor package is a {OUT_SUFFIX} file; name it "
+                             f"{out.with_suffix(OUT_SUFFIX)}")
     reason = missing_runtime()
     if reason is not None:
         raise DeployError(reason)

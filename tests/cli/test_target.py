@@ -17,7 +17,7 @@ def test_torch_ao_target_saves_the_int8_model_like_backend(tmp_path, capsys):
     out = tmp_path / "tiny.pt"
     code, stdout, _ = run(capsys, "quantize", TINY, *SMALL, "--target", "qnnpack", "--out", str(out), "--json")
     assert code == 0
-    assert json.loads(stdout)["backend"] == "qnnpack"
+    assert json.loads(stdout)["backend"] == "qnnpack" and json.loads(stdout)["target"] == "qnnpack"
     model = qpasses.load(out)
     assert isinstance(model, fx.GraphModule)
     assert any(node.target is torch.quantize_per_tensor for node in model.graph.nodes)  # torch.ao's int8 model
@@ -29,7 +29,7 @@ def test_inductor_target_writes_an_aotinductor_package_running_int8_kernels(tmp_
     code, stdout, _ = run(capsys, "quantize", TINY, *SMALL, "--target", "inductor", "--out", str(out), "--json")
     assert code == 0
     summary = json.loads(stdout)
-    assert summary["backend"] == "inductor" and summary["artifact"] == str(out)
+    assert (summary["backend"], summary["target"], summary["artifact"]) == ("inductor", "inductor", str(out))
     assert summary["int8_kernels"] == {"onednn.qconv_pointwise": 5}  # the tiny U-Net's five convs
     package = torch._inductor.aoti_load_package(str(out))
     assert package(torch.randn(1, 3, 16, 16)).shape == (1, 1, 16, 16)
@@ -40,9 +40,11 @@ def test_backend_conflicting_with_the_target_is_one_line(capsys):
     assert_one_line_error(code, err, "--backend qnnpack conflicts with --target inductor", "'inductor' preset")
 
 
-def test_runtime_target_needs_ptq(capsys):
+def test_runtime_target_needs_ptq_and_its_file_suffix(capsys):
     code, _, err = run(capsys, "quantize", TINY, *SMALL, "--target", "inductor", "--passes", "fusebn")
     assert_one_line_error(code, err, "add ptq to --passes")
+    code, _, err = run(capsys, "quantize", TINY, *SMALL, "--target", "inductor", "--out", "model.pt")
+    assert_one_line_error(code, err, "--target inductor writes a .pt2 file; name it model.pt2")
 
 
 def test_missing_runtime_names_the_pip_extra(capsys, monkeypatch):
