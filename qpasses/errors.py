@@ -74,6 +74,11 @@ class ExportError(QPassesError):
     """A model cannot be exported (not lowered, or an op the target format cannot express)."""
 
 
+class DeployError(QPassesError):
+    """A deployment target (``qpasses.lower``) cannot give its runtime's int8 kernels: the runtime is missing
+    (the message names the ``pip install``), or the runtime ran some quantized op in float (the message names it)."""
+
+
 def one_line(error: BaseException) -> str:
     """The error's message on one line (multi-line messages, e.g. an expected folder layout, joined by '; ')."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -8,7 +8,9 @@ run (generated code, delegated partitions or executed node types), failing loudl
 ``deploy(model, target, example_inputs, out)`` dispatches on ``TARGETS``, one ``Target`` record per runtime:
 the module that implements it (its ``deploy(reference, example_inputs, out) -> Deployed`` does the work), the
 backend-table preset whose grids that runtime's kernels run exactly (``qpasses.quant.backends``), and the pip
-extra that installs the runtime. Targets import their runtime lazily.
+extra that installs the runtime. Targets import their runtime lazily; a target module may define
+``missing_runtime() -> str | None`` (why this machine cannot deploy to it, None where it can) and ``OUT_SUFFIX``
+(its artifact's file suffix), which the CLI checks before quantizing.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {
+    "inductor": Target("inductor", "qpasses.lower.inductor", backend="inductor", extra="inductor"),
     "onnx": Target("onnx", "qpasses.lower.onnx", backend="onnx", extra="onnx"),
     "openvino": Target("openvino", "qpasses.lower.openvino", backend="openvino", extra="openvino"),
 }

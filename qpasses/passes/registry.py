@@ -45,6 +45,7 @@ class PassOptions:
     progress: bool = True
     target_sqnr: float | None = None  # PTQ searches for the cheapest pipeline reaching it
     recipe: bool = True  # PTQ adds the measured accuracy passes of its setting
+    lower: bool = True  # PTQ lowers to torch.ao kernels; False: it ends at the reference graph (qpasses.lower)
     calibration: Callable[[], Iterable] | None = None
 
     def data(self, pass_name: str) -> Iterable:
@@ -84,7 +85,7 @@ PASSES: dict[str, PassEntry] = {
     "lower": PassEntry(lambda o: Lower(o.backend), "replace observed ops by int8 kernels of the backend"),
     "ptq": PassEntry(lambda o: PTQ(o.data("ptq"), o.backend, bits=o.bits, per_channel=o.per_channel,
                                    num_batches=o.num_batches, progress=o.progress, recipe=o.recipe,
-                                   target_sqnr=o.target_sqnr, quantize_output=o.quantize_output),
+                                   target_sqnr=o.target_sqnr, quantize_output=o.quantize_output, lower=o.lower),
                      "post-training static quantization: observe → calibrate → lower, with the measured recipe of "
                      "its setting (--no-recipe: without); --target-sqnr DB: the cheapest pipeline reaching DB"),
     "qat": PassEntry(lambda o: QAT(o.backend, bits=o.bits, per_channel=o.per_channel,

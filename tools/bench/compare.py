@@ -5,13 +5,15 @@
     python -m tools.bench.compare --models mobilenet_v2 --methods ort-static,qpasses-onnx
     python -m tools.bench.compare --resume                 # reuse rows measured by an interrupted run
 
-Rows (``--methods``): float eager; torch.ao FX PTQ (x86, qnnpack); torchao PT2E with X86InductorQuantizer +
-``torch.compile`` with inductor freezing (without freezing the int8 rewrite never runs); ONNX Runtime float and
-its own ``quantize_static`` after ``quant_pre_process`` (QDQ, per-channel, U8S8, min/max calibrated on the same
-crops); OpenVINO float and NNCF → OpenVINO (``nncf.quantize`` defaults); qpasses lowered to x86 and qnnpack, its
-TorchScript export, its QDQ export of the x86 model run by ONNX Runtime (7-bit ranges kept exactly, or widened
-to 8 bits), and its PTQ with the ``onnx`` / ``openvino`` presets deployed by ``qpasses.lower`` to ONNX Runtime /
-OpenVINO (the note counts the runtime's int8 kernels). Batch 1, 224×224, 2 threads. A method that fails is a row with its error's first line.
+Rows (``--methods``): float eager, and under ``torch.compile`` with inductor freezing; torch.ao FX PTQ (x86,
+qnnpack); torchao PT2E with X86InductorQuantizer + ``torch.compile`` with inductor freezing (without freezing the
+int8 rewrite never runs); qpasses PTQ (inductor preset) to the reference graph, deployed to inductor; ONNX Runtime
+float and its own ``quantize_static`` after ``quant_pre_process`` (QDQ, per-channel, U8S8, min/max calibrated on
+the same crops); OpenVINO float and NNCF → OpenVINO (``nncf.quantize`` defaults); qpasses lowered to x86 and
+qnnpack, its TorchScript export, its QDQ export of the x86 model run by ONNX Runtime (7-bit ranges kept exactly,
+or widened to 8 bits), and its PTQ with the ``onnx`` / ``openvino`` presets deployed by ``qpasses.lower`` to ONNX
+Runtime / OpenVINO (the note counts the runtime's int8 kernels). Batch 1, 224×224, 2 threads. A method that fails
+is a row with its error's first line.
 
 Columns: latency median (a model's rows are timed in turns, six rounds of ten calls each, so drift in the
 machine's speed reaches all of them alike); size (serialized state dict, TorchScript archive, or ONNX file); peak MB, how far the
@@ -24,7 +26,6 @@ first output); on pretrained EfficientNet-Lite0, SQNR of the logits and top-1 ag
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import json
 import statistics
@@ -36,11 +37,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch._inductor.utils import run_and_get_code
 
 import qpasses_zoo as zoo
 from qpasses.analysis.metrics import latency, model_size
 from qpasses.export import onnx as export_onnx
 from qpasses.export import torchscript
+from qpasses.lower import deploy
+from qpasses.lower.inductor import check_int8, freezing
 from tools.bench.common import (
     BENCHMARKS,
     PerSample,
@@ -51,6 +55,7 @@ from tools.bench.common import (
     pretrained_lite0,
     timed,
     torch_ao_fx_ptq,
+    torchao_pt2e_ptq,
     write_section,
 )
 from tools.bench.ptq import qpasses_ptq
@@ -153,22 +158,44 @@ def torch_ao_fx(backend: str) -> Callable[[Setup], Prepared]:
     return build
 
 
-def pt2e_x86_inductor(s: Setup) -> Prepared:
-    import torch._inductor.config as inductor_config
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+def frozen(compiled: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``compiled`` called under inductor freezing, in the one grad mode it was compiled in (another would make
+    dynamo recompile, without freezing where the caller's config has none)."""
 
-    inductor_config.freezing = True  # without it the int8 pattern rewrite never runs
-    exported = torch.export.export(copy.deepcopy(s.model), (s.example,)).module()
-    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        for x in s.singles:  # the exported graph is specialized to batch 1
-            prepared(x)
-    converted = convert_pt2e(prepared)
-    compiled = PerSample(torch.compile(converted))
-    compiled(s.example)  # compiles
-    return Prepared(compiled, graph_tensor_bytes(converted), note="size: tensors the converted graph reads")
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with freezing():
+            return compiled(x)
+
+    return run
+
+
+def float_compiled(s: Setup) -> Prepared:
+    """Float eager under ``torch.compile`` (inductor, freezing: weights folded and prepacked for oneDNN)."""
+    runner = frozen(torch.compile(s.model))
+    runner(s.example)  # compiles
+    return Prepared(PerSample(runner), state_bytes(s.model))
+
+
+def pt2e_x86_inductor(s: Setup) -> Prepared:
+    """torchao's documented flow: export, prepare_pt2e with X86InductorQuantizer, calibrate, convert_pt2e, then
+    ``torch.compile`` under ``torch._inductor.config.freezing`` (without it the int8 rewrite never runs), whose
+    generated code must call oneDNN's int8 kernels (checked as for qpasses' row)."""
+    converted = torchao_pt2e_ptq(s.model, s.photos.calib)
+    runner = frozen(torch.compile(converted))
+    _, code = run_and_get_code(runner, s.example)
+    kernels = check_int8(converted, "\n".join(code), "PT2E + torch.compile")
+    return Prepared(PerSample(runner), graph_tensor_bytes(converted),
+                    note=f"size: tensors the converted graph reads; {sum(kernels.values())} oneDNN int8 kernels")
+
+
+def qpasses_inductor(s: Setup) -> Prepared:
+    """qpasses PTQ with the inductor preset, to the reference graph, deployed by ``qpasses.lower``'s inductor target
+    (torch.compile with freezing, int8 kernels checked)."""
+    reference = qpasses_ptq(s.model, s.photos.calib, "inductor", lower=False)
+    deployed = deploy(reference, "inductor", (s.example,))
+    return Prepared(PerSample(deployed), graph_tensor_bytes(reference),
+                    note=f"size: tensors the reference graph reads; {sum(deployed.int8_kernels.values())} oneDNN "
+                         "int8 kernels")
 
 
 def float_onnx(s: Setup) -> Path:
@@ -291,7 +318,9 @@ METHODS: dict[str, tuple[str, Callable[[Setup], Prepared], str | None]] = {
     "float": ("float eager", float_eager, None),
     "fx-x86": ("torch.ao FX x86", torch_ao_fx("x86"), None),
     "fx-qnnpack": ("torch.ao FX qnnpack", torch_ao_fx("qnnpack"), None),
+    "float-compile": ("float torch.compile (freezing)", float_compiled, None),
     "pt2e": ("torchao PT2E X86Inductor + compile", pt2e_x86_inductor, None),
+    "qpasses-inductor": ("qpasses → inductor (compile, freezing)", qpasses_inductor, None),
     "ort-float": ("ONNX Runtime float", ort_float, "float_onnx"),
     "ort-static": ("ONNX Runtime quantize_static", ort_quantize_static, "float_onnx"),
     "qpasses-x86": ("qpasses x86", qpasses_eager("x86"), "qpasses_x86"),
