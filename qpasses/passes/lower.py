@@ -207,18 +207,17 @@ class _Lowering:
     def lower_observer(self, node: fx.Node) -> None:
         observer = self.observer(node)
         value = node.args[0]
-        scale, zero_point = self.grids.qparams(observer)
-        spec = observer.spec
+        grid = self.grids.observer_grid(observer)
         if self.quantized.get(value, False):
             result = value
         else:
-            quantize, qparams = lowering.quantize_call(scale, zero_point, spec)
+            quantize, qparams = lowering.quantize_call(grid)
             with self.graph.inserting_before(node):
                 result = self.graph.create_node("call_function", quantize, (value, *qparams),
                                                 name=f"{value.name}_quant")
             result.meta[QSTATE_KEY] = "int8"
             self.ctx.stats["quantize"] += 1
-        bounds = lowering.code_range(scale, zero_point, spec)
+        bounds = lowering.code_range(grid)
         if bounds is not None:
             with self.graph.inserting_before(node):
                 if self.backend.clamp_needs_contiguous:
@@ -226,7 +225,8 @@ class _Lowering:
                 result = self.graph.call_function(torch.clamp, (result, *bounds))
             result.meta[QSTATE_KEY] = "int8"
             self.code_clamps.append(result)
-        result.meta[QPARAMS_KEY] = {"scale": scale, "zero_point": zero_point, "dtype": str(spec.dtype), "bits": spec.bits}
+        result.meta[QPARAMS_KEY] = {"scale": grid.scale, "zero_point": grid.zero_point,
+                                    "dtype": str(grid.quantized_dtype), "bits": observer.spec.bits}
         node.replace_all_uses_with(result)
         self.erase(node)
         self.quantized[result] = True
