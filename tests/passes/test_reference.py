@@ -265,3 +265,14 @@ def test_a_lowered_model_keeps_its_reference_graph_through_save_load_and_deepcop
             assert_within_one_step(reference(x), copied(x), output_step(reference))
     with torch.no_grad():  # the same graph PTQ(lower=False) returns
         assert torch.equal(existing_state(lowered).reference(x), quantize(model, backend, lower=False)(x))
+
+
+def test_the_registry_builds_a_pipeline_ending_at_the_reference():
+    from qpasses.passes.registry import PassOptions, build_pipeline
+
+    data = batches(2)
+    options = PassOptions(backend="qnnpack", calibration=lambda: data, progress=False)
+    reference = PassManager(build_pipeline("fusebn,observe,calibrate,reference", options)).run(
+        randomize_bn(Net()).eval(), data[0])
+    assert existing_state(reference).reference_backend == "qnnpack"
+    assert_reference_dialect(reference)
