@@ -281,3 +281,18 @@ def test_the_registry_builds_a_pipeline_ending_at_the_reference():
         randomize_bn(Net()).eval(), data[0])
     assert existing_state(reference).reference_backend == "qnnpack"
     assert_reference_dialect(reference)
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_ptq_with_its_recipe_ends_at_the_reference(backend):
+    torch.manual_seed(0)
+    model = randomize_bn(Net()).eval()
+    data = batches()
+    pm = PassManager([FuseBN(), PTQ(data, backend=backend, progress=False, lower=False)])
+    reference = pm.run(model, data[0])
+    names = [r.name for r in pm.report.records]
+    assert names[-1] == "Reference" and "Lower" not in names
+    assert_reference_dialect(reference)
+    lowered = PassManager([FuseBN(), PTQ(data, backend=backend, progress=False)]).run(model, data[0])
+    with torch.no_grad():
+        assert torch.equal(existing_state(lowered).reference(data[1]), reference(data[1]))
