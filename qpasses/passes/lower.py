@@ -69,6 +69,9 @@ class Lower(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ann, backend = annotation_for(gm, self.backend)
+        if backend.engine is None:
+            raise QPassesError(f"backend '{backend.name}' has no torch.ao int8 kernels to lower to: end at the reference "
+                               "graph (PTQ(..., lower=False) or Reference()) and deploy it with qpasses.lower")
         _to_cpu(gm, backend.name, ctx)
         weights = weight_qparams_by_node(gm, ann)
         with lowering.quantized_engine(backend.engine):

@@ -199,7 +199,7 @@ def test_reference_refuses_a_graph_without_observers_and_a_different_backend():
 
 
 def test_ptq_with_a_target_cannot_stop_at_the_reference():
-    with pytest.raises(qpasses.errors.InputError, match="lower=False"):
+    with pytest.raises(qpasses.errors.InputError, match="it needs lower=True"):
         PTQ(batches(), target_sqnr=30.0, lower=False)
 
 
@@ -296,3 +296,23 @@ def test_ptq_with_its_recipe_ends_at_the_reference(backend):
     lowered = PassManager([FuseBN(), PTQ(data, backend=backend, progress=False)]).run(model, data[0])
     with torch.no_grad():
         assert torch.equal(existing_state(lowered).reference(data[1]), reference(data[1]))
+
+
+def test_a_backend_without_torch_ao_kernels_ends_at_the_reference(monkeypatch):
+    import dataclasses
+
+    from qpasses.quant import backends
+
+    monkeypatch.setitem(backends.BACKENDS, "runtime_only",
+                        dataclasses.replace(get_backend("qnnpack"), name="runtime_only", engine=None))
+    torch.manual_seed(0)
+    model = randomize_bn(Net()).eval()
+    data = batches()
+    reference = quantize(model, "runtime_only", lower=True, data=data)  # nothing to lower to
+    assert existing_state(reference).reference_backend == "runtime_only"
+    assert_reference_dialect(reference)
+    with torch.no_grad():  # the same grids as the preset it copies
+        assert torch.equal(reference(data[1]), quantize(model, "qnnpack", lower=False, data=data)(data[1]))
+    observed = PassManager([FuseBN(), InsertObservers("runtime_only")]).run(model, data[0])
+    with pytest.raises(QPassesError, match="no torch.ao int8 kernels"):
+        qpasses.passes.Lower().run(observed, None)
