@@ -113,6 +113,8 @@ def test_torch_compile_and_export_take_the_reference_graph(backend):
         expected = reference(x)
         torch._dynamo.reset()
         compiled = torch.compile(reference, backend="aot_eager")(x)
+        explanation = torch._dynamo.explain(reference)(x)
+        assert explanation.graph_count == 1 and explanation.graph_break_count == 0  # captured whole
         exported = torch.export.export(reference, (x,))
         by_export = exported.module()(x)
     assert_within_one_step(compiled, expected, output_step(reference))
