@@ -31,6 +31,8 @@ class DynamicQuant(Pass):
         if dtype not in (torch.qint8, torch.float16):
             raise QPassesError(f"DynamicQuant supports dtype torch.qint8 or torch.float16, got {dtype}")
         self.backend = get_backend(backend)
+        if self.backend.engine is None:
+            raise QPassesError(f"DynamicQuant: backend '{backend}' has no torch.ao int8 kernels; use x86 or qnnpack")
         if dtype == torch.float16 and self.backend.engine == "qnnpack":
             raise QPassesError("DynamicQuant: qnnpack has no float16 kernels; use dtype=torch.qint8 or backend='x86'")
         self.dtype = dtype

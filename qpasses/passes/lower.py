@@ -21,7 +21,7 @@ from qpasses.passes.reference import Reference, annotation_for, build_reference
 from qpasses.quant import lowering
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.backends import Backend, get_backend
-from qpasses.quant.grids import Grids
+from qpasses.quant.grids import Grids, WeightQParams, weight_qparams_by_node
 from qpasses.quant.observers import Observer
 from qpasses.quant.ops import REQUANT_FUNCTION_MODULES, Role, returns_input, role_of, runs_clamp_kernel
 from qpasses.quant.state import FLOAT_WEIGHT_KEY, QPARAMS_KEY, QSTATE_KEY, WEIGHT_QPARAMS_KEY, state_of
@@ -69,10 +69,15 @@ class Lower(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ann, backend = annotation_for(gm, self.backend)
+        if backend.engine is None:
+            raise QPassesError(f"backend '{backend.name}' has no torch.ao int8 kernels to lower to: end at the reference "
+                               "graph (PTQ(..., lower=False) or Reference()) and deploy it with qpasses.lower")
         _to_cpu(gm, backend.name, ctx)
-        reference = _reference_of(gm, backend)
+        weights = weight_qparams_by_node(gm, ann)
         with lowering.quantized_engine(backend.engine):
-            _Lowering(gm, ann, ctx).run()
+            grids = Grids(gm, ann, backend, ctx.note)  # decided once, before either graph changes
+            reference = _reference_of(gm, backend, grids, weights)
+            _Lowering(gm, ann, ctx, grids, weights).run()
         lowering.select_engine_first(gm, backend.engine)
         state = state_of(gm)
         state.annotation, state.backend, state.reference = None, backend.name, reference
@@ -80,12 +85,13 @@ class Lower(Pass):
         return PassResult(gm, modified=True)
 
 
-def _reference_of(gm: fx.GraphModule, backend: Backend) -> fx.GraphModule:
+def _reference_of(gm: fx.GraphModule, backend: Backend, grids: Grids,
+                  weights: dict[str, WeightQParams]) -> fx.GraphModule:
     """The reference quantized graph of the calibrated graph ``gm`` (``Reference``, on a copy), which the lowered
-    model keeps for its exporters: the same grid decisions, so the same codes."""
+    model keeps for its exporters: the same grid decisions and weight qparams, so the same codes."""
     reference = copy.deepcopy(gm)
     state = state_of(reference)
-    build_reference(reference, state.annotation, backend, PassContext(example_inputs=()))  # notes: Lower's own
+    build_reference(reference, state.annotation, backend, PassContext(example_inputs=()), grids, weights)
     state.annotation, state.reference_backend = None, backend.name
     state.properties = (state.properties - Reference.invalidates) | Reference.provides
     return reference
@@ -110,8 +116,9 @@ def _to_cpu(gm: fx.GraphModule, backend: str, ctx: PassContext) -> None:
 
 
 class _Lowering:
-    def __init__(self, gm: fx.GraphModule, ann: Annotation, ctx: PassContext):
-        self.gm, self.ann, self.ctx = gm, ann, ctx
+    def __init__(self, gm: fx.GraphModule, ann: Annotation, ctx: PassContext, grids: Grids,
+                 weights: dict[str, WeightQParams]):
+        self.gm, self.ann, self.ctx, self.weights = gm, ann, ctx, weights  # weights: qparams by node name
         self.backend = get_backend(ann.backend)
         self.graph = gm.graph
         self.quantized: dict[fx.Node, bool] = {}
@@ -119,7 +126,7 @@ class _Lowering:
         self.erased_modules: set[str] = set()  # observers and folded activations no node calls any more
         self.code_clamps: list[fx.Node] = []  # clamps of codes to a spec's range narrower than 8 bits
         self.lowered_modules: dict[str, nn.Module] = {}  # module name → the float module its int8 form replaced
-        self.grids = Grids(gm, ann, self.backend, ctx.note)  # decided before the graph changes
+        self.grids = grids
 
     def observer(self, node: fx.Node) -> Observer | None:
         return self.grids.observer(node)
@@ -207,18 +214,17 @@ class _Lowering:
     def lower_observer(self, node: fx.Node) -> None:
         observer = self.observer(node)
         value = node.args[0]
-        scale, zero_point = self.grids.qparams(observer)
-        spec = observer.spec
+        grid = self.grids.observer_grid(observer)
         if self.quantized.get(value, False):
             result = value
         else:
-            quantize, qparams = lowering.quantize_call(scale, zero_point, spec)
+            quantize, qparams = lowering.quantize_call(grid)
             with self.graph.inserting_before(node):
                 result = self.graph.create_node("call_function", quantize, (value, *qparams),
                                                 name=f"{value.name}_quant")
             result.meta[QSTATE_KEY] = "int8"
             self.ctx.stats["quantize"] += 1
-        bounds = lowering.code_range(scale, zero_point, spec)
+        bounds = lowering.code_range(grid)
         if bounds is not None:
             with self.graph.inserting_before(node):
                 if self.backend.clamp_needs_contiguous:
@@ -226,7 +232,8 @@ class _Lowering:
                 result = self.graph.call_function(torch.clamp, (result, *bounds))
             result.meta[QSTATE_KEY] = "int8"
             self.code_clamps.append(result)
-        result.meta[QPARAMS_KEY] = {"scale": scale, "zero_point": zero_point, "dtype": str(spec.dtype), "bits": spec.bits}
+        result.meta[QPARAMS_KEY] = {"scale": grid.scale, "zero_point": grid.zero_point,
+                                    "dtype": str(grid.quantized_dtype), "bits": observer.spec.bits}
         node.replace_all_uses_with(result)
         self.erase(node)
         self.quantized[result] = True
@@ -248,9 +255,9 @@ class _Lowering:
             return
         scale, zero_point = self.grids.output_qparams(node)
         module = self.symmetric_same_padding(node, self.float_module(node), scale, zero_point)
-        # qpasses.convert() puts the weight qparams QAT trained with there; PTQ observes the weight here.
+        # The weight grid QAT trained or AdaRound rounded on, else the one observed on it (weight_qparams_by_node).
         qmodule = lowering.quantized_compute(module, self.ann.pairs[node.name].weight, scale, zero_point,
-                                             node.meta.get(WEIGHT_QPARAMS_KEY))
+                                             self.weights[node.name])
         node.meta.pop(FLOAT_WEIGHT_KEY, None)
         self.replace_module(node.target, qmodule)
         self.mark_int8(node, scale, zero_point)
@@ -259,8 +266,7 @@ class _Lowering:
     def lower_float_output(self, node: fx.Node) -> None:
         """A linear that writes the model's output in float: the int8 kernel that dequantizes its accumulator."""
         module = self.float_module(node)
-        lowered = lowering.float_output_compute(module, self.ann.pairs[node.name].weight,
-                                                node.meta.get(WEIGHT_QPARAMS_KEY))
+        lowered = lowering.float_output_compute(module, self.ann.pairs[node.name].weight, self.weights[node.name])
         node.meta.pop(FLOAT_WEIGHT_KEY, None)
         self.replace_module(node.target, lowered)
         self.quantized[node] = False

@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 class PTQ(CompositePass):
     """InsertObservers → Calibrate → Lower, so ``PassManager([FuseBN(), PTQ(data)])`` is the whole flow.
 
-    ``lower``: True (default): the result runs on the backend's torch.ao int8 kernels; False: PTQ ends at the
-    reference quantized graph (``Reference``: float ops between ``quantized_decomposed`` quantize/dequantize
-    ops), which the deployment targets of ``qpasses.lower`` take.
+    ``lower``: True (default): the result runs on the backend's torch.ao int8 kernels; False, or a backend
+    without them (``Backend.engine`` None): PTQ ends at the reference quantized graph (``Reference``: float ops
+    between ``quantized_decomposed`` quantize/dequantize ops), which the deployment targets of ``qpasses.lower``
+    take.
 
     ``backend``: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; ``config``: a :class:`QuantConfig` (default: the
     backend's preset); ``bits``: shorthand for ``bits``-bit weights and activations (2–8);
@@ -75,10 +76,11 @@ class PTQ(CompositePass):
         self.backend, self.config = observers.backend.name, observers.config
         _check_flag(adaround, "adaround")
         self.target_kind = _check_target(target_sqnr, evaluate, max_drop, max_float_share)
-        if not _check_flag(lower, "lower"):
+        lower = _check_flag(lower, "lower") and observers.backend.engine is not None
+        if not lower:
             if self.target_kind is not None:
-                raise InputError("PTQ: a target search (target_sqnr=, evaluate=) returns a lowered model; "
-                                 "drop lower=False or the target")
+                raise InputError("PTQ: a target search (target_sqnr=, evaluate=) returns a lowered model; it needs "
+                                 "lower=True and a backend with torch.ao kernels, or drop the target")
             self.provides = frozenset({"observed", "calibrated", "reference"})
         if self.target_kind is not None:
             from qpasses.passes.target import Target, TargetPTQ  # it builds PTQs itself

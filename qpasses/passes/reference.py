@@ -14,7 +14,7 @@ from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.quant import lowering
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.backends import Backend, get_backend
-from qpasses.quant.grids import Grid, Grids
+from qpasses.quant.grids import Grid, Grids, WeightQParams, weight_qparams_by_node
 from qpasses.quant.ops import FLOAT_FUNCTIONAL_OPS, Role, entry_for, returns_input
 from qpasses.quant.state import QPARAMS_KEY, QSTATE_KEY, WEIGHT_QPARAMS_KEY, existing_state, state_of
 
@@ -88,19 +88,25 @@ class Reference(Pass):
         return PassResult(gm, modified=True)
 
 
-def build_reference(gm: fx.GraphModule, ann: Annotation, backend: Backend, ctx: PassContext) -> None:
-    """Rewrite the observed graph ``gm`` in place into the reference graph (see ``Reference``)."""
-    _ReferenceBuilder(gm, ann, backend, ctx).run()
+def build_reference(gm: fx.GraphModule, ann: Annotation, backend: Backend, ctx: PassContext,
+                    grids: Grids | None = None, weights: dict[str, WeightQParams] | None = None) -> None:
+    """Rewrite the observed graph ``gm`` in place into the reference graph (see ``Reference``), on ``grids``
+    (None: decided here) and with the weight qparams ``weights`` by node name (None: ``weight_qparams_by_node``).
+    """
+    if grids is None:
+        with lowering.quantized_engine(backend.engine):  # fixed-range and derived grids are read from the kernels
+            grids = Grids(gm, ann, backend, ctx.note)
+    weights = weights if weights is not None else weight_qparams_by_node(gm, ann)
+    _ReferenceBuilder(gm, ann, backend, ctx, grids, weights).run()
     gm.graph.lint()
     gm.recompile()
 
 
 class _ReferenceBuilder:
-    def __init__(self, gm: fx.GraphModule, ann: Annotation, backend: Backend, ctx: PassContext):
-        self.gm, self.ann, self.backend, self.ctx = gm, ann, backend, ctx
+    def __init__(self, gm: fx.GraphModule, ann: Annotation, backend: Backend, ctx: PassContext, grids: Grids,
+                 weights: dict[str, WeightQParams]):
+        self.gm, self.ann, self.backend, self.ctx, self.grids, self.weights = gm, ann, backend, ctx, grids, weights
         self.graph = gm.graph
-        with lowering.quantized_engine(backend.engine):  # fixed-range and derived grids are read from the kernels
-            self.grids = Grids(gm, ann, backend, ctx.note)
         self.quantized: dict[fx.Node, bool] = {}  # whether the int8 graph holds the value as codes
         self.grid_after: dict[fx.Node, Grid] = {}  # node → the grid its value is quantized to right after it
         self.input_grid: dict[fx.Node, Grid] = {}  # int8 conv/linear → its input's grid
@@ -200,7 +206,7 @@ class _ReferenceBuilder:
                                f"{len(node.args)} argument(s); keep it float with QuantConfig overrides")
         self.replaced_modules.add(node.target)
         spec = lowering.weight_spec(module, self.ann.pairs[node.name].weight)
-        codes, scale, zero_point = lowering.weight_codes(module.weight, spec, node.meta.get(WEIGHT_QPARAMS_KEY))
+        codes, scale, zero_point = lowering.weight_codes(module.weight, spec, self.weights[node.name])
         base = node.target.replace(".", "_")
         with self.graph.inserting_before(node):
             weight_codes = self.buffer(f"{base}_weight_int8", codes)

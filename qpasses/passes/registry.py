@@ -24,6 +24,7 @@ from qpasses.passes.lower import Lower
 from qpasses.passes.mixed_precision import MixedPrecision
 from qpasses.passes.ptq import PTQ
 from qpasses.passes.qat import QAT
+from qpasses.passes.reference import Reference
 from qpasses.passes.replace_functional import ReplaceFunctional
 
 
@@ -83,6 +84,9 @@ PASSES: dict[str, PassEntry] = {
     "calibrate": PassEntry(lambda o: Calibrate(o.data("calibrate"), o.num_batches, o.progress),
                            "run calibration batches through the observers"),
     "lower": PassEntry(lambda o: Lower(o.backend), "replace observed ops by int8 kernels of the backend"),
+    "reference": PassEntry(lambda o: Reference(o.backend),
+                           "instead of lower: float ops between quantize/dequantize ops (convert_pt2e's dialect), "
+                           "the graph the deployment targets take"),
     "ptq": PassEntry(lambda o: PTQ(o.data("ptq"), o.backend, bits=o.bits, per_channel=o.per_channel,
                                    num_batches=o.num_batches, progress=o.progress, recipe=o.recipe,
                                    target_sqnr=o.target_sqnr, quantize_output=o.quantize_output, lower=o.lower),

@@ -41,6 +41,10 @@ ReduceRange = Literal["never", "every_gemm", "saturating_kernels"]
 class Backend:
     """One quantized engine's capabilities and default specs.
 
+    ``engine``: the ``torch.backends.quantized.engine`` whose torch.ao eager kernels ``Lower`` targets; None for a
+    preset with no such kernels (a deployment target's runtime only): quantizing for it ends at the reference
+    graph (``qpasses.passes.Reference``), and ``Lower`` refuses it.
+
     ``reduce_range``/``reduce_range_why``: where activations drop a bit (only while an int16 pair sum could
     still overflow, see ``int16_pair_sum_overflows``): ``never``; ``every_gemm``: into every conv and linear on
     every CPU; ``saturating_kernels``: into the convs and linears whose kernels add pairs of u8×s8 products into
@@ -73,7 +77,7 @@ class Backend:
     """
 
     name: str
-    engine: str
+    engine: str | None
     activation: QuantSpec
     weight: QuantSpec
     supports_per_channel_weights: bool
@@ -94,8 +98,8 @@ class Backend:
 
     @property
     def available(self) -> bool:
-        """Whether this torch build has the engine."""
-        return self.engine in torch.backends.quantized.supported_engines
+        """Whether this torch build has the engine (a preset without one needs none)."""
+        return self.engine is None or self.engine in torch.backends.quantized.supported_engines
 
     def saturates(self, module: nn.Module, weight: QuantSpec, cpu: CpuInt8Features | None = None) -> bool:
         """Whether the int8 kernel of ``module`` (a conv or linear with ``weight``-spec weights) needs

@@ -21,6 +21,9 @@ from qpasses.quant.annotate import Annotation
 from qpasses.quant.backends import Backend
 from qpasses.quant.observers import Observer
 from qpasses.quant.ops import Role
+from qpasses.quant.state import WEIGHT_QPARAMS_KEY
+
+WeightQParams = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -52,13 +55,31 @@ def container(dtype: torch.dtype) -> torch.dtype:
     return torch.int8 if dtype == torch.qint8 else torch.uint8
 
 
+def weight_qparams_by_node(gm: fx.GraphModule, ann: Annotation) -> dict[str, WeightQParams]:
+    """The weight (scale, zero point) of each int8 conv/linear, by node name: the grid a pass rounded the weight
+    on (AdaRound, QAT's convert: ``node.meta['weight_qparams']``), else the one observed on the weight with its
+    spec. Decided once for the reference graph and the kernels (an MSE weight observer searches)."""
+    chosen = {}
+    for node in gm.graph.nodes:
+        if ann.roles.get(node.name) is Role.COMPUTE:
+            pinned = node.meta.get(WEIGHT_QPARAMS_KEY)
+            if pinned is None:
+                module = gm.get_submodule(node.target)
+                pinned = lowering.weight_qparams(module.weight, lowering.weight_spec(module, ann.pairs[node.name].weight))
+            chosen[node.name] = pinned
+    return chosen
+
+
 class Grids:
     """The grid decisions for one observed, calibrated graph under ``backend``, made on construction (add grids
-    widened; ``note`` receives a line for each widening). Read them before the graph is rewritten."""
+    widened; ``note`` receives a line for each widening). Read them before the graph is rewritten; they also
+    answer for the nodes of an unmodified copy of the graph (the same names, targets and edges), which is how
+    ``Lower`` decides once for its kernels and for the reference graph it keeps."""
 
     def __init__(self, gm: fx.GraphModule, ann: Annotation, backend: Backend, note: Callable[[str], None]):
         self.gm, self.ann, self.backend, self.note = gm, ann, backend, note
         self.widened: dict[Observer, tuple[float, int]] = {}  # observer → the legal grid it gets instead
+        self.observed: dict[Observer, tuple[float, int]] = {}  # observer → its qparams (MSE ones search)
         self.legalize_add_scales()
 
     def observer(self, node: fx.Node) -> Observer | None:
@@ -83,8 +104,10 @@ class Grids:
         """An observer's scale and zero point, or the wider grid ``legalize_add_scales`` gave it."""
         if observer in self.widened:
             return self.widened[observer]
-        scale, zero_point = observer.qparams()
-        return float(scale), int(zero_point)
+        if observer not in self.observed:
+            scale, zero_point = observer.qparams()
+            self.observed[observer] = float(scale), int(zero_point)
+        return self.observed[observer]
 
     def observer_grid(self, observer: Observer) -> Grid:
         """The grid an observer's value is quantized to: its (widened) qparams and its spec's code range."""
@@ -113,17 +136,10 @@ class Grids:
         grid = self.value_grid(source) if source is not None else None
         if grid is None:
             return None
-        probe = torch.quantize_per_tensor(torch.zeros(1), grid.scale, grid.zero_point, grid.quantized_dtype)
-        if node.op == "call_method" and node.target in lowering.QUANTIZED_FUNCTIONAL_OPS:  # a derived scalar op
-            out = lowering.QUANTIZED_FUNCTIONAL_OPS[node.target](probe, node.args[-1])
-        elif node.op == "call_module":
-            out = self.gm.get_submodule(node.target)(probe)
-        elif node.op == "call_method":
-            out = getattr(probe, node.target)()
-        else:
-            out = node.target(probe)
+        scale, zero_point = lowering.kernel_output_grid(self.gm, node, (grid.scale, grid.zero_point),
+                                                        grid.quantized_dtype)
         info = torch.iinfo(grid.dtype)
-        return Grid(float(out.q_scale()), int(out.q_zero_point()), info.min, info.max, grid.dtype)
+        return Grid(scale, zero_point, info.min, info.max, grid.dtype)
 
     def value_observer(self, node: fx.Node) -> Observer | None:
         """The observer whose grid ``node``'s value is on: its own, or through qparams-preserving ops, that

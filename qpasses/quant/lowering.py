@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.ao.nn.quantized as nnq
@@ -20,6 +21,9 @@ from qpasses.quant.observers import make_observer
 from qpasses.quant.ops import DERIVED_METHODS, entry_for
 from qpasses.quant.spec import QuantSpec
 from qpasses.quant.state import FLOAT_WEIGHT_KEY
+
+if TYPE_CHECKING:
+    from qpasses.quant.grids import Grid
 
 
 def float_weight(node: fx.Node, module: nn.Module) -> torch.Tensor:
@@ -134,8 +138,12 @@ _QUANTIZED_COMPUTE = {
 
 
 @contextlib.contextmanager
-def quantized_engine(engine: str) -> Iterator[None]:
-    """Pack weights for ``engine``: the packed format is chosen by the engine active at packing time."""
+def quantized_engine(engine: str | None) -> Iterator[None]:
+    """Pack weights for ``engine``: the packed format is chosen by the engine active at packing time (None: a
+    backend without torch.ao kernels, whose grids are read from whichever engine is active)."""
+    if engine is None:
+        yield
+        return
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
     try:
@@ -322,11 +330,12 @@ def quantized_functional_call(method: str, args: tuple, kwargs: dict, scale: flo
     return op, args, {**kwargs, "scale": float(scale), "zero_point": int(zero_point)}
 
 
-def kernel_output_grid(gm: fx.GraphModule, node: fx.Node, grid: tuple[float, int]) -> tuple[float, int]:
+def kernel_output_grid(gm: fx.GraphModule, node: fx.Node, grid: tuple[float, int],
+                       dtype: torch.dtype = torch.quint8) -> tuple[float, int]:
     """The (scale, zero point) the int8 kernel of ``node`` (a fixed-range or derived op: sigmoid, tanh,
-    ``FloatFunctional.add_scalar``, ...) writes on an input at ``grid``, read from the kernel itself on a
+    ``FloatFunctional.add_scalar``, ...) writes on an input at ``grid`` (codes of quantized ``dtype``), read from the kernel itself on a
     one-element probe: the kernel decides it, so no table of it can drift from it."""
-    probe = torch.quantize_per_tensor(torch.zeros(1), grid[0], grid[1], torch.quint8)
+    probe = torch.quantize_per_tensor(torch.zeros(1), grid[0], grid[1], dtype)
     if node.op == "call_method" and node.target in QUANTIZED_FUNCTIONAL_OPS:  # a derived scalar op
         out = QUANTIZED_FUNCTIONAL_OPS[node.target](probe, node.args[-1])
     elif node.op == "call_module":
@@ -338,18 +347,17 @@ def kernel_output_grid(gm: fx.GraphModule, node: fx.Node, grid: tuple[float, int
     return float(out.q_scale()), int(out.q_zero_point())
 
 
-def quantize_call(scale: float, zero_point: int, spec: QuantSpec) -> tuple[object, tuple]:
-    """The function and trailing arguments of a graph call that quantizes a float value to ``spec``'s dtype."""
-    return torch.quantize_per_tensor, (float(scale), int(zero_point), spec.dtype)
+def quantize_call(grid: Grid) -> tuple[object, tuple]:
+    """The function and trailing arguments of a graph call that quantizes a float value to ``grid``."""
+    return torch.quantize_per_tensor, (grid.scale, grid.zero_point, grid.quantized_dtype)
 
 
-def code_range(scale: float, zero_point: int, spec: QuantSpec) -> tuple[float, float] | None:
-    """The real (min, max) of the spec's codes when they are narrower than the 8-bit container, else None.
+def code_range(grid: Grid) -> tuple[float, float] | None:
+    """The real (min, max) of ``grid``'s codes when they are narrower than the 8-bit container, else None.
 
     Clamping a quantized tensor to it executes n-bit (or reduce_range 7-bit) quantization exactly
     with 8-bit kernels; a ``headroom`` reduce_range grid clips at the container and needs no clamp.
     """
-    info = torch.iinfo(torch.uint8 if spec.dtype == torch.quint8 else torch.int8)
-    if spec.code_min <= info.min and spec.code_max >= info.max:
+    if not grid.narrowed:
         return None
-    return (spec.code_min - zero_point) * scale, (spec.code_max - zero_point) * scale
+    return (grid.qmin - grid.zero_point) * grid.scale, (grid.qmax - grid.zero_point) * grid.scale

@@ -188,7 +188,11 @@ class ReloadTracer(fx.Tracer):
     """The tracer ``torch.load`` rebuilds a qpasses graph module with (``gm._tracer_cls``; torch makes every
     module a leaf on top): modules the saved graph read with ``get_attr`` stay ``get_attr`` nodes, whose method
     calls (``FloatFunctional.add``, a fake-quant's ``to_steps``) stay ``call_method`` nodes, where fx's tracer
-    would trace into the methods and change the graph; then the nodes get their saved names and metadata."""
+    would trace into the methods and change the graph; buffers the code reads (a reference graph's int8 weight
+    codes) stay ``get_attr`` nodes too, where fx's tracer would run the ops reading only them at load time and keep
+    their results as constants; then the nodes get their saved names and metadata."""
+
+    proxy_buffer_attributes = True
 
     # A buffer read by the saved graph stays a get_attr node: fx's default runs ops on buffers while tracing and
     # stores their result as a new constant (a reference graph's dequantized int8 weights would become float).

@@ -113,6 +113,8 @@ def test_torch_compile_and_export_take_the_reference_graph(backend):
         expected = reference(x)
         torch._dynamo.reset()
         compiled = torch.compile(reference, backend="aot_eager")(x)
+        explanation = torch._dynamo.explain(reference)(x)
+        assert explanation.graph_count == 1 and explanation.graph_break_count == 0  # captured whole
         exported = torch.export.export(reference, (x,))
         by_export = exported.module()(x)
     assert_within_one_step(compiled, expected, output_step(reference))
@@ -201,7 +203,7 @@ def test_reference_refuses_a_graph_without_observers_and_a_different_backend():
 
 
 def test_ptq_with_a_target_cannot_stop_at_the_reference():
-    with pytest.raises(qpasses.errors.InputError, match="lower=False"):
+    with pytest.raises(qpasses.errors.InputError, match="it needs lower=True"):
         PTQ(batches(), target_sqnr=30.0, lower=False)
 
 
@@ -237,6 +239,10 @@ def test_reference_survives_save_load_and_deepcopy(tmp_path):
     torch.save(reference, path)
     for copied in (qpasses.load(path), copy.deepcopy(reference)):
         assert existing_state(copied).reference_backend == "x86"
+        # The same graph, node for node (int8 weight codes are not folded into float constants on load).
+        assert [(n.name, n.op, str(n.target)) for n in copied.graph.nodes] == \
+            [(n.name, n.op, str(n.target)) for n in reference.graph.nodes]
+        assert_reference_dialect(copied)
         with torch.no_grad():
             assert torch.equal(copied(x), reference(x))
 
@@ -262,8 +268,55 @@ def test_a_lowered_model_keeps_its_reference_graph_through_save_load_and_deepcop
     for copied in (lowered, qpasses.load(path), copy.deepcopy(lowered)):
         reference = existing_state(copied).reference
         assert is_reference(reference) and existing_state(reference).reference_backend == backend
+        assert len(reference.graph.nodes) == len(existing_state(lowered).reference.graph.nodes)
         assert_reference_dialect(reference)
         with torch.no_grad():
             assert_within_one_step(reference(x), copied(x), output_step(reference))
     with torch.no_grad():  # the same graph PTQ(lower=False) returns
         assert torch.equal(existing_state(lowered).reference(x), quantize(model, backend, lower=False)(x))
+
+
+def test_the_registry_builds_a_pipeline_ending_at_the_reference():
+    from qpasses.passes.registry import PassOptions, build_pipeline
+
+    data = batches(2)
+    options = PassOptions(backend="qnnpack", calibration=lambda: data, progress=False)
+    reference = PassManager(build_pipeline("fusebn,observe,calibrate,reference", options)).run(
+        randomize_bn(Net()).eval(), data[0])
+    assert existing_state(reference).reference_backend == "qnnpack"
+    assert_reference_dialect(reference)
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_ptq_with_its_recipe_ends_at_the_reference(backend):
+    torch.manual_seed(0)
+    model = randomize_bn(Net()).eval()
+    data = batches()
+    pm = PassManager([FuseBN(), PTQ(data, backend=backend, progress=False, lower=False)])
+    reference = pm.run(model, data[0])
+    names = [r.name for r in pm.report.records]
+    assert names[-1] == "Reference" and "Lower" not in names
+    assert_reference_dialect(reference)
+    lowered = PassManager([FuseBN(), PTQ(data, backend=backend, progress=False)]).run(model, data[0])
+    with torch.no_grad():
+        assert torch.equal(existing_state(lowered).reference(data[1]), reference(data[1]))
+
+
+def test_a_backend_without_torch_ao_kernels_ends_at_the_reference(monkeypatch):
+    import dataclasses
+
+    from qpasses.quant import backends
+
+    monkeypatch.setitem(backends.BACKENDS, "runtime_only",
+                        dataclasses.replace(get_backend("qnnpack"), name="runtime_only", engine=None))
+    torch.manual_seed(0)
+    model = randomize_bn(Net()).eval()
+    data = batches()
+    reference = quantize(model, "runtime_only", lower=True, data=data)  # nothing to lower to
+    assert existing_state(reference).reference_backend == "runtime_only"
+    assert_reference_dialect(reference)
+    with torch.no_grad():  # the same grids as the preset it copies
+        assert torch.equal(reference(data[1]), quantize(model, "qnnpack", lower=False, data=data)(data[1]))
+    observed = PassManager([FuseBN(), InsertObservers("runtime_only")]).run(model, data[0])
+    with pytest.raises(QPassesError, match="no torch.ao int8 kernels"):
+        qpasses.passes.Lower().run(observed, None)
