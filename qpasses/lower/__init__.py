@@ -35,7 +35,9 @@ class Target:
     extra: str
 
 
-TARGETS: dict[str, Target] = {}
+TARGETS: dict[str, Target] = {
+    "xnnpack": Target("xnnpack", "qpasses.lower.xnnpack", backend="xnnpack", extra="executorch"),
+}
 
 
 @dataclass

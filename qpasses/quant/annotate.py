@@ -173,7 +173,9 @@ def _runnable_pair(backend: Backend, module, pair: QuantPair, node: fx.Node, ann
 
     The configuration was checked as a whole; some kernels (transposed convs) take fewer weight formats.
     """
-    candidates = [pair.weight, pair.weight.replace(axis=None), pair.weight.replace(axis=None, symmetric=False)]
+    # an asymmetric grid has no narrow range to keep (xnnpack's symmetric weights have one)
+    candidates = [pair.weight, pair.weight.replace(axis=None),
+                  pair.weight.replace(axis=None, symmetric=False, narrow_range=False)]
     first_error = None
     for weight in dict.fromkeys(candidates):
         try:

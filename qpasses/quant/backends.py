@@ -175,8 +175,10 @@ class Backend:
 
     def _check_activation(self, spec: QuantSpec, allow_signed: bool) -> None:
         if spec.dtype != self.activation_dtype and not (allow_signed and spec.dtype == torch.qint8):
+            signed = self.activation_dtype == torch.qint8
             raise self._unsupported(
-                spec, "signed activations (qint8) are not supported by its kernels", "use signed=False"
+                spec, f"{'un' * signed}signed activations ({spec.dtype}) are not supported by its kernels",
+                f"use signed={signed}",
             )
         if spec.per_channel:
             raise self._unsupported(
@@ -279,6 +281,12 @@ _X86_ACTIVATION = QuantSpec(signed=False, symmetric=False, observer="mse", reduc
 _FBGEMM_ACTIVATION = _X86_ACTIVATION.replace(headroom=False)
 _PER_CHANNEL_WEIGHT = QuantSpec(signed=True, symmetric=True, axis=0, observer="mse")
 
+_XNNPACK_WHY = (
+    "XNNPACK's qs8 kernels are exact with full 8-bit activations: they accumulate in int32, and where its ARM "
+    "'mlal' kernels first add two int8 products in int16, narrow-range weights (|w| <= 127) keep 2·128·127 "
+    "below 32767 (measured here on x86 only: tests/lower/test_xnnpack.py)."
+)
+
 BACKENDS: dict[str, Backend] = {
     "x86": Backend(
         name="x86",
@@ -331,11 +339,28 @@ BACKENDS: dict[str, Backend] = {
         symmetric_conv_transpose_wrong=True,
         signed_activation_modules=(nn.Linear,),
     ),
+    "xnnpack": Backend(
+        name="xnnpack",
+        # no torch.ao eager engine: the reference graph is lowered to ExecuTorch's XNNPACK delegate (qpasses.lower)
+        engine=None,
+        # XNNPACK's qs8 operators: signed int8 activations, per tensor, any zero point in [-128, 127]
+        activation=QuantSpec(signed=True, symmetric=False, observer="mse"),
+        # qc8 weights: per output channel, zero point 0 (qpasses.lower.xnnpack refuses others; ExecuTorch would
+        # lower them silently wrong); -127..127 like ExecuTorch's XNNPACKQuantizer and TFLite's int8 spec (its
+        # ARM "mlal" kernels add two int8 products in int16, which two (-128)·(-128) overflow; x86 cannot show it)
+        weight=QuantSpec(signed=True, symmetric=True, axis=0, narrow_range=True, observer="mse"),
+        supports_per_channel_weights=True,
+        reduce_range="never",
+        reduce_range_why=_XNNPACK_WHY,
+        symmetric_weights_required=True,
+        activation_dtype=torch.qint8,
+        notes="ExecuTorch .pte with the XNNPACK delegate (target xnnpack; pip install 'qpasses[executorch]').",
+    ),
 }
 
 
 def get_backend(name: str) -> Backend:
-    """The table entry for ``name`` (x86, fbgemm, qnnpack, onednn)."""
+    """The table entry for ``name`` (x86, fbgemm, qnnpack, onednn, xnnpack)."""
     try:
         return BACKENDS[name]
     except KeyError:
