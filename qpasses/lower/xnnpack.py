@@ -69,13 +69,21 @@ def deploy(reference: nn.Module, example_inputs: Any, out: Path | None = None) -
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(buffer)
-    method = Runtime.get().load_program(out if out is not None else buffer).load_method("forward")
-
-    def run(*args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        outputs = method.execute([a.contiguous() for a in args])
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
-
+    run = _Runner(Runtime.get().load_program(out if out is not None else buffer), buffer)
     return Deployed(target="xnnpack", run=run, artifact=out, int8_kernels=int8_kernels)
+
+
+class _Runner:
+    """Calls the program's ``forward`` in ExecuTorch's runtime. It holds the program (and the bytes it was
+    loaded from) as well as the method: the method runs in the program's memory, and once the program is freed
+    ExecuTorch reads freed memory (measured: a segfault)."""
+
+    def __init__(self, program: Any, buffer: bytes):
+        self.program, self.buffer, self.method = program, buffer, program.load_method("forward")
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs = self.method.execute([x.contiguous() for x in inputs])
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def check_symmetric_weights(module: fx.GraphModule) -> None:
@@ -104,18 +112,22 @@ def check_int8_delegation(graph_module: fx.GraphModule, origin: fx.Graph | None 
     """The int8 XNNPACK nodes of a lowered edge program, counted by type; raise ``ExportError`` where a
     quantized op runs in float: left outside every XNNPACK delegate, or inside one on fp32 values. Errors name
     the node of ``origin`` (the reference graph) the op was made from, where known."""
-    delegates = []
+    delegates, left = [], []
     for node in graph_module.graph.nodes:
         if node.op != "call_function":
             continue
         if node.target is torch.ops.higher_order.executorch_call_delegate:
             delegates.append(getattr(graph_module, node.args[0].target))
         elif node.target is not operator.getitem and _is_quantized_op(node):
-            raise ExportError(
-                f"xnnpack: {_origin(node, origin)} ({_op_name(node)}) fell back to ExecuTorch's portable float kernels: "
-                "XNNPACK's partitioner did not take it; its grids or arguments are outside what XNNPACK's int8 "
-                "kernels run (int8 per-tensor activations, symmetric int8 weights: quantize for backend='xnnpack')"
-            )
+            left.append(node)
+    if left:
+        # name the op that lost its kernel rather than the Q/DQ ops left around it
+        node = next((n for n in left if not _is_qdq(n)), left[0])
+        raise ExportError(
+            f"xnnpack: {_origin(node, origin)} ({_op_name(node)}) fell back to ExecuTorch's portable float kernels: "
+            "XNNPACK's partitioner did not take it; its grids or arguments are outside what XNNPACK's int8 "
+            "kernels run (int8 per-tensor activations, symmetric int8 weights: quantize for backend='xnnpack')"
+        )
     kernels: Counter[str] = Counter()
     for delegate in delegates:
         if delegate.backend_id != BACKEND_ID:
