@@ -9,7 +9,9 @@ Rows (``--methods``): float eager; torch.ao FX PTQ (x86, qnnpack); torchao PT2E 
 ``torch.compile`` with inductor freezing (without freezing the int8 rewrite never runs); ONNX Runtime float and
 its own ``quantize_static`` (QDQ, per-channel, U8S8, min/max calibrated on the same crops); qpasses lowered to
 x86 and qnnpack, its TorchScript export, and its QDQ export run by ONNX Runtime (7-bit ranges kept exactly, or
-widened to 8 bits). Batch 1, 224×224, 2 threads. A method that fails is a row with its error's first line.
+widened to 8 bits); ExecuTorch with the XNNPACK delegate: float, its own XNNPACKQuantizer flow
+(prepare_pt2e → convert_pt2e → to_edge_transform_and_lower), and qpasses' xnnpack-preset PTQ lowered by
+``qpasses.lower.xnnpack``. Batch 1, 224×224, 2 threads. A method that fails is a row with its error's first line.
 
 Columns: latency median (a model's rows are timed in turns, six rounds of ten calls each, so drift in the
 machine's speed reaches all of them alike); size (serialized state dict, TorchScript archive, or ONNX file); peak MB, how far the
@@ -39,6 +41,7 @@ import qpasses_zoo as zoo
 from qpasses.analysis.metrics import latency, model_size
 from qpasses.export import onnx as export_onnx
 from qpasses.export import torchscript
+from qpasses.lower import deploy
 from tools.bench.common import (
     BENCHMARKS,
     PerSample,
@@ -232,6 +235,62 @@ def qpasses_onnx(reduce_range: str) -> Callable[[Setup], Prepared]:
     return build
 
 
+
+def executorch_threads() -> None:
+    """ExecuTorch's XNNPACK runs on its own threadpool, not torch's: the rows' thread count there too."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    _unsafe_reset_threadpool(THREADS)
+
+
+def executorch_float(s: Setup) -> Prepared:
+    """ExecuTorch's float path: the exported model lowered whole to XNNPACK's fp32 kernels."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    executorch_threads()
+    exported = torch.export.export(copy.deepcopy(s.model), (s.example,))
+    path = s.workdir / f"{s.name}_float.pte"
+    path.write_bytes(to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+    program = Runtime.get().load_program(path)
+    method = program.load_method("forward")
+    runner = PerSample(lambda x, program=program: method.execute([x])[0])  # the method needs its program alive
+    return Prepared(runner, path.stat().st_size)
+
+
+def executorch_deployed(s: Setup, reference: nn.Module, label: str) -> Prepared:
+    """``reference`` (a Q/DQ graph for batch 1) lowered by qpasses' xnnpack target, which checks that every
+    quantized op runs in XNNPACK's int8 kernels."""
+    executorch_threads()
+    deployed = deploy(reference, "xnnpack", (s.example,), s.workdir / f"{s.name}_{label}.pte")
+    return Prepared(PerSample(deployed), deployed.artifact.stat().st_size)
+
+
+def executorch_xnnpack_quantizer(s: Setup) -> Prepared:
+    """ExecuTorch's documented int8 flow: XNNPACKQuantizer (symmetric per-channel weights) → prepare_pt2e →
+    calibrate → convert_pt2e → to_edge_transform_and_lower with the XnnpackPartitioner."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    exported = torch.export.export(copy.deepcopy(s.model), (s.example,)).module()
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for x in s.singles:  # the exported graph is specialized to batch 1
+            prepared(x)
+    return executorch_deployed(s, convert_pt2e(prepared), "xnnpack_quantizer")
+
+
+def qpasses_xnnpack(s: Setup) -> Prepared:
+    """qpasses PTQ with the xnnpack preset, its reference graph lowered to XNNPACK."""
+    reference, _ = s.once("qpasses_xnnpack", lambda: qpasses_ptq(s.model, s.photos.calib, "xnnpack", lower=False))
+    return executorch_deployed(s, reference, "qpasses")
+
+
 # key: (label, build, the shared build it starts from: its seconds count into the row's prepare time)
 METHODS: dict[str, tuple[str, Callable[[Setup], Prepared], str | None]] = {
     "float": ("float eager", float_eager, None),
@@ -245,6 +304,9 @@ METHODS: dict[str, tuple[str, Callable[[Setup], Prepared], str | None]] = {
     "qpasses-torchscript": ("qpasses x86 TorchScript", qpasses_torchscript, "qpasses_x86"),
     "qpasses-onnx": ("qpasses → ONNX Runtime (QDQ)", qpasses_onnx("keep"), "qpasses_x86"),
     "qpasses-onnx-widen": ("qpasses → ONNX Runtime (QDQ, 7-bit widened)", qpasses_onnx("widen"), "qpasses_x86"),
+    "executorch-float": ("ExecuTorch XNNPACK float", executorch_float, None),
+    "executorch-xnnpack": ("ExecuTorch XNNPACKQuantizer → XNNPACK", executorch_xnnpack_quantizer, None),
+    "qpasses-xnnpack": ("qpasses → ExecuTorch XNNPACK", qpasses_xnnpack, "qpasses_xnnpack"),
 }
 
 
