@@ -18,6 +18,7 @@ from qpasses.passes.base import PassContext
 from qpasses.passes.insert_fake_quant import FROM_STEPS_METHOD, TO_STEPS_METHOD
 from qpasses.passes.lower import Lower
 from qpasses.passes.manager import TRAINABLE
+from qpasses.passes.reference import Reference
 from qpasses.quant.fake_quant import FakeQuantize
 from qpasses.quant.qat_modules import QATModule
 from qpasses.quant.state import WEIGHT_QPARAMS_KEY, existing_state, properties_of, state_of
@@ -62,8 +63,9 @@ def freeze_bn_stats(model: nn.Module) -> nn.Module:
     return model
 
 
-def convert(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
-    """Lower a trained QAT model to the int8 kernels of the backend given to ``QAT``.
+def convert(model: fx.GraphModule, inplace: bool = False, lower: bool = True) -> fx.GraphModule:
+    """Lower a trained QAT model to the int8 kernels of the backend given to ``QAT`` (``lower=False``: to its
+    reference quantized graph, ``qpasses.passes.Reference``, which the deployment targets take).
 
     BN is folded with its running statistics, each weight (and, where the kernels quantize it, bias) is
     lowered as its fake-quant rounded it, each activation at its fake-quant's qparams; then ``Lower`` runs
@@ -88,9 +90,10 @@ def convert(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
         if trained.get(node.target) is not None:
             node.meta[WEIGHT_QPARAMS_KEY] = trained[node.target]
     ctx = PassContext(example_inputs=())
-    gm = Lower().run(gm, ctx).graph_module
+    conversion = Lower() if lower else Reference()
+    gm = conversion.run(gm, ctx).graph_module
     state = state_of(gm)
-    state.properties = (state.properties - Lower.invalidates - {TRAINABLE}) | Lower.provides
+    state.properties = (state.properties - conversion.invalidates - {TRAINABLE}) | conversion.provides
     return gm
 
 

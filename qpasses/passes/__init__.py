@@ -16,6 +16,7 @@ from qpasses.passes.manager import PassManager, Plan, Report
 from qpasses.passes.mixed_precision import MixedPrecision
 from qpasses.passes.ptq import PTQ
 from qpasses.passes.qat import QAT
+from qpasses.passes.reference import Reference
 from qpasses.passes.replace_functional import ReplaceFunctional
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "PassManager",
     "PassResult",
     "Plan",
+    "Reference",
     "ReplaceFunctional",
     "Report",
     "Stage",

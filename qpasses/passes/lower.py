@@ -17,11 +17,13 @@ from qpasses.graph.match import is_max_pool
 from qpasses.graph.modules import unique_name
 from qpasses.nn import ChannelClamp, CropStart2d, SamePad2d, ShiftedSamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
+from qpasses.passes.reference import Reference, annotation_for, build_reference
 from qpasses.quant import lowering
 from qpasses.quant.annotate import Annotation
-from qpasses.quant.backends import get_backend
+from qpasses.quant.backends import Backend, get_backend
+from qpasses.quant.grids import Grids
 from qpasses.quant.observers import Observer
-from qpasses.quant.ops import REQUANT_FUNCTION_MODULES, Role, role_of, runs_clamp_kernel
+from qpasses.quant.ops import REQUANT_FUNCTION_MODULES, Role, returns_input, role_of, runs_clamp_kernel
 from qpasses.quant.state import FLOAT_WEIGHT_KEY, QPARAMS_KEY, QSTATE_KEY, WEIGHT_QPARAMS_KEY, state_of
 
 _SHAPE_QUERIES = ("size", "dim")
@@ -52,7 +54,9 @@ class Lower(Pass):
     A fused ``ChannelClamp`` (CLE's exact stand-in for ReLU6) disappears when its bounds are uniform, else it
     stays after the int8 op and clamps each channel's codes.
     Requires: ``calibrated``. Provides: ``lowered``. The result runs with the backend's engine (its first
-    op, a ``QuantizedEngine`` module, selects it), saves and loads, and can be TorchScripted.
+    op, a ``QuantizedEngine`` module, selects it), saves and loads, and can be TorchScripted. It keeps the
+    reference quantized graph of the same decisions (``Reference``) in ``state_of(result).reference``.
+    Grids are decided once, in ``qpasses.quant.grids``, for both.
     """
 
     stage = Stage.LOWER
@@ -64,21 +68,27 @@ class Lower(Pass):
         self.backend = backend
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        state = state_of(gm)
-        ann: Annotation | None = state.annotation
-        if ann is None:
-            raise QPassesError("the graph carries no quantization annotation; run InsertObservers and Calibrate first")
-        backend = get_backend(self.backend or ann.backend)
-        if backend.name != ann.backend:
-            raise QPassesError(f"observers were placed for backend '{ann.backend}', which differs from "
-                               f"'{backend.name}'; lower with Lower('{ann.backend}') or insert observers for '{backend.name}'")
+        ann, backend = annotation_for(gm, self.backend)
         _to_cpu(gm, backend.name, ctx)
+        reference = _reference_of(gm, backend)
         with lowering.quantized_engine(backend.engine):
             _Lowering(gm, ann, ctx).run()
         lowering.select_engine_first(gm, backend.engine)
-        state.annotation, state.backend = None, backend.name
+        state = state_of(gm)
+        state.annotation, state.backend, state.reference = None, backend.name, reference
         gm.recompile()
         return PassResult(gm, modified=True)
+
+
+def _reference_of(gm: fx.GraphModule, backend: Backend) -> fx.GraphModule:
+    """The reference quantized graph of the calibrated graph ``gm`` (``Reference``, on a copy), which the lowered
+    model keeps for its exporters: the same grid decisions, so the same codes."""
+    reference = copy.deepcopy(gm)
+    state = state_of(reference)
+    build_reference(reference, state.annotation, backend, PassContext(example_inputs=()))  # notes: Lower's own
+    state.annotation, state.reference_backend = None, backend.name
+    state.properties = (state.properties - Reference.invalidates) | Reference.provides
+    return reference
 
 
 def _to_cpu(gm: fx.GraphModule, backend: str, ctx: PassContext) -> None:
@@ -108,127 +118,19 @@ class _Lowering:
         self.dequantized: dict[fx.Node, fx.Node] = {}
         self.erased_modules: set[str] = set()  # observers and folded activations no node calls any more
         self.code_clamps: list[fx.Node] = []  # clamps of codes to a spec's range narrower than 8 bits
-        self.widened: dict[Observer, tuple[float, int]] = {}  # observer → the legal grid it gets instead
         self.lowered_modules: dict[str, nn.Module] = {}  # module name → the float module its int8 form replaced
+        self.grids = Grids(gm, ann, self.backend, ctx.note)  # decided before the graph changes
 
     def observer(self, node: fx.Node) -> Observer | None:
-        if node.op != "call_module":
-            return None
-        module = self.gm.get_submodule(node.target)
-        return module if isinstance(module, Observer) else None
-
-    def output_observer(self, node: fx.Node) -> Observer:
-        """The observer reading ``node``'s value (after its fused activation)."""
-        value = next((self.graph_node(a) for a, p in self.ann.fused.items() if p == node.name), node)
-        users = [u for u in value.users if self.observer(u) is not None]
-        if not users:
-            raise QPassesError(f"internal: no observer reads '{value.name}'")
-        return self.observer(users[0])
-
-    def output_qparams(self, node: fx.Node) -> tuple[float, int]:
-        """Scale and zero point ``node`` writes its value at (after its fused activation)."""
-        return self.qparams(self.output_observer(node))
-
-    def qparams(self, observer: Observer) -> tuple[float, int]:
-        """An observer's scale and zero point, or the wider grid ``legalize_add_scales`` gave it."""
-        if observer in self.widened:
-            return self.widened[observer]
-        scale, zero_point = observer.qparams()
-        return float(scale), int(zero_point)
-
-    def grid_source(self, node: fx.Node) -> fx.Node:
-        """The node that decides ``node``'s grid: ``node`` itself, or through qparams-preserving ops the
-        value they read, up to one that is observed or computes its own grid."""
-        while (self.observer(node) is None and self.ann.roles.get(node.name) is Role.PRESERVING
-               and node.all_input_nodes):
-            node = node.all_input_nodes[0]
-        return node
-
-    def value_grid(self, node: fx.Node) -> tuple[float, int] | None:
-        """The (scale, zero point) ``node``'s value has in the int8 graph: its observer's (or the widened one),
-        or for an op whose kernel decides its output grid (fixed-range, derived), what that kernel gives on its
-        input's grid, read from the kernel itself on a one-element probe. None for a value left float."""
-        node = self.grid_source(node)
-        if self.observer(node) is not None:
-            return self.qparams(self.observer(node))
-        if self.ann.roles.get(node.name) not in (Role.FIXED, Role.DERIVED):
-            return None
-        source = next((a for a in node.all_input_nodes if a.op != "get_attr"), None)
-        grid = self.value_grid(source) if source is not None else None
-        if grid is None:
-            return None
-        probe = torch.quantize_per_tensor(torch.zeros(1), grid[0], grid[1], torch.quint8)
-        if node.op == "call_method" and node.target in lowering.QUANTIZED_FUNCTIONAL_OPS:  # a derived scalar op
-            out = lowering.QUANTIZED_FUNCTIONAL_OPS[node.target](probe, node.args[-1])
-        elif node.op == "call_module":
-            out = self.gm.get_submodule(node.target)(probe)
-        elif node.op == "call_method":
-            out = getattr(probe, node.target)()
-        else:
-            out = node.target(probe)
-        return float(out.q_scale()), int(out.q_zero_point())
-
-    def value_observer(self, node: fx.Node) -> Observer | None:
-        """The observer whose grid ``node``'s value is on: its own, or through qparams-preserving ops, that
-        of the value they read; None where a kernel decides it (fixed-range, derived ops)."""
-        return self.observer(self.grid_source(node))
-
-    def legalize_add_scales(self) -> None:
-        """Widen grids until every int8 add's input-to-output scale ratios lie in the backend's
-        ``add_scale_ratio`` (qnnpack refuses others at run time).
-
-        A ratio out of range means one grid is degenerate next to the other, e.g. a ReLU branch that never
-        fires (range 0, so the smallest scale) added to a live one. The narrower grid is widened to the
-        nearest legal scale, keeping its zero point (so it still covers its observed range): its step stays
-        at most 2**-14 of an output step (or the output's at most 2**-8 of an input step), so no output
-        code moves except at a rounding tie. Widening one grid can break another add's ratio; this repeats
-        until none changes (scales only grow).
-        """
-        if self.backend.add_scale_ratio is None:
-            return
-        margin = 1e-3  # the kernel divides in float32
-        low, high = self.backend.add_scale_ratio[0] * (1 + margin), self.backend.add_scale_ratio[1] / (1 + margin)
-        adds = []
-        for node in self.graph.nodes:
-            if self.ann.roles.get(node.name) is Role.FUNCTIONAL and node.target in ("add", "add_relu"):
-                values = [arg for arg in node.args[1:] if isinstance(arg, fx.Node)]
-                inputs = [self.value_observer(arg) for arg in values]
-                adds.append((node, values, [o for o in inputs if o is not None], self.output_observer(node)))
-        changed = True
-        while changed:
-            changed = False
-            for node, values, inputs, output in adds:
-                # Every input's grid, those a kernel decides (sigmoid's, a scalar multiply's) included: only
-                # the observed ones can be widened, but the output must be wide enough for all of them.
-                widest = max((grid[0] for grid in map(self.value_grid, values) if grid is not None), default=0.0)
-                # Widened past the checked bound by the margin again: a grid widened to the bound itself can
-                # round back onto it and be widened for ever.
-                if widest / self.qparams(output)[0] >= high:
-                    self.widen(output, widest / high * (1 + margin), node)
-                    changed = True
-                for observer in inputs:
-                    if self.qparams(observer)[0] / self.qparams(output)[0] < low:
-                        self.widen(observer, self.qparams(output)[0] * low * (1 + margin), node)
-                        changed = True
-
-    def widen(self, observer: Observer, scale: float, add: fx.Node) -> None:
-        old_scale, zero_point = self.qparams(observer)
-        self.widened[observer] = (scale, zero_point)
-        low, high = self.backend.add_scale_ratio
-        self.ctx.note(f"{self.backend.name}: widened the grid of '{observer.name}' from scale {old_scale:.3g} to "
-                      f"{scale:.3g}: add '{add.name}' needs input/output scale ratios in [{low:g}, {high:g})")
-
-    def graph_node(self, name: str) -> fx.Node:
-        return next(n for n in self.graph.nodes if n.name == name)
+        return self.grids.observer(node)
 
     def run(self) -> None:
-        self.legalize_add_scales()
         for node in list(self.graph.nodes):
             if self.observer(node) is not None:
                 self.lower_observer(node)
                 continue
             role = self.ann.roles.get(node.name, Role.NONE)
-            if self.returns_input(node):
+            if returns_input(self.gm, node):
                 node.replace_all_uses_with(node.args[0])
                 self.erase(node)
             elif node.op == "placeholder":
@@ -278,10 +180,6 @@ class _Lowering:
         node.replace_input_with(value, contiguous)
         self.quantized[contiguous] = True
 
-    def returns_input(self, node: fx.Node) -> bool:
-        """An ``nn.Identity`` or ``nn.Dropout`` call: int8 graphs only run inference, where both return their input."""
-        return node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), nn.Identity | nn.Dropout)
-
     def sink_below_max_pool(self, clamp: fx.Node) -> None:
         """Swap ``clamp`` with the max pool that alone reads it; that pool then reads the clamp's input.
 
@@ -309,18 +207,17 @@ class _Lowering:
     def lower_observer(self, node: fx.Node) -> None:
         observer = self.observer(node)
         value = node.args[0]
-        scale, zero_point = self.qparams(observer)
-        spec = observer.spec
+        grid = self.grids.observer_grid(observer)
         if self.quantized.get(value, False):
             result = value
         else:
-            quantize, qparams = lowering.quantize_call(scale, zero_point, spec)
+            quantize, qparams = lowering.quantize_call(grid)
             with self.graph.inserting_before(node):
                 result = self.graph.create_node("call_function", quantize, (value, *qparams),
                                                 name=f"{value.name}_quant")
             result.meta[QSTATE_KEY] = "int8"
             self.ctx.stats["quantize"] += 1
-        bounds = lowering.code_range(scale, zero_point, spec)
+        bounds = lowering.code_range(grid)
         if bounds is not None:
             with self.graph.inserting_before(node):
                 if self.backend.clamp_needs_contiguous:
@@ -328,7 +225,8 @@ class _Lowering:
                 result = self.graph.call_function(torch.clamp, (result, *bounds))
             result.meta[QSTATE_KEY] = "int8"
             self.code_clamps.append(result)
-        result.meta[QPARAMS_KEY] = {"scale": scale, "zero_point": zero_point, "dtype": str(spec.dtype), "bits": spec.bits}
+        result.meta[QPARAMS_KEY] = {"scale": grid.scale, "zero_point": grid.zero_point,
+                                    "dtype": str(grid.quantized_dtype), "bits": observer.spec.bits}
         node.replace_all_uses_with(result)
         self.erase(node)
         self.quantized[result] = True
@@ -348,7 +246,7 @@ class _Lowering:
         if node.name in self.ann.float_output:
             self.lower_float_output(node)
             return
-        scale, zero_point = self.output_qparams(node)
+        scale, zero_point = self.grids.output_qparams(node)
         module = self.symmetric_same_padding(node, self.float_module(node), scale, zero_point)
         # qpasses.convert() puts the weight qparams QAT trained with there; PTQ observes the weight here.
         qmodule = lowering.quantized_compute(module, self.ann.pairs[node.name].weight, scale, zero_point,
@@ -401,7 +299,7 @@ class _Lowering:
     def lower_functional(self, node: fx.Node, role: Role) -> None:
         """``owner.method(*args)`` on a FloatFunctional becomes a direct call of the quantized op."""
         self.check_inputs_quantized(node)
-        scale, zero_point = self.output_qparams(node) if role is Role.FUNCTIONAL else (1.0, 0)
+        scale, zero_point = self.grids.output_qparams(node) if role is Role.FUNCTIONAL else (1.0, 0)
         owner, *args = node.args
         op, args, kwargs = lowering.quantized_functional_call(node.target, tuple(args), dict(node.kwargs),
                                                               scale, zero_point)
@@ -418,7 +316,7 @@ class _Lowering:
 
     def lower_unary(self, node: fx.Node) -> None:
         self.check_inputs_quantized(node)
-        scale, zero_point = self.output_qparams(node)
+        scale, zero_point = self.grids.output_qparams(node)
         if node.op == "call_module":
             qmodule = lowering.quantized_unary(self.float_module(node), scale, zero_point)  # may rename the target
             self.replace_module(node.target, qmodule)

@@ -16,6 +16,7 @@ from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.lower import Lower
 from qpasses.passes.manager import TRAINABLE
 from qpasses.passes.recipes import ACCURACY_PASSES, build_passes, find_recipe, is_one_shot
+from qpasses.passes.reference import Reference
 from qpasses.quant.spec import QuantConfig
 from qpasses.validation import check_count, check_data
 
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 
 class PTQ(CompositePass):
     """InsertObservers → Calibrate → Lower, so ``PassManager([FuseBN(), PTQ(data)])`` is the whole flow.
+
+    ``lower``: True (default): the result runs on the backend's torch.ao int8 kernels; False: PTQ ends at the
+    reference quantized graph (``Reference``: float ops between ``quantized_decomposed`` quantize/dequantize
+    ops), which the deployment targets of ``qpasses.lower`` take.
 
     ``backend``: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; ``config``: a :class:`QuantConfig` (default: the
     backend's preset); ``bits``: shorthand for ``bits``-bit weights and activations (2–8);
@@ -58,7 +63,8 @@ class PTQ(CompositePass):
                  progress: bool = True, device: str | torch.device | None = None,
                  quantize_output: bool | None = None, recipe: bool = True,
                  target_sqnr: float | None = None, evaluate: Callable[[nn.Module], float] | None = None,
-                 max_drop: float | None = None, adaround: bool = True, max_float_share: float = 0.2):
+                 max_drop: float | None = None, adaround: bool = True, max_float_share: float = 0.2,
+                 lower: bool = True):
         # Checked here too, so the error names the PTQ the user wrote rather than its Calibrate part.
         self.data = check_data(data, self.name)
         self.num_batches = check_count(num_batches, "num_batches", self.name)
@@ -69,6 +75,11 @@ class PTQ(CompositePass):
         self.backend, self.config = observers.backend.name, observers.config
         _check_flag(adaround, "adaround")
         self.target_kind = _check_target(target_sqnr, evaluate, max_drop, max_float_share)
+        if not _check_flag(lower, "lower"):
+            if self.target_kind is not None:
+                raise InputError("PTQ: a target search (target_sqnr=, evaluate=) returns a lowered model; "
+                                 "drop lower=False or the target")
+            self.provides = frozenset({"observed", "calibrated", "reference"})
         if self.target_kind is not None:
             from qpasses.passes.target import Target, TargetPTQ  # it builds PTQs itself
 
@@ -76,7 +87,8 @@ class PTQ(CompositePass):
                                                 self.recipe, Target(target_sqnr, evaluate, max_drop),
                                                 adaround, max_float_share)]
         else:
-            self.parts = [observers, Calibrate(data, num_batches, progress, device), Lower(backend)]
+            self.parts = [observers, Calibrate(data, num_batches, progress, device),
+                          Lower(backend) if lower else Reference(backend)]
 
     @property
     def search(self) -> SearchResult | None:

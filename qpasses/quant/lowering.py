@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.ao.nn.quantized as nnq
@@ -20,6 +21,9 @@ from qpasses.quant.observers import make_observer
 from qpasses.quant.ops import DERIVED_METHODS, entry_for
 from qpasses.quant.spec import QuantSpec
 from qpasses.quant.state import FLOAT_WEIGHT_KEY
+
+if TYPE_CHECKING:
+    from qpasses.quant.grids import Grid
 
 
 def float_weight(node: fx.Node, module: nn.Module) -> torch.Tensor:
@@ -215,15 +219,33 @@ def fake_quantize_weight(weight: torch.Tensor, spec: QuantSpec,
     return on_grid(weight.detach().float(), scale, zero_point, spec)
 
 
+def weight_codes(weight: torch.Tensor, spec: QuantSpec, qparams: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight``'s integer codes (``torch.int8``/``torch.uint8``, in the spec's possibly sub-8-bit range) with
+    their scale (float32) and zero point (int64), per channel along ``spec.axis`` or 0-d: at ``qparams`` if given
+    (e.g. trained by QAT, or AdaRound's grid), else at the range observed on the weight."""
+    scale, zero_point = qparams if qparams is not None else weight_qparams(weight, spec)
+    scale, zero_point = torch.as_tensor(scale).detach().float(), torch.as_tensor(zero_point).detach().long()
+    snapped = on_grid(weight.detach().float(), scale, zero_point, spec)
+    if spec.per_channel:
+        shape = [1] * weight.dim()
+        shape[spec.axis] = -1
+        codes = torch.round(snapped / scale.reshape(shape)) + zero_point.reshape(shape)
+    else:
+        codes = torch.round(snapped / scale) + zero_point
+    dtype = torch.int8 if spec.dtype == torch.qint8 else torch.uint8
+    return codes.clamp(spec.code_min, spec.code_max).to(dtype), scale, zero_point
+
+
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
                     qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``weight`` as a quantized tensor whose codes lie in the spec's (possibly sub-8-bit) range, at
-    ``qparams`` (scale, zero point) if given (e.g. trained by QAT), else at the range observed on it."""
-    scale, zero_point = qparams if qparams is not None else weight_qparams(weight, spec)
-    snapped = on_grid(weight.detach().float(), scale, zero_point, spec)
+    ``qparams`` (scale, zero point) if given (e.g. trained by QAT), else at the range observed on it: the
+    codes of ``weight_codes``."""
+    codes, scale, zero_point = weight_codes(weight, spec, qparams)
     if spec.per_channel:
-        return torch.quantize_per_channel(snapped, scale.double(), zero_point.long(), spec.axis, spec.dtype)
-    return torch.quantize_per_tensor(snapped, float(scale), int(zero_point), spec.dtype)
+        return torch._make_per_channel_quantized_tensor(codes, scale.double(), zero_point, spec.axis)
+    return torch._make_per_tensor_quantized_tensor(codes, float(scale), int(zero_point))
 
 
 def quantized_compute(module: nn.Module, spec: QuantSpec, scale: float, zero_point: int,
@@ -304,18 +326,17 @@ def quantized_functional_call(method: str, args: tuple, kwargs: dict, scale: flo
     return op, args, {**kwargs, "scale": float(scale), "zero_point": int(zero_point)}
 
 
-def quantize_call(scale: float, zero_point: int, spec: QuantSpec) -> tuple[object, tuple]:
-    """The function and trailing arguments of a graph call that quantizes a float value to ``spec``'s dtype."""
-    return torch.quantize_per_tensor, (float(scale), int(zero_point), spec.dtype)
+def quantize_call(grid: Grid) -> tuple[object, tuple]:
+    """The function and trailing arguments of a graph call that quantizes a float value to ``grid``."""
+    return torch.quantize_per_tensor, (grid.scale, grid.zero_point, grid.quantized_dtype)
 
 
-def code_range(scale: float, zero_point: int, spec: QuantSpec) -> tuple[float, float] | None:
-    """The real (min, max) of the spec's codes when they are narrower than the 8-bit container, else None.
+def code_range(grid: Grid) -> tuple[float, float] | None:
+    """The real (min, max) of ``grid``'s codes when they are narrower than the 8-bit container, else None.
 
     Clamping a quantized tensor to it executes n-bit (or reduce_range 7-bit) quantization exactly
     with 8-bit kernels; a ``headroom`` reduce_range grid clips at the container and needs no clamp.
     """
-    info = torch.iinfo(torch.uint8 if spec.dtype == torch.quint8 else torch.int8)
-    if spec.code_min <= info.min and spec.code_max >= info.max:
+    if not grid.narrowed:
         return None
-    return (spec.code_min - zero_point) * scale, (spec.code_max - zero_point) * scale
+    return (grid.qmin - grid.zero_point) * grid.scale, (grid.qmax - grid.zero_point) * grid.scale

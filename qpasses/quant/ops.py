@@ -64,6 +64,12 @@ FUSABLE_FUNCTIONS = (F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp)
 FUSABLE_METHODS = ("relu", "clamp")
 FUNCTIONAL_METHODS = ("add", "add_relu", "mul", "cat")
 DERIVED_METHODS = ("add_scalar", "mul_scalar")
+# The float ops each FloatFunctional method computes, in order: the first takes the method's arguments, each
+# later one the previous result (the reference graph's form of the method).
+FLOAT_FUNCTIONAL_OPS: dict[str, tuple[object, ...]] = {
+    "add": (torch.add,), "add_relu": (torch.add, torch.relu), "mul": (torch.mul,), "cat": (torch.cat,),
+    "add_scalar": (torch.add,), "mul_scalar": (torch.mul,),
+}
 
 
 def entry_for(module: nn.Module, table: dict[type, T]) -> T | None:
@@ -133,6 +139,12 @@ def role_of(gm: fx.GraphModule, node: fx.Node) -> Role:
         if node.target in FUSABLE_METHODS:
             return Role.FUSED_ACT
     return Role.FLOAT
+
+
+def returns_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An ``nn.Identity`` or ``nn.Dropout`` call: quantized graphs only run inference, where both return their
+    input."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity | nn.Dropout)
 
 
 def clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | None, float | None]:

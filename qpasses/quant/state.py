@@ -79,6 +79,10 @@ class QuantState:
     layers FuseBN folded, by module name (CLE/HBA keep them current). ``overrides``: per-node QuantPairs a pass
     recorded for the next observer insertion (MixedPrecision), by node or module name. ``backend``: the
     backend ``Lower`` lowered the graph for (None: float, or quantized dynamically); the exporters need it.
+    ``reference_backend``: set on a reference quantized graph (``qpasses.passes.Reference``: float ops between
+    ``quantized_decomposed`` quantize/dequantize ops), the backend whose int8 kernels it simulates.
+    ``reference``: on a lowered model, the reference graph of the same decisions (a GraphModule holding the int8
+    weight codes), from which exporters read the grids.
     """
 
     properties: frozenset[str] = frozenset()
@@ -87,6 +91,8 @@ class QuantState:
     output_stats: dict[str, ChannelStats] = field(default_factory=dict)
     overrides: dict[str, QuantPair | None] = field(default_factory=dict)
     backend: str | None = None
+    reference_backend: str | None = None
+    reference: fx.GraphModule | None = None
 
     def __post_init__(self) -> None:
         self._owner: fx.GraphModule | None = None  # the graph module whose nodes are pickled with the state

@@ -8,7 +8,8 @@ the long run (``python -m tools.fuzz --minutes N``, a seeded ``random.Random`` d
 Properties checked on each pipeline (``PIPELINES``):
 (a) it succeeds or raises a one-line ``QPassesError`` that is not an internal error;
 (b) function-preserving pipelines (FuseBN, FuseBN+CLE) stay ≥ ``PRESERVE_DB`` against the eager model;
-(c) quantized pipelines (PTQ x86/qnnpack, QAT → convert) stay above ``sqnr_floor`` against the eager model.
+(c) quantized pipelines (PTQ x86/qnnpack, QAT → convert) stay above ``sqnr_floor`` against the eager model;
+(d) so does the reference quantized graph the lowered model keeps (``state_of(model).reference``), run in float.
 The capture itself (``qpasses.trace``) is checked against the eager model first (``CAPTURE``).
 """
 
@@ -29,6 +30,7 @@ from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
 from qpasses.errors import QPassesError, VerificationError
 from qpasses.passes import CLE, PTQ, QAT, FuseBN
+from qpasses.quant.state import existing_state
 from tests.nets import randomize_bn
 
 
@@ -398,7 +400,8 @@ PRESERVING = ("fusebn", "fusebn_cle")
 OK, REFUSED, SKIPPED = "ok", "refused", "skipped (known open)"
 INTERNAL, UNCLEAR, CAPTURE_MISMATCH = "internal error", "unclear error", "capture mismatch"
 NOT_PRESERVED, BELOW_FLOOR = "function not preserved", "quantized SQNR below floor"
-FAILURES = (INTERNAL, UNCLEAR, CAPTURE_MISMATCH, NOT_PRESERVED, BELOW_FLOOR)
+REFERENCE_BELOW_FLOOR = "reference graph SQNR below floor"
+FAILURES = (INTERNAL, UNCLEAR, CAPTURE_MISMATCH, NOT_PRESERVED, BELOW_FLOOR, REFERENCE_BELOW_FLOOR)
 
 
 @dataclass
@@ -645,11 +648,19 @@ def check(spec: Spec, pipelines: tuple[str, ...] = PIPELINES,
             result = _run_pipeline(pipeline, model, x)
             with torch.no_grad():
                 got_db = sqnr(expected, result(x))
+                reference = None if pipeline in PRESERVING else existing_state(result).reference
+                reference_db = None if reference is None else sqnr(expected, reference(x))
         except Exception as exc:  # noqa: BLE001
             outcomes.append(error_outcome(pipeline, exc, known_open))
             continue
         floor_db = PRESERVE_DB if pipeline in PRESERVING else sqnr_floor(spec, model, values, pipeline)
-        failed = NOT_PRESERVED if pipeline in PRESERVING else BELOW_FLOOR
-        outcomes.append(Outcome(pipeline, OK if got_db >= floor_db else failed,
-                                f"{got_db:.1f} dB against eager, floor {floor_db:.1f} dB", got_db, floor_db))
+        if pipeline in PRESERVING:
+            status = OK if got_db >= floor_db else NOT_PRESERVED
+            detail = f"{got_db:.1f} dB against eager, floor {floor_db:.1f} dB"
+        else:
+            status = OK if got_db >= floor_db else BELOW_FLOOR
+            status = REFERENCE_BELOW_FLOOR if status == OK and reference_db < floor_db else status
+            detail = (f"{got_db:.1f} dB against eager (its reference graph {reference_db:.1f} dB), "
+                      f"floor {floor_db:.1f} dB")
+        outcomes.append(Outcome(pipeline, status, detail, got_db, floor_db))
     return outcomes

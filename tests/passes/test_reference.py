@@ -1,0 +1,267 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qpasses
+from qpasses import PassManager
+from qpasses.errors import QPassesError
+from qpasses.passes import PTQ, QAT, FuseBN, InsertObservers, Reference
+from qpasses.passes.reference import DEQUANTIZE, DEQUANTIZE_PER_CHANNEL, QUANTIZE, is_reference
+from qpasses.quant.backends import get_backend
+from qpasses.quant.observers import Observer
+from qpasses.quant.spec import QuantConfig, QuantSpec
+from qpasses.quant.state import existing_state, properties_of
+from tests.nets import conv_bn_act, randomize_bn
+
+BACKENDS = ["x86", "qnnpack", "onednn"]
+DIALECT = {QUANTIZE, DEQUANTIZE, DEQUANTIZE_PER_CHANNEL}
+
+
+class Net(nn.Module):
+    """conv-BN-ReLU, max pool, residual add, cat, hardswish, sigmoid gate, average pool, a conv head."""
+
+    def __init__(self, head: str = "conv"):
+        super().__init__()
+        self.stem = conv_bn_act(3, 8)
+        self.b = conv_bn_act(8, 8, act=nn.Identity)
+        self.c = conv_bn_act(8, 4, act=nn.Hardswish)
+        self.gate = nn.Conv2d(12, 12, 1)
+        self.head = nn.Conv2d(12, 5, 1) if head == "conv" else nn.Linear(12, 5)
+
+    def forward(self, x):
+        h = F.max_pool2d(self.stem(x), 2)
+        h = h + self.b(h)
+        h = torch.cat([h, self.c(h)], dim=1)
+        h = h * torch.sigmoid(self.gate(h))
+        if isinstance(self.head, nn.Linear):
+            return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+        return self.head(F.avg_pool2d(h, 2))
+
+
+def batches(n=4, shape=(2, 3, 16, 16), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+def quantize(model, backend, lower, data=None, **kw):
+    data = data or batches()
+    return PassManager([FuseBN(), PTQ(data, backend=backend, progress=False, recipe=False, lower=lower, **kw)]).run(
+        model, data[0])
+
+
+def output_step(reference: nn.Module) -> float:
+    """The scale of the quantize the reference graph's output is read from."""
+    (out,) = [n for n in reference.graph.nodes if n.op == "output"]
+    dequantize = out.args[0]
+    assert dequantize.target is DEQUANTIZE
+    return dequantize.args[1]
+
+
+def assert_within_one_step(a: torch.Tensor, b: torch.Tensor, step: float, share: float = 0.99) -> None:
+    close = (a - b).abs() <= step * 1.001
+    assert close.float().mean().item() >= share, f"{(~close).sum().item()} of {a.numel()} values differ by more"
+    assert (a - b).abs().max().item() <= 2.001 * step
+
+
+def assert_reference_dialect(gm: torch.fx.GraphModule) -> None:
+    assert not any(isinstance(m, Observer | torch.ao.nn.quantized.FloatFunctional) for m in gm.modules())
+    assert not any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in gm.modules())
+    quantizes = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            name = str(node.target)
+            assert node.target in DIALECT or not name.startswith(("quantized.", "quantized_decomposed.")), name
+            assert node.target not in (torch.quantize_per_tensor, torch.quantize_per_channel), node.name
+        if node.op == "call_method":
+            assert node.target not in ("dequantize", "int_repr"), node.name
+        if node.target is QUANTIZE:
+            quantizes += 1
+            users = list(node.users)
+            assert users and all(u.target is DEQUANTIZE and u.args[1:] == node.args[1:] for u in users)
+        if node.target is DEQUANTIZE:
+            assert len(node.users) == 1  # one dequantize per reader, as convert_pt2e
+    assert quantizes > 0
+    for name, buffer in gm.named_buffers():
+        if name.endswith("_weight_int8"):
+            assert buffer.dtype == torch.int8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_graph_is_the_dialect_and_matches_the_lowered_model(backend):
+    torch.manual_seed(0)
+    model = randomize_bn(Net()).eval()
+    reference = quantize(model, backend, lower=False)
+    lowered = quantize(model, backend, lower=True)
+    assert_reference_dialect(reference)
+    assert is_reference(reference) and existing_state(reference).reference_backend == backend
+    assert existing_state(reference).backend is None  # not a lowered model: the torch.ao exporters refuse it
+    assert "reference" in properties_of(reference) and "lowered" not in properties_of(reference)
+    x = batches(1, seed=7)[0]
+    with torch.no_grad():
+        assert_within_one_step(reference(x), lowered(x), output_step(reference))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_and_export_take_the_reference_graph(backend):
+    torch.manual_seed(0)
+    reference = quantize(randomize_bn(Net()).eval(), backend, lower=False)
+    x = batches(1, seed=3)[0]
+    with torch.no_grad():
+        expected = reference(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(reference, backend="aot_eager")(x)
+        exported = torch.export.export(reference, (x,))
+        by_export = exported.module()(x)
+    assert_within_one_step(compiled, expected, output_step(reference))
+    assert torch.equal(by_export, expected)
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "quantized_decomposed.quantize_per_tensor.default" in targets
+    weights = "channel" if get_backend(backend).weight.per_channel else "tensor"
+    assert f"quantized_decomposed.dequantize_per_{weights}.default" in targets
+
+
+def test_a_linear_writing_float_logits_has_no_quantize_after_it():
+    torch.manual_seed(0)
+    model = randomize_bn(Net(head="linear")).eval()
+    reference = quantize(model, "x86", lower=False)
+    lowered = quantize(model, "x86", lower=True)
+    (out,) = [n for n in reference.graph.nodes if n.op == "output"]
+    assert out.args[0].target is F.linear
+    assert out.args[0].args[0].target is DEQUANTIZE
+    x = batches(1, seed=7)[0]
+    with torch.no_grad():
+        a, b = reference(x), lowered(x)
+    # The same int8 inputs and weights, accumulated in float here and in int32 there.
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
+
+
+def test_narrow_codes_are_the_quantize_range_and_fused_activations_precede_it():
+    torch.manual_seed(0)
+    model = randomize_bn(Net()).eval()
+    config = get_backend("x86").default_config().with_bits(4)
+    reference = quantize(model, "x86", lower=False, config=config)
+    lowered = quantize(model, "x86", lower=True, config=config)
+    quantizes = [n for n in reference.graph.nodes if n.target is QUANTIZE]
+    # Every observed value is on 4-bit codes; the sigmoid kernel writes its own 8-bit grid.
+    assert {(n.args[3], n.args[4]) for n in quantizes if n.args[0].target is not torch.sigmoid} == {(0, 15)}
+    assert [(n.args[1:5]) for n in quantizes if n.args[0].target is torch.sigmoid] == [(1 / 256, 0, 0, 255)]
+    weights = [n for n in reference.graph.nodes if n.target is DEQUANTIZE_PER_CHANNEL]
+    assert weights and all((n.args[4], n.args[5]) == (-8, 7) for n in weights)
+    assert all(reference.get_buffer(n.args[0].target).abs().max() <= 8 for n in weights)
+    stem_act = next(n for n in reference.graph.nodes if n.op == "call_module" and n.target == "stem.2")
+    assert [u.target for u in stem_act.users] == [QUANTIZE]  # the quantize sits after the folded ReLU
+    x = batches(1, seed=7)[0]
+    with torch.no_grad():
+        assert_within_one_step(reference(x), lowered(x), output_step(reference))
+
+
+def test_qnnpack_widened_add_grid_and_rounded_bias():
+    """A ReLU branch that never fires has a degenerate grid; qnnpack's add needs it widened, and the
+    reference quantizes at the widened grid that Lower uses. qnnpack rounds the bias at s_in·s_w."""
+
+    class DeadBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+            nn.init.constant_(self.b.weight, -1.0)
+            nn.init.constant_(self.b.bias, -100.0)
+
+        def forward(self, x):
+            return self.a(x) + F.relu(self.b(x))
+
+    model = DeadBranch().eval()
+    data = [torch.rand(2, 3, 4, 4) for _ in range(2)]
+    pm = PassManager([PTQ(data, backend="qnnpack", progress=False, recipe=False, lower=False)])
+    reference = pm.run(model, data[0])
+    assert any("widened the grid" in note for r in pm.report.records for note in r.notes)
+    lowered = PassManager([PTQ(data, backend="qnnpack", progress=False, recipe=False)]).run(model, data[0])
+    with torch.no_grad():
+        assert_within_one_step(reference(data[1]), lowered(data[1]), output_step(reference), share=1.0)
+    conv = next(n for n in reference.graph.nodes if n.target is F.conv2d)
+    input_scale = conv.args[0].args[1]
+    weight = conv.args[1]
+    step = input_scale * weight.args[1]
+    bias = reference.get_buffer(conv.args[2].target)
+    assert torch.allclose(bias / step, torch.round(bias / step), atol=1e-3)
+
+
+def test_reference_refuses_a_graph_without_observers_and_a_different_backend():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(QPassesError, match="no quantization annotation"):
+        Reference().run(torch.fx.symbolic_trace(model), None)
+    observed = PassManager([InsertObservers("x86")]).run(model, x)
+    with pytest.raises(QPassesError, match="observers were placed for backend 'x86'"):
+        Reference("qnnpack").run(observed, None)
+
+
+def test_ptq_with_a_target_cannot_stop_at_the_reference():
+    with pytest.raises(qpasses.errors.InputError, match="lower=False"):
+        PTQ(batches(), target_sqnr=30.0, lower=False)
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_qat_convert_to_the_reference_computes_the_lowered_codes(backend):
+    torch.manual_seed(0)
+    model = randomize_bn(Net(head="linear"))
+    qm = PassManager([QAT(backend=backend, bits=4)]).run(model, batches(1)[0])
+    qm.train()
+    optimizer = torch.optim.SGD(qm.parameters(), lr=0.01)
+    for x in batches(2, seed=1):
+        loss = qm(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    reference = qpasses.qat.convert(qm, lower=False)
+    lowered = qpasses.qat.convert(qm)
+    assert_reference_dialect(reference)
+    assert existing_state(reference).reference_backend == backend and "reference" in properties_of(reference)
+    x = batches(1, seed=7)[0]
+    with torch.no_grad():
+        a, b, fake = reference(x), lowered(x), qm.eval()(x)
+    # QAT simulates the kernels' codes: the reference graph is that simulation, the lowered model runs it.
+    assert torch.allclose(a, fake, rtol=0, atol=1e-5 * fake.abs().max().item())
+    assert torch.allclose(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+
+
+def test_reference_survives_save_load_and_deepcopy(tmp_path):
+    torch.manual_seed(0)
+    reference = quantize(randomize_bn(Net()).eval(), "x86", lower=False)
+    x = batches(1, seed=7)[0]
+    path = tmp_path / "reference.pt"
+    torch.save(reference, path)
+    for copied in (qpasses.load(path), copy.deepcopy(reference)):
+        assert existing_state(copied).reference_backend == "x86"
+        with torch.no_grad():
+            assert torch.equal(copied(x), reference(x))
+
+
+def test_sub_8_bit_per_tensor_weights_dequantize_per_tensor():
+    torch.manual_seed(0)
+    config = QuantConfig(weight=QuantSpec(signed=True, symmetric=True, bits=6),
+                         activation=QuantSpec(signed=False, symmetric=False))
+    reference = quantize(randomize_bn(Net()).eval(), "qnnpack", lower=False, config=config)
+    weights = [n for n in reference.graph.nodes if n.op == "call_function" and n.target is DEQUANTIZE
+               and n.args[0].op == "get_attr"]
+    assert weights and all((n.args[3], n.args[4], n.args[5]) == (-32, 31, torch.int8) for n in weights)
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_a_lowered_model_keeps_its_reference_graph_through_save_load_and_deepcopy(backend, tmp_path):
+    torch.manual_seed(0)
+    model = randomize_bn(Net()).eval()
+    lowered = quantize(model, backend, lower=True)
+    x = batches(1, seed=7)[0]
+    path = tmp_path / "lowered.pt"
+    torch.save(lowered, path)
+    for copied in (lowered, qpasses.load(path), copy.deepcopy(lowered)):
+        reference = existing_state(copied).reference
+        assert is_reference(reference) and existing_state(reference).reference_backend == backend
+        assert_reference_dialect(reference)
+        with torch.no_grad():
+            assert_within_one_step(reference(x), copied(x), output_step(reference))
+    with torch.no_grad():  # the same graph PTQ(lower=False) returns
+        assert torch.equal(existing_state(lowered).reference(x), quantize(model, backend, lower=False)(x))
