@@ -61,7 +61,9 @@ def deploy(reference: nn.Module, example_inputs: Any, out: Path | None = None) -
         exported = torch.export.export(reference, inputs)
     except Exception as exc:
         raise ExportError(f"xnnpack: torch.export of the reference graph failed: {_first_line(exc)}") from exc
-    check_symmetric_weights(exported.module())
+    unlifted = exported.module()
+    check_symmetric_weights(unlifted)
+    check_cat_grids(unlifted)
     lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
     origin = reference.graph if isinstance(reference, fx.GraphModule) else None
     int8_kernels = check_int8_delegation(lowered.exported_program().graph_module, origin)
@@ -79,7 +81,12 @@ class _Runner:
     ExecuTorch reads freed memory (measured: a segfault)."""
 
     def __init__(self, program: Any, buffer: bytes):
-        self.program, self.buffer, self.method = program, buffer, program.load_method("forward")
+        self.program, self.buffer = program, buffer
+        try:
+            self.method = program.load_method("forward")
+        except RuntimeError as exc:  # XNNPACK builds its operators here, and refuses parameters it cannot run
+            raise ExportError(f"xnnpack: XNNPACK refused the program when loading it ({_first_line(exc)}); "
+                              "ExecuTorch's log above names the XNNPACK node") from None
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         outputs = self.method.execute([x.contiguous() for x in inputs])
@@ -106,6 +113,29 @@ def check_symmetric_weights(module: fx.GraphModule) -> None:
                 f"(node {weight.name!r}); XNNPACK's int8 kernels take symmetric weights only: quantize for "
                 "backend='xnnpack' (symmetric per-channel weights)"
             )
+
+
+def check_cat_grids(module: fx.GraphModule) -> None:
+    """Raise ``ExportError`` where a cat's int8 inputs are on grids other than its output's.
+
+    XNNPACK's int8 concatenate copies codes: it refuses inputs whose scale or zero point differ from the output's
+    (measured: ``Failed to create cat2 node ... xnn_status_invalid_parameter`` when ExecuTorch loads the program,
+    which the partitioner lets through)."""
+    for node in module.graph.nodes:
+        if node.op != "call_function" or _op_name(node) != "aten.cat.default":
+            continue
+        outputs = [u for u in node.users if _op_name(u).startswith("quantized_decomposed.quantize_per_tensor")]
+        inputs = [x for x in node.args[0] if _is_dequantize(x)]
+        if not outputs or not inputs:
+            continue
+        grid = tuple(outputs[0].args[1:3])
+        for x in inputs:
+            if tuple(x.args[1:3]) != grid:
+                raise ExportError(
+                    f"xnnpack: node {node.name!r} (cat) joins node {x.args[0].name!r} on grid (scale, zero point) "
+                    f"{tuple(x.args[1:3])} into {grid}; XNNPACK's int8 concatenate needs every input on its "
+                    "output's grid: share the cat's grid with its inputs"
+                )
 
 
 def check_int8_delegation(graph_module: fx.GraphModule, origin: fx.Graph | None = None) -> dict[str, int]:

@@ -158,6 +158,18 @@ def test_a_quantized_op_left_to_portable_kernels_is_refused_naming_the_node():
         deploy(reference, "xnnpack", torch.randn(1, 3, 16, 16))
 
 
+def test_a_cat_of_inputs_on_other_grids_is_refused():
+    """XNNPACK's int8 concatenate refuses (when the program loads) inputs on grids other than its output's."""
+    reference = executorch_reference(SmallNet().eval(), (1, 3, 16, 16))
+    cat = next(n for n in reference.graph.nodes if n.target is torch.ops.aten.cat.default)
+    for q in cat.users:  # move the cat's output grid, and every reader of it along
+        for node in (q, *q.users):
+            node.args = (node.args[0], node.args[1] * 2, *node.args[2:])
+    reference.recompile()
+    with pytest.raises(ExportError, match=r"\(cat\) joins .* XNNPACK's int8 concatenate needs every input"):
+        deploy(reference, "xnnpack", torch.randn(1, 3, 16, 16))
+
+
 def test_a_float_model_is_refused():
     with pytest.raises(ExportError, match="no op runs in XNNPACK's int8 kernels"):
         deploy(SmallNet().eval(), "xnnpack", torch.randn(1, 3, 16, 16))
