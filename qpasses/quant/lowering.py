@@ -138,8 +138,12 @@ _QUANTIZED_COMPUTE = {
 
 
 @contextlib.contextmanager
-def quantized_engine(engine: str) -> Iterator[None]:
-    """Pack weights for ``engine``: the packed format is chosen by the engine active at packing time."""
+def quantized_engine(engine: str | None) -> Iterator[None]:
+    """Pack weights for ``engine``: the packed format is chosen by the engine active at packing time. None (a
+    backend with no torch.ao kernels, e.g. xnnpack): the active engine stays."""
+    if engine is None:
+        yield
+        return
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
     try:

@@ -1,7 +1,7 @@
 """The xnnpack target: an ExecuTorch .pte whose quantized ops run in XNNPACK's int8 kernels.
 
-Reference graphs come from ExecuTorch's own flow (XNNPACKQuantizer → prepare_pt2e → convert_pt2e), the dialect
-qpasses' reference graph shares.
+Reference graphs come from qpasses' PTQ with the xnnpack preset (``lower=False``) and, for interop, from
+ExecuTorch's own flow (XNNPACKQuantizer → prepare_pt2e → convert_pt2e), which writes the same dialect.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qpasses import PassManager
 from qpasses.errors import ExportError
 from qpasses.lower import TARGETS, deploy
-from qpasses.passes import Calibrate, FuseBN, InsertObservers
+from qpasses.passes import PTQ, Calibrate, FuseBN, InsertObservers
 from qpasses.quant.backends import get_backend
 
 pytest.importorskip("executorch.runtime", reason="ExecuTorch is not installed: pip install 'qpasses[executorch]'")
@@ -29,11 +30,11 @@ class SmallNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.c3, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 5)
+        self.c3, self.c4, self.fc = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 8, 1), nn.Linear(8, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = F.relu(self.c1(x))
-        h = torch.cat([a, self.c2(a) + a], 1)
+        h = torch.cat([self.c2(a) + a, self.c4(a)], 1)
         h = F.max_pool2d(F.relu(self.c3(h)), 2)
         return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
@@ -75,18 +76,32 @@ def executorch_reference(model: nn.Module, shape: tuple[int, ...], seed: int = 0
 
 def output_step(reference: fx.GraphModule) -> float:
     """The scale of the reference graph's output grid (its output is a dequantize)."""
-    (out,) = next(n for n in reference.graph.nodes if n.op == "output").args[0]
+    out = next(n for n in reference.graph.nodes if n.op == "output").args[0]
+    out = out[0] if isinstance(out, tuple | list) else out  # convert_pt2e returns a tuple, qpasses the value
     assert "dequantize_per_tensor" in str(out.target)
     return float(out.args[1])
 
 
-@pytest.fixture(scope="module", params=list(NETS))
+def qpasses_reference(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> fx.GraphModule:
+    """qpasses' reference graph for the xnnpack preset: FuseBN, PTQ(backend='xnnpack', lower=False)."""
+    g = torch.Generator().manual_seed(seed)
+    data = [torch.randn(4, *shape[1:], generator=g) for _ in range(2)]
+    ptq = PTQ(data, backend="xnnpack", lower=False, progress=False, recipe=False)
+    return PassManager([FuseBN(), ptq]).run(model, data[0][:1])
+
+
+REFERENCES = {"qpasses": qpasses_reference, "convert_pt2e": executorch_reference}
+
+
+@pytest.fixture(scope="module", params=[("qpasses", "small"), ("qpasses", "lite0_stem"), ("convert_pt2e", "small")],
+                ids="-".join)
 def deployed(request, tmp_path_factory):
-    build, shape = NETS[request.param]
+    flow, net = request.param
+    build, shape = NETS[net]
     torch.manual_seed(0)
-    reference = executorch_reference(build().eval(), shape)
-    out = tmp_path_factory.mktemp(request.param) / "model.pte"
-    return request.param, reference, shape, deploy(reference, "xnnpack", torch.randn(shape), out)
+    reference = REFERENCES[flow](build().eval(), shape)
+    out = tmp_path_factory.mktemp(net) / "model.pte"
+    return net, reference, shape, deploy(reference, "xnnpack", torch.randn(shape), out)
 
 
 def test_target_is_registered():
@@ -109,7 +124,7 @@ def test_partitions_run_the_int8_ops(deployed):
     name, _, _, model = deployed
     kernels = model.int8_kernels
     if name == "small":
-        expected = {"Conv2d": 3, "FullyConnected": 1, "Add": 1, "Concatenate2": 1, "MaxPooling2d": 1,
+        expected = {"Conv2d": 4, "FullyConnected": 1, "Add": 1, "Concatenate2": 1, "MaxPooling2d": 1,
                     "GlobalAvgPooling2d": 1}
     else:  # the stem's conv (its SAME padding too) and the depthwise conv
         expected = {"Conv2d": 1, "DepthwiseConv2d": 1}
@@ -178,8 +193,6 @@ def test_a_float_model_is_refused():
 def test_xnnpack_preset_observes_signed_activations_and_narrow_symmetric_weights():
     """The preset's grids are ExecuTorch's XNNPACKQuantizer's (int8 affine activations, int8 symmetric
     per-channel weights in [-127, 127]), and qpasses' observers calibrate signed activations."""
-    from qpasses import PassManager
-
     backend = get_backend("xnnpack")
     config = backend.default_config()
     assert (config.activation.quant_min, config.activation.quant_max, config.activation.symmetric) == (-128, 127, False)
