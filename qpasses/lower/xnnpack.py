@@ -61,11 +61,11 @@ def deploy(reference: nn.Module, example_inputs: Any, out: Path | None = None) -
         exported = torch.export.export(reference, inputs)
     except Exception as exc:
         raise ExportError(f"xnnpack: torch.export of the reference graph failed: {_first_line(exc)}") from exc
-    unlifted = exported.module()
-    check_symmetric_weights(unlifted)
-    check_cat_grids(unlifted)
-    lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
     origin = reference.graph if isinstance(reference, fx.GraphModule) else None
+    unlifted = exported.module()
+    check_symmetric_weights(unlifted, origin)
+    check_cat_grids(unlifted, origin)
+    lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
     int8_kernels = check_int8_delegation(lowered.exported_program().graph_module, origin)
     buffer = lowered.to_executorch().buffer
     if out is not None:
@@ -93,8 +93,9 @@ class _Runner:
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-def check_symmetric_weights(module: fx.GraphModule) -> None:
-    """Raise ``ExportError`` where a conv or linear reads weights dequantized with a non-zero zero point.
+def check_symmetric_weights(module: fx.GraphModule, origin: fx.Graph | None = None) -> None:
+    """Raise ``ExportError`` where a conv or linear of ``module`` (an exported reference graph) reads weights
+    dequantized with a non-zero zero point, naming the node of ``origin`` it came from where known.
 
     XNNPACK's int8 conv/linear kernels take symmetric weights (zero point 0) only, and ExecuTorch lowers
     asymmetric ones without a word: measured, weight zero points of 60 moved the outputs by 9 output steps."""
@@ -109,14 +110,15 @@ def check_symmetric_weights(module: fx.GraphModule) -> None:
             zero_point = _attr(module, zero_point.target)
         if torch.as_tensor(zero_point).ne(0).any():
             raise ExportError(
-                f"xnnpack: node {node.name!r} ({_op_name(node)}) reads weights with non-zero zero points "
-                f"(node {weight.name!r}); XNNPACK's int8 kernels take symmetric weights only: quantize for "
+                f"xnnpack: {_origin(node, origin)} ({_op_name(node)}) reads weights with non-zero zero points "
+                f"({_origin(weight, origin)}); XNNPACK's int8 kernels take symmetric weights only: quantize for "
                 "backend='xnnpack' (symmetric per-channel weights)"
             )
 
 
-def check_cat_grids(module: fx.GraphModule) -> None:
-    """Raise ``ExportError`` where a cat's int8 inputs are on grids other than its output's.
+def check_cat_grids(module: fx.GraphModule, origin: fx.Graph | None = None) -> None:
+    """Raise ``ExportError`` where a cat's int8 inputs are on grids other than its output's (nodes named as in
+    ``check_symmetric_weights``).
 
     XNNPACK's int8 concatenate copies codes: it refuses inputs whose scale or zero point differ from the output's
     (measured: ``Failed to create cat2 node ... xnn_status_invalid_parameter`` when ExecuTorch loads the program,
@@ -132,8 +134,8 @@ def check_cat_grids(module: fx.GraphModule) -> None:
         for x in inputs:
             if tuple(x.args[1:3]) != grid:
                 raise ExportError(
-                    f"xnnpack: node {node.name!r} (cat) joins node {x.args[0].name!r} on grid (scale, zero point) "
-                    f"{tuple(x.args[1:3])} into {grid}; XNNPACK's int8 concatenate needs every input on its "
+                    f"xnnpack: {_origin(node, origin)} (cat) joins {_origin(x.args[0], origin)} on grid "
+                    f"(scale, zero point) {tuple(x.args[1:3])} into {grid}; XNNPACK's int8 concatenate needs every input on its "
                     "output's grid: share the cat's grid with its inputs"
                 )
 
