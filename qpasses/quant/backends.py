@@ -177,7 +177,8 @@ class Backend:
         if spec.dtype != self.activation_dtype and not (allow_signed and spec.dtype == torch.qint8):
             signed = self.activation_dtype == torch.qint8
             raise self._unsupported(
-                spec, f"{'un' * signed}signed activations ({spec.dtype}) are not supported by its kernels",
+                spec, f"{'un' * signed}signed activations ({str(spec.dtype).removeprefix('torch.')}) are not "
+                "supported by its kernels",
                 f"use signed={signed}",
             )
         if spec.per_channel:
