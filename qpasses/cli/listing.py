@@ -34,7 +34,8 @@ def collect(what: str) -> dict[str, str]:
         return {name: entry.summary for name, entry in PASSES.items()}
     if what == "backends":
         engines = torch.backends.quantized.supported_engines
-        return {name: f"engine {b.engine}" + ("" if b.engine in engines else " (not in this torch build)")
+        return {name: ("no torch.ao engine" if b.engine is None else f"engine {b.engine}")
+                + ("" if b.engine is None or b.engine in engines else " (not in this torch build)")
                 + (f"; {b.notes}" if b.notes else "") for name, b in BACKENDS.items()}
     if what == "datasets":
         return {name: "" for name in import_zoo("qpasses_zoo.data", "listing the zoo's datasets").list_datasets()}

@@ -80,6 +80,10 @@ class PTQ(CompositePass):
                 raise InputError("PTQ: a target search (target_sqnr=, evaluate=) returns a lowered model; "
                                  "drop lower=False or the target")
             self.provides = frozenset({"observed", "calibrated", "reference"})
+        elif observers.backend.engine is None:
+            raise InputError(f"PTQ: backend {self.backend!r} has no torch.ao int8 kernels to lower to; pass "
+                             f"lower=False for its reference graph and deploy that to its runtime with "
+                             f"qpasses.lower.deploy(model, {self.backend!r}, example_inputs, out)")
         if self.target_kind is not None:
             from qpasses.passes.target import Target, TargetPTQ  # it builds PTQs itself
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qpasses import PassManager
-from qpasses.errors import ExportError
+from qpasses.errors import ExportError, InputError
 from qpasses.lower import TARGETS, deploy
 from qpasses.passes import PTQ, Calibrate, FuseBN, InsertObservers
 from qpasses.quant.backends import get_backend
@@ -188,6 +188,11 @@ def test_a_cat_of_inputs_on_other_grids_is_refused():
 def test_a_float_model_is_refused():
     with pytest.raises(ExportError, match="no op runs in XNNPACK's int8 kernels"):
         deploy(SmallNet().eval(), "xnnpack", torch.randn(1, 3, 16, 16))
+
+
+def test_ptq_for_xnnpack_without_lower_false_is_refused_before_work():
+    with pytest.raises(InputError, match=r"no torch.ao int8 kernels.*lower=False.*deploy\(model, 'xnnpack'"):
+        PTQ([torch.randn(1, 3, 8, 8)], backend="xnnpack")
 
 
 def test_xnnpack_preset_observes_signed_activations_and_narrow_symmetric_weights():
