@@ -41,6 +41,7 @@ TARGETS: dict[str, Target] = {
     "inductor": Target("inductor", "qpasses.lower.inductor", backend="inductor", extra="inductor"),
     "onnx": Target("onnx", "qpasses.lower.onnx", backend="onnx", extra="onnx"),
     "openvino": Target("openvino", "qpasses.lower.openvino", backend="openvino", extra="openvino"),
+    "xnnpack": Target("xnnpack", "qpasses.lower.xnnpack", backend="xnnpack", extra="executorch"),
 }
 
 

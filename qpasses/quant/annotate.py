@@ -228,7 +228,13 @@ def _decide_float_output(gm: fx.GraphModule, node: fx.Node, module, backend: Bac
     """A conv/linear whose value nothing reads as int8 writes float where the engine (or the lowering's
     ``kernels``) has an int8 kernel that does; the note says so for the model's output."""
     output = _only_outputs_read(gm, node)
-    if kernels.float_output if kernels is not None else has_float_output_kernel(module, backend.engine):
+    if kernels is not None:
+        writes_float = kernels.float_output
+    elif backend.engine is None:  # a deployment target's runtime: the row names its kernels that write float
+        writes_float = isinstance(module, backend.float_output_modules)
+    else:
+        writes_float = has_float_output_kernel(module, backend.engine)
+    if writes_float:
         ann.float_output.add(node.name)
         if output:
             ann.notes.append(f"output stays float: {describe_op(gm, node)} computes from int8 inputs and weights "
@@ -236,7 +242,7 @@ def _decide_float_output(gm: fx.GraphModule, node: fx.Node, module, backend: Bac
                              "X86InductorQuantizer); quantize_output=True rounds it")
     elif output:
         ann.notes.append(f"output rounded to 8 bits: {describe_op(gm, node)} writes the model's output, and no "
-                         f"{backend.engine} int8 kernel for it writes float")
+                         f"{backend.engine or backend.name} int8 kernel for it writes float")
 
 
 def _runnable_pair(backend: Backend, module, pair: QuantPair, node: fx.Node, ann: Annotation) -> QuantPair:
@@ -244,7 +250,9 @@ def _runnable_pair(backend: Backend, module, pair: QuantPair, node: fx.Node, ann
 
     The configuration was checked as a whole; some kernels (transposed convs) take fewer weight formats.
     """
-    candidates = [pair.weight, pair.weight.replace(axis=None), pair.weight.replace(axis=None, symmetric=False)]
+    # an asymmetric grid has no narrow range to keep (xnnpack's symmetric weights have one)
+    candidates = [pair.weight, pair.weight.replace(axis=None),
+                  pair.weight.replace(axis=None, symmetric=False, narrow_range=False)]
     first_error = None
     for weight in dict.fromkeys(candidates):
         try:

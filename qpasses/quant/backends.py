@@ -66,10 +66,12 @@ class Backend:
     ``clamp_needs_contiguous``: the quantized clamp kernel (``torch.clamp``, ``hardtanh``, ``relu6``, ``nn.ReLU6``;
     not ``relu``) returns wrong values on channels-last tensors, the layout its convs write (qnnpack, torch
     2.14.1: up to the whole range off, exact once contiguous); lowering makes every such input contiguous.
-    ``runtime``: the runtime whose kernels the row describes where they are not torch.ao's engine (``onnxruntime``,
-    ``openvino``: presets of the ``qpasses.lower`` targets); its capabilities are measured on that runtime
-    (``tests/lower``), and ``engine`` serves only torch.ao's form of the model (``Lower``, which is exact only where
-    the torch.ao kernels agree) and the grids its fixed-range kernels give. None: torch.ao's engine itself.
+    ``runtime``: the runtime whose kernels the row describes where they are not torch.ao's engine (``inductor``,
+    ``onnxruntime``, ``openvino``, ``executorch``: presets of the ``qpasses.lower`` targets, with ``engine`` None);
+    its capabilities are measured on that runtime (``tests/lower``). None: torch.ao's engine itself.
+    ``float_output_modules``: for a preset without a torch.ao engine, the conv/linear types whose int8 kernel in
+    its runtime also writes float: where nothing reads such a layer's value as int8, the reference graph leaves it
+    unquantized (torch.ao engines: ``lowering.has_float_output_kernel``).
     ``add_scale_ratio``: the range ``[low, high)`` the add kernels (``quantized::add``, ``add_relu``) accept for
     each input's scale divided by the output's, or None (no limit). qnnpack refuses others ("scale ratio must
     be in [2**-14, 2**8) range"), as after a ReLU that never fires (its range, hence scale, is degenerate);
@@ -94,6 +96,7 @@ class Backend:
     clamp_needs_contiguous: bool = False
     add_scale_ratio: tuple[float, float] | None = None
     runtime: str | None = None
+    float_output_modules: tuple[type[nn.Module], ...] = ()
     notes: str = ""
 
     @property
@@ -184,8 +187,11 @@ class Backend:
 
     def _check_activation(self, spec: QuantSpec, allow_signed: bool) -> None:
         if spec.dtype != self.activation_dtype and not (allow_signed and spec.dtype == torch.qint8):
+            signed = self.activation_dtype == torch.qint8
             raise self._unsupported(
-                spec, "signed activations (qint8) are not supported by its kernels", "use signed=False"
+                spec, f"{'un' * signed}signed activations ({str(spec.dtype).removeprefix('torch.')}) are not "
+                "supported by its kernels",
+                f"use signed={signed}",
             )
         if spec.per_channel:
             raise self._unsupported(
@@ -314,6 +320,12 @@ _OPENVINO_WHY = (
     "VNNI CPUs, 7-bit steps into every conv and matmul elsewhere."
 )
 
+_XNNPACK_WHY = (
+    "XNNPACK's qs8 kernels are exact with full 8-bit activations: they accumulate in int32, and where its ARM "
+    "'mlal' kernels first add two int8 products in int16, narrow-range weights (|w| <= 127) keep 2·128·127 "
+    "below 32767 (measured here on x86 only: tests/lower/test_xnnpack.py)."
+)
+
 BACKENDS: dict[str, Backend] = {
     "x86": Backend(
         name="x86",
@@ -368,18 +380,19 @@ BACKENDS: dict[str, Backend] = {
     ),
     "onnx": Backend(
         name="onnx",
-        engine="x86",  # torch.ao's engine for Lower's eager form and the kernel-decided grids of the reference
+        engine=None,  # ONNX Runtime's kernels only: quantizing for it ends at the reference graph
         activation=_X86_ACTIVATION,
         weight=_PER_CHANNEL_WEIGHT,
         supports_per_channel_weights=True,
         reduce_range="saturating_kernels",
         reduce_range_why=_ONNX_RUNTIME_WHY,
         runtime="onnxruntime",
+        float_output_modules=(nn.Linear,),  # DQ → Gemm with no Q after runs as QGemm writing float
         notes="QDQ ONNX for ONNX Runtime's int8 kernels (QLinearConv, QGemm, ...): deploy with --target onnx.",
     ),
     "openvino": Backend(
         name="openvino",
-        engine="x86",  # torch.ao's engine for Lower's eager form and the kernel-decided grids of the reference
+        engine=None,  # OpenVINO's kernels only: quantizing for it ends at the reference graph
         activation=_X86_ACTIVATION,
         weight=_PER_CHANNEL_WEIGHT,
         supports_per_channel_weights=True,
@@ -387,13 +400,18 @@ BACKENDS: dict[str, Backend] = {
         reduce_range_why=_OPENVINO_WHY,
         symmetric_weights_required=True,
         runtime="openvino",
+        float_output_modules=(nn.Linear,),
         notes="QDQ ONNX compiled by OpenVINO's CPU plugin (oneDNN int8 convs and matmuls): deploy with "
         "--target openvino. Symmetric weights, as NNCF writes them for OpenVINO.",
     ),
     "inductor": Backend(
         name="inductor",
-        # torch.ao's onednn engine runs the same oneDNN kernels, for Lower's eager fallback and the table's tests
-        engine="onednn",
+        # inductor's kernels only: quantizing for it ends at the reference graph. (torch.ao's onednn engine runs
+        # the same oneDNN kernels eagerly, except grouped convs past 100 groups, which it hands to fbgemm's
+        # depthwise kernels, saturating with these 8-bit activations.)
+        engine=None,
+        runtime="inductor",
+        float_output_modules=(nn.Conv2d, nn.Linear),  # qconv/qlinear_pointwise write fp32 too
         activation=_X86_ACTIVATION,
         weight=_PER_CHANNEL_WEIGHT,
         supports_per_channel_weights=True,
@@ -408,11 +426,29 @@ BACKENDS: dict[str, Backend] = {
         "runs every conv and linear in oneDNN (qconv/qlinear_pointwise); deploy with --target inductor. Per-channel "
         "weights only: inductor's int8 patterns take dequantize_per_channel weights.",
     ),
+    "xnnpack": Backend(
+        name="xnnpack",
+        # no torch.ao eager engine: the reference graph is lowered to ExecuTorch's XNNPACK delegate (qpasses.lower)
+        engine=None,
+        runtime="executorch",
+        # XNNPACK's qs8 operators: signed int8 activations, per tensor, any zero point in [-128, 127]
+        activation=QuantSpec(signed=True, symmetric=False, observer="mse"),
+        # qc8 weights: per output channel, zero point 0 (qpasses.lower.xnnpack refuses others; ExecuTorch would
+        # lower them silently wrong); -127..127 like ExecuTorch's XNNPACKQuantizer and TFLite's int8 spec (its
+        # ARM "mlal" kernels add two int8 products in int16, which two (-128)·(-128) overflow; x86 cannot show it)
+        weight=QuantSpec(signed=True, symmetric=True, axis=0, narrow_range=True, observer="mse"),
+        supports_per_channel_weights=True,
+        reduce_range="never",
+        reduce_range_why=_XNNPACK_WHY,
+        symmetric_weights_required=True,
+        activation_dtype=torch.qint8,
+        notes="ExecuTorch .pte with the XNNPACK delegate (target xnnpack; pip install 'qpasses[executorch]').",
+    ),
 }
 
 
 def get_backend(name: str) -> Backend:
-    """The table entry for ``name`` (x86, fbgemm, qnnpack, onednn, onnx, openvino, ...)."""
+    """The table entry for ``name`` (x86, fbgemm, qnnpack, onednn, inductor, onnx, openvino, xnnpack)."""
     try:
         return BACKENDS[name]
     except KeyError:

@@ -372,6 +372,8 @@ def test_error_messages():
         r"use signed=False",
     ):
         qnnpack.check(QuantSpec(signed=True, symmetric=True), "activation")
+    with pytest.raises(UnsupportedSpecError, match=r"^xnnpack: unsigned activations \(quint8\) .*use signed=True"):
+        get_backend("xnnpack").check(QuantSpec(signed=False, symmetric=False), "activation")
     with pytest.raises(UnsupportedSpecError, match=r"fbgemm: unsigned weights \(quint8\) .*use signed=True"):
         get_backend("fbgemm").check(QuantSpec(signed=False, symmetric=False), "weight")
     with pytest.raises(

@@ -12,8 +12,10 @@ float and its own ``quantize_static`` after ``quant_pre_process`` (QDQ, per-chan
 the same crops); OpenVINO float and NNCF → OpenVINO (``nncf.quantize`` defaults); qpasses lowered to x86 and
 qnnpack, its TorchScript export, its QDQ export of the x86 model run by ONNX Runtime (7-bit ranges kept exactly,
 or widened to 8 bits), and its PTQ with the ``onnx`` / ``openvino`` presets deployed by ``qpasses.lower`` to ONNX
-Runtime / OpenVINO (the note counts the runtime's int8 kernels). Batch 1, 224×224, 2 threads. A method that fails
-is a row with its error's first line.
+Runtime / OpenVINO (the note counts the runtime's int8 kernels); ExecuTorch with the XNNPACK delegate: float, its own
+XNNPACKQuantizer flow (prepare_pt2e → convert_pt2e → to_edge_transform_and_lower), and qpasses' xnnpack-preset PTQ
+lowered by ``qpasses.lower.xnnpack``. Batch 1, 224×224, 2 threads. A method that fails is a row with its error's
+first line.
 
 Columns: latency median (a model's rows are timed in turns, six rounds of ten calls each, so drift in the
 machine's speed reaches all of them alike); size (serialized state dict, TorchScript archive, or ONNX file); peak MB, how far the
@@ -26,6 +28,7 @@ first output); on pretrained EfficientNet-Lite0, SQNR of the logits and top-1 ag
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import statistics
@@ -312,6 +315,60 @@ def qpasses_target(target: str) -> Callable[[Setup], Prepared]:
 def _kernels(census: dict[str, int]) -> str:
     return "int8: " + ", ".join(f"{n} {op}" for op, n in census.items())
 
+def executorch_threads() -> None:
+    """ExecuTorch's XNNPACK runs on its own threadpool, not torch's: the rows' thread count there too."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    _unsafe_reset_threadpool(THREADS)
+
+
+def executorch_float(s: Setup) -> Prepared:
+    """ExecuTorch's float path: the exported model lowered whole to XNNPACK's fp32 kernels."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    executorch_threads()
+    exported = torch.export.export(copy.deepcopy(s.model), (s.example,))
+    path = s.workdir / f"{s.name}_float.pte"
+    path.write_bytes(to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+    program = Runtime.get().load_program(path)
+    method = program.load_method("forward")
+    runner = PerSample(lambda x, program=program: method.execute([x])[0])  # the method needs its program alive
+    return Prepared(runner, path.stat().st_size)
+
+
+def executorch_deployed(s: Setup, reference: nn.Module, label: str) -> Prepared:
+    """``reference`` (a Q/DQ graph for batch 1) lowered by qpasses' xnnpack target, which checks that every
+    quantized op runs in XNNPACK's int8 kernels."""
+    executorch_threads()
+    deployed = deploy(reference, "xnnpack", (s.example,), s.workdir / f"{s.name}_{label}.pte")
+    return Prepared(PerSample(deployed), deployed.artifact.stat().st_size)
+
+
+def executorch_xnnpack_quantizer(s: Setup) -> Prepared:
+    """ExecuTorch's documented int8 flow: XNNPACKQuantizer (symmetric per-channel weights) → prepare_pt2e →
+    calibrate → convert_pt2e → to_edge_transform_and_lower with the XnnpackPartitioner."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    exported = torch.export.export(copy.deepcopy(s.model), (s.example,)).module()
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for x in s.singles:  # the exported graph is specialized to batch 1
+            prepared(x)
+    return executorch_deployed(s, convert_pt2e(prepared), "xnnpack_quantizer")
+
+
+def qpasses_xnnpack(s: Setup) -> Prepared:
+    """qpasses PTQ with the xnnpack preset, its reference graph lowered to XNNPACK."""
+    reference, _ = s.once("qpasses_xnnpack", lambda: qpasses_ptq(s.model, s.photos.calib, "xnnpack", lower=False))
+    return executorch_deployed(s, reference, "qpasses")
+
 
 # key: (label, build, the shared build it starts from: its seconds count into the row's prepare time)
 METHODS: dict[str, tuple[str, Callable[[Setup], Prepared], str | None]] = {
@@ -332,6 +389,9 @@ METHODS: dict[str, tuple[str, Callable[[Setup], Prepared], str | None]] = {
     "ov-float": ("OpenVINO float", openvino_float, "float_onnx"),
     "nncf-ov": ("NNCF → OpenVINO", nncf_openvino, "float_onnx"),
     "qpasses-ov": ("qpasses → target openvino", qpasses_target("openvino"), "qpasses_reference_openvino"),
+    "executorch-float": ("ExecuTorch XNNPACK float", executorch_float, None),
+    "executorch-xnnpack": ("ExecuTorch XNNPACKQuantizer → XNNPACK", executorch_xnnpack_quantizer, None),
+    "qpasses-xnnpack": ("qpasses → ExecuTorch XNNPACK", qpasses_xnnpack, "qpasses_xnnpack"),
 }
 
 
