@@ -54,11 +54,15 @@ def test_rows_of_every_tool_on_two_models(tiny_rows):
             assert row.error == ""
         else:
             assert row.error and "\n" not in row.error and row.sqnr is None
-        assert row.activation_bits == (8 if row.tool == "pt2e" else 7)  # qpasses: 7 where a kernel needs it
+        # qpasses x86: 7 where a kernel needs it; its inductor preset, like PT2E: 8 on CPUs that add int8 products
+        # in int32 (AVX-512 VNNI)
+        reference_bits = 8 if cpu_int8_features().u8s8_accumulates_in_int32 else 7
+        assert row.activation_bits == {"pt2e": 8, "qpasses-ref": reference_bits}.get(row.tool, 7)
     by_key = {(r.model, r.tool): r for r in tiny_rows}
     for model in ("lstm", "resnet18"):  # qpasses takes both; the LSTM itself stays float (no static LSTM kernel)
         assert by_key[model, "qpasses-ptq"].ok and by_key[model, "qpasses-qat"].ok
     assert by_key["resnet18", "qpasses-ptq"].quantized == 21
+    assert by_key["resnet18", "qpasses-ref"].ok and by_key["resnet18", "qpasses-ref"].quantized == 21
     assert by_key["lstm", "pt2e"].ok and by_key["lstm", "pt2e"].quantized == 1
 
 
@@ -137,7 +141,7 @@ def test_report_is_written_between_the_coverage_markers(tiny_rows, tmp_path, mon
     assert f"Machine: {cpu_int8_features()}, torch " in text and "torchao " in text
     assert "**resnet18** (torchvision classification)" in text
     assert "| torch.ao FX | fails |  |  | –/26 | 0.5 | RuntimeError: boom at torch/a.py:1 |" in text  # no local paths
-    assert "Not measured yet (model (tools)): squeezenet1_1 (qpasses-ptq, qpasses-qat, pt2e)." in text
+    assert "Not measured yet (model (tools)): squeezenet1_1 (qpasses-ptq, qpasses-qat, qpasses-ref, pt2e)." in text
     ok = sum(r.ok for r in tiny_rows if r.tool == "qpasses-ptq")
     assert f"| qpasses PTQ | 7 | {ok}/2 |" in text
 
