@@ -155,7 +155,9 @@ def test_narrow_codes_are_the_quantize_range_and_fused_activations_precede_it():
     assert all(reference.get_buffer(n.args[0].target).abs().max() <= 8 for n in weights)
     stem_act = next(n for n in reference.graph.nodes if n.op == "call_module" and n.target == "stem.2")
     assert [u.target for u in stem_act.users] == [QUANTIZE]  # the quantize sits after the folded ReLU
-    x = batches(1, seed=7)[0]
+    # 640 values: on 4-bit codes a rounding tie the kernels break otherwise (torch 2.13: about 1 value in 200)
+    # moves a code that the next layer turns into two output steps; 160 values are too few for a 1% share
+    x = torch.cat(batches(4, seed=7))
     with torch.no_grad():
         assert_within_one_step(reference(x), lowered(x), output_step(reference))
 
