@@ -42,7 +42,6 @@ import torch
 import torch.ao.nn.quantized as nnq
 import torch.ao.nn.quantized.dynamic as nnqd
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 import qpasses
@@ -260,7 +259,7 @@ def lowered_quantized_layers(model: nn.Module) -> int:
     return modules + functions
 
 
-# aten op → position of its weight argument
+# op (aten, or the functional form qpasses' reference graph calls) → position of its weight argument
 _PT2E_WEIGHT_ARG = {"conv1d": 1, "conv2d": 1, "conv3d": 1, "convolution": 1, "conv_transpose1d": 1,
                     "conv_transpose2d": 1, "conv_transpose3d": 1, "linear": 1, "matmul": 1, "mm": 1, "bmm": 1,
                     "addmm": 2}
@@ -268,8 +267,12 @@ _VIEWS = {"t", "permute", "transpose", "view", "reshape", "expand", "unsqueeze",
 
 
 def _aten_name(node: fx.Node) -> str | None:
-    packet = getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
-    return None if packet is None else packet.__name__
+    """The op a call_function node calls: its aten overload packet's name, else the function's own
+    (``F.conv2d`` → ``conv2d``)."""
+    if node.op != "call_function":
+        return None
+    target = getattr(node.target, "overloadpacket", node.target)
+    return getattr(target, "__name__", None)
 
 
 def _through_views(node: object) -> object:
@@ -279,8 +282,8 @@ def _through_views(node: object) -> object:
 
 
 def pt2e_quantized_layers(gm: fx.GraphModule) -> int:
-    """Convs/linears/matmuls of a PT2E-converted graph whose weight is quantized: the weight argument is (through
-    view ops) a dequantize node of a constant (a ``get_attr``, quantized directly or already folded to int8).
+    """Convs/linears/matmuls of a Q/DQ graph (PT2E-converted, or qpasses' reference graph) whose weight is
+    quantized: the weight argument is (through view ops) a dequantize node of a constant (a ``get_attr``, quantized directly or already folded to int8).
     Matmuls of two activations (attention) do not count: neither side is a weight."""
     count = 0
     for node in gm.graph.nodes:
@@ -296,17 +299,6 @@ def pt2e_quantized_layers(gm: fx.GraphModule) -> int:
         source = _through_views(source)
         count += isinstance(source, fx.Node) and source.op == "get_attr"
     return count
-
-
-_REFERENCE_WEIGHTED = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-                       F.linear}
-
-
-def reference_quantized_layers(gm: fx.GraphModule) -> int:
-    """Convs/linears of a qpasses reference graph that read a dequantized weight (a ``quantized_decomposed``
-    dequantize of int8 codes)."""
-    return sum(n.op == "call_function" and n.target in _REFERENCE_WEIGHTED and isinstance(n.args[1], fx.Node)
-               and "dequantize" in (_aten_name(n.args[1]) or "") for n in gm.graph.nodes)
 
 
 # ---------------------------------------------------------------- tools
@@ -372,7 +364,7 @@ TOOLS: dict[str, Tool] = {t.name: t for t in [
     Tool("qpasses-qat", "qpasses QAT→convert", qpasses_qat, lambda m: m, lowered_quantized_layers,
          _qpasses_activation_bits),
     Tool("qpasses-ref", "qpasses PTQ → reference", lambda m, calib: qpasses_ptq(m, calib, REFERENCE_PRESET, lower=False),
-         PerSample, reference_quantized_layers, _reference_activation_bits),
+         PerSample, pt2e_quantized_layers, _reference_activation_bits),
     Tool("fx", "torch.ao FX", lambda m, calib: torch_ao_fx_ptq(m, calib, "x86"), lambda m: m,
          lowered_quantized_layers, _fx_activation_bits),
     Tool("pt2e", "torchao PT2E", torchao_pt2e_ptq, PerSample, pt2e_quantized_layers, _pt2e_activation_bits),
@@ -627,7 +619,7 @@ def report(results: Results, models: list[str], tools: list[str]) -> str:
         "CPU (every conv and linear without AVX-512 VNNI; with it, depthwise convs of more than 100 groups), "
         "8-bit elsewhere; PT2E 8-bit. A bit short costs up to ~6 dB. "
         "Quantized: convs/linears whose weights run int8, out of those of the float model "
-        "(`tools/bench/coverage.py`: `lowered_quantized_layers`, `reference_quantized_layers`, `pt2e_quantized_layers`, "
+        "(`tools/bench/coverage.py`: `lowered_quantized_layers`, `pt2e_quantized_layers` (PT2E and reference graphs), "
         "`float_weighted_layers`). SQNR: outputs against the float model (worst leaf of structured outputs); "
         "top-1: agreement of the argmax for classifiers.",
         "### Summary",
