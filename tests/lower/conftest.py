@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qpasses import PassManager
+from qpasses.lower import deploy
 from qpasses.passes import PTQ, FuseBN
+from qpasses.passes.reference import QUANTIZE
 from tests.nets import conv_bn_act, randomize_bn
 
 
@@ -84,3 +86,13 @@ def saturating_conv_reference(backend: str) -> tuple[torch.fx.GraphModule, torch
     data = [ones, torch.rand(1, 32, 4, 4, generator=torch.Generator().manual_seed(0))]
     passes = [PTQ(data, backend=backend, lower=False, quantize_output=True, progress=False)]
     return PassManager(passes).run(nn.Sequential(conv).eval(), ones), ones
+
+
+def assert_full_range_u8_exact(target: str) -> None:
+    """``target``'s preset quantizes activations to all 256 codes on this CPU, and its runtime computes the
+    saturating conv (``saturating_conv_reference``) as the reference graph does: no int16 pair saturates."""
+    reference, ones = saturating_conv_reference(target)
+    quantize = next(n for n in reference.graph.nodes if n.target is QUANTIZE)
+    assert quantize.args[3:5] == (0, 255)  # 8-bit activations on this CPU
+    deployed = deploy(reference, target, ones)
+    assert within_one_step(deployed(ones), reference(ones), output_step(reference)) == 1.0

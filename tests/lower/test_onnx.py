@@ -11,10 +11,10 @@ from qpasses.lower import deploy
 from qpasses.lower.onnx import export, optimized_node_types
 from qpasses.passes.reference import DEQUANTIZE, QUANTIZE
 from tests.lower.conftest import (
+    assert_full_range_u8_exact,
     batches,
     output_step,
     reference_graph,
-    saturating_conv_reference,
     within_one_step,
 )
 
@@ -123,11 +123,7 @@ def test_a_float_model_is_refused_in_one_line(small_net):
 @pytest.mark.skipif(not cpu_int8_features().avx512_vnni,
                     reason="full-range u8 activations are exact only where the kernels accumulate in int32 (AVX-512 VNNI)")
 def test_full_range_u8_activations_are_exact_on_this_avx512_vnni_cpu():
-    reference, ones = saturating_conv_reference("onnx")
-    quantize = next(n for n in reference.graph.nodes if n.target is QUANTIZE)
-    assert quantize.args[3:5] == (0, 255)  # the onnx preset gives 8-bit activations on this CPU
-    deployed = deploy(reference, "onnx", ones)
-    assert within_one_step(deployed(ones), reference(ones), output_step(reference)) == 1.0
+    assert_full_range_u8_exact("onnx")
 
 
 def test_a_convert_pt2e_graph_deploys_too():

@@ -12,10 +12,10 @@ from qpasses.lower.openvino import INT8_PRECISIONS, executed_layers
 from qpasses.passes.reference import DEQUANTIZE, QUANTIZE
 from qpasses.quant.backends import get_backend
 from tests.lower.conftest import (
+    assert_full_range_u8_exact,
     batches,
     output_step,
     reference_graph,
-    saturating_conv_reference,
     within_one_step,
 )
 
@@ -86,8 +86,4 @@ def test_a_conv_left_float_is_named(small_net):
 @pytest.mark.skipif(not cpu_int8_features().avx512_vnni,
                     reason="full-range u8 activations are exact only where the kernels accumulate in int32 (AVX-512 VNNI)")
 def test_full_range_u8_activations_are_exact_on_this_avx512_vnni_cpu():
-    reference, ones = saturating_conv_reference("openvino")
-    quantize = next(n for n in reference.graph.nodes if n.target is QUANTIZE)
-    assert quantize.args[3:5] == (0, 255)  # the openvino preset gives 8-bit activations on this CPU
-    deployed = deploy(reference, "openvino", ones)
-    assert within_one_step(deployed(ones), reference(ones), output_step(reference)) == 1.0
+    assert_full_range_u8_exact("openvino")
