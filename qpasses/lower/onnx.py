@@ -37,6 +37,7 @@ from torch import nn
 from qpasses.errors import ExportError
 from qpasses.graph.trace import as_input_tuple
 from qpasses.lower import Deployed
+from qpasses.quant.grids import Grid
 
 OPSET = 17
 
@@ -52,7 +53,6 @@ ORT_FLOAT_GEMMS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedCo
                              "NchwcConv"})
 
 _ONNX_DTYPE = {torch.uint8: 2, torch.int8: 3}  # TensorProto.UINT8, INT8
-_CONTAINER = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 
 
 def is_reference_graph(model: nn.Module) -> bool:
@@ -86,19 +86,18 @@ def _code_dtype(dtype: Any) -> torch.dtype:
     from torch.onnx._internal.torchscript_exporter import _type_utils
 
     code_dtype = _type_utils.JitScalarType(_const(dtype, "i")).dtype()
-    if code_dtype not in _CONTAINER:
+    if code_dtype not in _ONNX_DTYPE:
         raise ExportError(f"QDQ ONNX takes uint8 and int8 codes only; the reference graph quantizes to {code_dtype}")
     return code_dtype
 
 
 def _quantize(g: Any, x: Any, scale: Any, zero_point: Any, qmin: Any, qmax: Any, dtype: Any) -> Any:
     code_dtype = _code_dtype(dtype)
-    codes = g.op("QuantizeLinear", x, _scalar(g, _const(scale, "f"), torch.float32),
-                 _scalar(g, _const(zero_point, "i"), code_dtype))
-    lo, hi = _const(qmin, "i"), _const(qmax, "i")
-    if (lo, hi) == _CONTAINER[code_dtype]:
+    grid = Grid(_const(scale, "f"), _const(zero_point, "i"), _const(qmin, "i"), _const(qmax, "i"), code_dtype)
+    codes = g.op("QuantizeLinear", x, _scalar(g, grid.scale, torch.float32), _scalar(g, grid.zero_point, code_dtype))
+    if not grid.narrowed:
         return codes
-    return g.op("Clip", codes, _scalar(g, lo, code_dtype), _scalar(g, hi, code_dtype))
+    return g.op("Clip", codes, _scalar(g, grid.qmin, code_dtype), _scalar(g, grid.qmax, code_dtype))
 
 
 def _dequantize(g: Any, codes: Any, scale: Any, zero_point: Any, qmin: Any, qmax: Any, dtype: Any,
