@@ -25,7 +25,7 @@ from qpasses.graph.match import single_consumer
 from qpasses.graph.modules import set_module, unique_name
 from qpasses.graph.nx import to_networkx
 from qpasses.nn import ChannelClamp, SamePad2d
-from qpasses.quant.ops import FUSABLE_FUNCTIONS, FUSABLE_METHODS, FUSABLE_MODULES, clamp_bounds
+from qpasses.quant.ops import clamp_bounds, is_clamp_like
 
 _HOMOGENEOUS_MODULES = (
     nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
@@ -58,10 +58,7 @@ class Chain:
 
 def clamp_like(gm: fx.GraphModule, node: fx.Node) -> bool:
     """ReLU6, hardtanh, clamp and ChannelClamp with numeric bounds (ReLU counts as homogeneous)."""
-    fusable = ((node.op == "call_module" and isinstance(gm.get_submodule(node.target), FUSABLE_MODULES))
-               or (node.op == "call_function" and node.target in FUSABLE_FUNCTIONS)
-               or (node.op == "call_method" and node.target in FUSABLE_METHODS))
-    if not fusable:
+    if not is_clamp_like(gm, node):
         return False
     lo, hi = clamp_bounds(gm, node)
     return all(b is None or isinstance(b, int | float) for b in (lo, hi))

@@ -1,10 +1,11 @@
-"""Lower: turn a calibrated, observed graph into real int8 kernels."""
+"""Lower: turn a calibrated, observed graph into real int8 kernels, by patterns over its reference graph."""
 
 from __future__ import annotations
 
 import copy
 import itertools
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
@@ -17,46 +18,61 @@ from qpasses.graph.match import is_max_pool
 from qpasses.graph.modules import unique_name
 from qpasses.nn import ChannelClamp, CropStart2d, SamePad2d, ShiftedSamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
-from qpasses.passes.reference import Reference, annotation_for, build_reference
+from qpasses.passes.reference import (
+    DEQUANTIZE,
+    DEQUANTIZE_PER_CHANNEL,
+    QUANTIZE,
+    Int8Op,
+    Reference,
+    annotation_for,
+    build_reference,
+)
 from qpasses.quant import lowering
-from qpasses.quant.annotate import Annotation
-from qpasses.quant.backends import Backend, get_backend
-from qpasses.quant.grids import Grids, WeightQParams, weight_qparams_by_node
-from qpasses.quant.observers import Observer
-from qpasses.quant.ops import REQUANT_FUNCTION_MODULES, Role, returns_input, role_of, runs_clamp_kernel
-from qpasses.quant.state import FLOAT_WEIGHT_KEY, QPARAMS_KEY, QSTATE_KEY, WEIGHT_QPARAMS_KEY, state_of
+from qpasses.quant.backends import Backend
+from qpasses.quant.grids import Grid, Grids, weight_qparams_by_node
+from qpasses.quant.ops import Role, clamp_bounds, runs_clamp_kernel
+from qpasses.quant.state import (
+    FLOAT_WEIGHT_KEY,
+    INT8_OP_KEY,
+    QPARAMS_KEY,
+    QSTATE_KEY,
+    WEIGHT_QPARAMS_KEY,
+    state_of,
+)
 
 _SHAPE_QUERIES = ("size", "dim")
 
 
-def _module_of_call(node: fx.Node) -> nn.Module:
-    """The module that computes functional call ``node`` (``F.leaky_relu(x, negative_slope=0.2)`` →
-    ``nn.LeakyReLU(0.2)``), from all of its arguments, positional or keyword."""
-    call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-    options = dict(call.kwargs)
-    options.pop("input")
-    return REQUANT_FUNCTION_MODULES[node.target](**options)
-
-
 class Lower(Pass):
-    """Replace observed float ops by ``torch.ao.nn.quantized`` kernels of ``backend`` (x86/fbgemm, qnnpack).
+    """Replace observed float ops by ``torch.ao.nn.quantized`` kernels of ``backend`` (x86/fbgemm, onednn, qnnpack).
 
     Math: each int8 op computes ``q_out = clamp(round(f(x) / s_out) + z_out, qmin, qmax)`` with weights
-    ``q_w = clamp(round(w / s_w) + z_w)``; ``(s, z)`` come from the calibrated observers. Observers on
-    values an int8 op produces disappear (the op writes at their scale); observers on float values become
-    quantize; float ops get a dequantize in front, so quantize/dequantize appear only at real boundaries.
-    Quantize and the FloatFunctional arithmetic become direct calls of ``torch.quantize_per_tensor`` and
-    ``torch.ops.quantized.*`` with constant qparams (no module, no Python layer per op, as torch.ao FX).
-    Spec ranges narrower than 8 bits (sub-8-bit, reduce_range) are enforced by a clamp of the codes; a
-    clamp read only by a max pool moves after it (``max(clamp(x)) = clamp(max(x))``, on fewer values).
-    Identity and dropout modules, which return their input at inference, are removed: every node of the
-    lowered graph costs a call at run time.
-    A fused ``ChannelClamp`` (CLE's exact stand-in for ReLU6) disappears when its bounds are uniform, else it
-    stays after the int8 op and clamps each channel's codes.
+    ``q_w = clamp(round(w / s_w) + z_w)``. The pass first builds the reference quantized graph
+    (``qpasses.passes.Reference``: float ops between quantize/dequantize, the simulation of these codes) and
+    then lowers that graph by a table of patterns, as torch.ao's ``_lower_to_native_backend`` lowers its
+    reference graph, so the kernels compute the codes the reference simulates:
+
+    - ``dq → F.conv2d/F.linear(dq_per_channel(int8 weight)) [→ clamp-like activation] → q``: the int8 module of
+      the conv/linear (its record's ``lowering`` in ``qpasses.quant.ops``) writing at ``q``'s grid, in place of
+      the module the observed graph called (a module called twice gets one per call); the activation disappears
+      where that grid already clips at its bounds, else it stays on the codes (a ChannelClamp with bounds that
+      differ by channel always stays). Without ``q`` (a linear writing the model's output in float):
+      ``FloatOutputLinear``. A stride-2 depthwise conv after SAME padding pads symmetrically itself
+      (``ShiftedSamePad2d`` → conv → ``CropStart2d``), which fbgemm runs on its fast path.
+    - ``dq → torch.add [→ torch.relu] → q`` (and ``mul``, ``cat``, the scalar forms) from a FloatFunctional:
+      a direct call of ``torch.ops.quantized.add[_relu]`` with constant qparams (no module, as torch.ao FX).
+    - ``dq → hardswish/leaky_relu/elu → q``: the int8 module at ``q``'s grid; fixed-range ops (sigmoid, tanh)
+      and qparams-preserving ops (pools, reshapes) run on the codes, their ``q`` being the grid they keep.
+    - a float value's ``q``: ``torch.quantize_per_tensor``; ``dq`` read by a float op: one ``.dequantize()``
+      per value (shape queries read the codes); ``dq → q`` on the same grid: the codes themselves.
+
+    Spec ranges narrower than 8 bits (sub-8-bit, reduce_range) are enforced by a clamp of the codes after the
+    op that writes them (a clamp read only by a max pool moves after it: ``max(clamp(x)) = clamp(max(x))``, on
+    fewer values); qnnpack's clamp kernels read channels-last data made contiguous first.
     Requires: ``calibrated``. Provides: ``lowered``. The result runs with the backend's engine (its first
     op, a ``QuantizedEngine`` module, selects it), saves and loads, and can be TorchScripted. It keeps the
-    reference quantized graph of the same decisions (``Reference``) in ``state_of(result).reference``.
-    Grids are decided once, in ``qpasses.quant.grids``, for both.
+    reference graph it was lowered from in ``state_of(result).reference``; grids are decided once, in
+    ``qpasses.quant.grids``.
     """
 
     stage = Stage.LOWER
@@ -73,28 +89,20 @@ class Lower(Pass):
             raise QPassesError(f"backend '{backend.name}' has no torch.ao int8 kernels to lower to: end at the reference "
                                "graph (PTQ(..., lower=False) or Reference()) and deploy it with qpasses.lower")
         _to_cpu(gm, backend.name, ctx)
-        weights = weight_qparams_by_node(gm, ann)
-        with lowering.quantized_engine(backend.engine):
-            grids = Grids(gm, ann, backend, ctx.note)  # decided once, before either graph changes
-            reference = _reference_of(gm, backend, grids, weights)
-            _Lowering(gm, ann, ctx, grids, weights).run()
-        lowering.select_engine_first(gm, backend.engine)
         state = state_of(gm)
-        state.annotation, state.backend, state.reference = None, backend.name, reference
+        with lowering.quantized_engine(backend.engine):
+            grids = Grids(gm, ann, backend, ctx.note)
+            # The reference's own counters (a quantize per value) would double the kernels' in the report.
+            build_reference(gm, ann, backend, PassContext(example_inputs=()), grids, weight_qparams_by_node(gm, ann))
+            state.annotation, state.reference_backend = None, backend.name
+            reference = copy.deepcopy(gm)
+            state_of(reference).properties = (state.properties - Reference.invalidates) | Reference.provides
+            _PatternLowering(gm, backend, ctx).run()
+        lowering.select_engine_first(gm, backend.engine)
+        state.reference_backend, state.backend, state.reference = None, backend.name, reference
+        gm.graph.lint()
         gm.recompile()
         return PassResult(gm, modified=True)
-
-
-def _reference_of(gm: fx.GraphModule, backend: Backend, grids: Grids,
-                  weights: dict[str, WeightQParams]) -> fx.GraphModule:
-    """The reference quantized graph of the calibrated graph ``gm`` (``Reference``, on a copy), which the lowered
-    model keeps for its exporters: the same grid decisions and weight qparams, so the same codes."""
-    reference = copy.deepcopy(gm)
-    state = state_of(reference)
-    build_reference(reference, state.annotation, backend, PassContext(example_inputs=()), grids, weights)
-    state.annotation, state.reference_backend = None, backend.name
-    state.properties = (state.properties - Reference.invalidates) | Reference.provides
-    return reference
 
 
 def _to_cpu(gm: fx.GraphModule, backend: str, ctx: PassContext) -> None:
@@ -115,77 +123,301 @@ def _to_cpu(gm: fx.GraphModule, backend: str, ctx: PassContext) -> None:
     logging.getLogger("qpasses").info(message)
 
 
-class _Lowering:
-    def __init__(self, gm: fx.GraphModule, ann: Annotation, ctx: PassContext, grids: Grids,
-                 weights: dict[str, WeightQParams]):
-        self.gm, self.ann, self.ctx, self.weights = gm, ann, ctx, weights  # weights: qparams by node name
-        self.backend = get_backend(ann.backend)
-        self.graph = gm.graph
-        self.quantized: dict[fx.Node, bool] = {}
-        self.dequantized: dict[fx.Node, fx.Node] = {}
-        self.erased_modules: set[str] = set()  # observers and folded activations no node calls any more
-        self.code_clamps: list[fx.Node] = []  # clamps of codes to a spec's range narrower than 8 bits
-        self.lowered_modules: dict[str, nn.Module] = {}  # module name → the float module its int8 form replaced
-        self.grids = grids
+def _grid(quantize: fx.Node) -> Grid:
+    """The grid of a reference graph's ``quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype)``."""
+    return Grid(*quantize.args[1:6])
 
-    def observer(self, node: fx.Node) -> Observer | None:
-        return self.grids.observer(node)
+
+def _is_quantize(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is QUANTIZE
+
+
+def _qparams_meta(grid: Grid) -> dict:
+    return {"scale": grid.scale, "zero_point": grid.zero_point, "dtype": str(grid.quantized_dtype),
+            "bits": (grid.qmax - grid.qmin).bit_length()}
+
+
+def _sole_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+class _PatternLowering:
+    """Rewrites a reference graph in place into torch.ao kernels, one pattern per role of its int8 ops."""
+
+    def __init__(self, gm: fx.GraphModule, backend: Backend, ctx: PassContext):
+        self.gm, self.graph, self.backend, self.ctx = gm, gm.graph, backend, ctx
+        self.codes: dict[fx.Node, Grid] = {}  # node of the lowered graph → the grid of the int8 tensor it holds
+        self.code_clamps: list[fx.Node] = []  # clamps of codes to a grid narrower than its 8-bit container
+        self.float_modules: dict[str, nn.Module] = {}  # module path → the float module its int8 form replaced
+        self.dropped_modules: set[str] = set()  # folded activations' modules
+        self.dropped_attributes: set[str] = set()  # the reference graph's weight codes, scales and biases
+        self.patterns: dict[Role, Callable[[fx.Node, Int8Op], None]] = {
+            Role.COMPUTE: self.compute,
+            Role.FUNCTIONAL: self.functional,
+            Role.DERIVED: self.functional,
+            Role.REQUANT: self.requant,
+            Role.FIXED: self.on_codes,
+            Role.PRESERVING: self.on_codes,
+        }
 
     def run(self) -> None:
         for node in list(self.graph.nodes):
-            if self.observer(node) is not None:
-                self.lower_observer(node)
+            if node._erased:  # consumed by the pattern of an op before it
                 continue
-            role = self.ann.roles.get(node.name, Role.NONE)
-            if returns_input(self.gm, node):
-                node.replace_all_uses_with(node.args[0])
-                self.erase(node)
-            elif node.op == "placeholder":
-                self.quantized[node] = False
-            elif node.op == "output":
-                self.dequantize_inputs(node)
-            elif role is Role.COMPUTE:
-                self.lower_compute(node)
-            elif role in (Role.FUNCTIONAL, Role.DERIVED):
-                self.lower_functional(node, role)
-            elif role is Role.REQUANT:
-                self.lower_unary(node)
-            elif role is Role.FUSED_ACT and self.clamps_per_channel(node):
-                produced = node.all_input_nodes[0].meta[QPARAMS_KEY]  # the int8 op before it writes at these
-                self.mark_int8(node, produced["scale"], produced["zero_point"])
-            elif role is Role.FUSED_ACT:
-                producer = node.all_input_nodes[0]
-                node.replace_all_uses_with(producer)
-                self.erase(node)
-            elif role in (Role.FIXED, Role.PRESERVING):
-                inputs = [a for a in node.all_input_nodes if a in self.quantized]
-                self.quantized[node] = bool(inputs) and self.quantized[inputs[0]]
-                if self.quantized[node]:
-                    node.meta[QSTATE_KEY] = "int8"
-                    self.clamp_contiguous(node)
-            elif node.op in ("call_module", "call_function", "call_method"):
-                if not (node.op == "call_method" and node.target in _SHAPE_QUERIES):
-                    self.dequantize_inputs(node)
-                self.quantized[node] = False
+            info: Int8Op | None = node.meta.get(INT8_OP_KEY)
+            if _is_quantize(node):
+                self.quantize(node)
+            elif info is not None and info.role in self.patterns:
+                self.patterns[info.role](node, info)
+        self.dequantize_float_reads()
         if not self.backend.clamp_needs_contiguous:
             for clamp in self.code_clamps:
                 self.sink_below_max_pool(clamp)
-        referenced = {n.target for n in self.graph.nodes if n.op in ("call_module", "get_attr")}
-        for name in sorted(self.erased_modules - referenced):
-            self.gm.delete_submodule(name)
+        self.delete_unused_state()
+
+    # -- the patterns, anchored at the reference graph's int8 op (its inputs' patterns already ran)
+
+    def compute(self, node: fx.Node, info: Int8Op) -> None:
+        """``dq → F.conv*/F.linear(dq(int8 weight), bias) [→ activations] → q``: the int8 module."""
+        function = node.target
+        x, weight, bias, *geometry = node.args
+        padded = None
+        if x.op == "call_function" and x.target is torch.nn.functional.pad:  # the reference's non-zero padding
+            padded, x = x, x.args[0]
+        x = self.codes_of(x, node)
+        options = self.conv_options(function, geometry, padded)
+        qweight = self.weight(weight)
+        fbias = None if bias is None else self.gm.get_buffer(bias.target)
+        old_inputs = node.all_input_nodes
+        tail, quantize = self.output(node, info)
+        node.meta.pop(FLOAT_WEIGHT_KEY, None)
+        if quantize is None:
+            self.install(node, info.module, lowering.float_output_linear(qweight, fbias), (x,))
+            self.ctx.stats["float_output_" + info.op.name] += 1
+            self.erase_unused(old_inputs)
+            return
+        grid = _grid(quantize)
+        crop = self.symmetric_same_padding(node, x, qweight, options)
+        qmodule = lowering.quantized_compute(info.op.lowering, qweight, fbias, grid.scale, grid.zero_point, **options)
+        self.install(node, info.module, qmodule, (x,))
+        self.erase_unused(old_inputs)
+        if crop is not None:
+            tail = crop if tail is node else tail
+        self.ctx.stats["int8_" + info.op.name] += 1
+        self.write(quantize, tail, grid)
+
+    def functional(self, node: fx.Node, info: Int8Op) -> None:
+        """``dq → torch.add [→ torch.relu] → q`` (a FloatFunctional's reference form): the quantized op, called
+        with the output qparams where its role requantizes (the scalar forms derive theirs)."""
+        self.read_codes(node)
+        tail, quantize = self.output(node, info)
+        if quantize is None:
+            raise QPassesError(f"internal: int8 op '{node.name}' has no quantize after it in the reference graph")
+        grid = _grid(quantize)
+        kwargs = dict(node.kwargs)
+        if info.role is Role.FUNCTIONAL:
+            kwargs.update(scale=grid.scale, zero_point=grid.zero_point)
+        node.target, node.kwargs = info.op.lowering, kwargs
+        self.ctx.stats[f"int8_{info.op.name}"] += 1
+        self.write(quantize, tail, grid)
+
+    def requant(self, node: fx.Node, info: Int8Op) -> None:
+        """``dq → hardswish/leaky_relu/elu → q``: the int8 module writing at ``q``'s grid (a functional call's
+        module is built from all its arguments: ``F.leaky_relu(x, negative_slope=0.2)`` → ``nn.LeakyReLU(0.2)``)."""
+        self.read_codes(node)
+        tail, quantize = self.output(node, info)
+        grid = _grid(quantize)
+        if node.op == "call_module":
+            float_module = self.float_modules.get(node.target) or self.gm.get_submodule(node.target)
+            path = node.target
+        else:
+            call = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+            options = dict(call.kwargs)
+            options.pop("input")
+            float_module, path = info.op.modules[0](**options), unique_name(self.gm, f"{node.name}_q")
+        qmodule = info.op.lowering(float_module, grid.scale, grid.zero_point)
+        self.install(node, path, qmodule, (node.args[0],), float_module)
+        self.ctx.stats["int8_unary"] += 1
+        self.write(quantize, tail, grid)
+
+    def on_codes(self, node: fx.Node, info: Int8Op) -> None:
+        """``dq → op → q`` for an op whose kernel keeps its input's grid (pool, reshape, a clamp-like activation
+        not folded) or fixes its own (sigmoid, tanh): the op itself on the codes, at ``q``'s grid."""
+        self.read_codes(node)
+        self.clamp_contiguous(node)
+        quantize = _sole_user(node)
+        if quantize is None or not _is_quantize(quantize):
+            raise QPassesError(f"internal: int8 op '{node.name}' has no quantize after it in the reference graph")
+        self.write(quantize, node, _grid(quantize), narrow=False)
+
+    def quantize(self, quantize: fx.Node) -> None:
+        """A ``q`` no int8 op wrote: of a float value, ``torch.quantize_per_tensor``; of an int8 value's ``dq`` on
+        the same grid, the codes themselves."""
+        value, grid = quantize.args[0], _grid(quantize)
+        if value.target is DEQUANTIZE and self.codes.get(value.args[0]) == grid:
+            quantize.replace_all_uses_with(value.args[0])
+            self.graph.erase_node(quantize)
+            return
+        function, qparams = lowering.quantize_call(grid)
+        with self.graph.inserting_before(quantize):
+            call = self.graph.create_node("call_function", function, (value, *qparams), name=f"{value.name}_quant")
+        self.ctx.stats["quantize"] += 1
+        self.write(quantize, call, grid)
+
+    # -- the parts patterns share
+
+    def read_codes(self, node: fx.Node) -> None:
+        """Point ``node``'s reads of dequantized int8 values (the reference's ``dq``) at the int8 values."""
+        def codes(arg):
+            return arg.args[0] if arg.target is DEQUANTIZE and arg.args[0] in self.codes else arg
+
+        node.args, node.kwargs = fx.map_arg(node.args, codes), fx.map_arg(node.kwargs, codes)
+
+    def codes_of(self, dequantized: fx.Node, reader: fx.Node) -> fx.Node:
+        if dequantized.target is not DEQUANTIZE or dequantized.args[0] not in self.codes:
+            raise QPassesError(f"internal: int8 op '{reader.name}' reads float value '{dequantized.name}'")
+        return dequantized.args[0]
+
+    def output(self, node: fx.Node, info: Int8Op) -> tuple[fx.Node, fx.Node | None]:
+        """The node whose value the reference quantizes after ``node``'s op, and that quantize (None: the op writes
+        float). Passes the later functions of the op's reference form (``add_relu``'s ReLU, which its kernel
+        computes: dropped) and clamp-like activations folded into its range (dropped where the grid clips at
+        their bounds, else kept on the codes)."""
+        for _ in info.op.reference[1:]:
+            inner = _sole_user(node)
+            inner.replace_all_uses_with(node)
+            self.graph.erase_node(inner)
+        tail, activations = node, []
+        while (user := _sole_user(tail)) is not None and getattr(user.meta.get(INT8_OP_KEY), "role", None) \
+                is Role.FUSED_ACT:
+            activations.append(user)
+            tail = user
+        quantize = _sole_user(tail)
+        if quantize is None or not _is_quantize(quantize):
+            return tail, None
+        grid = _grid(quantize)
+        for activation in activations:
+            if self.clips_at_grid(activation, grid):
+                if activation is tail:
+                    tail = activation.args[0]
+                activation.replace_all_uses_with(activation.args[0])
+                if activation.op == "call_module":
+                    self.dropped_modules.add(activation.target)
+                self.graph.erase_node(activation)
+            else:
+                self.clamp_contiguous(activation)
+        return tail, quantize
+
+    def clips_at_grid(self, activation: fx.Node, grid: Grid) -> bool:
+        """Whether quantizing to ``grid`` clamps at ``activation``'s bounds already (its codes' range lies within
+        them), so the activation changes no code. A ChannelClamp whose bounds differ by channel never does."""
+        if activation.op == "call_module":
+            module = self.gm.get_submodule(activation.target)
+            if isinstance(module, ChannelClamp) and not module.uniform:
+                return False
+        lo, hi = clamp_bounds(self.gm, activation)
+        if not all(b is None or isinstance(b, int | float) for b in (lo, hi)):
+            return False
+        return ((lo is None or round(lo / grid.scale) + grid.zero_point <= grid.qmin)
+                and (hi is None or round(hi / grid.scale) + grid.zero_point >= grid.qmax))
+
+    def write(self, quantize: fx.Node, value: fx.Node, grid: Grid, narrow: bool = True) -> None:
+        """``value`` (an int8 tensor on ``grid``) takes the place of the reference's ``quantize``; where ``narrow``
+        (it was just requantized) and the grid's codes are narrower than its container, clamped to them."""
+        value.meta.update({QSTATE_KEY: "int8", QPARAMS_KEY: _qparams_meta(grid)})
+        bounds = lowering.code_range(grid) if narrow else None
+        if bounds is not None:
+            with self.graph.inserting_before(quantize):
+                if self.backend.clamp_needs_contiguous:
+                    value = self.graph.call_method("contiguous", (value,))
+                value = self.graph.call_function(torch.clamp, (value, *bounds))
+            value.meta.update({QSTATE_KEY: "int8", QPARAMS_KEY: _qparams_meta(grid)})
+            self.code_clamps.append(value)
+        quantize.replace_all_uses_with(value)
+        self.graph.erase_node(quantize)
+        self.codes[value] = grid
+
+    def install(self, node: fx.Node, path: str, module: nn.Module, args: tuple,
+                float_module: nn.Module | None = None) -> None:
+        """Make ``node`` call the int8 ``module`` on ``args``, at ``path`` where the observed graph called the float
+        module. A module called from several places (``conv(conv(x))``) gets an int8 module per call: each call
+        writes at its own qparams, so a call after the first gets a new name."""
+        if path in self.float_modules:
+            path = unique_name(self.gm, f"{path}_{node.name}")
+        self.float_modules[path] = float_module
+        self.gm.add_submodule(path, module)  # replaces the float module there
+        node.op, node.target, node.args, node.kwargs = "call_module", path, args, {}
+
+    def weight(self, dequantized: fx.Node) -> torch.Tensor:
+        """The quantized weight a reference ``dequantize_per_channel``/``_per_tensor`` of int8 codes reads."""
+        codes, *qparams = dequantized.args
+        tensor = self.gm.get_buffer(codes.target)
+        if dequantized.target is DEQUANTIZE_PER_CHANNEL:
+            scale, zero_point, axis = qparams[:3]
+            return lowering.quantized_weight(tensor, self.gm.get_buffer(scale.target),
+                                             self.gm.get_buffer(zero_point.target), axis)
+        scale, zero_point = qparams[:2]
+        return lowering.quantized_weight(tensor, torch.tensor(scale), torch.tensor(zero_point), None)
+
+    @staticmethod
+    def conv_options(function, geometry: list, padded: fx.Node | None) -> dict:
+        """The geometry of the reference's ``F.conv*``/``F.conv_transpose*`` call (empty for ``F.linear``), with
+        the padding its ``F.pad`` applied for a padding mode other than zeros."""
+        if not geometry:
+            return {}
+        if function.__name__.startswith("conv_transpose"):
+            return dict(zip(("stride", "padding", "output_padding", "groups", "dilation"), geometry, strict=True))
+        options = dict(zip(("stride", "padding", "dilation", "groups"), geometry, strict=True))
+        options["padding_mode"] = "zeros"
+        if padded is not None:  # F.pad's (last dim left, right, …): the padding of each dim, first dim first
+            pads = padded.args[1]
+            options["padding"] = tuple(pads[2 * i] for i in reversed(range(len(pads) // 2)))
+            options["padding_mode"] = padded.kwargs["mode"]
+        return options
+
+    def symmetric_same_padding(self, node: fx.Node, x: fx.Node, weight: torch.Tensor,
+                               options: dict) -> fx.Node | None:
+        """A stride-2 depthwise conv after 'SAME' padding, rewritten to pad symmetrically itself; returns the
+        crop after it (None: not rewritten).
+
+        fbgemm runs depthwise convs on a fast path only when they pad (k − 1) / 2 on every side, so
+        SamePad2d → Conv2d(padding=0) becomes ShiftedSamePad2d → Conv2d(padding=(k − 1) / 2) → CropStart2d,
+        which reads the same pixels. ``options`` (the conv's) get the new padding.
+        """
+        kernel_size = tuple(weight.shape[2:])
+        stride, dilation = options.get("stride"), options.get("dilation")
+        if not (node.target is torch.nn.functional.conv2d and weight.shape[1] == 1
+                and options["padding"] == (0, 0) and options["padding_mode"] == "zeros"
+                and ShiftedSamePad2d.applies(kernel_size, stride, dilation)
+                and x.op == "call_module" and [u.target for u in x.users] == [DEQUANTIZE]
+                and next(iter(x.users)).users.keys() == {node}):
+            return None
+        same = self.gm.get_submodule(x.target)
+        if not (type(same) is SamePad2d and same.value == 0 and same.kernel_size == kernel_size
+                and same.stride == tuple(stride) and same.dilation == tuple(dilation)):
+            return None
+        self.gm.add_submodule(x.target, ShiftedSamePad2d(kernel_size, stride))
+        options["padding"] = tuple((k - 1) // 2 for k in kernel_size)
+        target = unique_name(self.gm, f"{node.name}_crop")
+        self.gm.add_submodule(target, CropStart2d())
+        with self.graph.inserting_after(node):
+            crop = self.graph.call_module(target, (node,))
+        node.replace_all_uses_with(crop, delete_user_cb=lambda user: user is not crop)
+        crop.meta = dict(node.meta)
+        node.meta.pop("tensor_meta", None)  # the padded conv's output is one row and column larger
+        return crop
 
     def clamp_contiguous(self, node: fx.Node) -> None:
         """On backends whose clamp kernel is wrong on channels-last data, a clamp-like op kept on int8 codes
         (a ReLU6 whose producer has other readers) reads its input made contiguous."""
-        if not (self.backend.clamp_needs_contiguous and role_of(self.gm, node) is Role.FUSED_ACT
-                and runs_clamp_kernel(self.gm, node)):
+        if not (self.backend.clamp_needs_contiguous and node.meta.get(INT8_OP_KEY) is not None
+                and node.meta[INT8_OP_KEY].op.role is Role.FUSED_ACT and runs_clamp_kernel(self.gm, node)):
             return
         value = node.args[0]
         with self.graph.inserting_before(node):
             contiguous = self.graph.call_method("contiguous", (value,))
         contiguous.meta = {**value.meta, QSTATE_KEY: "int8"}
         node.replace_input_with(value, contiguous)
-        self.quantized[contiguous] = True
 
     def sink_below_max_pool(self, clamp: fx.Node) -> None:
         """Swap ``clamp`` with the max pool that alone reads it; that pool then reads the clamp's input.
@@ -193,10 +425,8 @@ class _Lowering:
         Max pooling outputs values of its input, so it commutes with a clamp (the max of clamped values is
         the clamped max), and after it the clamp reads fewer values (a quarter after a stride-2 pool).
         """
-        if len(clamp.users) != 1:
-            return
-        pool = next(iter(clamp.users))
-        if not is_max_pool(self.gm, pool) or pool.args[0] is not clamp:
+        pool = _sole_user(clamp)
+        if pool is None or not is_max_pool(self.gm, pool) or pool.args[0] is not clamp:
             return
         pool.replace_input_with(clamp, clamp.args[0])
         pool.append(clamp)
@@ -205,170 +435,41 @@ class _Lowering:
         if "tensor_meta" in pool.meta:
             clamp.meta["tensor_meta"] = pool.meta["tensor_meta"]
 
-    def clamps_per_channel(self, node: fx.Node) -> bool:
-        """A ChannelClamp whose bounds differ by channel: the producer's output range holds the widest
-        bounds, the clamp stays to cut each channel at its own (on the int8 codes)."""
-        module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
-        return isinstance(module, ChannelClamp) and not module.uniform
-
-    def lower_observer(self, node: fx.Node) -> None:
-        observer = self.observer(node)
-        value = node.args[0]
-        grid = self.grids.observer_grid(observer)
-        if self.quantized.get(value, False):
-            result = value
-        else:
-            quantize, qparams = lowering.quantize_call(grid)
-            with self.graph.inserting_before(node):
-                result = self.graph.create_node("call_function", quantize, (value, *qparams),
-                                                name=f"{value.name}_quant")
-            result.meta[QSTATE_KEY] = "int8"
-            self.ctx.stats["quantize"] += 1
-        bounds = lowering.code_range(grid)
-        if bounds is not None:
-            with self.graph.inserting_before(node):
-                if self.backend.clamp_needs_contiguous:
-                    result = self.graph.call_method("contiguous", (result,))
-                result = self.graph.call_function(torch.clamp, (result, *bounds))
-            result.meta[QSTATE_KEY] = "int8"
-            self.code_clamps.append(result)
-        result.meta[QPARAMS_KEY] = {"scale": grid.scale, "zero_point": grid.zero_point,
-                                    "dtype": str(grid.quantized_dtype), "bits": observer.spec.bits}
-        node.replace_all_uses_with(result)
-        self.erase(node)
-        self.quantized[result] = True
-
-    def erase(self, node: fx.Node) -> None:
-        if node.op == "call_module":
-            self.erased_modules.add(node.target)
-        self.graph.erase_node(node)
-
-    def check_inputs_quantized(self, node: fx.Node) -> None:
-        for arg in node.all_input_nodes:
-            if arg in self.quantized and not self.quantized[arg]:
-                raise QPassesError(f"internal: int8 op '{node.name}' reads float value '{arg.name}'")
-
-    def lower_compute(self, node: fx.Node) -> None:
-        self.check_inputs_quantized(node)
-        if node.name in self.ann.float_output:
-            self.lower_float_output(node)
-            return
-        scale, zero_point = self.grids.output_qparams(node)
-        module = self.symmetric_same_padding(node, self.float_module(node), scale, zero_point)
-        # The weight grid QAT trained or AdaRound rounded on, else the one observed on it (weight_qparams_by_node).
-        qmodule = lowering.quantized_compute(module, self.ann.pairs[node.name].weight, scale, zero_point,
-                                             self.weights[node.name])
-        node.meta.pop(FLOAT_WEIGHT_KEY, None)
-        self.replace_module(node.target, qmodule)
-        self.mark_int8(node, scale, zero_point)
-        self.ctx.stats["int8_" + type(module).__name__.lower()] += 1
-
-    def lower_float_output(self, node: fx.Node) -> None:
-        """A linear that writes the model's output in float: the int8 kernel that dequantizes its accumulator."""
-        module = self.float_module(node)
-        lowered = lowering.float_output_compute(module, self.ann.pairs[node.name].weight, self.weights[node.name])
-        node.meta.pop(FLOAT_WEIGHT_KEY, None)
-        self.replace_module(node.target, lowered)
-        self.quantized[node] = False
-        node.meta[QSTATE_KEY] = "int8_float_output"
-        self.ctx.stats["float_output_" + type(module).__name__.lower()] += 1
-
-    def symmetric_same_padding(self, node: fx.Node, conv: nn.Module, scale: float, zero_point: int) -> nn.Module:
-        """A stride-2 depthwise conv after 'SAME' padding, rewritten to pad symmetrically itself.
-
-        fbgemm runs depthwise convs on a fast path only when they pad (k − 1) / 2 on every side, so
-        SamePad2d → Conv2d(padding=0) becomes ShiftedSamePad2d → Conv2d(padding=(k − 1) / 2) → CropStart2d,
-        which reads the same pixels. Returns the float conv to lower.
-        """
-        pad = node.args[0]
-        if not (type(conv) is nn.Conv2d and conv.groups == conv.in_channels and conv.padding == (0, 0)
-                and ShiftedSamePad2d.applies(conv.kernel_size, conv.stride, conv.dilation)
-                and isinstance(pad, fx.Node) and pad.op == "call_module" and len(pad.users) == 1):
-            return conv
-        same = self.gm.get_submodule(pad.target)
-        if not (type(same) is SamePad2d and same.value == 0 and same.kernel_size == conv.kernel_size
-                and same.stride == conv.stride and same.dilation == conv.dilation):
-            return conv
-        self.replace_module(pad.target, ShiftedSamePad2d(conv.kernel_size, conv.stride))
-        padded = copy.copy(conv)
-        padded.padding = tuple((k - 1) // 2 for k in conv.kernel_size)
-        target = unique_name(self.gm, f"{node.name}_crop")
-        self.gm.add_submodule(target, CropStart2d())
-        with self.graph.inserting_after(node):
-            crop = self.graph.call_module(target, (node,))
-        node.replace_all_uses_with(crop, delete_user_cb=lambda user: user is not crop)
-        crop.meta = dict(node.meta)
-        node.meta.pop("tensor_meta", None)  # the padded conv's output is one row and column larger
-        self.mark_int8(crop, scale, zero_point)
-        return padded
-
-    def lower_functional(self, node: fx.Node, role: Role) -> None:
-        """``owner.method(*args)`` on a FloatFunctional becomes a direct call of the quantized op."""
-        self.check_inputs_quantized(node)
-        scale, zero_point = self.grids.output_qparams(node) if role is Role.FUNCTIONAL else (1.0, 0)
-        owner, *args = node.args
-        op, args, kwargs = lowering.quantized_functional_call(node.target, tuple(args), dict(node.kwargs),
-                                                              scale, zero_point)
-        with self.graph.inserting_before(node):
-            call = self.graph.call_function(op, args, kwargs)
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        self.ctx.stats[f"int8_{node.target}"] += 1
-        self.erase(node)
-        if not owner.users:
-            self.erased_modules.add(owner.target)
-            self.graph.erase_node(owner)
-        self.mark_int8(call, scale, zero_point)
-
-    def lower_unary(self, node: fx.Node) -> None:
-        self.check_inputs_quantized(node)
-        scale, zero_point = self.grids.output_qparams(node)
-        if node.op == "call_module":
-            qmodule = lowering.quantized_unary(self.float_module(node), scale, zero_point)  # may rename the target
-            self.replace_module(node.target, qmodule)
-        else:
-            float_module = _module_of_call(node)
-            target = unique_name(self.gm, f"{node.name}_q")
-            self.gm.add_submodule(target, lowering.quantized_unary(float_module, scale, zero_point))
-            with self.graph.inserting_before(node):
-                new = self.graph.call_module(target, (node.args[0],))
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            self.graph.erase_node(node)
-            node = new
-        self.mark_int8(node, scale, zero_point)
-        self.ctx.stats["int8_unary"] += 1
-
-    def float_module(self, node: fx.Node) -> nn.Module:
-        """The float module ``node`` calls, which its int8 form will replace. A module called from several
-        places (``conv(conv(x))``) gets an int8 module per call: each call writes at its own qparams, so a
-        call after the first is pointed at a new name, and the weights are packed once per call."""
-        float_module = self.lowered_modules.get(node.target)
-        if float_module is not None:
-            node.target = unique_name(self.gm, f"{node.target}_{node.name}")
-            self.gm.add_submodule(node.target, float_module)
-        self.lowered_modules[node.target] = self.gm.get_submodule(node.target)
-        return self.lowered_modules[node.target]
-
-    def mark_int8(self, node: fx.Node, scale: float, zero_point: int) -> None:
-        self.quantized[node] = True
-        node.meta[QSTATE_KEY] = "int8"
-        node.meta[QPARAMS_KEY] = {"scale": scale, "zero_point": zero_point}
-
-    def replace_module(self, target: str, module) -> None:
-        parent, _, child = target.rpartition(".")
-        setattr(self.gm.get_submodule(parent) if parent else self.gm, child, module)
-
-    def dequantize_inputs(self, node: fx.Node) -> None:
-        def swap(arg):
-            if isinstance(arg, fx.Node) and self.quantized.get(arg, False):
-                if arg not in self.dequantized:
-                    with self.graph.inserting_after(arg):
-                        self.dequantized[arg] = self.graph.call_method("dequantize", (arg,))
+    def dequantize_float_reads(self) -> None:
+        """Each ``dq`` left reads an int8 value for a float op or the output: one ``.dequantize()`` per value
+        (placed after it), except for shape queries, which read the codes."""
+        dequantized: dict[fx.Node, fx.Node] = {}
+        for node in list(self.graph.nodes):
+            if node.target is not DEQUANTIZE or node.args[0] not in self.codes:
+                continue
+            value = node.args[0]
+            for user in list(node.users):
+                if user.op == "call_method" and user.target in _SHAPE_QUERIES:
+                    user.replace_input_with(node, value)
+            if node.users:
+                if value not in dequantized:
+                    with self.graph.inserting_after(value):
+                        dequantized[value] = self.graph.call_method("dequantize", (value,))
                     self.ctx.stats["dequantize"] += 1
-                return self.dequantized[arg]
-            return arg
+                node.replace_all_uses_with(dequantized[value])
+            self.graph.erase_node(node)
 
-        node.args = fx.map_arg(node.args, swap)
-        node.kwargs = fx.map_arg(node.kwargs, swap)
+    def erase_unused(self, nodes: list[fx.Node]) -> None:
+        """Erase the reference nodes a pattern consumed (weight dequantizes, their buffers, padding) once
+        nothing reads them."""
+        for node in nodes:
+            if node.users or node._erased:
+                continue
+            inputs = node.all_input_nodes
+            if node.op == "get_attr":
+                self.dropped_attributes.add(node.target)
+            self.graph.erase_node(node)
+            self.erase_unused(inputs)
 
+    def delete_unused_state(self) -> None:
+        referenced = {n.target for n in self.graph.nodes if n.op in ("call_module", "get_attr")}
+        for name in sorted(self.dropped_modules - referenced):
+            self.gm.delete_submodule(name)
+        for name in sorted(self.dropped_attributes - referenced):
+            parent, _, child = name.rpartition(".")
+            delattr(self.gm.get_submodule(parent) if parent else self.gm, child)

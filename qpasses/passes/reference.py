@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.fx as fx
@@ -15,18 +17,40 @@ from qpasses.quant import lowering
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.backends import Backend, get_backend
 from qpasses.quant.grids import Grid, Grids, WeightQParams, weight_qparams_by_node
-from qpasses.quant.ops import FLOAT_FUNCTIONAL_OPS, Role, entry_for, returns_input
-from qpasses.quant.state import QPARAMS_KEY, QSTATE_KEY, WEIGHT_QPARAMS_KEY, existing_state, state_of
+from qpasses.quant.ops import Op, Role, module_op, op_of, returns_input
+from qpasses.quant.state import (
+    INT8_OP_KEY,
+    QPARAMS_KEY,
+    QSTATE_KEY,
+    WEIGHT_QPARAMS_KEY,
+    existing_state,
+    state_of,
+)
 
 QUANTIZE = torch.ops.quantized_decomposed.quantize_per_tensor.default
 DEQUANTIZE = torch.ops.quantized_decomposed.dequantize_per_tensor.default
 DEQUANTIZE_PER_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
 
-# The functional op each int8 compute module runs in the reference graph, as convert_pt2e leaves it.
-_FUNCTIONAL_FORM = {
-    nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d,
-    nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d, nn.Linear: F.linear,
-}
+
+
+@dataclass(frozen=True)
+class Int8Op:
+    """What a node of the reference graph runs as in the int8 graph (``node.meta[INT8_OP_KEY]``), for the
+    lowerings that read the reference graph: ``op``, its record in the op table; ``role``, as annotated (a
+    clamp-like activation not folded into its producer is ``PRESERVING``); ``module``, the module the observed
+    graph called (a conv/linear's, which the reference graph replaced by its functional form), None for a
+    function or method call."""
+
+    op: Op
+    role: Role
+    module: str | None
+
+    def __deepcopy__(self, memo: dict) -> Int8Op:  # immutable
+        return self
+
+
+_INT8_ROLES = (Role.COMPUTE, Role.FUNCTIONAL, Role.DERIVED, Role.REQUANT, Role.FIXED, Role.PRESERVING,
+               Role.FUSED_ACT)
 
 
 def annotation_for(gm: fx.GraphModule, backend: str | None) -> tuple[Annotation, Backend]:
@@ -65,7 +89,9 @@ class Reference(Pass):
     computes on codes; a linear whose int8 kernel writes the model's output in float has no quantize after it;
     values in a cat group share the cat's grid; a ChannelClamp stays before its quantize. Identity and dropout
     calls are dropped. So the graph, run in float, is the simulation of the int codes the backend's kernels
-    compute (to float rounding at ties).
+    compute (to float rounding at ties). Each node that the int8 graph runs as an int8 op (a conv keeps the
+    name of the call it replaces) carries an :class:`Int8Op` in ``node.meta[INT8_OP_KEY]``, which ``Lower``'s
+    patterns read.
 
     Requires: ``calibrated`` (after PTQ's Calibrate, or a trained QAT graph at ``qpasses.qat.convert``).
     Provides: ``reference``. The result records ``state_of(gm).reference_backend``; it runs on any device, with
@@ -174,6 +200,9 @@ class _ReferenceBuilder:
             node.replace_all_uses_with(node.args[0])
             self.graph.erase_node(node)
             return
+        if role in _INT8_ROLES and (self.quantized[node] or role is Role.COMPUTE):
+            node.meta[INT8_OP_KEY] = Int8Op(op_of(self.gm, node), role,
+                                            node.target if node.op == "call_module" else None)
         if role is Role.COMPUTE:
             node = self.compute(node)
         elif role in (Role.FUNCTIONAL, Role.DERIVED):
@@ -200,8 +229,9 @@ class _ReferenceBuilder:
     def compute(self, node: fx.Node) -> fx.Node:
         """A conv/linear module call → its functional op on the dequantized int8 weight and the float bias."""
         module = self.gm.get_submodule(node.target)
-        function = entry_for(module, _FUNCTIONAL_FORM)
-        if function is None or len(node.args) != 1 or node.kwargs:
+        op = module_op(module)
+        computes_as_table = op is not None and any(type(module).forward is base.forward for base in op.modules)
+        if not computes_as_table or len(node.args) != 1 or node.kwargs:
             raise QPassesError(f"no int8 reference form for {type(module).__name__} '{node.target}' called with "
                                f"{len(node.args)} argument(s); keep it float with QuantConfig overrides")
         self.replaced_modules.add(node.target)
@@ -232,15 +262,12 @@ class _ReferenceBuilder:
                                                  {"mode": module.padding_mode})
                     padding = (0,) * len(module.kernel_size)
                 args = (x, weight, bias, module.stride, padding, module.dilation, module.groups)
-            call = self.graph.call_function(function, args)
-        call.meta = dict(node.meta)
-        call.meta.pop(WEIGHT_QPARAMS_KEY, None)
-        call.meta[QSTATE_KEY] = "int8" if self.quantized[node] else "int8_float_output"
-        self.move_decisions(node, call)
-        node.replace_all_uses_with(call)
-        self.graph.erase_node(node)
+        # The call becomes the functional op in place: it keeps its name, metadata and readers.
+        node.op, node.target, node.args, node.kwargs = "call_function", op.reference[0], args, {}
+        node.meta.pop(WEIGHT_QPARAMS_KEY, None)
+        node.meta[QSTATE_KEY] = "int8" if self.quantized[node] else "int8_float_output"
         self.ctx.stats["int8_" + type(module).__name__.lower()] += 1
-        return call
+        return node
 
     def bias(self, node: fx.Node, module: nn.Module, weight_scale: torch.Tensor, spec) -> torch.Tensor:
         """The float bias, on the int32 grid ``s_in·s_w`` (per output channel) where the kernels round it there."""
@@ -256,27 +283,27 @@ class _ReferenceBuilder:
         return self.graph.get_attr(target)
 
     def float_functional(self, node: fx.Node) -> fx.Node:
-        """``owner.method(*args)`` on a FloatFunctional → the float ops it computes (``FLOAT_FUNCTIONAL_OPS``)."""
+        """``owner.method(*args)`` on a FloatFunctional → the float ops it computes (its record's ``reference``),
+        the first in place of the call; returns the last."""
         owner, *args = node.args
-        first, *rest = FLOAT_FUNCTIONAL_OPS[node.target]
-        with self.graph.inserting_before(node):
-            call = self.graph.call_function(first, tuple(args), dict(node.kwargs))
-            for op in rest:
-                call = self.graph.call_function(op, (call,))
-        call.meta = dict(node.meta)
+        first, *rest = op_of(self.gm, node).reference
         self.ctx.stats[f"int8_{node.target}"] += 1
-        self.move_decisions(node, call)
-        node.replace_all_uses_with(call)
-        self.graph.erase_node(node)
+        node.op, node.target, node.args = "call_function", first, tuple(args)
+        last = node
+        for function in rest:
+            with self.graph.inserting_after(last):
+                call = self.graph.call_function(function, (last,))
+            call.meta = {key: value for key, value in last.meta.items() if key != INT8_OP_KEY}
+            last.replace_all_uses_with(call, delete_user_cb=lambda user, call=call: user is not call)
+            last = call
+        if last is not node:
+            for table in (self.quantized, self.grid_after):
+                if node in table:
+                    table[last] = table.pop(node)
         if not owner.users:
             self.replaced_modules.add(owner.target)
             self.graph.erase_node(owner)
-        return call
-
-    def move_decisions(self, old: fx.Node, new: fx.Node) -> None:
-        for table in (self.quantized, self.grid_after, self.input_grid):
-            if old in table:
-                table[new] = table.pop(old)
+        return last
 
     def one_dequantize_per_reader(self) -> None:
         """Each reader of an int8 value gets its own dequantize, as ``convert_pt2e`` emits them: a pattern

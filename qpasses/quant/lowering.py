@@ -17,8 +17,8 @@ from torch import nn
 
 from qpasses.errors import QPassesError
 from qpasses.graph.modules import unique_name
+from qpasses.quant import ops
 from qpasses.quant.observers import make_observer
-from qpasses.quant.ops import DERIVED_METHODS, entry_for
 from qpasses.quant.spec import QuantSpec
 from qpasses.quant.state import FLOAT_WEIGHT_KEY
 
@@ -127,15 +127,6 @@ class FloatOutputLinear(QuantizedLinear):
 # onednn raise "not implemented for this packed parameter type").
 _FLOAT_OUTPUT_LINEAR_ENGINES = ("x86", "fbgemm")
 
-_QUANTIZED_COMPUTE = {
-    nn.Conv1d: QuantizedConv1d,
-    nn.Conv2d: QuantizedConv2d,
-    nn.Conv3d: QuantizedConv3d,
-    nn.ConvTranspose1d: QuantizedConvTranspose1d,
-    nn.ConvTranspose2d: QuantizedConvTranspose2d,
-    nn.Linear: QuantizedLinear,
-}
-
 
 @contextlib.contextmanager
 def quantized_engine(engine: str | None) -> Iterator[None]:
@@ -217,7 +208,7 @@ def weight_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor,
 
 def fake_quantize_weight(weight: torch.Tensor, spec: QuantSpec,
                          qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """``weight`` rounded to the grid lowering will put it on (``qparams`` if given, as for ``quantize_weight``),
+    """``weight`` rounded to the grid lowering will put it on (``qparams`` if given, as for ``weight_codes``),
     as float (for simulating the int8 model)."""
     scale, zero_point = qparams if qparams is not None else weight_qparams(weight, spec)
     return on_grid(weight.detach().float(), scale, zero_point, spec)
@@ -241,35 +232,31 @@ def weight_codes(weight: torch.Tensor, spec: QuantSpec, qparams: tuple[torch.Ten
     return codes.clamp(spec.code_min, spec.code_max).to(dtype), scale, zero_point
 
 
-def quantize_weight(weight: torch.Tensor, spec: QuantSpec,
-                    qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """``weight`` as a quantized tensor whose codes lie in the spec's (possibly sub-8-bit) range, at
-    ``qparams`` (scale, zero point) if given (e.g. trained by QAT), else at the range observed on it: the
-    codes of ``weight_codes``."""
-    codes, scale, zero_point = weight_codes(weight, spec, qparams)
-    if spec.per_channel:
-        return torch._make_per_channel_quantized_tensor(codes, scale.double(), zero_point, spec.axis)
+def quantized_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                     axis: int | None) -> torch.Tensor:
+    """The quantized tensor of int8 weight ``codes`` (``torch.int8``/``torch.uint8``) at per-channel (along
+    ``axis``) or, where ``axis`` is None, per-tensor ``scale`` and ``zero_point``."""
+    if axis is not None:
+        return torch._make_per_channel_quantized_tensor(codes, scale.double(), zero_point.long(), axis)
     return torch._make_per_tensor_quantized_tensor(codes, float(scale), int(zero_point))
 
 
-def quantized_compute(module: nn.Module, spec: QuantSpec, scale: float, zero_point: int,
-                      trained_qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
-    """The int8 version of a conv or linear layer, writing its output at (``scale``, ``zero_point``), its
-    weight at ``trained_qparams`` if given (e.g. by QAT), else at the weight's observed range."""
-    cls = entry_for(module, _QUANTIZED_COMPUTE)
-    if cls is None:
-        raise QPassesError(f"no int8 kernel for {type(module).__name__}")
-    qweight = quantize_weight(module.weight, weight_spec(module, spec), trained_qparams)
-    bias = module.bias.detach() if module.bias is not None else None
-    if isinstance(module, nn.Linear):
-        qmodule = cls(module.in_features, module.out_features, bias_=bias is not None)
-    elif isinstance(module, nn.ConvTranspose1d | nn.ConvTranspose2d):
-        qmodule = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                      module.output_padding, module.groups, bias is not None, module.dilation)
+def quantized_compute(cls: type[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                      zero_point: int, stride: tuple = (), padding: tuple = (), dilation: tuple = (),
+                      groups: int = 1, output_padding: tuple = (), padding_mode: str = "zeros") -> nn.Module:
+    """The int8 conv or linear ``cls`` (a :class:`QuantizedLinear`, ``QuantizedConv*`` or
+    ``QuantizedConvTranspose*``) packing the quantized ``weight`` with the float ``bias``, writing its output at
+    (``scale``, ``zero_point``); the conv's geometry as ``F.conv*``/``F.conv_transpose*`` take it."""
+    kernel_size = tuple(int(k) for k in weight.shape[2:])
+    if issubclass(cls, QuantizedLinear):
+        qmodule = cls(weight.shape[1], weight.shape[0], bias_=bias is not None)
+    elif issubclass(cls, nnq.ConvTranspose1d | nnq.ConvTranspose2d):
+        qmodule = cls(weight.shape[0], weight.shape[1] * groups, kernel_size, stride, padding, output_padding,
+                      groups, bias is not None, dilation)
     else:
-        qmodule = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                      module.dilation, module.groups, bias is not None, module.padding_mode)
-    qmodule.set_weight_bias(qweight, bias)
+        qmodule = cls(weight.shape[1] * groups, weight.shape[0], kernel_size, stride, padding, dilation, groups,
+                      bias is not None, padding_mode)
+    qmodule.set_weight_bias(weight, bias)
     qmodule.scale, qmodule.zero_point = float(scale), int(zero_point)
     qmodule.packed_for = torch.backends.quantized.engine
     return qmodule
@@ -278,66 +265,32 @@ def quantized_compute(module: nn.Module, spec: QuantSpec, scale: float, zero_poi
 def has_float_output_kernel(module: nn.Module, engine: str) -> bool:
     """Whether ``engine`` has an int8 kernel for ``module`` that writes float (a linear on x86/fbgemm; no
     engine's quantized convs do)."""
-    return entry_for(module, _QUANTIZED_COMPUTE) is QuantizedLinear and engine in _FLOAT_OUTPUT_LINEAR_ENGINES
+    op = ops.module_op(module)
+    return (op is not None and op.lowering is QuantizedLinear and type(module).forward is nn.Linear.forward
+            and engine in _FLOAT_OUTPUT_LINEAR_ENGINES)
 
 
-def float_output_compute(module: nn.Module, spec: QuantSpec,
-                         trained_qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
-    """The int8 linear ``module`` writing float (:class:`FloatOutputLinear`; see ``has_float_output_kernel``),
-    its weight at ``trained_qparams`` if given, as ``quantized_compute``."""
-    if not has_float_output_kernel(module, torch.backends.quantized.engine):
+def float_output_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """The int8 linear of the quantized ``weight`` and float ``bias`` writing float (:class:`FloatOutputLinear`;
+    see ``has_float_output_kernel``)."""
+    if torch.backends.quantized.engine not in _FLOAT_OUTPUT_LINEAR_ENGINES:
         raise QPassesError(f"internal: the {torch.backends.quantized.engine} engine has no int8 kernel for "
-                           f"{type(module).__name__} that writes float")
-    plain = quantized_compute(module, spec, 1.0, 0, trained_qparams)
+                           "Linear that writes float")
+    plain = quantized_compute(QuantizedLinear, weight, bias, 1.0, 0)
     lowered = FloatOutputLinear.from_packing_args(plain.packing_args())
     lowered.packed_for = plain.packed_for
     return lowered
 
 
-def quantized_unary(module: nn.Module, scale: float, zero_point: int) -> nn.Module:
-    """Hardswish, LeakyReLU, ELU with output (``scale``, ``zero_point``)."""
-    if isinstance(module, nn.Hardswish):
-        return nnq.Hardswish(scale, zero_point)
-    if isinstance(module, nn.LeakyReLU):
-        return nnq.LeakyReLU(scale, zero_point, module.negative_slope)
-    if isinstance(module, nn.ELU):
-        return nnq.ELU(scale, zero_point, module.alpha)
-    raise QPassesError(f"no int8 kernel for {type(module).__name__}")
-
-
-# FloatFunctional method → the quantized op its int8 form is, called directly from the graph as torch.ao's
-# FX convert does: QFunctional and Quantize modules cost a Python call, an Identity post-process and a read of
-# tensor qparams per op (about 30 µs of a 4 ms ResNet-18 forward), and their qparams are constants anyway.
-QUANTIZED_FUNCTIONAL_OPS = {
-    "add": torch.ops.quantized.add,
-    "add_relu": torch.ops.quantized.add_relu,
-    "mul": torch.ops.quantized.mul,
-    "cat": torch.ops.quantized.cat,
-    "add_scalar": torch.ops.quantized.add_scalar,
-    "mul_scalar": torch.ops.quantized.mul_scalar,
-}
-
-
-def quantized_functional_call(method: str, args: tuple, kwargs: dict, scale: float,
-                              zero_point: int) -> tuple[object, tuple, dict]:
-    """The (op, args, kwargs) of a graph call that runs FloatFunctional ``method`` on int8 inputs, writing its
-    output at (``scale``, ``zero_point``)."""
-    op = QUANTIZED_FUNCTIONAL_OPS.get(method)
-    if op is None:
-        raise QPassesError(f"no int8 kernel for FloatFunctional.{method}")
-    if method in DERIVED_METHODS:  # the kernel derives its output qparams from its input's
-        return op, args, kwargs
-    return op, args, {**kwargs, "scale": float(scale), "zero_point": int(zero_point)}
-
-
 def kernel_output_grid(gm: fx.GraphModule, node: fx.Node, grid: tuple[float, int],
                        dtype: torch.dtype = torch.quint8) -> tuple[float, int]:
     """The (scale, zero point) the int8 kernel of ``node`` (a fixed-range or derived op: sigmoid, tanh,
-    ``FloatFunctional.add_scalar``, ...) writes on an input at ``grid`` (codes of quantized ``dtype``), read from the kernel itself on a
-    one-element probe: the kernel decides it, so no table of it can drift from it."""
+    ``FloatFunctional.add_scalar``, ...) writes on an input at ``grid`` (codes of quantized ``dtype``), read from
+    the kernel itself on a one-element probe: the kernel decides it, so no table of it can drift from it."""
     probe = torch.quantize_per_tensor(torch.zeros(1), grid[0], grid[1], dtype)
-    if node.op == "call_method" and node.target in QUANTIZED_FUNCTIONAL_OPS:  # a derived scalar op
-        out = QUANTIZED_FUNCTIONAL_OPS[node.target](probe, node.args[-1])
+    op = ops.op_of(gm, node)
+    if op is not None and op.role is ops.Role.DERIVED:  # the quantized op of a FloatFunctional scalar method
+        out = op.lowering(probe, node.args[-1])
     elif node.op == "call_module":
         out = gm.get_submodule(node.target)(probe)
     elif node.op == "call_method":

@@ -1,22 +1,33 @@
-"""Which ops have int8 kernels, and how each treats quantization parameters.
+"""The op table: one record per op that qpasses quantizes, read by every stage.
 
-Every node gets a role; observer insertion and lowering both read this one table, so the decision
-"what runs int8" is made in one place.
+A record (:class:`Op`) says how the graph calls the op (module classes, functions, Tensor methods, or a
+``FloatFunctional`` method), its role (which is its qparam rule: its own requantized output grid, the grid its
+kernel derives or fixes, its input's grid, or folded into its producer's range), whether clamp-like activations
+after it fold into its output range, what the reference quantized graph runs it as, and its torch.ao int8 form
+(``lowering``), which ``Lower``'s pattern for its role builds. Annotation (``role_of``), the reference graph
+(``qpasses.passes.reference``), the grids (``qpasses.quant.grids``) and the torch.ao lowering
+(``qpasses.passes.lower``) all read these records, so adding an op touches this table and, for a new kind of
+int8 form, ``qpasses.quant.lowering``. The other runtimes (``qpasses.lower``) lower the reference graph with
+their own toolchains and need nothing from it.
 """
 
 from __future__ import annotations
 
 import enum
 import operator
-from typing import TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
+import torch.ao.nn.quantized as nnq
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 
 from qpasses.nn import ChannelClamp, SamePad2d
+from qpasses.quant import lowering
 
 T = TypeVar("T")
 
@@ -33,43 +44,161 @@ class Role(enum.Enum):
     NONE = "none"  # not a tensor computation (placeholders, output, sizes, attributes)
 
 
-COMPUTE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d)
-REQUANT_MODULES = (nn.Hardswish, nn.LeakyReLU, nn.ELU)
-# The functional form of each: lowering builds the module from the call's own arguments.
-REQUANT_FUNCTION_MODULES: dict[object, type[nn.Module]] = {
-    F.hardswish: nn.Hardswish, F.leaky_relu: nn.LeakyReLU, F.elu: nn.ELU,
-}
-REQUANT_FUNCTIONS = tuple(REQUANT_FUNCTION_MODULES)
-FIXED_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh)
-FIXED_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.tanh, F.tanh)
-FIXED_METHODS = ("sigmoid", "tanh")
-PRESERVING_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Dropout, nn.Identity, nn.Upsample, SamePad2d,
+# Roles whose int8 op writes its output at a grid of its own; clamp-like activations after it fold into that range.
+REQUANTIZING = (Role.COMPUTE, Role.FUNCTIONAL, Role.REQUANT)
+
+
+@dataclass(frozen=True, eq=False)
+class Op:
+    """One op's record.
+
+    ``name``: how counters and messages call it. ``role``: what it does with qparams (see :class:`Role`).
+    How the graph calls it: ``modules`` (classes; a subclass counts, as ``isinstance``), ``functions``
+    (``call_function`` targets), ``methods`` (Tensor methods), ``float_functional`` (the ``FloatFunctional``
+    method). ``reference``: the float functions the reference graph runs it as, the first on the call's
+    arguments, each later one on the previous result (a conv module: ``F.conv2d`` on its dequantized int8
+    weight; ``FloatFunctional.add_relu``: ``torch.add`` then ``torch.relu``); empty: the call stays as it is.
+    ``lowering``: its torch.ao int8 form, as the pattern of its role uses it: for ``COMPUTE`` the
+    ``qpasses.quant.lowering`` module class packing the weight; for ``REQUANT`` a builder
+    ``(float module, scale, zero_point) → int8 module``; for ``FUNCTIONAL``/``DERIVED`` the
+    ``torch.ops.quantized`` op called on the int8 inputs (``FUNCTIONAL`` with the output scale and zero point);
+    None: the op itself runs on the int8 codes (qparams-preserving, fixed-range and clamp-like ops).
+    ``inference_identity``: a module that returns its input at inference (identity, dropout), dropped from
+    quantized graphs.
+    """
+
+    name: str
+    role: Role
+    modules: tuple[type[nn.Module], ...] = ()
+    functions: tuple[Callable[..., Any], ...] = ()
+    methods: tuple[str, ...] = ()
+    float_functional: str | None = None
+    reference: tuple[Callable[..., Any], ...] = ()
+    lowering: Any = None
+    inference_identity: bool = False
+
+    @property
+    def folds_activations(self) -> bool:
+        """Whether a clamp-like activation that alone reads its output folds into its output range."""
+        return self.role in REQUANTIZING
+
+    def __deepcopy__(self, memo: dict) -> Op:  # a constant of the table, held in node metadata
+        return self
+
+
+def _preserving(name: str, *modules: type[nn.Module], functions: tuple = (), methods: tuple = (),
+                inference_identity: bool = False) -> Op:
+    return Op(name, Role.PRESERVING, modules, functions, methods, inference_identity=inference_identity)
+
+
+def _fixed(name: str, *modules: type[nn.Module], functions: tuple = (), methods: tuple = ()) -> Op:
+    return Op(name, Role.FIXED, modules, functions, methods)
+
+
+def _clamp_like(name: str, *modules: type[nn.Module], functions: tuple = (), methods: tuple = ()) -> Op:
+    return Op(name, Role.FUSED_ACT, modules, functions, methods)
+
+
+OPS: tuple[Op, ...] = (
+    # Weighted ops: the reference graph calls the functional form on the dequantized int8 weight.
+    Op("conv1d", Role.COMPUTE, (nn.Conv1d,), reference=(F.conv1d,), lowering=lowering.QuantizedConv1d),
+    Op("conv2d", Role.COMPUTE, (nn.Conv2d,), reference=(F.conv2d,), lowering=lowering.QuantizedConv2d),
+    Op("conv3d", Role.COMPUTE, (nn.Conv3d,), reference=(F.conv3d,), lowering=lowering.QuantizedConv3d),
+    Op("conv_transpose1d", Role.COMPUTE, (nn.ConvTranspose1d,), reference=(F.conv_transpose1d,),
+       lowering=lowering.QuantizedConvTranspose1d),
+    Op("conv_transpose2d", Role.COMPUTE, (nn.ConvTranspose2d,), reference=(F.conv_transpose2d,),
+       lowering=lowering.QuantizedConvTranspose2d),
+    Op("linear", Role.COMPUTE, (nn.Linear,), reference=(F.linear,), lowering=lowering.QuantizedLinear),
+    # Unary ops whose int8 module takes output qparams; a functional call is lowered through its module class.
+    Op("hardswish", Role.REQUANT, (nn.Hardswish,), (F.hardswish,),
+       lowering=lambda module, scale, zero_point: nnq.Hardswish(scale, zero_point)),
+    Op("leaky_relu", Role.REQUANT, (nn.LeakyReLU,), (F.leaky_relu,),
+       lowering=lambda module, scale, zero_point: nnq.LeakyReLU(scale, zero_point, module.negative_slope)),
+    Op("elu", Role.REQUANT, (nn.ELU,), (F.elu,),
+       lowering=lambda module, scale, zero_point: nnq.ELU(scale, zero_point, module.alpha)),
+    # FloatFunctional arithmetic, lowered to direct calls of the quantized ops with constant qparams, as
+    # torch.ao's FX convert emits them (a module per op costs a Python call and a read of tensor qparams).
+    Op("add", Role.FUNCTIONAL, float_functional="add", reference=(torch.add,), lowering=torch.ops.quantized.add),
+    Op("add_relu", Role.FUNCTIONAL, float_functional="add_relu", reference=(torch.add, torch.relu),
+       lowering=torch.ops.quantized.add_relu),
+    Op("mul", Role.FUNCTIONAL, float_functional="mul", reference=(torch.mul,), lowering=torch.ops.quantized.mul),
+    Op("cat", Role.FUNCTIONAL, float_functional="cat", reference=(torch.cat,), lowering=torch.ops.quantized.cat),
+    Op("add_scalar", Role.DERIVED, float_functional="add_scalar", reference=(torch.add,),
+       lowering=torch.ops.quantized.add_scalar),
+    Op("mul_scalar", Role.DERIVED, float_functional="mul_scalar", reference=(torch.mul,),
+       lowering=torch.ops.quantized.mul_scalar),
+    # Fixed-range ops: the quantized kernel writes on a grid of its own.
+    _fixed("sigmoid", nn.Sigmoid, functions=(torch.sigmoid, F.sigmoid), methods=("sigmoid",)),
+    _fixed("hardsigmoid", nn.Hardsigmoid, functions=(F.hardsigmoid,)),
+    _fixed("tanh", nn.Tanh, functions=(torch.tanh, F.tanh), methods=("tanh",)),
+    # Ops that keep their input's qparams: on int8 input they run on the codes.
+    _preserving("max_pool", nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                functions=(F.max_pool1d, F.max_pool2d, F.max_pool3d)),
+    _preserving("avg_pool", nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                functions=(F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)),
+    _preserving("adaptive_avg_pool", nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                functions=(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)),
+    _preserving("mean", functions=(torch.mean,), methods=("mean",)),
+    _preserving("flatten", nn.Flatten, functions=(torch.flatten,), methods=("flatten",)),
+    _preserving("reshape", functions=(torch.reshape,), methods=("view", "reshape")),
+    _preserving("transpose", functions=(torch.transpose,), methods=("transpose",)),
+    _preserving("permute", functions=(torch.permute,), methods=("permute",)),
+    _preserving("squeeze", functions=(torch.squeeze,), methods=("squeeze",)),
+    _preserving("unsqueeze", functions=(torch.unsqueeze,), methods=("unsqueeze",)),
+    _preserving("contiguous", methods=("contiguous",)),
+    _preserving("expand", methods=("expand", "expand_as")),
+    _preserving("repeat", methods=("repeat",)),
+    _preserving("chunk", functions=(torch.chunk,), methods=("chunk",)),
+    _preserving("split", functions=(torch.split,), methods=("split",)),
+    _preserving("getitem", functions=(operator.getitem,)),
+    _preserving("upsample", nn.Upsample, functions=(F.interpolate,)),
+    _preserving("same_pad", SamePad2d),
+    _preserving("dropout", nn.Dropout, functions=(F.dropout,), inference_identity=True),
+    _preserving("identity", nn.Identity, inference_identity=True),
+    # Clamp-like activations: folded into the producer's output range when they alone read a requantizing
+    # op's output, otherwise they keep their input's qparams (the quantized kernels clamp in place). A
+    # ChannelClamp with unequal bounds is folded for its widest range and still clamps the codes per channel.
+    _clamp_like("relu", nn.ReLU, functions=(F.relu, torch.relu), methods=("relu",)),
+    _clamp_like("relu6", nn.ReLU6, functions=(F.relu6,)),
+    _clamp_like("hardtanh", nn.Hardtanh, functions=(F.hardtanh,)),
+    _clamp_like("clamp", functions=(torch.clamp,), methods=("clamp",)),
+    _clamp_like("channel_clamp", ChannelClamp),
 )
-PRESERVING_FUNCTIONS = (
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, F.dropout,
-    F.interpolate, torch.mean, torch.chunk, torch.split, operator.getitem,
-)
-PRESERVING_METHODS = (
-    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "mean",
-    "chunk", "split", "expand", "expand_as", "repeat",
-)
-# Clamp-like activations: folded into the producer's output range when they alone read it, otherwise
-# they keep their input's qparams (the quantized kernels clamp in place).
-# A ChannelClamp with unequal bounds is folded for its range and still clamps the codes per channel.
-FUSABLE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, ChannelClamp)
-FUSABLE_FUNCTIONS = (F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp)
-FUSABLE_METHODS = ("relu", "clamp")
-FUNCTIONAL_METHODS = ("add", "add_relu", "mul", "cat")
-DERIVED_METHODS = ("add_scalar", "mul_scalar")
-# The float ops each FloatFunctional method computes, in order: the first takes the method's arguments, each
-# later one the previous result (the reference graph's form of the method).
-FLOAT_FUNCTIONAL_OPS: dict[str, tuple[object, ...]] = {
-    "add": (torch.add,), "add_relu": (torch.add, torch.relu), "mul": (torch.mul,), "cat": (torch.cat,),
-    "add_scalar": (torch.add,), "mul_scalar": (torch.mul,),
-}
+
+
+def _index(keys: Callable[[Op], tuple]) -> dict:
+    index: dict = {}
+    for op in OPS:
+        for key in keys(op):
+            if key in index:
+                raise AssertionError(f"op table: {key!r} is in both '{index[key].name}' and '{op.name}'")
+            index[key] = op
+    return index
+
+
+# Lookups into OPS by how the graph calls an op (views of the table, not tables of their own).
+_BY_MODULE: dict[type[nn.Module], Op] = _index(lambda op: op.modules)
+_BY_FUNCTION: dict[Callable[..., Any], Op] = _index(lambda op: op.functions)
+_BY_METHOD: dict[str, Op] = _index(lambda op: op.methods)
+_BY_FLOAT_FUNCTIONAL: dict[str, Op] = _index(lambda op: (op.float_functional,) if op.float_functional else ())
+
+
+def module_op(module: nn.Module) -> Op | None:
+    """The record of ``module``'s class, or of the nearest class it subclasses."""
+    return next((_BY_MODULE[base] for base in type(module).__mro__ if base in _BY_MODULE), None)
+
+
+def op_of(gm: fx.GraphModule, node: fx.Node) -> Op | None:
+    """The record of the op ``node`` calls, None for one the table does not know (it runs float)."""
+    if node.op == "call_module":
+        return module_op(gm.get_submodule(node.target))
+    if node.op == "call_function":
+        return _BY_FUNCTION.get(node.target)
+    if node.op == "call_method":
+        if functional_module(gm, node) is not None:
+            return _BY_FLOAT_FUNCTIONAL.get(node.target)
+        return _BY_METHOD.get(node.target)
+    return None
 
 
 def entry_for(module: nn.Module, table: dict[type, T]) -> T | None:
@@ -105,46 +234,23 @@ def role_of(gm: fx.GraphModule, node: fx.Node) -> Role:
     """The role of ``node`` by itself (fusion of activations into producers is decided by the caller)."""
     if node.op in ("placeholder", "output", "get_attr") or not is_tensor_node(node):
         return Role.NONE
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, COMPUTE_MODULES):
-            return Role.COMPUTE
-        if isinstance(module, REQUANT_MODULES):
-            return Role.REQUANT
-        if isinstance(module, FIXED_MODULES):
-            return Role.FIXED
-        if isinstance(module, PRESERVING_MODULES):
-            return Role.PRESERVING
-        if isinstance(module, FUSABLE_MODULES):
-            return Role.FUSED_ACT
-        return Role.FLOAT
-    if node.op == "call_method" and functional_module(gm, node) is not None:
-        if node.target in FUNCTIONAL_METHODS:
-            return Role.FUNCTIONAL
-        return Role.DERIVED if node.target in DERIVED_METHODS else Role.FLOAT
-    if node.op == "call_function":
-        if node.target in REQUANT_FUNCTIONS:
-            return Role.REQUANT
-        if node.target in FIXED_FUNCTIONS:
-            return Role.FIXED
-        if node.target in PRESERVING_FUNCTIONS:
-            return Role.PRESERVING
-        if node.target in FUSABLE_FUNCTIONS:
-            return Role.FUSED_ACT
-    if node.op == "call_method":
-        if node.target in FIXED_METHODS:
-            return Role.FIXED
-        if node.target in PRESERVING_METHODS:
-            return Role.PRESERVING
-        if node.target in FUSABLE_METHODS:
-            return Role.FUSED_ACT
-    return Role.FLOAT
+    op = op_of(gm, node)
+    return op.role if op is not None else Role.FLOAT
+
+
+def is_clamp_like(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` calls a clamp-like activation (ReLU, ReLU6, hardtanh, clamp, ChannelClamp)."""
+    op = op_of(gm, node)
+    return op is not None and op.role is Role.FUSED_ACT
 
 
 def returns_input(gm: fx.GraphModule, node: fx.Node) -> bool:
     """An ``nn.Identity`` or ``nn.Dropout`` call: quantized graphs only run inference, where both return their
     input."""
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity | nn.Dropout)
+    if node.op != "call_module":
+        return False
+    op = module_op(gm.get_submodule(node.target))
+    return op is not None and op.inference_identity
 
 
 def clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | None, float | None]:

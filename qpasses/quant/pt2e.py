@@ -71,7 +71,7 @@ from qpasses.quant.annotate import Annotation, FusedKernels, annotate
 from qpasses.quant.backends import Backend, get_backend
 from qpasses.quant.lowering import kernel_output_grid
 from qpasses.quant.observers import make_observer
-from qpasses.quant.ops import REQUANT_FUNCTION_MODULES, Role
+from qpasses.quant.ops import Role, op_of
 from qpasses.quant.spec import QuantConfig, QuantSpec
 
 try:
@@ -104,9 +104,8 @@ def _inductor_post_op(gm: fx.GraphModule, producer: fx.Node, node: fx.Node) -> b
     module = gm.get_submodule(producer.target)
     if node.op == "call_method":
         return node.target in ("add", "add_relu") and type(module) in (nn.Conv2d, nn.Linear)
-    hardswish = (isinstance(gm.get_submodule(node.target), nn.Hardswish) if node.op == "call_module"
-                 else REQUANT_FUNCTION_MODULES.get(node.target) is nn.Hardswish)
-    return hardswish and type(module) is nn.Conv2d
+    op = op_of(gm, node)
+    return op is not None and op.name == "hardswish" and type(module) is nn.Conv2d
 
 
 # torch.compile's CPU lowering of a converted PT2E graph: int8 convs/linears write float and take post-ops.

@@ -54,6 +54,9 @@ WEIGHT_QPARAMS_KEY = "weight_qparams"
 # node.meta key: a conv/linear's float weight from before a pass replaced it by its rounded values (AdaRound);
 # the reference later passes measure quantization error against. Lowering drops it.
 FLOAT_WEIGHT_KEY = "float_weight"
+# node.meta key of a reference graph's int8 op: a ``qpasses.passes.reference.Int8Op`` (its op-table record, role
+# and the module the observed graph called), which the lowerings of the reference graph read. Not saved.
+INT8_OP_KEY = "int8_op"
 # The node metadata a saved graph keeps: qpasses' own, and the module stack the visualiser groups nodes by
 # (torch.load itself restores ``stack_trace``; shapes are recomputed from inputs).
 NODE_META_KEYS = (QSTATE_KEY, QPARAMS_KEY, WEIGHT_QPARAMS_KEY, FLOAT_WEIGHT_KEY, "nn_module_stack")

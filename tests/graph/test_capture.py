@@ -249,8 +249,7 @@ def test_a_module_with_its_own_forward_is_rebuilt_not_called():
 def test_the_translation_table_targets_what_the_op_table_knows():
     from qpasses.quant import ops
 
-    known = set(ops.PRESERVING_FUNCTIONS) | set(ops.FUSABLE_FUNCTIONS) | set(ops.FIXED_FUNCTIONS)
-    known |= set(ops.REQUANT_FUNCTIONS) | set(ops.PRESERVING_METHODS)
+    known = {target for op in ops.OPS for target in (*op.functions, *op.methods)}
     arithmetic = {"add", "iadd", "sub", "mul", "imul", "truediv", "cat", "matmul", "bmm", "silu", "gelu"}
     for op, record in FUNCTION_OPS.items():
         name = record.target if isinstance(record.target, str) else record.target.__name__
