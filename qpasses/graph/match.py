@@ -6,7 +6,6 @@ from collections.abc import Callable, Sequence
 
 import networkx as nx
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from qpasses.graph.nx import to_networkx
@@ -39,20 +38,6 @@ def is_method(*names: str) -> Predicate:
         return node.op == "call_method" and node.target in names
 
     return match
-
-
-_MAX_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-_MAX_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d)
-
-
-def is_max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A max pooling call that returns only the pooled values (each a value of its input), no indices."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        return isinstance(module, _MAX_POOL_MODULES) and not module.return_indices
-    if node.op != "call_function" or node.target not in _MAX_POOL_FUNCTIONS:
-        return False
-    return not node.kwargs.get("return_indices", len(node.args) > 6 and node.args[6])
 
 
 def any_of(*predicates: Predicate) -> Predicate:

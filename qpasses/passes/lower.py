@@ -14,7 +14,6 @@ from torch.fx.operator_schemas import normalize_function
 from torch.utils._pytree import tree_map
 
 from qpasses.errors import QPassesError
-from qpasses.graph.match import is_max_pool
 from qpasses.graph.modules import unique_name
 from qpasses.nn import ChannelClamp, CropStart2d, SamePad2d, ShiftedSamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
@@ -30,7 +29,7 @@ from qpasses.passes.reference import (
 from qpasses.quant import lowering
 from qpasses.quant.backends import Backend
 from qpasses.quant.grids import Grid, Grids, weight_qparams_by_node
-from qpasses.quant.ops import Role, clamp_bounds, runs_clamp_kernel
+from qpasses.quant.ops import Role, clamp_bounds, op_of, runs_clamp_kernel
 from qpasses.quant.state import (
     FLOAT_WEIGHT_KEY,
     INT8_OP_KEY,
@@ -135,6 +134,16 @@ def _is_quantize(node: fx.Node) -> bool:
 def _qparams_meta(grid: Grid) -> dict:
     return {"scale": grid.scale, "zero_point": grid.zero_point, "dtype": str(grid.quantized_dtype),
             "bits": (grid.qmax - grid.qmin).bit_length()}
+
+
+def _is_max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A max pooling call that returns only the pooled values (each a value of its input), no indices."""
+    op = op_of(gm, node)
+    if op is None or op.name != "max_pool":
+        return False
+    if node.op == "call_module":
+        return not gm.get_submodule(node.target).return_indices
+    return not node.kwargs.get("return_indices", len(node.args) > 6 and node.args[6])
 
 
 def _sole_user(node: fx.Node) -> fx.Node | None:
@@ -426,7 +435,7 @@ class _PatternLowering:
         the clamped max), and after it the clamp reads fewer values (a quarter after a stride-2 pool).
         """
         pool = _sole_user(clamp)
-        if pool is None or not is_max_pool(self.gm, pool) or pool.args[0] is not clamp:
+        if pool is None or not _is_max_pool(self.gm, pool) or pool.args[0] is not clamp:
             return
         pool.replace_input_with(clamp, clamp.args[0])
         pool.append(clamp)

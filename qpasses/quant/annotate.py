@@ -43,10 +43,9 @@ from qpasses.cpu import CpuInt8Features, cpu_int8_features
 from qpasses.errors import QPassesError
 from qpasses.quant.backends import Backend, UnsupportedSpecError
 from qpasses.quant.lowering import has_float_output_kernel
-from qpasses.quant.ops import Role, clamp_bounds, describe_op, is_tensor_node, role_of
+from qpasses.quant.ops import REQUANTIZING, Role, clamp_bounds, describe_op, is_tensor_node, role_of
 from qpasses.quant.spec import QuantConfig, QuantPair, QuantSpec
 
-REQUANTIZING = (Role.COMPUTE, Role.FUNCTIONAL, Role.REQUANT)
 INT8 = (Role.COMPUTE, Role.FUNCTIONAL, Role.REQUANT, Role.FIXED, Role.DERIVED, Role.FUSED_ACT)
 
 

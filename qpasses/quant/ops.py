@@ -44,7 +44,8 @@ class Role(enum.Enum):
     NONE = "none"  # not a tensor computation (placeholders, output, sizes, attributes)
 
 
-# Roles whose int8 op writes its output at a grid of its own; clamp-like activations after it fold into that range.
+# Roles whose int8 op writes its output at a grid of its own: a clamp-like activation that alone reads its output
+# folds into that range (``annotate``).
 REQUANTIZING = (Role.COMPUTE, Role.FUNCTIONAL, Role.REQUANT)
 
 
@@ -52,7 +53,8 @@ REQUANTIZING = (Role.COMPUTE, Role.FUNCTIONAL, Role.REQUANT)
 class Op:
     """One op's record.
 
-    ``name``: how counters and messages call it. ``role``: what it does with qparams (see :class:`Role`).
+    ``name``: how counters and messages call it. ``role``: what it does with qparams (see :class:`Role`; clamp-like
+    activations fold into the output range of the ``REQUANTIZING`` roles).
     How the graph calls it: ``modules`` (classes; a subclass counts, as ``isinstance``), ``functions``
     (``call_function`` targets), ``methods`` (Tensor methods), ``float_functional`` (the ``FloatFunctional``
     method). ``reference``: the float functions the reference graph runs it as, the first on the call's
@@ -76,11 +78,6 @@ class Op:
     reference: tuple[Callable[..., Any], ...] = ()
     lowering: Any = None
     inference_identity: bool = False
-
-    @property
-    def folds_activations(self) -> bool:
-        """Whether a clamp-like activation that alone reads its output folds into its output range."""
-        return self.role in REQUANTIZING
 
     def __deepcopy__(self, memo: dict) -> Op:  # a constant of the table, held in node metadata
         return self
