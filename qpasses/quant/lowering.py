@@ -1,7 +1,9 @@
 """Construction of ``torch.ao.nn.quantized`` modules: the one place that touches the quantized tensor dtypes.
 
-Those dtypes and modules are deprecated upstream, so everything that builds them lives here; a future
-target (ONNX QDQ, reference int8, inductor) replaces this module, not the passes.
+Those dtypes and modules are deprecated upstream, so everything that builds them lives here: the op table's
+records (``qpasses.quant.ops``) name these builders as their torch.ao int8 form, and ``Lower``'s patterns call
+them on the reference graph. The other runtimes (``qpasses.lower``) need nothing from this module but the
+weight rounding (``weight_codes``) the reference graph is built with.
 """
 
 from __future__ import annotations
@@ -260,6 +262,18 @@ def quantized_compute(cls: type[nn.Module], weight: torch.Tensor, bias: torch.Te
     qmodule.scale, qmodule.zero_point = float(scale), int(zero_point)
     qmodule.packed_for = torch.backends.quantized.engine
     return qmodule
+
+
+def quantized_hardswish(module: nn.Hardswish, scale: float, zero_point: int) -> nn.Module:
+    return nnq.Hardswish(scale, zero_point)
+
+
+def quantized_leaky_relu(module: nn.LeakyReLU, scale: float, zero_point: int) -> nn.Module:
+    return nnq.LeakyReLU(scale, zero_point, module.negative_slope)
+
+
+def quantized_elu(module: nn.ELU, scale: float, zero_point: int) -> nn.Module:
+    return nnq.ELU(scale, zero_point, module.alpha)
 
 
 def has_float_output_kernel(module: nn.Module, engine: str) -> bool:

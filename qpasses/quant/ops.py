@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
-import torch.ao.nn.quantized as nnq
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -107,12 +106,9 @@ OPS: tuple[Op, ...] = (
        lowering=lowering.QuantizedConvTranspose2d),
     Op("linear", Role.COMPUTE, (nn.Linear,), reference=(F.linear,), lowering=lowering.QuantizedLinear),
     # Unary ops whose int8 module takes output qparams; a functional call is lowered through its module class.
-    Op("hardswish", Role.REQUANT, (nn.Hardswish,), (F.hardswish,),
-       lowering=lambda module, scale, zero_point: nnq.Hardswish(scale, zero_point)),
-    Op("leaky_relu", Role.REQUANT, (nn.LeakyReLU,), (F.leaky_relu,),
-       lowering=lambda module, scale, zero_point: nnq.LeakyReLU(scale, zero_point, module.negative_slope)),
-    Op("elu", Role.REQUANT, (nn.ELU,), (F.elu,),
-       lowering=lambda module, scale, zero_point: nnq.ELU(scale, zero_point, module.alpha)),
+    Op("hardswish", Role.REQUANT, (nn.Hardswish,), (F.hardswish,), lowering=lowering.quantized_hardswish),
+    Op("leaky_relu", Role.REQUANT, (nn.LeakyReLU,), (F.leaky_relu,), lowering=lowering.quantized_leaky_relu),
+    Op("elu", Role.REQUANT, (nn.ELU,), (F.elu,), lowering=lowering.quantized_elu),
     # FloatFunctional arithmetic, lowered to direct calls of the quantized ops with constant qparams, as
     # torch.ao's FX convert emits them (a module per op costs a Python call and a read of tensor qparams).
     Op("add", Role.FUNCTIONAL, float_functional="add", reference=(torch.add,), lowering=torch.ops.quantized.add),
