@@ -198,7 +198,7 @@ class _PatternLowering:
         qweight = self.weight(weight)
         fbias = None if bias is None else self.gm.get_buffer(bias.target)
         old_inputs = node.all_input_nodes
-        tail, quantize = self.output(node, info)
+        tail, quantize = self.output(node, info, may_write_float=True)
         node.meta.pop(FLOAT_WEIGHT_KEY, None)
         if quantize is None:
             self.install(node, info.module, lowering.float_output_linear(qweight, fbias), (x,))
@@ -220,8 +220,6 @@ class _PatternLowering:
         with the output qparams where its role requantizes (the scalar forms derive theirs)."""
         self.read_codes(node)
         tail, quantize = self.output(node, info)
-        if quantize is None:
-            raise QPassesError(f"internal: int8 op '{node.name}' has no quantize after it in the reference graph")
         grid = _grid(quantize)
         kwargs = dict(node.kwargs)
         if info.role is Role.FUNCTIONAL:
@@ -254,9 +252,7 @@ class _PatternLowering:
         not folded) or fixes its own (sigmoid, tanh): the op itself on the codes, at ``q``'s grid."""
         self.read_codes(node)
         self.clamp_contiguous(node)
-        quantize = _sole_user(node)
-        if quantize is None or not _is_quantize(quantize):
-            raise QPassesError(f"internal: int8 op '{node.name}' has no quantize after it in the reference graph")
+        _, quantize = self.output(node, info)
         self.write(quantize, node, _grid(quantize), narrow=False)
 
     def quantize(self, quantize: fx.Node) -> None:
@@ -287,9 +283,9 @@ class _PatternLowering:
             raise QPassesError(f"internal: int8 op '{reader.name}' reads float value '{dequantized.name}'")
         return dequantized.args[0]
 
-    def output(self, node: fx.Node, info: Int8Op) -> tuple[fx.Node, fx.Node | None]:
+    def output(self, node: fx.Node, info: Int8Op, may_write_float: bool = False) -> tuple[fx.Node, fx.Node | None]:
         """The node whose value the reference quantizes after ``node``'s op, and that quantize (None: the op writes
-        float). Passes the later functions of the op's reference form (``add_relu``'s ReLU, which its kernel
+        float, which only ``may_write_float`` ops do). Passes the later functions of the op's reference form (``add_relu``'s ReLU, which its kernel
         computes: dropped) and clamp-like activations folded into its range (dropped where the grid clips at
         their bounds, else kept on the codes)."""
         for _ in info.op.reference[1:]:
@@ -303,6 +299,8 @@ class _PatternLowering:
             tail = user
         quantize = _sole_user(tail)
         if quantize is None or not _is_quantize(quantize):
+            if not may_write_float:
+                raise QPassesError(f"internal: int8 op '{node.name}' has no quantize after it in the reference graph")
             return tail, None
         grid = _grid(quantize)
         for activation in activations:
