@@ -17,7 +17,7 @@ from qpasses.quant import lowering
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.backends import Backend, get_backend
 from qpasses.quant.grids import Grid, Grids, WeightQParams, weight_qparams_by_node
-from qpasses.quant.ops import Op, Role, module_op, op_of, returns_input
+from qpasses.quant.ops import Op, Role, computing_op, op_of, returns_input
 from qpasses.quant.state import (
     INT8_OP_KEY,
     QPARAMS_KEY,
@@ -229,9 +229,8 @@ class _ReferenceBuilder:
     def compute(self, node: fx.Node) -> fx.Node:
         """A conv/linear module call → its functional op on the dequantized int8 weight and the float bias."""
         module = self.gm.get_submodule(node.target)
-        op = module_op(module)
-        computes_as_table = op is not None and any(type(module).forward is base.forward for base in op.modules)
-        if not computes_as_table or len(node.args) != 1 or node.kwargs:
+        op = computing_op(module)
+        if op is None or op.role is not Role.COMPUTE or len(node.args) != 1 or node.kwargs:
             raise QPassesError(f"no int8 reference form for {type(module).__name__} '{node.target}' called with "
                                f"{len(node.args)} argument(s); keep it float with QuantConfig overrides")
         self.replaced_modules.add(node.target)

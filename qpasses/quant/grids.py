@@ -20,7 +20,7 @@ from qpasses.quant import lowering
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.backends import Backend
 from qpasses.quant.observers import Observer
-from qpasses.quant.ops import Role
+from qpasses.quant.ops import Role, kernel_output_grid
 from qpasses.quant.state import WEIGHT_QPARAMS_KEY
 
 WeightQParams = tuple[torch.Tensor, torch.Tensor]
@@ -136,7 +136,7 @@ class Grids:
         grid = self.value_grid(source) if source is not None else None
         if grid is None:
             return None
-        scale, zero_point = lowering.kernel_output_grid(self.gm, node, (grid.scale, grid.zero_point),
+        scale, zero_point = kernel_output_grid(self.gm, node, (grid.scale, grid.zero_point),
                                                         grid.quantized_dtype)
         info = torch.iinfo(grid.dtype)
         return Grid(scale, zero_point, info.min, info.max, grid.dtype)

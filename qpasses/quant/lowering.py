@@ -19,7 +19,6 @@ from torch import nn
 
 from qpasses.errors import QPassesError
 from qpasses.graph.modules import unique_name
-from qpasses.quant import ops
 from qpasses.quant.observers import make_observer
 from qpasses.quant.spec import QuantSpec
 from qpasses.quant.state import FLOAT_WEIGHT_KEY
@@ -279,8 +278,7 @@ def quantized_elu(module: nn.ELU, scale: float, zero_point: int) -> nn.Module:
 def has_float_output_kernel(module: nn.Module, engine: str) -> bool:
     """Whether ``engine`` has an int8 kernel for ``module`` that writes float (a linear on x86/fbgemm; no
     engine's quantized convs do)."""
-    op = ops.module_op(module)
-    return (op is not None and op.lowering is QuantizedLinear and type(module).forward is nn.Linear.forward
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
             and engine in _FLOAT_OUTPUT_LINEAR_ENGINES)
 
 
@@ -294,24 +292,6 @@ def float_output_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.M
     lowered = FloatOutputLinear.from_packing_args(plain.packing_args())
     lowered.packed_for = plain.packed_for
     return lowered
-
-
-def kernel_output_grid(gm: fx.GraphModule, node: fx.Node, grid: tuple[float, int],
-                       dtype: torch.dtype = torch.quint8) -> tuple[float, int]:
-    """The (scale, zero point) the int8 kernel of ``node`` (a fixed-range or derived op: sigmoid, tanh,
-    ``FloatFunctional.add_scalar``, ...) writes on an input at ``grid`` (codes of quantized ``dtype``), read from
-    the kernel itself on a one-element probe: the kernel decides it, so no table of it can drift from it."""
-    probe = torch.quantize_per_tensor(torch.zeros(1), grid[0], grid[1], dtype)
-    op = ops.op_of(gm, node)
-    if op is not None and op.role is ops.Role.DERIVED:  # the quantized op of a FloatFunctional scalar method
-        out = op.lowering(probe, node.args[-1])
-    elif node.op == "call_module":
-        out = gm.get_submodule(node.target)(probe)
-    elif node.op == "call_method":
-        out = getattr(probe, node.target)()
-    else:
-        out = node.target(probe)
-    return float(out.q_scale()), int(out.q_zero_point())
 
 
 def quantize_call(grid: Grid) -> tuple[object, tuple]:

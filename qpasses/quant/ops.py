@@ -17,7 +17,7 @@ import enum
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -26,9 +26,7 @@ from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 
 from qpasses.nn import ChannelClamp, SamePad2d
-from qpasses.quant import lowering
-
-T = TypeVar("T")
+from qpasses.quant import lowering, qat_modules
 
 
 class Role(enum.Enum):
@@ -64,8 +62,9 @@ class Op:
     ``(float module, scale, zero_point) → int8 module``; for ``FUNCTIONAL``/``DERIVED`` the
     ``torch.ops.quantized`` op called on the int8 inputs (``FUNCTIONAL`` with the output scale and zero point);
     None: the op itself runs on the int8 codes (qparams-preserving, fixed-range and clamp-like ops).
-    ``inference_identity``: a module that returns its input at inference (identity, dropout), dropped from
-    quantized graphs.
+    ``qat``: the module class QAT trains it as (weights fake-quantized, a following BatchNorm folded in;
+    ``qpasses.quant.qat_modules``), None where QAT observes only its output. ``inference_identity``: a module
+    that returns its input at inference (identity, dropout), dropped from quantized graphs.
     """
 
     name: str
@@ -76,6 +75,7 @@ class Op:
     float_functional: str | None = None
     reference: tuple[Callable[..., Any], ...] = ()
     lowering: Any = None
+    qat: type[nn.Module] | None = None
     inference_identity: bool = False
 
     def __deepcopy__(self, memo: dict) -> Op:  # a constant of the table, held in node metadata
@@ -97,14 +97,18 @@ def _clamp_like(name: str, *modules: type[nn.Module], functions: tuple = (), met
 
 OPS: tuple[Op, ...] = (
     # Weighted ops: the reference graph calls the functional form on the dequantized int8 weight.
-    Op("conv1d", Role.COMPUTE, (nn.Conv1d,), reference=(F.conv1d,), lowering=lowering.QuantizedConv1d),
-    Op("conv2d", Role.COMPUTE, (nn.Conv2d,), reference=(F.conv2d,), lowering=lowering.QuantizedConv2d),
-    Op("conv3d", Role.COMPUTE, (nn.Conv3d,), reference=(F.conv3d,), lowering=lowering.QuantizedConv3d),
+    Op("conv1d", Role.COMPUTE, (nn.Conv1d,), reference=(F.conv1d,), lowering=lowering.QuantizedConv1d,
+       qat=qat_modules.QATConv1d),
+    Op("conv2d", Role.COMPUTE, (nn.Conv2d,), reference=(F.conv2d,), lowering=lowering.QuantizedConv2d,
+       qat=qat_modules.QATConv2d),
+    Op("conv3d", Role.COMPUTE, (nn.Conv3d,), reference=(F.conv3d,), lowering=lowering.QuantizedConv3d,
+       qat=qat_modules.QATConv3d),
     Op("conv_transpose1d", Role.COMPUTE, (nn.ConvTranspose1d,), reference=(F.conv_transpose1d,),
-       lowering=lowering.QuantizedConvTranspose1d),
+       lowering=lowering.QuantizedConvTranspose1d, qat=qat_modules.QATConvTranspose1d),
     Op("conv_transpose2d", Role.COMPUTE, (nn.ConvTranspose2d,), reference=(F.conv_transpose2d,),
-       lowering=lowering.QuantizedConvTranspose2d),
-    Op("linear", Role.COMPUTE, (nn.Linear,), reference=(F.linear,), lowering=lowering.QuantizedLinear),
+       lowering=lowering.QuantizedConvTranspose2d, qat=qat_modules.QATConvTranspose2d),
+    Op("linear", Role.COMPUTE, (nn.Linear,), reference=(F.linear,), lowering=lowering.QuantizedLinear,
+       qat=qat_modules.QATLinear),
     # Unary ops whose int8 module takes output qparams; a functional call is lowered through its module class.
     Op("hardswish", Role.REQUANT, (nn.Hardswish,), (F.hardswish,), lowering=lowering.quantized_hardswish),
     Op("leaky_relu", Role.REQUANT, (nn.LeakyReLU,), (F.leaky_relu,), lowering=lowering.quantized_leaky_relu),
@@ -194,14 +198,32 @@ def op_of(gm: fx.GraphModule, node: fx.Node) -> Op | None:
     return None
 
 
-def entry_for(module: nn.Module, table: dict[type, T]) -> T | None:
-    """``table``'s entry for ``module``'s class, or for the class it subclasses without changing ``forward``
+def computing_op(module: nn.Module) -> Op | None:
+    """The record of ``module``'s class, or of the class it subclasses without changing ``forward``
     (torchvision's ``Conv3DSimple`` is an ``nn.Conv3d`` with its own ``__init__``): it computes what that
-    class computes. A subclass with its own forward has no entry."""
+    class computes. A subclass with its own forward has none."""
     for base in type(module).__mro__:
-        if base in table:
-            return table[base] if type(module).forward is base.forward else None
+        if base in _BY_MODULE:
+            return _BY_MODULE[base] if type(module).forward is base.forward else None
     return None
+
+
+def kernel_output_grid(gm: fx.GraphModule, node: fx.Node, grid: tuple[float, int],
+                       dtype: torch.dtype = torch.quint8) -> tuple[float, int]:
+    """The (scale, zero point) the int8 kernel of ``node`` (a fixed-range or derived op: sigmoid, tanh,
+    ``FloatFunctional.add_scalar``, ...) writes on an input at ``grid`` (codes of quantized ``dtype``), read from
+    the kernel itself on a one-element probe: the kernel decides it, so no table of it can drift from it."""
+    probe = torch.quantize_per_tensor(torch.zeros(1), grid[0], grid[1], dtype)
+    op = op_of(gm, node)
+    if op is not None and op.role is Role.DERIVED:  # the quantized op of a FloatFunctional scalar method
+        out = op.lowering(probe, node.args[-1])
+    elif node.op == "call_module":
+        out = gm.get_submodule(node.target)(probe)
+    elif node.op == "call_method":
+        out = getattr(probe, node.target)()
+    else:
+        out = node.target(probe)
+    return float(out.q_scale()), int(out.q_zero_point())
 
 
 def is_tensor_node(node: fx.Node) -> bool:

@@ -42,7 +42,7 @@ on it exactly as for ``PTQ``. Each decision is then written onto the ATen nodes 
   and reshapes, the kernel's rounding for average pools).
 - fixed-range ops (sigmoid, tanh, hardsigmoid): ``FixedQParamsQuantizationSpec``, derived ones
   (``add_scalar``/``mul_scalar``) a ``DerivedQuantizationSpec`` of their input's observer; both grids are read
-  from the int8 kernel itself (``lowering.kernel_output_grid``), as ``Lower`` reads them.
+  from the int8 kernel itself (``ops.kernel_output_grid``), as ``Lower`` reads them.
 - ops left float get no annotation; ``float_reasons`` says why, per ATen node.
 
 Limits: PTQ only (``prepare_qat_pt2e`` would need fake-quant modules for these observers); the quantizer
@@ -69,9 +69,8 @@ from qpasses.passes.insert_observers import activation_bits_note, resolve_config
 from qpasses.passes.replace_functional import ReplaceFunctional
 from qpasses.quant.annotate import Annotation, FusedKernels, annotate
 from qpasses.quant.backends import Backend, get_backend
-from qpasses.quant.lowering import kernel_output_grid
 from qpasses.quant.observers import make_observer
-from qpasses.quant.ops import Role, op_of
+from qpasses.quant.ops import Role, kernel_output_grid, op_of
 from qpasses.quant.spec import QuantConfig, QuantSpec
 
 try:

@@ -30,7 +30,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from qpasses.errors import QPassesError
 from qpasses.quant.fake_quant import FakeQuantize, round_ste
-from qpasses.quant.ops import entry_for
 
 
 def _per_output_channel(values: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
@@ -178,9 +177,6 @@ class QATConvTranspose2d(QATModule, nn.ConvTranspose2d):
                                   self.dilation)
 
 
-_QAT_TYPES: dict[type[nn.Module], type[QATModule]] = {
-    cls.float_type: cls for cls in (QATConv1d, QATConv2d, QATConv3d, QATLinear, QATConvTranspose1d, QATConvTranspose2d)
-}
 # A transposed conv keeps output channels on weight dim 1, where the folding above does not scale them.
 BN_ABSORBING_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -193,11 +189,14 @@ def to_qat(module: nn.Module, name: str, bn: _BatchNorm | None = None) -> QATMod
     """
     if isinstance(module, QATModule):
         return module
-    cls = entry_for(module, _QAT_TYPES)
-    if cls is None:
-        raise QPassesError(f"'{name}': no QAT version of {type(module).__name__} "
-                           f"(supported: {', '.join(t.__name__ for t in _QAT_TYPES)}); keep it float with "
-                           f"QuantConfig(keep_float={{'{name}'}})")
+    from qpasses.quant.ops import OPS, computing_op  # the op table names this module's classes
+
+    op = computing_op(module)
+    if op is None or op.qat is None:
+        supported = ", ".join(op.modules[0].__name__ for op in OPS if op.qat is not None)
+        raise QPassesError(f"'{name}': no QAT version of {type(module).__name__} (supported: {supported}); keep it "
+                           f"float with QuantConfig(keep_float={{'{name}'}})")
+    cls = op.qat
     if bn is not None and not isinstance(module, BN_ABSORBING_TYPES):
         raise QPassesError(f"'{name}': a {type(module).__name__} cannot absorb a BatchNorm during QAT")
     module.__class__ = cls

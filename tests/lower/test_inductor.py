@@ -149,7 +149,7 @@ def test_float_fallback_is_an_error_naming_it():
             return self.fc(x)
 
     graph = qpasses_reference(TinyHead().eval(), batches(2, (1, 8), seed=0))
-    with pytest.raises(DeployError, match=r"0 of the 1 quantized convs/linears \(linear\).*cpp_fused_addmm"):
+    with pytest.raises(DeployError, match=r"0 of the 1 quantized convs/linears \(fc\).*cpp_fused_addmm"):
         deploy(graph, "inductor", torch.randn(1, 8))
 
 
