@@ -157,7 +157,8 @@ class _PatternLowering:
         self.gm, self.graph, self.backend, self.ctx = gm, gm.graph, backend, ctx
         self.codes: dict[fx.Node, Grid] = {}  # node of the lowered graph → the grid of the int8 tensor it holds
         self.code_clamps: list[fx.Node] = []  # clamps of codes to a grid narrower than its 8-bit container
-        self.float_modules: dict[str, nn.Module] = {}  # module path → the float module its int8 form replaced
+        # module path → the float module its int8 form replaced (None for a conv/linear: the reference holds it)
+        self.float_modules: dict[str, nn.Module | None] = {}
         self.dropped_modules: set[str] = set()  # folded activations' modules
         self.dropped_attributes: set[str] = set()  # the reference graph's weight codes, scales and biases
         self.patterns: dict[Role, Callable[[fx.Node, Int8Op], None]] = {

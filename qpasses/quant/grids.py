@@ -1,5 +1,6 @@
-"""The integer grid of every int8 value of a calibrated graph: one place for the grid decisions that the
-reference graph (``qpasses.passes.Reference``) and the torch.ao lowering (``qpasses.passes.Lower``) share.
+"""The integer grid of every int8 value of a calibrated graph: the grid decisions the reference graph
+(``qpasses.passes.Reference``) is built on, and through it every lowering (``qpasses.passes.Lower``'s torch.ao
+kernels read them from the reference graph's quantize ops).
 
 A value's grid is its observer's (scale, zero point) and code range, or where the backend's add kernels refuse
 the observed grids' scale ratios (qnnpack), the wider grid ``legalize_add_scales`` gives it; the output of a
@@ -73,8 +74,7 @@ def weight_qparams_by_node(gm: fx.GraphModule, ann: Annotation) -> dict[str, Wei
 class Grids:
     """The grid decisions for one observed, calibrated graph under ``backend``, made on construction (add grids
     widened; ``note`` receives a line for each widening). Read them before the graph is rewritten; they also
-    answer for the nodes of an unmodified copy of the graph (the same names, targets and edges), which is how
-    ``Lower`` decides once for its kernels and for the reference graph it keeps."""
+    answer for the nodes of an unmodified copy of the graph (the same names, targets and edges)."""
 
     def __init__(self, gm: fx.GraphModule, ann: Annotation, backend: Backend, note: Callable[[str], None]):
         self.gm, self.ann, self.backend, self.note = gm, ann, backend, note
