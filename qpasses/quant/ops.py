@@ -81,6 +81,9 @@ class Op:
     def __deepcopy__(self, memo: dict) -> Op:  # a constant of the table, held in node metadata
         return self
 
+    def __repr__(self) -> str:
+        return f"Op({self.name!r}, {self.role})"
+
 
 def _preserving(name: str, *modules: type[nn.Module], functions: tuple = (), methods: tuple = (),
                 inference_identity: bool = False) -> Op:
