@@ -25,7 +25,7 @@ from qpasses.graph.match import single_consumer
 from qpasses.graph.modules import set_module, unique_name
 from qpasses.graph.nx import to_networkx
 from qpasses.nn import ChannelClamp, SamePad2d
-from qpasses.quant.ops import clamp_bounds, is_clamp_like
+from qpasses.quant.ops import clamp_bounds, is_clamp_like, op_of
 
 _HOMOGENEOUS_MODULES = (
     nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
@@ -65,11 +65,8 @@ def clamp_like(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.ReLU)
-    if node.op == "call_function":
-        return node.target in (F.relu, torch.relu)
-    return node.op == "call_method" and node.target == "relu"
+    op = op_of(gm, node)
+    return op is not None and op.name == "relu"
 
 
 def channel_bounds(gm: fx.GraphModule, node: fx.Node, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

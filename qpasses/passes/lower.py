@@ -194,7 +194,9 @@ class _PatternLowering:
         padded = None
         if x.op == "call_function" and x.target is torch.nn.functional.pad:  # the reference's non-zero padding
             padded, x = x, x.args[0]
-        x = self.codes_of(x, node)
+        if x.target is not DEQUANTIZE or x.args[0] not in self.codes:
+            raise QPassesError(f"internal: int8 op '{node.name}' reads float value '{x.name}'")
+        x = x.args[0]
         options = self.conv_options(function, geometry, padded)
         qweight = self.weight(weight)
         fbias = None if bias is None else self.gm.get_buffer(bias.target)
@@ -251,7 +253,7 @@ class _PatternLowering:
     def on_codes(self, node: fx.Node, info: Int8Op) -> None:
         """``dq → op → q`` for an op whose kernel keeps its input's grid (pool, reshape, a clamp-like activation
         not folded) or fixes its own (sigmoid, tanh): the op itself on the codes, at ``q``'s grid."""
-        self.read_codes(node)
+        self.read_codes(node, only_codes=info.role is Role.FIXED)
         self.clamp_contiguous(node)
         _, quantize = self.output(node, info)
         self.write(quantize, node, _grid(quantize), narrow=False)
@@ -272,17 +274,17 @@ class _PatternLowering:
 
     # -- the parts patterns share
 
-    def read_codes(self, node: fx.Node) -> None:
-        """Point ``node``'s reads of dequantized int8 values (the reference's ``dq``) at the int8 values."""
+    def read_codes(self, node: fx.Node, only_codes: bool = True) -> None:
+        """Point ``node``'s reads of dequantized int8 values (the reference's ``dq``) at the int8 values; with
+        ``only_codes``, every value it reads must be one (a qparams-preserving op may read sizes too)."""
         def codes(arg):
             return arg.args[0] if arg.target is DEQUANTIZE and arg.args[0] in self.codes else arg
 
         node.args, node.kwargs = fx.map_arg(node.args, codes), fx.map_arg(node.kwargs, codes)
+        float_input = next((a for a in node.all_input_nodes if a not in self.codes), None) if only_codes else None
+        if float_input is not None:
+            raise QPassesError(f"internal: int8 op '{node.name}' reads float value '{float_input.name}'")
 
-    def codes_of(self, dequantized: fx.Node, reader: fx.Node) -> fx.Node:
-        if dequantized.target is not DEQUANTIZE or dequantized.args[0] not in self.codes:
-            raise QPassesError(f"internal: int8 op '{reader.name}' reads float value '{dequantized.name}'")
-        return dequantized.args[0]
 
     def output(self, node: fx.Node, info: Int8Op, may_write_float: bool = False) -> tuple[fx.Node, fx.Node | None]:
         """The node whose value the reference quantizes after ``node``'s op, and that quantize (None: the op writes

@@ -63,7 +63,8 @@ class Op:
     ``torch.ops.quantized`` op called on the int8 inputs (``FUNCTIONAL`` with the output scale and zero point);
     None: the op itself runs on the int8 codes (qparams-preserving, fixed-range and clamp-like ops).
     ``qat``: the module class QAT trains it as (weights fake-quantized, a following BatchNorm folded in;
-    ``qpasses.quant.qat_modules``), None where QAT observes only its output. ``inference_identity``: a module
+    ``qpasses.quant.qat_modules``), None where QAT observes only its output. ``bounds``: for a clamp-like op,
+    ``(gm, node) → (min, max)`` it clamps to (None: unbounded on that side). ``inference_identity``: a module
     that returns its input at inference (identity, dropout), dropped from quantized graphs.
     """
 
@@ -76,6 +77,7 @@ class Op:
     reference: tuple[Callable[..., Any], ...] = ()
     lowering: Any = None
     qat: type[nn.Module] | None = None
+    bounds: Callable[[fx.GraphModule, fx.Node], tuple[Any, Any]] | None = None
     inference_identity: bool = False
 
     def __deepcopy__(self, memo: dict) -> Op:  # a constant of the table, held in node metadata
@@ -94,8 +96,25 @@ def _fixed(name: str, *modules: type[nn.Module], functions: tuple = (), methods:
     return Op(name, Role.FIXED, modules, functions, methods)
 
 
-def _clamp_like(name: str, *modules: type[nn.Module], functions: tuple = (), methods: tuple = ()) -> Op:
-    return Op(name, Role.FUSED_ACT, modules, functions, methods)
+def _clamp_like(name: str, *modules: type[nn.Module], bounds: Callable[[fx.GraphModule, fx.Node], tuple[Any, Any]],
+                functions: tuple = (), methods: tuple = ()) -> Op:
+    return Op(name, Role.FUSED_ACT, modules, functions, methods, bounds=bounds)
+
+
+def _argument(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _hardtanh_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float, float]:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return float(module.min_val), float(module.max_val)
+    return float(_argument(node, 1, "min_val", -1.0)), float(_argument(node, 2, "max_val", 1.0))
+
+
+def _channel_clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float, float]:
+    module = gm.get_submodule(node.target)  # its range: the widest of its channels' bounds
+    return float(module.lower.min()), float(module.upper.max())
 
 
 OPS: tuple[Op, ...] = (
@@ -158,11 +177,13 @@ OPS: tuple[Op, ...] = (
     # Clamp-like activations: folded into the producer's output range when they alone read a requantizing
     # op's output, otherwise they keep their input's qparams (the quantized kernels clamp in place). A
     # ChannelClamp with unequal bounds is folded for its widest range and still clamps the codes per channel.
-    _clamp_like("relu", nn.ReLU, functions=(F.relu, torch.relu), methods=("relu",)),
-    _clamp_like("relu6", nn.ReLU6, functions=(F.relu6,)),
-    _clamp_like("hardtanh", nn.Hardtanh, functions=(F.hardtanh,)),
-    _clamp_like("clamp", functions=(torch.clamp,), methods=("clamp",)),
-    _clamp_like("channel_clamp", ChannelClamp),
+    _clamp_like("relu", nn.ReLU, functions=(F.relu, torch.relu), methods=("relu",),
+                bounds=lambda gm, node: (0.0, None)),
+    _clamp_like("relu6", nn.ReLU6, functions=(F.relu6,), bounds=lambda gm, node: (0.0, 6.0)),
+    _clamp_like("hardtanh", nn.Hardtanh, functions=(F.hardtanh,), bounds=_hardtanh_bounds),
+    _clamp_like("clamp", functions=(torch.clamp,), methods=("clamp",),
+                bounds=lambda gm, node: (_argument(node, 1, "min", None), _argument(node, 2, "max", None))),
+    _clamp_like("channel_clamp", ChannelClamp, bounds=_channel_clamp_bounds),
 )
 
 
@@ -272,26 +293,8 @@ def returns_input(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | None, float | None]:
-    """The (min, max) a clamp-like activation node enforces."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, nn.ReLU):
-            return 0.0, None
-        if isinstance(module, ChannelClamp):
-            return float(module.lower.min()), float(module.upper.max())
-        return float(module.min_val), float(module.max_val)
-    name = node.target if isinstance(node.target, str) else node.target.__name__
-    if name in ("relu", "relu_"):
-        return 0.0, None
-    if name == "relu6":
-        return 0.0, 6.0
-    if name == "hardtanh":
-        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
-        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
-        return float(lo), float(hi)
-    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
-    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
-    return lo, hi
+    """The (min, max) a clamp-like activation node enforces (its record's ``bounds``)."""
+    return op_of(gm, node).bounds(gm, node)
 
 
 def runs_clamp_kernel(gm: fx.GraphModule, node: fx.Node) -> bool:
