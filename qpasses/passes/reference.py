@@ -32,7 +32,6 @@ DEQUANTIZE = torch.ops.quantized_decomposed.dequantize_per_tensor.default
 DEQUANTIZE_PER_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
 
 
-
 @dataclass(frozen=True)
 class Int8Op:
     """What a node of the reference graph runs as in the int8 graph (``node.meta[INT8_OP_KEY]``), for the
