@@ -18,7 +18,7 @@ exit, and the block's quantized path can be replayed differentiably from its ent
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +96,11 @@ class Simulation:
         quantized path with ``params`` (each layer's weight, and bias if given, else its bias now), else on the
         float path. A dequantize whose quantize's input is in ``env`` passes gradients straight through to it."""
         def value(arg: fx.Node):
-            return env[arg] if arg in env else _fetch(self.reference, arg.target)
+            if arg in env:
+                return env[arg]
+            if _dequantizes_codes(arg):  # the sweep keeps an int8 value as its codes
+                return self.run(arg, env, params, quantized)
+            return _fetch(self.reference, arg.target)
 
         if node in self.layer_of:
             layer = self.layer_of[node]
@@ -258,81 +262,119 @@ def sweep_blocks(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], bloc
     """Propagate ``batches`` as ``sweep`` does, a block at a time: the regions of the reference graph
     (``qpasses.graph.regions.blocks``) whose layers ``block_of`` (on the layers' nodes in ``gm``; None: every
     layer alone) puts in one block. At the first node of each block ``weights_for(block)`` returns the float
-    weight (on its grid) the quantized path uses for each of its layers. Returns the number of layers visited."""
+    weight (on its grid) the quantized path uses for each of its layers. Returns the number of layers visited.
+
+    Memory: between two blocks the nodes run one batch at a time, and of each batch only the values later nodes
+    read are kept, an int8 value as its codes (its dequantize is run again for each reader); a block holds its
+    input (as codes where it is int8) and its float output for every batch while it is decided."""
     simulation = Simulation(gm, ann)
-    reference = simulation.reference
-    layer_of = simulation.layer_of
-    regions = []
-    if block_of is not None:
-        regions = blocks(reference.graph, lambda n: block_of(layer_of[n]) if n in layer_of else None)
-    starts: dict[fx.Node, Region] = {}
-    for region in regions:
-        if any(n in layer_of for n in region.nodes):
-            starts[region.nodes[0]] = region
-    in_blocks = {n for region in starts.values() for n in region.nodes}
+    graph = simulation.reference.graph
+    starts = _block_starts(simulation, block_of)
     inside = {n for region in starts.values() for n in region.nodes if n is not region.exit}
-    for call in layer_of:
-        if call not in in_blocks:
-            starts[call] = Region([call], call.args[0], call)
-    order = {n: i for i, n in enumerate(reference.graph.nodes)}
-    last_use = {n: max((order[u] for u in n.users), default=order[n]) for n in reference.graph.nodes}
-    float_env: dict[fx.Node, list] = {}
-    quant_env: dict[fx.Node, list] = {}
-    weights: dict[fx.Node, torch.Tensor] = {}
-    placeholders = iter(range(len(batches[0])))
+    segments: list[list[fx.Node]] = []  # the nodes from one block's first node to the next block's
+    for node in graph.nodes:
+        if node.op in ("get_attr", "output") or node in simulation.weight_nodes:
+            continue  # constants are read from the graph; layers get the chosen weights
+        if node in starts or not segments:
+            segments.append([])
+        segments[-1].append(node)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last_use = {n: max((order[u] for u in n.users), default=order[n]) for n in graph.nodes}
+    for node in graph.nodes:
+        if _dequantizes_codes(node):  # codes live as long as a reader of their dequantize
+            last_use[node.args[0]] = max(last_use[node.args[0]], last_use[node])
+    inputs = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
+    quant: list[dict[fx.Node, object]] = [{} for _ in batches]  # per batch: the values later nodes read
+    floats: list[dict[fx.Node, object]] = [{} for _ in batches]
     visited = 0
     was_training = gm.training
     gm.eval()
-    reference.eval()
+    simulation.reference.eval()
     try:
         with torch.no_grad():
-            for node in reference.graph.nodes:
-                if node.op == "output":
-                    break
-                if node in starts:
-                    region = starts[node]
+            for segment in segments:
+                params: dict[fx.Node, dict[str, torch.Tensor]] = {}
+                if segment[0] in starts:
+                    region = starts[segment[0]]
                     # The float path runs ahead to the block's exit, for the target of its reconstruction.
-                    _float_through(simulation, region, float_env, len(batches))
-                    block = Block(simulation, region, quant_env[region.entry], float_env[region.exit])
+                    float_outputs = [_float_through(simulation, region, env) for env in floats]
+                    for env, value in zip(floats, float_outputs, strict=True):
+                        env[region.exit] = value
+                    block = Block(simulation, region, _Values(simulation, region.entry, quant), float_outputs)
+                    del float_outputs
                     with torch.enable_grad():
                         found = weights_for(block)
-                    weights.update({n: w.detach() for n, w in found.items()})
+                    params = {n: {"weight": w.detach()} for n, w in found.items()}
                     visited += len(block.layers)
-                if node.op == "get_attr" or node in simulation.weight_nodes:
-                    continue  # constants are read from the graph; weights are the chosen ones
-                if node.op == "placeholder":
-                    index = next(placeholders)
-                    float_env[node] = quant_env[node] = [batch[index] for batch in batches]
-                    continue
-                # Computed ahead as a block's exit, or inside a block: read by nothing after it.
-                if node not in float_env and node not in inside:
-                    float_env[node] = _run_all(simulation, node, float_env, len(batches), {}, quantized=False)
-                params = {layer_of[node]: {"weight": weights.pop(layer_of[node])}} if node in layer_of else {}
-                quant_env[node] = _run_all(simulation, node, quant_env, len(batches), params, quantized=True)
-                for done in [n for n in quant_env if last_use[n] <= order[node] and n is not node]:
-                    float_env.pop(done, None)
-                    del quant_env[done]
+                    del block
+                end = order[segment[-1]]
+                for batch, q, f in zip(batches, quant, floats, strict=True):
+                    for node in segment:
+                        if node.op == "placeholder":
+                            q[node] = f[node] = batch[inputs[node]]
+                            continue
+                        # Computed ahead as a block's exit, or inside a block: read by nothing after it.
+                        if node not in f and node not in inside:
+                            f[node] = simulation.run(node, f, {}, quantized=False)
+                        q[node] = simulation.run(node, q, params, quantized=True)
+                        for env in (q, f):
+                            for done in [n for n in env if last_use[n] <= order[node] and n is not node]:
+                                del env[done]
+                    for env in (q, f):  # dequantized values whose codes are kept are run again where read
+                        for done in [n for n in env if last_use[n] <= end
+                                     or (_dequantizes_codes(n) and n.args[0] in env)]:
+                            del env[done]
     finally:
         gm.train(was_training)
     return visited
 
 
-def _float_through(simulation: Simulation, region: Region, float_env: dict[fx.Node, list], n_batches: int) -> None:
-    """Put the float path's value of ``region.exit`` in ``float_env``, running the region's nodes on a
-    scratch copy of the environment that drops each value after its last use in the region."""
-    scratch = dict(float_env)
+def _block_starts(simulation: Simulation, block_of: BlockOf | None) -> dict[fx.Node, Region]:
+    """The first node of each block → the block: the regions ``block_of`` groups that hold layers, and each
+    layer outside them alone."""
+    layer_of = simulation.layer_of
+    starts: dict[fx.Node, Region] = {}
+    if block_of is not None:
+        regions = blocks(simulation.reference.graph, lambda n: block_of(layer_of[n]) if n in layer_of else None)
+        for region in regions:
+            if any(n in layer_of for n in region.nodes):
+                starts[next(n for n in region.nodes if n not in simulation.weight_nodes)] = region
+    in_blocks = {n for region in starts.values() for n in region.nodes}
+    for call in layer_of:
+        if call not in in_blocks:
+            starts[call] = Region([call], call.args[0], call)
+    return starts
+
+
+def _dequantizes_codes(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is DEQUANTIZE and isinstance(node.args[0], fx.Node)
+            and node.args[0].target is QUANTIZE)
+
+
+class _Values(Sequence):
+    """``node``'s value on the quantized path in each batch's environment, run from its codes on each read
+    where the environment keeps only those."""
+
+    def __init__(self, simulation: Simulation, node: fx.Node, envs: list[dict[fx.Node, object]]):
+        self.simulation, self.node, self.envs = simulation, node, envs
+
+    def __len__(self) -> int:
+        return len(self.envs)
+
+    def __getitem__(self, batch: int) -> torch.Tensor:
+        env = self.envs[batch]
+        return env[self.node] if self.node in env else self.simulation.run(self.node, env, {}, quantized=True)
+
+
+def _float_through(simulation: Simulation, region: Region, env: dict[fx.Node, object]):
+    """The float path's value of ``region.exit`` in one batch, running the region's nodes on a scratch copy of
+    the batch's environment ``env`` that drops each value after its last use in the region."""
+    scratch = dict(env)
     nodes = [n for n in region.nodes if n not in simulation.weight_nodes]
     position = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((position.get(u, len(nodes)) for u in n.users), default=position[n]) for n in nodes}
     for i, node in enumerate(nodes):
-        scratch[node] = _run_all(simulation, node, scratch, n_batches, {}, quantized=False)
+        scratch[node] = simulation.run(node, scratch, {}, quantized=False)
         for done in [n for n in nodes[:i] if last_use[n] <= i and n in scratch]:
             del scratch[done]
-    float_env[region.exit] = scratch[region.exit]
-
-
-def _run_all(simulation: Simulation, node: fx.Node, env: dict[fx.Node, list], n_batches: int, params: Params,
-             quantized: bool) -> list:
-    """``node`` on every batch, its inputs' values per batch in ``env`` (see ``Simulation.run``)."""
-    inputs = [a for a in node.all_input_nodes if a in env]
-    return [simulation.run(node, {a: env[a][b] for a in inputs}, params, quantized) for b in range(n_batches)]
+    return scratch[region.exit]
