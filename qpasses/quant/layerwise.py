@@ -18,7 +18,7 @@ exit, and the block's quantized path can be replayed differentiably from its ent
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +125,36 @@ class Simulation:
         return _execute(self.reference, node, fx.map_arg(node.args, value), fx.map_arg(node.kwargs, value))
 
 
+    def float_outputs(self, inputs: tuple) -> Iterator[tuple[fx.Node, torch.Tensor]]:
+        """Each layer (its node in the graph being rewritten) with its output on the float path for one batch of
+        model ``inputs``, in graph order; each value is dropped after its last reader."""
+        graph = self.reference.graph
+        order, last_use = _last_uses(graph)
+        placeholders = iter(inputs)
+        env: dict[fx.Node, object] = {}
+        for node in graph.nodes:
+            if node.op == "output":
+                break
+            if node.op == "get_attr" or node in self.weight_nodes:
+                continue
+            env[node] = next(placeholders) if node.op == "placeholder" else self.run(node, env, {}, quantized=False)
+            if node in self.layer_of:
+                yield self.layer_of[node], env[node]
+            for done in [n for n in env if last_use[n] <= order[node] and n is not node]:
+                del env[done]
+
+
+def _last_uses(graph: fx.Graph) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
+    """Each node's position, and the position of its last reader (its own without one); codes count as read
+    as long as their dequantize is, which the sweep runs again for each reader."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last_use = {n: max((order[u] for u in n.users), default=order[n]) for n in graph.nodes}
+    for node in graph.nodes:
+        if _dequantizes_codes(node):
+            last_use[node.args[0]] = max(last_use[node.args[0]], last_use[node])
+    return order, last_use
+
+
 def _one_dequantize_per_quantize(graph: fx.Graph) -> None:
     """Let every reader of a quantized value read one dequantize (the reference graph gives each its own copy,
     as ``convert_pt2e`` does): the point after it is then a cut of the graph (``qpasses.graph.regions``), so a
@@ -145,8 +175,8 @@ class Layer:
     node: fx.Node  # its node in the graph being rewritten
     module: nn.Module  # the layer in the graph being rewritten (its bias and weight may be changed)
     spec: QuantSpec  # its weight's spec, axis as lowering uses it
-    quant_inputs: list[torch.Tensor]  # its input on the quantized path, one tensor per batch
-    float_outputs: list[torch.Tensor]  # what the float model's layer outputs, one tensor per batch
+    quant_inputs: Sequence[torch.Tensor]  # its input on the quantized path, one tensor per batch
+    float_outputs: list[torch.Tensor] | None  # what the float model's layer outputs, one tensor per batch
     block: Block  # the layer alone, as a block
 
     def run(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -161,15 +191,15 @@ class Block:
     """A single-entry, single-exit region of the reference graph holding int8 conv/linear layers, as the sweep
     reaches it: its quantized path can be replayed with chosen weights, differentiably."""
 
-    def __init__(self, simulation: Simulation, region: Region, quant_inputs: list[torch.Tensor],
-                 float_outputs: list[torch.Tensor]):
+    def __init__(self, simulation: Simulation, region: Region, quant_inputs: Sequence[torch.Tensor],
+                 float_outputs: list[torch.Tensor] | None):
         self.simulation, self.region = simulation, region
         # The block's layers as nodes of the graph being rewritten, with their modules and weight specs.
         self.layers = [simulation.layer_of[n] for n in region.nodes if n in simulation.layer_of]
         self.modules = {n: simulation.gm.get_submodule(n.target) for n in self.layers}
         self.specs = {n: weight_spec(self.modules[n], simulation.ann.pairs[n.name].weight) for n in self.layers}
         self.quant_inputs = quant_inputs  # the entry's value on the quantized path, one tensor per batch
-        self.float_outputs = float_outputs  # the exit's value on the float path, one tensor per batch
+        self.float_outputs = float_outputs  # the exit's value on the float path, one tensor per batch (or None)
 
     def run(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         """The exit's value on the quantized path from the entry's value ``x``, each layer with the parameters
@@ -245,20 +275,22 @@ def _execute(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict):
     raise QPassesError(f"internal: cannot execute node '{node.name}' ({node.op})")
 
 
-def sweep(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], weight_for: WeightFor) -> int:
-    """Propagate ``batches`` (tuples of model inputs) through the simulation of ``gm``; at each int8 conv/linear
-    call ``weight_for(layer)``, which may change the layer's bias and returns the float weight the quantized
-    path uses for it (on its grid). Returns the number of layers visited."""
+def sweep(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], weight_for: WeightFor,
+          simulation: Simulation | None = None, float_path: bool = True) -> int:
+    """Propagate ``batches`` (tuples of model inputs) through the simulation of ``gm`` (``simulation``, None:
+    built here); at each int8 conv/linear call ``weight_for(layer)``, which may change the layer's bias and
+    returns the float weight the quantized path uses for it (on its grid). Without ``float_path`` only the
+    quantized path runs (``Layer.float_outputs`` is None). Returns the number of layers visited."""
     def one_layer(block: Block) -> dict[fx.Node, torch.Tensor]:
         (node,) = block.layers
         return {node: weight_for(Layer(node, block.modules[node], block.specs[node], block.quant_inputs,
                                        block.float_outputs, block))}
 
-    return sweep_blocks(gm, ann, batches, None, one_layer)
+    return sweep_blocks(gm, ann, batches, None, one_layer, simulation, float_path)
 
 
 def sweep_blocks(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], block_of: BlockOf | None,
-                 weights_for: BlockWeightsFor) -> int:
+                 weights_for: BlockWeightsFor, simulation: Simulation | None = None, float_path: bool = True) -> int:
     """Propagate ``batches`` as ``sweep`` does, a block at a time: the regions of the reference graph
     (``qpasses.graph.regions.blocks``) whose layers ``block_of`` (on the layers' nodes in ``gm``; None: every
     layer alone) puts in one block. At the first node of each block ``weights_for(block)`` returns the float
@@ -267,7 +299,7 @@ def sweep_blocks(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], bloc
     Memory: between two blocks the nodes run one batch at a time, and of each batch only the values later nodes
     read are kept, an int8 value as its codes (its dequantize is run again for each reader); a block holds its
     input (as codes where it is int8) and its float output for every batch while it is decided."""
-    simulation = Simulation(gm, ann)
+    simulation = simulation if simulation is not None else Simulation(gm, ann)
     graph = simulation.reference.graph
     starts = _block_starts(simulation, block_of)
     inside = {n for region in starts.values() for n in region.nodes if n is not region.exit}
@@ -278,11 +310,7 @@ def sweep_blocks(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], bloc
         if node in starts or not segments:
             segments.append([])
         segments[-1].append(node)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    last_use = {n: max((order[u] for u in n.users), default=order[n]) for n in graph.nodes}
-    for node in graph.nodes:
-        if _dequantizes_codes(node):  # codes live as long as a reader of their dequantize
-            last_use[node.args[0]] = max(last_use[node.args[0]], last_use[node])
+    order, last_use = _last_uses(graph)
     inputs = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
     quant: list[dict[fx.Node, object]] = [{} for _ in batches]  # per batch: the values later nodes read
     floats: list[dict[fx.Node, object]] = [{} for _ in batches]
@@ -297,9 +325,11 @@ def sweep_blocks(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], bloc
                 if segment[0] in starts:
                     region = starts[segment[0]]
                     # The float path runs ahead to the block's exit, for the target of its reconstruction.
-                    float_outputs = [_float_through(simulation, region, env) for env in floats]
-                    for env, value in zip(floats, float_outputs, strict=True):
-                        env[region.exit] = value
+                    float_outputs = None
+                    if float_path:
+                        float_outputs = [_float_through(simulation, region, env) for env in floats]
+                        for env, value in zip(floats, float_outputs, strict=True):
+                            env[region.exit] = value
                     block = Block(simulation, region, _Values(simulation, region.entry, quant), float_outputs)
                     del float_outputs
                     with torch.enable_grad():
@@ -311,10 +341,12 @@ def sweep_blocks(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], bloc
                 for batch, q, f in zip(batches, quant, floats, strict=True):
                     for node in segment:
                         if node.op == "placeholder":
-                            q[node] = f[node] = batch[inputs[node]]
+                            q[node] = batch[inputs[node]]
+                            if float_path:
+                                f[node] = q[node]
                             continue
                         # Computed ahead as a block's exit, or inside a block: read by nothing after it.
-                        if node not in f and node not in inside:
+                        if float_path and node not in f and node not in inside:
                             f[node] = simulation.run(node, f, {}, quantized=False)
                         q[node] = simulation.run(node, q, params, quantized=True)
                         for env in (q, f):
