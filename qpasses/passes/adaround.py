@@ -62,8 +62,9 @@ class AdaRound(Pass):
     ``h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)`` (ζ = 1.1, γ = −0.1) starts at the fractional part of ``w/s``.
     ``V`` minimises ``‖f(F(W̃; x_q)) − f(F(W; x))‖² + λ Σ (1 − |2h(V) − 1|^β)``, where ``F`` is one layer
     (``granularity="layer"``, as in the paper) or one block of the graph (``"block"``, BRECQ: Li et al.,
-    2021); ``x_q`` its input in the quantized model, with earlier blocks already rounded, and activations
-    quantized inside the block (gradients passed straight through); ``F(W; x)`` the float model's output;
+    2021); ``x_q`` its input in the quantized model (the reference graph's simulation of the int8 kernels,
+    ``qpasses.quant.layerwise``), with earlier blocks already rounded, and activations quantized inside the
+    block (gradients passed straight through); ``F(W; x)`` the float model's output;
     ``f`` the ReLU or clamp that alone reads that output, identity without one, so errors it cuts off cost
     nothing (the paper's asymmetric reconstruction). A block is a single-entry, single-exit region of the
     graph whose layers share a parent module (an inverted-residual or residual block, with its skip

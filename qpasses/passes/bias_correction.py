@@ -123,8 +123,8 @@ class BiasCorrection(Pass):
     """Subtract, per output channel, the mean error weight quantization adds: ``b ← b − E[(Q(W) − W) x]``.
 
     Empirical (``data`` given, Nagel et al. 2019 sec. 4.2 with data): calibration batches are propagated
-    through the float model and, side by side, through the model as it will run quantized (weights on their
-    grids, activations on their calibrated grids); layer by layer, in graph order, ``b ← b − δ`` with ``δ``
+    through the float model and through the model as it will run quantized, the reference graph's simulation
+    of the backend's int codes (``qpasses.quant.layerwise``); layer by layer, in graph order, ``b ← b − δ`` with ``δ``
     (per channel, smallest ``|δ|``) solving ``E[f(y_q − δ)] = E[f(y)]``: ``y_q`` the layer's output on the
     quantized path, so each correction also absorbs the mean error that earlier layers and activation
     quantization leave, and ``f`` the ReLU or clamp that alone reads the layer (identity without one, where
@@ -133,6 +133,9 @@ class BiasCorrection(Pass):
     head for errors ReLU6 discards, costing ~5 dB of logit SQNR; and averaging only where ``y`` or ``y_q`` is
     unclipped is biased wherever the error is large (at 4 bits): the positions a positive error lifts above
     a ReLU's 0 are counted, those it leaves below are not.
+    Memory: the float model runs first, one batch at a time, and only per-channel sums of each layer's output
+    are kept (``FloatTarget``); the quantized path then keeps each batch's int8 values as codes between layers,
+    and holds one layer's output of every batch while it decides that layer's ``δ``.
     Under torch.distributed each rank propagates its share of the batches (batch ``i`` on rank
     ``i % world_size``) and the per-batch sums are reduced in batch order: every rank gets the biases one
     process would.
