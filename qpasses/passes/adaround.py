@@ -146,6 +146,7 @@ class AdaRound(Pass):
         high, low = self.beta
         return low + 0.5 * (high - low) * (1 + math.cos(math.pi * done))
 
+    @torch.enable_grad()
     def _reconstruct(self, block: Block, generator: torch.Generator,
                      results: list[RoundingResult]) -> dict[fx.Node, torch.Tensor]:
         roundings = {n: _Rounding(n, block.modules[n], block.specs[n], self.rescale) for n in block.layers}

@@ -332,8 +332,7 @@ def sweep_blocks(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], bloc
                             env[region.exit] = value
                     block = Block(simulation, region, _Values(simulation, region.entry, quant), float_outputs)
                     del float_outputs
-                    with torch.enable_grad():
-                        found = weights_for(block)
+                    found = weights_for(block)  # under no_grad: a pass that trains enables it itself
                     params = {n: {"weight": w.detach()} for n, w in found.items()}
                     visited += len(block.layers)
                     del block

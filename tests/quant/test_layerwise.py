@@ -100,6 +100,8 @@ def float_values_held_at_each_correction(monkeypatch, n_batches):
         tensors = [t for t in (r() for r in alive) if t is not None and not any(
             t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in calib)]
         held.append((sum(t.is_floating_point() for t in tensors), sum(not t.is_floating_point() for t in tensors)))
+        # With gradients on, the biases' autograd graph kept every batch's input and temporaries alive.
+        assert not torch.is_grad_enabled()
         return CORRECT(layer, target, indices)
 
     monkeypatch.setattr(Simulation, "run", recording_run)
