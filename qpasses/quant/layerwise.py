@@ -124,7 +124,6 @@ class Simulation:
             return result
         return _execute(self.reference, node, fx.map_arg(node.args, value), fx.map_arg(node.kwargs, value))
 
-
     def float_outputs(self, inputs: tuple) -> Iterator[tuple[fx.Node, torch.Tensor]]:
         """Each layer (its node in the graph being rewritten) with its output on the float path for one batch of
         model ``inputs``, in graph order; each value is dropped after its last reader."""
