@@ -14,13 +14,11 @@ from torch import nn
 from qpasses import distributed
 from qpasses.errors import InputError
 from qpasses.graph.channels import out_channels
-from qpasses.graph.links import activation_bounds
-from qpasses.graph.regions import blocks, parent_module
+from qpasses.graph.regions import parent_module
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import progress
 from qpasses.quant.layerwise import Block, annotation_of, collect_batches, sweep_blocks
 from qpasses.quant.lowering import fake_quantize_weight, weight_qparams
-from qpasses.quant.ops import Role
 from qpasses.quant.spec import QuantSpec
 from qpasses.quant.state import FLOAT_WEIGHT_KEY, WEIGHT_QPARAMS_KEY
 from qpasses.validation import check_count, check_data
@@ -64,8 +62,9 @@ class AdaRound(Pass):
     ``h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)`` (ζ = 1.1, γ = −0.1) starts at the fractional part of ``w/s``.
     ``V`` minimises ``‖f(F(W̃; x_q)) − f(F(W; x))‖² + λ Σ (1 − |2h(V) − 1|^β)``, where ``F`` is one layer
     (``granularity="layer"``, as in the paper) or one block of the graph (``"block"``, BRECQ: Li et al.,
-    2021); ``x_q`` its input in the quantized model, with earlier blocks already rounded, and activations
-    quantized inside the block (gradients passed straight through); ``F(W; x)`` the float model's output;
+    2021); ``x_q`` its input in the quantized model (the reference graph's simulation of the int8 kernels,
+    ``qpasses.quant.layerwise``), with earlier blocks already rounded, and activations quantized inside the
+    block (gradients passed straight through); ``F(W; x)`` the float model's output;
     ``f`` the ReLU or clamp that alone reads that output, identity without one, so errors it cuts off cost
     nothing (the paper's asymmetric reconstruction). A block is a single-entry, single-exit region of the
     graph whose layers share a parent module (an inverted-residual or residual block, with its skip
@@ -127,11 +126,9 @@ class AdaRound(Pass):
         batches = collect_batches(self.data, gm, self.num_batches, self.name)
         results: list[RoundingResult] = []
         generator = torch.Generator().manual_seed(self.seed)
-        regions = []
-        if self.granularity == "block":
-            regions = blocks(gm.graph, lambda n: parent_module(n) if ann.roles.get(n.name) is Role.COMPUTE else None)
-        ctx.stats["layers"] = sweep_blocks(gm, ann, batches, regions,
-                                           lambda block: self._reconstruct(gm, block, generator, results))
+        block_of = parent_module if self.granularity == "block" else None
+        ctx.stats["layers"] = sweep_blocks(gm, ann, batches, block_of,
+                                           lambda block: self._reconstruct(block, generator, results))
         ctx.stats["flipped"] = sum(r.flipped for r in results)
         kept = sum(r.kept for r in results)
         ctx.note(f"{kept} of {len(results)} {self.granularity}(s) keep the learned rounding (the others "
@@ -149,10 +146,11 @@ class AdaRound(Pass):
         high, low = self.beta
         return low + 0.5 * (high - low) * (1 + math.cos(math.pi * done))
 
-    def _reconstruct(self, gm: fx.GraphModule, block: Block, generator: torch.Generator,
+    @torch.enable_grad()
+    def _reconstruct(self, block: Block, generator: torch.Generator,
                      results: list[RoundingResult]) -> dict[fx.Node, torch.Tensor]:
         roundings = {n: _Rounding(n, block.modules[n], block.specs[n], self.rescale) for n in block.layers}
-        activation = _activation(gm, block.region.exit, block.float_outputs[0])
+        activation = _activation(block)
         label = ", ".join(str(n.target) for n in block.layers)
         optimizer = torch.optim.Adam([p for r in roundings.values() for p in r.parameters()], lr=self.lr)
         with torch.no_grad():
@@ -260,9 +258,10 @@ class _Rounding:
         return params["weight"].detach()
 
 
-def _activation(gm: fx.GraphModule, node: fx.Node, reference: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The clamp of the activation that alone reads ``node``'s output, per channel (dim 1)."""
-    lower, upper = activation_bounds(gm, node, reference.new_zeros(reference.shape[1]))
+def _activation(block: Block) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The clamp of the activation that alone reads the block's output, per channel (dim 1)."""
+    reference = block.float_outputs[0]
+    lower, upper = block.output_bounds(reference.new_zeros(reference.shape[1]))
     shape = (1, -1, *([1] * (reference.dim() - 2)))
     lower, upper = lower.reshape(shape), upper.reshape(shape)
     return lambda y: torch.clamp(y, lower, upper)

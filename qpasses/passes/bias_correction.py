@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -14,7 +15,7 @@ from qpasses.graph.links import activation_bounds, channel_bounds, find_links, l
 from qpasses.nn import SamePad2d
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.quant.annotate import Annotation
-from qpasses.quant.layerwise import Layer, annotation_of, collect_shard, sweep
+from qpasses.quant.layerwise import Layer, Simulation, annotation_of, collect_shard, sweep
 from qpasses.quant.lowering import fake_quantize_weight, float_weight, weight_spec
 from qpasses.quant.observers import Observer
 from qpasses.quant.ops import Role
@@ -22,10 +23,10 @@ from qpasses.quant.state import WEIGHT_QPARAMS_KEY
 from qpasses.validation import check_count, check_data
 
 
-def _channels_on_dim_1(layer: Layer, y: torch.Tensor) -> torch.Tensor:
+def _channels_on_dim_1(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """A layer's output with its channels on dim 1: a linear's are its last dim, after any (batch, sequence)
     dims, e.g. a transformer's ``(batch, tokens, features)``."""
-    return y.movedim(-1, 1) if isinstance(layer.module, nn.Linear) and y.dim() > 2 else y
+    return y.movedim(-1, 1) if isinstance(module, nn.Linear) and y.dim() > 2 else y
 
 
 def _by_channel(t: torch.Tensor) -> torch.Tensor:
@@ -33,37 +34,67 @@ def _by_channel(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1)
 
 
-def _activated_mean(outputs: list[torch.Tensor], indices: list[int], lower: torch.Tensor, upper: torch.Tensor,
-                    shift: torch.Tensor) -> torch.Tensor:
-    """Per channel, the mean of ``clamp(y − shift, lower, upper)`` over every position of ``outputs`` (the
-    batches ``indices``); under torch.distributed over every rank's batches, summed in batch order."""
-    sums = {}
-    for i, y in zip(indices, outputs, strict=True):
-        y = _by_channel(y)
-        sums[i] = (torch.clamp(y - shift[:, None], lower[:, None], upper[:, None]).sum(dim=1), y.shape[1])
-    total, count = torch.zeros_like(lower), 0
+def _clamped_sum(y: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                 shift: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per channel, the sum of ``clamp(y − shift, lower, upper)`` over every position of one batch's ``y``,
+    and the number of positions."""
+    y = _by_channel(y)
+    return torch.clamp(y - shift[:, None], lower[:, None], upper[:, None]).sum(dim=1), y.shape[1]
+
+
+def _mean(sums: dict[int, tuple[torch.Tensor, int]], like: torch.Tensor) -> torch.Tensor:
+    """The mean from per-batch ``_clamped_sum``s by batch index; under torch.distributed over every rank's
+    batches, summed in batch order."""
+    total, count = torch.zeros_like(like), 0
     for batch_sum, positions in distributed.gather_indexed(sums):
         total += batch_sum.to(total.device)
         count += positions
     return total / count
 
 
-def _mean_matching_shift(quantized: list[torch.Tensor], reference: list[torch.Tensor], lower: torch.Tensor,
-                         upper: torch.Tensor, steps: int = 40, indices: list[int] | None = None) -> torch.Tensor:
+@dataclass
+class FloatTarget:
+    """What the float model's output ``y`` of one layer tells its correction, per batch (by index), kept instead
+    of the outputs themselves: per channel the sum of ``f(y)`` (``f`` the clamp to ``(lower, upper)``) with the
+    number of positions, and ``max |y|``."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    sums: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    peaks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, index: int, y: torch.Tensor) -> None:
+        """Count batch ``index``'s output ``y`` (channels on dim 1)."""
+        self.sums[index] = _clamped_sum(y, self.lower, self.upper, torch.zeros_like(self.lower))
+        self.peaks[index] = _by_channel(y).abs().amax(dim=1)
+
+    @classmethod
+    def of(cls, outputs: list[torch.Tensor], lower: torch.Tensor, upper: torch.Tensor,
+           indices: list[int] | None = None) -> FloatTarget:
+        """The target of ``outputs``, the batches ``indices`` (default: all)."""
+        target = cls(lower, upper)
+        for i, y in zip(range(len(outputs)) if indices is None else indices, outputs, strict=True):
+            target.add(i, y)
+        return target
+
+
+def _mean_matching_shift(quantized: list[torch.Tensor], target: FloatTarget, steps: int = 40,
+                         indices: list[int] | None = None) -> torch.Tensor:
     """Per channel, the shift ``δ`` of smallest magnitude with ``E[f(y_q − δ)] = E[f(y)]``, ``f`` the clamp to
-    ``(lower, upper)``: the next layer then reads the float model's mean input. Without an activation it is
-    ``E[y_q − y]``. ``E[f(y_q − δ)]`` falls monotonically in ``δ``, so bisection from ``0`` finds it.
-    ``quantized`` and ``reference`` hold the batches ``indices`` (default: all; this rank's, under
-    torch.distributed)."""
+    ``(target.lower, target.upper)``: the next layer then reads the float model's mean input. Without an
+    activation it is ``E[y_q − y]``. ``E[f(y_q − δ)]`` falls monotonically in ``δ``, so bisection from ``0``
+    finds it. ``quantized`` holds the batches ``indices`` (default: all; this rank's, under torch.distributed),
+    ``target`` the float outputs' sums of the same batches."""
     indices = list(range(len(quantized))) if indices is None else indices
-    target = _activated_mean(reference, indices, lower, upper, torch.zeros_like(lower))
+    lower, upper = target.lower, target.upper
+    goal = _mean(target.sums, lower)
 
     def gap(shift: torch.Tensor) -> torch.Tensor:
-        return _activated_mean(quantized, indices, lower, upper, shift) - target
+        sums = {i: _clamped_sum(y, lower, upper, shift) for i, y in zip(indices, quantized, strict=True)}
+        return _mean(sums, lower) - goal
 
     reach = torch.zeros_like(lower)  # |δ| ≤ max|y_q| + max|y|: past it every y_q − δ is clipped or beyond y
-    peaks = {i: _by_channel(yq).abs().amax(dim=1) + _by_channel(y).abs().amax(dim=1)
-             for i, yq, y in zip(indices, quantized, reference, strict=True)}
+    peaks = {i: _by_channel(yq).abs().amax(dim=1) + target.peaks[i] for i, yq in zip(indices, quantized, strict=True)}
     for peak in distributed.gather_indexed(peaks):
         reach = torch.maximum(reach, peak.to(reach.device))
     direction = torch.sign(gap(torch.zeros_like(lower)))
@@ -92,8 +123,8 @@ class BiasCorrection(Pass):
     """Subtract, per output channel, the mean error weight quantization adds: ``b ← b − E[(Q(W) − W) x]``.
 
     Empirical (``data`` given, Nagel et al. 2019 sec. 4.2 with data): calibration batches are propagated
-    through the float model and, side by side, through the model as it will run quantized (weights on their
-    grids, activations on their calibrated grids); layer by layer, in graph order, ``b ← b − δ`` with ``δ``
+    through the float model and through the model as it will run quantized, the reference graph's simulation
+    of the backend's int codes (``qpasses.quant.layerwise``); layer by layer, in graph order, ``b ← b − δ`` with ``δ``
     (per channel, smallest ``|δ|``) solving ``E[f(y_q − δ)] = E[f(y)]``: ``y_q`` the layer's output on the
     quantized path, so each correction also absorbs the mean error that earlier layers and activation
     quantization leave, and ``f`` the ReLU or clamp that alone reads the layer (identity without one, where
@@ -102,6 +133,9 @@ class BiasCorrection(Pass):
     head for errors ReLU6 discards, costing ~5 dB of logit SQNR; and averaging only where ``y`` or ``y_q`` is
     unclipped is biased wherever the error is large (at 4 bits): the positions a positive error lifts above
     a ReLU's 0 are counted, those it leaves below are not.
+    Memory: the float model runs first, one batch at a time, and only per-channel sums of each layer's output
+    are kept (``FloatTarget``); the quantized path then keeps each batch's int8 values as codes between layers,
+    and holds one layer's output of every batch while it decides that layer's ``δ``.
     Under torch.distributed each rank propagates its share of the batches (batch ``i`` on rank
     ``i % world_size``) and the per-batch sums are reduced in batch order: every rank gets the biases one
     process would.
@@ -129,17 +163,33 @@ class BiasCorrection(Pass):
             self._analytical(gm, ann, ctx)
         else:
             indices, batches, ctx.stats["batches"] = collect_shard(self.data, gm, self.num_batches, self.name)
-            ctx.stats["corrected"] = sweep(gm, ann, batches, lambda layer: self._correct(gm, layer, indices))
+            simulation = Simulation(gm, ann)
+            targets = self._float_targets(gm, simulation, batches, indices)
+            ctx.stats["corrected"] = sweep(gm, ann, batches, lambda layer: self._correct(layer, targets[layer.node],
+                                                                                         indices),
+                                           simulation, float_path=False)
         return PassResult(gm, modified=ctx.stats["corrected"] > 0)
 
     @staticmethod
-    def _correct(gm: fx.GraphModule, layer: Layer, indices: list[int]) -> torch.Tensor:
+    def _float_targets(gm: fx.GraphModule, simulation: Simulation, batches: list[tuple],
+                       indices: list[int]) -> dict[fx.Node, FloatTarget]:
+        """Each layer's ``FloatTarget``, from the float path run one batch at a time: the float outputs of every
+        batch are never held at once."""
+        targets: dict[fx.Node, FloatTarget] = {}
+        for index, batch in zip(indices, batches, strict=True):
+            for node, y in simulation.float_outputs(batch):
+                y = _channels_on_dim_1(gm.get_submodule(node.target), y)
+                if node not in targets:
+                    targets[node] = FloatTarget(*activation_bounds(gm, node, y.new_zeros(y.shape[1])))
+                targets[node].add(index, y)
+        return targets
+
+    @staticmethod
+    def _correct(layer: Layer, target: FloatTarget, indices: list[int]) -> torch.Tensor:
         # On the grid lowering will use: the one AdaRound pinned, if it ran.
         weight = fake_quantize_weight(layer.module.weight, layer.spec, layer.node.meta.get(WEIGHT_QPARAMS_KEY))
-        quantized = [_channels_on_dim_1(layer, layer.run(x, weight)) for x in layer.quant_inputs]
-        reference = [_channels_on_dim_1(layer, y) for y in layer.float_outputs]
-        lower, upper = activation_bounds(gm, layer.node, quantized[0].new_zeros(quantized[0].shape[1]))
-        shift = _mean_matching_shift(quantized, reference, lower, upper, indices=indices)
+        quantized = [_channels_on_dim_1(layer.module, layer.run(x, weight)) for x in layer.quant_inputs]
+        shift = _mean_matching_shift(quantized, target, indices=indices)
         with torch.no_grad():
             if layer.module.bias is None:
                 layer.module.bias = nn.Parameter(-shift)

@@ -1,97 +1,222 @@
 """Layer-by-layer (or block-by-block) propagation of calibration data along two paths at once, for passes
 that fix each layer's quantization error given the errors of the layers before it (bias correction, AdaRound).
 
-- the float path runs a frozen copy of the model as it was: float weights (those from before AdaRound
-  rounded them, if it ran), no activation quantization;
-- the quantized path runs the observed graph as lowering will execute it: each conv/linear with its
-  weight on the grid the annotation chose (``weight_for`` decides which grid point, layer by layer) and
-  each observed activation on its calibrated grid.
+Both paths run one graph: the reference graph (``qpasses.passes.reference``) of a copy of the calibrated
+graph, the simulation of the int codes the backend's kernels compute, with each conv/linear call given the
+weight the pass chose for it and the layer's bias as it is now, in place of the weight codes the copy holds:
+
+- the quantized path runs it as it is: every int8 value through its quantize → dequantize, each layer's
+  weight the one ``weight_for`` returns (on its grid), its bias rounded as the backend's kernels round it;
+- the float path passes every quantize and dequantize through and gives each layer its float weight (from
+  before AdaRound rounded it, if it ran) and the bias it had when the sweep started: the model as it was.
 
 The sweep goes node by node over all batches, keeping only values some later node still reads. A block (a
-single-entry, single-exit region) is decided at once: the float path runs ahead to its exit, and the block's
-quantized path can be replayed differentiably from its entry (``Block.run``).
+single-entry, single-exit region of the reference graph) is decided at once: the float path runs ahead to its
+exit, and the block's quantized path can be replayed differentiably from its entry (``Block.run``).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.func import functional_call
 
 from qpasses import distributed
 from qpasses.errors import QPassesError
-from qpasses.graph.regions import Region
+from qpasses.graph.links import activation_bounds
+from qpasses.graph.regions import Region, blocks
+from qpasses.passes.base import PassContext
 from qpasses.passes.calibrate import batch_inputs, model_device, to_device
+from qpasses.passes.reference import DEQUANTIZE, QUANTIZE, build_reference
+from qpasses.quant import lowering
 from qpasses.quant.annotate import Annotation
-from qpasses.quant.lowering import on_grid, weight_spec
-from qpasses.quant.observers import Observer
+from qpasses.quant.backends import get_backend
+from qpasses.quant.grids import Grids, weight_qparams_by_node
+from qpasses.quant.lowering import weight_spec
 from qpasses.quant.ops import Role
 from qpasses.quant.spec import QuantSpec
-from qpasses.quant.state import FLOAT_WEIGHT_KEY, existing_state
+from qpasses.quant.state import FLOAT_WEIGHT_KEY, WEIGHT_QPARAMS_KEY, existing_state
+
+# Put on the copy's conv/linear nodes before the reference rewrite, which keeps a node's meta on the call it
+# makes of it: the name of the observed node the call computes.
+_LAYER_KEY = "qpasses_layerwise_layer"
+
+Params = Mapping[fx.Node, Mapping[str, torch.Tensor]]
+
+
+class Simulation:
+    """The reference graph of the calibrated graph ``gm`` (built on a copy), run one node at a time along the
+    quantized or the float path, each conv/linear call with parameters given per observed layer node."""
+
+    def __init__(self, gm: fx.GraphModule, ann: Annotation):
+        self.gm, self.ann = gm, ann
+        self.backend = backend = get_backend(ann.backend)
+        reference = copy.deepcopy(gm)
+        layers = [n for n in reference.graph.nodes if ann.roles.get(n.name) is Role.COMPUTE]
+        for node in layers:
+            node.meta[_LAYER_KEY] = node.name
+        with lowering.quantized_engine(backend.engine):
+            grids = Grids(reference, ann, backend, note=lambda _: None)  # Lower reports the widened grids
+            # The grid of each layer's input: the int32 grid of its bias (Backend.quantized_bias) is s_in·s_w.
+            self.input_scales = {n.name: grids.value_grid(n.args[0]).scale for n in layers}
+        self.weight_qparams = weight_qparams_by_node(reference, ann)
+        build_reference(reference, ann, backend, PassContext(example_inputs=()), grids, self.weight_qparams)
+        _one_dequantize_per_quantize(reference.graph)
+        self.reference = reference
+        observed = {n.name: n for n in gm.graph.nodes}
+        self.layer_of = {n: observed[n.meta[_LAYER_KEY]] for n in reference.graph.nodes
+                         if n.op == "call_function" and _LAYER_KEY in n.meta}
+        if len(self.layer_of) != len(layers):
+            raise QPassesError(f"internal: the reference graph computes {len(self.layer_of)} of the "
+                               f"{len(layers)} int8 conv/linear layers as calls the sweep can find")
+        # Each call's dequantized weight codes: never run, the call is given the weight the pass chose instead.
+        self.weight_nodes = {call.args[1] for call in self.layer_of}
+        self.float_params = {}
+        for node in self.layer_of.values():
+            module = gm.get_submodule(node.target)
+            bias = None if module.bias is None else module.bias.detach().clone()
+            self.float_params[node] = {"weight": node.meta.get(FLOAT_WEIGHT_KEY, module.weight.detach().clone()),
+                                       "bias": bias}
+
+    def kernel_bias(self, layer: fx.Node, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``bias`` as ``layer``'s int8 kernel adds it: on the int32 grid ``s_in·s_w`` where the backend rounds it
+        there (gradients pass straight through), with ``s_w`` the grid the layer's weight is on now."""
+        if bias is None or not self.backend.quantized_bias:
+            return bias
+        weight_scale = layer.meta.get(WEIGHT_QPARAMS_KEY, self.weight_qparams[layer.name])[0]
+        step = self.input_scales[layer.name] * torch.as_tensor(weight_scale).to(bias)
+        return bias + (torch.round(bias / step) * step - bias).detach()
+
+    def run(self, node: fx.Node, env: dict[fx.Node, object], params: Params, quantized: bool):
+        """``node``'s value from its inputs' values ``env`` (get_attr constants are read from the graph): on the
+        quantized path with ``params`` (each layer's weight, and bias if given, else its bias now), else on the
+        float path. A dequantize whose quantize's input is in ``env`` passes gradients straight through to it."""
+        def value(arg: fx.Node):
+            if arg in env:
+                return env[arg]
+            if _dequantizes_codes(arg):  # the sweep keeps an int8 value as its codes
+                return self.run(arg, env, params, quantized)
+            return _fetch(self.reference, arg.target)
+
+        if node in self.layer_of:
+            layer = self.layer_of[node]
+            if quantized:
+                chosen = params[layer]
+                module = self.gm.get_submodule(layer.target)
+                weight, bias = chosen["weight"], self.kernel_bias(layer, chosen.get("bias", module.bias))
+            else:
+                weight, bias = self.float_params[layer]["weight"], self.float_params[layer]["bias"]
+            args = (value(node.args[0]), weight, bias, *fx.map_arg(node.args[3:], value))
+            return node.target(*args, **fx.map_arg(node.kwargs, value))
+        if node.op == "call_function" and node.target in (QUANTIZE, DEQUANTIZE):
+            source = node.args[0]
+            if not quantized:
+                return value(source)
+            result = node.target(*fx.map_arg(node.args, value), **fx.map_arg(node.kwargs, value))
+            if node.target is DEQUANTIZE and source.op == "call_function" and source.target is QUANTIZE:
+                x = env.get(source.args[0])
+                if isinstance(x, torch.Tensor) and x.requires_grad:
+                    result = x + (result - x).detach()
+            return result
+        return _execute(self.reference, node, fx.map_arg(node.args, value), fx.map_arg(node.kwargs, value))
+
+    def float_outputs(self, inputs: tuple) -> Iterator[tuple[fx.Node, torch.Tensor]]:
+        """Each layer (its node in the graph being rewritten) with its output on the float path for one batch of
+        model ``inputs``, in graph order; each value is dropped after its last reader."""
+        graph = self.reference.graph
+        order, last_use = _last_uses(graph)
+        placeholders = iter(inputs)
+        env: dict[fx.Node, object] = {}
+        for node in graph.nodes:
+            if node.op == "output":
+                break
+            if node.op == "get_attr" or node in self.weight_nodes:
+                continue
+            env[node] = next(placeholders) if node.op == "placeholder" else self.run(node, env, {}, quantized=False)
+            if node in self.layer_of:
+                yield self.layer_of[node], env[node]
+            for done in [n for n in env if last_use[n] <= order[node] and n is not node]:
+                del env[done]
+
+
+def _last_uses(graph: fx.Graph) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
+    """Each node's position, and the position of its last reader (its own without one); codes count as read
+    as long as their dequantize is, which the sweep runs again for each reader."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last_use = {n: max((order[u] for u in n.users), default=order[n]) for n in graph.nodes}
+    for node in graph.nodes:
+        if _dequantizes_codes(node):
+            last_use[node.args[0]] = max(last_use[node.args[0]], last_use[node])
+    return order, last_use
+
+
+def _one_dequantize_per_quantize(graph: fx.Graph) -> None:
+    """Let every reader of a quantized value read one dequantize (the reference graph gives each its own copy,
+    as ``convert_pt2e`` does): the point after it is then a cut of the graph (``qpasses.graph.regions``), so a
+    block ends on the dequantized value, not on the codes."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not QUANTIZE:
+            continue
+        first, *copies = [u for u in node.users if u.target is DEQUANTIZE]  # copies follow the first
+        for other in copies:
+            other.replace_all_uses_with(first)
+            graph.erase_node(other)
 
 
 @dataclass
 class Layer:
     """One int8 conv/linear as the sweep reaches it."""
 
-    node: fx.Node
+    node: fx.Node  # its node in the graph being rewritten
     module: nn.Module  # the layer in the graph being rewritten (its bias and weight may be changed)
     spec: QuantSpec  # its weight's spec, axis as lowering uses it
-    quant_inputs: list[torch.Tensor]  # its input on the quantized path, one tensor per batch
-    float_outputs: list[torch.Tensor]  # what the float model's layer outputs, one tensor per batch
+    quant_inputs: Sequence[torch.Tensor]  # its input on the quantized path, one tensor per batch
+    float_outputs: list[torch.Tensor] | None  # what the float model's layer outputs, one tensor per batch
+    block: Block  # the layer alone, as a block
 
     def run(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The layer on ``x`` with ``weight`` in place of its own (bias as it is now)."""
-        return functional_call(self.module, {"weight": weight}, (x,))
+        """The layer's int8 call in the reference graph on ``x`` with ``weight`` (bias as it is now)."""
+        return self.block.run(x, {self.node: {"weight": weight}})
 
 
 WeightFor = Callable[[Layer], torch.Tensor]
 
 
 class Block:
-    """A single-entry, single-exit region holding int8 conv/linear layers, as the sweep reaches it: its
-    quantized path can be replayed with chosen weights, differentiably."""
+    """A single-entry, single-exit region of the reference graph holding int8 conv/linear layers, as the sweep
+    reaches it: its quantized path can be replayed with chosen weights, differentiably."""
 
-    def __init__(self, gm: fx.GraphModule, region: Region, layers: list[fx.Node], ann: Annotation,
-                 quant_inputs: list[torch.Tensor], float_outputs: list[torch.Tensor]):
-        self.gm, self.region, self.layers = gm, region, layers
-        self.modules = {n: gm.get_submodule(n.target) for n in layers}
-        self.specs = {n: weight_spec(self.modules[n], ann.pairs[n.name].weight) for n in layers}
+    def __init__(self, simulation: Simulation, region: Region, quant_inputs: Sequence[torch.Tensor],
+                 float_outputs: list[torch.Tensor] | None):
+        self.simulation, self.region = simulation, region
+        # The block's layers as nodes of the graph being rewritten, with their modules and weight specs.
+        self.layers = [simulation.layer_of[n] for n in region.nodes if n in simulation.layer_of]
+        self.modules = {n: simulation.gm.get_submodule(n.target) for n in self.layers}
+        self.specs = {n: weight_spec(self.modules[n], simulation.ann.pairs[n.name].weight) for n in self.layers}
         self.quant_inputs = quant_inputs  # the entry's value on the quantized path, one tensor per batch
-        self.float_outputs = float_outputs  # the exit's value on the float path, one tensor per batch
-        self._observed = {}
-        for node in region.nodes:
-            module = gm.get_submodule(node.target) if node.op == "call_module" else None
-            if isinstance(module, Observer):
-                self._observed[node] = (*module.qparams(), module.spec)
+        self.float_outputs = float_outputs  # the exit's value on the float path, one tensor per batch (or None)
 
-    def run(self, x: torch.Tensor, params: dict[fx.Node, dict[str, torch.Tensor]]) -> torch.Tensor:
+    def run(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         """The exit's value on the quantized path from the entry's value ``x``, each layer with the parameters
         in ``params`` (its weight, and bias if given) in place of its own; activation quantization passes
         gradients straight through."""
-        env = {self.region.entry: x}
-
-        def value(arg: fx.Node) -> torch.Tensor:
-            return env[arg] if arg in env else _fetch(self.gm, arg.target)  # a get_attr (regions hold none)
-
+        env: dict[fx.Node, object] = {self.region.entry: x}
         for node in self.region.nodes:
-            if node in self._observed:
-                observed = env[node.args[0]]
-                env[node] = observed + (on_grid(observed, *self._observed[node]) - observed).detach()
-            elif node in self.modules:
-                env[node] = functional_call(self.modules[node], params[node], (env[node.args[0]],))
-            else:
-                args, kwargs = fx.map_arg(node.args, value), fx.map_arg(node.kwargs, value)
-                env[node] = _execute(self.gm, node, args, kwargs)
+            if node not in self.simulation.weight_nodes:
+                env[node] = self.simulation.run(node, env, params, quantized=True)
         return env[self.region.exit]
+
+    def output_bounds(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel, the bounds of the ReLU or clamp that alone reads the block's output (±inf without one)."""
+        return activation_bounds(self.simulation.reference, self.region.exit, like)
 
 
 BlockWeightsFor = Callable[[Block], dict[fx.Node, torch.Tensor]]
+BlockOf = Callable[[fx.Node], "str | None"]
 
 
 def annotation_of(gm: fx.GraphModule, pass_name: str) -> Annotation:
@@ -149,127 +274,137 @@ def _execute(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict):
     raise QPassesError(f"internal: cannot execute node '{node.name}' ({node.op})")
 
 
-def sweep(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], weight_for: WeightFor) -> int:
-    """Propagate ``batches`` (tuples of model inputs) through ``gm``; at each int8 conv/linear call
-    ``weight_for(layer)``, which may change the layer's bias and returns the float weight the quantized
-    path uses for it (on its grid). Returns the number of layers visited."""
+def sweep(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], weight_for: WeightFor,
+          simulation: Simulation | None = None, float_path: bool = True) -> int:
+    """Propagate ``batches`` (tuples of model inputs) through the simulation of ``gm`` (``simulation``, None:
+    built here); at each int8 conv/linear call ``weight_for(layer)``, which may change the layer's bias and
+    returns the float weight the quantized path uses for it (on its grid). Without ``float_path`` only the
+    quantized path runs (``Layer.float_outputs`` is None). Returns the number of layers visited."""
     def one_layer(block: Block) -> dict[fx.Node, torch.Tensor]:
         (node,) = block.layers
         return {node: weight_for(Layer(node, block.modules[node], block.specs[node], block.quant_inputs,
-                                       block.float_outputs))}
+                                       block.float_outputs, block))}
 
-    return sweep_blocks(gm, ann, batches, [], one_layer)
+    return sweep_blocks(gm, ann, batches, None, one_layer, simulation, float_path)
 
 
-def sweep_blocks(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], regions: list[Region],
-                 weights_for: BlockWeightsFor) -> int:
-    """Propagate ``batches`` through ``gm`` as ``sweep`` does, a block at a time: at the first node of each
-    of ``regions`` holding int8 conv/linear layers (an int8 layer outside them is a block of its own) call
-    ``weights_for(block)``, which returns the float weight (on its grid) the quantized path uses for each of
-    the block's layers. Returns the number of layers visited."""
-    reference = copy.deepcopy(gm)
-    ref_nodes = {n.name: n for n in reference.graph.nodes}
-    with torch.no_grad():
-        for node in ref_nodes.values():
-            if FLOAT_WEIGHT_KEY in node.meta:
-                reference.get_submodule(node.target).weight.copy_(node.meta[FLOAT_WEIGHT_KEY])
-    is_layer = {n: ann.roles.get(n.name) is Role.COMPUTE for n in gm.graph.nodes}
-    starts: dict[fx.Node, Region] = {}
-    for region in regions:
-        if any(is_layer[n] for n in region.nodes):
-            starts[region.nodes[0]] = region
-    in_blocks = {n for region in starts.values() for n in region.nodes}
+def sweep_blocks(gm: fx.GraphModule, ann: Annotation, batches: list[tuple], block_of: BlockOf | None,
+                 weights_for: BlockWeightsFor, simulation: Simulation | None = None, float_path: bool = True) -> int:
+    """Propagate ``batches`` as ``sweep`` does, a block at a time: the regions of the reference graph
+    (``qpasses.graph.regions.blocks``) whose layers ``block_of`` (on the layers' nodes in ``gm``; None: every
+    layer alone) puts in one block. At the first node of each block ``weights_for(block)`` returns the float
+    weight (on its grid) the quantized path uses for each of its layers. Returns the number of layers visited.
+
+    Memory: between two blocks the nodes run one batch at a time, and of each batch only the values later nodes
+    read are kept, an int8 value as its codes (its dequantize is run again for each reader); a block holds its
+    input (as codes where it is int8) and its float output for every batch while it is decided."""
+    simulation = simulation if simulation is not None else Simulation(gm, ann)
+    graph = simulation.reference.graph
+    starts = _block_starts(simulation, block_of)
     inside = {n for region in starts.values() for n in region.nodes if n is not region.exit}
-    for node in gm.graph.nodes:
-        if is_layer[node] and node not in in_blocks:
-            starts[node] = Region([node], node.args[0], node)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    last_use = {n: max((order[u] for u in n.users), default=order[n]) for n in gm.graph.nodes}
-    float_env: dict[fx.Node, list] = {}
-    quant_env: dict[fx.Node, list] = {}
-    weights: dict[fx.Node, torch.Tensor] = {}
-    placeholders = iter(range(len(batches[0])))
+    segments: list[list[fx.Node]] = []  # the nodes from one block's first node to the next block's
+    for node in graph.nodes:
+        if node.op in ("get_attr", "output") or node in simulation.weight_nodes:
+            continue  # constants are read from the graph; layers get the chosen weights
+        if node in starts or not segments:
+            segments.append([])
+        segments[-1].append(node)
+    order, last_use = _last_uses(graph)
+    inputs = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
+    quant: list[dict[fx.Node, object]] = [{} for _ in batches]  # per batch: the values later nodes read
+    floats: list[dict[fx.Node, object]] = [{} for _ in batches]
     visited = 0
     was_training = gm.training
     gm.eval()
-    reference.eval()
+    simulation.reference.eval()
     try:
         with torch.no_grad():
-            for node in gm.graph.nodes:
-                if node.op == "output":
-                    break
-                if node in starts:
-                    region = starts[node]
+            for segment in segments:
+                params: dict[fx.Node, dict[str, torch.Tensor]] = {}
+                if segment[0] in starts:
+                    region = starts[segment[0]]
                     # The float path runs ahead to the block's exit, for the target of its reconstruction.
-                    _float_through(reference, ref_nodes, region, float_env, len(batches))
-                    block = Block(gm, region, [n for n in region.nodes if is_layer[n]], ann,
-                                  quant_env[region.entry], float_env[region.exit])
-                    with torch.enable_grad():
-                        found = weights_for(block)
-                    weights.update({n: w.detach() for n, w in found.items()})
+                    float_outputs = None
+                    if float_path:
+                        float_outputs = [_float_through(simulation, region, env) for env in floats]
+                        for env, value in zip(floats, float_outputs, strict=True):
+                            env[region.exit] = value
+                    block = Block(simulation, region, _Values(simulation, region.entry, quant), float_outputs)
+                    del float_outputs
+                    found = weights_for(block)  # under no_grad: a pass that trains enables it itself
+                    params = {n: {"weight": w.detach()} for n, w in found.items()}
                     visited += len(block.layers)
-                if node.op == "placeholder":
-                    index = next(placeholders)
-                    float_env[node] = quant_env[node] = [batch[index] for batch in batches]
-                elif node.op == "get_attr":
-                    float_env[node] = [_fetch(reference, node.target)] * len(batches)
-                    quant_env[node] = [_fetch(gm, node.target)] * len(batches)
-                else:
-                    module = gm.get_submodule(node.target) if node.op == "call_module" else None
-                    # Computed ahead as a block's exit, or inside a block: read by nothing after it.
-                    if node not in float_env and node not in inside:
-                        float_env[node] = _float_value(reference, ref_nodes, node, float_env, len(batches))
-                    if isinstance(module, Observer):
-                        scale, zero_point = module.qparams()
-                        quant_env[node] = [on_grid(x, scale, zero_point, module.spec)
-                                           for x in quant_env[node.args[0]]]
-                    elif is_layer[node]:
-                        weight = weights.pop(node)
-                        quant_env[node] = [functional_call(module, {"weight": weight}, (x,))
-                                           for x in quant_env[node.args[0]]]
-                    else:
-                        quant_env[node] = _run_all(gm, node, quant_env, len(batches))
-                for done in [n for n in quant_env if last_use[n] <= order[node] and n is not node]:
-                    float_env.pop(done, None)
-                    del quant_env[done]
+                    del block
+                end = order[segment[-1]]
+                for batch, q, f in zip(batches, quant, floats, strict=True):
+                    for node in segment:
+                        if node.op == "placeholder":
+                            q[node] = batch[inputs[node]]
+                            if float_path:
+                                f[node] = q[node]
+                            continue
+                        # Computed ahead as a block's exit, or inside a block: read by nothing after it.
+                        if float_path and node not in f and node not in inside:
+                            f[node] = simulation.run(node, f, {}, quantized=False)
+                        q[node] = simulation.run(node, q, params, quantized=True)
+                        for env in (q, f):
+                            for done in [n for n in env if last_use[n] <= order[node] and n is not node]:
+                                del env[done]
+                    for env in (q, f):  # dequantized values whose codes are kept are run again where read
+                        for done in [n for n in env if last_use[n] <= end
+                                     or (_dequantizes_codes(n) and n.args[0] in env)]:
+                            del env[done]
     finally:
         gm.train(was_training)
     return visited
 
 
-def _float_through(reference: fx.GraphModule, ref_nodes: dict[str, fx.Node], region: Region,
-                   float_env: dict[fx.Node, list], n_batches: int) -> None:
-    """Put the float path's value of ``region.exit`` in ``float_env``, running the region's nodes on a
-    scratch copy of the environment that drops each value after its last use in the region."""
-    scratch = dict(float_env)
-    position = {n: i for i, n in enumerate(region.nodes)}
-    last_use = {n: max((position.get(u, len(region.nodes)) for u in n.users), default=position[n])
-                for n in region.nodes}
-    for node in region.nodes:
-        for constant in (a for a in node.all_input_nodes if a.op == "get_attr"):
-            scratch[constant] = [_fetch(reference, constant.target)] * n_batches
-    for i, node in enumerate(region.nodes):
-        scratch[node] = _float_value(reference, ref_nodes, node, scratch, n_batches)
-        for done in [n for n in region.nodes[:i] if last_use[n] <= i and n in scratch]:
+def _block_starts(simulation: Simulation, block_of: BlockOf | None) -> dict[fx.Node, Region]:
+    """The first node of each block → the block: the regions ``block_of`` groups that hold layers, and each
+    layer outside them alone."""
+    layer_of = simulation.layer_of
+    starts: dict[fx.Node, Region] = {}
+    if block_of is not None:
+        regions = blocks(simulation.reference.graph, lambda n: block_of(layer_of[n]) if n in layer_of else None)
+        for region in regions:
+            if any(n in layer_of for n in region.nodes):
+                starts[next(n for n in region.nodes if n not in simulation.weight_nodes)] = region
+    in_blocks = {n for region in starts.values() for n in region.nodes}
+    for call in layer_of:
+        if call not in in_blocks:
+            starts[call] = Region([call], call.args[0], call)
+    return starts
+
+
+def _dequantizes_codes(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is DEQUANTIZE and isinstance(node.args[0], fx.Node)
+            and node.args[0].target is QUANTIZE)
+
+
+class _Values(Sequence):
+    """``node``'s value on the quantized path in each batch's environment, run from its codes on each read
+    where the environment keeps only those."""
+
+    def __init__(self, simulation: Simulation, node: fx.Node, envs: list[dict[fx.Node, object]]):
+        self.simulation, self.node, self.envs = simulation, node, envs
+
+    def __len__(self) -> int:
+        return len(self.envs)
+
+    def __getitem__(self, batch: int) -> torch.Tensor:
+        env = self.envs[batch]
+        return env[self.node] if self.node in env else self.simulation.run(self.node, env, {}, quantized=True)
+
+
+def _float_through(simulation: Simulation, region: Region, env: dict[fx.Node, object]):
+    """The float path's value of ``region.exit`` in one batch, running the region's nodes on a scratch copy of
+    the batch's environment ``env`` that drops each value after its last use in the region."""
+    scratch = dict(env)
+    nodes = [n for n in region.nodes if n not in simulation.weight_nodes]
+    position = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max((position.get(u, len(nodes)) for u in n.users), default=position[n]) for n in nodes}
+    for i, node in enumerate(nodes):
+        scratch[node] = simulation.run(node, scratch, {}, quantized=False)
+        for done in [n for n in nodes[:i] if last_use[n] <= i and n in scratch]:
             del scratch[done]
-    float_env[region.exit] = scratch[region.exit]
-
-
-def _float_value(reference: fx.GraphModule, ref_nodes: dict[str, fx.Node], node: fx.Node,
-                 env: dict[fx.Node, list], n_batches: int) -> list:
-    """``node``'s value on every batch on the float path (``reference``, whose nodes ``ref_nodes`` names):
-    observers pass their input through."""
-    if node.op == "call_module" and isinstance(reference.get_submodule(node.target), Observer):
-        return env[node.args[0]]
-    return _run_all(reference, ref_nodes[node.name], env, n_batches)
-
-
-def _run_all(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, list], n_batches: int) -> list:
-    """``node`` (of ``gm``) on every batch; its inputs are looked up by name among the nodes of ``env``."""
-    by_name = {n.name: n for n in env}
-    results = []
-    for b in range(n_batches):
-        args = fx.map_arg(node.args, lambda a, b=b: env[by_name[a.name]][b])
-        kwargs = fx.map_arg(node.kwargs, lambda a, b=b: env[by_name[a.name]][b])
-        results.append(_execute(gm, node, args, kwargs))
-    return results
+    return scratch[region.exit]

@@ -6,14 +6,13 @@ from torch import nn
 
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
-from qpasses.graph.regions import blocks, parent_module
+from qpasses.graph.regions import parent_module
 from qpasses.passes import PTQ, AdaRound, BiasCorrection, Calibrate, FuseBN, InsertObservers, Lower
 from qpasses.passes.adaround import ADAROUND_REPORT_KEY
+from qpasses.passes.reference import DEQUANTIZE
 from qpasses.quant.backends import get_backend
 from qpasses.quant.layerwise import annotation_of, sweep, sweep_blocks
 from qpasses.quant.lowering import fake_quantize_weight, weight_qparams
-from qpasses.quant.observers import Observer
-from qpasses.quant.ops import Role
 from qpasses.quant.state import FLOAT_WEIGHT_KEY
 
 
@@ -231,28 +230,27 @@ def test_a_block_replayed_with_round_to_nearest_weights_computes_what_the_lowere
     model, calib = mobile_net(), smooth_batches(2, seed=1)
     gm = observed(model, calib, backend, symmetric=symmetric)
     ann = annotation_of(gm, "test")
-    regions = blocks(gm.graph, lambda n: parent_module(n) if ann.roles.get(n.name) is Role.COMPUTE else None)
-    assert [len(r.nodes) > 1 for r in regions].count(True) >= 2  # the two inverted residuals
-    replayed = {}
+    replayed = []
 
     def nearest(block):
         weights = {n: fake_quantize_weight(block.modules[n].weight, block.specs[n]) for n in block.layers}
         with torch.no_grad():
-            replayed[block.region.exit.name] = [block.run(x, {n: {"weight": w} for n, w in weights.items()})
-                                                for x in block.quant_inputs]
+            replayed.append((block, [block.run(x, {n: {"weight": w} for n, w in weights.items()})
+                                     for x in block.quant_inputs]))
         return weights
 
-    sweep_blocks(gm, ann, [(b,) for b in calib], regions, nearest)
+    sweep_blocks(gm, ann, [(b,) for b in calib], parent_module, nearest)
+    assert [len(block.layers) > 1 for block, _ in replayed].count(True) >= 2  # the two inverted residuals
     lowered = PassManager([Lower()]).run(gm, calib[0])
     zero_points = lowered.get_submodule("2.conv_dw").weight().q_per_channel_zero_points()
     assert bool((zero_points != 0).any()) == (not symmetric)
-    last = regions[-1].exit.name
-    assert last in replayed  # the classifier's block ends at the output
-    exit_module = gm.get_submodule(regions[-1].exit.target)
-    for x, replay in zip(calib, replayed[last], strict=True):
-        # onednn rounds the logits to 8 bits (the exit is their observer); x86 writes them float (the exit is the
-        # linear): there, steps of an 8-bit grid spanning the logits
-        out_scale = (float(exit_module.qparams()[0]) if isinstance(exit_module, Observer)
+    last, replays = replayed[-1]
+    exit = last.region.exit
+    assert [u.op for u in exit.users] == ["output"]  # the classifier's block ends at the output
+    for x, replay in zip(calib, replays, strict=True):
+        # onednn rounds the logits to 8 bits (the exit is their dequantize); x86 writes them float (the exit is
+        # the linear): there, steps of an 8-bit grid spanning the logits
+        out_scale = (float(exit.args[1]) if exit.target is DEQUANTIZE
                      else float(replay.max() - replay.min()) / 255)
         with torch.no_grad():
             # the int8 kernels requantize in integers: a few steps apart from the float replay at most (measured:

@@ -9,7 +9,7 @@ from qpasses import PassManager
 from qpasses.errors import PlanError
 from qpasses.passes import PTQ, BiasCorrection, FuseBN
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
-from qpasses.passes.bias_correction import _mean_matching_shift
+from qpasses.passes.bias_correction import FloatTarget, _mean_matching_shift
 from qpasses.quant.backends import get_backend
 from qpasses.quant.layerwise import annotation_of
 from qpasses.quant.lowering import weight_qparams, weight_spec
@@ -138,9 +138,9 @@ def test_the_shift_undoes_an_offset_through_a_clipping_activation():
     offset = torch.tensor([0.5, -0.25, 0.0]).reshape(1, 3, 1, 1)
     quantized = [t + offset for t in y]
     lower, upper = torch.zeros(3), torch.full((3,), 6.0)
-    shift = _mean_matching_shift(quantized, y, lower, upper)
+    shift = _mean_matching_shift(quantized, FloatTarget.of(y, lower, upper))
     assert torch.allclose(shift, offset.flatten(), atol=1e-5)
-    unbounded = _mean_matching_shift(quantized, y, torch.full((3,), -math.inf), torch.full((3,), math.inf))
+    unbounded = _mean_matching_shift(quantized, FloatTarget.of(y, torch.full((3,), -math.inf), torch.full((3,), math.inf)))
     assert torch.allclose(unbounded, offset.flatten(), atol=1e-5)  # no activation: the plain mean error
 
 
@@ -154,9 +154,9 @@ def test_the_shift_matches_the_mean_the_next_layer_reads_where_noise_crosses_the
     for t in y:
         t[:, 1] = -5.0
     lower, upper = torch.zeros(2), torch.full((2,), math.inf)
-    shift = _mean_matching_shift(quantized[:1], y[:1], lower, upper)
+    shift = _mean_matching_shift(quantized[:1], FloatTarget.of(y[:1], lower, upper))
     assert float(shift[1]) == 0.0  # ...so there is nothing to correct
-    shift = _mean_matching_shift(quantized, y, lower, upper)
+    shift = _mean_matching_shift(quantized, FloatTarget.of(y, lower, upper))
     fed = torch.cat([torch.relu(t[:, 0] - shift[0]) for t in quantized]).mean()
     assert abs(float(fed) - float(torch.cat([torch.relu(t[:, 0]) for t in y]).mean())) < 1e-4
 
