@@ -16,6 +16,7 @@ from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.quant import lowering
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.backends import Backend, get_backend
+from qpasses.quant.fake_quant import bias_on_grid
 from qpasses.quant.grids import Grid, Grids, WeightQParams, weight_qparams_by_node
 from qpasses.quant.ops import Op, Role, computing_op, op_of, returns_input
 from qpasses.quant.state import (
@@ -273,7 +274,7 @@ class _ReferenceBuilder:
         if not self.backend.quantized_bias:
             return bias
         step = self.input_grid[node].scale * weight_scale.to(bias.device)
-        return torch.round(bias / step) * step
+        return bias_on_grid(bias, step)
 
     def buffer(self, name: str, value: torch.Tensor) -> fx.Node:
         target = unique_name(self.gm, name)

@@ -43,6 +43,12 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def bias_on_grid(bias: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``bias`` rounded to the int32 grid of step ``step`` (``s_in·s_w``, per output channel), as the kernels that
+    quantize their bias add it (qnnpack); gradients pass straight through."""
+    return round_ste(bias / step) * step
+
+
 def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
     """``x`` forward, gradient multiplied by ``factor`` backward."""
     return x * factor + (x - x * factor).detach()

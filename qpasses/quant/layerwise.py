@@ -35,6 +35,7 @@ from qpasses.passes.reference import DEQUANTIZE, QUANTIZE, build_reference
 from qpasses.quant import lowering
 from qpasses.quant.annotate import Annotation
 from qpasses.quant.backends import get_backend
+from qpasses.quant.fake_quant import bias_on_grid
 from qpasses.quant.grids import Grids, weight_qparams_by_node
 from qpasses.quant.lowering import weight_spec
 from qpasses.quant.ops import Role
@@ -89,7 +90,7 @@ class Simulation:
             return bias
         weight_scale = layer.meta.get(WEIGHT_QPARAMS_KEY, self.weight_qparams[layer.name])[0]
         step = self.input_scales[layer.name] * torch.as_tensor(weight_scale).to(bias)
-        return bias + (torch.round(bias / step) * step - bias).detach()
+        return bias_on_grid(bias, step)
 
     def run(self, node: fx.Node, env: dict[fx.Node, object], params: Params, quantized: bool):
         """``node``'s value from its inputs' values ``env`` (get_attr constants are read from the graph): on the

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qpasses.errors import QPassesError
-from qpasses.quant.fake_quant import FakeQuantize, round_ste
+from qpasses.quant.fake_quant import FakeQuantize, bias_on_grid
 
 
 def _per_output_channel(values: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,7 @@ class QATModule:
             return bias
         input_scale = self._bias_input_fake_quant[0].qparams()[0]
         step = (input_scale * self.weight_fake_quant.qparams()[0]).to(bias.dtype)
-        return round_ste(bias / step) * step
+        return bias_on_grid(bias, step)
 
     def quantize_bias_with(self, input_fake_quant: FakeQuantize) -> None:
         """Fake-quantize the deployed bias to int32 at ``input_fake_quant``'s scale times the weight's."""
