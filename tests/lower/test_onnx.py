@@ -4,11 +4,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from qpasses.cpu import cpu_int8_features
 from qpasses.errors import ExportError
 from qpasses.lower import deploy
 from qpasses.lower.onnx import export, optimized_node_types
+from qpasses.nn import SamePad2d
 from qpasses.passes.reference import DEQUANTIZE, QUANTIZE
 from tests.lower.conftest import (
     assert_full_range_u8_exact,
@@ -63,6 +65,40 @@ def test_small_net_runs_on_int8_kernels_and_matches_the_reference(small_referenc
 def test_lite0_stem_runs_on_int8_kernels_and_matches_the_reference(stem_reference, tmp_path):
     deployed, _, _ = check_deployment(stem_reference, STEM, tmp_path)
     assert deployed.int8_kernels["QLinearConv"] == 3  # stem, depthwise, pointwise
+    census, _ = optimized_node_types(onnx.load(str(deployed.artifact)).SerializeToString())
+    assert census["Pad"] == 0  # the stem's TF 'SAME' pad is folded into its conv
+
+
+class SamePadded(nn.Module):
+    """TF 'SAME' padding (uneven at these sizes) before a stride-2 conv on the input and before a stride-2
+    depthwise conv inside the net, where the pad reads a dequantized value."""
+
+    def __init__(self):
+        super().__init__()
+        self.pad0, self.conv0 = SamePad2d(3, 2), nn.Conv2d(3, 8, 3, stride=2)
+        self.pad1, self.conv1 = SamePad2d(5, 2), nn.Conv2d(8, 8, 5, stride=2, groups=8)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv0(self.pad0(x)))
+        return self.conv2(torch.relu(self.conv1(self.pad1(h))))
+
+
+def test_tf_same_pads_fold_into_the_convs_and_run_in_qlinearconv(tmp_path):
+    torch.manual_seed(0)
+    reference = reference_graph(SamePadded().eval(), "onnx", SMALL)
+    assert sum(n.op == "call_module" and "pad" in n.target for n in reference.graph.nodes) == 2
+    deployed, _, _ = check_deployment(reference, SMALL, tmp_path)  # within one output step on >= 99%
+    model = onnx.load(str(deployed.artifact))
+    assert not any(n.op_type == "Pad" for n in model.graph.node)
+    producer = {out: n.op_type for n in model.graph.node for out in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert all(producer[n.input[0]] == "DequantizeLinear" for n in convs)
+    # ONNX pads: (top, left, bottom, right); SAME pads (0, 1) on 32 rows for 3x3/2, (1, 2) on 16 for 5x5/2
+    pads = sorted(tuple(a.ints) for n in convs for a in n.attribute if a.name == "pads")
+    assert pads == [(0, 0, 0, 0), (0, 0, 1, 1), (1, 1, 2, 2)]
+    census, left_float = optimized_node_types(model.SerializeToString())
+    assert census["QLinearConv"] == 3 and census["Pad"] == 0 and not left_float
 
 
 def test_the_qdq_model_carries_the_reference_grids(small_reference):
