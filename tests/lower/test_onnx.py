@@ -4,15 +4,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from qpasses.cpu import cpu_int8_features
 from qpasses.errors import ExportError
 from qpasses.lower import deploy
 from qpasses.lower.onnx import export, optimized_node_types
-from qpasses.nn import SamePad2d
 from qpasses.passes.reference import DEQUANTIZE, QUANTIZE
 from tests.lower.conftest import (
+    SamePadded,
     assert_full_range_u8_exact,
     batches,
     output_step,
@@ -67,21 +66,6 @@ def test_lite0_stem_runs_on_int8_kernels_and_matches_the_reference(stem_referenc
     assert deployed.int8_kernels["QLinearConv"] == 3  # stem, depthwise, pointwise
     census, _ = optimized_node_types(onnx.load(str(deployed.artifact)).SerializeToString())
     assert census["Pad"] == 0  # the stem's TF 'SAME' pad is folded into its conv
-
-
-class SamePadded(nn.Module):
-    """TF 'SAME' padding (uneven at these sizes) before a stride-2 conv on the input and before a stride-2
-    depthwise conv inside the net, where the pad reads a dequantized value."""
-
-    def __init__(self):
-        super().__init__()
-        self.pad0, self.conv0 = SamePad2d(3, 2), nn.Conv2d(3, 8, 3, stride=2)
-        self.pad1, self.conv1 = SamePad2d(5, 2), nn.Conv2d(8, 8, 5, stride=2, groups=8)
-        self.conv2 = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv0(self.pad0(x)))
-        return self.conv2(torch.relu(self.conv1(self.pad1(h))))
 
 
 def test_tf_same_pads_fold_into_the_convs_and_run_in_qlinearconv(tmp_path):
