@@ -10,6 +10,10 @@ float bias; ``quantize_static`` writes them so too). Measured on ResNet-18 and M
 1.32): every conv fuses into QLinearConv and every add into QLinearAdd; the classifier runs as QGemm only with
 the int32 bias (a float Gemm on a per-call DequantizeLinear of its weight otherwise).
 
+TF 'SAME' padding (``SamePad2d``, whose pads depend on the input's shape) is written as a constant Pad at the
+example's shape and folded into the following Conv's ``pads`` (``fold_pads_into_convs``): ONNX Runtime fuses
+no Pad into QLinearConv, and left in, it runs in float between two QDQ pairs (pretrained Lite0: 5 of them).
+
 Code ranges narrower than the 8-bit container (sub-8-bit, 7-bit ``reduce_range``) are kept exactly: a Clip of
 the codes between QuantizeLinear and DequantizeLinear, which ONNX Runtime runs on the uint8 codes between its
 int8 nodes (it still fuses them). Presets for this target avoid them where the kernels do not need them.

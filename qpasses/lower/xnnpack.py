@@ -2,7 +2,8 @@
 
 ``deploy`` exports the reference graph (``torch.export``), lowers it with ExecuTorch's
 ``to_edge_transform_and_lower`` and the ``XnnpackPartitioner`` (XNNPACK fuses each dequantize → op → quantize
-of the reference graph into one int8 node), serializes the program and loads it in ExecuTorch's Python runtime.
+of the reference graph into one int8 node; ``partitioner()`` also gives it constant pads in int8, TF 'SAME'
+padding), serializes the program and loads it in ExecuTorch's Python runtime.
 
 It then checks that the int8 kernels really run, reading what XNNPACK will execute rather than trusting the
 partitioner: every quantized op of the reference graph (one reading a ``dequantize``) must sit inside an
