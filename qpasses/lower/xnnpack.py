@@ -83,7 +83,10 @@ def partitioner() -> Any:
     a TF 'SAME' padding (Lite0: the pads before its stride-2 depthwise convs) runs as a float pad between two
     conversions, and qpasses refuses it. XNNPACK's static constant pad takes int8 values (it writes the pad
     value's code), and ExecuTorch's serializer reads the pad's grids from the Q/DQ ops around it, as for every
-    other int8 op."""
+    other int8 op. It copies codes, so it takes only a pad whose quantize is on its dequantize's grid (what
+    qpasses' reference graphs write); XNNPACK refuses any other when the program loads (measured on Lite0
+    through ExecuTorch's XNNPACKQuantizer: ``Failed to create StaticConstantPad node``), so such a pad stays at
+    fp32, where ``check_int8_delegation`` names it."""
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.config.generic_node_configs import ConstantPadConfig
     from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
@@ -92,6 +95,13 @@ def partitioner() -> Any:
     class Int8ConstantPadConfig(ConstantPadConfig):
         def supported_precision_types(self) -> list[ConfigPrecisionType]:
             return [ConfigPrecisionType.FP32, ConfigPrecisionType.STATIC_QUANT]
+
+        def get_node_and_deps(self, node: fx.Node, ep: Any) -> list[fx.Node]:
+            source, users = node.args[0], list(node.users)
+            if not (len(users) == 1 and _is_dequantize(source) and _op_name(users[0]).startswith(
+                    "quantized_decomposed.quantize_per_tensor") and source.args[1:6] == users[0].args[1:6]):
+                return [node]  # at fp32
+            return super().get_node_and_deps(node, ep)
 
     return XnnpackPartitioner(configs=[Int8ConstantPadConfig if c is ConstantPadConfig else c
                                        for c in ALL_PARTITIONER_CONFIGS])

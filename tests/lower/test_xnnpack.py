@@ -166,6 +166,19 @@ def test_a_tf_same_pad_between_quantized_convs_runs_in_xnnpacks_int8_pad(flow):
     assert ((model(x) - expected).abs() <= output_step(reference) * 1.001).float().mean().item() >= 0.99
 
 
+def test_a_pad_requantized_to_another_grid_is_refused_naming_it():
+    """XNNPACK's int8 pad copies codes; ExecuTorch's XNNPACKQuantizer requantizes Lite0's pads to other grids."""
+    shape = (1, 3, 32, 32)
+    torch.manual_seed(0)
+    reference = qpasses_reference(SamePadded().eval(), shape)
+    quantize = next(iter(next(n for n in reference.graph.nodes if n.target == "pad1").users))
+    for node in (quantize, *quantize.users):  # the pad's quantize and its dequantize: twice the step
+        node.args = (node.args[0], node.args[1] * 2, *node.args[2:])
+    reference.recompile()
+    with pytest.raises(ExportError, match=r"node 'pad1' \(aten.constant_pad_nd.default\) runs in XNNPACK's float"):
+        deploy(reference, "xnnpack", torch.randn(shape))
+
+
 def test_asymmetric_weights_are_refused_naming_the_node():
     """ExecuTorch lowers weight zero points != 0 without a word, and XNNPACK computes wrong outputs."""
     reference = executorch_reference(SmallNet().eval(), (1, 3, 16, 16))
