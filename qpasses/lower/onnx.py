@@ -197,25 +197,28 @@ def constant_same_pads(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> int:
 
 def _constant_reader(graph: Any) -> Callable[[str], Any]:
     """``value(name)``: the array of ``name`` in ``graph`` (an ``onnx.GraphProto``) where it is constant (an
-    initializer, a Constant node, or computed from constants only, evaluated by onnx's reference evaluator:
-    torch.onnx's constant folding leaves some, such as a Pad's amounts), None where it depends on an input."""
+    initializer, a Constant node, or computed from constants only, evaluated by onnx's reference evaluator when
+    asked for: torch.onnx's constant folding leaves some, such as a Pad's amounts), None where it is not."""
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
 
     values: dict[str, Any] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     producer = {out: n for n in graph.node for out in n.output}
-    unknown: set[str] = {i.name for i in graph.input} - set(values)
+    constant = set(values)
+    for node in graph.node:  # in topological order, as ONNX requires
+        if all(not name or name in constant for name in node.input):
+            constant.update(node.output)
 
     def value(name: str) -> Any:
-        if name in values or name in unknown:
-            return values.get(name)
-        node = producer.get(name)
-        inputs = [value(i) if i else None for i in node.input] if node is not None else [None]
-        if node is None or any(v is None for v, i in zip(inputs, node.input, strict=True) if i):
-            unknown.add(name)
+        if name not in constant:
             return None
-        feeds = {i: v for i, v in zip(node.input, inputs, strict=True) if i}
-        values.update(zip(node.output, ReferenceEvaluator(node).run(None, feeds), strict=True))
+        if name not in values:
+            node = producer[name]
+            if node.op_type == "Constant" and node.attribute[0].name == "value":
+                values[name] = numpy_helper.to_array(node.attribute[0].t)
+            else:
+                feeds = {i: value(i) for i in node.input if i}
+                values.update(zip(node.output, ReferenceEvaluator(node).run(None, feeds), strict=True))
         return values[name]
 
     return value
