@@ -59,8 +59,13 @@ class SamePad2d(nn.Module):
             pads.append((total // 2, total - total // 2))
         return pads
 
+    def pads(self, x: torch.Tensor) -> list[tuple[int, int]]:
+        """(low, high) padding this module applies to the last two dimensions of ``x`` (its shape is all
+        that is read: a meta tensor will do)."""
+        return self.same_pads(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _pad(x, self.same_pads(x), self.value)
+        return _pad(x, self.pads(x), self.value)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}, value={self.value}"
@@ -87,10 +92,9 @@ class ShiftedSamePad2d(SamePad2d):
         return all(k % 2 == 1 and s == 2 and d == 1
                    for k, s, d in zip(_pair(kernel_size), _pair(stride), _pair(dilation), strict=True))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = [(lo + s - (k - 1) // 2, hi - (k - 1) // 2)
-                for (lo, hi), k, s in zip(self.same_pads(x), self.kernel_size, self.stride, strict=True)]
-        return _pad(x, pads, self.value)
+    def pads(self, x: torch.Tensor) -> list[tuple[int, int]]:
+        return [(lo + s - (k - 1) // 2, hi - (k - 1) // 2)
+               for (lo, hi), k, s in zip(self.same_pads(x), self.kernel_size, self.stride, strict=True)]
 
 
 class CropStart2d(nn.Module):

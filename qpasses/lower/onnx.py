@@ -10,6 +10,10 @@ float bias; ``quantize_static`` writes them so too). Measured on ResNet-18 and M
 1.32): every conv fuses into QLinearConv and every add into QLinearAdd; the classifier runs as QGemm only with
 the int32 bias (a float Gemm on a per-call DequantizeLinear of its weight otherwise).
 
+TF 'SAME' padding (``SamePad2d``, whose pads depend on the input's shape) is written as a constant Pad at the
+example's shape and folded into the following Conv's ``pads`` (``fold_pads_into_convs``): ONNX Runtime fuses
+no Pad into QLinearConv, and left in, it runs in float between two QDQ pairs (pretrained Lite0: 5 of them).
+
 Code ranges narrower than the 8-bit container (sub-8-bit, 7-bit ``reduce_range``) are kept exactly: a Clip of
 the codes between QuantizeLinear and DequantizeLinear, which ONNX Runtime runs on the uint8 codes between its
 int8 nodes (it still fuses them). Presets for this target avoid them where the kernels do not need them.
@@ -22,21 +26,24 @@ transposed conv, Gemm or MatMul that ONNX Runtime left float is an error naming 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from qpasses.errors import ExportError
-from qpasses.graph.trace import as_input_tuple
+from qpasses.graph.trace import as_input_tuple, propagate_shapes
 from qpasses.lower import Deployed
+from qpasses.nn import SamePad2d
 from qpasses.quant.grids import Grid
 
 OPSET = 17
@@ -147,20 +154,181 @@ def export(reference: nn.Module, example_inputs: Any, path: str | Path | None = 
     if opset < 13:
         raise ExportError(f"per-channel QDQ needs ONNX opset >= 13, got opset={opset}")
     inputs = as_input_tuple(example_inputs)
-    # A plain GraphModule over the same graph and tensors: convert_pt2e's graphs refuse the train(False) that
-    # torch.onnx.export calls.
-    plain = fx.GraphModule(reference, reference.graph, class_name=type(reference).__name__)
+    # A plain GraphModule over a copy of the graph and the same tensors: convert_pt2e's graphs refuse the
+    # train(False) that torch.onnx.export calls.
+    plain = fx.GraphModule(reference, copy.deepcopy(reference.graph), class_name=type(reference).__name__)
+    constant_same_pads(plain, inputs)
     buffer = io.BytesIO()
     with _qdq_symbolics(opset), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
         torch.onnx.export(plain, inputs, buffer, dynamo=False, opset_version=opset,
                           input_names=[f"input_{i}" for i in range(len(inputs))], do_constant_folding=True)
     model = onnx.load_model_from_string(buffer.getvalue())
+    fold_pads_into_convs(model)
     quantize_biases(model)
     onnx.checker.check_model(model)
     if path is not None:
         onnx.save(model, str(path))
     return model
+
+
+def constant_same_pads(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> int:
+    """Replace every ``SamePad2d`` call of ``gm`` by ``F.pad`` with the constant pads it applies at ``inputs``'
+    shapes, in place; returns how many.
+
+    ``SamePad2d`` (TF 'SAME' padding) computes its pads from the input's shape, which torch.onnx writes as a
+    subgraph (Shape, Gather, Div, ..., Concat, Slice, Transpose, Cast) feeding the Pad. The exported model is
+    fixed to ``inputs``' shapes anyway; constant pads let ``fold_pads_into_convs`` fold them into the convs."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), SamePad2d)]
+    if not calls:
+        return 0
+    propagate_shapes(gm, inputs)
+    for node in calls:
+        module, source = gm.get_submodule(node.target), node.args[0]
+        (top, bottom), (left, right) = module.pads(torch.empty(source.meta["tensor_meta"].shape, device="meta"))
+        with gm.graph.inserting_before(node):
+            padded = gm.graph.call_function(F.pad, (source, [left, right, top, bottom]), {"value": module.value})
+        node.replace_all_uses_with(padded)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return len(calls)
+
+
+def _constant_reader(graph: Any) -> Callable[[str], Any]:
+    """``value(name)``: the array of ``name`` in ``graph`` (an ``onnx.GraphProto``) where it is constant (an
+    initializer, a Constant node, or computed from constants only, evaluated by onnx's reference evaluator when
+    asked for: torch.onnx's constant folding leaves some, such as a Pad's amounts), None where it is not."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    values: dict[str, Any] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {out: n for n in graph.node for out in n.output}
+    constant = set(values)
+    for node in graph.node:  # in topological order, as ONNX requires
+        if all(not name or name in constant for name in node.input):
+            constant.update(node.output)
+
+    def value(name: str) -> Any:
+        if name not in constant:
+            return None
+        if name not in values:
+            node = producer[name]
+            if node.op_type == "Constant" and node.attribute[0].name == "value":
+                values[name] = numpy_helper.to_array(node.attribute[0].t)
+            else:
+                feeds = {i: value(i) for i in node.input if i}
+                values.update(zip(node.output, ReferenceEvaluator(node).run(None, feeds), strict=True))
+        return values[name]
+
+    return value
+
+
+def fold_pads_into_convs(model: Any) -> int:
+    """Fold every zero constant Pad that only feeds Convs into their ``pads`` (ONNX Conv pads each side on its
+    own, so TF 'SAME''s uneven pads fit), in place; returns how many Pads were folded.
+
+    In a QDQ graph a reference graph's Pad is requantized before its Conv: Pad → QuantizeLinear →
+    DequantizeLinear → Conv. Zero padding commutes with that pair (zero is the code of the zero point, which
+    dequantizes to zero), so the QuantizeLinear moves before the Pad and the Pad into the Conv. Where the Pad
+    reads a DequantizeLinear on the grid it is requantized to, that pair returns its input unchanged and the
+    Conv reads the first DequantizeLinear directly. Either way ONNX Runtime fuses DequantizeLinear → Conv →
+    QuantizeLinear into one QLinearConv; left in, the Pad runs in float between two QDQ pairs (measured on
+    pretrained Lite0: 5 float Pads, each with its own QuantizeLinear and DequantizeLinear). A Pad read by
+    anything else, or by a QuantizeLinear whose codes are clipped to a narrower range, stays."""
+    from onnx import helper
+
+    graph = model.graph
+    constant = _constant_reader(graph)
+    producer = {out: n for n in graph.node for out in n.output}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def readers_of(name: str) -> list[Any] | None:
+        return None if name in outputs else readers.get(name, [])
+
+    def grid(node: Any) -> tuple | None:
+        """(scale, zero point) of a per-tensor QuantizeLinear/DequantizeLinear with constant ones."""
+        if node is None or node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            return None
+        scale, zero_point = constant(node.input[1]), constant(node.input[2])
+        if scale is None or zero_point is None or scale.size != 1 or zero_point.size != 1:
+            return None
+        return scale.item(), zero_point.dtype, zero_point.item()
+
+    def is_conv_input(node: Any, name: str) -> bool:
+        return node.op_type == "Conv" and node.input[0] == name and list(node.input).count(name) == 1 and not any(
+            a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in node.attribute)
+
+    def plan(pad: Any) -> tuple[list[Any], list[Any], list[Any]] | None:
+        """(Convs reading the Pad, QuantizeLinears to move before it, Convs to read its input instead of a
+        DequantizeLinear on its input's grid), None where the Pad cannot be folded."""
+        convs, moved, bypassed = [], [], []
+        for reader in readers_of(pad.output[0]) or [None]:
+            if reader is not None and is_conv_input(reader, pad.output[0]):
+                convs.append(reader)
+                continue
+            if reader is None or reader.op_type != "QuantizeLinear" or reader.input[0] != pad.output[0]:
+                return None
+            dequantizes = readers_of(reader.output[0])
+            if not dequantizes or any(d.op_type != "DequantizeLinear" or grid(d) != grid(reader) for d in dequantizes):
+                return None  # a Clip of the codes: the pad's zero point may lie outside its range
+            after = [(d, readers_of(d.output[0])) for d in dequantizes]
+            if any(not convs_ or not all(is_conv_input(c, d.output[0]) for c in convs_) for d, convs_ in after):
+                return None
+            if grid(reader) is not None and grid(reader) == grid(producer.get(pad.input[0])):
+                bypassed += [c for _, convs_ in after for c in convs_]
+            else:
+                moved.append(reader)
+                convs += [c for _, convs_ in after for c in convs_]
+        return convs, moved, bypassed
+
+    folded = 0
+    for pad in list(graph.node):
+        if pad.op_type != "Pad" or len(pad.input) > 3 or any(
+                a.name == "mode" and a.s not in (b"", b"constant") for a in pad.attribute):
+            continue
+        amounts = constant(pad.input[1])
+        value = constant(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else 0
+        if amounts is None or value is None or (amounts < 0).any() or (value != 0).any():
+            continue
+        rank = amounts.size // 2
+        if rank < 3 or amounts[:2].any() or amounts[rank:rank + 2].any():
+            continue  # it pads the batch or channel dimension
+        found = plan(pad)
+        if found is None:
+            continue
+        convs, moved, bypassed = found
+        spatial = [int(p) for p in (*amounts[2:rank], *amounts[rank + 2:])]
+        for conv in convs + bypassed:
+            attribute = next((a for a in conv.attribute if a.name == "pads"), None)
+            before = list(attribute.ints) if attribute is not None else [0] * len(spatial)
+            if attribute is not None:
+                conv.attribute.remove(attribute)
+            conv.attribute.append(helper.make_attribute("pads", [a + b for a, b in zip(before, spatial, strict=True)]))
+        for node in [*moved, *(c for c in convs if c.input[0] == pad.output[0]), *bypassed]:
+            node.input[0] = pad.input[0]
+        folded += 1
+    if folded:
+        _prune(graph)
+    return folded
+
+
+def _prune(graph: Any) -> None:
+    """Remove the nodes and initializers of ``graph`` nothing reads any more."""
+    while True:
+        read = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(out in read for out in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {name for n in graph.node for name in n.input}
+    for tensor in [t for t in graph.initializer if t.name not in read]:
+        graph.initializer.remove(tensor)
 
 
 def quantize_biases(model: Any) -> int:
@@ -176,14 +344,7 @@ def quantize_biases(model: Any) -> int:
     values = {t.name: t for t in graph.initializer}
     producer = {out: n for n in graph.node for out in n.output}
     readers = Counter(name for n in graph.node for name in n.input)
-
-    def constant(name: str) -> np.ndarray | None:
-        if name in values:
-            return numpy_helper.to_array(values[name])
-        node = producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            return numpy_helper.to_array(node.attribute[0].t)
-        return None
+    constant = _constant_reader(graph)
 
     def dequantize_scale(name: str) -> np.ndarray | None:
         node = producer.get(name)

@@ -2,7 +2,8 @@
 
 ``deploy`` exports the reference graph (``torch.export``), lowers it with ExecuTorch's
 ``to_edge_transform_and_lower`` and the ``XnnpackPartitioner`` (XNNPACK fuses each dequantize → op → quantize
-of the reference graph into one int8 node), serializes the program and loads it in ExecuTorch's Python runtime.
+of the reference graph into one int8 node; ``partitioner()`` also gives it constant pads in int8, TF 'SAME'
+padding), serializes the program and loads it in ExecuTorch's Python runtime.
 
 It then checks that the int8 kernels really run, reading what XNNPACK will execute rather than trusting the
 partitioner: every quantized op of the reference graph (one reading a ``dequantize``) must sit inside an
@@ -48,7 +49,6 @@ def deploy(reference: nn.Module, example_inputs: Any, out: Path | None = None) -
     XNNPACK nodes that compute on int8 values, by XNNPACK node type (``Conv2d``, ``FullyConnected``, ``Add``,
     ``Concatenate2``, ...). Raises ``ExportError`` naming the first quantized op that would run in float."""
     try:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
         from executorch.runtime import Runtime
     except ImportError as exc:
@@ -65,7 +65,7 @@ def deploy(reference: nn.Module, example_inputs: Any, out: Path | None = None) -
     unlifted = exported.module()
     check_symmetric_weights(unlifted, origin)
     check_cat_grids(unlifted, origin)
-    lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    lowered = to_edge_transform_and_lower(exported, partitioner=[partitioner()])
     int8_kernels = check_int8_delegation(lowered.exported_program().graph_module, origin)
     buffer = lowered.to_executorch().buffer
     if out is not None:
@@ -73,6 +73,38 @@ def deploy(reference: nn.Module, example_inputs: Any, out: Path | None = None) -
         out.write_bytes(buffer)
     run = _Runner(Runtime.get().load_program(out if out is not None else buffer), buffer)
     return Deployed(target="xnnpack", run=run, artifact=out, int8_kernels=int8_kernels)
+
+
+def partitioner() -> Any:
+    """ExecuTorch's ``XnnpackPartitioner``, except that it also takes a constant pad between dequantize and
+    quantize ops as XNNPACK's int8 pad.
+
+    ExecuTorch's ``ConstantPadConfig`` (1.5) offers the pad at fp32 only, so the dequantize → pad → quantize of
+    a TF 'SAME' padding (Lite0: the pads before its stride-2 depthwise convs) runs as a float pad between two
+    conversions, and qpasses refuses it. XNNPACK's static constant pad takes int8 values (it writes the pad
+    value's code), and ExecuTorch's serializer reads the pad's grids from the Q/DQ ops around it, as for every
+    other int8 op. It copies codes, so it takes only a pad whose quantize is on its dequantize's grid (what
+    qpasses' reference graphs write); XNNPACK refuses any other when the program loads (measured on Lite0
+    through ExecuTorch's XNNPACKQuantizer: ``Failed to create StaticConstantPad node``), so such a pad stays at
+    fp32, where ``check_int8_delegation`` names it."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import ConstantPadConfig
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class Int8ConstantPadConfig(ConstantPadConfig):
+        def supported_precision_types(self) -> list[ConfigPrecisionType]:
+            return [ConfigPrecisionType.FP32, ConfigPrecisionType.STATIC_QUANT]
+
+        def get_node_and_deps(self, node: fx.Node, ep: Any) -> list[fx.Node]:
+            source, users = node.args[0], list(node.users)
+            if not (len(users) == 1 and _is_dequantize(source) and _op_name(users[0]).startswith(
+                    "quantized_decomposed.quantize_per_tensor") and source.args[1:6] == users[0].args[1:6]):
+                return [node]  # at fp32
+            return super().get_node_and_deps(node, ep)
+
+    return XnnpackPartitioner(configs=[Int8ConstantPadConfig if c is ConstantPadConfig else c
+                                       for c in ALL_PARTITIONER_CONFIGS])
 
 
 class _Runner:

@@ -10,6 +10,7 @@ from torch import nn
 
 from qpasses import PassManager
 from qpasses.lower import deploy
+from qpasses.nn import SamePad2d
 from qpasses.passes import PTQ, FuseBN
 from qpasses.passes.reference import QUANTIZE
 from tests.nets import conv_bn_act, randomize_bn
@@ -30,6 +31,21 @@ class SmallNet(nn.Module):
         h = torch.relu(h + self.body(h))
         h = torch.cat([h, self.side(h)], dim=1)
         return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+class SamePadded(nn.Module):
+    """TF 'SAME' padding (uneven at these sizes) before a stride-2 conv on the input and before a stride-2
+    depthwise conv inside the net, where the pad reads a dequantized value."""
+
+    def __init__(self):
+        super().__init__()
+        self.pad0, self.conv0 = SamePad2d(3, 2), nn.Conv2d(3, 8, 3, stride=2)
+        self.pad1, self.conv1 = SamePad2d(5, 2), nn.Conv2d(8, 8, 5, stride=2, groups=8)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv0(self.pad0(x)))
+        return self.conv2(torch.relu(self.conv1(self.pad1(h))))
 
 
 def batches(shape: tuple[int, ...], n: int = 4, seed: int = 0) -> list[torch.Tensor]:

@@ -11,6 +11,7 @@ from qpasses.lower import deploy
 from qpasses.lower.onnx import export, optimized_node_types
 from qpasses.passes.reference import DEQUANTIZE, QUANTIZE
 from tests.lower.conftest import (
+    SamePadded,
     assert_full_range_u8_exact,
     batches,
     output_step,
@@ -63,6 +64,25 @@ def test_small_net_runs_on_int8_kernels_and_matches_the_reference(small_referenc
 def test_lite0_stem_runs_on_int8_kernels_and_matches_the_reference(stem_reference, tmp_path):
     deployed, _, _ = check_deployment(stem_reference, STEM, tmp_path)
     assert deployed.int8_kernels["QLinearConv"] == 3  # stem, depthwise, pointwise
+    census, _ = optimized_node_types(onnx.load(str(deployed.artifact)).SerializeToString())
+    assert census["Pad"] == 0  # the stem's TF 'SAME' pad is folded into its conv
+
+
+def test_tf_same_pads_fold_into_the_convs_and_run_in_qlinearconv(tmp_path):
+    torch.manual_seed(0)
+    reference = reference_graph(SamePadded().eval(), "onnx", SMALL)
+    assert sum(n.op == "call_module" and "pad" in n.target for n in reference.graph.nodes) == 2
+    deployed, _, _ = check_deployment(reference, SMALL, tmp_path)  # within one output step on >= 99%
+    model = onnx.load(str(deployed.artifact))
+    assert not any(n.op_type == "Pad" for n in model.graph.node)
+    producer = {out: n.op_type for n in model.graph.node for out in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert all(producer[n.input[0]] == "DequantizeLinear" for n in convs)
+    # ONNX pads: (top, left, bottom, right); SAME pads (0, 1) on 32 rows for 3x3/2, (1, 2) on 16 for 5x5/2
+    pads = sorted(tuple(a.ints) for n in convs for a in n.attribute if a.name == "pads")
+    assert pads == [(0, 0, 0, 0), (0, 0, 1, 1), (1, 1, 2, 2)]
+    census, left_float = optimized_node_types(model.SerializeToString())
+    assert census["QLinearConv"] == 3 and census["Pad"] == 0 and not left_float
 
 
 def test_the_qdq_model_carries_the_reference_grids(small_reference):

@@ -20,6 +20,7 @@ from qpasses.errors import ExportError
 from qpasses.lower import TARGETS, deploy
 from qpasses.passes import PTQ, Calibrate, FuseBN, InsertObservers
 from qpasses.quant.backends import get_backend
+from tests.lower.conftest import SamePadded
 
 pytest.importorskip("executorch.runtime", reason="ExecuTorch is not installed: pip install 'qpasses[executorch]'")
 
@@ -147,6 +148,35 @@ def test_pte_runs_after_save_and_load_in_a_fresh_process(deployed, tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flow", list(REFERENCES))
+def test_a_tf_same_pad_between_quantized_convs_runs_in_xnnpacks_int8_pad(flow):
+    """The pad before a stride-2 depthwise conv (Lite0's blocks) reads a dequantized value: ExecuTorch's own
+    partitioner config would run it at fp32 between two conversions."""
+    shape = (1, 3, 32, 32)
+    torch.manual_seed(0)
+    reference = REFERENCES[flow](SamePadded().eval(), shape)
+    model = deploy(reference, "xnnpack", torch.randn(shape))
+    assert model.int8_kernels["StaticConstantPad"] == 1  # the other pad reads the float input
+    assert model.int8_kernels["DepthwiseConv2d"] == 1 and model.int8_kernels["Conv2d"] == 2
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(x)
+    assert ((model(x) - expected).abs() <= output_step(reference) * 1.001).float().mean().item() >= 0.99
+
+
+def test_a_pad_requantized_to_another_grid_is_refused_naming_it():
+    """XNNPACK's int8 pad copies codes; ExecuTorch's XNNPACKQuantizer requantizes Lite0's pads to other grids."""
+    shape = (1, 3, 32, 32)
+    torch.manual_seed(0)
+    reference = qpasses_reference(SamePadded().eval(), shape)
+    quantize = next(iter(next(n for n in reference.graph.nodes if n.target == "pad1").users))
+    for node in (quantize, *quantize.users):  # the pad's quantize and its dequantize: twice the step
+        node.args = (node.args[0], node.args[1] * 2, *node.args[2:])
+    reference.recompile()
+    with pytest.raises(ExportError, match=r"node 'pad1' \(aten.constant_pad_nd.default\) runs in XNNPACK's float"):
+        deploy(reference, "xnnpack", torch.randn(shape))
 
 
 def test_asymmetric_weights_are_refused_naming_the_node():

@@ -494,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--resume", action="store_true",
                         help=f"reuse rows that an earlier full run cached in {CACHE} (every full run writes it)")
+    parser.add_argument("--print-only", action="store_true",
+                        help="a full run that prints its table only (no BENCHMARKS.md section, no cache)")
     args = parser.parse_args(argv)
     models, methods = args.models.split(","), args.methods.split(",")
     for value, known, what in ((models, MODELS, "model"), (methods, METHODS, "method")):
@@ -527,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows[key]["latency_ms"] = ms
                 cache["rows"].update(rows)
                 del setup, runners
-                if not args.quick:
+                if not (args.quick or args.print_only):
                     CACHE.parent.mkdir(exist_ok=True)
                     CACHE.write_text(json.dumps(cache, indent=1))
             for key in keys:
@@ -550,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown_table(HEADER, rows),
     ])
     print(body)
-    if not args.quick:
+    if not (args.quick or args.print_only):
         write_section("compare", body)
     return 0
 
