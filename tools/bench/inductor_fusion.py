@@ -1,0 +1,133 @@
+"""qpasses → inductor with and without the inductor preset's post-op fusion, against torch.ao FX x86 eager.
+
+    python -m tools.bench.inductor_fusion --models resnet18,mobilenet_v2,tf_efficientnet_lite0,resnet50
+
+The ``inductor`` preset names the ops inductor computes inside a conv's int8 kernel (``Backend.post_op``): a conv
+read only by a residual add is left unrounded, and inductor runs conv + add (+ ReLU) as one
+``qconv2d_pointwise.binary``. The ablation row is the same PTQ with the preset's ``post_op`` removed (each conv
+requantizes, each add runs as its own dequantize/add/quantize loop). Rows as ``tools.bench.compare`` builds them; pretrained Lite0 also gets SQNR and top-1 agreement with the float
+model on 128 photo crops (64 calibration crops; 16 for the random-weight models, which only give latency).
+
+Timing (batch 1, 224², ``--threads``): ``--rounds`` rounds, each calling every row ``--calls`` times in turn after two
+warm-up calls. On a host shared with other work, a 2-thread call is slowed most by waits for a descheduled thread,
+so each row reports the median call, the fastest call, and the median over rounds of its round median divided by
+torch.ao FX x86's in the same round (the ratio column): rows of a round see the same load. At 1 thread it also
+reports the calling thread's CPU time per call (``time.thread_time``: the work itself, whatever the load) and its
+ratio to torch.ao FX x86's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import qpasses_zoo as zoo
+from qpasses.quant import backends
+from tools.bench import compare
+from tools.bench.common import PhotoSet, describe_machine, markdown_table
+
+ROWS = ("fx-x86", "pt2e", "qpasses-inductor-unfused", "qpasses-inductor")
+
+
+def unfused_inductor(s: compare.Setup) -> compare.Prepared:
+    """``compare.qpasses_inductor`` with the inductor preset's post-ops removed while it quantizes."""
+    fused = backends.BACKENDS["inductor"]
+    backends.BACKENDS["inductor"] = dataclasses.replace(fused, post_op=None)
+    try:
+        return compare.qpasses_inductor(s)
+    finally:
+        backends.BACKENDS["inductor"] = fused
+
+
+def time_in_turns(runners: dict[str, Callable], x: torch.Tensor, threads: int, rounds: int,
+                  calls: int) -> tuple[dict[str, list[list[float]]], dict[str, list[float]]]:
+    """Each runner's call times (ms), round by round, the runners called in turns within each round; and each
+    runner's CPU time of the calling thread per call (ms)."""
+    times: dict[str, list[list[float]]] = {key: [] for key in runners}
+    cpu: dict[str, list[float]] = {key: [] for key in runners}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for key, runner in runners.items():
+                    for _ in range(2):  # warm-up: oneDNN primitives are rebuilt when the thread count changed
+                        runner(x)
+                    round_times = []
+                    for _ in range(calls):
+                        start, start_cpu = time.perf_counter(), time.thread_time()
+                        runner(x)
+                        round_times.append((time.perf_counter() - start) * 1e3)
+                        cpu[key].append((time.thread_time() - start_cpu) * 1e3)
+                    times[key].append(round_times)
+    finally:
+        torch.set_num_threads(previous)
+    return times, cpu
+
+
+def load() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.split("load average:")[-1].strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,mobilenet_v2,tf_efficientnet_lite0,resnet50")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    parser.add_argument("--threads", default="2", help="comma-separated thread counts to time at")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--calls", type=int, default=10)
+    args = parser.parse_args(argv)
+    compare.METHODS["qpasses-inductor-unfused"] = (
+        "qpasses → inductor, no post-op fusion", unfused_inductor, None)
+    rows = args.rows.split(",")
+    if "fx-x86" not in rows:
+        parser.error("--rows needs fx-x86, the baseline of the ratio column")
+    torch.manual_seed(0)
+    torch.set_num_threads(compare.THREADS)
+    table = []
+    for name in args.models.split(","):
+        pretrained = name == compare.FIDELITY_MODEL
+        photos = PhotoSet.make(64, 128) if pretrained else PhotoSet.make(16, 16)
+        with tempfile.TemporaryDirectory() as workdir:
+            setup = compare.Setup(name, zoo.get(name, pretrained=pretrained).eval(), photos, Path(workdir))
+            measured, runners = {}, {}
+            for method in rows:
+                measured[method], runner = compare.measure(setup, method)
+                if runner is not None:
+                    runners[method] = runner
+            for threads in map(int, args.threads.split(",")):
+                before = load()
+                times, cpu = time_in_turns(runners, setup.example, threads, args.rounds, args.calls)
+                machine_load = f"load {before} → {load()}"
+                base = [statistics.median(t) for t in times.get("fx-x86", [])]
+                for method in rows:
+                    row = measured[method]
+                    fidelity = f"{row['sqnr_db']:.1f} dB, {row['agreement']:.1%}" if "sqnr_db" in row else ""
+                    note = row.get("failure") or row.get("note", "")
+                    if method not in times or not base:
+                        table.append([name, row["method"], str(threads), "fails", "", "", "", fidelity, note])
+                    else:
+                        calls = [c for r in times[method] for c in r]
+                        ratio = statistics.median([statistics.median(t) / b for t, b in zip(times[method], base, strict=True)])
+                        work = (f"{statistics.median(cpu[method]):.2f} ms, "
+                                f"{statistics.median(cpu[method]) / statistics.median(cpu['fx-x86']):.2f}"
+                                if threads == 1 else "")
+                        table.append([name, row["method"], str(threads), f"{statistics.median(calls):.2f}",
+                                      f"{min(calls):.2f}", f"{ratio:.2f}", work, fidelity, f"{note}; {machine_load}"])
+                    print(" | ".join(table[-1]), flush=True)
+    print(f"\nMachine: {describe_machine(compare.THREADS)}, batch 1, 224×224\n")
+    print(markdown_table(["model", "method", "threads", "median ms", "fastest ms", "/ FX x86 (rounds' median)",
+                          "CPU per call, / FX x86", "Lite0 SQNR, top-1", "note"], table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
