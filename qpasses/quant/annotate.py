@@ -28,6 +28,9 @@ Rules (the design notes' "what" step):
   PT2E quantizer) changes two things: every conv/linear whose value nothing reads as int8 writes float, and a conv/linear
   read only by one of its post-ops (hardswish, add, add_relu) is computed with it in one kernel, unrounded in
   between: the post-op is recorded as folded into it (``Annotation.fused``) and only its output is observed.
+  A preset for such a runtime names its post-ops itself (``Backend.post_op``: the ``inductor`` preset's
+  reference graph then gives inductor conv → add (→ ReLU) → quantize, which it runs as one
+  ``qconv2d_pointwise.binary``).
 """
 
 from __future__ import annotations
@@ -99,7 +102,8 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
              cpu: CpuInt8Features | None = None, kernels: FusedKernels | None = None) -> Annotation:
     """The decisions for ``gm`` under ``backend`` and ``config``; ``reduce_range`` is kept only on values read by
     a kernel that needs it on ``cpu`` (None: this machine's, ``qpasses.cpu.cpu_int8_features``). ``kernels``: the
-    fused kernels of the lowering that will run the graph, where it is not the backend's torch.ao engine."""
+    fused kernels of the lowering that will run the graph, where it is not the backend's torch.ao engine (None:
+    the post-ops ``backend`` names, ``Backend.post_op``)."""
     ann = Annotation(backend=backend.name, config=config)
     quantized: dict[fx.Node, bool] = {}
     read_as_int8 = _int8_readers(gm, config)
@@ -121,8 +125,9 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
                 role = Role.FLOAT
             if pair is not None:
                 ann.pairs[node.name] = pair
-            if kernels is not None and role in (Role.REQUANT, Role.FUNCTIONAL) and pair is not None:
-                _fuse_post_op(gm, node, ann, kernels)
+            post_op = kernels.post_op if kernels is not None else backend.post_op
+            if post_op is not None and role in (Role.REQUANT, Role.FUNCTIONAL) and pair is not None:
+                _fuse_post_op(gm, node, ann, post_op)
         if role is Role.FUSED_ACT:
             role = _fuse_or_preserve(gm, node, ann)
         if role is Role.FLOAT and node.name not in ann.float_reasons:
@@ -283,13 +288,14 @@ def _fuse_or_preserve(gm: fx.GraphModule, node: fx.Node, ann: Annotation) -> Rol
     return Role.PRESERVING
 
 
-def _fuse_post_op(gm: fx.GraphModule, node: fx.Node, ann: Annotation, kernels: FusedKernels) -> None:
+def _fuse_post_op(gm: fx.GraphModule, node: fx.Node, ann: Annotation,
+                  post_op: Callable[[fx.GraphModule, fx.Node, fx.Node], bool]) -> None:
     """Fold ``node`` into the conv/linear it reads when the lowering's kernel computes it as that one's post-op
     and nothing else reads the conv/linear (the first such input of an add; its other input stays as it is)."""
     for producer in node.all_input_nodes:
         if (ann.roles.get(producer.name) is Role.COMPUTE and len(producer.users) == 1
                 and producer.name not in ann.float_output and producer.name not in ann.fused.values()
-                and kernels.post_op(gm, producer, node)):
+                and post_op(gm, producer, node)):
             ann.fused[node.name] = producer.name
             return
 

@@ -17,14 +17,17 @@ relies on. Common to all engines:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from qpasses.cpu import CpuInt8Features, cpu_int8_features
 from qpasses.errors import QPassesError
+from qpasses.quant.ops import REQUANT_FUNCTION_MODULES
 from qpasses.quant.spec import QuantConfig, QuantSpec, int16_pair_sum_overflows
 
 
@@ -72,6 +75,9 @@ class Backend:
     ``float_output_modules``: for a preset without a torch.ao engine, the conv/linear types whose int8 kernel in
     its runtime also writes float: where nothing reads such a layer's value as int8, the reference graph leaves it
     unquantized (torch.ao engines: ``lowering.has_float_output_kernel``).
+    ``post_op``: for a preset whose runtime computes ops after a conv/linear in the same int8 kernel, whether a
+    node (read from the conv/linear it is given) runs as that kernel's post-op (``inductor_post_op``); annotation
+    then leaves the conv/linear's value unrounded and observes only the post-op's (``qpasses.quant.annotate``).
     ``add_scale_ratio``: the range ``[low, high)`` the add kernels (``quantized::add``, ``add_relu``) accept for
     each input's scale divided by the output's, or None (no limit). qnnpack refuses others ("scale ratio must
     be in [2**-14, 2**8) range"), as after a ReLU that never fires (its range, hence scale, is degenerate);
@@ -97,6 +103,7 @@ class Backend:
     add_scale_ratio: tuple[float, float] | None = None
     runtime: str | None = None
     float_output_modules: tuple[type[nn.Module], ...] = ()
+    post_op: Callable[[fx.GraphModule, fx.Node, fx.Node], bool] | None = None
     notes: str = ""
 
     @property
@@ -290,6 +297,19 @@ _FBGEMM_WHY = (
     "models are exact on any x86 CPU, at the cost of a clamp per activation (about 5% of ResNet-50's latency)."
 )
 
+def inductor_post_op(gm: fx.GraphModule, producer: fx.Node, node: fx.Node) -> bool:
+    """Whether inductor's CPU lowering runs ``node`` in the int8 kernel of the conv/linear ``producer``: a
+    hardswish after a 2-d conv (``qconv2d_pointwise``'s unary post-ops; clamp-like ones are folded into the range
+    anyway), an add or add+ReLU after a 2-d conv or a linear (``qconv2d_pointwise.binary``,
+    ``qlinear_pointwise.binary``): the fusions torchao's X86InductorQuantizer annotates."""
+    module = gm.get_submodule(producer.target)
+    if node.op == "call_method":
+        return node.target in ("add", "add_relu") and type(module) in (nn.Conv2d, nn.Linear)
+    hardswish = (isinstance(gm.get_submodule(node.target), nn.Hardswish) if node.op == "call_module"
+                 else REQUANT_FUNCTION_MODULES.get(node.target) is nn.Hardswish)
+    return hardswish and type(module) is nn.Conv2d
+
+
 _X86_ACTIVATION = QuantSpec(signed=False, symmetric=False, observer="mse", reduce_range=True, headroom=True)
 _FBGEMM_ACTIVATION = _X86_ACTIVATION.replace(headroom=False)
 _INDUCTOR_WHY = (
@@ -412,6 +432,7 @@ BACKENDS: dict[str, Backend] = {
         engine=None,
         runtime="inductor",
         float_output_modules=(nn.Conv2d, nn.Linear),  # qconv/qlinear_pointwise write fp32 too
+        post_op=inductor_post_op,  # qconv2d_pointwise.binary (conv + add (+ ReLU)), hardswish after a conv
         activation=_X86_ACTIVATION,
         weight=_PER_CHANNEL_WEIGHT,
         supports_per_channel_weights=True,

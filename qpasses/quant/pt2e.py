@@ -68,10 +68,10 @@ from qpasses.passes.base import PassContext
 from qpasses.passes.insert_observers import activation_bits_note, resolve_config
 from qpasses.passes.replace_functional import ReplaceFunctional
 from qpasses.quant.annotate import Annotation, FusedKernels, annotate
-from qpasses.quant.backends import Backend, get_backend
+from qpasses.quant.backends import Backend, get_backend, inductor_post_op
 from qpasses.quant.lowering import kernel_output_grid
 from qpasses.quant.observers import make_observer
-from qpasses.quant.ops import REQUANT_FUNCTION_MODULES, Role
+from qpasses.quant.ops import Role
 from qpasses.quant.spec import QuantConfig, QuantSpec
 
 try:
@@ -96,21 +96,8 @@ __all__ = ["QPassesObserver", "QPassesQuantizer", "QPassesWeightObserver", "cano
 EdgeOrNode = tuple[fx.Node, fx.Node] | fx.Node
 
 
-def _inductor_post_op(gm: fx.GraphModule, producer: fx.Node, node: fx.Node) -> bool:
-    """Whether inductor's CPU lowering runs ``node`` in the int8 kernel of the conv/linear ``producer``: a
-    hardswish after a 2-d conv (``qconv2d_pointwise``'s unary post-ops; clamp-like ones are folded into the range
-    anyway), an add or add+ReLU after a 2-d conv or a linear (``qconv2d_pointwise.binary``,
-    ``qlinear_pointwise.binary``): the fusions torchao's X86InductorQuantizer annotates."""
-    module = gm.get_submodule(producer.target)
-    if node.op == "call_method":
-        return node.target in ("add", "add_relu") and type(module) in (nn.Conv2d, nn.Linear)
-    hardswish = (isinstance(gm.get_submodule(node.target), nn.Hardswish) if node.op == "call_module"
-                 else REQUANT_FUNCTION_MODULES.get(node.target) is nn.Hardswish)
-    return hardswish and type(module) is nn.Conv2d
-
-
 # torch.compile's CPU lowering of a converted PT2E graph: int8 convs/linears write float and take post-ops.
-INDUCTOR_CPU = FusedKernels(float_output=True, post_op=_inductor_post_op)
+INDUCTOR_CPU = FusedKernels(float_output=True, post_op=inductor_post_op)
 INDUCTOR_BACKENDS = ("x86", "fbgemm", "onednn")
 
 

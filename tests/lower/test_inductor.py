@@ -106,8 +106,10 @@ def test_package_runs_int8_kernels_and_matches_the_reference(packaged, name):
     graph, x, package = packaged[name]
     convs_and_linears = {"small": 4, "lite0_stem": 3}[name]
     assert sum(package.int8_kernels.values()) == convs_and_linears, package.int8_kernels
-    assert set(package.int8_kernels) == {"small": {"onednn.qconv_pointwise", "onednn.qlinear_pointwise"},
-                                         "lite0_stem": {"onednn.qconv_pointwise"}}[name]
+    # the residual add runs in its conv's kernel (qconv2d_pointwise.binary), as in PT2E's graphs
+    assert set(package.int8_kernels) == {
+        "small": {"onednn.qconv_pointwise", "onednn.qconv2d_pointwise.binary", "onednn.qlinear_pointwise"},
+        "lite0_stem": {"onednn.qconv_pointwise"}}[name]
     assert within_one_step(package(x), graph, x) >= 0.99
 
 
@@ -136,6 +138,38 @@ def test_torch_compile_of_a_convert_pt2e_graph_runs_int8_kernels_and_matches_it(
     assert compiled.int8_kernels == {"onednn.qconv_pointwise": 2, "onednn.qconv2d_pointwise.binary": 1,
                                      "onednn.qlinear_pointwise": 1}
     assert not torch._inductor.config.freezing  # scoped to the compilation
+    assert within_one_step(compiled(x), graph, x) >= 0.99
+
+
+class ResidualBlock(nn.Module):
+    """ResNet's basic block (conv → bn → relu → conv → bn → add → relu) after a stem conv, then MobileNetV2's
+    residual form (the conv is the add's second input, no activation after it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.relu = nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()
+        self.conv1, self.bn1 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        x = self.relu(self.stem(x))
+        y = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
+        return y + self.conv3(y)
+
+
+def test_residual_adds_run_in_their_convs_int8_kernel():
+    """The inductor preset leaves a conv read only by an add unrounded, so inductor computes conv + add (+ ReLU)
+    as one qconv2d_pointwise.binary (no separate dequantize/add/quantize loop), still matching the reference."""
+    torch.manual_seed(0)
+    model = ResidualBlock().eval()
+    with torch.no_grad():  # BN statistics away from identity, so folding them matters
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+    shape = (1, 3, 16, 16)
+    graph, x = qpasses_reference(model, batches(4, shape, seed=0)), batches(1, shape, seed=1)[0]
+    compiled = deploy(graph, "inductor", x)
+    assert compiled.int8_kernels == {"onednn.qconv_pointwise": 2, "onednn.qconv2d_pointwise.binary": 2}
     assert within_one_step(compiled(x), graph, x) >= 0.99
 
 
