@@ -152,6 +152,16 @@ class _ReferenceBuilder:
         else:
             self.quantized[node] = False
 
+    def reads_unrounded(self, user: fx.Node) -> bool:
+        """Whether ``user`` reads an observed value before its rounding: it runs float (or is an identity or
+        dropout only such ops read), on a runtime that keeps the float value next to the rounded one
+        (``Backend.float_reads_unrounded``)."""
+        if not self.backend.float_reads_unrounded:
+            return False
+        if returns_input(self.gm, user):
+            return bool(user.users) and all(self.reads_unrounded(reader) for reader in user.users)
+        return self.ann.roles.get(user.name) is Role.FLOAT
+
     def kernel_grid(self, node: fx.Node) -> Grid:
         with lowering.quantized_engine(self.backend.engine):
             grid = self.grids.value_grid(node)
@@ -165,9 +175,16 @@ class _ReferenceBuilder:
         role = self.ann.roles.get(node.name, Role.NONE)
         if self.grids.observer(node) is not None:
             self.replaced_modules.add(node.target)
-            dequantized = self.quantize_dequantize(node.args[0], self.grid_after[node], before=node)
-            node.replace_all_uses_with(dequantized)
+            value = node.args[0]
+            dequantized = self.quantize_dequantize(value, self.grid_after[node], before=node)
+            for user in list(node.users):  # ops running float read the value unrounded where the runtime keeps it
+                user.replace_input_with(node, value if self.reads_unrounded(user) else dequantized)
             self.graph.erase_node(node)
+            if not dequantized.users:  # only float ops read it
+                quantized = dequantized.args[0]
+                self.graph.erase_node(dequantized)
+                self.graph.erase_node(quantized)
+                self.ctx.stats["quantize"] -= 1
             return
         if returns_input(self.gm, node):
             self.replaced_modules.add(node.target)
