@@ -15,13 +15,7 @@ from qpasses.passes.calibrate import Calibrate
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.lower import Lower
 from qpasses.passes.manager import TRAINABLE
-from qpasses.passes.recipes import (
-    ACCURACY_PASSES,
-    build_passes,
-    calibration_samples,
-    find_recipe,
-    is_one_shot,
-)
+from qpasses.passes.recipes import ACCURACY_PASSES, build_passes, find_recipe, is_one_shot
 from qpasses.passes.reference import Reference
 from qpasses.quant.spec import QuantConfig
 from qpasses.validation import check_count, check_data
@@ -51,8 +45,7 @@ class PTQ(CompositePass):
     e.g. empirical BiasCorrection on per-channel grids, CLE + HighBiasAbsorption + BiasCorrection on
     per-tensor ones), each named in the plan's notes with the measurement it comes from. Nothing is added
     when the pipeline names an accuracy pass itself (CLE, HighBiasAbsorption, BiasCorrection, AdaRound,
-    MixedPrecision), when ``data`` is a one-shot iterator, or with ``recipe=False``; its passes that read data
-    (BiasCorrection) are left out when ``data`` holds fewer samples than the recipe was measured with.
+    MixedPrecision), when ``data`` is a one-shot iterator, or with ``recipe=False``.
 
     A target instead of a fixed pipeline (``qpasses.passes.target.TargetPTQ`` does the search):
     ``target_sqnr``: the output SQNR (dB) against the float model, on the calibration batches, to reach;
@@ -127,21 +120,12 @@ class PTQ(CompositePass):
         if is_one_shot(self.data):
             return self.expand(), [f"PTQ added no recipe passes ({', '.join(recipe.passes)}): the calibration data "
                                    "is a one-shot iterator; pass a list or a DataLoader to get them"]
-        samples = calibration_samples(self.data, self.num_batches)
-        left_out = recipe.left_out_with(samples)
-        built = list(zip(recipe.passes, build_passes(recipe.passes, self.data, self.num_batches), strict=True))
-        extra = [p for name, p in built if name not in left_out]
-        dropped = [p.name for name, p in built if name in left_out]
-        why = [f"PTQ left out the recipe's {' + '.join(dropped)}: calibration holds {samples} samples, fewer than "
-               f"the {recipe.calibration_samples} it was measured with (per-channel means from so few fit their "
-               "noise); give more calibration samples to get it"] if dropped else []
-        if not extra:
-            return self.expand(), why
+        extra = build_passes(recipe.passes, self.data, self.num_batches)
         before = [p for p in extra if p.stage is Stage.FLOAT]
         inside = [p for p in extra if p.stage is not Stage.FLOAT]
         observe, calibrate, lower = self.parts
         names = " + ".join(p.name for p in extra)
-        return [*before, observe, calibrate, *inside, lower], [*why, f"PTQ added {names}: {recipe.describe()}; "
+        return [*before, observe, calibrate, *inside, lower], [f"PTQ added {names}: {recipe.describe()}; "
                                                                "PTQ(..., recipe=False) leaves them out"]
 
 

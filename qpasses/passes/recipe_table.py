@@ -17,7 +17,6 @@ MEASURED: tuple[Recipe, ...] = (
             '`python -m tools.bench.auto --write-table --calib 16 --eval 32 --threads 1`, '
             '2026-12-06, commit 448adfc'
         ),
-        calibration_samples=16,
     ),
     Recipe(
         backend='x86',
@@ -31,7 +30,6 @@ MEASURED: tuple[Recipe, ...] = (
             '`python -m tools.bench.auto --write-table --calib 16 --eval 32 --threads 1`, '
             '2026-12-06, commit 448adfc'
         ),
-        calibration_samples=16,
     ),
     Recipe(
         backend='onednn',
@@ -45,6 +43,5 @@ MEASURED: tuple[Recipe, ...] = (
             '`python -m tools.bench.auto --write-table --calib 16 --eval 32 --threads 1`, '
             '2026-12-06, commit 448adfc'
         ),
-        calibration_samples=16,
     ),
 )

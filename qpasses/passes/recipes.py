@@ -9,10 +9,8 @@ from its measurements; nothing here is a guess. ``PTQ(data)`` adds the passes of
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-
-import torch
 
 from qpasses.passes.base import Pass
 from qpasses.quant.spec import QuantConfig
@@ -25,12 +23,7 @@ ACCURACY_PASSES = ("CLE", "HighBiasAbsorption", "BiasCorrection", "AdaRound", "M
 class Recipe:
     """One measured setting: ``passes`` (registry names, e.g. ``("cle", "hba", "biascorrection")``) gave
     ``sqnr_db`` (logits against the float model, held-out crops) against ``ptq_sqnr_db`` for PTQ alone, in
-    ``seconds`` of preparation; ``source`` says which measurement (command, crops, commit);
-    ``calibration_samples``: how many calibration samples it was measured with. PTQ leaves the row's data-driven
-    passes out when it is given fewer (``left_out_with``): BiasCorrection's per-channel means from fewer
-    samples fit the calibration batches' noise (measured: 8 crops of 64×64, random-weight torchvision and timm
-    CNNs of the coverage sweep, inductor preset: it lowered the output SQNR on 9 of 11 models, by up to 0.8 dB;
-    with 32 crops it raised it)."""
+    ``seconds`` of preparation; ``source`` says which measurement (command, crops, commit)."""
 
     backend: str
     per_channel: bool
@@ -40,20 +33,10 @@ class Recipe:
     ptq_sqnr_db: float
     seconds: float
     source: str
-    calibration_samples: int = 0
 
     @property
     def setting(self) -> str:
         return f"{'per-channel' if self.per_channel else 'per-tensor'} W{self.weight_bits} {self.backend}"
-
-    def left_out_with(self, samples: int | None) -> tuple[str, ...]:
-        """The passes of the row that read calibration data, when calibration holds ``samples`` (None: unknown,
-        nothing is left out) fewer than the row was measured with; else none."""
-        from qpasses.passes.registry import PASSES  # the registry imports PTQ, which imports this
-
-        if samples is None or samples >= self.calibration_samples:
-            return ()
-        return tuple(name for name in self.passes if PASSES[name].reads_data)
 
     def describe(self) -> str:
         return (f"measured best cheap pipeline for {self.setting}: {self.sqnr_db:.1f} dB against "
@@ -69,29 +52,6 @@ def find_recipe(backend: str, config: QuantConfig, table: Iterable[Recipe] | Non
         table = MEASURED
     rows = [r for r in table if r.per_channel == config.weight.per_channel and r.weight_bits == config.weight.bits]
     return next((r for r in rows if r.backend == backend), rows[0] if rows else None)
-
-
-def calibration_samples(data: Iterable, num_batches: int | None) -> int | None:
-    """How many samples calibration reads from ``data``: the leading dimension of each batch's first tensor,
-    over the first ``num_batches`` batches of a list or tuple of batches, or ``len(dataset)`` of a DataLoader
-    (at most ``num_batches`` batches of its ``batch_size``); None where that is unknown without loading data."""
-    if isinstance(data, torch.utils.data.DataLoader):
-        try:
-            samples = len(data.dataset)  # type: ignore[arg-type]
-        except TypeError:
-            return None
-        if num_batches is not None and data.batch_size is not None:
-            samples = min(samples, num_batches * data.batch_size)
-        return samples
-    if not isinstance(data, Sequence):
-        return None
-    total = 0
-    for batch in data[:num_batches]:
-        first = batch[0] if isinstance(batch, list | tuple) and batch else batch
-        if not isinstance(first, torch.Tensor) or first.dim() == 0:
-            return None
-        total += first.shape[0]
-    return total
 
 
 def build_passes(names: Iterable[str], data: Iterable, num_batches: int | None) -> list[Pass]:

@@ -64,11 +64,8 @@ def _dynamic_int8(options: PassOptions) -> Pass:
 
 @dataclass(frozen=True)
 class PassEntry:
-    """``reads_data``: the pass reads calibration data (``PassOptions.data``)."""
-
     factory: Callable[[PassOptions], Pass]
     summary: str
-    reads_data: bool = False
 
 
 PASSES: dict[str, PassEntry] = {
@@ -77,15 +74,15 @@ PASSES: dict[str, PassEntry] = {
     "cle": PassEntry(lambda o: CLE(), "cross-layer equalization (exact, ReLU6 as a per-channel clamp)"),
     "hba": PassEntry(lambda o: HighBiasAbsorption(), "absorb high biases into the next layer (3σ from BN statistics)"),
     "biascorrection": PassEntry(lambda o: BiasCorrection(o.data("biascorrection"), o.num_batches),
-                                "correct the mean output shift quantization causes, layer by layer", reads_data=True),
+                                "correct the mean output shift quantization causes, layer by layer"),
     "biascorrection-analytical": PassEntry(lambda o: BiasCorrection(), "bias correction from BN statistics (no data)"),
     "adaround": PassEntry(lambda o: AdaRound(o.data("adaround"), o.num_batches, progress=o.progress),
-                          "learned weight rounding on calibration data", reads_data=True),
+                          "learned weight rounding on calibration data"),
     "observe": PassEntry(lambda o: InsertObservers(o.backend, bits=o.bits, per_channel=o.per_channel,
                                                  quantize_output=o.quantize_output),
                          "decide what runs int8 and insert observers"),
     "calibrate": PassEntry(lambda o: Calibrate(o.data("calibrate"), o.num_batches, o.progress),
-                           "run calibration batches through the observers", reads_data=True),
+                           "run calibration batches through the observers"),
     "lower": PassEntry(lambda o: Lower(o.backend), "replace observed ops by int8 kernels of the backend"),
     "reference": PassEntry(lambda o: Reference(o.backend),
                            "instead of lower: float ops between quantize/dequantize ops (convert_pt2e's dialect), "
@@ -94,15 +91,13 @@ PASSES: dict[str, PassEntry] = {
                                    num_batches=o.num_batches, progress=o.progress, recipe=o.recipe,
                                    target_sqnr=o.target_sqnr, quantize_output=o.quantize_output, lower=o.lower),
                      "post-training static quantization: observe → calibrate → lower, with the measured recipe of "
-                     "its setting (--no-recipe: without); --target-sqnr DB: the cheapest pipeline reaching DB",
-                     reads_data=True),
+                     "its setting (--no-recipe: without); --target-sqnr DB: the cheapest pipeline reaching DB"),
     "qat": PassEntry(lambda o: QAT(o.backend, bits=o.bits, per_channel=o.per_channel,
                                    quantize_output=o.quantize_output),
                      "fake-quant model to train in any loop, then qpasses.convert (lowering deferred)"),
     "mixed": PassEntry(lambda o: MixedPrecision(o.budget, data=o.data("mixed"), num_batches=o.num_batches,
                                                 progress=o.progress),
-                       "4/6/8-bit weights per layer within --budget of the 8-bit size, for the PTQ that follows",
-                       reads_data=True),
+                       "4/6/8-bit weights per layer within --budget of the 8-bit size, for the PTQ that follows"),
     "dynamic": PassEntry(lambda o: _dynamic_int8(o),
                          "dynamic int8 Linear/LSTM/GRU (no calibration)"),
 }

@@ -8,7 +8,7 @@ from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
 from qpasses.errors import InputError, PlanError, TargetNotMetError
 from qpasses.passes import CLE, PTQ, QAT, AdaRound, BiasCorrection, FuseBN, recipe_table
-from qpasses.passes.recipes import Recipe, calibration_samples, find_recipe
+from qpasses.passes.recipes import Recipe, find_recipe
 from qpasses.passes.registry import PASSES, PassOptions, build_pipeline
 from qpasses.passes.target import _Search, fewest_meeting, max_measurements, prefix_search_bound
 from qpasses.quant.backends import get_backend
@@ -84,37 +84,6 @@ def test_recipe_false_and_one_shot_data_add_nothing(table):
     plan = PassManager([PTQ(iter(data))]).plan()
     assert "BiasCorrection" not in names(plan)
     assert any("one-shot iterator" in n for n in plan.notes)
-
-
-MEASURED_WITH_16 = tuple(Recipe(*(getattr(r, f) for f in ("backend", "per_channel", "weight_bits", "passes", "sqnr_db",
-                                                           "ptq_sqnr_db", "seconds", "source")), calibration_samples=16)
-                         for r in TABLE)
-
-
-@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
-def test_recipe_passes_that_read_data_need_the_samples_it_was_measured_with(monkeypatch, backend):
-    monkeypatch.setattr(recipe_table, "MEASURED", MEASURED_WITH_16)
-    few, enough = calibration(n=3), calibration(n=4)  # 12 and 16 samples
-    plan = PassManager([PTQ(few, backend=backend, progress=False)]).plan()
-    assert "BiasCorrection" not in names(plan)
-    # the data-free passes of the row stay (qnnpack's CLE + HBA), in front of the observers
-    assert ("CLE" in names(plan) and "HighBiasAbsorption" in names(plan)) == (backend == "qnnpack")
-    note = next(n for n in plan.notes if "left out" in n)
-    assert "BiasCorrection" in note and "12 samples" in note and "the 16 it was measured with" in note
-    assert "BiasCorrection" in names(PassManager([PTQ(enough, backend=backend, progress=False)]).plan())
-    # num_batches counts: 4 batches given, 3 read
-    assert "BiasCorrection" not in names(PassManager([PTQ(enough, backend=backend, num_batches=3)]).plan())
-
-
-def test_calibration_samples_counts_what_calibration_reads():
-    x = torch.zeros(4, 3, 2, 2)
-    assert calibration_samples([x, x[:2]], None) == 6
-    assert calibration_samples([(x, torch.zeros(4)), (x, torch.zeros(4))], 1) == 4  # (inputs, labels) batches
-    dataset = torch.utils.data.TensorDataset(torch.zeros(10, 3))
-    assert calibration_samples(torch.utils.data.DataLoader(dataset, batch_size=4), None) == 10
-    assert calibration_samples(torch.utils.data.DataLoader(dataset, batch_size=4), 2) == 8
-    assert calibration_samples(iter([x]), None) is None  # unknown without consuming it
-    assert calibration_samples([{"x": x}], None) is None
 
 
 def test_ptq_starting_qat_adds_no_recipe(table):

@@ -70,7 +70,7 @@ def measure_recipes(photos: PhotoSet, backends: list[str], bits: list[int], sour
             ptq_db = next(db for db, names, _ in rows if not names)
             db, names, seconds = max(rows)
             write_table(Recipe(backend, config.weight.per_channel, weight_bits, names, round(db, 1), round(ptq_db, 1),
-                               round(seconds), source, calibration_samples=sum(len(b) for b in photos.calib)))
+                               round(seconds), source))
 
 
 def write_table(recipe: Recipe) -> None:
