@@ -137,6 +137,7 @@ class _ReferenceBuilder:
         self.grid_after: dict[fx.Node, Grid] = {}  # node → the grid its value is quantized to right after it
         self.input_grid: dict[fx.Node, Grid] = {}  # int8 conv/linear → its input's grid
         self.replaced_modules: set[str] = set()
+        self.kept_float: set[fx.Node] = set()  # observers whose float readers read the value before rounding
 
     def run(self) -> None:
         nodes = list(self.graph.nodes)
@@ -157,6 +158,8 @@ class _ReferenceBuilder:
         if observer is not None:
             self.grid_after[node] = self.grids.observer_grid(observer)
             self.quantized[node] = True
+            if self.backend.float_reads_unrounded and self.writes_float(node.args[0]):
+                self.kept_float.add(node)
         elif returns_input(self.gm, node):
             self.quantized[node] = self.quantized.get(node.args[0], False)
         elif role is Role.COMPUTE:
@@ -178,6 +181,24 @@ class _ReferenceBuilder:
         else:
             self.quantized[node] = False
 
+    def writes_float(self, value: fx.Node) -> bool:
+        """Whether the op computing an observed value (a node of the observed graph, whose names the decisions are
+        keyed by) writes it in float before it is quantized, so that on a runtime keeping both
+        (``Backend.float_reads_unrounded``) ops running float read it unrounded: an op left float, a graph input,
+        a conv/linear without a folded activation or post-op (its kernel writes fp32, then a quantize), and
+        reshapes of those. An int8 op with a folded activation or post-op, or an int8 add, cat, ... writes codes
+        (PT2E's X86InductorQuantizer rounds a fused add's other input too)."""
+        while self.ann.roles.get(value.name) is Role.PRESERVING and value.all_input_nodes:
+            value = value.all_input_nodes[0]
+        role = self.ann.roles.get(value.name, Role.NONE)
+        return role in (Role.FLOAT, Role.NONE) or (role is Role.COMPUTE and value.name not in self.ann.fused.values())
+
+    def reads_float(self, user: fx.Node) -> bool:
+        """Whether ``user`` runs float: an op left float, or an identity or dropout that only such ops read."""
+        if returns_input(self.gm, user):
+            return bool(user.users) and all(self.reads_float(reader) for reader in user.users)
+        return self.ann.roles.get(user.name) is Role.FLOAT
+
     def kernel_grid(self, node: fx.Node) -> Grid:
         with lowering.quantized_engine(self.backend.engine):
             grid = self.grids.value_grid(node)
@@ -191,9 +212,17 @@ class _ReferenceBuilder:
         role = self.ann.roles.get(node.name, Role.NONE)
         if self.grids.observer(node) is not None:
             self.replaced_modules.add(node.target)
-            dequantized = self.quantize_dequantize(node.args[0], self.grid_after[node], before=node)
-            node.replace_all_uses_with(dequantized)
+            value = node.args[0]
+            dequantized = self.quantize_dequantize(value, self.grid_after[node], before=node)
+            unrounded = node in self.kept_float
+            for user in list(node.users):  # ops running float read the value unrounded where the runtime keeps it
+                user.replace_input_with(node, value if unrounded and self.reads_float(user) else dequantized)
             self.graph.erase_node(node)
+            if not dequantized.users:  # only float ops read it
+                quantized = dequantized.args[0]
+                self.graph.erase_node(dequantized)
+                self.graph.erase_node(quantized)
+                self.ctx.stats["quantize"] -= 1
             return
         if returns_input(self.gm, node):
             self.replaced_modules.add(node.target)

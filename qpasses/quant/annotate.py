@@ -24,6 +24,8 @@ Rules (the design notes' "what" step):
   add, mul, cat, hardswish-like, fixed-range or scalar op whose value nothing reads as int8 runs float on
   its dequantized inputs, which is exact where the int8 op would round once more. This is PT2E's rule
   (X86InductorQuantizer observes a value only where a quantized op reads it).
+- a runtime without int8 kernels of its own for some arithmetic (``Backend.float_arithmetic``: inductor's add and
+  mul) runs those float, unless one is a conv/linear's post-op (below): their inputs are not rounded for them.
 - a lowering whose kernels do more in one call than the torch.ao engine's (``FusedKernels``: inductor's, for the
   PT2E quantizer) changes two things: every conv/linear whose value nothing reads as int8 writes float, and a conv/linear
   read only by one of its post-ops (hardswish, add, add_relu) is computed with it in one kernel, unrounded in
@@ -127,6 +129,12 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
             post_op = kernels.post_op if kernels is not None else backend.post_op
             if post_op is not None and role in (Role.REQUANT, Role.FUNCTIONAL) and pair is not None:
                 _fuse_post_op(gm, node, ann, post_op)
+            if role is Role.FUNCTIONAL and node.target in backend.float_arithmetic and node.name not in ann.fused:
+                ann.pairs.pop(node.name, None)
+                ann.float_reasons[node.name] = (f"{describe_op(gm, node)}: {backend.runtime or backend.name} has no "
+                                                f"int8 {node.target} kernel of its own (only as a conv/linear's "
+                                                "post-op), so it runs float on its inputs as they are")
+                role = Role.FLOAT
         if role is Role.FUSED_ACT:
             role = _fuse_or_preserve(gm, node, ann)
         if role is Role.FLOAT and node.name not in ann.float_reasons:

@@ -78,6 +78,12 @@ class Backend:
     ``post_op``: for a preset whose runtime computes ops after a conv/linear in the same int8 kernel, whether a
     node (read from the conv/linear it is given) runs as that kernel's post-op (``inductor_post_op``); annotation
     then leaves the conv/linear's value unrounded and observes only the post-op's (``qpasses.quant.annotate``).
+    ``float_arithmetic``: for a preset whose runtime has no int8 kernel of its own for these FloatFunctional
+    methods (``add``, ``mul``), the ones it computes in float: unless one runs as a conv/linear's post-op, annotation
+    keeps it float, so its inputs are not rounded for it (PT2E's X86InductorQuantizer leaves them unannotated).
+    ``float_reads_unrounded``: the runtime computes every value in float and rounds it only on its way into an int8
+    op (a convert_pt2e graph's semantics), so an op that runs float reads a value before its rounding even where
+    an int8 op reads the value rounded (the reference graph gives it the value, not the dequantize).
     ``add_scale_ratio``: the range ``[low, high)`` the add kernels (``quantized::add``, ``add_relu``) accept for
     each input's scale divided by the output's, or None (no limit). qnnpack refuses others ("scale ratio must
     be in [2**-14, 2**8) range"), as after a ReLU that never fires (its range, hence scale, is degenerate);
@@ -104,6 +110,8 @@ class Backend:
     runtime: str | None = None
     float_output_modules: tuple[type[nn.Module], ...] = ()
     post_op: Callable[[fx.GraphModule, fx.Node, fx.Node], bool] | None = None
+    float_arithmetic: tuple[str, ...] = ()
+    float_reads_unrounded: bool = False
     notes: str = ""
 
     @property
@@ -432,6 +440,9 @@ BACKENDS: dict[str, Backend] = {
         runtime="inductor",
         float_output_modules=(nn.Conv2d, nn.Linear),  # qconv/qlinear_pointwise write fp32 too
         post_op=inductor_post_op,  # qconv2d_pointwise.binary (conv + add (+ ReLU)), hardswish after a conv
+        # inductor has no int8 add/mul of its own: rounding their inputs only loses accuracy (BENCHMARKS.md, coverage).
+        float_arithmetic=("add", "mul"),
+        float_reads_unrounded=True,
         activation=_X86_ACTIVATION,
         weight=_PER_CHANNEL_WEIGHT,
         supports_per_channel_weights=True,

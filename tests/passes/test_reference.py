@@ -322,3 +322,47 @@ def test_a_backend_without_torch_ao_kernels_ends_at_the_reference(monkeypatch):
     observed = PassManager([FuseBN(), InsertObservers("runtime_only")]).run(model, data[0])
     with pytest.raises(QPassesError, match="no torch.ao int8 kernels"):
         qpasses.passes.Lower().run(observed, None)
+
+
+class LayerScaleBlock(nn.Module):
+    """ConvNeXt's pattern: a float op (GroupNorm) whose value a conv and a residual add both read (through an
+    identity shortcut, as timm writes it), and a branch ending in a layer-scale mul by a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(1, 8)
+        self.conv, self.shortcut = nn.Conv2d(8, 8, 3, padding=1), nn.Identity()
+        self.gamma = nn.Parameter(torch.linspace(0.1, 1.0, 8).reshape(1, 8, 1, 1))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.norm(self.stem(x))
+        return self.head(self.shortcut(y) + self.gamma * self.conv(y))
+
+
+def arithmetic_inputs(reference: torch.fx.GraphModule) -> dict[str, list[object]]:
+    """For each add/mul of a reference graph, the targets of the nodes it reads."""
+    return {n.name: [a.target for a in n.all_input_nodes] for n in reference.graph.nodes
+            if n.op in ("call_function", "call_method") and n.target in (torch.add, torch.mul, "add", "mul")}
+
+
+def test_inductor_runs_add_and_mul_float_on_unrounded_values():
+    """The inductor preset computes an add or mul that is no conv's post-op in float, on its inputs before any
+    rounding (a convert_pt2e graph's semantics): only the inputs of the three convs are quantized. A torch.ao
+    engine's reference keeps int8 add/mul reading dequantized codes."""
+    torch.manual_seed(0)
+    model, data = LayerScaleBlock().eval(), batches()
+    pm = PassManager([PTQ(data, backend="inductor", progress=False, recipe=False)])
+    reference = pm.run(model, data[0])
+    notes = [n for r in pm.report.records for n in r.notes]
+    assert sum("no int8 add kernel of its own" in n or "no int8 mul kernel of its own" in n for n in notes) == 2
+    inputs = arithmetic_inputs(reference)
+    assert len(inputs) == 2 and all(DEQUANTIZE not in targets for targets in inputs.values()), inputs
+    quantized = [n.args[0] for n in reference.graph.nodes if n.target is QUANTIZE]
+    # the convs' inputs only: x, the norm, the (float) add
+    assert sorted(n.op for n in quantized) == ["call_method", "call_module", "placeholder"], quantized
+    x = batches(1, seed=3)[0]
+    with torch.no_grad():
+        assert qpasses.analysis.metrics.sqnr(model(x), reference(x)) > 25
+    x86 = quantize(LayerScaleBlock().eval(), "x86", lower=False, data=data)
+    assert all(DEQUANTIZE in targets for targets in arithmetic_inputs(x86).values())
