@@ -189,6 +189,9 @@ class _PatternLowering:
 
     def compute(self, node: fx.Node, info: Int8Op) -> None:
         """``dq → F.conv*/F.linear(dq(int8 weight), bias) [→ activations] → q``: the int8 module."""
+        if not node.users:  # a result nothing reads (a module called for nothing): no kernel to run
+            self.erase_dead(node)
+            return
         function = node.target
         x, weight, bias, *geometry = node.args
         padded = None
@@ -475,6 +478,17 @@ class _PatternLowering:
                 self.dropped_attributes.add(node.target)
             self.graph.erase_node(node)
             self.erase_unused(inputs)
+
+    def erase_dead(self, node: fx.Node) -> None:
+        """Erase the unread conv/linear call ``node`` with its weight and the dequantize (and padding) of its input,
+        which only it reads; the int8 value it read stays."""
+        value, inputs = node.args[0], [a for a in node.all_input_nodes if a is not node.args[0]]
+        self.graph.erase_node(node)
+        self.erase_unused(inputs)
+        while not value.users and value.op == "call_function" and value.target in (DEQUANTIZE, torch.nn.functional.pad):
+            source = value.args[0]
+            self.graph.erase_node(value)
+            value = source
 
     def delete_unused_state(self) -> None:
         referenced = {n.target for n in self.graph.nodes if n.op in ("call_module", "get_attr")}

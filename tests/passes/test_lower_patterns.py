@@ -40,3 +40,29 @@ def test_a_folded_activation_stays_on_the_codes_where_its_grid_does_not_clip_at_
     assert len(kept) == 1 and kept[0].args[0].target == "0"  # on the int8 conv's codes
     reference = existing_state(lowered).reference
     torch.testing.assert_close(lowered(x), reference(x), rtol=0, atol=0)
+
+
+class _UnreadConvCall(nn.Module):
+    """Calls ``conv`` a second time and drops the result (the fuzz found this: a call nothing reads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.conv(x)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_a_conv_call_nothing_reads_is_dropped(backend):
+    from qpasses.passes import PTQ
+
+    torch.manual_seed(0)
+    data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    lowered = PassManager([PTQ(data, backend=backend, progress=False)]).run(_UnreadConvCall().eval(), data[0])
+    convs = [n for n in lowered.graph.nodes if n.op == "call_module" and "conv" in type(lowered.get_submodule(n.target)).__name__.lower()]
+    assert len(convs) == 2  # the read call of conv and the head; the unread call runs no kernel
+    reference = existing_state(lowered).reference
+    torch.testing.assert_close(lowered(data[1]), reference(data[1]), rtol=0, atol=0)
