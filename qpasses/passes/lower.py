@@ -190,7 +190,7 @@ class _PatternLowering:
     def compute(self, node: fx.Node, info: Int8Op) -> None:
         """``dq → F.conv*/F.linear(dq(int8 weight), bias) [→ activations] → q``: the int8 module."""
         if not node.users:  # a result nothing reads (a module called for nothing): no kernel to run
-            self.erase_dead(node)
+            self.erase_unused([node])
             return
         function = node.target
         x, weight, bias, *geometry = node.args
@@ -468,27 +468,16 @@ class _PatternLowering:
             self.graph.erase_node(node)
 
     def erase_unused(self, nodes: list[fx.Node]) -> None:
-        """Erase the reference nodes a pattern consumed (weight dequantizes, their buffers, padding) once
-        nothing reads them."""
+        """Erase the reference nodes a pattern consumed (weight dequantizes, their buffers, padding, a conv/linear
+        call nothing reads) once nothing reads them; the int8 values patterns wrote stay."""
         for node in nodes:
-            if node.users or node._erased:
+            if node.users or node._erased or node in self.codes:
                 continue
             inputs = node.all_input_nodes
             if node.op == "get_attr":
                 self.dropped_attributes.add(node.target)
             self.graph.erase_node(node)
             self.erase_unused(inputs)
-
-    def erase_dead(self, node: fx.Node) -> None:
-        """Erase the unread conv/linear call ``node`` with its weight and the dequantize (and padding) of its input,
-        which only it reads; the int8 value it read stays."""
-        value, inputs = node.args[0], [a for a in node.all_input_nodes if a is not node.args[0]]
-        self.graph.erase_node(node)
-        self.erase_unused(inputs)
-        while not value.users and value.op == "call_function" and value.target in (DEQUANTIZE, torch.nn.functional.pad):
-            source = value.args[0]
-            self.graph.erase_node(value)
-            value = source
 
     def delete_unused_state(self) -> None:
         referenced = {n.target for n in self.graph.nodes if n.op in ("call_module", "get_attr")}
