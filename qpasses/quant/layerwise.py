@@ -40,11 +40,7 @@ from qpasses.quant.grids import Grids, weight_qparams_by_node
 from qpasses.quant.lowering import weight_spec
 from qpasses.quant.ops import Role
 from qpasses.quant.spec import QuantSpec
-from qpasses.quant.state import FLOAT_WEIGHT_KEY, WEIGHT_QPARAMS_KEY, existing_state
-
-# Put on the copy's conv/linear nodes before the reference rewrite, which keeps a node's meta on the call it
-# makes of it: the name of the observed node the call computes.
-_LAYER_KEY = "qpasses_layerwise_layer"
+from qpasses.quant.state import FLOAT_WEIGHT_KEY, INT8_OP_KEY, WEIGHT_QPARAMS_KEY, existing_state
 
 Params = Mapping[fx.Node, Mapping[str, torch.Tensor]]
 
@@ -58,8 +54,6 @@ class Simulation:
         self.backend = backend = get_backend(ann.backend)
         reference = copy.deepcopy(gm)
         layers = [n for n in reference.graph.nodes if ann.roles.get(n.name) is Role.COMPUTE]
-        for node in layers:
-            node.meta[_LAYER_KEY] = node.name
         with lowering.quantized_engine(backend.engine):
             grids = Grids(reference, ann, backend, note=lambda _: None)  # Lower reports the widened grids
             # The grid of each layer's input: the int32 grid of its bias (Backend.quantized_bias) is s_in·s_w.
@@ -69,8 +63,9 @@ class Simulation:
         _one_dequantize_per_quantize(reference.graph)
         self.reference = reference
         observed = {n.name: n for n in gm.graph.nodes}
-        self.layer_of = {n: observed[n.meta[_LAYER_KEY]] for n in reference.graph.nodes
-                         if n.op == "call_function" and _LAYER_KEY in n.meta}
+        # The reference graph turns each conv/linear call into its functional form in place, under its name.
+        self.layer_of = {n: observed[n.name] for n in reference.graph.nodes
+                         if getattr(n.meta.get(INT8_OP_KEY), "role", None) is Role.COMPUTE}
         if len(self.layer_of) != len(layers):
             raise QPassesError(f"internal: the reference graph computes {len(self.layer_of)} of the "
                                f"{len(layers)} int8 conv/linear layers as calls the sweep can find")
