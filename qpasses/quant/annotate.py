@@ -108,6 +108,7 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
     ann = Annotation(backend=backend.name, config=config)
     quantized: dict[fx.Node, bool] = {}
     read_as_int8 = _int8_readers(gm, config)
+    post_op = kernels.post_op if kernels is not None else backend.post_op
     for node in gm.graph.nodes:
         role = role_of(gm, node)
         if role is not Role.NONE:
@@ -126,7 +127,6 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
                 role = Role.FLOAT
             if pair is not None:
                 ann.pairs[node.name] = pair
-            post_op = kernels.post_op if kernels is not None else backend.post_op
             if post_op is not None and role in (Role.REQUANT, Role.FUNCTIONAL) and pair is not None:
                 _fuse_post_op(gm, node, ann, post_op)
             if role is Role.FUNCTIONAL and node.target in backend.float_arithmetic and node.name not in ann.fused:
