@@ -60,6 +60,7 @@ class SampleSums:
         return cls(sums, positions)
 
     def mean(self) -> torch.Tensor:
+        """Per channel, the mean over every position of every sample."""
         return self.sums.sum(dim=0) / self.positions.sum()
 
 
