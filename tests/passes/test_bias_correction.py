@@ -9,7 +9,7 @@ from qpasses import PassManager
 from qpasses.errors import PlanError
 from qpasses.passes import PTQ, BiasCorrection, FuseBN
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
-from qpasses.passes.bias_correction import FloatTarget, _mean_matching_shift
+from qpasses.passes.bias_correction import FloatTarget, _mean_matching_shift, _shift_variance, _shrink
 from qpasses.quant.backends import get_backend
 from qpasses.quant.layerwise import annotation_of
 from qpasses.quant.lowering import weight_qparams, weight_spec
@@ -183,3 +183,47 @@ def test_a_linear_on_sequences_is_corrected_per_output_feature():
 
     plain, corrected = quantize(), quantize(BiasCorrection(calib))
     assert mean_error(corrected) < 0.7 * mean_error(plain), (mean_error(plain), mean_error(corrected))
+
+
+def shrunk(quantized, y, lower, upper):
+    """The raw mean-matching shift and the one BiasCorrection keeps."""
+    target = FloatTarget.of(y, lower, upper)
+    shift = _mean_matching_shift(quantized, target)
+    return shift, _shrink(shift, _shift_variance(quantized, target, shift))
+
+
+def unclipped(channels):
+    return torch.full((channels,), -math.inf), torch.full((channels,), math.inf)
+
+
+@pytest.mark.parametrize("bounds", ["none", "relu6"])
+def test_a_shift_the_samples_agree_on_keeps_nearly_all_its_correction(bounds):
+    g = torch.Generator().manual_seed(0)
+    y = [torch.rand(4, 16, 5, 5, generator=g) * 12 - 3 for _ in range(2)]  # 8 samples, around ReLU6's [0, 6]
+    offset = torch.linspace(-0.5, 0.5, 16).reshape(1, 16, 1, 1)
+    quantized = [t + offset + 0.1 * torch.randn(t.shape, generator=g) for t in y]  # + position noise: se ≈ 0.007
+    lower, upper = unclipped(16) if bounds == "none" else (torch.zeros(16), torch.full((16,), 6.0))
+    raw, kept = shrunk(quantized, y, lower, upper)
+    assert torch.allclose(raw, offset.flatten(), atol=0.03)
+    assert torch.allclose(kept, raw, rtol=0.02, atol=1e-3), (raw, kept)
+
+
+def test_a_shift_that_is_noise_across_the_samples_is_shrunk_towards_zero():
+    # Each sample's output moved by its own offset (mean 0 across samples): the 8 samples' mean error is noise
+    # of about 0.5 / √8 per channel, which a correction would add to every other input.
+    g = torch.Generator().manual_seed(0)
+    y = [torch.randn(4, 128, 5, 5, generator=g) for _ in range(2)]
+    quantized = [t + 0.5 * torch.randn(4, 128, 1, 1, generator=g) for t in y]
+    raw, kept = shrunk(quantized, y, *unclipped(128))
+    assert float(raw.abs().mean()) > 0.1
+    assert float(kept.abs().mean()) < 0.2 * float(raw.abs().mean()), (raw, kept)
+
+
+def test_with_one_sample_the_shift_is_kept_whole():
+    g = torch.Generator().manual_seed(0)
+    y = [torch.randn(1, 4, 5, 5, generator=g)]
+    quantized = [y[0] + torch.randn(1, 4, 1, 1, generator=g)]
+    target = FloatTarget.of(y, *unclipped(4))
+    shift = _mean_matching_shift(quantized, target)
+    assert _shift_variance(quantized, target, shift) is None
+    assert torch.equal(_shrink(shift, None), shift)
