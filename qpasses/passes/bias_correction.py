@@ -197,8 +197,7 @@ class BiasCorrection(Pass):
 
     Shrinkage: ``δ̂`` is measured on a few calibration samples, and where the error it corrects changes from
     sample to sample it is partly those samples' noise, which the bias would then add to every other input
-    (at 8 samples it cost near-noise random CNNs 0.3-0.8 dB of output SQNR while it gained the well-conditioned
-    models as much). So each channel keeps ``δ̂`` only as far as it stands out of its standard error ``s``:
+    (BENCHMARKS.md, coverage). So each channel keeps ``δ̂`` only as far as it stands out of its standard error ``s``:
     ``b ← b − δ̂ · τ² / (τ² + s²)``. ``s`` per channel, over the samples (the entries of dim 0 of every batch;
     sample ``k`` has ``n_k`` positions): with ``g_k(δ) = Σ_k f(y_q − δ) − Σ_k f(y)`` (sums over sample ``k``'s
     positions), the gap ``G(δ) = Σ_k g_k(δ) / N`` (``N = Σ n_k``) is 0 at ``δ̂``; as the mean of ``S``
