@@ -7,6 +7,11 @@ read only by a residual add is left unrounded, and inductor runs conv + add (+ R
 ``qconv2d_pointwise.binary``. The ablation row is the same PTQ with the preset's ``post_op`` removed (each conv
 requantizes, each add runs as its own dequantize/add/quantize loop). Rows as ``tools.bench.compare`` builds them; pretrained Lite0 also gets SQNR and top-1 agreement with the float
 model on 128 photo crops (64 calibration crops; 16 for the random-weight models, which only give latency).
+``qpasses-inductor-aoti`` runs the same reference graph from an AOTInductor package (``deploy(..., out=.pt2)``):
+the same kernels, called from C++ without dynamo's guards and torch.compile's Python wrappers.
+
+``--kernels`` also lists the oneDNN primitives each row runs per call (oneDNN's verbose log, rows called in turns),
+per conv shape with their implementation and ms, and the rest of each call outside them.
 
 Timing (batch 1, 224², ``--threads``): ``--rounds`` rounds, each calling every row ``--calls`` times in turn after two
 warm-up calls. On a host shared with other work, a 2-thread call is slowed most by waits for a descheduled thread,
@@ -117,7 +122,7 @@ def kernel_table(name: str, keys: list[str], primitive_runs: dict[str, list[tupl
                  call_ms: dict[str, float]) -> list[list[str]]:
     """Rows per primitive problem (a conv's shape, stride and padding; a matmul's sizes): how often each runner
     runs it per call, with which implementation, and the ms they take in all; then each runner's sum and the rest
-    of its call (median call ms minus that sum: everything outside oneDNN's primitives). ``keys``: the columns;
+    of its call (``call_ms`` minus that sum: everything outside oneDNN's primitives). ``keys``: the columns;
     a runner missing from ``primitive_runs`` (its row failed) gets empty cells."""
     problems = list(dict.fromkeys(p for runs in primitive_runs.values() for p, _, _ in runs))
     table = []
@@ -130,7 +135,7 @@ def kernel_table(name: str, keys: list[str], primitive_runs: dict[str, list[tupl
         table.append([name, problem, *cells])
     totals = {key: sum(ms for _, _, ms in runs) for key, runs in primitive_runs.items()}
     table.append([name, "**all oneDNN primitives**", *(f"{totals[k]:.2f}" if k in totals else "" for k in keys)])
-    table.append([name, "**rest of the call** (median call − primitives)",
+    table.append([name, "**rest of the call** (call − primitives)",
                   *(f"{call_ms[k] - totals[k]:.2f}" if k in totals else "" for k in keys)])
     return table
 
@@ -200,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                 times, cpu = time_in_turns(runners, setup.example, threads, args.rounds, args.calls)
                 machine_load = f"load {before} → {load()}"
                 if args.kernels:
-                    # at 1 thread the call's CPU time (robust to load); otherwise its median wall time
-                    call_ms = {key: statistics.median(cpu[key] if threads == 1 else [c for r in times[key] for c in r])
+                    # at 1 thread the call's median CPU time (robust to load); otherwise its fastest wall time, as
+                    # waits for a descheduled thread inflate the median on a loaded host
+                    call_ms = {key: statistics.median(cpu[key]) if threads == 1 else min(c for r in times[key] for c in r)
                                for key in runners}
                     kernels += kernel_table(f"{name}, {threads} thread(s)", rows, onednn_primitive_runs(runners, setup.example, threads, 20),
                                             call_ms)
@@ -226,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                           "CPU per call, / FX x86", "Lite0 SQNR, top-1", "note"], table))
     if kernels:
         print("\noneDNN primitives per call (median ms over 20 calls in turns, oneDNN's verbose log): count× ms "
-              "(implementation); the rest of the call is from the call's CPU time at 1 thread, its median wall time "
-              "otherwise\n")
+              "(implementation); the rest of the call is its median CPU time at 1 thread, its fastest wall time "
+              "otherwise, minus the primitives' sum\n")
         print(markdown_table(["model", "primitive", *(compare.METHODS[k][0] for k in rows)], kernels))
     return 0
 
