@@ -135,7 +135,9 @@ def deploy(reference: nn.Module, example_inputs: Any, out: Path | None = None) -
     runs it under ``freezing()`` (inference mode: its outputs are inference tensors). ``out`` a ``.pt2`` file: an AOTInductor package of the exported graph,
     compiled with freezing; it loads with ``torch._inductor.aoti_load_package`` alone, without qpasses, and the
     result runs that loaded package (its C++ wrapper is what is checked). Both are specialized to the example's
-    shapes. The reference graph is not modified.
+    shapes. Both run the same kernels; the package calls them from C++, without dynamo's guard check and
+    torch.compile's Python wrappers, which at batch 1 is the faster of the two (BENCHMARKS.md, inductor section).
+    The reference graph is not modified.
     """
     reference = check_model(reference, "deploy to inductor")
     if not isinstance(reference, fx.GraphModule):
