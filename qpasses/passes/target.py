@@ -8,13 +8,19 @@ the target:
 2. + empirical BiasCorrection, where the recipe has none;
 3. AdaRound (200 iterations per layer, lr 1e-2: the settings of BENCHMARKS.md's dfq rows), unless
    ``adaround=False``;
-4. higher bits: the cheapest pipeline measured above (steps 1-2) with the fewest layers raised to 8 bits
+4. higher bits: the best pipeline measured above (steps 1-3) with the fewest layers raised to 8 bits
    (weights and output; ``reduce_range`` only where the backend's kernel reading a value saturates, as
    annotation decides), when the run quantizes below 8 bits (``bits=4``, say). Raising a layer keeps it
    on the same int8 kernels, so it costs weight bytes, not float MACs; that is why it comes first. At 8-bit
    weights and activations there is no higher-bit kernel (torch.ao's run 8-bit containers only), and the
    step is skipped with a note that says so;
 5. hybrid: the same pipeline, at the configured bits, with the fewest layers kept float.
+
+When AdaRound (step 3) is the best pipeline, steps 4 and 5 do not learn a rounding again for each model they
+measure: step 3's AdaRound keeps the weights it chose per layer (``AdaRound.rounded``), and each layer-step
+model reuses them (``ReuseRounding``): every layer still on the grid it was learned on takes its learned
+rounding, a layer kept float its float weight, a layer raised to 8 bits its float weight rounded to nearest on
+the 8-bit grid. So AdaRound runs once per search, and each layer-step model costs what a PTQ model costs.
 
 Steps 4 and 5 share one ranking by ``Sensitivity`` (one shared calibration for every variant): the output
 noise power keeping each layer float removes (for 4, that gain alone, the bound of what raising it can
@@ -24,9 +30,10 @@ pipeline, doubling their length until the target is met (or, for 5, the next wou
 between the last miss and the first hit. The measured curve need not be monotone in the prefix length
 (more layers protected can measure worse: the error moves to other grids); the search keeps the fewest
 layers among the measured prefixes that meet the target, a measured hit whatever the curve, and the
-report says where the curve fell. Because every measurement is deterministic and each bisection step
-only compares with the target, a higher target never ends at an earlier step, nor with fewer layers
-within a step (``SearchStep.order``).
+report says where the curve fell. Because every measurement is deterministic (AdaRound's included: seeded),
+the layer steps' pipeline is the best of steps 1-3, all of which any search reaching the layer steps has
+measured, and each bisection step only compares with the target, a higher target never ends at an earlier
+step, nor with fewer layers within a step (``SearchStep.order``).
 
 Every measurement is a real quantized model (the backend's int8 kernels), so the reported values are
 measured, not predicted. The search is bounded (``max_measurements``). ``result`` (a ``SearchResult``)
@@ -50,7 +57,7 @@ from torch import nn
 from qpasses.analysis.sensitivity import Metric, OutputSQNR, Sensitivity, UserMetric
 from qpasses.errors import TargetNotMetError
 from qpasses.graph.modules import eval_mode
-from qpasses.passes.adaround import AdaRound
+from qpasses.passes.adaround import AdaRound, ReuseRounding
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import batch_inputs, progress
 from qpasses.passes.insert_observers import InsertObservers
@@ -228,17 +235,27 @@ class _Search:
         self.started = time.perf_counter()
         self.sens: Sensitivity | None = None  # the layer steps' ranking, once made (``_rank``)
         self.gains: dict[str, float] = {}  # layer → output noise power keeping it float removes
+        # Step 3's AdaRound, whose learned rounding (``AdaRound.rounded``) every later model with the AdaRound
+        # step's passes reuses: AdaRound runs once per search.
+        self.adaround: AdaRound | None = None
 
     def _quantize(self, passes: tuple[str, ...], config: QuantConfig) -> fx.GraphModule:
         from qpasses.passes.manager import PassManager  # the manager imports the passes
         from qpasses.passes.ptq import PTQ
 
         o = self.owner
-        extra: list[Pass] = (
-            [AdaRound(self.batches, iterations=200, lr=1e-2, progress=o.progress)] if passes == ("adaround",)
-            else build_passes(passes, self.batches, None))
+        extra: list[Pass] = []
+        for name in passes:  # AdaRound with its search settings, learned once
+            extra += [self._rounding()] if name == "adaround" else build_passes((name,), self.batches, None)
         ptq = PTQ(self.batches, o.backend, config, progress=False, device=o.device, recipe=False)
         return PassManager([*extra, ptq]).run(self.gm, self.ctx.example_inputs)
+
+    def _rounding(self) -> Pass:
+        """The AdaRound of step 3 the first time, then ``ReuseRounding`` of the rounding it learned."""
+        if self.adaround is not None:
+            return ReuseRounding(self.adaround.rounded)
+        self.adaround = AdaRound(self.batches, iterations=200, lr=1e-2, progress=self.owner.progress)
+        return self.adaround
 
     def measure(self, label: str, passes: tuple[str, ...], keep_float: tuple[str, ...] = (),
                 float_share: float = 0.0, raised: dict[str, QuantPair] | None = None,
@@ -273,14 +290,16 @@ class _Search:
             candidates.append((f"{candidates[0][0]} + biascorrection", (*first, "biascorrection")))
         if o.adaround:
             candidates.append(("PTQ + adaround", ("adaround",)))
-        cheap: list[SearchStep] = []
+        measured: list[SearchStep] = []
         for label, passes in progress(candidates, len(candidates), "target search: passes", o.progress, "step"):
             step, model = self.measure(label, passes)
             if step.met:
                 return self.done(step, model)
-            if passes != ("adaround",):
-                cheap.append(step)
-        base = max(cheap, key=lambda s: s.value)
+            measured.append(step)
+        base = max(measured, key=lambda s: s.value)  # on a tie, the cheaper pipeline
+        if "adaround" in base.passes:
+            self.result.notes.append(f"layer steps build on '{base.label}' ({base.value:.2f}{self.result.unit}), "
+                                     f"reusing its learned rounding (AdaRound ran once)")
         self._rank(base)
         for layer_step in (self._higher_bits, self._hybrid):
             found = layer_step(base)
