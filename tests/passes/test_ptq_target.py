@@ -1,5 +1,7 @@
 """PTQ's measured default recipe and PTQ to a target (target_sqnr, evaluate + max_drop)."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -8,10 +10,12 @@ from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
 from qpasses.errors import InputError, PlanError, TargetNotMetError
 from qpasses.passes import CLE, PTQ, QAT, AdaRound, BiasCorrection, FuseBN, recipe_table
+from qpasses.passes.adaround import ReuseRounding
 from qpasses.passes.recipes import Recipe, find_recipe
 from qpasses.passes.registry import PASSES, PassOptions, build_pipeline
 from qpasses.passes.target import _Search, fewest_meeting, max_measurements, prefix_search_bound
 from qpasses.quant.backends import get_backend
+from qpasses.quant.overrides import exact_pattern
 from tests.nets import conv_bn_act, randomize_bn
 
 SOURCE = "test table"
@@ -344,3 +348,71 @@ def test_sensitivity_gains_without_the_alone_variants():
     assert [r.all_but for r in gains_only.rows] == [r.all_but for r in full.rows]
     assert all(r.alone != r.alone for r in gains_only.rows)  # NaN: not measured
     assert [layer.macs for layer in sens.layers][:2] == [16 * 16 * 8 * (3 * 9), 8 * 8 * 16 * (8 * 9)]  # outputs × fan-in
+
+
+def test_layer_steps_reuse_adarounds_rounding_when_it_measured_best(monkeypatch):
+    """When AdaRound is the best pass step (forced here: BiasCorrection measured 20 dB worse than it is), the
+    layer steps build on it: AdaRound runs once, and every layer-step model gives each layer left on the
+    configured grid the weights AdaRound learned for it (a layer raised to 8 bits rounds to nearest there)."""
+    data = calibration(2)
+    model = small_net()
+    measure, adaround_run = _Search.measure, AdaRound.run
+    rounders = []
+
+    def bias_correction_worse(self, label, passes, *args, **kwargs):
+        step, built = measure(self, label, passes, *args, **kwargs)
+        if "biascorrection" in passes:
+            step.value -= 20.0
+            step.met = step.value >= self.result.target
+        return step, built
+
+    def counted(self, gm, ctx):
+        rounders.append(self)
+        return adaround_run(self, gm, ctx)
+
+    monkeypatch.setattr(_Search, "measure", bias_correction_worse)
+    monkeypatch.setattr(AdaRound, "run", counted)
+    every = PTQ(data, bits=4, target_sqnr=100.0, max_float_share=1.0, progress=False)
+    with pytest.raises(TargetNotMetError):
+        PassManager([FuseBN(), every]).run(model, data[0])
+    adaround, *layer_steps = [s for s in every.search.steps if s.passes == ("adaround",)]
+    assert len(rounders) == 1 and adaround.order == (0, 0) and adaround is max(pass_steps(every.search),
+                                                                                key=lambda s: s.value)
+    assert {s.order[0] for s in layer_steps} == {1, 2} and len(layer_steps) >= 4
+    assert len(layer_steps) == sum(s.order != (0, 0) for s in every.search.steps)  # all of them build on it
+    assert any(n.startswith("layer steps build on 'PTQ + adaround'") for n in every.search.notes)
+
+    raised = next(s for s in layer_steps if s.raised and len(s.raised) < 4)
+    ptq = PTQ(data, bits=4, target_sqnr=raised.value, max_float_share=1.0, progress=False)
+    qm = PassManager([FuseBN(), ptq]).run(model, data[0])
+    assert ptq.search.chosen.raised and ptq.search.chosen.passes == ("adaround",) and len(rounders) == 2
+    rounded = rounders[-1].rounded
+    plain = PassManager([FuseBN(), PTQ(data, bits=4, recipe=False, progress=False)]).run(model, data[0])
+    learned_differs = False
+    for name in ["0.0", "1.0", "2.0", "3"]:
+        weight = qm.get_submodule(name).weight().dequantize()
+        if name in ptq.search.chosen.raised:  # 8-bit codes, rounded to nearest
+            assert weight_code_span(qm, name) > 8
+            continue
+        assert torch.allclose(weight, rounded[name].weight, rtol=1e-5, atol=1e-7)
+        learned_differs |= not torch.equal(weight, plain.get_submodule(name).weight().dequantize())
+    assert learned_differs  # the learned rounding is not round-to-nearest on some layer: the check can fail
+
+
+def test_reused_rounding_leaves_a_layer_kept_float_at_its_float_weight():
+    data = calibration(2)
+    model = small_net()
+    adaround = AdaRound(data, iterations=20, lr=1e-2, progress=False)
+    rounded_model = PassManager([FuseBN(), adaround, PTQ(data, bits=4, recipe=False, progress=False)]).run(
+        model, data[0])
+    keep = PTQ(data, bits=4, recipe=False, progress=False).config  # the resolved 4-bit x86 config
+    config = dataclasses.replace(keep, keep_float={exact_pattern("1.0")})
+    pm = PassManager([FuseBN(), ReuseRounding(adaround.rounded), PTQ(data, config=config, recipe=False,
+                                                                     progress=False)])
+    qm = pm.run(model, data[0])
+    fused = PassManager([FuseBN()]).run(model, data[0])
+    assert torch.equal(qm.get_submodule("1.0").weight, fused.get_submodule("1.0").weight)
+    for name in ["0.0", "2.0", "3"]:
+        assert torch.equal(qm.get_submodule(name).weight().int_repr(), rounded_model.get_submodule(name).weight().int_repr())
+    record = next(r for r in pm.report.records if r.name == "ReuseRounding")
+    assert record.stats["reused"] == 3 and record.stats["other_grid"] == 0
