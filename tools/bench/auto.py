@@ -20,10 +20,12 @@ import dataclasses
 import datetime
 import fcntl
 import importlib
+import os
 import shlex
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import torch
@@ -109,6 +111,14 @@ MEASURED: tuple[Recipe, ...] = (
 ''')
 
 
+def cpu_timed(fn):
+    """``timed(fn)`` with the process's CPU seconds added (all its threads): on a shared machine wall seconds
+    grow with the load, CPU seconds at a fixed thread count much less."""
+    start = time.process_time()
+    built, seconds, error = timed(fn)
+    return built, seconds, time.process_time() - start, error
+
+
 def target_rows(photos: PhotoSet, backends: list[str], targets: list[float], adaround: bool,
                 max_float_share: float, bits: int | None) -> list[list[str]]:
     model = pretrained_lite0("tf_efficientnet_lite0")
@@ -118,33 +128,39 @@ def target_rows(photos: PhotoSet, backends: list[str], targets: list[float], ada
         rows.append(row)
         print(" | ".join(row), flush=True)
 
-    built, seconds, error = timed(lambda: pt2e_x86_inductor(model, photos.calib))
+    built, seconds, cpu, error = cpu_timed(lambda: pt2e_x86_inductor(model, photos.calib))
     db, agreement = fidelity(model, built, photos.evals) if built is not None else (float("nan"), float("nan"))
     add(["any", "torchao PT2E X86InductorQuantizer (reference)", "", f"{db:.1f}", f"{agreement:.1%}", "", "",
-         f"{seconds:.0f}", error])
+         f"{seconds:.0f}", f"{cpu:.0f}", error])
     for backend in backends:
         pm = PassManager([FuseBN(), PTQ(photos.calib, backend=backend, progress=False)])
-        built, seconds, error = timed(lambda p=pm: p.run(model, photos.calib[0][:1]))
+        built, seconds, cpu, error = cpu_timed(lambda p=pm: p.run(model, photos.calib[0][:1]))
         db, agreement = fidelity(model, built, photos.evals)
         added = "; ".join(n.split(":")[0] for n in pm.report.plan.notes if n.startswith("PTQ added"))
         add([backend, "FuseBN + PTQ(data) (default recipe)", "", f"{db:.1f}", f"{agreement:.1%}", "0", "0%",
-             f"{seconds:.0f}", added])
+             f"{seconds:.0f}", f"{cpu:.0f}", added])
         for target in targets:
             ptq = PTQ(photos.calib, backend=backend, bits=bits, target_sqnr=target, adaround=adaround,
                       max_float_share=max_float_share, progress=False)
-            built, seconds, error = timed(lambda p=ptq: PassManager([FuseBN(), p]).run(model, photos.calib[0][:1]))
+            load = os.getloadavg()[0]
+            built, seconds, cpu, error = cpu_timed(
+                lambda p=ptq: PassManager([FuseBN(), p]).run(model, photos.calib[0][:1]))
             result = ptq.search
-            path = "; ".join([f"{s.label}: {s.value:.1f} dB" for s in result.steps] + result.notes) if result else error
+            path = "; ".join([f"{s.label}: {s.value:.2f} dB ({s.seconds:.0f} s)" for s in result.steps]
+                             + result.notes + ([result.ranking] if result and result.ranking else [])) if result else error
+            path += f"; load {load:.1f} → {os.getloadavg()[0]:.1f}"
             if built is None:
                 path = f"{path}; {error}" if result and result.steps else error
-                add([backend, f"PTQ(target_sqnr={target:g})", "not met", "", "", "", "", f"{seconds:.0f}", path])
+                add([backend, f"PTQ(target_sqnr={target:g})", "not met", "", "", "", "", f"{seconds:.0f}", f"{cpu:.0f}",
+                     path])
                 continue
             db, agreement = fidelity(model, built, photos.evals)
             chosen = result.chosen
             protected = [f"{len(chosen.raised)} at 8 bits: {', '.join(chosen.raised)}"] if chosen.raised else []
             protected += [f"{len(chosen.keep_float)} float: {', '.join(chosen.keep_float)}"] if chosen.keep_float else []
-            add([backend, f"PTQ(target_sqnr={target:g})", f"met: {chosen.value:.1f} dB", f"{db:.1f}",
-                 f"{agreement:.1%}", "; ".join(protected) or "0", f"{chosen.float_share:.1%}", f"{seconds:.0f}", path])
+            add([backend, f"PTQ(target_sqnr={target:g})", f"met: {chosen.value:.2f} dB", f"{db:.1f}",
+                 f"{agreement:.1%}", "; ".join(protected) or "0", f"{chosen.float_share:.1%}", f"{seconds:.0f}",
+                 f"{cpu:.0f}", path])
     return rows
 
 
@@ -188,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.size}×{args.size}. 'target': output SQNR on the calibration crops, what the search measures; "
         "'held-out': logits against the float model on the evaluation crops. 'float MACs': the share of the "
         "conv/linear multiply-accumulates in layers the search kept float (layers raised to 8 bits stay on the int8 "
-        "kernels). 'prepare s' includes the whole search."
+        "kernels). 'prepare s' (wall) and 'CPU s' (the process's, all threads) include the whole search."
         + (f" Targets at `bits={args.target_bits}`." if args.target_bits else "")
         + ("" if args.adaround else " The AdaRound step was skipped (`--no-adaround`)."),
         markdown_table(["backend", "pipeline", "target", "held-out SQNR dB", "top-1 agreement", "layers protected",
-                        "float MACs", "prepare s", "path / note"], rows),
+                        "float MACs", "prepare s", "CPU s", "path / note"], rows),
     ])
     print(body)
     if args.write:
