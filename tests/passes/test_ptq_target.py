@@ -307,7 +307,7 @@ def test_evaluate_is_called_a_bounded_number_of_times_through_every_step():
     assert {s.order[0] for s in result.steps} == {0, 1, 2} and "PTQ + adaround" in [s.label for s in result.steps]
     assert len(calls) == 1 + len(result.steps) + result.ranking_variants
     assert len(result.steps) <= max_measurements(layers)
-    assert max_measurements(layers) == 3 + 2 * 2 * (layers - 1).bit_length()
+    assert max_measurements(layers) == 3 + 2 * (2 * (layers - 1).bit_length() + 1)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -350,28 +350,40 @@ def test_sensitivity_gains_without_the_alone_variants():
     assert [layer.macs for layer in sens.layers][:2] == [16 * 16 * 8 * (3 * 9), 8 * 8 * 16 * (8 * 9)]  # outputs × fan-in
 
 
-def test_layer_steps_reuse_adarounds_rounding_when_it_measured_best(monkeypatch):
-    """When AdaRound is the best pass step (forced here: BiasCorrection measured 20 dB worse than it is), the
-    layer steps build on it: AdaRound runs once, and every layer-step model gives each layer left on the
-    configured grid the weights AdaRound learned for it (a layer raised to 8 bits rounds to nearest there)."""
-    data = calibration(2)
-    model = small_net()
-    measure, adaround_run = _Search.measure, AdaRound.run
-    rounders = []
+def force(monkeypatch, penalised):
+    """Measured values 20 dB lower than they are for the steps ``penalised(step)`` picks (the models stay)."""
+    measure = _Search.measure
 
-    def bias_correction_worse(self, label, passes, *args, **kwargs):
+    def forced(self, label, passes, *args, **kwargs):
         step, built = measure(self, label, passes, *args, **kwargs)
-        if "biascorrection" in passes:
+        if penalised(step):
             step.value -= 20.0
             step.met = step.value >= self.result.target
         return step, built
 
+    monkeypatch.setattr(_Search, "measure", forced)
+
+
+def count_adaround_runs(monkeypatch):
+    run, rounders = AdaRound.run, []
+
     def counted(self, gm, ctx):
         rounders.append(self)
-        return adaround_run(self, gm, ctx)
+        return run(self, gm, ctx)
 
-    monkeypatch.setattr(_Search, "measure", bias_correction_worse)
     monkeypatch.setattr(AdaRound, "run", counted)
+    return rounders
+
+
+def test_layer_steps_reuse_adarounds_rounding_when_it_measured_best(monkeypatch):
+    """When AdaRound is the best pass step and measures best with the most layers protected (forced here:
+    every step without AdaRound measured 20 dB worse than it is), the layer steps build on it: AdaRound runs
+    once, and every layer-step model gives each layer left on the configured grid the weights AdaRound learned
+    for it (a layer raised to 8 bits rounds to nearest there)."""
+    data = calibration(2)
+    model = small_net()
+    force(monkeypatch, lambda step: "adaround" not in step.passes)
+    rounders = count_adaround_runs(monkeypatch)
     every = PTQ(data, bits=4, target_sqnr=100.0, max_float_share=1.0, progress=False)
     with pytest.raises(TargetNotMetError):
         PassManager([FuseBN(), every]).run(model, data[0])
@@ -379,10 +391,13 @@ def test_layer_steps_reuse_adarounds_rounding_when_it_measured_best(monkeypatch)
     assert len(rounders) == 1 and adaround.order == (0, 0) and adaround is max(pass_steps(every.search),
                                                                                 key=lambda s: s.value)
     assert {s.order[0] for s in layer_steps} == {1, 2} and len(layer_steps) >= 4
-    assert len(layer_steps) == sum(s.order != (0, 0) for s in every.search.steps)  # all of them build on it
-    assert any(n.startswith("layer steps build on 'PTQ + adaround'") for n in every.search.notes)
+    # Each layer step measured its longest prefix on the best pipeline without AdaRound too, and that only.
+    others = [s for s in every.search.steps if s.order != (0, 0) and s.passes != ("adaround",)]
+    assert [(s.order[0], len(s.raised) + len(s.keep_float)) for s in others] == [(1, 3), (2, 3)]
+    built_on = [n for n in every.search.notes if "the step builds on 'PTQ + adaround', reusing its learned" in n]
+    assert len(built_on) == 2 and built_on[0].startswith("layers at 8 bits: with 3 layers 'PTQ + adaround'")
 
-    raised = next(s for s in layer_steps if s.raised and len(s.raised) < 4)
+    raised = next(s for s in layer_steps if s.raised and len(s.raised) < 3)
     ptq = PTQ(data, bits=4, target_sqnr=raised.value, max_float_share=1.0, progress=False)
     qm = PassManager([FuseBN(), ptq]).run(model, data[0])
     assert ptq.search.chosen.raised and ptq.search.chosen.passes == ("adaround",) and len(rounders) == 2
@@ -397,6 +412,25 @@ def test_layer_steps_reuse_adarounds_rounding_when_it_measured_best(monkeypatch)
         assert torch.allclose(weight, rounded[name].weight, rtol=1e-5, atol=1e-7)
         learned_differs |= not torch.equal(weight, plain.get_submodule(name).weight().dequantize())
     assert learned_differs  # the learned rounding is not round-to-nearest on some layer: the check can fail
+
+
+def test_layer_steps_go_on_without_adaround_where_that_measures_higher_with_the_most_layers(monkeypatch):
+    """AdaRound the best pass step, but its reused rounding measuring worse with the most layers protected
+    (forced: BiasCorrection's pass step and every layer step on AdaRound 20 dB worse): each layer step goes
+    on with the best pipeline without AdaRound after that one measurement, and AdaRound ran once."""
+    data = calibration(2)
+    force(monkeypatch, lambda step: step.passes == ("biascorrection",) or (
+        "adaround" in step.passes and step.order != (0, 0)))
+    rounders = count_adaround_runs(monkeypatch)
+    every = PTQ(data, bits=4, target_sqnr=100.0, max_float_share=1.0, progress=False)
+    with pytest.raises(TargetNotMetError):
+        PassManager([FuseBN(), every]).run(small_net(), data[0])
+    steps = every.search.steps
+    assert max(pass_steps(every.search), key=lambda s: s.value).passes == ("adaround",) and len(rounders) == 1
+    on_adaround = [s for s in steps if s.order != (0, 0) and s.passes == ("adaround",)]
+    assert [(s.order[0], len(s.raised) + len(s.keep_float)) for s in on_adaround] == [(1, 3), (2, 3)]
+    assert sum(s.order != (0, 0) and s.passes == () for s in steps) >= 4
+    assert sum("the step builds on 'PTQ'" in n for n in every.search.notes) == 2
 
 
 def test_reused_rounding_leaves_a_layer_kept_float_at_its_float_weight():
