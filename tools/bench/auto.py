@@ -3,6 +3,7 @@
     python -m tools.bench.auto --write-table   # measure the cheap pipelines per setting; write the recipe table
     python -m tools.bench.auto                 # default PTQ vs PT2E, then target_sqnr 25/30/35 per backend
     python -m tools.bench.auto --calib 16 --eval 32 --backends x86 --no-adaround --write   # a reduced run
+    python -m tools.bench.auto --backends x86 --adaround 200 200+bc 500 --threads 1   # AdaRound's settings
 
 ``--write-table`` measures, per setting (backend at 8-bit weights, the dfq benchmark's settings), every cheap
 pipeline (no weight training: PTQ, + BiasCorrection, + CLE + HBA + BiasCorrection) on the PTQ
@@ -10,7 +11,8 @@ benchmark's photo crops and writes the best one per setting to ``qpasses/passes/
 ``PTQ(data)`` reads its default passes from. The default run measures, per backend, ``FuseBN + PTQ(data)``
 (with that recipe) against torchao PT2E X86InductorQuantizer, then ``PTQ(data, target_sqnr=T)``: met or not,
 the layers raised to 8 bits (with ``--target-bits`` below 8) or kept float and the share of the conv/linear MACs
-kept float, prepare time, and the held-out fidelity.
+kept float, prepare time, and the held-out fidelity. ``--adaround`` measures AdaRound alone (``ITERATIONS``,
+lr 1e-2 as the search runs it; ``+bc``: BiasCorrection after it) on the calibration crops as the search does.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from pathlib import Path
 import torch
 
 from qpasses import PassManager
-from qpasses.passes import PTQ, FuseBN
+from qpasses.analysis.sensitivity import OutputSQNR
+from qpasses.passes import PTQ, AdaRound, BiasCorrection, FuseBN
 from qpasses.passes.recipes import Recipe, build_passes
 from tools.bench.common import (
     PhotoSet,
@@ -119,6 +122,28 @@ def cpu_timed(fn):
     return built, seconds, time.process_time() - start, error
 
 
+def adaround_rows(photos: PhotoSet, backends: list[str], variants: list[str]) -> None:
+    """Per backend, FuseBN + AdaRound (``ITERATIONS`` per layer, lr 1e-2; ``ITERATIONS+bc``: then BiasCorrection)
+    + PTQ at the backend's preset: output SQNR on the calibration crops (the search's measure), held-out
+    fidelity, wall and CPU seconds, printed per variant."""
+    model = pretrained_lite0("tf_efficientnet_lite0")
+    metric = OutputSQNR(model, [(b,) for b in photos.calib])
+    for backend in backends:
+        config = config_for(backend, 8)
+        for variant in variants:
+            iterations, _, after = variant.partition("+")
+            passes = [AdaRound(photos.calib, iterations=int(iterations), lr=1e-2, progress=False)]
+            passes += [BiasCorrection(photos.calib)] if after == "bc" else []
+            built, seconds, cpu, error = cpu_timed(lambda p=passes, c=config, b=backend: quantize(
+                model, p, photos.calib, b, c))
+            if built is None:
+                print(f"{backend} | AdaRound {variant} | fails: {error}", flush=True)
+                continue
+            db, agreement = fidelity(model, built, photos.evals)
+            print(f"{backend} | AdaRound {variant} | calibration {metric(built):.2f} dB | held-out {db:.2f} dB / "
+                  f"{agreement:.1%} | {seconds:.0f} s | CPU {cpu:.0f} s | load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 def target_rows(photos: PhotoSet, backends: list[str], targets: list[float], adaround: bool,
                 max_float_share: float, bits: int | None) -> list[list[str]]:
     model = pretrained_lite0("tf_efficientnet_lite0")
@@ -180,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the backend's 8; below 8 the search raises layers to 8 bits before keeping any float)")
     parser.add_argument("--max-float-share", type=float, default=0.2,
                         help="targets: the most MACs the search may keep float (default 0.2, PTQ's)")
+    parser.add_argument("--adaround", dest="adaround_variants", nargs="+", metavar="ITERATIONS[+bc]",
+                        help="measure AdaRound alone at these settings (no target runs)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
     args = parser.parse_args(argv)
@@ -194,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         source = f"`{command}`, {today}, commit {commit}"
         measure_recipes(photos, args.backends, args.bits, source)
         print(TABLE.read_text())
+        return 0
+    if args.adaround_variants:
+        adaround_rows(photos, args.backends, args.adaround_variants)
         return 0
     rows = target_rows(photos, args.backends, args.targets, args.adaround, args.max_float_share, args.target_bits)
     machine = describe_machine()
