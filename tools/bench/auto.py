@@ -171,7 +171,8 @@ def target_rows(photos: PhotoSet, backends: list[str], targets: list[float], ada
             built, seconds, cpu, error = cpu_timed(
                 lambda p=ptq: PassManager([FuseBN(), p]).run(model, photos.calib[0][:1]))
             result = ptq.search
-            path = "; ".join([f"{s.label}: {s.value:.2f} dB ({s.seconds:.0f} s)" for s in result.steps]
+            path = "; ".join([f"{s.label}: {s.value:.2f} dB ({s.seconds:.0f} s"
+                              + (f", {s.float_share:.1%} of MACs float)" if s.keep_float else ")") for s in result.steps]
                              + result.notes + ([result.ranking] if result and result.ranking else [])) if result else error
             path += f"; load {load:.1f} → {os.getloadavg()[0]:.1f}"
             if built is None:
