@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,7 +18,8 @@ from qpasses.graph.regions import parent_module
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import progress
 from qpasses.quant.layerwise import Block, annotation_of, collect_batches, sweep_blocks
-from qpasses.quant.lowering import fake_quantize_weight, weight_qparams
+from qpasses.quant.lowering import fake_quantize_weight, weight_qparams, weight_spec
+from qpasses.quant.ops import Role
 from qpasses.quant.spec import QuantSpec
 from qpasses.quant.state import FLOAT_WEIGHT_KEY, WEIGHT_QPARAMS_KEY
 from qpasses.validation import check_count, check_data
@@ -37,6 +38,33 @@ class RoundingResult:
     learned: float  # with the learned rounding
     flipped: int  # weights rounded the other way than nearest (0 when nearest was kept)
     kept: bool  # the learned rounding was kept (False: it reconstructed worse, nearest was kept)
+
+
+@dataclass(frozen=True)
+class RoundedWeight:
+    """One layer's parameters as AdaRound left them: ``weight`` on the grid of ``spec`` at ``qparams`` (the
+    grid lowering must quantize it at), and ``bias`` where it learned one (``rescale``; else None, the layer's
+    own is kept)."""
+
+    spec: QuantSpec
+    weight: torch.Tensor
+    qparams: tuple[torch.Tensor, torch.Tensor]
+    bias: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def apply(self, node: fx.Node, module: nn.Module) -> None:
+        """Put these parameters in ``module`` (called by ``node``) and pin their grid; keep the float weight,
+        which passes after it (BiasCorrection) measure quantization error against."""
+        if self.bias is not None:
+            if module.bias is None:
+                module.bias = nn.Parameter(self.bias.clone())
+            else:
+                module.bias.copy_(self.bias)
+        # Lowering quantizes at exactly these qparams: observers whose range depends on every value (mse)
+        # would otherwise pick another grid for the rounded weights.
+        node.meta[WEIGHT_QPARAMS_KEY] = tuple(t.clone() for t in self.qparams)
+        node.meta.setdefault(FLOAT_WEIGHT_KEY, module.weight.detach().clone())
+        module.weight.copy_(self.weight)
 
 
 def _per_channel(t: torch.Tensor, weight: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -120,11 +148,14 @@ class AdaRound(Pass):
         self.iterations, self.regularization, self.beta = iterations, regularization, beta
         self.warmup, self.lr, self.granularity, self.rescale = warmup, lr, granularity, rescale
         self.checkpoints, self.seed, self.progress = checkpoints, seed, progress
+        # After a run: each rounded layer's parameters, by module path, for ``ReuseRounding``.
+        self.rounded: dict[str, RoundedWeight] = {}
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ann = annotation_of(gm, self.name)
         batches = collect_batches(self.data, gm, self.num_batches, self.name)
         results: list[RoundingResult] = []
+        self.rounded = {}
         generator = torch.Generator().manual_seed(self.seed)
         block_of = parent_module if self.granularity == "block" else None
         ctx.stats["layers"] = sweep_blocks(gm, ann, batches, block_of,
@@ -183,7 +214,9 @@ class AdaRound(Pass):
             kept = best_error <= nearest_error  # else too few iterations to beat nearest here: keep nearest
             flipped = sum(r.flipped() for r in roundings.values()) if kept else 0
             results.append(RoundingResult(label, nearest_error, best_error, flipped, kept))
-            return {n: r.store(learned[n] if kept else nearest[n]) for n, r in roundings.items()}
+            stored = {n: r.store(learned[n] if kept else nearest[n]) for n, r in roundings.items()}
+            self.rounded.update((str(n.target), rounded) for n, rounded in stored.items())
+            return {n: rounded.weight for n, rounded in stored.items()}
 
 
 class _Rounding:
@@ -191,7 +224,7 @@ class _Rounding:
     with ``rescale``, also a gain per output channel (on the weight scale) and a bias shift."""
 
     def __init__(self, node: fx.Node, module: nn.Module, spec: QuantSpec, rescale: bool):
-        self.node, self.module = node, module
+        self.node, self.module, self.spec = node, module, spec
         self.weight = weight = module.weight.detach().clone()
         self.qparams = scale, zero_point = weight_qparams(weight, spec)
         self.nearest = fake_quantize_weight(weight, spec, (scale, zero_point))  # what lowering alone would do
@@ -241,21 +274,59 @@ class _Rounding:
     def flipped(self) -> int:
         return int((torch.round(self._codes(self.hard())) != torch.round(self.nearest / self.scale)).sum())
 
-    def store(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Put ``params`` in the layer and pin the grid its weight is on; keep the float weight."""
+    def store(self, params: dict[str, torch.Tensor]) -> RoundedWeight:
+        """Put ``params`` in the layer and pin the grid its weight is on (``RoundedWeight.apply``)."""
         scale, zero_point = self.qparams
         if "bias" in params:
             scale = scale * torch.exp(self.log_gain.detach()).reshape(scale.shape)
-            if self.module.bias is None:
-                self.module.bias = nn.Parameter(params["bias"].detach().clone())
-            else:
-                self.module.bias.copy_(params["bias"])
-        # Lowering quantizes at exactly these qparams: observers whose range depends on every value (mse)
-        # would otherwise pick another grid for the rounded weights.
-        self.node.meta[WEIGHT_QPARAMS_KEY] = (scale.clone(), zero_point.clone())
-        self.node.meta.setdefault(FLOAT_WEIGHT_KEY, self.weight)
-        self.module.weight.copy_(params["weight"])
-        return params["weight"].detach()
+        rounded = RoundedWeight(self.spec, params["weight"].detach(), (scale, zero_point),
+                                params["bias"].detach() if "bias" in params else None)
+        rounded.apply(self.node, self.module)
+        return rounded
+
+
+class ReuseRounding(Pass):
+    """The rounding an earlier AdaRound run learned (``AdaRound.rounded``), put back on the layers of a graph
+    captured from the same model, without learning it again.
+
+    Each conv/linear quantized on the grid its rounding was learned on takes AdaRound's weights (and bias,
+    with ``rescale``) and their pinned grid, as AdaRound would have left them. A layer kept float, or on
+    another grid (raised to 8 bits, say), keeps its float weight: float, or rounded to nearest by lowering.
+    Each layer's rounding was learned with the layers before it quantized as AdaRound's run quantized them,
+    so where this graph quantizes other layers it is no longer the rounding AdaRound would learn here (the
+    target search measures every model it builds this way). Requires: ``calibrated``. Provides:
+    ``weights_rounded``."""
+
+    stage = Stage.QUANTIZE
+    requires = frozenset({"calibrated"})
+    provides = frozenset({"weights_rounded"})
+
+    def __init__(self, rounded: Mapping[str, RoundedWeight]):
+        if not rounded:
+            raise InputError("ReuseRounding needs the rounding of an AdaRound run that rounded at least one "
+                             "layer (AdaRound.rounded after it ran)")
+        self.rounded = rounded
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        ann = annotation_of(gm, self.name)
+        reused, other_grid = 0, 0
+        for node in gm.graph.nodes:
+            if ann.roles.get(node.name) is not Role.COMPUTE or str(node.target) not in self.rounded:
+                continue
+            rounded, module = self.rounded[str(node.target)], gm.get_submodule(node.target)
+            if rounded.weight.shape != module.weight.shape:
+                raise InputError(f"ReuseRounding: layer '{node.target}' has a weight of shape "
+                                 f"{tuple(module.weight.shape)}, the rounding given for it {tuple(rounded.weight.shape)}: "
+                                 f"reuse a rounding only on the model AdaRound rounded")
+            if rounded.spec != weight_spec(module, ann.pairs[node.name].weight):
+                other_grid += 1
+                continue
+            rounded.apply(node, module)
+            reused += 1
+        ctx.stats["reused"], ctx.stats["other_grid"] = reused, other_grid
+        ctx.note(f"{reused} layer(s) take AdaRound's learned rounding; {other_grid} quantized on another grid "
+                 f"than it was learned on round to nearest")
+        return PassResult(gm, modified=reused > 0)
 
 
 def _activation(block: Block) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -52,8 +52,10 @@ class PTQ(CompositePass):
     or ``evaluate(model) -> float`` (higher is better, called on the float and on quantized models) with
     ``max_drop``: the largest acceptable drop of it. The search escalates (recipe → BiasCorrection →
     AdaRound unless ``adaround=False`` → below 8 bits, the fewest most sensitive layers raised to 8 bits →
-    the fewest most sensitive layers kept float, at most ``max_float_share`` of the MACs), keeps the first
-    model that meets the target, reports each step, and raises ``TargetNotMetError`` when none does.
+    the fewest most sensitive layers kept float, at most ``max_float_share`` of the MACs; the layer steps on
+    the best pass step, AdaRound's rounding learned once and reused, unless the best pipeline without it
+    measures higher with the most layers), keeps the first model that meets the target, reports each step,
+    and raises ``TargetNotMetError`` when none does.
     """
 
     stage = Stage.QUANTIZE

@@ -8,13 +8,24 @@ the target:
 2. + empirical BiasCorrection, where the recipe has none;
 3. AdaRound (200 iterations per layer, lr 1e-2: the settings of BENCHMARKS.md's dfq rows), unless
    ``adaround=False``;
-4. higher bits: the cheapest pipeline measured above (steps 1-2) with the fewest layers raised to 8 bits
+4. higher bits: the best pipeline measured above (steps 1-3; but see below) with the fewest layers raised to 8 bits
    (weights and output; ``reduce_range`` only where the backend's kernel reading a value saturates, as
    annotation decides), when the run quantizes below 8 bits (``bits=4``, say). Raising a layer keeps it
    on the same int8 kernels, so it costs weight bytes, not float MACs; that is why it comes first. At 8-bit
    weights and activations there is no higher-bit kernel (torch.ao's run 8-bit containers only), and the
    step is skipped with a note that says so;
 5. hybrid: the same pipeline, at the configured bits, with the fewest layers kept float.
+
+When AdaRound (step 3) is the best pipeline, steps 4 and 5 do not learn a rounding again for each model they
+measure: step 3's AdaRound keeps the weights it chose per layer (``AdaRound.rounded``), and each layer-step
+model on it reuses them (``ReuseRounding``): every layer still on the grid it was learned on takes its learned
+rounding, a layer kept float its float weight, a layer raised to 8 bits its float weight rounded to nearest on
+the 8-bit grid. So AdaRound runs once per search, and each such model costs what a PTQ model costs. But each
+layer's rounding was learned against the error of the quantized layers before it, and partly cancels it: with
+a layer before it kept float, that part adds error instead (pretrained Lite0, x86: 28.7 dB with AdaRound, 27.7
+with the most sensitive layer kept float and the rounding reused; BENCHMARKS.md). So when AdaRound measured
+best, each layer step first measures its longest prefix on AdaRound (rounding reused) and on the best pipeline
+without AdaRound, and goes on with the one that measured higher there; the report says which.
 
 Steps 4 and 5 share one ranking by ``Sensitivity`` (one shared calibration for every variant): the output
 noise power keeping each layer float removes (for 4, that gain alone, the bound of what raising it can
@@ -24,9 +35,10 @@ pipeline, doubling their length until the target is met (or, for 5, the next wou
 between the last miss and the first hit. The measured curve need not be monotone in the prefix length
 (more layers protected can measure worse: the error moves to other grids); the search keeps the fewest
 layers among the measured prefixes that meet the target, a measured hit whatever the curve, and the
-report says where the curve fell. Because every measurement is deterministic and each bisection step
-only compares with the target, a higher target never ends at an earlier step, nor with fewer layers
-within a step (``SearchStep.order``).
+report says where the curve fell. Because every measurement is deterministic (AdaRound's included: seeded),
+the layer steps' pipeline is chosen from measurements any search reaching the layer steps has made (steps
+1-3, the longest prefixes), and each bisection step only compares with the target, a higher target never
+ends at an earlier step, nor with fewer layers within a step (``SearchStep.order``).
 
 Every measurement is a real quantized model (the backend's int8 kernels), so the reported values are
 measured, not predicted. The search is bounded (``max_measurements``). ``result`` (a ``SearchResult``)
@@ -50,7 +62,7 @@ from torch import nn
 from qpasses.analysis.sensitivity import Metric, OutputSQNR, Sensitivity, UserMetric
 from qpasses.errors import TargetNotMetError
 from qpasses.graph.modules import eval_mode
-from qpasses.passes.adaround import AdaRound
+from qpasses.passes.adaround import AdaRound, ReuseRounding
 from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import batch_inputs, progress
 from qpasses.passes.insert_observers import InsertObservers
@@ -135,10 +147,11 @@ def prefix_search_bound(limit: int) -> int:
 
 def max_measurements(layers: int) -> int:
     """The most models ``TargetPTQ`` measures (builds and scores) on a graph of ``layers`` quantized
-    layers: 3 pass steps and two layer steps of at most ``prefix_search_bound(layers - 1)`` prefixes each.
+    layers: 3 pass steps and two layer steps of at most ``prefix_search_bound(layers - 1)`` prefixes each,
+    plus, per layer step, the longest prefix on the second base when AdaRound measured best.
     With ``evaluate=``, ``evaluate`` is called once per measured model, once on the float model and once
     per Sensitivity variant of the ranking (``layers + 1``, ``SearchResult.ranking_variants``)."""
-    return 3 + 2 * prefix_search_bound(max(layers - 1, 0))
+    return 3 + 2 * (prefix_search_bound(max(layers - 1, 0)) + 1)
 
 
 def fewest_meeting(limit: int, measure: Callable[[int], tuple[bool, float]],
@@ -228,17 +241,27 @@ class _Search:
         self.started = time.perf_counter()
         self.sens: Sensitivity | None = None  # the layer steps' ranking, once made (``_rank``)
         self.gains: dict[str, float] = {}  # layer → output noise power keeping it float removes
+        # Step 3's AdaRound, whose learned rounding (``AdaRound.rounded``) every later model with the AdaRound
+        # step's passes reuses: AdaRound runs once per search.
+        self.adaround: AdaRound | None = None
 
     def _quantize(self, passes: tuple[str, ...], config: QuantConfig) -> fx.GraphModule:
         from qpasses.passes.manager import PassManager  # the manager imports the passes
         from qpasses.passes.ptq import PTQ
 
         o = self.owner
-        extra: list[Pass] = (
-            [AdaRound(self.batches, iterations=200, lr=1e-2, progress=o.progress)] if passes == ("adaround",)
-            else build_passes(passes, self.batches, None))
+        extra: list[Pass] = []
+        for name in passes:  # AdaRound with its search settings, learned once
+            extra += [self._rounding()] if name == "adaround" else build_passes((name,), self.batches, None)
         ptq = PTQ(self.batches, o.backend, config, progress=False, device=o.device, recipe=False)
         return PassManager([*extra, ptq]).run(self.gm, self.ctx.example_inputs)
+
+    def _rounding(self) -> Pass:
+        """The AdaRound of step 3 the first time, then ``ReuseRounding`` of the rounding it learned."""
+        if self.adaround is not None:
+            return ReuseRounding(self.adaround.rounded)
+        self.adaround = AdaRound(self.batches, iterations=200, lr=1e-2, progress=self.owner.progress)
+        return self.adaround
 
     def measure(self, label: str, passes: tuple[str, ...], keep_float: tuple[str, ...] = (),
                 float_share: float = 0.0, raised: dict[str, QuantPair] | None = None,
@@ -273,17 +296,18 @@ class _Search:
             candidates.append((f"{candidates[0][0]} + biascorrection", (*first, "biascorrection")))
         if o.adaround:
             candidates.append(("PTQ + adaround", ("adaround",)))
-        cheap: list[SearchStep] = []
+        measured: list[SearchStep] = []
         for label, passes in progress(candidates, len(candidates), "target search: passes", o.progress, "step"):
             step, model = self.measure(label, passes)
             if step.met:
                 return self.done(step, model)
-            if passes != ("adaround",):
-                cheap.append(step)
-        base = max(cheap, key=lambda s: s.value)
-        self._rank(base)
+            measured.append(step)
+        best = max(measured, key=lambda s: s.value)  # on a tie, the cheaper pipeline
+        cheap = max((s for s in measured if "adaround" not in s.passes), key=lambda s: s.value)
+        bases = [best] if best is cheap else [best, cheap]
+        self._rank(cheap)
         for layer_step in (self._higher_bits, self._hybrid):
-            found = layer_step(base)
+            found = layer_step(bases)
             if found is not None:
                 return self.done(*found)
         best = max(self.result.steps, key=lambda s: s.value)
@@ -313,16 +337,30 @@ class _Search:
         full_loss = self.sens.metric.loss(table.full)
         self.gains = {r.layer.name: full_loss - self.sens.metric.loss(r.all_but) for r in table.rows}
 
-    def _prefix_step(self, what: str, names: list[str], limit: int,
-                     measure: Callable[[int], tuple[SearchStep, fx.GraphModule]]) -> tuple[SearchStep, fx.GraphModule] | None:
-        """The fewest layers of ``names`` (a prefix of at most ``limit``) for which ``measure`` meets the
-        target (``fewest_meeting``), or None; a note where the measured curve falls."""
+    def _prefix_step(self, what: str, bases: list[SearchStep], limit: int,
+                     measure: Callable[[SearchStep, int], tuple[SearchStep, fx.GraphModule]],
+                     ) -> tuple[SearchStep, fx.GraphModule] | None:
+        """The fewest layers (a prefix of at most ``limit``) for which ``measure`` (on a base pipeline, with
+        ``k`` layers) meets the target (``fewest_meeting``), or None; a note where the measured curve falls.
+        With two ``bases`` (AdaRound, its rounding reused, and the best pipeline without it), the prefix of
+        ``limit`` layers is measured on both first, and the step goes on with the base that measured higher
+        there (on a tie, the first), with a note."""
         if limit == 0:
             return None
         measured: dict[int, tuple[SearchStep, fx.GraphModule]] = {}
+        base, at_limit = bases[0], None
+        if len(bases) > 1:
+            tried = [measure(b, limit) for b in bases]
+            chosen = max(range(len(bases)), key=lambda i: (tried[i][0].value, -i))
+            base, at_limit = bases[chosen], tried[chosen]
+            values = ", ".join(f"'{b.label}' {step.value:.2f}{self.result.unit}"
+                               for b, (step, _) in zip(bases, tried, strict=True))
+            reused = ", reusing its learned rounding (AdaRound ran once)" if "adaround" in base.passes else ""
+            self.result.notes.append(f"layers {what}: with {limit} layers {values}; the step builds on "
+                                     f"'{base.label}'{reused}")
 
         def measure_k(k: int) -> tuple[bool, float]:
-            step, model = measure(k)
+            step, model = at_limit if k == limit and at_limit is not None else measure(base, k)
             measured[k] = (step, model if step.met else None)  # keep only the hits' models
             return step.met, step.value
 
@@ -343,9 +381,9 @@ class _Search:
                 f"({', '.join(str(k) for k in sorted(measured))} measured)")
         return None if k is None else measured[k]
 
-    def _higher_bits(self, base: SearchStep) -> tuple[SearchStep, fx.GraphModule] | None:
-        """The fewest layers raised to 8 bits (on top of ``base``'s passes) that meet the target, or None
-        (with a note when the step cannot run at all)."""
+    def _higher_bits(self, bases: list[SearchStep]) -> tuple[SearchStep, fx.GraphModule] | None:
+        """The fewest layers raised to 8 bits (on top of a base's passes, ``_prefix_step``) that meet the
+        target, or None (with a note when the step cannot run at all)."""
         config, backend = self.owner.config, get_backend(self.owner.backend)
         if config.weight.bits >= 8 and config.activation.bits >= 8:
             reduced = " (its 7-bit steps, reduce_range, stay where a kernel reading them saturates: "
@@ -362,15 +400,15 @@ class _Search:
         names = sorted((n for n, gain in self.gains.items() if gain > 0), key=lambda n: -self.gains[n])
         limit = min(len(names), len(self.sens.layers) - 1)  # one layer keeps the asked bits: else it is 8-bit PTQ
 
-        def measure(k: int) -> tuple[SearchStep, fx.GraphModule]:
+        def measure(base: SearchStep, k: int) -> tuple[SearchStep, fx.GraphModule]:
             return self.measure(f"{base.label}, {k} most sensitive layers at 8 bits", base.passes,
                                 raised=self.sens.layer_pairs(names[:k], pair), raised_layers=tuple(names[:k]))
 
-        return self._prefix_step("at 8 bits", names, limit, measure)
+        return self._prefix_step("at 8 bits", bases, limit, measure)
 
-    def _hybrid(self, base: SearchStep) -> tuple[SearchStep, fx.GraphModule] | None:
-        """The fewest layers kept float (on top of ``base``'s passes, at the configured bits) that meet the
-        target, or None."""
+    def _hybrid(self, bases: list[SearchStep]) -> tuple[SearchStep, fx.GraphModule] | None:
+        """The fewest layers kept float (on top of a base's passes, ``_prefix_step``, at the configured bits)
+        that meet the target, or None."""
         macs = {layer.name: layer.macs for layer in self.sens.layers}
         total = sum(macs.values()) or 1
         names = sorted((n for n, gain in self.gains.items() if gain > 0), key=lambda n: -self.gains[n] / max(macs[n], 1))
@@ -378,8 +416,8 @@ class _Search:
         # The longest prefix within the budget, leaving a layer quantized (an all-float model is no PTQ).
         limit = min(sum(1 for s in shares if s <= self.owner.max_float_share), len(self.sens.layers) - 1)
 
-        def measure(k: int) -> tuple[SearchStep, fx.GraphModule]:
+        def measure(base: SearchStep, k: int) -> tuple[SearchStep, fx.GraphModule]:
             return self.measure(f"{base.label}, {k} most sensitive layers float", base.passes, tuple(names[:k]),
                                 shares[k - 1])
 
-        return self._prefix_step("float", names, limit, measure)
+        return self._prefix_step("float", bases, limit, measure)

@@ -1,5 +1,7 @@
 """PTQ's measured default recipe and PTQ to a target (target_sqnr, evaluate + max_drop)."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -8,10 +10,12 @@ from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
 from qpasses.errors import InputError, PlanError, TargetNotMetError
 from qpasses.passes import CLE, PTQ, QAT, AdaRound, BiasCorrection, FuseBN, recipe_table
+from qpasses.passes.adaround import ReuseRounding
 from qpasses.passes.recipes import Recipe, find_recipe
 from qpasses.passes.registry import PASSES, PassOptions, build_pipeline
 from qpasses.passes.target import _Search, fewest_meeting, max_measurements, prefix_search_bound
 from qpasses.quant.backends import get_backend
+from qpasses.quant.overrides import exact_pattern
 from tests.nets import conv_bn_act, randomize_bn
 
 SOURCE = "test table"
@@ -303,7 +307,7 @@ def test_evaluate_is_called_a_bounded_number_of_times_through_every_step():
     assert {s.order[0] for s in result.steps} == {0, 1, 2} and "PTQ + adaround" in [s.label for s in result.steps]
     assert len(calls) == 1 + len(result.steps) + result.ranking_variants
     assert len(result.steps) <= max_measurements(layers)
-    assert max_measurements(layers) == 3 + 2 * 2 * (layers - 1).bit_length()
+    assert max_measurements(layers) == 3 + 2 * (2 * (layers - 1).bit_length() + 1)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -344,3 +348,105 @@ def test_sensitivity_gains_without_the_alone_variants():
     assert [r.all_but for r in gains_only.rows] == [r.all_but for r in full.rows]
     assert all(r.alone != r.alone for r in gains_only.rows)  # NaN: not measured
     assert [layer.macs for layer in sens.layers][:2] == [16 * 16 * 8 * (3 * 9), 8 * 8 * 16 * (8 * 9)]  # outputs × fan-in
+
+
+def force(monkeypatch, penalised):
+    """Measured values 20 dB lower than they are for the steps ``penalised(step)`` picks (the models stay);
+    returns every measured step with its model."""
+    measure, built_models = _Search.measure, []
+
+    def forced(self, label, passes, *args, **kwargs):
+        step, built = measure(self, label, passes, *args, **kwargs)
+        built_models.append((step, built))
+        if penalised(step):
+            step.value -= 20.0
+            step.met = step.value >= self.result.target
+        return step, built
+
+    monkeypatch.setattr(_Search, "measure", forced)
+    return built_models
+
+
+def count_adaround_runs(monkeypatch):
+    run, rounders = AdaRound.run, []
+
+    def counted(self, gm, ctx):
+        rounders.append(self)
+        return run(self, gm, ctx)
+
+    monkeypatch.setattr(AdaRound, "run", counted)
+    return rounders
+
+
+def test_layer_steps_reuse_adarounds_rounding_when_it_measured_best(monkeypatch):
+    """When AdaRound is the best pass step and measures best with the most layers protected (forced here:
+    every step without AdaRound measured 20 dB worse than it is), the layer steps build on it: AdaRound runs
+    once, and every layer-step model gives each layer left on the configured grid the weights AdaRound learned
+    for it (a layer raised to 8 bits rounds to nearest there)."""
+    data = calibration(2)
+    model = small_net()
+    built_models = force(monkeypatch, lambda step: "adaround" not in step.passes)
+    rounders = count_adaround_runs(monkeypatch)
+    every = PTQ(data, bits=4, target_sqnr=100.0, max_float_share=1.0, progress=False)
+    with pytest.raises(TargetNotMetError):
+        PassManager([FuseBN(), every]).run(model, data[0])
+    adaround, *layer_steps = [s for s in every.search.steps if s.passes == ("adaround",)]
+    assert len(rounders) == 1 and adaround.order == (0, 0) and adaround is max(pass_steps(every.search),
+                                                                                key=lambda s: s.value)
+    assert {s.order[0] for s in layer_steps} == {1, 2} and len(layer_steps) >= 4
+    # Each layer step measured its longest prefix on the best pipeline without AdaRound too, and that only.
+    others = [s for s in every.search.steps if s.order != (0, 0) and s.passes != ("adaround",)]
+    assert [(s.order[0], len(s.raised) + len(s.keep_float)) for s in others] == [(1, 3), (2, 3)]
+    built_on = [n for n in every.search.notes if "the step builds on 'PTQ + adaround', reusing its learned" in n]
+    assert len(built_on) == 2 and built_on[0].startswith("layers at 8 bits: with 3 layers 'PTQ + adaround'")
+
+    raised, qm = next((s, m) for s, m in built_models if s in layer_steps and s.raised and len(s.raised) < 3)
+    rounded = rounders[0].rounded
+    plain = PassManager([FuseBN(), PTQ(data, bits=4, recipe=False, progress=False)]).run(model, data[0])
+    learned_differs = False
+    for name in ["0.0", "1.0", "2.0", "3"]:
+        weight = qm.get_submodule(name).weight().dequantize()
+        if name in raised.raised:  # 8-bit codes, rounded to nearest
+            assert weight_code_span(qm, name) > 8
+            continue
+        assert torch.allclose(weight, rounded[name].weight, rtol=1e-5, atol=1e-7)
+        learned_differs |= not torch.equal(weight, plain.get_submodule(name).weight().dequantize())
+    assert learned_differs  # the learned rounding is not round-to-nearest on some layer: the check can fail
+
+
+def test_layer_steps_go_on_without_adaround_where_that_measures_higher_with_the_most_layers(monkeypatch):
+    """AdaRound the best pass step, but its reused rounding measuring worse with the most layers protected
+    (forced: BiasCorrection's pass step and every layer step on AdaRound 20 dB worse): each layer step goes
+    on with the best pipeline without AdaRound after that one measurement, and AdaRound ran once."""
+    data = calibration(2)
+    force(monkeypatch, lambda step: step.passes == ("biascorrection",) or (
+        "adaround" in step.passes and step.order != (0, 0)))
+    rounders = count_adaround_runs(monkeypatch)
+    every = PTQ(data, bits=4, target_sqnr=100.0, max_float_share=1.0, progress=False)
+    with pytest.raises(TargetNotMetError):
+        PassManager([FuseBN(), every]).run(small_net(), data[0])
+    steps = every.search.steps
+    assert max(pass_steps(every.search), key=lambda s: s.value).passes == ("adaround",) and len(rounders) == 1
+    on_adaround = [s for s in steps if s.order != (0, 0) and s.passes == ("adaround",)]
+    assert [(s.order[0], len(s.raised) + len(s.keep_float)) for s in on_adaround] == [(1, 3), (2, 3)]
+    assert sum(s.order != (0, 0) and s.passes == () for s in steps) >= 4
+    assert sum("the step builds on 'PTQ'" in n for n in every.search.notes) == 2
+
+
+def test_reused_rounding_leaves_a_layer_kept_float_at_its_float_weight():
+    data = calibration(2)
+    model = small_net()
+    adaround = AdaRound(data, iterations=20, lr=1e-2, progress=False)
+    rounded_model = PassManager([FuseBN(), adaround, PTQ(data, bits=4, recipe=False, progress=False)]).run(
+        model, data[0])
+    keep = PTQ(data, bits=4, recipe=False, progress=False).config  # the resolved 4-bit x86 config
+    config = dataclasses.replace(keep, keep_float={exact_pattern("1.0")})
+    pm = PassManager([FuseBN(), ReuseRounding(adaround.rounded), PTQ(data, config=config, recipe=False,
+                                                                     progress=False)])
+    qm = pm.run(model, data[0])
+    fused = PassManager([FuseBN()]).run(model, data[0])
+    assert torch.equal(qm.get_submodule("1.0").weight, fused.get_submodule("1.0").weight)
+    for name in ["0.0", "2.0", "3"]:
+        assert torch.equal(qm.get_submodule(name).weight().int_repr(), rounded_model.get_submodule(name).weight().int_repr())
+    record = next(r for r in pm.report.records if r.name == "ReuseRounding")
+    assert record.stats["reused"] == 3 and record.stats["other_grid"] == 0

@@ -3,6 +3,7 @@
     python -m tools.bench.auto --write-table   # measure the cheap pipelines per setting; write the recipe table
     python -m tools.bench.auto                 # default PTQ vs PT2E, then target_sqnr 25/30/35 per backend
     python -m tools.bench.auto --calib 16 --eval 32 --backends x86 --no-adaround --write   # a reduced run
+    python -m tools.bench.auto --backends x86 --adaround 200 200+bc 500 --threads 1   # AdaRound's settings
 
 ``--write-table`` measures, per setting (backend at 8-bit weights, the dfq benchmark's settings), every cheap
 pipeline (no weight training: PTQ, + BiasCorrection, + CLE + HBA + BiasCorrection) on the PTQ
@@ -10,7 +11,8 @@ benchmark's photo crops and writes the best one per setting to ``qpasses/passes/
 ``PTQ(data)`` reads its default passes from. The default run measures, per backend, ``FuseBN + PTQ(data)``
 (with that recipe) against torchao PT2E X86InductorQuantizer, then ``PTQ(data, target_sqnr=T)``: met or not,
 the layers raised to 8 bits (with ``--target-bits`` below 8) or kept float and the share of the conv/linear MACs
-kept float, prepare time, and the held-out fidelity.
+kept float, prepare time, and the held-out fidelity. ``--adaround`` measures AdaRound alone (``ITERATIONS``,
+lr 1e-2 as the search runs it; ``+bc``: BiasCorrection after it) on the calibration crops as the search does.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ import dataclasses
 import datetime
 import fcntl
 import importlib
+import os
 import shlex
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import torch
 
 from qpasses import PassManager
-from qpasses.passes import PTQ, FuseBN
+from qpasses.analysis.sensitivity import OutputSQNR
+from qpasses.passes import PTQ, AdaRound, BiasCorrection, FuseBN
 from qpasses.passes.recipes import Recipe, build_passes
 from tools.bench.common import (
     PhotoSet,
@@ -109,6 +114,36 @@ MEASURED: tuple[Recipe, ...] = (
 ''')
 
 
+def cpu_timed(fn):
+    """``timed(fn)`` with the process's CPU seconds added (all its threads): on a shared machine wall seconds
+    grow with the load, CPU seconds at a fixed thread count much less."""
+    start = time.process_time()
+    built, seconds, error = timed(fn)
+    return built, seconds, time.process_time() - start, error
+
+
+def adaround_rows(photos: PhotoSet, backends: list[str], variants: list[str]) -> None:
+    """Per backend, FuseBN + AdaRound (``ITERATIONS`` per layer, lr 1e-2; ``ITERATIONS+bc``: then BiasCorrection)
+    + PTQ at the backend's preset: output SQNR on the calibration crops (the search's measure), held-out
+    fidelity, wall and CPU seconds, printed per variant."""
+    model = pretrained_lite0("tf_efficientnet_lite0")
+    metric = OutputSQNR(model, [(b,) for b in photos.calib])
+    for backend in backends:
+        config = config_for(backend, 8)
+        for variant in variants:
+            iterations, _, after = variant.partition("+")
+            passes = [AdaRound(photos.calib, iterations=int(iterations), lr=1e-2, progress=False)]
+            passes += [BiasCorrection(photos.calib)] if after == "bc" else []
+            built, seconds, cpu, error = cpu_timed(lambda p=passes, c=config, b=backend: quantize(
+                model, p, photos.calib, b, c))
+            if built is None:
+                print(f"{backend} | AdaRound {variant} | fails: {error}", flush=True)
+                continue
+            db, agreement = fidelity(model, built, photos.evals)
+            print(f"{backend} | AdaRound {variant} | calibration {metric(built):.2f} dB | held-out {db:.2f} dB / "
+                  f"{agreement:.1%} | {seconds:.0f} s | CPU {cpu:.0f} s | load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 def target_rows(photos: PhotoSet, backends: list[str], targets: list[float], adaround: bool,
                 max_float_share: float, bits: int | None) -> list[list[str]]:
     model = pretrained_lite0("tf_efficientnet_lite0")
@@ -118,33 +153,40 @@ def target_rows(photos: PhotoSet, backends: list[str], targets: list[float], ada
         rows.append(row)
         print(" | ".join(row), flush=True)
 
-    built, seconds, error = timed(lambda: pt2e_x86_inductor(model, photos.calib))
+    built, seconds, cpu, error = cpu_timed(lambda: pt2e_x86_inductor(model, photos.calib))
     db, agreement = fidelity(model, built, photos.evals) if built is not None else (float("nan"), float("nan"))
     add(["any", "torchao PT2E X86InductorQuantizer (reference)", "", f"{db:.1f}", f"{agreement:.1%}", "", "",
-         f"{seconds:.0f}", error])
+         f"{seconds:.0f}", f"{cpu:.0f}", error])
     for backend in backends:
         pm = PassManager([FuseBN(), PTQ(photos.calib, backend=backend, progress=False)])
-        built, seconds, error = timed(lambda p=pm: p.run(model, photos.calib[0][:1]))
+        built, seconds, cpu, error = cpu_timed(lambda p=pm: p.run(model, photos.calib[0][:1]))
         db, agreement = fidelity(model, built, photos.evals)
         added = "; ".join(n.split(":")[0] for n in pm.report.plan.notes if n.startswith("PTQ added"))
         add([backend, "FuseBN + PTQ(data) (default recipe)", "", f"{db:.1f}", f"{agreement:.1%}", "0", "0%",
-             f"{seconds:.0f}", added])
+             f"{seconds:.0f}", f"{cpu:.0f}", added])
         for target in targets:
             ptq = PTQ(photos.calib, backend=backend, bits=bits, target_sqnr=target, adaround=adaround,
                       max_float_share=max_float_share, progress=False)
-            built, seconds, error = timed(lambda p=ptq: PassManager([FuseBN(), p]).run(model, photos.calib[0][:1]))
+            load = os.getloadavg()[0]
+            built, seconds, cpu, error = cpu_timed(
+                lambda p=ptq: PassManager([FuseBN(), p]).run(model, photos.calib[0][:1]))
             result = ptq.search
-            path = "; ".join([f"{s.label}: {s.value:.1f} dB" for s in result.steps] + result.notes) if result else error
+            path = "; ".join([f"{s.label}: {s.value:.2f} dB ({s.seconds:.0f} s"
+                              + (f", {s.float_share:.1%} of MACs float)" if s.keep_float else ")") for s in result.steps]
+                             + result.notes + ([result.ranking] if result and result.ranking else [])) if result else error
+            path += f"; load {load:.1f} → {os.getloadavg()[0]:.1f}"
             if built is None:
                 path = f"{path}; {error}" if result and result.steps else error
-                add([backend, f"PTQ(target_sqnr={target:g})", "not met", "", "", "", "", f"{seconds:.0f}", path])
+                add([backend, f"PTQ(target_sqnr={target:g})", "not met", "", "", "", "", f"{seconds:.0f}", f"{cpu:.0f}",
+                     path])
                 continue
             db, agreement = fidelity(model, built, photos.evals)
             chosen = result.chosen
             protected = [f"{len(chosen.raised)} at 8 bits: {', '.join(chosen.raised)}"] if chosen.raised else []
             protected += [f"{len(chosen.keep_float)} float: {', '.join(chosen.keep_float)}"] if chosen.keep_float else []
-            add([backend, f"PTQ(target_sqnr={target:g})", f"met: {chosen.value:.1f} dB", f"{db:.1f}",
-                 f"{agreement:.1%}", "; ".join(protected) or "0", f"{chosen.float_share:.1%}", f"{seconds:.0f}", path])
+            add([backend, f"PTQ(target_sqnr={target:g})", f"met: {chosen.value:.2f} dB", f"{db:.1f}",
+                 f"{agreement:.1%}", "; ".join(protected) or "0", f"{chosen.float_share:.1%}", f"{seconds:.0f}",
+                 f"{cpu:.0f}", path])
     return rows
 
 
@@ -164,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the backend's 8; below 8 the search raises layers to 8 bits before keeping any float)")
     parser.add_argument("--max-float-share", type=float, default=0.2,
                         help="targets: the most MACs the search may keep float (default 0.2, PTQ's)")
+    parser.add_argument("--adaround", dest="adaround_variants", nargs="+", metavar="ITERATIONS[+bc]",
+                        help="measure AdaRound alone at these settings (no target runs)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
     args = parser.parse_args(argv)
@@ -179,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         measure_recipes(photos, args.backends, args.bits, source)
         print(TABLE.read_text())
         return 0
+    if args.adaround_variants:
+        adaround_rows(photos, args.backends, args.adaround_variants)
+        return 0
     rows = target_rows(photos, args.backends, args.targets, args.adaround, args.max_float_share, args.target_bits)
     machine = describe_machine()
     body = "\n\n".join([
@@ -188,11 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.size}×{args.size}. 'target': output SQNR on the calibration crops, what the search measures; "
         "'held-out': logits against the float model on the evaluation crops. 'float MACs': the share of the "
         "conv/linear multiply-accumulates in layers the search kept float (layers raised to 8 bits stay on the int8 "
-        "kernels). 'prepare s' includes the whole search."
+        "kernels). 'prepare s' (wall) and 'CPU s' (the process's, all threads) include the whole search."
         + (f" Targets at `bits={args.target_bits}`." if args.target_bits else "")
         + ("" if args.adaround else " The AdaRound step was skipped (`--no-adaround`)."),
         markdown_table(["backend", "pipeline", "target", "held-out SQNR dB", "top-1 agreement", "layers protected",
-                        "float MACs", "prepare s", "path / note"], rows),
+                        "float MACs", "prepare s", "CPU s", "path / note"], rows),
     ])
     print(body)
     if args.write:
