@@ -51,6 +51,9 @@ from qpasses.quant.lowering import has_float_output_kernel
 from qpasses.quant.ops import REQUANTIZING, Role, clamp_bounds, describe_op, is_tensor_node, role_of
 from qpasses.quant.spec import QuantConfig, QuantPair, QuantSpec
 
+# FloatFunctional methods that only copy their inputs: run float (``Backend.float_arithmetic``) they read floats,
+# and no conv/linear runs one as its post-op (an add can be: its inputs' rounding is then the kernel's to decide).
+_COPIES = ("cat",)
 INT8 = (Role.COMPUTE, Role.FUNCTIONAL, Role.REQUANT, Role.FIXED, Role.DERIVED, Role.FUSED_ACT)
 
 
@@ -107,7 +110,7 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
     the post-ops ``backend`` names, ``Backend.post_op``)."""
     ann = Annotation(backend=backend.name, config=config)
     quantized: dict[fx.Node, bool] = {}
-    read_as_int8 = _int8_readers(gm, config)
+    read_as_int8 = _int8_readers(gm, config, tuple(op for op in backend.float_arithmetic if op in _COPIES))
     post_op = kernels.post_op if kernels is not None else backend.post_op
     for node in gm.graph.nodes:
         role = role_of(gm, node)
@@ -204,17 +207,19 @@ def _full_range_where_no_saturating_kernel_reads(gm: fx.GraphModule, ann: Annota
 _REQUANTIZES_ON_DEMAND = (Role.FUNCTIONAL, Role.REQUANT, Role.FIXED, Role.DERIVED)
 
 
-def _int8_readers(gm: fx.GraphModule, config: QuantConfig) -> dict[fx.Node, bool]:
+def _int8_readers(gm: fx.GraphModule, config: QuantConfig, float_copies: tuple[str, ...] = ()) -> dict[fx.Node, bool]:
     """Per node, whether something reads its value as int8 codes: a conv/linear, or an op that passes codes on
     (qparams-preserving, clamp-like, or one of ``_REQUANTIZES_ON_DEMAND``) whose own value is so read; the
-    graph's output with ``config.quantize_output``. Ops the configuration keeps float read floats."""
+    graph's output with ``config.quantize_output``. Ops the configuration keeps float read floats, and so do the
+    FloatFunctional copies the runtime computes float (``float_copies``: a cat where ``Backend.float_arithmetic``
+    names it), so a cat's inputs are rounded once, at the cat's value, where nothing else reads them as int8."""
     reads: dict[fx.Node, bool] = {}
 
     def takes_codes(user: fx.Node) -> bool:
         if user.op == "output":
             return config.quantize_output
         role = role_of(gm, user)
-        if role in (Role.NONE, Role.FLOAT):
+        if role in (Role.NONE, Role.FLOAT) or (role is Role.FUNCTIONAL and user.target in float_copies):
             return False
         module = gm.get_submodule(user.target) if user.op == "call_module" else None
         if role is not Role.PRESERVING and config.for_node(_qualified_name(user),
