@@ -134,9 +134,13 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
                 _fuse_post_op(gm, node, ann, post_op)
             if role is Role.FUNCTIONAL and node.target in backend.float_arithmetic and node.name not in ann.fused:
                 ann.pairs.pop(node.name, None)
-                ann.float_reasons[node.name] = (f"{describe_op(gm, node)}: {backend.runtime or backend.name} has no "
-                                                f"int8 {node.target} kernel of its own (only as a conv/linear's "
-                                                "post-op), so it runs float on its inputs as they are")
+                runtime = backend.runtime or backend.name
+                ann.float_reasons[node.name] = (
+                    f"{describe_op(gm, node)}: {runtime} concatenates int8 codes only of one grid, so the cat runs "
+                    "float on its inputs as they are and is rounded once, where an int8 op reads it"
+                    if node.target in _COPIES else
+                    f"{describe_op(gm, node)}: {runtime} has no int8 {node.target} kernel of its own (only as a "
+                    "conv/linear's post-op), so it runs float on its inputs as they are")
                 role = Role.FLOAT
         if role is Role.FUSED_ACT:
             role = _fuse_or_preserve(gm, node, ann)

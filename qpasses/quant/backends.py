@@ -441,8 +441,9 @@ BACKENDS: dict[str, Backend] = {
         float_output_modules=(nn.Conv2d, nn.Linear),  # qconv/qlinear_pointwise write fp32 too
         post_op=inductor_post_op,  # qconv2d_pointwise.binary (conv + add (+ ReLU)), hardswish after a conv
         # inductor has no int8 add/mul of its own: rounding their inputs only loses accuracy (BENCHMARKS.md, coverage);
-        # a cat of values nothing else reads as int8 computes float and rounds once, at its value, as PT2E's graph
-        # (deeplabv3's ASPP cat rounded its branches on their own grids first: BENCHMARKS.md, causes found).
+        # its int8 cat (qcat) only concatenates codes of one grid: a cat computed float on unrounded inputs and
+        # rounded once at its value is that where the inputs could share a grid, and better where they could not
+        # (deeplabv3's ASPP branches were rounded on grids of their own first: BENCHMARKS.md, causes found).
         float_arithmetic=("add", "mul", "cat"),
         float_reads_unrounded=True,
         activation=_X86_ACTIVATION,
