@@ -51,9 +51,6 @@ from qpasses.quant.lowering import has_float_output_kernel
 from qpasses.quant.ops import REQUANTIZING, Role, clamp_bounds, describe_op, is_tensor_node, role_of
 from qpasses.quant.spec import QuantConfig, QuantPair, QuantSpec
 
-# FloatFunctional methods that only copy their inputs: run float (``Backend.float_arithmetic``) they read floats,
-# and no conv/linear runs one as its post-op (an add can be: its inputs' rounding is then the kernel's to decide).
-_COPIES = ("cat",)
 INT8 = (Role.COMPUTE, Role.FUNCTIONAL, Role.REQUANT, Role.FIXED, Role.DERIVED, Role.FUSED_ACT)
 
 
@@ -107,10 +104,29 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
     """The decisions for ``gm`` under ``backend`` and ``config``; ``reduce_range`` is kept only on values read by
     a kernel that needs it on ``cpu`` (None: this machine's, ``qpasses.cpu.cpu_int8_features``). ``kernels``: the
     fused kernels of the lowering that will run the graph, where it is not the backend's torch.ao engine (None:
-    the post-ops ``backend`` names, ``Backend.post_op``)."""
+    the post-ops ``backend`` names, ``Backend.post_op``).
+
+    A cat that ``backend.float_arithmetic`` names concatenates int8 codes only where all its inputs share its grid
+    (``_share_cat_observers``); the others run float on their inputs before rounding (a second pass decides
+    again with them float)."""
+    ann = _annotate(gm, backend, config, cpu, kernels, float_cats=frozenset())
+    if "cat" in backend.float_arithmetic:
+        float_cats = frozenset(
+            node.name for node in gm.graph.nodes
+            if ann.roles[node.name] is Role.FUNCTIONAL and node.target == "cat"
+            and not all(arg.name in ann.shared for arg in node.args[1]))
+        if float_cats:
+            ann = _annotate(gm, backend, config, cpu, kernels, float_cats)
+    return ann
+
+
+def _annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig, cpu: CpuInt8Features | None,
+              kernels: FusedKernels | None, float_cats: frozenset[str]) -> Annotation:
+    """``annotate`` with the cats named in ``float_cats`` run float (the rest of ``backend.float_arithmetic``
+    as the table says)."""
     ann = Annotation(backend=backend.name, config=config)
     quantized: dict[fx.Node, bool] = {}
-    read_as_int8 = _int8_readers(gm, config, tuple(op for op in backend.float_arithmetic if op in _COPIES))
+    read_as_int8 = _int8_readers(gm, config, float_cats)
     post_op = kernels.post_op if kernels is not None else backend.post_op
     for node in gm.graph.nodes:
         role = role_of(gm, node)
@@ -132,13 +148,14 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
                 ann.pairs[node.name] = pair
             if post_op is not None and role in (Role.REQUANT, Role.FUNCTIONAL) and pair is not None:
                 _fuse_post_op(gm, node, ann, post_op)
-            if role is Role.FUNCTIONAL and node.target in backend.float_arithmetic and node.name not in ann.fused:
+            if (role is Role.FUNCTIONAL and node.target in backend.float_arithmetic and node.name not in ann.fused
+                    and (node.target != "cat" or node.name in float_cats)):
                 ann.pairs.pop(node.name, None)
                 runtime = backend.runtime or backend.name
                 ann.float_reasons[node.name] = (
                     f"{describe_op(gm, node)}: {runtime} concatenates int8 codes only of one grid, so the cat runs "
                     "float on its inputs as they are and is rounded once, where an int8 op reads it"
-                    if node.target in _COPIES else
+                    if node.target == "cat" else
                     f"{describe_op(gm, node)}: {runtime} has no int8 {node.target} kernel of its own (only as a "
                     "conv/linear's post-op), so it runs float on its inputs as they are")
                 role = Role.FLOAT
@@ -211,19 +228,20 @@ def _full_range_where_no_saturating_kernel_reads(gm: fx.GraphModule, ann: Annota
 _REQUANTIZES_ON_DEMAND = (Role.FUNCTIONAL, Role.REQUANT, Role.FIXED, Role.DERIVED)
 
 
-def _int8_readers(gm: fx.GraphModule, config: QuantConfig, float_copies: tuple[str, ...] = ()) -> dict[fx.Node, bool]:
+def _int8_readers(gm: fx.GraphModule, config: QuantConfig, float_cats: frozenset[str] = frozenset()
+                  ) -> dict[fx.Node, bool]:
     """Per node, whether something reads its value as int8 codes: a conv/linear, or an op that passes codes on
     (qparams-preserving, clamp-like, or one of ``_REQUANTIZES_ON_DEMAND``) whose own value is so read; the
     graph's output with ``config.quantize_output``. Ops the configuration keeps float read floats, and so do the
-    FloatFunctional copies the runtime computes float (``float_copies``: a cat where ``Backend.float_arithmetic``
-    names it), so a cat's inputs are rounded once, at the cat's value, where nothing else reads them as int8."""
+    cats named in ``float_cats`` (run float: their inputs are rounded once, at the cat's value, where nothing
+    else reads them as int8)."""
     reads: dict[fx.Node, bool] = {}
 
     def takes_codes(user: fx.Node) -> bool:
         if user.op == "output":
             return config.quantize_output
         role = role_of(gm, user)
-        if role in (Role.NONE, Role.FLOAT) or (role is Role.FUNCTIONAL and user.target in float_copies):
+        if role in (Role.NONE, Role.FLOAT) or user.name in float_cats:
             return False
         module = gm.get_submodule(user.target) if user.op == "call_module" else None
         if role is not Role.PRESERVING and config.for_node(_qualified_name(user),

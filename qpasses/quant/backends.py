@@ -441,9 +441,9 @@ BACKENDS: dict[str, Backend] = {
         float_output_modules=(nn.Conv2d, nn.Linear),  # qconv/qlinear_pointwise write fp32 too
         post_op=inductor_post_op,  # qconv2d_pointwise.binary (conv + add (+ ReLU)), hardswish after a conv
         # inductor has no int8 add/mul of its own: rounding their inputs only loses accuracy (BENCHMARKS.md, coverage);
-        # its int8 cat (qcat) only concatenates codes of one grid: a cat computed float on unrounded inputs and
-        # rounded once at its value is that where the inputs could share a grid, and better where they could not
-        # (deeplabv3's ASPP branches were rounded on grids of their own first: BENCHMARKS.md, causes found).
+        # its int8 cat (qcat) only concatenates codes of one grid: a cat whose inputs cannot all share its grid runs
+        # float and rounds once, at its value, not each input on a grid of its own first (deeplabv3's ASPP
+        # branches: BENCHMARKS.md, causes found); annotation keeps the others int8.
         float_arithmetic=("add", "mul", "cat"),
         float_reads_unrounded=True,
         activation=_X86_ACTIVATION,

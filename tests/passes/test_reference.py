@@ -406,3 +406,25 @@ def test_inductor_runs_cat_float_and_rounds_its_value_once():
     x86 = quantize(PyramidPooling().eval(), "x86", lower=False, data=data)
     (x86_cat,) = [n for n in x86.graph.nodes if n.target in (torch.cat, "cat")]
     assert all(a.target is DEQUANTIZE for a in x86_cat.args[-1])
+
+
+class TwoBranches(nn.Module):
+    """Two conv-ReLU branches only a cat reads, the cat read by a conv: the branches can share the cat's grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1))
+
+
+def test_inductor_keeps_a_cat_int8_where_its_inputs_share_its_grid():
+    """inductor's int8 cat concatenates codes of one grid: where every input of a cat can be written on the cat's
+    grid by its own kernel, the cat stays int8 and reads codes of one scale."""
+    data = batches()
+    reference = PassManager([PTQ(data, backend="inductor", progress=False, recipe=False)]).run(
+        TwoBranches().eval(), data[0])
+    (cat,) = [n for n in reference.graph.nodes if n.target in (torch.cat, "cat")]
+    assert all(a.target is DEQUANTIZE for a in cat.args[-1]), cat.args
+    assert len({a.args[1] for a in cat.args[-1]}) == 1, cat.args
