@@ -267,6 +267,9 @@ def _decide_float_output(gm: fx.GraphModule, node: fx.Node, module, backend: Bac
     """A conv/linear whose value nothing reads as int8 writes float where the engine (or the lowering's
     ``kernels``) has an int8 kernel that does; the note says so for the model's output."""
     output = _only_outputs_read(gm, node)
+    post_op = kernels.post_op if kernels is not None else backend.post_op
+    if post_op is not None and _activation_read_by_post_op(gm, node, post_op):
+        return
     if kernels is not None:
         writes_float = kernels.float_output
     elif backend.engine is None:  # a deployment target's runtime: the row names its kernels that write float
@@ -320,6 +323,17 @@ def _fuse_or_preserve(gm: fx.GraphModule, node: fx.Node, ann: Annotation) -> Rol
             ann.pairs[node.name] = ann.pairs[producer.name]
             return Role.FUSED_ACT
     return Role.PRESERVING
+
+
+def _activation_read_by_post_op(gm: fx.GraphModule, node: fx.Node,
+                                post_op: Callable[[fx.GraphModule, fx.Node, fx.Node], bool]) -> bool:
+    """Whether a clamp-like activation after the conv/linear ``node`` is read by an op the lowering runs as
+    ``node``'s post-op (an add, for inductor). Such a conv writes codes, never float: torchao's inductor lowering
+    (0.18) takes conv → activation → add on fp32 values for a binary post-op on a kernel that already has the
+    activation fused, and fails (``AssertionError`` in its qconv weight-prepack pattern); PT2E's
+    X86InductorQuantizer always rounds a conv + ReLU's value, so its graphs never hold that shape."""
+    return any(role_of(gm, act) is Role.FUSED_ACT and any(post_op(gm, node, reader) for reader in act.users)
+               for act in node.users)
 
 
 def _fuse_post_op(gm: fx.GraphModule, node: fx.Node, ann: Annotation,

@@ -428,3 +428,26 @@ def test_inductor_keeps_a_cat_int8_where_its_inputs_share_its_grid():
     (cat,) = [n for n in reference.graph.nodes if n.target in (torch.cat, "cat")]
     assert all(a.target is DEQUANTIZE for a in cat.args[-1]), cat.args
     assert len({a.args[1] for a in cat.args[-1]}) == 1, cat.args
+
+
+class ReluIntoFloatAdd(nn.Module):
+    """A conv + ReLU read only by a residual add whose value no int8 op reads (the interpolate is the output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        e = F.relu(self.a(x))
+        return F.interpolate(F.relu(self.b(e)) + e, scale_factor=2.0)
+
+
+def test_inductor_rounds_a_conv_relu_that_an_add_reads():
+    """Under the inductor preset nothing reads ``b``'s value as int8, yet its conv + ReLU writes codes, not float:
+    torchao's inductor lowering fails on conv → ReLU → add over fp32 values (a binary post-op on a kernel with the
+    ReLU fused); the add then reads two dequantized values, as in PT2E's graphs."""
+    data = batches()
+    reference = PassManager([PTQ(data, backend="inductor", progress=False, recipe=False)]).run(
+        ReluIntoFloatAdd().eval(), data[0])
+    (add,) = [n for n in reference.graph.nodes if n.target == "add"]  # the FloatFunctional's, args[0] its module
+    assert [a.target for a in add.args[1:]] == [DEQUANTIZE, DEQUANTIZE], add.args
