@@ -104,10 +104,29 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
     """The decisions for ``gm`` under ``backend`` and ``config``; ``reduce_range`` is kept only on values read by
     a kernel that needs it on ``cpu`` (None: this machine's, ``qpasses.cpu.cpu_int8_features``). ``kernels``: the
     fused kernels of the lowering that will run the graph, where it is not the backend's torch.ao engine (None:
-    the post-ops ``backend`` names, ``Backend.post_op``)."""
+    the post-ops ``backend`` names, ``Backend.post_op``).
+
+    A cat that ``backend.float_arithmetic`` names concatenates int8 codes only where all its inputs share its grid
+    (``_share_cat_observers``); the others run float on their inputs before rounding (a second pass decides
+    again with them float)."""
+    ann = _annotate(gm, backend, config, cpu, kernels, float_cats=frozenset())
+    if "cat" in backend.float_arithmetic:
+        float_cats = frozenset(
+            node.name for node in gm.graph.nodes
+            if ann.roles[node.name] is Role.FUNCTIONAL and node.target == "cat"
+            and not all(arg.name in ann.shared for arg in node.args[1]))
+        if float_cats:
+            ann = _annotate(gm, backend, config, cpu, kernels, float_cats)
+    return ann
+
+
+def _annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig, cpu: CpuInt8Features | None,
+              kernels: FusedKernels | None, float_cats: frozenset[str]) -> Annotation:
+    """``annotate`` with the cats named in ``float_cats`` run float (the rest of ``backend.float_arithmetic``
+    as the table says)."""
     ann = Annotation(backend=backend.name, config=config)
     quantized: dict[fx.Node, bool] = {}
-    read_as_int8 = _int8_readers(gm, config)
+    read_as_int8 = _int8_readers(gm, config, float_cats)
     post_op = kernels.post_op if kernels is not None else backend.post_op
     for node in gm.graph.nodes:
         role = role_of(gm, node)
@@ -129,11 +148,16 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
                 ann.pairs[node.name] = pair
             if post_op is not None and role in (Role.REQUANT, Role.FUNCTIONAL) and pair is not None:
                 _fuse_post_op(gm, node, ann, post_op)
-            if role is Role.FUNCTIONAL and node.target in backend.float_arithmetic and node.name not in ann.fused:
+            if (role is Role.FUNCTIONAL and node.target in backend.float_arithmetic and node.name not in ann.fused
+                    and (node.target != "cat" or node.name in float_cats)):
                 ann.pairs.pop(node.name, None)
-                ann.float_reasons[node.name] = (f"{describe_op(gm, node)}: {backend.runtime or backend.name} has no "
-                                                f"int8 {node.target} kernel of its own (only as a conv/linear's "
-                                                "post-op), so it runs float on its inputs as they are")
+                runtime = backend.runtime or backend.name
+                ann.float_reasons[node.name] = (
+                    f"{describe_op(gm, node)}: {runtime} concatenates int8 codes only of one grid, so the cat runs "
+                    "float on its inputs as they are and is rounded once, where an int8 op reads it"
+                    if node.target == "cat" else
+                    f"{describe_op(gm, node)}: {runtime} has no int8 {node.target} kernel of its own (only as a "
+                    "conv/linear's post-op), so it runs float on its inputs as they are")
                 role = Role.FLOAT
         if role is Role.FUSED_ACT:
             role = _fuse_or_preserve(gm, node, ann)
@@ -204,17 +228,20 @@ def _full_range_where_no_saturating_kernel_reads(gm: fx.GraphModule, ann: Annota
 _REQUANTIZES_ON_DEMAND = (Role.FUNCTIONAL, Role.REQUANT, Role.FIXED, Role.DERIVED)
 
 
-def _int8_readers(gm: fx.GraphModule, config: QuantConfig) -> dict[fx.Node, bool]:
+def _int8_readers(gm: fx.GraphModule, config: QuantConfig, float_cats: frozenset[str] = frozenset()
+                  ) -> dict[fx.Node, bool]:
     """Per node, whether something reads its value as int8 codes: a conv/linear, or an op that passes codes on
     (qparams-preserving, clamp-like, or one of ``_REQUANTIZES_ON_DEMAND``) whose own value is so read; the
-    graph's output with ``config.quantize_output``. Ops the configuration keeps float read floats."""
+    graph's output with ``config.quantize_output``. Ops the configuration keeps float read floats, and so do the
+    cats named in ``float_cats`` (run float: their inputs are rounded once, at the cat's value, where nothing
+    else reads them as int8)."""
     reads: dict[fx.Node, bool] = {}
 
     def takes_codes(user: fx.Node) -> bool:
         if user.op == "output":
             return config.quantize_output
         role = role_of(gm, user)
-        if role in (Role.NONE, Role.FLOAT):
+        if role in (Role.NONE, Role.FLOAT) or user.name in float_cats:
             return False
         module = gm.get_submodule(user.target) if user.op == "call_module" else None
         if role is not Role.PRESERVING and config.for_node(_qualified_name(user),
@@ -240,6 +267,9 @@ def _decide_float_output(gm: fx.GraphModule, node: fx.Node, module, backend: Bac
     """A conv/linear whose value nothing reads as int8 writes float where the engine (or the lowering's
     ``kernels``) has an int8 kernel that does; the note says so for the model's output."""
     output = _only_outputs_read(gm, node)
+    post_op = kernels.post_op if kernels is not None else backend.post_op
+    if post_op is not None and _activation_read_by_post_op(gm, node, post_op):
+        return
     if kernels is not None:
         writes_float = kernels.float_output
     elif backend.engine is None:  # a deployment target's runtime: the row names its kernels that write float
@@ -293,6 +323,17 @@ def _fuse_or_preserve(gm: fx.GraphModule, node: fx.Node, ann: Annotation) -> Rol
             ann.pairs[node.name] = ann.pairs[producer.name]
             return Role.FUSED_ACT
     return Role.PRESERVING
+
+
+def _activation_read_by_post_op(gm: fx.GraphModule, node: fx.Node,
+                                post_op: Callable[[fx.GraphModule, fx.Node, fx.Node], bool]) -> bool:
+    """Whether a clamp-like activation after the conv/linear ``node`` is read by an op the lowering runs as
+    ``node``'s post-op (an add, for inductor). Such a conv writes codes, never float: torchao's inductor lowering
+    (0.18) takes conv → activation → add on fp32 values for a binary post-op on a kernel that already has the
+    activation fused, and fails (``AssertionError`` in its qconv weight-prepack pattern); PT2E's
+    X86InductorQuantizer always rounds a conv + ReLU's value, so its graphs never hold that shape."""
+    return any(role_of(gm, act) is Role.FUSED_ACT and any(post_op(gm, node, reader) for reader in act.users)
+               for act in node.users)
 
 
 def _fuse_post_op(gm: fx.GraphModule, node: fx.Node, ann: Annotation,

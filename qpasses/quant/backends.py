@@ -79,7 +79,7 @@ class Backend:
     node (read from the conv/linear it is given) runs as that kernel's post-op (``inductor_post_op``); annotation
     then leaves the conv/linear's value unrounded and observes only the post-op's (``qpasses.quant.annotate``).
     ``float_arithmetic``: for a preset whose runtime has no int8 kernel of its own for these FloatFunctional
-    methods (``add``, ``mul``), the ones it computes in float: unless one runs as a conv/linear's post-op, annotation
+    methods (``add``, ``mul``, ``cat``), the ones it computes in float: unless one runs as a conv/linear's post-op, annotation
     keeps it float, so its inputs are not rounded for it (PT2E's X86InductorQuantizer leaves them unannotated).
     ``float_reads_unrounded``: the runtime computes every value in float and rounds it only on its way into an int8
     op (a convert_pt2e graph's semantics), so an op that runs float reads a value before its rounding even where
@@ -440,8 +440,11 @@ BACKENDS: dict[str, Backend] = {
         runtime="inductor",
         float_output_modules=(nn.Conv2d, nn.Linear),  # qconv/qlinear_pointwise write fp32 too
         post_op=inductor_post_op,  # qconv2d_pointwise.binary (conv + add (+ ReLU)), hardswish after a conv
-        # inductor has no int8 add/mul of its own: rounding their inputs only loses accuracy (BENCHMARKS.md, coverage).
-        float_arithmetic=("add", "mul"),
+        # inductor has no int8 add/mul of its own: rounding their inputs only loses accuracy (BENCHMARKS.md, coverage);
+        # its int8 cat (qcat) only concatenates codes of one grid: a cat whose inputs cannot all share its grid runs
+        # float and rounds once, at its value, not each input on a grid of its own first (deeplabv3's ASPP
+        # branches: BENCHMARKS.md, causes found); annotation keeps the others int8.
+        float_arithmetic=("add", "mul", "cat"),
         float_reads_unrounded=True,
         activation=_X86_ACTIVATION,
         weight=_PER_CHANNEL_WEIGHT,

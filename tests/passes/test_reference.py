@@ -366,3 +366,88 @@ def test_inductor_runs_add_and_mul_float_on_unrounded_values():
         assert qpasses.analysis.metrics.sqnr(model(x), reference(x)) > 25
     x86 = quantize(LayerScaleBlock().eval(), "x86", lower=False, data=data)
     assert all(DEQUANTIZE in targets for targets in arithmetic_inputs(x86).values())
+
+
+class PyramidPooling(nn.Module):
+    """deeplabv3's ASPP in small: two conv-ReLU branches and a pooled branch upsampled back, concatenated, read by
+    a conv; the first branch is also read by a conv of its own (so it is rounded for that conv anyway)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b, self.pool = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.side, self.project = nn.Conv2d(4, 2, 1), nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        a = F.relu(self.a(y))
+        pooled = F.interpolate(F.relu(self.pool(F.adaptive_avg_pool2d(y, 1))), size=y.shape[-2:], mode="bilinear")
+        return self.project(torch.cat([a, F.relu(self.b(y)), pooled], dim=1)), self.side(a)
+
+
+def test_inductor_runs_cat_float_and_rounds_its_value_once():
+    """The inductor preset computes a cat in float (PT2E's graph): a branch only the cat reads is not rounded on a
+    grid of its own, the cat's value is quantized once for the conv that reads it; a branch a conv reads as int8
+    too is written rounded by its int8 kernel, and the cat reads that. A torch.ao engine's reference keeps the
+    int8 cat reading dequantized codes."""
+    torch.manual_seed(0)
+    model, data = PyramidPooling().eval(), batches()
+    pm = PassManager([PTQ(data, backend="inductor", progress=False, recipe=False)])
+    reference = pm.run(model, data[0])
+    assert any("concatenates int8 codes only of one grid" in n for r in pm.report.records for n in r.notes)
+    (cat,) = [n for n in reference.graph.nodes if n.target in (torch.cat, "cat")]
+    assert [a.target is DEQUANTIZE for a in cat.args[-1]] == [True, False, False], cat.args
+    quantized = {n.args[0].name for n in reference.graph.nodes if n.target is QUANTIZE}
+    # the convs' inputs only: x, the stem's value, the pooled value, branch a (read by `side`), the cat
+    assert len(quantized) == 5 and cat.name in quantized, quantized
+    x = batches(1, seed=3)[0]
+    with torch.no_grad():
+        assert all(qpasses.analysis.metrics.sqnr(f, q) > 25 for f, q in zip(model(x), reference(x), strict=True))
+    x86 = quantize(PyramidPooling().eval(), "x86", lower=False, data=data)
+    (x86_cat,) = [n for n in x86.graph.nodes if n.target in (torch.cat, "cat")]
+    assert all(a.target is DEQUANTIZE for a in x86_cat.args[-1])
+
+
+class TwoBranches(nn.Module):
+    """Two conv-ReLU branches only a cat reads, the cat read by a conv: the branches can share the cat's grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1))
+
+
+def test_inductor_keeps_a_cat_int8_where_its_inputs_share_its_grid():
+    """inductor's int8 cat concatenates codes of one grid: where every input of a cat can be written on the cat's
+    grid by its own kernel, the cat stays int8 and reads codes of one scale."""
+    data = batches()
+    reference = PassManager([PTQ(data, backend="inductor", progress=False, recipe=False)]).run(
+        TwoBranches().eval(), data[0])
+    (cat,) = [n for n in reference.graph.nodes if n.target in (torch.cat, "cat")]
+    assert all(a.target is DEQUANTIZE for a in cat.args[-1]), cat.args
+    assert len({a.args[1] for a in cat.args[-1]}) == 1, cat.args
+
+
+class ReluIntoFloatAdd(nn.Module):
+    """A conv + ReLU read only by a residual add whose value no int8 op reads (the interpolate is the output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        e = F.relu(self.a(x))
+        return F.interpolate(F.relu(self.b(e)) + e, scale_factor=2.0)
+
+
+def test_inductor_rounds_a_conv_relu_that_an_add_reads():
+    """Under the inductor preset nothing reads ``b``'s value as int8, yet its conv + ReLU writes codes, not float:
+    torchao's inductor lowering fails on conv → ReLU → add over fp32 values (a binary post-op on a kernel with the
+    ReLU fused); the add then reads two dequantized values, as in PT2E's graphs."""
+    data = batches()
+    reference = PassManager([PTQ(data, backend="inductor", progress=False, recipe=False)]).run(
+        ReluIntoFloatAdd().eval(), data[0])
+    (add,) = [n for n in reference.graph.nodes if n.target == "add"]  # the FloatFunctional's, args[0] its module
+    assert [a.target for a in add.args[1:]] == [DEQUANTIZE, DEQUANTIZE], add.args
