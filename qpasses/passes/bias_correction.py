@@ -130,14 +130,10 @@ def _unclipped_fraction(quantized: list[torch.Tensor], target: FloatTarget, shif
     ``−d/dδ E[f(y_q − δ)]`` at ``shift``."""
     counts = {}
     for i, y in zip(indices, quantized, strict=True):
-        moved = _by_channel(y) - shift[:, None]
+        moved = y.reshape(y.shape[0], y.shape[1], -1) - shift[:, None]
         inside = (moved > target.lower[:, None]) & (moved < target.upper[:, None])
-        counts[i] = (inside.sum(dim=1).to(shift.dtype), moved.shape[1])
-    total, positions = torch.zeros_like(shift), 0
-    for count, n in distributed.gather_indexed(counts):
-        total += count.to(shift.device)
-        positions += n
-    return total / positions
+        counts[i] = (inside.sum(dim=2).to(shift.dtype), moved.shape[2])
+    return SampleSums.gather(counts, shift).mean()
 
 
 def _shift_variance(quantized: list[torch.Tensor], target: FloatTarget, shift: torch.Tensor,
