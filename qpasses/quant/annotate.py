@@ -139,7 +139,7 @@ def _annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig, cpu: Cp
             elif role is Role.COMPUTE:
                 pair = _runnable_pair(backend, module, pair, node, ann)
                 if not read_as_int8[node]:
-                    _decide_float_output(gm, node, module, backend, ann, kernels)
+                    _decide_float_output(gm, node, module, backend, ann, kernels, post_op)
             elif role in _REQUANTIZES_ON_DEMAND and not read_as_int8[node]:
                 ann.float_reasons[node.name] = (f"{describe_op(gm, node)}: nothing reads its value as int8, so it runs "
                                                 "float on its dequantized inputs (exact, one rounding fewer)")
@@ -263,11 +263,12 @@ def _only_outputs_read(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _decide_float_output(gm: fx.GraphModule, node: fx.Node, module, backend: Backend, ann: Annotation,
-                         kernels: FusedKernels | None) -> None:
+                         kernels: FusedKernels | None,
+                         post_op: Callable[[fx.GraphModule, fx.Node, fx.Node], bool] | None) -> None:
     """A conv/linear whose value nothing reads as int8 writes float where the engine (or the lowering's
-    ``kernels``) has an int8 kernel that does; the note says so for the model's output."""
+    ``kernels``) has an int8 kernel that does, unless ``post_op`` (the lowering's) reads its activation
+    (``_activation_read_by_post_op``); the note says so for the model's output."""
     output = _only_outputs_read(gm, node)
-    post_op = kernels.post_op if kernels is not None else backend.post_op
     if post_op is not None and _activation_read_by_post_op(gm, node, post_op):
         return
     if kernels is not None:
