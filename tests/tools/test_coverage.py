@@ -21,6 +21,7 @@ from tools.bench.coverage import (
     reestimate_batchnorm,
     report,
     run_model,
+    run_worker,
     sweep,
 )
 
@@ -112,7 +113,7 @@ def test_sweep_resumes_from_its_results_file(tmp_path, monkeypatch):
     monkeypatch.setattr("tools.bench.coverage.run_model", must_not_run)
     resumed = Results(path, TINY)
     sweep(["lstm"], ["fx"], resumed, timeout=300)
-    assert resumed.rows["lstm", "fx"].ok
+    assert resumed.get("lstm", "fx").ok
     with pytest.raises(SystemExit, match="--size"):
         Results(path, Params(size=64, calib=8, eval=8))
 
@@ -150,3 +151,27 @@ def test_every_timing_line_names_the_cpu_and_its_int8_features():
     line = common.describe_machine(1)
     assert line.startswith(f"{cpu_int8_features()}, torch {torch.__version__}, 1 thread")
     assert not line.endswith("threads") and common.describe_machine(2).endswith(", 2 threads")
+
+
+def test_the_seed_draws_other_weights_and_is_kept_in_the_row(tmp_path):
+    rows = {}
+    for seed in (0, 1):
+        run_worker("lstm", ["fx"], TINY, tmp_path / f"{seed}.jsonl", seed=seed)
+        rows[seed] = Row(**json.loads((tmp_path / f"{seed}.jsonl").read_text()))
+    assert rows[0].seed == 0 and rows[1].seed == 1 and rows[0].ok and rows[1].ok
+    assert rows[0].sqnr != rows[1].sqnr  # same inputs, other weights
+
+
+def test_report_over_seeds_gives_mean_standard_error_and_the_paired_difference():
+    results = Results(None, TINY)
+    family = MODELS["lstm"].family
+    for seed, ours, theirs in ((0, 10.0, 11.0), (1, 12.0, 11.5), (2, 14.0, 13.0)):
+        results.add(Row("lstm", family, "qpasses-ref", ok=True, sqnr=ours, quantized=1, total=2, seconds=1.0,
+                        seed=seed))
+        results.add(Row("lstm", family, "pt2e", ok=True, sqnr=theirs, quantized=1, total=2, seconds=1.0, seed=seed))
+    text = report(results, ["lstm"], ["qpasses-ref", "pt2e"], seeds=(0, 1, 2))
+    assert "### Over seeds 0, 1, 2 (mean ± standard error)" in text
+    # ours 10, 12, 14: mean 12, sd 2, se 2/√3; PT2E 11, 11.5, 13: mean 11.833; differences −1, 0.5, 1
+    assert "| lstm | 12.000 ± 1.155 | 11.833 ± 0.601 | +0.167 ± 0.601 (2/3 seeds ≥) |" in text
+    assert "no: SQNR 10.0 < 11.0" in text  # the per-model tables are the first seed's
+    assert "### Over seeds" not in report(results, ["lstm"], ["qpasses-ref", "pt2e"], seeds=(0,))

@@ -5,6 +5,7 @@ and how close the result stays to the float model.
     python -m tools.bench.coverage --models resnet18,lstm --tools qpasses-ptq,pt2e --quick
     python -m tools.bench.coverage --results .bench/coverage.json           # resumes: measured rows are kept
     python -m tools.bench.coverage --results .bench/coverage.json --report-only --write   # what it holds
+    python -m tools.bench.coverage --models mobilenet_v2 --tools qpasses-ref,pt2e --seeds 0,1,2,3   # seed noise
 
 Tools (``--tools``): qpasses PTQ (``FuseBN`` + ``PTQ``, x86), qpasses PTQ to the reference graph with the inductor
 preset (``lower=False``: the Q/DQ simulation at PT2E's grids, run one sample at a time), qpasses QAT (``QAT`` pass, training-mode forward
@@ -21,6 +22,11 @@ line of the error, SQNR of the outputs against the float model on the evaluation
 for structured outputs), top-1 agreement for logits, convs/linears quantized (``lowered_quantized_layers`` /
 ``pt2e_quantized_layers``) out of those of the float model (``float_weighted_layers``), prepare seconds
 (quantization with calibration), activation bits.
+
+Seeds (``--seeds``): the weights' seed (``torch.manual_seed`` before building the model; the inputs stay the same).
+With more than one, the report adds each tool's mean and standard error over the seeds per model, and the paired
+difference of qpasses' reference graph and PT2E (same weights, same inputs) with its standard error, so that "at
+least PT2E's SQNR" is judged against the seed-to-seed noise; the other tables show the first seed.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -396,6 +404,7 @@ class Row:
     total: int | None = None
     seconds: float | None = None
     activation_bits: int | None = None
+    seed: int = 0  # the weights' seed (rows of results files written before seeds existed: 0)
 
 
 def _outputs(run: Callable[[torch.Tensor], object], batches: list[torch.Tensor]) -> list[object]:
@@ -451,11 +460,11 @@ def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> nn.Mo
     return model
 
 
-def run_worker(name: str, tools: list[str], params: Params, rows_to: Path) -> None:
-    """Measure ``tools`` on model ``name``, appending each row to ``rows_to`` (JSON lines) as soon as it is done,
-    so rows measured before a crash survive it."""
+def run_worker(name: str, tools: list[str], params: Params, rows_to: Path, seed: int = 0) -> None:
+    """Measure ``tools`` on model ``name`` with weights drawn after ``torch.manual_seed(seed)``, appending each row
+    to ``rows_to`` (JSON lines) as soon as it is done, so rows measured before a crash survive it."""
     case = MODELS[name]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -464,13 +473,15 @@ def run_worker(name: str, tools: list[str], params: Params, rows_to: Path) -> No
             reestimate_batchnorm(model, inputs.calib)
             reference = _outputs(model, inputs.evals)
     except Exception as exc:  # the float model itself fails (e.g. at this input size): a row for each tool
-        failed = [Row(name, case.family, t, ok=False, error=f"float model: {_first_line(exc)}") for t in tools]
+        failed = [Row(name, case.family, t, ok=False, error=f"float model: {_first_line(exc)}", seed=seed)
+                  for t in tools]
         rows_to.write_text("".join(json.dumps(asdict(row)) + "\n" for row in failed))
         return
     total = float_weighted_layers(model)
     for tool in tools:
         print(f"[{name}] {tool} ...", file=sys.stderr, flush=True)
         row = measure(case, TOOLS[tool], copy.deepcopy(model), inputs, reference, total)
+        row.seed = seed
         with rows_to.open("a") as f:
             f.write(json.dumps(asdict(row)) + "\n")
 
@@ -479,7 +490,7 @@ def run_worker(name: str, tools: list[str], params: Params, rows_to: Path) -> No
 
 
 class Results:
-    """Rows by (model, tool), saved to ``path`` (if any) after every model."""
+    """Rows by (model, tool, seed), saved to ``path`` (if any) after every model."""
 
     def __init__(self, path: Path | None, params: Params):
         self.path, self.params = path, params
@@ -493,10 +504,13 @@ class Results:
                 self.add(Row(**row))
 
     def add(self, row: Row) -> None:
-        self.rows[row.model, row.tool] = row
+        self.rows[row.model, row.tool, row.seed] = row
 
-    def missing(self, model: str, tools: list[str]) -> list[str]:
-        return [t for t in tools if (model, t) not in self.rows]
+    def get(self, model: str, tool: str, seed: int = 0) -> Row | None:
+        return self.rows.get((model, tool, seed))
+
+    def missing(self, model: str, tools: list[str], seed: int = 0) -> list[str]:
+        return [t for t in tools if (model, t, seed) not in self.rows]
 
     def save(self) -> None:
         if self.path is None:
@@ -506,7 +520,8 @@ class Results:
         self.path.write_text(json.dumps({"params": asdict(self.params), "rows": rows}, indent=1) + "\n")
 
 
-def _worker(name: str, tools: list[str], params: Params, timeout: float) -> tuple[list[Row], str, float]:
+def _worker(name: str, tools: list[str], params: Params, timeout: float, seed: int
+            ) -> tuple[list[Row], str, float]:
     """One worker subprocess measuring ``tools`` on ``name`` in order, stopped once a tool runs past ``timeout``
     seconds (the first tool's time includes building the model and its float outputs). Returns the rows it
     wrote, why it stopped before writing them all ('' if it did not) and the seconds since its last row."""
@@ -514,7 +529,7 @@ def _worker(name: str, tools: list[str], params: Params, timeout: float) -> tupl
         rows_to, stderr_to = Path(tmp) / "rows.jsonl", Path(tmp) / "stderr.txt"
         command = [sys.executable, "-m", "tools.bench.coverage", "--worker", name, "--tools", ",".join(tools),
                    "--size", str(params.size), "--calib", str(params.calib), "--eval", str(params.eval),
-                   "--rows-to", str(rows_to)]
+                   "--seeds", str(seed), "--rows-to", str(rows_to)]
 
         def rows_written() -> int:  # complete lines only: the worker may be writing one
             return rows_to.read_text().count("\n") if rows_to.exists() else 0
@@ -539,32 +554,34 @@ def _worker(name: str, tools: list[str], params: Params, timeout: float) -> tupl
     return rows, why, time.monotonic() - last_row
 
 
-def run_model(name: str, tools: list[str], params: Params, timeout: float) -> list[Row]:
-    """``tools`` on ``name`` in worker subprocesses: the tool that stops a worker (crash, over ``timeout``
-    seconds) is a failed row naming why, and the tools after it get a fresh worker."""
+def run_model(name: str, tools: list[str], params: Params, timeout: float, seed: int = 0) -> list[Row]:
+    """``tools`` on ``name`` (weights of ``seed``) in worker subprocesses: the tool that stops a worker (crash, over
+    ``timeout`` seconds) is a failed row naming why, and the tools after it get a fresh worker."""
     rows: list[Row] = []
     remaining = list(tools)
     while remaining:
-        measured, why, seconds = _worker(name, remaining, params, timeout)
+        measured, why, seconds = _worker(name, remaining, params, timeout, seed)
         rows += measured
         remaining = remaining[len(measured):]
         if remaining:
-            rows.append(Row(name, MODELS[name].family, remaining[0], ok=False, error=why, seconds=seconds))
+            rows.append(Row(name, MODELS[name].family, remaining[0], ok=False, error=why, seconds=seconds, seed=seed))
             remaining = remaining[1:]
     return rows
 
 
-def sweep(models: list[str], tools: list[str], results: Results, timeout: float) -> None:
+def sweep(models: list[str], tools: list[str], results: Results, timeout: float, seeds: tuple[int, ...] = (0,)
+          ) -> None:
     for name in models:
-        todo = results.missing(name, tools)
-        if not todo:
-            continue
-        for row in run_model(name, todo, results.params, timeout):
-            results.add(row)
-            print(f"{name:36s} {row.tool:12s} " + (
-                f"ok  SQNR {row.sqnr:6.1f} dB  {row.quantized}/{row.total} quantized  {row.seconds:.1f} s"
-                if row.ok else f"FAIL {row.error}"), flush=True)
-        results.save()
+        for seed in seeds:
+            todo = results.missing(name, tools, seed)
+            if not todo:
+                continue
+            for row in run_model(name, todo, results.params, timeout, seed):
+                results.add(row)
+                print(f"{name:36s} {row.tool:12s} seed {seed} " + (
+                    f"ok  SQNR {row.sqnr:6.3f} dB  {row.quantized}/{row.total} quantized  {row.seconds:.1f} s"
+                    if row.ok else f"FAIL {row.error}"), flush=True)
+            results.save()
 
 
 # ---------------------------------------------------------------- the report
@@ -601,9 +618,48 @@ def _versus_pt2e(ours: Row | None, theirs: Row | None) -> str:
     return "no: " + ", ".join(short)
 
 
-def report(results: Results, models: list[str], tools: list[str]) -> str:
+def _mean_and_error(values: list[float]) -> tuple[float, float]:
+    """The mean of ``values`` and its standard error (sample standard deviation / √n; nan for one value)."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+
+
+def _over_seeds(results: Results, model: str, tool: str, seeds: tuple[int, ...]) -> str:
+    sqnrs = [row.sqnr for seed in seeds if (row := results.get(model, tool, seed)) is not None and row.ok]
+    if not sqnrs:
+        return "–"
+    mean, error = _mean_and_error(sqnrs)
+    return f"{mean:.3f} ± {error:.3f}" + (f" ({len(sqnrs)} of {len(seeds)})" if len(sqnrs) < len(seeds) else "")
+
+
+def _reference_minus_pt2e(results: Results, model: str, seeds: tuple[int, ...]) -> str:
+    """The paired difference of the reference graph's SQNR and PT2E's over the seeds both ran on: mean ± standard
+    error, and on how many seeds the reference is at least PT2E's."""
+    pairs = [(ours.sqnr, theirs.sqnr) for seed in seeds
+             if (ours := results.get(model, "qpasses-ref", seed)) is not None and ours.ok
+             and (theirs := results.get(model, "pt2e", seed)) is not None and theirs.ok]
+    if not pairs:
+        return "–"
+    mean, error = _mean_and_error([a - b for a, b in pairs])
+    return f"{mean:+.3f} ± {error:.3f} ({sum(a >= b for a, b in pairs)}/{len(pairs)} seeds ≥)"
+
+
+def seeds_report(results: Results, models: list[str], tools: list[str], seeds: tuple[int, ...]) -> str:
+    """Per model, each tool's SQNR over ``seeds`` (mean ± standard error) and the reference graph minus PT2E."""
+    paired = "qpasses-ref" in tools and "pt2e" in tools
+    header = ["model", *(f"{TOOLS[t].label} SQNR dB" for t in tools)] + ["reference − PT2E dB"] * paired
+    rows = [[m, *(_over_seeds(results, m, t, seeds) for t in tools)]
+            + [_reference_minus_pt2e(results, m, seeds)] * paired for m in models]
+    return (f"### Over seeds {', '.join(map(str, seeds))} (mean ± standard error)\n\n"
+            "The weights' seed varies, the inputs do not; the difference is paired (same weights, same inputs).\n\n"
+            + markdown_table(header, rows))
+
+
+def report(results: Results, models: list[str], tools: list[str], seeds: tuple[int, ...] = (0,)) -> str:
+    """The coverage section: the tables at the first of ``seeds``, and with more than one, ``seeds_report``."""
     import torchao
 
+    seed = seeds[0]
     p = results.params
     bits = {t: TOOLS[t].activation_bits() for t in tools}
     command = f"{COMMAND} --size {p.size} --calib {p.calib} --eval {p.eval} --results .bench/coverage.json --write"
@@ -626,7 +682,7 @@ def report(results: Results, models: list[str], tools: list[str]) -> str:
     ]
     summary = []
     for t in tools:
-        measured = [results.rows[m, t] for m in models if (m, t) in results.rows]
+        measured = [row for m in models if (row := results.get(m, t, seed)) is not None]
         ok = [r for r in measured if r.ok]
         summary.append([TOOLS[t].label, str(bits[t]), f"{len(ok)}/{len(measured)}",
                         str(sum(r.quantized > 0 for r in ok)), str(sum(r.quantized for r in ok))])
@@ -635,18 +691,31 @@ def report(results: Results, models: list[str], tools: list[str]) -> str:
     lines.append("qpasses ≥ PT2E (quantized layers and SQNR), per model: its x86 PTQ (torch.ao kernels, 7-bit steps "
                  "where they saturate), and its reference graph at PT2E's bits (the inductor preset):")
     lines.append(markdown_table(["model", "family", "qpasses PTQ ≥ PT2E", "qpasses reference ≥ PT2E"], [
-        [m, MODELS[m].family, *(_versus_pt2e(results.rows.get((m, t)), results.rows.get((m, "pt2e")))
+        [m, MODELS[m].family, *(_versus_pt2e(results.get(m, t, seed), results.get(m, "pt2e", seed))
                                 for t in ("qpasses-ptq", "qpasses-ref"))]
         for m in models]))
-    missing = [f"{m} ({', '.join(results.missing(m, tools))})" for m in models if results.missing(m, tools)]
+    missing = [f"{m} ({', '.join(results.missing(m, tools, seed))})" for m in models
+               if results.missing(m, tools, seed)]
     if missing:
         lines.append("Not measured yet (model (tools)): " + "; ".join(missing) + ".")
     lines.append("### Per model")
     for m in models:
-        rows = [[TOOLS[t].label, *_cell(results.rows.get((m, t)))] for t in tools]
+        rows = [[TOOLS[t].label, *_cell(results.get(m, t, seed))] for t in tools]
         lines.append(f"**{m}** ({MODELS[m].family})\n\n" + markdown_table(
             ["tool", "status", "SQNR dB", "top-1", "quantized/total", "prepare s", "error"], rows))
+    if len(seeds) > 1:
+        lines.append(seeds_report(results, models, tools, seeds))
     return "\n\n".join(lines)
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(dict.fromkeys(int(s) for s in text.split(",") if s))
+    except ValueError:
+        raise SystemExit(f"--seeds takes comma-separated integers (weights seeds), got {text!r}") from None
+    if not seeds:
+        raise SystemExit("--seeds names no seed; give e.g. --seeds 0,1,2,3")
+    return seeds
 
 
 def _names(text: str, known: dict, what: str) -> list[str]:
@@ -666,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=int, default=8, help="calibration samples (default 8)")
     parser.add_argument("--eval", type=int, default=16, help="evaluation samples (default 16)")
     parser.add_argument("--quick", action="store_true", help="8 calibration and 8 evaluation samples, 32 px")
+    parser.add_argument("--seeds", default="0", help="comma-separated weights seeds (default 0); with several the "
+                        "report adds each tool's mean and standard error over them")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a tool may take (default 600)")
     parser.add_argument("--results", type=Path, help="JSON file of rows: read to resume, updated after each model")
     parser.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
@@ -676,14 +747,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     models = _names(args.models, MODELS, "models")
     tools = _names(args.tools, TOOLS, "tools")
+    seeds = _seeds(args.seeds)
     params = Params(32, 8, 8) if args.quick else Params(args.size, args.calib, args.eval)
     if args.worker:
-        run_worker(args.worker, tools, params, args.rows_to)
+        run_worker(args.worker, tools, params, args.rows_to, seeds[0])
         return 0
     results = Results(args.results, params)
     if not args.report_only:
-        sweep(models, tools, results, args.timeout)
-    body = report(results, models, tools)
+        sweep(models, tools, results, args.timeout, seeds)
+    body = report(results, models, tools, seeds)
     print(body)
     if args.write:
         write_section("coverage", body)
