@@ -42,7 +42,11 @@ class QuantSpec:
     ``axis`` None quantizes per tensor, else per channel along ``axis``. ``observer`` picks how the
     range is measured (``minmax``, ``moving_average``, ``percentile``/``histogram``, ``entropy``, ``mse``);
     ``percentile`` is the clipping percentile of the percentile observer, ``averaging_constant`` the EMA
-    weight of the moving-average one.
+    weight of the moving-average one. ``error_power`` ``p`` is what the ``mse`` observer's range search
+    minimises: ``Σ |q(x) − x|^p`` over the values (2: the squared error). A larger ``p`` weighs the few large
+    errors of clipped values more than the many small roundings, so it clips less: a rounding error is zero-mean
+    and averages out in the sum a conv or linear takes over its inputs, where the clipped values' errors all have
+    one sign and add up (``BENCHMARKS.md``, coverage: the range search).
     """
 
     signed: bool
@@ -52,6 +56,7 @@ class QuantSpec:
     observer: str = "minmax"
     percentile: float = 99.99
     averaging_constant: float = 0.01
+    error_power: float = 2.0
     reduce_range: bool = False
     headroom: bool = False
     narrow_range: bool = False
@@ -78,6 +83,12 @@ class QuantSpec:
             raise ValueError(
                 f"QuantSpec.averaging_constant must be in (0, 1], got {self.averaging_constant!r}"
             )
+        if isinstance(self.error_power, bool) or not isinstance(self.error_power, int | float) \
+                or not 1.0 <= self.error_power <= 16.0:
+            raise ValueError(f"QuantSpec.error_power must be a number in [1, 16], got {self.error_power!r}")
+        if self.error_power != 2.0 and self.observer != "mse":
+            raise ValueError(f"QuantSpec.error_power is the exponent of the 'mse' observer's range search; "
+                             f"the {self.observer!r} observer has none (leave error_power at 2)")
         if self.narrow_range and not (self.signed and self.symmetric):
             raise ValueError(
                 "QuantSpec.narrow_range drops the most negative value of a symmetric signed grid; "
@@ -134,7 +145,8 @@ class QuantSpec:
         where = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
         flags = "".join(f" {f}" for f in ("reduce_range", "narrow_range") if getattr(self, f))
         codes = f" codes [{self.code_min}, {self.code_max}]" if self.reduce_range and self.headroom else ""
-        return f"{kind} {grid} {where} [{self.quant_min}, {self.quant_max}]{codes} {self.observer}{flags}"
+        observer = self.observer if self.error_power == 2.0 else f"{self.observer}(p={self.error_power:g})"
+        return f"{kind} {grid} {where} [{self.quant_min}, {self.quant_max}]{codes} {observer}{flags}"
 
 
 def compute_qparams(

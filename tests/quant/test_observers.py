@@ -468,3 +468,51 @@ def test_affine_mse_search_does_not_repeat_a_search_it_already_made(monkeypatch)
     signed(torch.randn(10_000, generator=g))
     signed.range()
     assert len(calls) == 2 * MSEObserver.rounds  # top and bottom, each round: each depends on the other's move
+
+
+def _qdq_error(x: torch.Tensor, lo: float, hi: float, spec: QuantSpec, power: float) -> float:
+    probe = MinMaxObserver(spec)
+    probe(torch.tensor([lo, hi]))
+    scale, zp = probe.qparams()
+    q = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), spec.quant_min, spec.quant_max)
+    return float((q - x).abs().pow(power).mean())
+
+
+def test_error_power_searches_the_range_minimising_that_power_and_clips_less():
+    # Laplace data (heavy-tailed, like a LayerNorm's or a residual stream's): a larger power weighs the clipped
+    # tail's large errors more, so it keeps more of the tail, and still clips the farthest values.
+    g = torch.Generator().manual_seed(0)
+    data = -torch.rand(200_000, generator=g).log() * torch.where(torch.rand(200_000, generator=g) < 0.5, -1.0, 1.0)
+    spec = U8.replace(observer="mse")
+    tops = {}
+    for power in (2.0, 3.0, 4.0):
+        obs = MSEObserver(spec.replace(error_power=power))
+        obs(data)
+        lo, hi = (float(v) for v in obs.range())
+        tops[power] = hi
+        # no top on a grid around the chosen one does better at this power (the bottom as chosen)
+        chosen = _qdq_error(data, lo, hi, spec, power)
+        for top in torch.linspace(0.5 * hi, min(1.5 * hi, float(data.max())), 21).tolist():
+            assert chosen <= 1.01 * _qdq_error(data, lo, top, spec, power), (power, hi, top)
+    assert tops[2.0] < tops[3.0] < tops[4.0] < float(data.max())
+
+
+def test_error_power_reaches_the_per_channel_weight_search():
+    weight = torch.randn(4, 512, generator=torch.Generator().manual_seed(0))
+    weight[:, 0] = 8.0  # one outlier per channel: 4-bit steps make clipping it pay under the squared error
+    spec = S8_SYM.replace(axis=0, observer="mse", bits=4)
+    highs = {}
+    for power in (2.0, 8.0):
+        observer = make_observer(spec.replace(error_power=power))
+        observer(weight)
+        highs[power] = observer.range()[1]
+    assert bool((highs[2.0] < 6.0).all()) and bool((highs[8.0] > 7.0).all())
+
+
+def test_error_power_is_checked():
+    assert str(U8.replace(observer="mse", error_power=3)).endswith(" mse(p=3)")
+    assert str(U8.replace(observer="mse")).endswith(" mse")
+    with pytest.raises(ValueError, match="'minmax' observer has none"):
+        U8.replace(error_power=3.0)
+    with pytest.raises(ValueError, match=r"in \[1, 16\]"):
+        U8.replace(observer="mse", error_power=0.5)
