@@ -453,18 +453,20 @@ def test_inductor_rounds_a_conv_relu_that_an_add_reads():
     assert [a.target for a in add.args[1:]] == [DEQUANTIZE, DEQUANTIZE], add.args
 
 
-def test_inductor_clips_a_heavy_tailed_activation_less_than_the_squared_error_would():
-    """The inductor preset's range search minimises Σ|q(x) − x|³ (``QuantSpec.error_power``): on a heavy-tailed
-    conv input it keeps more of the tail than the squared error's search, and still clips its farthest values."""
+@pytest.mark.parametrize("backend", ["inductor", "x86"])
+def test_default_preset_clips_a_heavy_tailed_activation_less_than_the_squared_error_would(backend):
+    """The x86 and inductor presets' range search minimises Σ|q(x) − x|³ (``QuantSpec.error_power``): on a
+    heavy-tailed conv input it keeps more of the tail than the squared error's search, and still clips its farthest
+    values."""
     g = torch.Generator().manual_seed(0)
     data = [torch.empty(4, 3, 16, 16).exponential_(generator=g) * torch.randn(4, 3, 16, 16, generator=g).sign()
             for _ in range(2)]  # Laplace
-    preset = get_backend("inductor").default_config()
+    preset = get_backend(backend).default_config()
 
     def input_step(activation: QuantSpec | None) -> float:
         config = None if activation is None else QuantConfig(weight=preset.weight, activation=activation)
-        reference = PassManager([PTQ(data, backend="inductor", config=config, progress=False, recipe=False)]).run(
-            nn.Conv2d(3, 4, 1).eval(), data[0])
+        reference = PassManager([PTQ(data, backend=backend, config=config, progress=False, recipe=False,
+                                     lower=False)]).run(nn.Conv2d(3, 4, 1).eval(), data[0])
         (quantize_input,) = [n for n in reference.graph.nodes if n.target is QUANTIZE and n.args[0].op == "placeholder"]
         return float(quantize_input.args[1])
 
