@@ -318,11 +318,12 @@ def inductor_post_op(gm: fx.GraphModule, producer: fx.Node, node: fx.Node) -> bo
 
 
 _X86_ACTIVATION = QuantSpec(signed=False, symmetric=False, observer="mse", reduce_range=True, headroom=True)
-_FBGEMM_ACTIVATION = _X86_ACTIVATION.replace(headroom=False)
 # The range search weighs errors by their cube: it clips less than the squared error, whose clipping errors (one
 # sign) add up in the conv or linear reading them where roundings average out. Measured on the x86 and inductor
-# presets (BENCHMARKS.md, coverage: the activation range search); the other presets keep the squared error.
+# presets (BENCHMARKS.md, coverage: the activation range search); fbgemm (the same kernels, x86's grid clipped at
+# 127) follows x86; the others keep the squared error.
 _CUBED_ERROR_ACTIVATION = _X86_ACTIVATION.replace(error_power=3.0)
+_FBGEMM_ACTIVATION = _CUBED_ERROR_ACTIVATION.replace(headroom=False)
 _INDUCTOR_WHY = (
     "inductor's int8 patterns (torchao 0.18) run every conv and linear in oneDNN's qconv/qlinear_pointwise, "
     "depthwise ones included (no fbgemm), and ignore a quantize's [qmin, qmax]: its kernels write the whole u8 "

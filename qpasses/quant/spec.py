@@ -43,7 +43,8 @@ class QuantSpec:
     range is measured (``minmax``, ``moving_average``, ``percentile``/``histogram``, ``entropy``, ``mse``);
     ``percentile`` is the clipping percentile of the percentile observer, ``averaging_constant`` the EMA
     weight of the moving-average one. ``error_power`` ``p`` is what the ``mse`` observer's range search
-    minimises: ``Σ |q(x) − x|^p`` over the values (2: the squared error). A larger ``p`` weighs the few large
+    minimises: ``Σ |q(x) − x|^p`` over the values (2: the squared error; the other observers minimise nothing, and
+    their specs hold 2). A larger ``p`` weighs the few large
     errors of clipped values more than the many small roundings, so it clips less: a rounding error is zero-mean
     and averages out in the sum a conv or linear takes over its inputs, where the clipped values' errors all have
     one sign and add up (``BENCHMARKS.md``, coverage: the range search).
@@ -86,9 +87,8 @@ class QuantSpec:
         if isinstance(self.error_power, bool) or not isinstance(self.error_power, int | float) \
                 or not 1.0 <= self.error_power <= 16.0:
             raise ValueError(f"QuantSpec.error_power must be a number in [1, 16], got {self.error_power!r}")
-        if self.error_power != 2.0 and self.observer != "mse":
-            raise ValueError(f"QuantSpec.error_power is the exponent of the 'mse' observer's range search; "
-                             f"the {self.observer!r} observer has none (leave error_power at 2)")
+        if self.observer != "mse":  # no error to weigh: equal grids stay equal specs (``replace(observer=...)``)
+            object.__setattr__(self, "error_power", 2.0)
         if self.narrow_range and not (self.signed and self.symmetric):
             raise ValueError(
                 "QuantSpec.narrow_range drops the most negative value of a symmetric signed grid; "

@@ -135,7 +135,8 @@ def test_target_escalates_to_the_fewest_layers_kept_float():
     passes_only = PTQ(data, target_sqnr=100.0, adaround=False, max_float_share=0.0, progress=False)
     with pytest.raises(TargetNotMetError):
         PassManager([FuseBN(), passes_only]).run(model, data[0])
-    goal = max(s.value for s in passes_only.search.steps) + 2.0  # beyond PTQ and BiasCorrection
+    # beyond PTQ and BiasCorrection, and beyond one or two layers kept float (x86's cubed-error ranges: +2.1, +2.5 dB)
+    goal = max(s.value for s in passes_only.search.steps) + 3.0
     ptq = PTQ(data, target_sqnr=goal, adaround=False, max_float_share=1.0, progress=False)
     pm = PassManager([FuseBN(), ptq])
     qm = pm.run(model, data[0])
