@@ -188,7 +188,9 @@ def falls(curve: dict[int, float]) -> list[tuple[int, float, int, float]]:
 class TargetPTQ(Pass):
     """PTQ to a target (see the module docstring). Built by ``PTQ(target_sqnr=...)``; takes the resolved
     ``config``. Requires: ``functional_modules``. Provides what PTQ does: ``observed``, ``calibrated``,
-    ``lowered`` (its output is the lowered int8 model of the step it chose)."""
+    ``lowered`` (its output is the lowered int8 model of the step it chose), or ``reference`` for a backend
+    without torch.ao kernels (``inductor``: the reference graph is what that runtime compiles and what each step
+    measured)."""
 
     stage = Stage.QUANTIZE
     requires = InsertObservers.requires
@@ -202,6 +204,8 @@ class TargetPTQ(Pass):
         self.progress, self.device, self.recipe, self.target = progress, device, recipe, target
         self.adaround, self.max_float_share = adaround, max_float_share
         self.result: SearchResult | None = None
+        if get_backend(backend).engine is None:  # PTQ ends at the reference graph, what that runtime compiles
+            self.provides = frozenset({"observed", "calibrated", "reference"})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         batches = list(itertools.islice(self.data, self.num_batches))  # every candidate reads them again
