@@ -67,7 +67,9 @@ from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import batch_inputs, progress
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.recipes import build_passes, find_recipe
-from qpasses.quant.backends import get_backend
+from qpasses.quant.annotate import annotate
+from qpasses.quant.backends import Backend, get_backend
+from qpasses.quant.lowering import has_float_output_kernel
 from qpasses.quant.observers import CalibrationError
 from qpasses.quant.overrides import exact_pattern, with_node_overrides
 from qpasses.quant.spec import QuantConfig, QuantPair
@@ -86,8 +88,10 @@ class Target:
 @dataclass
 class SearchStep:
     """One measured candidate: its pipeline (``passes`` before PTQ, ``raised`` layers at 8 bits,
-    ``keep_float`` layers), the metric, the seconds it took to build and measure, and the share of the MACs
-    it keeps float."""
+    ``keep_float`` layers), the metric, the seconds it took to build and measure, the share of the conv/linear
+    MACs it keeps float, and ``rounded``: how many activation values its model rounds to an int8 grid (the
+    annotation's observed values). A conv/linear that writes fp32 because only float layers read its value
+    (``inductor``) runs int8 MACs: it counts in ``rounded``'s drop, not in ``float_share``."""
 
     label: str
     passes: tuple[str, ...]
@@ -97,6 +101,7 @@ class SearchStep:
     float_share: float
     met: bool
     raised: tuple[str, ...] = ()
+    rounded: int = 0
 
     @property
     def order(self) -> tuple[int, int]:
@@ -109,6 +114,7 @@ class SearchStep:
     def line(self, unit: str) -> str:
         where = f", layers at 8 bits: {len(self.raised)}" if self.raised else ""
         where += f", layers float: {len(self.keep_float)} ({self.float_share:.1%} of MACs)" if self.keep_float else ""
+        where += f", {self.rounded} activation values rounded"
         return f"{self.label}: {self.value:.2f}{unit} in {self.seconds:.1f} s{where}{' — target met' if self.met else ''}"
 
 
@@ -281,8 +287,9 @@ class _Search:
         model = self._quantize(passes, config)
         with eval_mode(model):
             value = self.metric(model)
+        rounded = len(annotate(self.gm, get_backend(self.owner.backend), config).observe)
         step = SearchStep(label, passes, keep_float, value, time.perf_counter() - start, float_share,
-                          value >= self.result.target, raised_layers)
+                          value >= self.result.target, raised_layers, rounded)
         self.result.steps.append(step)
         return step, model
 
@@ -424,4 +431,26 @@ class _Search:
             return self.measure(f"{base.label}, {k} most sensitive layers float", base.passes, tuple(names[:k]),
                                 shares[k - 1])
 
+        if limit:
+            self.result.notes.append(_float_layer_note(get_backend(self.owner.backend)))
         return self._prefix_step("float", bases, limit, measure)
+
+
+def _convs_write_float(backend: Backend) -> bool:
+    """Whether ``backend``'s int8 conv kernels can write fp32 (inductor's qconv_pointwise), so that a conv whose
+    value only float layers read is not rounded for them (``annotate``'s float-output rule)."""
+    if backend.engine is None:
+        return issubclass(nn.Conv2d, backend.float_output_modules)
+    return has_float_output_kernel(nn.Conv2d(1, 1, 1), backend.engine)
+
+
+def _float_layer_note(backend: Backend) -> str:
+    """What keeping a layer float removes on ``backend``: its weight rounding, and its input's rounding only where
+    the int8 conv producing that input can write fp32."""
+    if _convs_write_float(backend):
+        return (f"layers float: a layer kept float also reads its input unrounded where an int8 conv/linear that only "
+                f"float layers read produces it ({backend.runtime or backend.name}'s int8 convs write fp32; their MACs "
+                "stay int8 and are not counted as float), so it drops an activation rounding with its weight rounding")
+    return (f"layers float: the {backend.engine or backend.name} int8 convs write int8 codes, so a layer kept float "
+            "still reads a rounded input where an int8 conv produces it: it removes its weight rounding and the "
+            "roundings between float layers only (the inductor preset's convs write fp32 and drop its input's too)")

@@ -321,6 +321,7 @@ def test_evaluate_is_called_a_bounded_number_of_times_through_every_step():
     ({"target_sqnr": 30.0, "max_float_share": 2}, "max_float_share"),
     ({"recipe": None}, "recipe must be True or False"),
     ({"target_sqnr": 30.0, "adaround": "no"}, "adaround must be True or False"),
+    ({"target_sqnr": 30.0, "lower": False}, "measures and returns the deployed model"),
 ])
 def test_arguments_are_checked_before_any_work(kwargs, message):
     with pytest.raises(InputError, match=message):
@@ -450,3 +451,47 @@ def test_reused_rounding_leaves_a_layer_kept_float_at_its_float_weight():
         assert torch.equal(qm.get_submodule(name).weight().int_repr(), rounded_model.get_submodule(name).weight().int_repr())
     record = next(r for r in pm.report.records if r.name == "ReuseRounding")
     assert record.stats["reused"] == 3 and record.stats["other_grid"] == 0
+
+
+@pytest.mark.parametrize("backend", ["inductor", "x86"])
+def test_a_layer_kept_float_reads_its_input_unrounded_only_where_the_int8_conv_before_it_writes_fp32(
+        monkeypatch, backend):
+    """Every layer-step model, as deployed (x86: lowered to torch.ao's kernels, checked on the reference graph it
+    was lowered from; inductor: the reference graph inductor compiles): on inductor, whose int8 convs write fp32,
+    a layer kept float reads the int8 conv before it unrounded, so each float layer drops one activation rounding;
+    on x86 the int8 conv before it writes codes, and only a value between float layers, the model's input or the
+    output of a last layer kept float is left unrounded. Either way the MACs counted float are the float layers' own."""
+    from qpasses.analysis.sensitivity import Sensitivity
+    from qpasses.passes.reference import DEQUANTIZE
+    from qpasses.quant.lowering import QuantizedConv2d
+    from qpasses.quant.state import state_of
+
+    data = calibration(2)
+    model = small_net()
+    built = force(monkeypatch, lambda step: False)  # every measured step with its model
+    ptq = PTQ(data, backend=backend, target_sqnr=100.0, adaround=False, max_float_share=1.0, progress=False)
+    with pytest.raises(TargetNotMetError):
+        PassManager([FuseBN(), ptq]).run(model, data[0])
+    macs = {layer.name: layer.macs for layer in Sensitivity(model, data, progress=False).layers}
+    order = list(macs)  # graph order: "0.0", "1.0", "2.0", "3"
+    base = ptq.search.steps[0]
+    layer_steps = [(s, m) for s, m in built if s.keep_float]
+    assert layer_steps and any(set(s.keep_float) - {"0.0"} for s, _ in layer_steps)
+    for step, qm in layer_steps:
+        reference = state_of(qm).reference if backend == "x86" else qm
+        if backend == "x86":
+            assert any(isinstance(m, QuantizedConv2d) for m in qm.modules())  # lowered to the engine's kernels
+        calls = {n.target: n for n in reference.graph.nodes if n.op == "call_module"}
+        unrounded_inputs = 0
+        for layer in step.keep_float:
+            before = order[order.index(layer) - 1] if layer != order[0] else None
+            reads_codes = calls[layer].args[0].target is DEQUANTIZE
+            int8_before = before is not None and before not in step.keep_float
+            assert reads_codes == (int8_before and backend == "x86"), (layer, step.keep_float)
+            unrounded_inputs += not reads_codes
+            # x86's int8 conv writing the model's output rounds it (no conv kernel writes fp32); kept float, it does not
+            unrounded_inputs += layer == order[-1] and backend == "x86"
+        assert base.rounded - step.rounded == unrounded_inputs
+        assert step.float_share == pytest.approx(sum(macs[n] for n in step.keep_float) / sum(macs.values()))
+    note = next(n for n in ptq.search.notes if n.startswith("layers float: "))
+    assert ("also reads its input unrounded" in note) == (backend == "inductor")
