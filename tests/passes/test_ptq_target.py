@@ -9,7 +9,7 @@ from torch import nn
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
 from qpasses.errors import InputError, PlanError, TargetNotMetError
-from qpasses.passes import CLE, PTQ, QAT, AdaRound, BiasCorrection, FuseBN, recipe_table
+from qpasses.passes import CLE, PTQ, QAT, AdaRound, BiasCorrection, FuseBN, recipe_table, target
 from qpasses.passes.adaround import ReuseRounding
 from qpasses.passes.recipes import Recipe, find_recipe
 from qpasses.passes.registry import PASSES, PassOptions, build_pipeline
@@ -241,6 +241,7 @@ def test_a_curve_that_falls_is_reported_and_the_fewest_measured_hit_kept(monkeyp
         return step, model
 
     monkeypatch.setattr(_Search, "measure", falling)
+    monkeypatch.setattr(target, "producer_pairs", lambda gm, layers: {})  # one layer per candidate: 1, 2, 3 layers
     every = PTQ(data, target_sqnr=100.0, adaround=False, max_float_share=1.0, progress=False)
     with pytest.raises(TargetNotMetError):  # measures 1, 2 and 3 layers float (the doubling up to the limit)
         PassManager([FuseBN(), every]).run(small_net(), data[0])
@@ -303,7 +304,9 @@ def test_evaluate_is_called_a_bounded_number_of_times_through_every_step():
     with pytest.raises(TargetNotMetError):
         PassManager([FuseBN(), ptq]).run(model, data[0])
     result, layers = ptq.search, 4
-    assert result.ranking_variants == layers + 1
+    # x86's int8 convs write codes: the 3 layers reading another's value alone are ranked float with it too, on
+    # the fully quantized model measured once more
+    assert result.ranking_variants == layers + 1 + 3 + 1
     assert {s.order[0] for s in result.steps} == {0, 1, 2} and "PTQ + adaround" in [s.label for s in result.steps]
     assert len(calls) == 1 + len(result.steps) + result.ranking_variants
     assert len(result.steps) <= max_measurements(layers)
@@ -495,3 +498,25 @@ def test_a_layer_kept_float_reads_its_input_unrounded_only_where_the_int8_conv_b
         assert step.float_share == pytest.approx(sum(macs[n] for n in step.keep_float) / sum(macs.values()))
     note = next(n for n in ptq.search.notes if n.startswith("layers float: "))
     assert ("also reads its input unrounded" in note) == (backend == "inductor")
+
+
+def test_producer_pairs_are_layers_reading_a_value_only_they_read():
+    from qpasses.graph.trace import propagate_shapes
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+            self.pool = nn.MaxPool2d(3, stride=1, padding=1)  # keeps its input's grid
+            self.dw = nn.Conv2d(4, 4, 3, groups=4)
+
+        def forward(self, x):
+            y = torch.relu(self.stem(x))
+            return self.dw(self.pool(torch.nn.functional.relu6(self.head(self.conv(y) + y))))
+
+    gm = torch.fx.symbolic_trace(Residual())
+    propagate_shapes(gm, (torch.randn(1, 3, 8, 8),))
+    # the stem's value is read by conv and the add (no pair); head reads the add (not a layer); dw reads head's
+    # value through ReLU6 and max pooling, which nothing else reads
+    assert target.producer_pairs(gm, ["stem", "conv", "head", "dw"]) == {"dw": "head"}
+    assert target.producer_pairs(gm, ["stem", "conv", "dw"]) == {}  # head is not among the layers
