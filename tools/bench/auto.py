@@ -201,10 +201,10 @@ def where_rows(photos: PhotoSet, backends: list[str], keep_float: list[str]) -> 
         macs = {layer.name: layer.macs for layer in sens.layers}
         for names in keep_float:
             layers = [n for n in names.split(",") if n]
-            config = get_backend(backend).default_config()
+            config = PTQ(photos.calib, backend=backend, progress=False).config  # as PTQ resolves it (the CPU's bits)
             config = dataclasses.replace(config, keep_float={exact_pattern(n) for n in layers})
             start = time.process_time()
-            built = quantize(model, [BiasCorrection(photos.calib)], photos.calib, backend, config)
+            built = quantize(model, build_passes(("biascorrection",), photos.calib, None), photos.calib, backend, config)
             rounded = len(annotate(sens.prepared, get_backend(backend), config).observe)
             share = sum(macs[n] for n in layers) / sum(macs.values())
             print(f"{backend} | BiasCorrection, float: {names or 'none'} ({share:.2%} of MACs) | {metric(built):.2f} dB "
