@@ -446,7 +446,7 @@ class _Search:
         self.result.ranking_variants += len(pairs) + 1
         self.result.notes.append(f"layers float: {len(pairs)} layers that alone read another layer's value were "
                                  "also ranked kept float with it (their value unrounded), measured on the ranking's "
-                                 "shared calibration")
+                                 f"shared calibration ({len(pairs) + 1} variants more)")
         return units
 
     def _hybrid(self, bases: list[SearchStep]) -> tuple[SearchStep, fx.GraphModule] | None:
