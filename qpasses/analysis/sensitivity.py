@@ -59,6 +59,7 @@ from qpasses.passes.fuse_bn import FuseBN
 from qpasses.passes.insert_observers import InsertObservers, resolve_config
 from qpasses.passes.lower import Lower
 from qpasses.passes.manager import PassManager
+from qpasses.passes.reference import Reference
 from qpasses.passes.replace_functional import ReplaceFunctional
 from qpasses.quant.annotate import Annotation, annotate
 from qpasses.quant.backends import get_backend
@@ -459,8 +460,9 @@ class Sensitivity:
         self.calibration_passes += 1
 
     def quantize(self, config: QuantConfig) -> fx.GraphModule:
-        """The lowered int8 model for ``config``, its observers loaded from the shared calibration
-        (observer groups never calibrated before are calibrated now, in one pass)."""
+        """The lowered int8 model for ``config`` (the reference graph for a backend without torch.ao kernels),
+        its observers loaded from the shared calibration (observer groups never calibrated before are calibrated
+        now, in one pass)."""
         gm = copy.deepcopy(self.prepared)
         ctx = PassContext(example_inputs=self.example_inputs)
         gm = InsertObservers(self.backend, config).run(gm, ctx).graph_module
@@ -471,7 +473,9 @@ class Sensitivity:
             observer = gm.get_submodule(target)
             set_module(gm, target, _fixed_range_observer(observer.spec, observer.name, self._range(key, observer.spec)))
         self._pin_weight_qparams(gm)
-        gm = Lower(self.backend).run(gm, ctx).graph_module
+        # A runtime without torch.ao kernels (inductor) runs what the reference graph simulates.
+        final = Lower(self.backend) if get_backend(self.backend).engine is not None else Reference(self.backend)
+        gm = final.run(gm, ctx).graph_module
         return gm.eval()
 
     def _pin_weight_qparams(self, gm: fx.GraphModule) -> None:

@@ -78,11 +78,13 @@ class PTQ(CompositePass):
         self.backend, self.config = observers.backend.name, observers.config
         _check_flag(adaround, "adaround")
         self.target_kind = _check_target(target_sqnr, evaluate, max_drop, max_float_share)
-        lower = _check_flag(lower, "lower") and observers.backend.engine is not None
+        asked_lower = _check_flag(lower, "lower")
+        lower = asked_lower and observers.backend.engine is not None
         if not lower:
-            if self.target_kind is not None:
-                raise InputError("PTQ: a target search (target_sqnr=, evaluate=) returns a lowered model; it needs "
-                                 "lower=True and a backend with torch.ao kernels, or drop the target")
+            if self.target_kind is not None and not asked_lower:
+                raise InputError("PTQ: a target search (target_sqnr=, evaluate=) measures and returns the deployed "
+                                 "model (lowered, or the reference graph of a runtime without torch.ao kernels); "
+                                 "drop lower=False or the target")
             self.provides = frozenset({"observed", "calibrated", "reference"})
         if self.target_kind is not None:
             from qpasses.passes.target import Target, TargetPTQ  # it builds PTQs itself

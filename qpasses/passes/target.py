@@ -14,7 +14,14 @@ the target:
    on the same int8 kernels, so it costs weight bytes, not float MACs; that is why it comes first. At 8-bit
    weights and activations there is no higher-bit kernel (torch.ao's run 8-bit containers only), and the
    step is skipped with a note that says so;
-5. hybrid: the same pipeline, at the configured bits, with the fewest layers kept float.
+5. hybrid: the same pipeline, at the configured bits, with the fewest layers kept float. What that removes
+   depends on the backend's kernels: a layer kept float keeps its weights float, and its input is rounded only
+   where an int8 op writes it as codes. On ``inductor`` the int8 conv before it writes fp32 (its MACs stay int8,
+   and count as int8), so the float layer drops that activation rounding too. The torch.ao engines' int8 convs
+   always write codes, so there the candidates also include each layer together with the layer whose value it
+   alone reads (``producer_pairs``; both counted float): on pretrained Lite0 (x86, BiasCorrection, 16 crops) the
+   stem conv alone float gains 0.5 dB, the depthwise conv after it alone loses 0.1 dB, and both together, the
+   stem's output unrounded, gain 1.7 dB (BENCHMARKS.md).
 
 When AdaRound (step 3) is the best pipeline, steps 4 and 5 do not learn a rounding again for each model they
 measure: step 3's AdaRound keeps the weights it chose per layer (``AdaRound.rounded``), and each layer-step
@@ -67,8 +74,11 @@ from qpasses.passes.base import Pass, PassContext, PassResult, Stage
 from qpasses.passes.calibrate import batch_inputs, progress
 from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.recipes import build_passes, find_recipe
-from qpasses.quant.backends import get_backend
+from qpasses.quant.annotate import annotate
+from qpasses.quant.backends import Backend, get_backend
+from qpasses.quant.lowering import has_float_output_kernel
 from qpasses.quant.observers import CalibrationError
+from qpasses.quant.ops import Role, role_of
 from qpasses.quant.overrides import exact_pattern, with_node_overrides
 from qpasses.quant.spec import QuantConfig, QuantPair
 
@@ -86,8 +96,10 @@ class Target:
 @dataclass
 class SearchStep:
     """One measured candidate: its pipeline (``passes`` before PTQ, ``raised`` layers at 8 bits,
-    ``keep_float`` layers), the metric, the seconds it took to build and measure, and the share of the MACs
-    it keeps float."""
+    ``keep_float`` layers), the metric, the seconds it took to build and measure, the share of the conv/linear
+    MACs it keeps float, and ``rounded``: how many activation values its model rounds to an int8 grid (the
+    annotation's observed values). A conv/linear that writes fp32 because only float layers read its value
+    (``inductor``) runs int8 MACs: it counts in ``rounded``'s drop, not in ``float_share``."""
 
     label: str
     passes: tuple[str, ...]
@@ -97,6 +109,7 @@ class SearchStep:
     float_share: float
     met: bool
     raised: tuple[str, ...] = ()
+    rounded: int = 0
 
     @property
     def order(self) -> tuple[int, int]:
@@ -109,6 +122,7 @@ class SearchStep:
     def line(self, unit: str) -> str:
         where = f", layers at 8 bits: {len(self.raised)}" if self.raised else ""
         where += f", layers float: {len(self.keep_float)} ({self.float_share:.1%} of MACs)" if self.keep_float else ""
+        where += f", {self.rounded} activation values rounded"
         return f"{self.label}: {self.value:.2f}{unit} in {self.seconds:.1f} s{where}{' — target met' if self.met else ''}"
 
 
@@ -150,7 +164,9 @@ def max_measurements(layers: int) -> int:
     layers: 3 pass steps and two layer steps of at most ``prefix_search_bound(layers - 1)`` prefixes each,
     plus, per layer step, the longest prefix on the second base when AdaRound measured best.
     With ``evaluate=``, ``evaluate`` is called once per measured model, once on the float model and once
-    per Sensitivity variant of the ranking (``layers + 1``, ``SearchResult.ranking_variants``)."""
+    per Sensitivity variant of the ranking (``SearchResult.ranking_variants``: ``layers + 1``, and where the
+    layers-float step runs on a backend whose int8 convs write codes, one per producer pair and the fully
+    quantized model once more)."""
     return 3 + 2 * (prefix_search_bound(max(layers - 1, 0)) + 1)
 
 
@@ -188,7 +204,9 @@ def falls(curve: dict[int, float]) -> list[tuple[int, float, int, float]]:
 class TargetPTQ(Pass):
     """PTQ to a target (see the module docstring). Built by ``PTQ(target_sqnr=...)``; takes the resolved
     ``config``. Requires: ``functional_modules``. Provides what PTQ does: ``observed``, ``calibrated``,
-    ``lowered`` (its output is the lowered int8 model of the step it chose)."""
+    ``lowered`` (its output is the lowered int8 model of the step it chose), or ``reference`` for a backend
+    without torch.ao kernels (``inductor``: the reference graph is what that runtime compiles and what each step
+    measured)."""
 
     stage = Stage.QUANTIZE
     requires = InsertObservers.requires
@@ -202,6 +220,8 @@ class TargetPTQ(Pass):
         self.progress, self.device, self.recipe, self.target = progress, device, recipe, target
         self.adaround, self.max_float_share = adaround, max_float_share
         self.result: SearchResult | None = None
+        if get_backend(backend).engine is None:  # PTQ ends at the reference graph, what that runtime compiles
+            self.provides = frozenset({"observed", "calibrated", "reference"})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         batches = list(itertools.islice(self.data, self.num_batches))  # every candidate reads them again
@@ -277,8 +297,9 @@ class _Search:
         model = self._quantize(passes, config)
         with eval_mode(model):
             value = self.metric(model)
+        rounded = len(annotate(self.gm, get_backend(self.owner.backend), config).observe)
         step = SearchStep(label, passes, keep_float, value, time.perf_counter() - start, float_share,
-                          value >= self.result.target, raised_layers)
+                          value >= self.result.target, raised_layers, rounded)
         self.result.steps.append(step)
         return step, model
 
@@ -374,11 +395,13 @@ class _Search:
                 bar.close()
         fallen = falls({k: step.value for k, (step, _) in measured.items()})
         if fallen:
-            where = "; ".join(f"{k} layers {v:.2f} > {k2} layers {v2:.2f}" for k, v, k2, v2 in fallen)
+            # a prefix of k candidates may hold more than k layers (a layer with its producer, ``_float_units``)
+            size = {k: len(step.keep_float) + len(step.raised) for k, (step, _) in measured.items()}
+            where = "; ".join(f"{size[k]} layers {v:.2f} > {size[k2]} layers {v2:.2f}" for k, v, k2, v2 in fallen)
             self.result.notes.append(
                 f"layers {what}: the measured values are not monotone in the number of layers ({where}); the search "
                 f"keeps the fewest layers among the measured prefixes that meet the target "
-                f"({', '.join(str(k) for k in sorted(measured))} measured)")
+                f"({', '.join(str(size[k]) for k in sorted(measured))} measured)")
         return None if k is None else measured[k]
 
     def _higher_bits(self, bases: list[SearchStep]) -> tuple[SearchStep, fx.GraphModule] | None:
@@ -406,18 +429,95 @@ class _Search:
 
         return self._prefix_step("at 8 bits", bases, limit, measure)
 
+    def _float_units(self, backend: Backend) -> dict[tuple[str, ...], float]:
+        """What the layers-float step may keep float, each with the output noise power keeping it float removes
+        (Sensitivity's gains): every layer alone, and, where ``backend``'s int8 convs write codes, every layer
+        together with the layer whose value it alone reads (``producer_pairs``): only both float leave that value
+        unrounded there. The pairs' variants are measured here, on the ranking's shared calibration."""
+        units = {(name,): gain for name, gain in self.gains.items()}
+        if _convs_write_float(backend):
+            return units  # a layer kept float already reads an int8 conv's fp32 output
+        pairs = [(producer, layer) for layer, producer in producer_pairs(self.sens.prepared, self.gains).items()]
+        configs = [self.sens.keep_float_config(pair) for pair in pairs]
+        self.sens.prefetch(configs)
+        full_loss = self.sens.metric.loss(self.sens.measure(self.owner.config))
+        for pair, config in zip(pairs, configs, strict=True):
+            units[pair] = full_loss - self.sens.metric.loss(self.sens.measure(config))
+        self.result.ranking_variants += len(pairs) + 1
+        self.result.notes.append(f"layers float: {len(pairs)} layers that alone read another layer's value were "
+                                 "also ranked kept float with it (their value unrounded), measured on the ranking's "
+                                 f"shared calibration ({len(pairs) + 1} variants more)")
+        return units
+
     def _hybrid(self, bases: list[SearchStep]) -> tuple[SearchStep, fx.GraphModule] | None:
         """The fewest layers kept float (on top of a base's passes, ``_prefix_step``, at the configured bits)
-        that meet the target, or None."""
+        that meet the target, or None. The candidates are ``_float_units`` ranked by the noise each removes per
+        MAC it keeps float; a prefix of ``k`` of them keeps their layers float (a unit adding no layer is
+        skipped)."""
         macs = {layer.name: layer.macs for layer in self.sens.layers}
         total = sum(macs.values()) or 1
-        names = sorted((n for n, gain in self.gains.items() if gain > 0), key=lambda n: -self.gains[n] / max(macs[n], 1))
-        shares = list(itertools.accumulate(macs[n] / total for n in names))
+        units = self._float_units(get_backend(self.owner.backend))
+        ranked = sorted((u for u, gain in units.items() if gain > 0),
+                        key=lambda u: -units[u] / max(sum(macs[n] for n in u), 1))
+        prefixes: list[tuple[str, ...]] = []  # the layers of each prefix of the ranked units, in ranked order
+        for unit in ranked:
+            kept = prefixes[-1] if prefixes else ()
+            if not set(unit) <= set(kept):
+                prefixes.append(kept + tuple(n for n in unit if n not in kept))
+        shares = [sum(macs[n] for n in layers) / total for layers in prefixes]
         # The longest prefix within the budget, leaving a layer quantized (an all-float model is no PTQ).
-        limit = min(sum(1 for s in shares if s <= self.owner.max_float_share), len(self.sens.layers) - 1)
+        limit = sum(1 for layers, share in zip(prefixes, shares, strict=True)
+                    if share <= self.owner.max_float_share and len(layers) < len(self.sens.layers))
 
         def measure(base: SearchStep, k: int) -> tuple[SearchStep, fx.GraphModule]:
-            return self.measure(f"{base.label}, {k} most sensitive layers float", base.passes, tuple(names[:k]),
+            layers = prefixes[k - 1]
+            return self.measure(f"{base.label}, {len(layers)} most sensitive layers float", base.passes, layers,
                                 shares[k - 1])
 
+        if limit:
+            self.result.notes.append(_float_layer_note(get_backend(self.owner.backend)))
         return self._prefix_step("float", bases, limit, measure)
+
+
+def producer_pairs(gm: fx.GraphModule, layers: Iterable[str]) -> dict[str, str]:
+    """Each of ``layers`` (conv/linear module names of ``gm``, a graph with its shapes propagated, as Sensitivity's
+    is) whose input is the value of another of them that
+    nothing else reads, through clamp-like activations and qparams-preserving ops (padding) nothing else reads
+    either: layer → that producer. On a backend whose int8 convs write codes, the value between them is
+    unrounded only when both are float."""
+    names = set(layers)
+
+    def is_layer(node: fx.Node) -> bool:
+        return node.op == "call_module" and node.target in names
+
+    pairs = {}
+    for node in gm.graph.nodes:
+        if not is_layer(node) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        value = node.args[0]
+        while (not is_layer(value) and len(value.users) == 1 and len(value.all_input_nodes) == 1
+               and role_of(gm, value) in (Role.PRESERVING, Role.FUSED_ACT)):
+            value = value.all_input_nodes[0]
+        if is_layer(value) and len(value.users) == 1:
+            pairs[node.target] = value.target
+    return pairs
+
+
+def _convs_write_float(backend: Backend) -> bool:
+    """Whether ``backend``'s int8 conv kernels can write fp32 (inductor's qconv_pointwise), so that a conv whose
+    value only float layers read is not rounded for them (``annotate``'s float-output rule)."""
+    if backend.engine is None:
+        return issubclass(nn.Conv2d, backend.float_output_modules)
+    return has_float_output_kernel(nn.Conv2d(1, 1, 1), backend.engine)
+
+
+def _float_layer_note(backend: Backend) -> str:
+    """What keeping a layer float removes on ``backend``: its weight rounding, and its input's rounding only where
+    the int8 conv producing that input can write fp32."""
+    if _convs_write_float(backend):
+        return (f"layers float: a layer kept float also reads its input unrounded where an int8 conv/linear that only "
+                f"float layers read produces it ({backend.runtime or backend.name}'s int8 convs write fp32; their MACs "
+                "stay int8 and are not counted as float), so it drops an activation rounding with its weight rounding")
+    return (f"layers float: the {backend.engine or backend.name} int8 convs write int8 codes, so a layer kept float "
+            "still reads a rounded input where an int8 conv produces it: it removes its weight rounding and the "
+            "roundings between float layers only (the inductor preset's convs write fp32 and drop its input's too)")

@@ -9,7 +9,7 @@ from torch import nn
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
 from qpasses.errors import InputError, PlanError, TargetNotMetError
-from qpasses.passes import CLE, PTQ, QAT, AdaRound, BiasCorrection, FuseBN, recipe_table
+from qpasses.passes import CLE, PTQ, QAT, AdaRound, BiasCorrection, FuseBN, recipe_table, target
 from qpasses.passes.adaround import ReuseRounding
 from qpasses.passes.recipes import Recipe, find_recipe
 from qpasses.passes.registry import PASSES, PassOptions, build_pipeline
@@ -242,6 +242,7 @@ def test_a_curve_that_falls_is_reported_and_the_fewest_measured_hit_kept(monkeyp
         return step, model
 
     monkeypatch.setattr(_Search, "measure", falling)
+    monkeypatch.setattr(target, "producer_pairs", lambda gm, layers: {})  # one layer per candidate: 1, 2, 3 layers
     every = PTQ(data, target_sqnr=100.0, adaround=False, max_float_share=1.0, progress=False)
     with pytest.raises(TargetNotMetError):  # measures 1, 2 and 3 layers float (the doubling up to the limit)
         PassManager([FuseBN(), every]).run(small_net(), data[0])
@@ -304,7 +305,9 @@ def test_evaluate_is_called_a_bounded_number_of_times_through_every_step():
     with pytest.raises(TargetNotMetError):
         PassManager([FuseBN(), ptq]).run(model, data[0])
     result, layers = ptq.search, 4
-    assert result.ranking_variants == layers + 1
+    # x86's int8 convs write codes: the 3 layers reading another's value alone are ranked float with it too, on
+    # the fully quantized model measured once more
+    assert result.ranking_variants == layers + 1 + 3 + 1
     assert {s.order[0] for s in result.steps} == {0, 1, 2} and "PTQ + adaround" in [s.label for s in result.steps]
     assert len(calls) == 1 + len(result.steps) + result.ranking_variants
     assert len(result.steps) <= max_measurements(layers)
@@ -322,6 +325,7 @@ def test_evaluate_is_called_a_bounded_number_of_times_through_every_step():
     ({"target_sqnr": 30.0, "max_float_share": 2}, "max_float_share"),
     ({"recipe": None}, "recipe must be True or False"),
     ({"target_sqnr": 30.0, "adaround": "no"}, "adaround must be True or False"),
+    ({"target_sqnr": 30.0, "lower": False}, "measures and returns the deployed model"),
 ])
 def test_arguments_are_checked_before_any_work(kwargs, message):
     with pytest.raises(InputError, match=message):
@@ -451,3 +455,71 @@ def test_reused_rounding_leaves_a_layer_kept_float_at_its_float_weight():
         assert torch.equal(qm.get_submodule(name).weight().int_repr(), rounded_model.get_submodule(name).weight().int_repr())
     record = next(r for r in pm.report.records if r.name == "ReuseRounding")
     assert record.stats["reused"] == 3 and record.stats["other_grid"] == 0
+
+
+@pytest.mark.parametrize("backend", ["inductor", "x86"])
+def test_a_layer_kept_float_reads_its_input_unrounded_only_where_the_int8_conv_before_it_writes_fp32(
+        monkeypatch, backend):
+    """Every layer-step model, as deployed (x86: lowered to torch.ao's kernels, checked on the reference graph it
+    was lowered from; inductor: the reference graph inductor compiles): on inductor, whose int8 convs write fp32,
+    a layer kept float reads the int8 conv before it unrounded, so each float layer drops one activation rounding;
+    on x86 the int8 conv before it writes codes, and only a value between float layers, the model's input or the
+    output of a last layer kept float is left unrounded. Either way the MACs counted float are the float layers' own."""
+    from qpasses.analysis.sensitivity import Sensitivity
+    from qpasses.passes.reference import DEQUANTIZE
+    from qpasses.quant.lowering import QuantizedConv2d
+    from qpasses.quant.state import state_of
+
+    data = calibration(2)
+    model = small_net()
+    built = force(monkeypatch, lambda step: False)  # every measured step with its model
+    ptq = PTQ(data, backend=backend, target_sqnr=100.0, adaround=False, max_float_share=1.0, progress=False)
+    with pytest.raises(TargetNotMetError):
+        PassManager([FuseBN(), ptq]).run(model, data[0])
+    macs = {layer.name: layer.macs for layer in Sensitivity(model, data, progress=False).layers}
+    order = list(macs)  # graph order: "0.0", "1.0", "2.0", "3"
+    base = ptq.search.steps[0]
+    layer_steps = [(s, m) for s, m in built if s.keep_float]
+    assert layer_steps and any(set(s.keep_float) - {"0.0"} for s, _ in layer_steps)
+    for step, qm in layer_steps:
+        reference = state_of(qm).reference if backend == "x86" else qm
+        if backend == "x86":
+            assert any(isinstance(m, QuantizedConv2d) for m in qm.modules())  # lowered to the engine's kernels
+        calls = {n.target: n for n in reference.graph.nodes if n.op == "call_module"}
+        unrounded_inputs = 0
+        for layer in step.keep_float:
+            before = order[order.index(layer) - 1] if layer != order[0] else None
+            reads_codes = calls[layer].args[0].target is DEQUANTIZE
+            int8_before = before is not None and before not in step.keep_float
+            assert reads_codes == (int8_before and backend == "x86"), (layer, step.keep_float)
+            unrounded_inputs += not reads_codes
+            # x86's int8 conv writing the model's output rounds it (no conv kernel writes fp32); kept float, it does not
+            unrounded_inputs += layer == order[-1] and backend == "x86"
+        assert base.rounded - step.rounded == unrounded_inputs
+        assert step.float_share == pytest.approx(sum(macs[n] for n in step.keep_float) / sum(macs.values()))
+    note = next(n for n in ptq.search.notes if n.startswith("layers float: ") and "int8 convs write" in n)
+    assert ("also reads its input unrounded" in note) == (backend == "inductor")
+    pairs = [n for n in ptq.search.notes if "also ranked kept float with it" in n]
+    assert len(pairs) == (backend == "x86")  # inductor's float layers already read their input unrounded
+
+
+def test_producer_pairs_are_layers_reading_a_value_only_they_read():
+    from qpasses.graph.trace import propagate_shapes
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+            self.pool = nn.MaxPool2d(3, stride=1, padding=1)  # keeps its input's grid
+            self.dw = nn.Conv2d(4, 4, 3, groups=4)
+
+        def forward(self, x):
+            y = torch.relu(self.stem(x))
+            return self.dw(self.pool(torch.nn.functional.relu6(self.head(self.conv(y) + y))))
+
+    gm = torch.fx.symbolic_trace(Residual())
+    propagate_shapes(gm, (torch.randn(1, 3, 8, 8),))
+    # the stem's value is read by conv and the add (no pair); head reads the add (not a layer); dw reads head's
+    # value through ReLU6 and max pooling, which nothing else reads
+    assert target.producer_pairs(gm, ["stem", "conv", "head", "dw"]) == {"dw": "head"}
+    assert target.producer_pairs(gm, ["stem", "conv", "dw"]) == {}  # head is not among the layers

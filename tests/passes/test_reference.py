@@ -205,7 +205,7 @@ def test_reference_refuses_a_graph_without_observers_and_a_different_backend():
 
 
 def test_ptq_with_a_target_cannot_stop_at_the_reference():
-    with pytest.raises(qpasses.errors.InputError, match="it needs lower=True"):
+    with pytest.raises(qpasses.errors.InputError, match="measures and returns the deployed model"):
         PTQ(batches(), target_sqnr=30.0, lower=False)
 
 

@@ -4,6 +4,7 @@
     python -m tools.bench.auto                 # default PTQ vs PT2E, then target_sqnr 25/30/35 per backend
     python -m tools.bench.auto --calib 16 --eval 32 --backends x86 --no-adaround --write   # a reduced run
     python -m tools.bench.auto --backends x86 --adaround 200 200+bc 500 --threads 1   # AdaRound's settings
+    python -m tools.bench.auto --calib 16 --backends x86 inductor --where '' conv_stem,blocks.0.0.conv_dw
 
 ``--write-table`` measures, per setting (backend at 8-bit weights, the dfq benchmark's settings), every cheap
 pipeline (no weight training: PTQ, + BiasCorrection, + CLE + HBA + BiasCorrection) on the PTQ
@@ -13,11 +14,13 @@ benchmark's photo crops and writes the best one per setting to ``qpasses/passes/
 the layers raised to 8 bits (with ``--target-bits`` below 8) or kept float and the share of the conv/linear MACs
 kept float, prepare time, and the held-out fidelity. ``--adaround`` measures AdaRound alone (``ITERATIONS``,
 lr 1e-2 as the search runs it; ``+bc``: BiasCorrection after it) on the calibration crops as the search does.
+``--where`` splits the error between weight and activation roundings (``where_rows``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import fcntl
@@ -33,9 +36,14 @@ from pathlib import Path
 import torch
 
 from qpasses import PassManager
-from qpasses.analysis.sensitivity import OutputSQNR
+from qpasses.analysis.sensitivity import OutputSQNR, Sensitivity
 from qpasses.passes import PTQ, AdaRound, BiasCorrection, FuseBN
 from qpasses.passes.recipes import Recipe, build_passes
+from qpasses.passes.reference import DEQUANTIZE, DEQUANTIZE_PER_CHANNEL, QUANTIZE
+from qpasses.quant.annotate import annotate
+from qpasses.quant.backends import get_backend
+from qpasses.quant.overrides import exact_pattern
+from qpasses.quant.state import INT8_OP_KEY, state_of
 from tools.bench.common import (
     PhotoSet,
     describe_machine,
@@ -52,6 +60,9 @@ TABLE = Path(__file__).resolve().parents[2] / "qpasses" / "passes" / "recipe_tab
 # The cheap pipelines (registry names, before PTQ): no weight training, so each prepares in about a minute.
 # CLE + HBA without BiasCorrection is left out: it never beat CLE + HBA + BiasCorrection in the dfq rows.
 CHEAP = ((), ("biascorrection",), ("cle", "hba", "biascorrection"))
+# The target rows also run on the inductor preset (issue 18's runtime: its reference graph is what inductor runs),
+# where a conv can write fp32, so a layer kept float reads its input unrounded.
+TARGET_BACKENDS = (*BACKENDS, "inductor")
 
 
 def measure_recipes(photos: PhotoSet, backends: list[str], bits: list[int], source: str) -> None:
@@ -144,6 +155,62 @@ def adaround_rows(photos: PhotoSet, backends: list[str], variants: list[str]) ->
                   f"{agreement:.1%} | {seconds:.0f} s | CPU {cpu:.0f} s | load {os.getloadavg()[0]:.1f}", flush=True)
 
 
+def reference_variant(reference: torch.fx.GraphModule, fused: torch.nn.Module, unround: bool,
+                      float_weights: bool) -> torch.fx.GraphModule:
+    """A copy of a reference quantized graph with every activation rounding removed (``unround``: each
+    quantize/dequantize pair reads through) and/or every conv/linear weight back at its float value
+    (``float_weights``, from ``fused``, the FuseBN'd float graph); biases as the reference has them."""
+    graph = copy.deepcopy(reference)
+    for node in list(graph.graph.nodes):
+        if unround and node.target is QUANTIZE:
+            for dequantize in list(node.users):
+                dequantize.replace_all_uses_with(node.args[0])
+        reader = next(iter(node.users), None)
+        if (float_weights and node.target in (DEQUANTIZE, DEQUANTIZE_PER_CHANNEL) and node.args[0].op == "get_attr"
+                and reader is not None and INT8_OP_KEY in reader.meta and reader.args[1] is node):
+            module = reader.meta[INT8_OP_KEY].module
+            attribute = f"{module.replace('.', '_')}_float_weight"
+            graph.register_buffer(attribute, fused.get_submodule(module).weight.detach().clone())
+            with graph.graph.inserting_before(reader):
+                node.replace_all_uses_with(graph.graph.get_attr(attribute))
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+    return graph
+
+
+def where_rows(photos: PhotoSet, backends: list[str], keep_float: list[str]) -> None:
+    """Where the error sits, per backend (calibration SQNR, printed): PTQ alone and with the backend's recipe, each
+    as its reference graph with (c) everything rounded, (a) weights only (activation roundings removed), (b)
+    activations only (float weights); then FuseBN + BiasCorrection + PTQ with each comma-separated set of
+    ``keep_float`` layers kept float (the real pipeline, BiasCorrection measured again with them float), with
+    the share of the conv/linear MACs they hold and the activation values the model rounds."""
+    model = pretrained_lite0("tf_efficientnet_lite0")
+    example = photos.calib[0][:1]
+    fused = PassManager([FuseBN()]).run(model, example)
+    metric = OutputSQNR(model, [(b,) for b in photos.calib])
+    for backend in backends:
+        for recipe in (False, True):
+            ptq = PTQ(photos.calib, backend=backend, progress=False, recipe=recipe)
+            built = PassManager([FuseBN(), ptq]).run(model, example)
+            reference = state_of(built).reference or built  # inductor: the model is its reference graph
+            both, weights, activations = (metric(reference_variant(reference, fused, u, f))
+                                          for u, f in ((False, False), (True, False), (False, True)))
+            print(f"{backend} | PTQ{' + recipe' if recipe else ''} | (c) both {both:.2f} dB | (a) weights only "
+                  f"{weights:.2f} dB | (b) activations only {activations:.2f} dB", flush=True)
+        sens = Sensitivity(model, photos.calib[:1], backend=backend, progress=False)
+        macs = {layer.name: layer.macs for layer in sens.layers}
+        for names in keep_float:
+            layers = [n for n in names.split(",") if n]
+            config = PTQ(photos.calib, backend=backend, progress=False).config  # as PTQ resolves it (the CPU's bits)
+            config = dataclasses.replace(config, keep_float={exact_pattern(n) for n in layers})
+            start = time.process_time()
+            built = quantize(model, build_passes(("biascorrection",), photos.calib, None), photos.calib, backend, config)
+            rounded = len(annotate(sens.prepared, get_backend(backend), config).observe)
+            share = sum(macs[n] for n in layers) / sum(macs.values())
+            print(f"{backend} | BiasCorrection, float: {names or 'none'} ({share:.2%} of MACs) | {metric(built):.2f} dB "
+                  f"| {rounded} activation values rounded | CPU {time.process_time() - start:.0f} s | load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 def target_rows(photos: PhotoSet, backends: list[str], targets: list[float], adaround: bool,
                 max_float_share: float, bits: int | None) -> list[list[str]]:
     model = pretrained_lite0("tf_efficientnet_lite0")
@@ -197,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=int, default=64, help="calibration crops (default 64)")
     parser.add_argument("--eval", type=int, default=128, help="evaluation crops (default 128)")
     parser.add_argument("--size", type=int, default=224, help="crop size (default 224)")
-    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--backends", nargs="+", choices=TARGET_BACKENDS, default=list(BACKENDS),
+                        help="default: the torch.ao engines; inductor for the target and AdaRound rows only")
     parser.add_argument("--bits", type=int, nargs="+", default=[8], help="--write-table: weight bits (default 8)")
     parser.add_argument("--targets", type=float, nargs="*", default=[25.0, 30.0, 35.0],
                         help="target SQNRs, dB (none: only the default rows)")
@@ -208,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="targets: the most MACs the search may keep float (default 0.2, PTQ's)")
     parser.add_argument("--adaround", dest="adaround_variants", nargs="+", metavar="ITERATIONS[+bc]",
                         help="measure AdaRound alone at these settings (no target runs)")
+    parser.add_argument("--where", nargs="*", metavar="LAYER[,LAYER...]",
+                        help="where the error sits (no target runs): weights vs activation roundings per backend, then "
+                        "BiasCorrection with each set of layers kept float ('' for none)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
     args = parser.parse_args(argv)
@@ -222,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         source = f"`{command}`, {today}, commit {commit}"
         measure_recipes(photos, args.backends, args.bits, source)
         print(TABLE.read_text())
+        return 0
+    if args.where is not None:
+        where_rows(photos, args.backends, args.where)
         return 0
     if args.adaround_variants:
         adaround_rows(photos, args.backends, args.adaround_variants)
