@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from qpasses import distributed
@@ -135,9 +137,10 @@ class AdaRound(Pass):
     def __init__(self, data: Iterable, num_batches: int | None = None, iterations: int = 1000,
                  regularization: float = 0.01, beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2,
                  lr: float = 1e-3, granularity: Literal["block", "layer"] = "layer", rescale: bool = False,
-                 checkpoints: int = 10, seed: int = 0, progress: bool = True):
+                 checkpoints: int = 10, rows: int | None = None, seed: int = 0, progress: bool = True):
         check_count(iterations, "iterations", self.name, optional=False)
         check_count(checkpoints, "checkpoints", self.name, optional=False)
+        check_count(rows, "rows", self.name)
         if not 0 <= warmup < 1 or regularization < 0 or lr <= 0:
             raise InputError(f"AdaRound needs 0 <= warmup < 1, regularization >= 0, lr > 0; got warmup={warmup!r}, "
                              f"regularization={regularization!r}, lr={lr!r}")
@@ -147,7 +150,7 @@ class AdaRound(Pass):
         self.num_batches = check_count(num_batches, "num_batches", self.name)
         self.iterations, self.regularization, self.beta = iterations, regularization, beta
         self.warmup, self.lr, self.granularity, self.rescale = warmup, lr, granularity, rescale
-        self.checkpoints, self.seed, self.progress = checkpoints, seed, progress
+        self.checkpoints, self.rows, self.seed, self.progress = checkpoints, rows, seed, progress
         # After a run: each rounded layer's parameters, by module path, for ``ReuseRounding``.
         self.rounded: dict[str, RoundedWeight] = {}
 
@@ -156,10 +159,9 @@ class AdaRound(Pass):
         batches = collect_batches(self.data, gm, self.num_batches, self.name)
         results: list[RoundingResult] = []
         self.rounded = {}
-        generator = torch.Generator().manual_seed(self.seed)
         block_of = parent_module if self.granularity == "block" else None
         ctx.stats["layers"] = sweep_blocks(gm, ann, batches, block_of,
-                                           lambda block: self._reconstruct(block, generator, results))
+                                           lambda block: self._reconstruct(block, results))
         ctx.stats["flipped"] = sum(r.flipped for r in results)
         kept = sum(r.kept for r in results)
         ctx.note(f"{kept} of {len(results)} {self.granularity}(s) keep the learned rounding (the others "
@@ -178,23 +180,32 @@ class AdaRound(Pass):
         return low + 0.5 * (high - low) * (1 + math.cos(math.pi * done))
 
     @torch.enable_grad()
-    def _reconstruct(self, block: Block, generator: torch.Generator,
-                     results: list[RoundingResult]) -> dict[fx.Node, torch.Tensor]:
+    def _reconstruct(self, block: Block, results: list[RoundingResult]) -> dict[fx.Node, torch.Tensor]:
         roundings = {n: _Rounding(n, block.modules[n], block.specs[n], self.rescale) for n in block.layers}
         activation = _activation(block)
         label = ", ".join(str(n.target) for n in block.layers)
+        # Seeded per block by its layers' names: a block's draws do not depend on which blocks ran before it.
+        generator = torch.Generator().manual_seed(self.seed * 2**32 + zlib.crc32(label.encode()))
         optimizer = torch.optim.Adam([p for r in roundings.values() for p in r.parameters()], lr=self.lr)
+        rows = _Rows.of(block, activation) if self.rows is not None else None
         with torch.no_grad():
             nearest = {n: {"weight": r.nearest} for n, r in roundings.items()}
             nearest_error = _error(block, nearest, activation)
+            if rows is not None:
+                per_step = min(self.rows, rows.per_batch)
+                # The checkpoints' sample: fixed, so the hard roundings they compare are measured alike.
+                checked = [rows.draw(generator, per_step) for _ in range(_CHECKPOINT_DRAWS)]
         best_error, best_state = math.inf, {}
         every = max(1, self.iterations // self.checkpoints)
         steps = progress(range(self.iterations), self.iterations, f"AdaRound {label}", self.progress)
         for step in steps:
-            k = int(torch.randint(len(block.quant_inputs), (1,), generator=generator))
             soft = {n: r.soft() for n, r in roundings.items()}
-            output = block.run(block.quant_inputs[k], {n: r.params(soft[n]) for n, r in roundings.items()})
-            loss = _squared_error(block, k, output, activation)
+            params = {n: r.params(soft[n]) for n, r in roundings.items()}
+            if rows is not None:
+                loss = rows.error(rows.draw(generator, per_step), params)
+            else:
+                k = int(torch.randint(len(block.quant_inputs), (1,), generator=generator))
+                loss = _squared_error(block, k, block.run(block.quant_inputs[k], params), activation)
             beta = self._beta(step)
             if beta is not None:
                 loss = loss + self.regularization * sum((1 - (2 * h - 1).abs().pow(beta)).sum() for h in soft.values())
@@ -203,7 +214,9 @@ class AdaRound(Pass):
             optimizer.step()
             if (beta is not None and (step + 1) % every == 0) or step + 1 == self.iterations:
                 with torch.no_grad():
-                    error = _error(block, {n: r.params(r.hard()) for n, r in roundings.items()}, activation)
+                    hard = {n: r.params(r.hard()) for n, r in roundings.items()}
+                    error = (_error(block, hard, activation) if rows is None
+                             else float(sum(rows.error(drawn, hard) for drawn in checked)) / len(checked))
                 if not best_state or error < best_error:
                     best_error, best_state = error, {n: r.state() for n, r in roundings.items()}
 
@@ -211,12 +224,102 @@ class AdaRound(Pass):
             for n, r in roundings.items():
                 r.load(best_state[n])
             learned = {n: r.params(r.hard()) for n, r in roundings.items()}
+            if rows is not None:  # the checkpoints measured a sample: compare with nearest on all batches
+                best_error = _error(block, learned, activation)
             kept = best_error <= nearest_error  # else too few iterations to beat nearest here: keep nearest
             flipped = sum(r.flipped() for r in roundings.values()) if kept else 0
             results.append(RoundingResult(label, nearest_error, best_error, flipped, kept))
             stored = {n: r.store(learned[n] if kept else nearest[n]) for n, r in roundings.items()}
             self.rounded.update((str(n.target), rounded) for n, rounded in stored.items())
             return {n: rounded.weight for n, rounded in stored.items()}
+
+
+# Sampled rows: the checkpoints measure each hard rounding on this many draws of ``rows`` output positions.
+_CHECKPOINT_DRAWS = 4
+
+
+class _Rows:
+    """A block that is one conv2d or linear call, reconstructed on sampled output positions ("rows": one
+    sample's output at one spatial position, every output channel; for a linear, one row of its input):
+    each draw takes output positions uniformly from all calibration batches, gathers the input patch each
+    reads (a conv's receptive field, its padding applied once) and computes just those outputs, as the int8
+    kernel would (its bias on the kernel's grid). Holds a float copy of the block's quantized input for every
+    calibration batch (padded), besides the codes and float outputs the sweep keeps."""
+
+    def __init__(self, block: Block, activation: Callable[[torch.Tensor], torch.Tensor], call: fx.Node):
+        (self.layer,) = block.layers
+        self.module, self.simulation, self.activation = block.modules[self.layer], block.simulation, activation
+        self.conv = call.target is F.conv2d
+        inputs = [block.quant_inputs[k] for k in range(len(block.quant_inputs))]
+        if self.conv:
+            stride, padding, dilation, self.groups = call.args[3:7]
+            self.stride, padding, self.dilation = (_pair(v) for v in (stride, padding, dilation))
+            weight = self.module.weight
+            # Offsets of a patch's taps from its output position's top-left input pixel.
+            self.taps = [torch.arange(k) * d for k, d in zip(weight.shape[2:], self.dilation, strict=True)]
+            self.inputs = [F.pad(x, (padding[1], padding[1], padding[0], padding[0])) for x in inputs]
+            self.targets = block.float_outputs
+        else:
+            self.inputs = [x.reshape(-1, x.shape[-1]) for x in inputs]
+            self.targets = [y.reshape(-1, y.shape[-1]) for y in block.float_outputs]
+        self.positions = [y.numel() // y.shape[1] if self.conv else y.shape[0] for y in self.targets]
+        self.starts = torch.tensor([0, *self.positions]).cumsum(0)
+        self.per_batch = max(self.positions)
+
+    @staticmethod
+    def of(block: Block, activation: Callable[[torch.Tensor], torch.Tensor]) -> _Rows | None:
+        """The sampler for ``block``, or None where it is not a single conv2d (numeric padding) or linear call."""
+        region = block.region
+        calls = [n for n in region.nodes if n not in block.simulation.weight_nodes]
+        if len(calls) != 1 or calls[0] is not region.exit or calls[0].target not in (F.conv2d, F.linear):
+            return None
+        call = calls[0]
+        if call.target is F.conv2d and isinstance(call.args[4], str):  # 'same' / 'valid': not worth the case
+            return None
+        return _Rows(block, activation, call)
+
+    def draw(self, generator: torch.Generator, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` output positions drawn uniformly (with replacement) from all batches, ``gather``ed."""
+        return self.gather(torch.randint(int(self.starts[-1]), (count,), generator=generator).sort().values)
+
+    def gather(self, picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output positions ``picked`` (ascending indices into all batches' positions, batch by batch, each
+        sample's in row-major order): their input patches (rows × in_channels × kh × kw for a conv, rows ×
+        in_features for a linear) and float outputs (rows × out_channels)."""
+        bounds = torch.searchsorted(picked, self.starts).tolist()
+        patches, targets = [], []
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            local = (picked[lo:hi] - self.starts[k]).to(self.inputs[k].device)
+            if not self.conv:
+                patches.append(self.inputs[k][local])
+                targets.append(self.targets[k][local])
+                continue
+            height, width = self.targets[k].shape[2:]
+            sample, pixel = local // (height * width), local % (height * width)
+            row, column = pixel // width, pixel % width
+            rows = (row * self.stride[0])[:, None] + self.taps[0].to(row.device)
+            columns = (column * self.stride[1])[:, None] + self.taps[1].to(row.device)
+            # Advanced indices around the channel slice: the result is rows × kh × kw × channels.
+            patches.append(self.inputs[k][sample[:, None, None], :, rows[:, :, None], columns[:, None, :]]
+                           .permute(0, 3, 1, 2))
+            targets.append(self.targets[k][sample, :, row, column])
+        return torch.cat(patches), torch.cat(targets)
+
+    def error(self, drawn: tuple[torch.Tensor, torch.Tensor], params: dict[fx.Node, dict[str, torch.Tensor]]
+              ) -> torch.Tensor:
+        """The mean squared reconstruction error after the activation on the drawn rows, with ``params``."""
+        patches, targets = drawn
+        chosen = params[self.layer]
+        bias = self.simulation.kernel_bias(self.layer, chosen.get("bias", self.module.bias))
+        if self.conv:  # each patch is one output position: no stride, padding or dilation left
+            output = F.conv2d(patches, chosen["weight"], bias, 1, 0, 1, self.groups).flatten(1)
+        else:
+            output = F.linear(patches, chosen["weight"], bias)
+        return (self.activation(output) - self.activation(targets)).pow(2).mean()
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (value[0], value[-1])
 
 
 class _Rounding:
@@ -330,12 +433,15 @@ class ReuseRounding(Pass):
 
 
 def _activation(block: Block) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The clamp of the activation that alone reads the block's output, per channel (dim 1)."""
+    """The clamp of the activation that alone reads the block's output, per channel (dim 1, of any rank)."""
     reference = block.float_outputs[0]
     lower, upper = block.output_bounds(reference.new_zeros(reference.shape[1]))
-    shape = (1, -1, *([1] * (reference.dim() - 2)))
-    lower, upper = lower.reshape(shape), upper.reshape(shape)
-    return lambda y: torch.clamp(y, lower, upper)
+
+    def clamp(y: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, *([1] * (y.dim() - 2)))
+        return torch.clamp(y, lower.reshape(shape), upper.reshape(shape))
+
+    return clamp
 
 
 def _squared_error(block: Block, k: int, output: torch.Tensor,

@@ -8,7 +8,7 @@ from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
 from qpasses.graph.regions import parent_module
 from qpasses.passes import PTQ, AdaRound, BiasCorrection, Calibrate, FuseBN, InsertObservers, Lower
-from qpasses.passes.adaround import ADAROUND_REPORT_KEY
+from qpasses.passes.adaround import ADAROUND_REPORT_KEY, _activation, _error, _Rows
 from qpasses.passes.reference import DEQUANTIZE
 from qpasses.quant.backends import get_backend
 from qpasses.quant.layerwise import annotation_of, sweep, sweep_blocks
@@ -292,3 +292,33 @@ def test_rescaling_learns_exact_channel_gains_and_bias_shifts_that_lower_the_rec
     nearest = nearest_codes(float_weight, cfg.weight)
     assert float((qweight.int_repr().float() - nearest).abs().max()) <= 1  # codes still next to w/s
     assert not torch.equal(runs[True].get_submodule(name).bias(), runs[False].get_submodule(name).bias())
+
+
+def strided_net() -> nn.Sequential:
+    """Convs with stride, padding, dilation, groups and a 1-channel-per-group depthwise, and a linear."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU6(),
+                         nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8), nn.ReLU(),
+                         nn.Conv2d(8, 6, (1, 3), padding=(0, 1), groups=2), nn.Flatten(), nn.Linear(6 * 6 * 6, 5)).eval()
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_the_sampled_rows_of_every_position_reconstruct_exactly_what_the_block_does(backend):
+    """Gathering every output position's input patch and computing just those outputs gives the error the
+    whole layer replayed on every batch gives (bias on the kernel's grid, clamp after it included)."""
+    calib = smooth_batches(3, seed=2, size=12)
+    gm = observed(strided_net(), calib, backend, bits=4)
+    checked = []
+
+    def compare(block):
+        activation = _activation(block)
+        rows = _Rows.of(block, activation)
+        params = {n: {"weight": fake_quantize_weight(block.modules[n].weight, block.specs[n])} for n in block.layers}
+        every = rows.gather(torch.arange(int(rows.starts[-1])))
+        checked.append((float(rows.error(every, params)), _error(block, params, activation)))
+        return {n: p["weight"] for n, p in params.items()}
+
+    sweep_blocks(gm, annotation_of(gm, "test"), [(b,) for b in calib], None, compare)
+    assert len(checked) == 4
+    for sampled, whole in checked:
+        assert sampled == pytest.approx(whole, rel=1e-5)
