@@ -46,12 +46,14 @@ class RoundingResult:
 class RoundedWeight:
     """One layer's parameters as AdaRound left them: ``weight`` on the grid of ``spec`` at ``qparams`` (the
     grid lowering must quantize it at), and ``bias`` where it learned one (``rescale``; else None, the layer's
-    own is kept)."""
+    own is kept). ``learned_on``: a fingerprint of the data its block learned from (``_fingerprint``), which
+    ``AdaRound(reuse=...)`` compares."""
 
     spec: QuantSpec
     weight: torch.Tensor
     qparams: tuple[torch.Tensor, torch.Tensor]
     bias: torch.Tensor | None = None
+    learned_on: tuple[float, ...] | None = None
 
     @torch.no_grad()
     def apply(self, node: fx.Node, module: nn.Module) -> None:
@@ -137,7 +139,8 @@ class AdaRound(Pass):
     def __init__(self, data: Iterable, num_batches: int | None = None, iterations: int = 1000,
                  regularization: float = 0.01, beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2,
                  lr: float = 1e-3, granularity: Literal["block", "layer"] = "layer", rescale: bool = False,
-                 checkpoints: int = 10, rows: int | None = None, seed: int = 0, progress: bool = True):
+                 checkpoints: int = 10, rows: int | None = None, seed: int = 0,
+                 reuse: Mapping[str, RoundedWeight] | None = None, progress: bool = True):
         check_count(iterations, "iterations", self.name, optional=False)
         check_count(checkpoints, "checkpoints", self.name, optional=False)
         check_count(rows, "rows", self.name)
@@ -151,14 +154,17 @@ class AdaRound(Pass):
         self.iterations, self.regularization, self.beta = iterations, regularization, beta
         self.warmup, self.lr, self.granularity, self.rescale = warmup, lr, granularity, rescale
         self.checkpoints, self.rows, self.seed, self.progress = checkpoints, rows, seed, progress
-        # After a run: each rounded layer's parameters, by module path, for ``ReuseRounding``.
+        self.reuse = dict(reuse or {})
+        # After a run: each rounded layer's parameters, by module path (``ReuseRounding``, ``reuse``), and how
+        # many layers took their rounding from ``reuse``.
         self.rounded: dict[str, RoundedWeight] = {}
+        self.reused = 0
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ann = annotation_of(gm, self.name)
         batches = collect_batches(self.data, gm, self.num_batches, self.name)
         results: list[RoundingResult] = []
-        self.rounded = {}
+        self.rounded, self.reused = {}, 0
         block_of = parent_module if self.granularity == "block" else None
         ctx.stats["layers"] = sweep_blocks(gm, ann, batches, block_of,
                                            lambda block: self._reconstruct(block, results))
@@ -167,6 +173,10 @@ class AdaRound(Pass):
         ctx.note(f"{kept} of {len(results)} {self.granularity}(s) keep the learned rounding (the others "
                  f"reconstructed worse than round-to-nearest and keep it); total error "
                  f"{sum(r.nearest for r in results):.4g} → {sum(min(r.learned, r.nearest) for r in results):.4g}")
+        if self.reuse:
+            ctx.stats["reused"] = self.reused
+            ctx.note(f"{self.reused} layer(s) take the rounding given in reuse= (learned from the same data), "
+                     f"{ctx.stats['layers'] - self.reused} learn it here")
         gm.meta[ADAROUND_REPORT_KEY] = results
         return PassResult(gm, modified=True)
 
@@ -179,8 +189,26 @@ class AdaRound(Pass):
         high, low = self.beta
         return low + 0.5 * (high - low) * (1 + math.cos(math.pi * done))
 
+    def _reuse(self, block: Block, fingerprint: tuple[float, ...]) -> dict[fx.Node, RoundedWeight] | None:
+        """The rounding ``reuse`` holds for every layer of ``block``, when each was learned on the grid it has
+        here from the data it sees here (the same fingerprint); else None."""
+        found = {n: self.reuse.get(str(n.target)) for n in block.layers}
+        if all(r is not None and r.learned_on == fingerprint and r.spec == block.specs[n]
+               and r.weight.shape == block.modules[n].weight.shape for n, r in found.items()):
+            return found
+        return None
+
     @torch.enable_grad()
     def _reconstruct(self, block: Block, results: list[RoundingResult]) -> dict[fx.Node, torch.Tensor]:
+        with torch.no_grad():
+            fingerprint = _fingerprint(block)
+        reused = self._reuse(block, fingerprint) if self.reuse else None
+        if reused is not None:
+            for n, rounded in reused.items():
+                rounded.apply(n, block.modules[n])
+                self.rounded[str(n.target)] = rounded
+            self.reused += len(reused)
+            return {n: rounded.weight for n, rounded in reused.items()}
         roundings = {n: _Rounding(n, block.modules[n], block.specs[n], self.rescale) for n in block.layers}
         activation = _activation(block)
         label = ", ".join(str(n.target) for n in block.layers)
@@ -229,7 +257,7 @@ class AdaRound(Pass):
             kept = best_error <= nearest_error  # else too few iterations to beat nearest here: keep nearest
             flipped = sum(r.flipped() for r in roundings.values()) if kept else 0
             results.append(RoundingResult(label, nearest_error, best_error, flipped, kept))
-            stored = {n: r.store(learned[n] if kept else nearest[n]) for n, r in roundings.items()}
+            stored = {n: r.store(learned[n] if kept else nearest[n], fingerprint) for n, r in roundings.items()}
             self.rounded.update((str(n.target), rounded) for n, rounded in stored.items())
             return {n: rounded.weight for n, rounded in stored.items()}
 
@@ -377,13 +405,13 @@ class _Rounding:
     def flipped(self) -> int:
         return int((torch.round(self._codes(self.hard())) != torch.round(self.nearest / self.scale)).sum())
 
-    def store(self, params: dict[str, torch.Tensor]) -> RoundedWeight:
+    def store(self, params: dict[str, torch.Tensor], learned_on: tuple[float, ...]) -> RoundedWeight:
         """Put ``params`` in the layer and pin the grid its weight is on (``RoundedWeight.apply``)."""
         scale, zero_point = self.qparams
         if "bias" in params:
             scale = scale * torch.exp(self.log_gain.detach()).reshape(scale.shape)
         rounded = RoundedWeight(self.spec, params["weight"].detach(), (scale, zero_point),
-                                params["bias"].detach() if "bias" in params else None)
+                                params["bias"].detach() if "bias" in params else None, learned_on)
         rounded.apply(self.node, self.module)
         return rounded
 
@@ -459,3 +487,22 @@ def _error(block: Block, params: dict[fx.Node, dict[str, torch.Tensor]],
 
     errors = distributed.map_items(range(len(block.quant_inputs)), batch_error)
     return float(sum(errors) / len(errors))
+
+
+def _fingerprint(block: Block) -> tuple[float, ...]:
+    """What a block's rounding is learned from, summarised: per batch, the sum and the sum of squares (in
+    float64) of its quantized input and of its float output, and each layer's float weight and bias now. Equal
+    data gives equal sums; a rounding learned from other data (a layer before it kept float, another grid,
+    another bias) differs in them."""
+    def sums(t: torch.Tensor | None) -> list[float]:
+        if t is None:
+            return []
+        t = t.detach().double()
+        return [float(t.sum()), float(t.pow(2).sum())]
+
+    values: list[float] = []
+    for k in range(len(block.quant_inputs)):
+        values += sums(block.quant_inputs[k]) + sums(block.float_outputs[k])
+    for n in block.layers:
+        values += sums(block.modules[n].weight) + sums(block.modules[n].bias)
+    return tuple(values)
