@@ -118,6 +118,25 @@ class AdaRound(Pass):
     calibration batches, and the best one seen is kept; if even that reconstructs worse than
     round-to-nearest, the block keeps round-to-nearest.
 
+    Each step reconstructs one calibration batch, drawn at random (a block's draws are seeded by ``seed`` and
+    its layers' names). With ``rows``, a block that is a single conv2d or linear layer (all of them with
+    ``granularity="layer"``) instead reconstructs ``rows`` output positions per step (at most as many as one
+    batch has), drawn uniformly from all batches: each position's input patch is gathered and only those
+    outputs are computed. Positions from every sample are far less alike than one batch's, so a step costs a
+    fraction of a whole batch's (on the early, large maps of a 224×224 CNN about 1/25 at ``rows=4096``) and
+    learns about as much; the checkpoints then measure each hard rounding on 4 fixed draws, and the best
+    one against round-to-nearest on all batches. Memory: besides the codes of the block's input and its float
+    output for every batch, which the sweep holds anyway, a float copy of the layer's input for every batch
+    (padded), and per step ``rows`` input patches.
+
+    ``reuse`` (the ``rounded`` of an earlier run, with the same settings, on the same model): a block whose
+    layers that run rounded there, on the same grids, from the same data (its quantized input and float
+    output on every batch, and its layers' float weight and bias, compared by a fingerprint of sums) takes that
+    rounding, which is the one it would learn again (the draws are seeded per block), and learns nothing.
+    Under a configuration keeping some layers float (``QuantConfig.keep_float``), AdaRound learns with them
+    float, since the simulation runs them float, so with ``reuse`` it learns again exactly the layers
+    after them, whose input changed.
+
     The rounded weights are stored on their grid and the grid's qparams in ``node.meta['weight_qparams']``,
     which lowering uses, so its round-to-nearest keeps them; the weights that set each channel's min and
     max round to nearest (in the optimisation too) and no rounded weight moves beyond them.
@@ -264,15 +283,19 @@ class AdaRound(Pass):
 
 # Sampled rows: the checkpoints measure each hard rounding on this many draws of ``rows`` output positions.
 _CHECKPOINT_DRAWS = 4
+# Sampled rows of a conv come in tiles of up to this many output positions a side: neighbours share most of
+# their input, which the conv reads once per tile (single positions, gathered, cost 10× more on depthwise 5×5).
+_TILE = 8
 
 
 class _Rows:
     """A block that is one conv2d or linear call, reconstructed on sampled output positions ("rows": one
-    sample's output at one spatial position, every output channel; for a linear, one row of its input):
-    each draw takes output positions uniformly from all calibration batches, gathers the input patch each
-    reads (a conv's receptive field, its padding applied once) and computes just those outputs, as the int8
-    kernel would (its bias on the kernel's grid). Holds a float copy of the block's quantized input for every
-    calibration batch (padded), besides the codes and float outputs the sweep keeps."""
+    sample's output at one spatial position, every output channel; for a linear, one row of its input),
+    drawn uniformly from all calibration batches: for a conv, tiles of up to ``_TILE`` × ``_TILE`` positions
+    (a whole sample where its map is smaller) at random corners of random samples, each computed from its
+    input tile (the padding applied once) as the int8 kernel would (its bias on the kernel's grid). Holds a
+    float copy of the block's quantized input for every calibration batch (padded), besides the codes and
+    float outputs the sweep keeps."""
 
     def __init__(self, block: Block, activation: Callable[[torch.Tensor], torch.Tensor], call: fx.Node):
         (self.layer,) = block.layers
@@ -282,17 +305,25 @@ class _Rows:
         if self.conv:
             stride, padding, dilation, self.groups = call.args[3:7]
             self.stride, padding, self.dilation = (_pair(v) for v in (stride, padding, dilation))
-            weight = self.module.weight
-            # Offsets of a patch's taps from its output position's top-left input pixel.
-            self.taps = [torch.arange(k) * d for k, d in zip(weight.shape[2:], self.dilation, strict=True)]
             self.inputs = [F.pad(x, (padding[1], padding[1], padding[0], padding[0])) for x in inputs]
             self.targets = block.float_outputs
+            out_size = self.targets[0].shape[2:]
+            self.tile = tuple(min(_TILE, size) for size in out_size)
+            kernel = self.module.weight.shape[2:]
+            # A tile's output rows/columns, and the input rows/columns it reads, from its corner.
+            self.out_steps = [torch.arange(t) for t in self.tile]
+            self.in_steps = [torch.arange((t - 1) * s + (k - 1) * d + 1) for t, s, k, d
+                             in zip(self.tile, self.stride, kernel, self.dilation, strict=True)]
+            self.corners = [size - t + 1 for size, t in zip(out_size, self.tile, strict=True)]
+            counts = [y.shape[0] * self.corners[0] * self.corners[1] for y in self.targets]
+            self.per_tile = self.tile[0] * self.tile[1]
         else:
             self.inputs = [x.reshape(-1, x.shape[-1]) for x in inputs]
             self.targets = [y.reshape(-1, y.shape[-1]) for y in block.float_outputs]
-        self.positions = [y.numel() // y.shape[1] if self.conv else y.shape[0] for y in self.targets]
-        self.starts = torch.tensor([0, *self.positions]).cumsum(0)
-        self.per_batch = max(self.positions)
+            counts = [y.shape[0] for y in self.targets]
+            self.per_tile = 1
+        self.starts = torch.tensor([0, *counts]).cumsum(0)
+        self.per_batch = max(y.numel() // y.shape[1] for y in block.float_outputs)  # output positions
 
     @staticmethod
     def of(block: Block, activation: Callable[[torch.Tensor], torch.Tensor]) -> _Rows | None:
@@ -306,44 +337,51 @@ class _Rows:
             return None
         return _Rows(block, activation, call)
 
-    def draw(self, generator: torch.Generator, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``count`` output positions drawn uniformly (with replacement) from all batches, ``gather``ed."""
+    def draw(self, generator: torch.Generator, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """About ``rows`` output positions (whole tiles, at least one) drawn uniformly, with replacement, from
+        all batches, ``gather``ed."""
+        count = max(1, round(rows / self.per_tile))
         return self.gather(torch.randint(int(self.starts[-1]), (count,), generator=generator).sort().values)
 
     def gather(self, picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The output positions ``picked`` (ascending indices into all batches' positions, batch by batch, each
-        sample's in row-major order): their input patches (rows × in_channels × kh × kw for a conv, rows ×
-        in_features for a linear) and float outputs (rows × out_channels)."""
+        """The tiles ``picked`` (ascending indices into all batches' tiles, batch by batch; a conv's are each
+        sample's corners in row-major order, a linear's its rows): their inputs (tiles × in_channels × rows ×
+        columns for a conv, rows × in_features for a linear) and float outputs (tiles × out_channels × tile
+        rows × tile columns, or rows × out_features)."""
         bounds = torch.searchsorted(picked, self.starts).tolist()
-        patches, targets = [], []
+        inputs, targets = [], []
         for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             local = (picked[lo:hi] - self.starts[k]).to(self.inputs[k].device)
             if not self.conv:
-                patches.append(self.inputs[k][local])
+                inputs.append(self.inputs[k][local])
                 targets.append(self.targets[k][local])
                 continue
-            height, width = self.targets[k].shape[2:]
-            sample, pixel = local // (height * width), local % (height * width)
-            row, column = pixel // width, pixel % width
-            rows = (row * self.stride[0])[:, None] + self.taps[0].to(row.device)
-            columns = (column * self.stride[1])[:, None] + self.taps[1].to(row.device)
-            # Advanced indices around the channel slice: the result is rows × kh × kw × channels.
-            patches.append(self.inputs[k][sample[:, None, None], :, rows[:, :, None], columns[:, None, :]]
-                           .permute(0, 3, 1, 2))
-            targets.append(self.targets[k][sample, :, row, column])
-        return torch.cat(patches), torch.cat(targets)
+            per_sample = self.corners[0] * self.corners[1]
+            sample, corner = local // per_sample, local % per_sample
+            top, left = corner // self.corners[1], corner % self.corners[1]
+            sample = sample[:, None, None]
+            rows = (top * self.stride[0])[:, None] + self.in_steps[0].to(top.device)
+            columns = (left * self.stride[1])[:, None] + self.in_steps[1].to(top.device)
+            # Advanced indices around the channel slice: the result is tiles × rows × columns × channels.
+            inputs.append(self.inputs[k][sample, :, rows[:, :, None], columns[:, None, :]].permute(0, 3, 1, 2))
+            rows = top[:, None] + self.out_steps[0].to(top.device)
+            columns = left[:, None] + self.out_steps[1].to(top.device)
+            targets.append(self.targets[k][sample, :, rows[:, :, None], columns[:, None, :]].permute(0, 3, 1, 2))
+        return torch.cat(inputs), torch.cat(targets)
+
+    def output(self, inputs: torch.Tensor, params: dict[fx.Node, dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The layer's output on ``gather``ed inputs, with ``params``."""
+        chosen = params[self.layer]
+        bias = self.simulation.kernel_bias(self.layer, chosen.get("bias", self.module.bias))
+        if self.conv:  # the padding is in the tiles already
+            return F.conv2d(inputs, chosen["weight"], bias, self.stride, 0, self.dilation, self.groups)
+        return F.linear(inputs, chosen["weight"], bias)
 
     def error(self, drawn: tuple[torch.Tensor, torch.Tensor], params: dict[fx.Node, dict[str, torch.Tensor]]
               ) -> torch.Tensor:
-        """The mean squared reconstruction error after the activation on the drawn rows, with ``params``."""
-        patches, targets = drawn
-        chosen = params[self.layer]
-        bias = self.simulation.kernel_bias(self.layer, chosen.get("bias", self.module.bias))
-        if self.conv:  # each patch is one output position: no stride, padding or dilation left
-            output = F.conv2d(patches, chosen["weight"], bias, 1, 0, 1, self.groups).flatten(1)
-        else:
-            output = F.linear(patches, chosen["weight"], bias)
-        return (self.activation(output) - self.activation(targets)).pow(2).mean()
+        """The mean squared reconstruction error after the activation on the drawn tiles, with ``params``."""
+        inputs, targets = drawn
+        return (self.activation(self.output(inputs, params)) - self.activation(targets)).pow(2).mean()
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr
 from qpasses.graph.regions import parent_module
 from qpasses.passes import PTQ, AdaRound, BiasCorrection, Calibrate, FuseBN, InsertObservers, Lower
-from qpasses.passes.adaround import ADAROUND_REPORT_KEY, _activation, _error, _Rows
+from qpasses.passes.adaround import ADAROUND_REPORT_KEY, _activation, _Rows
 from qpasses.passes.reference import DEQUANTIZE
 from qpasses.quant.backends import get_backend
 from qpasses.quant.layerwise import annotation_of, sweep, sweep_blocks
@@ -295,33 +295,44 @@ def test_rescaling_learns_exact_channel_gains_and_bias_shifts_that_lower_the_rec
 
 
 def strided_net() -> nn.Sequential:
-    """Convs with stride, padding, dilation, groups and a 1-channel-per-group depthwise, and a linear."""
+    """Convs with stride, padding, dilation, groups (depthwise too) on maps wider than a tile, and a linear."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU6(),
                          nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8), nn.ReLU(),
-                         nn.Conv2d(8, 6, (1, 3), padding=(0, 1), groups=2), nn.Flatten(), nn.Linear(6 * 6 * 6, 5)).eval()
+                         nn.Conv2d(8, 6, (1, 3), padding=(0, 1), groups=2), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(6 * 2 * 2, 5)).eval()
 
 
 @pytest.mark.parametrize("backend", ["x86", "qnnpack"])
-def test_the_sampled_rows_of_every_position_reconstruct_exactly_what_the_block_does(backend):
-    """Gathering every output position's input patch and computing just those outputs gives the error the
-    whole layer replayed on every batch gives (bias on the kernel's grid, clamp after it included)."""
-    calib = smooth_batches(3, seed=2, size=12)
+def test_each_sampled_tile_computes_what_the_layer_computes_there(backend):
+    """Every tile of output positions (11 × 11 maps: 4 × 4 corners of 8 × 8 tiles per sample), computed from its
+    gathered input tile alone, equals the whole layer's output replayed on its batch (bias on the kernel's grid
+    included) and its target the float output there."""
+    calib = smooth_batches(2, seed=2, size=21)
     gm = observed(strided_net(), calib, backend, bits=4)
     checked = []
 
     def compare(block):
-        activation = _activation(block)
-        rows = _Rows.of(block, activation)
+        rows = _Rows.of(block, _activation(block))
         params = {n: {"weight": fake_quantize_weight(block.modules[n].weight, block.specs[n])} for n in block.layers}
-        every = rows.gather(torch.arange(int(rows.starts[-1])))
-        checked.append((float(rows.error(every, params)), _error(block, params, activation)))
+        inputs, targets = rows.gather(torch.arange(int(rows.starts[-1])))
+        outputs = rows.output(inputs, params)
+        if rows.conv:
+            whole = [block.run(x, params) for x in block.quant_inputs]
+            corners = rows.corners[0] * rows.corners[1]
+            for tile in range(outputs.shape[0]):
+                batch, sample = divmod(tile // corners, len(calib[0]))
+                top, left = divmod(tile % corners, rows.corners[1])
+                there = (sample, slice(None), slice(top, top + rows.tile[0]), slice(left, left + rows.tile[1]))
+                torch.testing.assert_close(outputs[tile], whole[batch][there], rtol=1e-5, atol=1e-5)
+                assert torch.equal(targets[tile], block.float_outputs[batch][there])
+        else:
+            torch.testing.assert_close(outputs, torch.cat([block.run(x, params) for x in block.quant_inputs]))
+        checked.append((rows.tile if rows.conv else None, outputs.shape[0]))
         return {n: p["weight"] for n, p in params.items()}
 
     sweep_blocks(gm, annotation_of(gm, "test"), [(b,) for b in calib], None, compare)
-    assert len(checked) == 4
-    for sampled, whole in checked:
-        assert sampled == pytest.approx(whole, rel=1e-5)
+    assert checked == [((8, 8), 2 * 4 * 16), ((8, 8), 2 * 4 * 16), ((8, 8), 2 * 4 * 16), (None, 2 * 4)]
 
 
 def rounded_with(calib, cfg, **settings):
