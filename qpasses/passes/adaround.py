@@ -119,23 +119,24 @@ class AdaRound(Pass):
     round-to-nearest, the block keeps round-to-nearest.
 
     Each step reconstructs one calibration batch, drawn at random (a block's draws are seeded by ``seed`` and
-    its layers' names). With ``rows``, a block that is a single conv2d or linear layer (all of them with
-    ``granularity="layer"``) instead reconstructs ``rows`` output positions per step (at most as many as one
-    batch has), drawn uniformly from all batches: each position's input patch is gathered and only those
-    outputs are computed. Positions from every sample are far less alike than one batch's, so a step costs a
-    fraction of a whole batch's (on the early, large maps of a 224×224 CNN about 1/25 at ``rows=4096``) and
-    learns about as much; the checkpoints then measure each hard rounding on 4 fixed draws, and the best
-    one against round-to-nearest on all batches. Memory: besides the codes of the block's input and its float
-    output for every batch, which the sweep holds anyway, a float copy of the layer's input for every batch
-    (padded), and per step ``rows`` input patches.
+    its layers' names). With ``rows``, a block that is a single conv2d or linear layer (every block with
+    ``granularity="layer"``) instead reconstructs about ``rows`` output positions per step (at most as many as
+    one batch has), drawn uniformly from all batches: for a conv, tiles of up to 8×8 positions at random
+    corners of random samples (whole samples where the map is smaller), each computed from its input tile.
+    Tiles from every sample are far less alike than one batch's images, so on the large early maps of a CNN a
+    step costs a fraction of a whole batch's and learns about as much (BENCHMARKS.md, "AdaRound on sampled
+    rows"). The checkpoints then measure each hard rounding on 4 fixed draws, and the best one against
+    round-to-nearest on all batches. Memory: besides the codes of the block's input and its float output for
+    every batch, which the sweep holds anyway, a float copy of the layer's input for every batch (padded: for
+    Lite0's widest input at 224×224, 96×113×113 values per sample, 4.9 MB), and per step the drawn tiles.
 
     ``reuse`` (the ``rounded`` of an earlier run, with the same settings, on the same model): a block whose
-    layers that run rounded there, on the same grids, from the same data (its quantized input and float
-    output on every batch, and its layers' float weight and bias, compared by a fingerprint of sums) takes that
-    rounding, which is the one it would learn again (the draws are seeded per block), and learns nothing.
-    Under a configuration keeping some layers float (``QuantConfig.keep_float``), AdaRound learns with them
-    float, since the simulation runs them float, so with ``reuse`` it learns again exactly the layers
-    after them, whose input changed.
+    layers were all rounded there on the grids they have here, from the same data (the block's quantized input
+    and float output on every batch, and its layers' float weights and biases, compared by a fingerprint of
+    sums), takes that rounding, the one it would learn again (the draws are seeded per block), and learns
+    nothing. AdaRound learns with the layers a configuration keeps float (``QuantConfig.keep_float``) float,
+    as the simulation runs them, so with ``reuse`` a run keeping some layers float learns again exactly the
+    layers whose input they change (those after them) and reuses the others' rounding.
 
     The rounded weights are stored on their grid and the grid's qparams in ``node.meta['weight_qparams']``,
     which lowering uses, so its round-to-nearest keeps them; the weights that set each channel's min and
@@ -255,7 +256,7 @@ class AdaRound(Pass):
                 loss = _squared_error(block, k, block.run(block.quant_inputs[k], params), activation)
             beta = self._beta(step)
             if beta is not None:
-                loss = loss + self.regularization * sum((1 - (2 * h - 1).abs().pow(beta)).sum() for h in soft.values())
+                loss = loss + self.regularization * sum(h.numel() - (2 * h - 1).abs().pow(beta).sum() for h in soft.values())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -397,18 +398,24 @@ class _Rounding:
         self.weight = weight = module.weight.detach().clone()
         self.qparams = scale, zero_point = weight_qparams(weight, spec)
         self.nearest = fake_quantize_weight(weight, spec, (scale, zero_point))  # what lowering alone would do
-        self.scale = scale = _per_channel(scale.float(), weight, spec.axis)
+        scale = _per_channel(scale.float(), weight, spec.axis)
         zero_point = _per_channel(zero_point.float(), weight, spec.axis)
         high, low = _channel_extremes(weight, spec.axis, True), _channel_extremes(weight, spec.axis, False)
         # Codes relative to the zero point, never beyond the weights that fix the scale.
-        self.top = torch.minimum(torch.floor(high / scale), spec.quant_max - zero_point)
-        self.bottom = torch.maximum(torch.ceil(low / scale), spec.quant_min - zero_point)
-        self.floor = torch.floor(weight / scale)
+        top = torch.minimum(torch.floor(high / scale), spec.quant_max - zero_point)
+        bottom = torch.maximum(torch.ceil(low / scale), spec.quant_min - zero_point)
+        floor = torch.floor(weight / scale)
+        self.nearest_codes = torch.round(self.nearest / scale)
         # The weights that fix each channel's range round to nearest, as lowering alone would, in the
         # optimisation too: the others' rounding must be learned with them in place. Fixed up only afterwards,
         # they undid the learned choice of depthwise convs (2 of 9 weights per channel).
-        self.extremes = (weight == high) | (weight == low)
-        fraction = (weight / scale - self.floor).clamp(0.0, 1.0 - 1e-6)
+        extremes = (weight == high) | (weight == low)
+        # The code with rounding h in [0, 1]: clamp(floor + h, bottom, top) (the nearest code at an extreme),
+        # which is down + h · up with up 0 or 1, since the bounds are whole codes: one fused op per step.
+        self.down = torch.where(extremes, self.nearest_codes, torch.clamp(floor, bottom, top))
+        self.up = torch.where(extremes, 0.0, torch.clamp(floor + 1, bottom, top) - self.down)
+        self.base, self.step = self.down * scale, self.up * scale
+        fraction = (weight / scale - floor).clamp(0.0, 1.0 - 1e-6)
         self.v = (-torch.log((_ZETA - _GAMMA) / (fraction - _GAMMA) - 1)).requires_grad_(True)
         self.rescale = rescale
         self.log_gain = torch.zeros_like(scale).requires_grad_(rescale)
@@ -431,17 +438,15 @@ class _Rounding:
     def hard(self) -> torch.Tensor:
         return (self.soft() >= 0.5).float()
 
-    def _codes(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.extremes, self.nearest / self.scale,
-                           torch.minimum(torch.maximum(self.floor + h, self.bottom), self.top))
-
     def params(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         """The layer's weight with rounding ``h`` (and its bias, when learned)."""
-        weight = self._codes(h) * self.scale * torch.exp(self.log_gain)
-        return {"weight": weight, "bias": self.bias + self.bias_shift} if self.rescale else {"weight": weight}
+        weight = torch.addcmul(self.base, h, self.step)
+        if not self.rescale:
+            return {"weight": weight}
+        return {"weight": weight * torch.exp(self.log_gain), "bias": self.bias + self.bias_shift}
 
     def flipped(self) -> int:
-        return int((torch.round(self._codes(self.hard())) != torch.round(self.nearest / self.scale)).sum())
+        return int((torch.addcmul(self.down, self.hard(), self.up) != self.nearest_codes).sum())
 
     def store(self, params: dict[str, torch.Tensor], learned_on: tuple[float, ...]) -> RoundedWeight:
         """Put ``params`` in the layer and pin the grid its weight is on (``RoundedWeight.apply``)."""
