@@ -117,6 +117,10 @@ def scenario() -> dict[str, object]:
     rounded = PassManager([FuseBN(), InsertObservers("x86", config("minmax")), Calibrate(data, progress=False),
                            AdaRound(data[:3], iterations=40, lr=1e-2, checkpoints=4, progress=False)]).run(net(), data[0])
     results["adaround"] = {key: value.clone() for key, value in rounded.state_dict().items()}
+    rounded = PassManager([FuseBN(), InsertObservers("x86", config("minmax")), Calibrate(data, progress=False),
+                           AdaRound(data[:3], iterations=40, lr=1e-2, checkpoints=4, rows=16, progress=False)]
+                          ).run(net(), data[0])
+    results["adaround_rows"] = {key: value.clone() for key, value in rounded.state_dict().items()}
     corrected = PassManager([FuseBN(), InsertObservers("x86", config("minmax")), Calibrate(data, progress=False),
                              BiasCorrection(data, num_batches=5)]).run(net(), data[0])
     results["bias_correction"] = {key: value.clone() for key, value in corrected.state_dict().items()}

@@ -48,7 +48,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("part", ["batches", "observers", "weight_observer", "ptq_percentile", "ptq_entropy",
-                                  "ptq_mse", "adaround", "bias_correction", "sensitivity"])
+                                  "ptq_mse", "adaround", "adaround_rows", "bias_correction", "sensitivity"])
 def test_two_ranks_match_one_process_bit_for_bit(runs, part):
     single, rank0, rank1 = runs
     assert_identical(single[part], rank0[part], f"rank 0 {part}")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from qpasses import distributed
@@ -44,12 +46,14 @@ class RoundingResult:
 class RoundedWeight:
     """One layer's parameters as AdaRound left them: ``weight`` on the grid of ``spec`` at ``qparams`` (the
     grid lowering must quantize it at), and ``bias`` where it learned one (``rescale``; else None, the layer's
-    own is kept)."""
+    own is kept). ``learned_on``: a fingerprint of the data its block learned from (``_fingerprint``), which
+    ``AdaRound(reuse=...)`` compares."""
 
     spec: QuantSpec
     weight: torch.Tensor
     qparams: tuple[torch.Tensor, torch.Tensor]
     bias: torch.Tensor | None = None
+    learned_on: tuple[float, ...] | None = None
 
     @torch.no_grad()
     def apply(self, node: fx.Node, module: nn.Module) -> None:
@@ -114,6 +118,26 @@ class AdaRound(Pass):
     calibration batches, and the best one seen is kept; if even that reconstructs worse than
     round-to-nearest, the block keeps round-to-nearest.
 
+    Each step reconstructs one calibration batch, drawn at random (a block's draws are seeded by ``seed`` and
+    its layers' names). With ``rows``, a block that is a single conv2d or linear layer (every block with
+    ``granularity="layer"``) instead reconstructs about ``rows`` output positions per step (at most as many as
+    one batch has), drawn uniformly from all batches: for a conv, tiles of up to 8×8 positions at random
+    corners of random samples (whole samples where the map is smaller), each computed from its input tile.
+    Tiles from every sample are far less alike than one batch's images, so on the large early maps of a CNN a
+    step costs a fraction of a whole batch's and learns about as much (BENCHMARKS.md, "AdaRound on sampled
+    rows"). The checkpoints then measure each hard rounding on 4 fixed draws, and the best one against
+    round-to-nearest on all batches. Memory: besides the codes of the block's input and its float output for
+    every batch, which the sweep holds anyway, a float copy of the layer's input for every batch (padded: for
+    Lite0's widest input at 224×224, 96×113×113 values per sample, 4.9 MB), and per step the drawn tiles.
+
+    ``reuse`` (the ``rounded`` of an earlier run, with the same settings, on the same model): a block whose
+    layers were all rounded there on the grids they have here, from the same data (the block's quantized input
+    and float output on every batch, and its layers' float weights and biases, compared by a fingerprint of
+    sums), takes that rounding, the one it would learn again (the draws are seeded per block), and learns
+    nothing. AdaRound learns with the layers a configuration keeps float (``QuantConfig.keep_float``) float,
+    as the simulation runs them, so with ``reuse`` a run keeping some layers float learns again exactly the
+    layers whose input they change (those after them) and reuses the others' rounding.
+
     The rounded weights are stored on their grid and the grid's qparams in ``node.meta['weight_qparams']``,
     which lowering uses, so its round-to-nearest keeps them; the weights that set each channel's min and
     max round to nearest (in the optimisation too) and no rounded weight moves beyond them.
@@ -135,9 +159,11 @@ class AdaRound(Pass):
     def __init__(self, data: Iterable, num_batches: int | None = None, iterations: int = 1000,
                  regularization: float = 0.01, beta: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2,
                  lr: float = 1e-3, granularity: Literal["block", "layer"] = "layer", rescale: bool = False,
-                 checkpoints: int = 10, seed: int = 0, progress: bool = True):
+                 checkpoints: int = 10, rows: int | None = None, seed: int = 0,
+                 reuse: Mapping[str, RoundedWeight] | None = None, progress: bool = True):
         check_count(iterations, "iterations", self.name, optional=False)
         check_count(checkpoints, "checkpoints", self.name, optional=False)
+        check_count(rows, "rows", self.name)
         if not 0 <= warmup < 1 or regularization < 0 or lr <= 0:
             raise InputError(f"AdaRound needs 0 <= warmup < 1, regularization >= 0, lr > 0; got warmup={warmup!r}, "
                              f"regularization={regularization!r}, lr={lr!r}")
@@ -147,24 +173,30 @@ class AdaRound(Pass):
         self.num_batches = check_count(num_batches, "num_batches", self.name)
         self.iterations, self.regularization, self.beta = iterations, regularization, beta
         self.warmup, self.lr, self.granularity, self.rescale = warmup, lr, granularity, rescale
-        self.checkpoints, self.seed, self.progress = checkpoints, seed, progress
-        # After a run: each rounded layer's parameters, by module path, for ``ReuseRounding``.
+        self.checkpoints, self.rows, self.seed, self.progress = checkpoints, rows, seed, progress
+        self.reuse = dict(reuse or {})
+        # After a run: each rounded layer's parameters, by module path (``ReuseRounding``, ``reuse``), and how
+        # many layers took their rounding from ``reuse``.
         self.rounded: dict[str, RoundedWeight] = {}
+        self.reused = 0
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ann = annotation_of(gm, self.name)
         batches = collect_batches(self.data, gm, self.num_batches, self.name)
         results: list[RoundingResult] = []
-        self.rounded = {}
-        generator = torch.Generator().manual_seed(self.seed)
+        self.rounded, self.reused = {}, 0
         block_of = parent_module if self.granularity == "block" else None
         ctx.stats["layers"] = sweep_blocks(gm, ann, batches, block_of,
-                                           lambda block: self._reconstruct(block, generator, results))
+                                           lambda block: self._reconstruct(block, results))
         ctx.stats["flipped"] = sum(r.flipped for r in results)
         kept = sum(r.kept for r in results)
         ctx.note(f"{kept} of {len(results)} {self.granularity}(s) keep the learned rounding (the others "
                  f"reconstructed worse than round-to-nearest and keep it); total error "
                  f"{sum(r.nearest for r in results):.4g} → {sum(min(r.learned, r.nearest) for r in results):.4g}")
+        if self.reuse:
+            ctx.stats["reused"] = self.reused
+            ctx.note(f"{self.reused} layer(s) take the rounding given in reuse= (learned from the same data), "
+                     f"{ctx.stats['layers'] - self.reused} learn it here")
         gm.meta[ADAROUND_REPORT_KEY] = results
         return PassResult(gm, modified=True)
 
@@ -177,33 +209,62 @@ class AdaRound(Pass):
         high, low = self.beta
         return low + 0.5 * (high - low) * (1 + math.cos(math.pi * done))
 
+    def _reuse(self, block: Block, fingerprint: tuple[float, ...]) -> dict[fx.Node, RoundedWeight] | None:
+        """The rounding ``reuse`` holds for every layer of ``block``, when each was learned on the grid it has
+        here from the data it sees here (the same fingerprint); else None."""
+        found = {n: self.reuse.get(str(n.target)) for n in block.layers}
+        if all(r is not None and r.learned_on == fingerprint and r.spec == block.specs[n]
+               and r.weight.shape == block.modules[n].weight.shape for n, r in found.items()):
+            return found
+        return None
+
     @torch.enable_grad()
-    def _reconstruct(self, block: Block, generator: torch.Generator,
-                     results: list[RoundingResult]) -> dict[fx.Node, torch.Tensor]:
+    def _reconstruct(self, block: Block, results: list[RoundingResult]) -> dict[fx.Node, torch.Tensor]:
+        with torch.no_grad():
+            fingerprint = _fingerprint(block)
+        reused = self._reuse(block, fingerprint) if self.reuse else None
+        if reused is not None:
+            for n, rounded in reused.items():
+                rounded.apply(n, block.modules[n])
+                self.rounded[str(n.target)] = rounded
+            self.reused += len(reused)
+            return {n: rounded.weight for n, rounded in reused.items()}
         roundings = {n: _Rounding(n, block.modules[n], block.specs[n], self.rescale) for n in block.layers}
         activation = _activation(block)
         label = ", ".join(str(n.target) for n in block.layers)
+        # Seeded per block by its layers' names: a block's draws do not depend on which blocks ran before it.
+        generator = torch.Generator().manual_seed(self.seed * 2**32 + zlib.crc32(label.encode()))
         optimizer = torch.optim.Adam([p for r in roundings.values() for p in r.parameters()], lr=self.lr)
+        rows = _Rows.of(block, activation) if self.rows is not None else None
         with torch.no_grad():
             nearest = {n: {"weight": r.nearest} for n, r in roundings.items()}
             nearest_error = _error(block, nearest, activation)
+            if rows is not None:
+                per_step = min(self.rows, rows.per_batch)
+                # The checkpoints' sample: fixed, so the hard roundings they compare are measured alike.
+                checked = [rows.draw(generator, per_step) for _ in range(_CHECKPOINT_DRAWS)]
         best_error, best_state = math.inf, {}
         every = max(1, self.iterations // self.checkpoints)
         steps = progress(range(self.iterations), self.iterations, f"AdaRound {label}", self.progress)
         for step in steps:
-            k = int(torch.randint(len(block.quant_inputs), (1,), generator=generator))
             soft = {n: r.soft() for n, r in roundings.items()}
-            output = block.run(block.quant_inputs[k], {n: r.params(soft[n]) for n, r in roundings.items()})
-            loss = _squared_error(block, k, output, activation)
+            params = {n: r.params(soft[n]) for n, r in roundings.items()}
+            if rows is not None:
+                loss = rows.error(rows.draw(generator, per_step), params)
+            else:
+                k = int(torch.randint(len(block.quant_inputs), (1,), generator=generator))
+                loss = _squared_error(block, k, block.run(block.quant_inputs[k], params), activation)
             beta = self._beta(step)
             if beta is not None:
-                loss = loss + self.regularization * sum((1 - (2 * h - 1).abs().pow(beta)).sum() for h in soft.values())
+                loss = loss + self.regularization * sum(h.numel() - (2 * h - 1).abs().pow(beta).sum() for h in soft.values())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if (beta is not None and (step + 1) % every == 0) or step + 1 == self.iterations:
                 with torch.no_grad():
-                    error = _error(block, {n: r.params(r.hard()) for n, r in roundings.items()}, activation)
+                    hard = {n: r.params(r.hard()) for n, r in roundings.items()}
+                    error = (_error(block, hard, activation) if rows is None
+                             else float(sum(rows.error(drawn, hard) for drawn in checked)) / len(checked))
                 if not best_state or error < best_error:
                     best_error, best_state = error, {n: r.state() for n, r in roundings.items()}
 
@@ -211,12 +272,121 @@ class AdaRound(Pass):
             for n, r in roundings.items():
                 r.load(best_state[n])
             learned = {n: r.params(r.hard()) for n, r in roundings.items()}
+            if rows is not None:  # the checkpoints measured a sample: compare with nearest on all batches
+                best_error = _error(block, learned, activation)
             kept = best_error <= nearest_error  # else too few iterations to beat nearest here: keep nearest
             flipped = sum(r.flipped() for r in roundings.values()) if kept else 0
             results.append(RoundingResult(label, nearest_error, best_error, flipped, kept))
-            stored = {n: r.store(learned[n] if kept else nearest[n]) for n, r in roundings.items()}
+            stored = {n: r.store(learned[n] if kept else nearest[n], fingerprint) for n, r in roundings.items()}
             self.rounded.update((str(n.target), rounded) for n, rounded in stored.items())
             return {n: rounded.weight for n, rounded in stored.items()}
+
+
+# Sampled rows: the checkpoints measure each hard rounding on this many draws of ``rows`` output positions.
+_CHECKPOINT_DRAWS = 4
+# Sampled rows of a conv come in tiles of up to this many output positions a side: neighbours share most of
+# their input, which the conv reads once per tile (single positions, gathered, cost 10× more on depthwise 5×5).
+_TILE = 8
+
+
+class _Rows:
+    """A block that is one conv2d or linear call, reconstructed on sampled output positions ("rows": one
+    sample's output at one spatial position, every output channel; for a linear, one row of its input),
+    drawn uniformly from all calibration batches: for a conv, tiles of up to ``_TILE`` × ``_TILE`` positions
+    (a whole sample where its map is smaller) at random corners of random samples, each computed from its
+    input tile (the padding applied once) as the int8 kernel would (its bias on the kernel's grid). Holds a
+    float copy of the block's quantized input for every calibration batch (padded), besides the codes and
+    float outputs the sweep keeps."""
+
+    def __init__(self, block: Block, activation: Callable[[torch.Tensor], torch.Tensor], call: fx.Node):
+        (self.layer,) = block.layers
+        self.module, self.simulation, self.activation = block.modules[self.layer], block.simulation, activation
+        self.conv = call.target is F.conv2d
+        inputs = [block.quant_inputs[k] for k in range(len(block.quant_inputs))]
+        if self.conv:
+            stride, padding, dilation, self.groups = call.args[3:7]
+            self.stride, padding, self.dilation = (_pair(v) for v in (stride, padding, dilation))
+            self.inputs = [F.pad(x, (padding[1], padding[1], padding[0], padding[0])) for x in inputs]
+            self.targets = block.float_outputs
+            out_size = self.targets[0].shape[2:]
+            self.tile = tuple(min(_TILE, size) for size in out_size)
+            kernel = self.module.weight.shape[2:]
+            # A tile's output rows/columns, and the input rows/columns it reads, from its corner.
+            self.out_steps = [torch.arange(t) for t in self.tile]
+            self.in_steps = [torch.arange((t - 1) * s + (k - 1) * d + 1) for t, s, k, d
+                             in zip(self.tile, self.stride, kernel, self.dilation, strict=True)]
+            self.corners = [size - t + 1 for size, t in zip(out_size, self.tile, strict=True)]
+            counts = [y.shape[0] * self.corners[0] * self.corners[1] for y in self.targets]
+            self.per_tile = self.tile[0] * self.tile[1]
+        else:
+            self.inputs = [x.reshape(-1, x.shape[-1]) for x in inputs]
+            self.targets = [y.reshape(-1, y.shape[-1]) for y in block.float_outputs]
+            counts = [y.shape[0] for y in self.targets]
+            self.per_tile = 1
+        self.starts = torch.tensor([0, *counts]).cumsum(0)
+        self.per_batch = max(y.numel() // y.shape[1] for y in block.float_outputs)  # output positions
+
+    @staticmethod
+    def of(block: Block, activation: Callable[[torch.Tensor], torch.Tensor]) -> _Rows | None:
+        """The sampler for ``block``, or None where it is not a single conv2d (numeric padding) or linear call."""
+        region = block.region
+        calls = [n for n in region.nodes if n not in block.simulation.weight_nodes]
+        if len(calls) != 1 or calls[0] is not region.exit or calls[0].target not in (F.conv2d, F.linear):
+            return None
+        call = calls[0]
+        if call.target is F.conv2d and isinstance(call.args[4], str):  # 'same' / 'valid': not worth the case
+            return None
+        return _Rows(block, activation, call)
+
+    def draw(self, generator: torch.Generator, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """About ``rows`` output positions (whole tiles, at least one) drawn uniformly, with replacement, from
+        all batches, ``gather``ed."""
+        count = max(1, round(rows / self.per_tile))
+        return self.gather(torch.randint(int(self.starts[-1]), (count,), generator=generator).sort().values)
+
+    def gather(self, picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tiles ``picked`` (ascending indices into all batches' tiles, batch by batch; a conv's are each
+        sample's corners in row-major order, a linear's its rows): their inputs (tiles × in_channels × rows ×
+        columns for a conv, rows × in_features for a linear) and float outputs (tiles × out_channels × tile
+        rows × tile columns, or rows × out_features)."""
+        bounds = torch.searchsorted(picked, self.starts).tolist()
+        inputs, targets = [], []
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            local = (picked[lo:hi] - self.starts[k]).to(self.inputs[k].device)
+            if not self.conv:
+                inputs.append(self.inputs[k][local])
+                targets.append(self.targets[k][local])
+                continue
+            per_sample = self.corners[0] * self.corners[1]
+            sample, corner = local // per_sample, local % per_sample
+            top, left = corner // self.corners[1], corner % self.corners[1]
+            sample = sample[:, None, None]
+            rows = (top * self.stride[0])[:, None] + self.in_steps[0].to(top.device)
+            columns = (left * self.stride[1])[:, None] + self.in_steps[1].to(top.device)
+            # Advanced indices around the channel slice: the result is tiles × rows × columns × channels.
+            inputs.append(self.inputs[k][sample, :, rows[:, :, None], columns[:, None, :]].permute(0, 3, 1, 2))
+            rows = top[:, None] + self.out_steps[0].to(top.device)
+            columns = left[:, None] + self.out_steps[1].to(top.device)
+            targets.append(self.targets[k][sample, :, rows[:, :, None], columns[:, None, :]].permute(0, 3, 1, 2))
+        return torch.cat(inputs), torch.cat(targets)
+
+    def output(self, inputs: torch.Tensor, params: dict[fx.Node, dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The layer's output on ``gather``ed inputs, with ``params``."""
+        chosen = params[self.layer]
+        bias = self.simulation.kernel_bias(self.layer, chosen.get("bias", self.module.bias))
+        if self.conv:  # the padding is in the tiles already
+            return F.conv2d(inputs, chosen["weight"], bias, self.stride, 0, self.dilation, self.groups)
+        return F.linear(inputs, chosen["weight"], bias)
+
+    def error(self, drawn: tuple[torch.Tensor, torch.Tensor], params: dict[fx.Node, dict[str, torch.Tensor]]
+              ) -> torch.Tensor:
+        """The mean squared reconstruction error after the activation on the drawn tiles, with ``params``."""
+        inputs, targets = drawn
+        return (self.activation(self.output(inputs, params)) - self.activation(targets)).pow(2).mean()
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (value[0], value[-1])
 
 
 class _Rounding:
@@ -228,18 +398,24 @@ class _Rounding:
         self.weight = weight = module.weight.detach().clone()
         self.qparams = scale, zero_point = weight_qparams(weight, spec)
         self.nearest = fake_quantize_weight(weight, spec, (scale, zero_point))  # what lowering alone would do
-        self.scale = scale = _per_channel(scale.float(), weight, spec.axis)
+        scale = _per_channel(scale.float(), weight, spec.axis)
         zero_point = _per_channel(zero_point.float(), weight, spec.axis)
         high, low = _channel_extremes(weight, spec.axis, True), _channel_extremes(weight, spec.axis, False)
         # Codes relative to the zero point, never beyond the weights that fix the scale.
-        self.top = torch.minimum(torch.floor(high / scale), spec.quant_max - zero_point)
-        self.bottom = torch.maximum(torch.ceil(low / scale), spec.quant_min - zero_point)
-        self.floor = torch.floor(weight / scale)
+        top = torch.minimum(torch.floor(high / scale), spec.quant_max - zero_point)
+        bottom = torch.maximum(torch.ceil(low / scale), spec.quant_min - zero_point)
+        floor = torch.floor(weight / scale)
+        self.nearest_codes = torch.round(self.nearest / scale)
         # The weights that fix each channel's range round to nearest, as lowering alone would, in the
         # optimisation too: the others' rounding must be learned with them in place. Fixed up only afterwards,
         # they undid the learned choice of depthwise convs (2 of 9 weights per channel).
-        self.extremes = (weight == high) | (weight == low)
-        fraction = (weight / scale - self.floor).clamp(0.0, 1.0 - 1e-6)
+        extremes = (weight == high) | (weight == low)
+        # The code with rounding h in [0, 1]: clamp(floor + h, bottom, top) (the nearest code at an extreme),
+        # which is down + h · up with up 0 or 1, since the bounds are whole codes: one fused op per step.
+        self.down = torch.where(extremes, self.nearest_codes, torch.clamp(floor, bottom, top))
+        self.up = torch.where(extremes, 0.0, torch.clamp(floor + 1, bottom, top) - self.down)
+        self.base, self.step = self.down * scale, self.up * scale
+        fraction = (weight / scale - floor).clamp(0.0, 1.0 - 1e-6)
         self.v = (-torch.log((_ZETA - _GAMMA) / (fraction - _GAMMA) - 1)).requires_grad_(True)
         self.rescale = rescale
         self.log_gain = torch.zeros_like(scale).requires_grad_(rescale)
@@ -262,25 +438,23 @@ class _Rounding:
     def hard(self) -> torch.Tensor:
         return (self.soft() >= 0.5).float()
 
-    def _codes(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.extremes, self.nearest / self.scale,
-                           torch.minimum(torch.maximum(self.floor + h, self.bottom), self.top))
-
     def params(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         """The layer's weight with rounding ``h`` (and its bias, when learned)."""
-        weight = self._codes(h) * self.scale * torch.exp(self.log_gain)
-        return {"weight": weight, "bias": self.bias + self.bias_shift} if self.rescale else {"weight": weight}
+        weight = torch.addcmul(self.base, h, self.step)
+        if not self.rescale:
+            return {"weight": weight}
+        return {"weight": weight * torch.exp(self.log_gain), "bias": self.bias + self.bias_shift}
 
     def flipped(self) -> int:
-        return int((torch.round(self._codes(self.hard())) != torch.round(self.nearest / self.scale)).sum())
+        return int((torch.addcmul(self.down, self.hard(), self.up) != self.nearest_codes).sum())
 
-    def store(self, params: dict[str, torch.Tensor]) -> RoundedWeight:
+    def store(self, params: dict[str, torch.Tensor], learned_on: tuple[float, ...]) -> RoundedWeight:
         """Put ``params`` in the layer and pin the grid its weight is on (``RoundedWeight.apply``)."""
         scale, zero_point = self.qparams
         if "bias" in params:
             scale = scale * torch.exp(self.log_gain.detach()).reshape(scale.shape)
         rounded = RoundedWeight(self.spec, params["weight"].detach(), (scale, zero_point),
-                                params["bias"].detach() if "bias" in params else None)
+                                params["bias"].detach() if "bias" in params else None, learned_on)
         rounded.apply(self.node, self.module)
         return rounded
 
@@ -330,12 +504,15 @@ class ReuseRounding(Pass):
 
 
 def _activation(block: Block) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The clamp of the activation that alone reads the block's output, per channel (dim 1)."""
+    """The clamp of the activation that alone reads the block's output, per channel (dim 1, of any rank)."""
     reference = block.float_outputs[0]
     lower, upper = block.output_bounds(reference.new_zeros(reference.shape[1]))
-    shape = (1, -1, *([1] * (reference.dim() - 2)))
-    lower, upper = lower.reshape(shape), upper.reshape(shape)
-    return lambda y: torch.clamp(y, lower, upper)
+
+    def clamp(y: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, *([1] * (y.dim() - 2)))
+        return torch.clamp(y, lower.reshape(shape), upper.reshape(shape))
+
+    return clamp
 
 
 def _squared_error(block: Block, k: int, output: torch.Tensor,
@@ -353,3 +530,22 @@ def _error(block: Block, params: dict[fx.Node, dict[str, torch.Tensor]],
 
     errors = distributed.map_items(range(len(block.quant_inputs)), batch_error)
     return float(sum(errors) / len(errors))
+
+
+def _fingerprint(block: Block) -> tuple[float, ...]:
+    """What a block's rounding is learned from, summarised: per batch, the sum and the sum of squares (in
+    float64) of its quantized input and of its float output, and each layer's float weight and bias now. Equal
+    data gives equal sums; a rounding learned from other data (a layer before it kept float, another grid,
+    another bias) differs in them."""
+    def sums(t: torch.Tensor | None) -> list[float]:
+        if t is None:
+            return []
+        t = t.detach().double()
+        return [float(t.sum()), float(t.pow(2).sum())]
+
+    values: list[float] = []
+    for k in range(len(block.quant_inputs)):
+        values += sums(block.quant_inputs[k]) + sums(block.float_outputs[k])
+    for n in block.layers:
+        values += sums(block.modules[n].weight) + sums(block.modules[n].bias)
+    return tuple(values)

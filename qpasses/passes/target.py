@@ -6,8 +6,9 @@ the target:
 
 1. PTQ with the measured recipe of its setting (``qpasses.passes.recipes``; PTQ alone with ``recipe=False``);
 2. + empirical BiasCorrection, where the recipe has none;
-3. AdaRound (200 iterations per layer, lr 1e-2: the settings of BENCHMARKS.md's dfq rows), unless
-   ``adaround=False``;
+3. AdaRound (800 iterations per layer on 256 sampled output positions each, ``rows=256``, lr 1e-2: on
+   pretrained Lite0 more fidelity in less CPU time than 200 iterations on whole batches; BENCHMARKS.md, AdaRound
+   on sampled rows), unless ``adaround=False``;
 4. higher bits: the best pipeline measured above (steps 1-3; but see below) with the fewest layers raised to 8 bits
    (weights and output; ``reduce_range`` only where the backend's kernel reading a value saturates, as
    annotation decides), when the run quantizes below 8 bits (``bits=4``, say). Raising a layer keeps it
@@ -280,7 +281,7 @@ class _Search:
         """The AdaRound of step 3 the first time, then ``ReuseRounding`` of the rounding it learned."""
         if self.adaround is not None:
             return ReuseRounding(self.adaround.rounded)
-        self.adaround = AdaRound(self.batches, iterations=200, lr=1e-2, progress=self.owner.progress)
+        self.adaround = AdaRound(self.batches, iterations=800, lr=1e-2, rows=256, progress=self.owner.progress)
         return self.adaround
 
     def measure(self, label: str, passes: tuple[str, ...], keep_float: tuple[str, ...] = (),

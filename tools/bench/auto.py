@@ -13,8 +13,9 @@ benchmark's photo crops and writes the best one per setting to ``qpasses/passes/
 (with that recipe) against torchao PT2E X86InductorQuantizer, then ``PTQ(data, target_sqnr=T)``: met or not,
 the layers raised to 8 bits (with ``--target-bits`` below 8) or kept float and the share of the conv/linear MACs
 kept float, prepare time, and the held-out fidelity. ``--adaround`` measures AdaRound alone (``ITERATIONS``,
-lr 1e-2 as the search runs it; ``+bc``: BiasCorrection after it) on the calibration crops as the search does.
-``--where`` splits the error between weight and activation roundings (``where_rows``).
+lr 1e-2 as the search runs it; ``@ROWS``: ``rows=ROWS`` output positions per step; ``+bc``: BiasCorrection
+after it) on the calibration crops as the search does. ``--where`` splits the error between weight and activation
+roundings (``where_rows``).
 """
 
 from __future__ import annotations
@@ -143,7 +144,9 @@ def adaround_rows(photos: PhotoSet, backends: list[str], variants: list[str]) ->
         config = config_for(backend, 8)
         for variant in variants:
             iterations, _, after = variant.partition("+")
-            passes = [AdaRound(photos.calib, iterations=int(iterations), lr=1e-2, progress=False)]
+            iterations, _, rows = iterations.partition("@")  # ITERATIONS@ROWS: AdaRound(rows=ROWS)
+            passes = [AdaRound(photos.calib, iterations=int(iterations), lr=1e-2, rows=int(rows) if rows else None,
+                               progress=False)]
             passes += [BiasCorrection(photos.calib)] if after == "bc" else []
             built, seconds, cpu, error = cpu_timed(lambda p=passes, c=config, b=backend: quantize(
                 model, p, photos.calib, b, c))
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the backend's 8; below 8 the search raises layers to 8 bits before keeping any float)")
     parser.add_argument("--max-float-share", type=float, default=0.2,
                         help="targets: the most MACs the search may keep float (default 0.2, PTQ's)")
-    parser.add_argument("--adaround", dest="adaround_variants", nargs="+", metavar="ITERATIONS[+bc]",
+    parser.add_argument("--adaround", dest="adaround_variants", nargs="+", metavar="ITERATIONS[@ROWS][+bc]",
                         help="measure AdaRound alone at these settings (no target runs)")
     parser.add_argument("--where", nargs="*", metavar="LAYER[,LAYER...]",
                         help="where the error sits (no target runs): weights vs activation roundings per backend, then "
