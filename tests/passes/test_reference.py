@@ -155,11 +155,23 @@ def test_narrow_codes_are_the_quantize_range_and_fused_activations_precede_it():
     assert all(reference.get_buffer(n.args[0].target).abs().max() <= 8 for n in weights)
     stem_act = next(n for n in reference.graph.nodes if n.op == "call_module" and n.target == "stem.2")
     assert [u.target for u in stem_act.users] == [QUANTIZE]  # the quantize sits after the folded ReLU
-    # 640 values: on 4-bit codes a rounding tie the kernels break otherwise (torch 2.13: about 1 value in 200)
-    # moves a code that the next layer turns into two output steps; 160 values are too few for a 1% share
+    # 640 values: on 4-bit codes a rounding tie the kernels break otherwise moves a code that the next layer
+    # turns into two output steps; 160 values are too few for a 1% share. The head's 2×2 average pool makes
+    # ties of a quarter of its values; torch before 2.14 breaks them to even on the stored code, not on the
+    # code less the zero point as the reference (and later torch) does, so with an odd zero point every one of
+    # them moves a code: 13 of the 640 outputs by two steps here (4 with the squared-error activation ranges).
     x = torch.cat(batches(4, seed=7))
     with torch.no_grad():
-        assert_within_one_step(reference(x), lowered(x), output_step(reference))
+        share = 0.99 if _average_pool_breaks_ties_on_code_less_zero_point() else 0.97
+        assert_within_one_step(reference(x), lowered(x), output_step(reference), share)
+
+
+def _average_pool_breaks_ties_on_code_less_zero_point() -> bool:
+    """Codes 0, 0, 1, 1 at zero point 1 average to the tie −0.5 (code less zero point: rounds to 0, code 1) or,
+    taken on the stored codes, to the tie 0.5 (rounds to code 0)."""
+    codes = torch.tensor([[[[0, 0], [1, 1]]]], dtype=torch.uint8)
+    pooled = F.avg_pool2d(torch._make_per_tensor_quantized_tensor(codes, 1.0, 1), 2)
+    return pooled.int_repr().item() == 1
 
 
 def test_qnnpack_widened_add_grid_and_rounded_bias():
