@@ -77,7 +77,6 @@ from qpasses.passes.insert_observers import InsertObservers
 from qpasses.passes.recipes import build_passes, find_recipe
 from qpasses.quant.annotate import annotate
 from qpasses.quant.backends import Backend, get_backend
-from qpasses.quant.lowering import has_float_output_kernel
 from qpasses.quant.observers import CalibrationError
 from qpasses.quant.ops import Role, role_of
 from qpasses.quant.overrides import exact_pattern, with_node_overrides
@@ -507,9 +506,7 @@ def producer_pairs(gm: fx.GraphModule, layers: Iterable[str]) -> dict[str, str]:
 def _convs_write_float(backend: Backend) -> bool:
     """Whether ``backend``'s int8 conv kernels can write fp32 (inductor's qconv_pointwise), so that a conv whose
     value only float layers read is not rounded for them (``annotate``'s float-output rule)."""
-    if backend.engine is None:
-        return issubclass(nn.Conv2d, backend.float_output_modules)
-    return has_float_output_kernel(nn.Conv2d(1, 1, 1), backend.engine)
+    return backend.writes_float_output(nn.Conv2d(1, 1, 1))
 
 
 def _float_layer_note(backend: Backend) -> str:

@@ -47,7 +47,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from qpasses.cpu import CpuInt8Features, cpu_int8_features
 from qpasses.errors import QPassesError
 from qpasses.quant.backends import Backend, UnsupportedSpecError
-from qpasses.quant.lowering import has_float_output_kernel
 from qpasses.quant.ops import REQUANTIZING, Role, clamp_bounds, describe_op, is_tensor_node, role_of
 from qpasses.quant.spec import QuantConfig, QuantPair, QuantSpec
 
@@ -271,12 +270,7 @@ def _decide_float_output(gm: fx.GraphModule, node: fx.Node, module, backend: Bac
     output = _only_outputs_read(gm, node)
     if post_op is not None and _activation_read_by_post_op(gm, node, post_op):
         return
-    if kernels is not None:
-        writes_float = kernels.float_output
-    elif backend.engine is None:  # a deployment target's runtime: the row names its kernels that write float
-        writes_float = isinstance(module, backend.float_output_modules)
-    else:
-        writes_float = has_float_output_kernel(module, backend.engine)
+    writes_float = kernels.float_output if kernels is not None else backend.writes_float_output(module)
     if writes_float:
         ann.float_output.add(node.name)
         if output:

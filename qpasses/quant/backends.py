@@ -27,6 +27,7 @@ from torch import nn
 
 from qpasses.cpu import CpuInt8Features, cpu_int8_features
 from qpasses.errors import QPassesError
+from qpasses.quant.lowering import has_float_output_kernel
 from qpasses.quant.ops import op_of
 from qpasses.quant.spec import QuantConfig, QuantSpec, int16_pair_sum_overflows
 
@@ -113,6 +114,14 @@ class Backend:
     float_arithmetic: tuple[str, ...] = ()
     float_reads_unrounded: bool = False
     notes: str = ""
+
+    def writes_float_output(self, module: nn.Module) -> bool:
+        """Whether this backend's int8 kernel for the conv/linear ``module`` can write float: the runtime's
+        ``float_output_modules`` for a preset without a torch.ao engine, else the engine's kernels
+        (``lowering.has_float_output_kernel``)."""
+        if self.engine is None:
+            return isinstance(module, self.float_output_modules)
+        return has_float_output_kernel(module, self.engine)
 
     @property
     def available(self) -> bool:
