@@ -23,12 +23,12 @@ MEASURED: tuple[Recipe, ...] = (
         per_channel=True,
         weight_bits=8,
         passes=('biascorrection',),
-        sqnr_db=22.1,
-        ptq_sqnr_db=16.7,
-        seconds=210,
+        sqnr_db=22.8,
+        ptq_sqnr_db=16.9,
+        seconds=18,
         source=(
-            '`python -m tools.bench.auto --write-table --calib 16 --eval 32 --threads 1`, '
-            '2026-12-06, commit 448adfc'
+            '`python -m tools.bench.auto --write-table --calib 16 --eval 32 --threads 1 '
+            '--backends x86`, 2026-12-07, commit 0824214'
         ),
     ),
     Recipe(
