@@ -25,7 +25,7 @@ from tools.bench.coverage import (
     sweep,
 )
 
-TINY = Params(size=32, calib=8, eval=8)  # one calibration batch of 8 crops
+TINY = Params(size=32, calib=8, eval=8, norm=8)  # one batch of 8 crops each
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,8 @@ def tiny_rows() -> list[Row]:
         case = MODELS[name]
         torch.manual_seed(0)
         model = case.build(case.size(TINY.size) or 0).eval()
-        inputs = make_inputs(case, TINY.size, TINY.calib, TINY.eval)
-        reestimate_batchnorm(model, inputs.calib)
+        inputs = make_inputs(case, TINY.size, TINY.calib, TINY.eval, TINY.norm)
+        reestimate_batchnorm(model, inputs.norm)
         with torch.no_grad():
             reference = [model(b) for b in inputs.evals]
         rows += [measure(case, tool, model, inputs, reference, float_weighted_layers(model)) for tool in TOOLS.values()]
@@ -67,7 +67,7 @@ def test_rows_of_every_tool_on_two_models(tiny_rows):
     assert by_key["lstm", "pt2e"].ok and by_key["lstm", "pt2e"].quantized == 1
 
 
-def test_batchnorm_statistics_become_those_of_the_calibration_batches():
+def test_batchnorm_statistics_become_those_of_the_batches_given():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     batches = [torch.randn(4, 3, 8, 8) * 5 + 2 for _ in range(3)]
     reestimate_batchnorm(model, batches)
@@ -104,7 +104,7 @@ def test_sweep_resumes_from_its_results_file(tmp_path, monkeypatch):
     path = tmp_path / "coverage.json"
     sweep(["lstm"], ["fx"], Results(path, TINY), timeout=300)  # one worker subprocess
     saved = json.loads(path.read_text())
-    assert saved["params"] == {"size": 32, "calib": 8, "eval": 8}
+    assert saved["params"] == {"size": 32, "calib": 8, "eval": 8, "norm": 8}
     assert [(r["model"], r["tool"], r["ok"]) for r in saved["rows"]] == [("lstm", "fx", True)]
 
     def must_not_run(*args, **kwargs):
@@ -115,7 +115,24 @@ def test_sweep_resumes_from_its_results_file(tmp_path, monkeypatch):
     sweep(["lstm"], ["fx"], resumed, timeout=300)
     assert resumed.get("lstm", "fx").ok
     with pytest.raises(SystemExit, match="--size"):
-        Results(path, Params(size=64, calib=8, eval=8))
+        Results(path, Params(size=64, calib=8, eval=8, norm=8))
+    # a file from before --norm (statistics of the calibration samples) is not resumed with separate ones
+    path.write_text(json.dumps({"params": {"size": 32, "calib": 8, "eval": 8}, "rows": saved["rows"]}))
+    with pytest.raises(SystemExit, match="--norm"):
+        Results(path, TINY)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "r3d_18", "lstm"])
+def test_batchnorm_statistics_come_from_samples_neither_calibrated_on_nor_evaluated(name):
+    """Statistics of the calibration samples themselves would normalise exactly them: every calibration-fitted
+    range or correction would fit samples the model treats unlike any other."""
+    case = MODELS[name]
+    inputs = make_inputs(case, TINY.size, TINY.calib, TINY.eval, n_norm=8)
+    samples = {kind: torch.cat(batches) for kind, batches in
+               (("calib", inputs.calib), ("evals", inputs.evals), ("norm", inputs.norm))}
+    assert len(samples["norm"]) == len(samples["calib"])  # 8 crops, or 2 clips of 4 crops
+    for kind in ("calib", "evals"):
+        assert not any(torch.equal(a, b) for a in samples["norm"] for b in samples[kind]), kind
 
 
 def test_a_tool_past_its_time_limit_is_a_failed_row_and_the_next_gets_a_fresh_worker():

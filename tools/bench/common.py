@@ -31,9 +31,14 @@ class PhotoSet:
 
     @classmethod
     def make(cls, n_calib: int = 64, n_eval: int = 128, size: int = 224) -> PhotoSet:
-        calib = [b for (b,) in loader(photo_crops(n_calib, size, seed=0, split="calib", normalization=SYMMETRIC), 8)]
-        evals = [b for (b,) in loader(photo_crops(n_eval, size, seed=1, split="eval", normalization=SYMMETRIC), 16)]
-        return cls(calib, evals)
+        return cls(photo_batches(n_calib, size, seed=0, split="calib", batch_size=8),
+                   photo_batches(n_eval, size, seed=1, split="eval", batch_size=16))
+
+
+def photo_batches(n: int, size: int, seed: int, split: str, batch_size: int) -> list[torch.Tensor]:
+    """``n`` crops of the photos' ``split`` half (``qpasses_zoo.data.photo_crops``, drawn with ``seed``), in
+    batches of ``batch_size``."""
+    return [b for (b,) in loader(photo_crops(n, size, seed=seed, split=split, normalization=SYMMETRIC), batch_size)]
 
 
 def describe_machine(threads: int | None = None) -> str:

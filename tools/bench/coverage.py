@@ -13,10 +13,12 @@ passes over the calibration batches to initialise the fake-quants, BN statistics
 torch.ao FX PTQ (x86 default qconfig mapping) and torchao PT2E (``torch.export`` non-strict →
 ``X86InductorQuantizer`` default config → ``convert_pt2e``, the Q/DQ graph uncompiled, run one sample at a time).
 
-Models (``MODELS``): random weights (nothing is downloaded), BatchNorm statistics re-estimated on the
-calibration inputs (``reestimate_batchnorm``: otherwise random deep models output ~0), image models fed crops
-of real photos (``PhotoSet``), the video model clips of 4 consecutive crops, the sequence models seeded random
-tensors. Each model runs in its own subprocess, each tool with a time limit, so an exception, a segfault or a
+Models (``MODELS``): random weights (nothing is downloaded), BatchNorm statistics re-estimated on inputs of
+their own (``reestimate_batchnorm`` on ``--norm`` samples, neither calibration nor evaluation ones: otherwise random
+deep models output ~0; a trained model's statistics come from its training data, and re-estimated on the
+calibration samples themselves they would normalise exactly those, which every calibration-fitted range and
+correction would then fit rather than the inputs the model meets), image models fed crops of real photos
+(``PhotoSet``), the video model clips of 4 consecutive crops, the sequence models seeded random tensors. Each model runs in its own subprocess, each tool with a time limit, so an exception, a segfault or a
 hang is a row, not the end of the sweep (the tools after it get a fresh subprocess). Per row: ok or the first
 line of the error, SQNR of the outputs against the float model on the evaluation inputs (the worst output leaf
 for structured outputs), top-1 agreement for logits, convs/linears quantized (``lowered_quantized_layers`` /
@@ -62,6 +64,7 @@ from tools.bench.common import (
     PhotoSet,
     describe_machine,
     markdown_table,
+    photo_batches,
     timed,
     torch_ao_fx_ptq,
     torchao_pt2e_ptq,
@@ -219,11 +222,13 @@ MODELS: dict[str, ModelCase] = {c.name: c for c in [
 class Inputs:
     calib: list[torch.Tensor]
     evals: list[torch.Tensor]
+    norm: list[torch.Tensor]  # for the BatchNorm statistics only
 
 
-def make_inputs(case: ModelCase, size: int, n_calib: int, n_eval: int) -> Inputs:
-    """Calibration and evaluation batches for ``case`` (8 and 16 samples a batch; video: clips of ``FRAMES``
-    consecutive crops)."""
+def make_inputs(case: ModelCase, size: int, n_calib: int, n_eval: int, n_norm: int) -> Inputs:
+    """Calibration, evaluation and BatchNorm-statistics batches for ``case`` (8, 16 and 8 samples a batch; video:
+    clips of ``FRAMES`` consecutive crops). The statistics' crops are other crops of the calibration half of
+    the photos (seed 2; calibration: seed 0), the sequences further draws of the same generator."""
     if case.inputs == "sequence":
         generator = torch.Generator().manual_seed(0)
 
@@ -231,15 +236,16 @@ def make_inputs(case: ModelCase, size: int, n_calib: int, n_eval: int) -> Inputs
             return [torch.randn(len(idx), *case.sample_shape, generator=generator)
                     for idx in torch.arange(n).split(per_batch)]
 
-        return Inputs(batches(n_calib, 8), batches(n_eval, 16))
+        return Inputs(batches(n_calib, 8), batches(n_eval, 16), batches(n_norm, 8))
     photos = PhotoSet.make(n_calib, n_eval, case.size(size))
+    norm = photo_batches(n_norm, case.size(size), seed=2, split="calib", batch_size=8)
     if case.inputs == "video":
-        def clips(batch: torch.Tensor) -> torch.Tensor:
-            n, c, h, w = batch.shape
-            return batch[: n - n % FRAMES].reshape(-1, FRAMES, c, h, w).transpose(1, 2).contiguous()
+        def clips(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [b[: len(b) - len(b) % FRAMES].reshape(-1, FRAMES, *b.shape[1:]).transpose(1, 2).contiguous()
+                    for b in batches]
 
-        return Inputs([clips(b) for b in photos.calib], [clips(b) for b in photos.evals])
-    return Inputs(photos.calib, photos.evals)
+        return Inputs(clips(photos.calib), clips(photos.evals), clips(norm))
+    return Inputs(photos.calib, photos.evals, norm)
 
 
 # ---------------------------------------------------------------- counting convs and linears
@@ -389,6 +395,7 @@ class Params:
     size: int
     calib: int
     eval: int
+    norm: int  # samples the BatchNorm statistics are re-estimated on
 
 
 @dataclass
@@ -441,7 +448,7 @@ def measure(case: ModelCase, tool: Tool, model: nn.Module, inputs: Inputs, refer
 
 
 def reestimate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
-    """Set every BatchNorm's running statistics to those of ``batches`` (the calibration inputs), in place.
+    """Set every BatchNorm's running statistics to those of ``batches``, in place.
 
     With random weights and the fresh statistics (mean 0, variance 1) a deep network's activations vanish or
     explode in eval mode (random mobilenet_v2's logits are ~1e-10), so every tool's SQNR would be 0 dB. With
@@ -469,8 +476,8 @@ def run_worker(name: str, tools: list[str], params: Params, rows_to: Path, seed:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = case.build(case.size(params.size) or 0).eval()
-            inputs = make_inputs(case, params.size, params.calib, params.eval)
-            reestimate_batchnorm(model, inputs.calib)
+            inputs = make_inputs(case, params.size, params.calib, params.eval, params.norm)
+            reestimate_batchnorm(model, inputs.norm)
             reference = _outputs(model, inputs.evals)
     except Exception as exc:  # the float model itself fails (e.g. at this input size): a row for each tool
         failed = [Row(name, case.family, t, ok=False, error=f"float model: {_first_line(exc)}", seed=seed)
@@ -497,9 +504,10 @@ class Results:
         self.rows: dict[tuple[str, str], Row] = {}
         if path is not None and path.exists():
             saved = json.loads(path.read_text())
-            if Params(**saved["params"]) != params:
+            # norm 0: a file from before --norm, when the statistics were those of the calibration samples
+            if Params(**{"norm": 0} | saved["params"]) != params:
                 raise SystemExit(f"{path} holds rows measured with {saved['params']}, not {asdict(params)}; "
-                                 "pass the same --size/--calib/--eval or another --results file")
+                                 "pass the same --size/--calib/--eval/--norm or another --results file")
             for row in saved["rows"]:
                 self.add(Row(**row))
 
@@ -529,7 +537,7 @@ def _worker(name: str, tools: list[str], params: Params, timeout: float, seed: i
         rows_to, stderr_to = Path(tmp) / "rows.jsonl", Path(tmp) / "stderr.txt"
         command = [sys.executable, "-m", "tools.bench.coverage", "--worker", name, "--tools", ",".join(tools),
                    "--size", str(params.size), "--calib", str(params.calib), "--eval", str(params.eval),
-                   "--seeds", str(seed), "--rows-to", str(rows_to)]
+                   "--norm", str(params.norm), "--seeds", str(seed), "--rows-to", str(rows_to)]
 
         def rows_written() -> int:  # complete lines only: the worker may be writing one
             return rows_to.read_text().count("\n") if rows_to.exists() else 0
@@ -662,13 +670,15 @@ def report(results: Results, models: list[str], tools: list[str], seeds: tuple[i
     seed = seeds[0]
     p = results.params
     bits = {t: TOOLS[t].activation_bits() for t in tools}
-    command = f"{COMMAND} --size {p.size} --calib {p.calib} --eval {p.eval} --results .bench/coverage.json --write"
+    command = (f"{COMMAND} --size {p.size} --calib {p.calib} --eval {p.eval} --norm {p.norm} "
+               "--results .bench/coverage.json --write")
     lines = [
         f"## Coverage (`{command}`)",
-        f"Machine: {describe_machine()}, torchao {torchao.__version__}. Random weights, BatchNorm statistics set to those of the calibration "
-        f"inputs (random models' activations vanish otherwise); images {p.size}×{p.size} (larger where a model needs "
-        f"it: inception_v3 75, mobilevit_xxs 128) crops of real photos, {p.calib} for calibration and {p.eval} "
-        f"others for evaluation; video r3d_18 clips of {FRAMES} crops; sequence models seeded random inputs.",
+        f"Machine: {describe_machine()}, torchao {torchao.__version__}. Random weights, BatchNorm statistics set to those of "
+        f"{p.norm} inputs of their own (random models' activations vanish otherwise; not the calibration inputs, "
+        f"which the float model would then normalise exactly); images {p.size}×{p.size} (larger where a model needs "
+        f"it: inception_v3 75, mobilevit_xxs 128) crops of real photos, {p.calib} for calibration, {p.eval} "
+        f"others for evaluation and {p.norm} others for the statistics; video r3d_18 clips of {FRAMES} crops; sequence models seeded random inputs.",
         "Activation bits: " + ", ".join(f"{TOOLS[t].label} {bits[t]}" for t in tools) +
         ". torch.ao FX keeps x86's 7-bit activations (reduce_range: fbgemm's int16 pair sums on CPUs without "
         "VNNI) on every CPU; qpasses x86 takes 7-bit steps only into the kernels that add int16 pairs on this "
@@ -718,6 +728,12 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of samples, at least 1, got {text!r}")
+    return int(text)
+
+
 def _names(text: str, known: dict, what: str) -> list[str]:
     names = [n for n in text.split(",") if n]
     unknown = [n for n in names if n not in known]
@@ -734,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="image size (default 64)")
     parser.add_argument("--calib", type=int, default=8, help="calibration samples (default 8)")
     parser.add_argument("--eval", type=int, default=16, help="evaluation samples (default 16)")
+    parser.add_argument("--norm", type=_positive, default=32,
+                        help="samples the BatchNorm statistics are re-estimated on (default 32)")
     parser.add_argument("--quick", action="store_true", help="8 calibration and 8 evaluation samples, 32 px")
     parser.add_argument("--seeds", default="0", help="comma-separated weights seeds (default 0); with several the "
                         "report adds each tool's mean and standard error over them")
@@ -748,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     models = _names(args.models, MODELS, "models")
     tools = _names(args.tools, TOOLS, "tools")
     seeds = _seeds(args.seeds)
-    params = Params(32, 8, 8) if args.quick else Params(args.size, args.calib, args.eval)
+    params = Params(32, 8, 8, 8) if args.quick else Params(args.size, args.calib, args.eval, args.norm)
     if args.worker:
         run_worker(args.worker, tools, params, args.rows_to, seeds[0])
         return 0

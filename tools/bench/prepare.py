@@ -6,8 +6,8 @@ and torchao PT2E on the same calibration batches.
     python -m tools.bench.prepare --models resnet18 --batches 2 --rounds 1 --tools qpasses,fx
     python -m tools.bench.prepare --threads 1 --write --note "Other jobs shared the machine."
 
-Per model (random weights, BatchNorm statistics re-estimated on the calibration crops, as in
-``tools.bench.coverage``), each tool quantizes a copy of the float model with the same ``--batches``
+Per model (random weights, BatchNorm statistics re-estimated on the calibration crops: a timing, which the
+statistics' inputs do not change, unlike ``tools.bench.coverage``'s fidelity), each tool quantizes a copy of the float model with the same ``--batches``
 calibration batches of 8 photo crops at 224×224 (``PhotoSet``):
 
 - qpasses: ``PassManager([FuseBN(), PTQ(batches, recipe=False)]).run`` (``tools.bench.ptq.qpasses_ptq``, x86):

@@ -4,8 +4,8 @@
     python -m tools.bench.pt2e --models resnet18 --calib 16 --evals 16 --backends x86,onednn
     python -m tools.bench.pt2e --models resnet18,mobilenet_v2,mobilenet_v3_small,tf_efficientnet_lite0 --write
 
-Each model (torchvision, random weights, BatchNorm statistics re-estimated on the calibration crops as in
-``tools.bench.coverage``; ``tf_efficientnet_lite0``: pretrained, the zoo's packaged ImageNet weights) is exported once (``torch.export``, non-strict, batch 8) and quantized by
+Each model (torchvision, random weights, BatchNorm statistics re-estimated as in ``tools.bench.coverage``, on as
+many crops of their own as there are calibration crops; ``tf_efficientnet_lite0``: pretrained, the zoo's packaged ImageNet weights) is exported once (``torch.export``, non-strict, batch 8) and quantized by
 ``prepare_pt2e`` → calibration → ``convert_pt2e`` with each quantizer: torchao's ``X86InductorQuantizer`` (default
 config) and ``qpasses.quant.pt2e.QPassesQuantizer(backend)``. Per row: SQNR of the logits of the converted (Q/DQ,
 uncompiled) graph against the float model on the evaluation crops, top-1 agreement, convs/linears with int8
@@ -25,6 +25,7 @@ from tools.bench.common import (
     PhotoSet,
     describe_machine,
     markdown_table,
+    photo_batches,
     pretrained_lite0,
     timed,
     write_section,
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         if name == "tf_efficientnet_lite0":
             model = pretrained_lite0().eval()
         else:
-            model = reestimate_batchnorm(torchvision.models.get_model(name, weights=None), calib).eval()
+            norm = photo_batches(args.calib, 224, seed=2, split="calib", batch_size=BATCH)
+            model = reestimate_batchnorm(torchvision.models.get_model(name, weights=None), norm).eval()
         quantizers = {"X86InductorQuantizer": lambda: xiq.X86InductorQuantizer().set_global(
             xiq.get_default_x86_inductor_quantization_config())}
         for backend in args.backends.split(","):
@@ -112,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m tools.bench.pt2e " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n\n".join([
         "## qpasses' decisions in torchao's PT2E flow (QPassesQuantizer vs X86InductorQuantizer)",
-        f"`{command.strip()}`: torchvision models with random weights, BatchNorm statistics re-estimated on the "
-        "calibration crops; tf_efficientnet_lite0 pretrained. SQNR of the converted (Q/DQ, uncompiled) graph's "
+        f"`{command.strip()}`: torchvision models with random weights, BatchNorm statistics re-estimated on "
+        "other crops than the calibration ones; tf_efficientnet_lite0 pretrained. SQNR of the converted (Q/DQ, uncompiled) graph's "
         "logits against the float model.",
         markdown_table(header, rows),
         f"{describe_machine()}; {args.calib} calibration and {args.evals} evaluation photo crops (224 px)."])
