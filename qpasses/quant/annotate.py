@@ -105,27 +105,29 @@ def annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig,
     fused kernels of the lowering that will run the graph, where it is not the backend's torch.ao engine (None:
     the post-ops ``backend`` names, ``Backend.post_op``).
 
-    A cat that ``backend.float_arithmetic`` names concatenates int8 codes only where all its inputs share its grid
-    (``_share_cat_observers``); the others run float on their inputs before rounding (a second pass decides
-    again with them float)."""
-    ann = _annotate(gm, backend, config, cpu, kernels, float_cats=frozenset())
-    if "cat" in backend.float_arithmetic:
-        float_cats = frozenset(
-            node.name for node in gm.graph.nodes
-            if ann.roles[node.name] is Role.FUNCTIONAL and node.target == "cat"
-            and not all(arg.name in ann.shared for arg in node.args[1]))
-        if float_cats:
-            ann = _annotate(gm, backend, config, cpu, kernels, float_cats)
+    ``backend.float_arithmetic``: an add or mul it names runs float unless it is a conv/linear's post-op; a cat
+    it names concatenates int8 codes only where all its inputs share its grid (``_share_cat_observers``), the
+    others run float on their inputs before rounding. Where the first pass runs some of them float, a second
+    decides again with them reading floats: what only they read is then not rounded for them (a squeeze-excite
+    gate's hardsigmoid, read by a float mul, runs float on its conv's unrounded value, as in PT2E's graphs)."""
+    ann = _annotate(gm, backend, config, cpu, kernels, float_arithmetic=frozenset())
+    float_arithmetic = frozenset(
+        node.name for node in gm.graph.nodes
+        if node.target in backend.float_arithmetic and role_of(gm, node) is Role.FUNCTIONAL
+        and (ann.roles[node.name] is Role.FUNCTIONAL and not all(arg.name in ann.shared for arg in node.args[1])
+             if node.target == "cat" else ann.roles[node.name] is Role.FLOAT))
+    if float_arithmetic:
+        ann = _annotate(gm, backend, config, cpu, kernels, float_arithmetic)
     return ann
 
 
 def _annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig, cpu: CpuInt8Features | None,
-              kernels: FusedKernels | None, float_cats: frozenset[str]) -> Annotation:
-    """``annotate`` with the cats named in ``float_cats`` run float (the rest of ``backend.float_arithmetic``
-    as the table says)."""
+              kernels: FusedKernels | None, float_arithmetic: frozenset[str]) -> Annotation:
+    """``annotate`` with the ops of ``backend.float_arithmetic`` named in ``float_arithmetic`` reading floats (the
+    cats among them run float too; the others run float where they are not a post-op in any case)."""
     ann = Annotation(backend=backend.name, config=config)
     quantized: dict[fx.Node, bool] = {}
-    read_as_int8 = _int8_readers(gm, config, float_cats)
+    read_as_int8 = _int8_readers(gm, config, float_arithmetic)
     post_op = kernels.post_op if kernels is not None else backend.post_op
     for node in gm.graph.nodes:
         role = role_of(gm, node)
@@ -148,7 +150,7 @@ def _annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig, cpu: Cp
             if post_op is not None and role in (Role.REQUANT, Role.FUNCTIONAL) and pair is not None:
                 _fuse_post_op(gm, node, ann, post_op)
             if (role is Role.FUNCTIONAL and node.target in backend.float_arithmetic and node.name not in ann.fused
-                    and (node.target != "cat" or node.name in float_cats)):
+                    and (node.target != "cat" or node.name in float_arithmetic)):
                 ann.pairs.pop(node.name, None)
                 runtime = backend.runtime or backend.name
                 ann.float_reasons[node.name] = (
@@ -227,20 +229,20 @@ def _full_range_where_no_saturating_kernel_reads(gm: fx.GraphModule, ann: Annota
 _REQUANTIZES_ON_DEMAND = (Role.FUNCTIONAL, Role.REQUANT, Role.FIXED, Role.DERIVED)
 
 
-def _int8_readers(gm: fx.GraphModule, config: QuantConfig, float_cats: frozenset[str] = frozenset()
+def _int8_readers(gm: fx.GraphModule, config: QuantConfig, float_arithmetic: frozenset[str] = frozenset()
                   ) -> dict[fx.Node, bool]:
     """Per node, whether something reads its value as int8 codes: a conv/linear, or an op that passes codes on
     (qparams-preserving, clamp-like, or one of ``_REQUANTIZES_ON_DEMAND``) whose own value is so read; the
     graph's output with ``config.quantize_output``. Ops the configuration keeps float read floats, and so do the
-    cats named in ``float_cats`` (run float: their inputs are rounded once, at the cat's value, where nothing
-    else reads them as int8)."""
+    ops named in ``float_arithmetic`` (run float for want of an int8 kernel: a cat's inputs are then rounded once,
+    at the cat's value, where nothing else reads them as int8)."""
     reads: dict[fx.Node, bool] = {}
 
     def takes_codes(user: fx.Node) -> bool:
         if user.op == "output":
             return config.quantize_output
         role = role_of(gm, user)
-        if role in (Role.NONE, Role.FLOAT) or user.name in float_cats:
+        if role in (Role.NONE, Role.FLOAT) or user.name in float_arithmetic:
             return False
         module = gm.get_submodule(user.target) if user.op == "call_module" else None
         if role is not Role.PRESERVING and config.for_node(_qualified_name(user),
