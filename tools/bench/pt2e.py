@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     photos = PhotoSet.make(n_calib=args.calib, n_eval=args.evals)
     calib = list(torch.cat(photos.calib).split(BATCH))
     evals = list(torch.cat(photos.evals).split(BATCH))
+    norm = photo_batches(args.calib, 224, seed=2, split="calib", batch_size=BATCH)  # the random models' statistics
     rows = []
     for name in args.models.split(","):
         torch.manual_seed(0)
         if name == "tf_efficientnet_lite0":
             model = pretrained_lite0().eval()
         else:
-            norm = photo_batches(args.calib, 224, seed=2, split="calib", batch_size=BATCH)
             model = reestimate_batchnorm(torchvision.models.get_model(name, weights=None), norm).eval()
         quantizers = {"X86InductorQuantizer": lambda: xiq.X86InductorQuantizer().set_global(
             xiq.get_default_x86_inductor_quantization_config())}
