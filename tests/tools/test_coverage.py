@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -17,7 +18,9 @@ from tools.bench.coverage import (
     float_weighted_layers,
     make_inputs,
     measure,
+    pt2e_float_weights,
     pt2e_quantized_layers,
+    qpasses_layers_using,
     reestimate_batchnorm,
     report,
     run_model,
@@ -58,13 +61,16 @@ def test_rows_of_every_tool_on_two_models(tiny_rows):
         # qpasses x86: 7 where a kernel needs it; its inductor preset, like PT2E: 8 on CPUs that add int8 products
         # in int32 (AVX-512 VNNI)
         reference_bits = 8 if cpu_int8_features().u8s8_accumulates_in_int32 else 7
-        assert row.activation_bits == {"pt2e": 8, "qpasses-ref": reference_bits}.get(row.tool, 7)
+        assert row.activation_bits == {"pt2e": 8, "qpasses-ref": reference_bits,
+                                       "qpasses-ref-pt2e-layers": reference_bits}.get(row.tool, 7)
     by_key = {(r.model, r.tool): r for r in tiny_rows}
     for model in ("lstm", "resnet18"):  # qpasses takes both; the LSTM itself stays float (no static LSTM kernel)
         assert by_key[model, "qpasses-ptq"].ok and by_key[model, "qpasses-qat"].ok
     assert by_key["resnet18", "qpasses-ptq"].quantized == 21
     assert by_key["resnet18", "qpasses-ref"].ok and by_key["resnet18", "qpasses-ref"].quantized == 21
     assert by_key["lstm", "pt2e"].ok and by_key["lstm", "pt2e"].quantized == 1
+    # PT2E leaves no conv/linear of the LSTM model float: the reference at its layers is the reference
+    assert by_key["lstm", "qpasses-ref-pt2e-layers"].ok and by_key["lstm", "qpasses-ref-pt2e-layers"].quantized == 1
 
 
 def test_batchnorm_statistics_become_those_of_the_batches_given():
@@ -92,6 +98,33 @@ def test_pt2e_count_takes_weights_not_activation_matmuls():
     model = Net().eval()
     converted = torchao_pt2e_ptq(model, [torch.randn(2, 3, 8, 8)])
     assert float_weighted_layers(model) == 2 and pt2e_quantized_layers(converted) == 2
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_the_reference_at_pt2e_layers_keeps_float_the_layers_pt2e_leaves_float():
+    torch.manual_seed(0)
+    model, calib = _Attention().eval(), [torch.randn(4, 5, 8)]
+    pt2e = torchao_pt2e_ptq(model, calib)
+    # PT2E quantizes the head only: the attention's projections are F.linear calls on the block's own parameters
+    assert pt2e_float_weights(pt2e) == {"attn.in_proj_weight", "attn.out_proj.weight"}
+    assert pt2e_quantized_layers(pt2e) == 1
+    assert pt2e_quantized_layers(TOOLS["qpasses-ref"].quantize(copy.deepcopy(model), calib)) == 3
+    matched = TOOLS["qpasses-ref-pt2e-layers"].quantize(copy.deepcopy(model), calib)
+    assert pt2e_quantized_layers(matched) == 1
+
+
+def test_a_parameter_no_layer_of_qpasses_graph_uses_is_an_error():
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    with pytest.raises(ValueError, match="no layer of qpasses' graph uses 1.weight"):
+        qpasses_layers_using(model, {"0.weight", "1.weight"}, torch.randn(1, 4))
 
 
 def test_per_sample_joins_structured_outputs_leaf_by_leaf():
@@ -159,7 +192,8 @@ def test_report_is_written_between_the_coverage_markers(tiny_rows, tmp_path, mon
     assert f"Machine: {cpu_int8_features()}, torch " in text and "torchao " in text
     assert "**resnet18** (torchvision classification)" in text
     assert "| torch.ao FX | fails |  |  | –/26 | 0.5 | RuntimeError: boom at torch/a.py:1 |" in text  # no local paths
-    assert "Not measured yet (model (tools)): squeezenet1_1 (qpasses-ptq, qpasses-qat, qpasses-ref, pt2e)." in text
+    assert ("Not measured yet (model (tools)): squeezenet1_1 (qpasses-ptq, qpasses-qat, qpasses-ref, "
+            "qpasses-ref-pt2e-layers, pt2e).") in text
     ok = sum(r.ok for r in tiny_rows if r.tool == "qpasses-ptq")
     assert f"| qpasses PTQ | 7 | {ok}/2 |" in text
 
@@ -190,5 +224,14 @@ def test_report_over_seeds_gives_mean_standard_error_and_the_paired_difference()
     assert "### Over seeds 0, 1, 2 (mean ± standard error)" in text
     # ours 10, 12, 14: mean 12, sd 2, se 2/√3; PT2E 11, 11.5, 13: mean 11.833; differences −1, 0.5, 1
     assert "| lstm | 12.000 ± 1.155 | 11.833 ± 0.601 | +0.167 ± 0.601 (2/3 seeds ≥) |" in text
+    for seed, ours in ((0, 11.0), (1, 12.0), (2, 13.5)):  # the reference at PT2E's layers: a column of its own
+        results.add(Row("lstm", family, "qpasses-ref-pt2e-layers", ok=True, sqnr=ours, quantized=1, total=2,
+                        seconds=1.0, seed=seed))
+    results.add(Row("lstm", family, "fx", ok=True, sqnr=9.0, quantized=1, total=2, seconds=1.0, seed=0))
+    text = report(results, ["lstm"], ["qpasses-ref", "qpasses-ref-pt2e-layers", "fx", "pt2e"], seeds=(0, 1, 2))
+    assert "qpasses PTQ → reference − PT2E dB | qpasses reference at PT2E's layers − PT2E dB |" in text
+    assert "| 9.0 |" in text and "torch.ao FX SQNR dB" not in text  # measured on the first seed only
+    assert "| +0.167 ± 0.601 (2/3 seeds ≥) | +0.333 ± 0.167 (3/3 seeds ≥) |" in text
+    assert "| lstm | sequence | no: SQNR 10.0 < 11.0 | yes |" in text
     assert "no: SQNR 10.0 < 11.0" in text  # the per-model tables are the first seed's
     assert "### Over seeds" not in report(results, ["lstm"], ["qpasses-ref", "pt2e"], seeds=(0,))

@@ -8,7 +8,9 @@ and how close the result stays to the float model.
     python -m tools.bench.coverage --models mobilenet_v2 --tools qpasses-ref,pt2e --seeds 0,1,2,3   # seed noise
 
 Tools (``--tools``): qpasses PTQ (``FuseBN`` + ``PTQ``, x86), qpasses PTQ to the reference graph with the inductor
-preset (``lower=False``: the Q/DQ simulation at PT2E's grids, run one sample at a time), qpasses QAT (``QAT`` pass, training-mode forward
+preset (``lower=False``: the Q/DQ simulation at PT2E's grids, run one sample at a time), the same with the convs/linears
+that PT2E leaves float kept float (``qpasses_reference_at_pt2e_layers``: where PT2E's layer computes on float
+activations, so does qpasses', and the two differ only in how they quantize what both quantize), qpasses QAT (``QAT`` pass, training-mode forward
 passes over the calibration batches to initialise the fake-quants, BN statistics frozen, no optimizer step, then ``qpasses.convert``),
 torch.ao FX PTQ (x86 default qconfig mapping) and torchao PT2E (``torch.export`` non-strict →
 ``X86InductorQuantizer`` default config → ``convert_pt2e``, the Q/DQ graph uncompiled, run one sample at a time).
@@ -27,8 +29,8 @@ for structured outputs), top-1 agreement for logits, convs/linears quantized (``
 
 Seeds (``--seeds``): the weights' seed (``torch.manual_seed`` before building the model; the inputs stay the same).
 With more than one, the report adds each tool's mean and standard error over the seeds per model, and the paired
-difference of qpasses' reference graph and PT2E (same weights, same inputs) with its standard error, so that "at
-least PT2E's SQNR" is judged against the seed-to-seed noise; the other tables show the first seed.
+difference of each of qpasses' reference graphs and PT2E (same weights, same inputs) with its standard error, so
+that "at least PT2E's SQNR" is judged against the seed-to-seed noise; the other tables show the first seed.
 """
 
 from __future__ import annotations
@@ -57,8 +59,10 @@ from torch import nn
 import qpasses
 from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr, topk_agreement
+from qpasses.graph.trace import trace
 from qpasses.passes import QAT
 from qpasses.quant.backends import get_backend
+from qpasses.quant.overrides import exact_pattern
 from tools.bench.common import (
     PerSample,
     PhotoSet,
@@ -295,24 +299,37 @@ def _through_views(node: object) -> object:
     return node
 
 
-def pt2e_quantized_layers(gm: fx.GraphModule) -> int:
-    """Convs/linears/matmuls of a Q/DQ graph (PT2E-converted, or qpasses' reference graph) whose weight is
-    quantized: the weight argument is (through view ops) a dequantize node of a constant (a ``get_attr``, quantized directly or already folded to int8).
-    Matmuls of two activations (attention) do not count: neither side is a weight."""
-    count = 0
+def _weights(gm: fx.GraphModule) -> list[tuple[fx.Node, bool]]:
+    """The weight source of each conv/linear/matmul of a Q/DQ graph (PT2E-converted, or qpasses' reference graph)
+    that has one, and whether it is quantized: the weight argument is (through view ops) a dequantize node of a
+    constant (a ``get_attr``, quantized directly or already folded to int8); a float one is the ``get_attr``
+    itself. Matmuls of two activations (attention) have none: neither side is a weight."""
+    weights = []
     for node in gm.graph.nodes:
         position = _PT2E_WEIGHT_ARG.get(_aten_name(node) or "")
         if position is None or len(node.args) <= position:
             continue
         weight = _through_views(node.args[position])
-        if not (isinstance(weight, fx.Node) and "dequantize" in (_aten_name(weight) or "")):
-            continue
-        source = weight.args[0]
-        if isinstance(source, fx.Node) and "quantize" in (_aten_name(source) or ""):
-            source = source.args[0]
-        source = _through_views(source)
-        count += isinstance(source, fx.Node) and source.op == "get_attr"
-    return count
+        quantized = isinstance(weight, fx.Node) and "dequantize" in (_aten_name(weight) or "")
+        if quantized:
+            weight = weight.args[0]
+            if isinstance(weight, fx.Node) and "quantize" in (_aten_name(weight) or ""):
+                weight = weight.args[0]
+            weight = _through_views(weight)
+        if isinstance(weight, fx.Node) and weight.op == "get_attr":
+            weights.append((weight, quantized))
+    return weights
+
+
+def pt2e_quantized_layers(gm: fx.GraphModule) -> int:
+    """Convs/linears/matmuls of a Q/DQ graph whose weight is quantized (``_weights``)."""
+    return sum(quantized for _, quantized in _weights(gm))
+
+
+def pt2e_float_weights(gm: fx.GraphModule) -> set[str]:
+    """The qualified names of the parameters that a Q/DQ graph's convs/linears use unquantized: the layers it
+    leaves float, named as in the model it was exported from (``torch.export`` keeps parameter names)."""
+    return {weight.target for weight, quantized in _weights(gm) if not quantized}
 
 
 # ---------------------------------------------------------------- tools
@@ -327,6 +344,32 @@ def qpasses_qat(model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
         for batch in calib:
             trainable(batch)
     return qpasses.convert(trainable)
+
+
+def qpasses_layers_using(model: nn.Module, parameters: set[str], example: torch.Tensor) -> set[str]:
+    """The names that ``QuantConfig.keep_float`` matches, in qpasses' capture of ``model``, of the layers whose
+    weight is one of ``parameters`` (qualified names in ``model``); an error if one of them is not found."""
+    wanted = {id(weight): name for name, weight in model.named_parameters() if name in parameters}
+    captured = trace(model, (example,), verify=False)
+    found = {node.target: wanted[id(module.weight)] for node in captured.graph.nodes if node.op == "call_module"
+             and id(getattr(module := captured.get_submodule(node.target), "weight", None)) in wanted}
+    unmatched = parameters - set(found.values())
+    if unmatched:
+        raise ValueError(f"no layer of qpasses' graph uses {', '.join(sorted(unmatched))}")
+    return set(found)
+
+
+def qpasses_reference_at_pt2e_layers(model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
+    """``qpasses-ref`` with the convs/linears that PT2E leaves float kept float too (``QuantConfig.keep_float``):
+    where PT2E's layer reads and computes on float activations, this one does too, and the two graphs differ only
+    in how they quantize the layers both quantize. Its prepare time includes PT2E's."""
+    try:
+        float_weights = pt2e_float_weights(torchao_pt2e_ptq(model, calib))
+    except Exception as exc:
+        raise RuntimeError(f"PT2E fails, so its float layers are unknown ({_first_line(exc)})") from exc
+    config = get_backend(REFERENCE_PRESET).default_config()
+    config.keep_float |= {exact_pattern(name) for name in qpasses_layers_using(model, float_weights, calib[0][:1])}
+    return qpasses_ptq(model, calib, REFERENCE_PRESET, lower=False, config=config)
 
 
 def _bits(quant_min: int, quant_max: int) -> int:
@@ -378,6 +421,8 @@ TOOLS: dict[str, Tool] = {t.name: t for t in [
     Tool("qpasses-qat", "qpasses QAT→convert", qpasses_qat, lambda m: m, lowered_quantized_layers,
          _qpasses_activation_bits),
     Tool("qpasses-ref", "qpasses PTQ → reference", lambda m, calib: qpasses_ptq(m, calib, REFERENCE_PRESET, lower=False),
+         PerSample, pt2e_quantized_layers, _reference_activation_bits),
+    Tool("qpasses-ref-pt2e-layers", "qpasses reference at PT2E's layers", qpasses_reference_at_pt2e_layers,
          PerSample, pt2e_quantized_layers, _reference_activation_bits),
     Tool("fx", "torch.ao FX", lambda m, calib: torch_ao_fx_ptq(m, calib, "x86"), lambda m: m,
          lowered_quantized_layers, _fx_activation_bits),
@@ -640,11 +685,14 @@ def _over_seeds(results: Results, model: str, tool: str, seeds: tuple[int, ...])
     return f"{mean:.3f} ± {error:.3f}" + (f" ({len(sqnrs)} of {len(seeds)})" if len(sqnrs) < len(seeds) else "")
 
 
-def _reference_minus_pt2e(results: Results, model: str, seeds: tuple[int, ...]) -> str:
-    """The paired difference of the reference graph's SQNR and PT2E's over the seeds both ran on: mean ± standard
-    error, and on how many seeds the reference is at least PT2E's."""
+REFERENCES = ("qpasses-ref", "qpasses-ref-pt2e-layers")  # the Q/DQ graphs paired with PT2E's over seeds
+
+
+def _minus_pt2e(results: Results, model: str, tool: str, seeds: tuple[int, ...]) -> str:
+    """The paired difference of ``tool``'s SQNR and PT2E's over the seeds both ran on: mean ± standard error, and
+    on how many seeds ``tool`` is at least PT2E's."""
     pairs = [(ours.sqnr, theirs.sqnr) for seed in seeds
-             if (ours := results.get(model, "qpasses-ref", seed)) is not None and ours.ok
+             if (ours := results.get(model, tool, seed)) is not None and ours.ok
              and (theirs := results.get(model, "pt2e", seed)) is not None and theirs.ok]
     if not pairs:
         return "–"
@@ -653,11 +701,13 @@ def _reference_minus_pt2e(results: Results, model: str, seeds: tuple[int, ...]) 
 
 
 def seeds_report(results: Results, models: list[str], tools: list[str], seeds: tuple[int, ...]) -> str:
-    """Per model, each tool's SQNR over ``seeds`` (mean ± standard error) and the reference graph minus PT2E."""
-    paired = "qpasses-ref" in tools and "pt2e" in tools
-    header = ["model", *(f"{TOOLS[t].label} SQNR dB" for t in tools)] + ["reference − PT2E dB"] * paired
+    """Per model, the SQNR over ``seeds`` (mean ± standard error) of each tool measured on more than the first
+    seed, and each such reference graph minus PT2E."""
+    tools = [t for t in tools if any(results.get(m, t, seed) for m in models for seed in seeds[1:])]
+    paired = [t for t in REFERENCES if t in tools and "pt2e" in tools]
+    header = ["model", *(f"{TOOLS[t].label} SQNR dB" for t in tools)] + [f"{TOOLS[t].label} − PT2E dB" for t in paired]
     rows = [[m, *(_over_seeds(results, m, t, seeds) for t in tools)]
-            + [_reference_minus_pt2e(results, m, seeds)] * paired for m in models]
+            + [_minus_pt2e(results, m, t, seeds) for t in paired] for m in models]
     return (f"### Over seeds {', '.join(map(str, seeds))} (mean ± standard error)\n\n"
             "The weights' seed varies, the inputs do not; the difference is paired (same weights, same inputs).\n\n"
             + markdown_table(header, rows))
@@ -698,11 +748,13 @@ def report(results: Results, models: list[str], tools: list[str], seeds: tuple[i
                         str(sum(r.quantized > 0 for r in ok)), str(sum(r.quantized for r in ok))])
     lines.append(markdown_table(["tool", "act bits", "models ok", "models with ≥1 quantized layer",
                                  "quantized layers (ok rows)"], summary))
+    compared = [t for t in ("qpasses-ptq", *REFERENCES) if t in tools]
     lines.append("qpasses ≥ PT2E (quantized layers and SQNR), per model: its x86 PTQ (torch.ao kernels, 7-bit steps "
-                 "where they saturate), and its reference graph at PT2E's bits (the inductor preset):")
-    lines.append(markdown_table(["model", "family", "qpasses PTQ ≥ PT2E", "qpasses reference ≥ PT2E"], [
-        [m, MODELS[m].family, *(_versus_pt2e(results.get(m, t, seed), results.get(m, "pt2e", seed))
-                                for t in ("qpasses-ptq", "qpasses-ref"))]
+                 "where they saturate), its reference graph at PT2E's bits (the inductor preset), and that graph with "
+                 "the layers PT2E leaves float kept float (where PT2E's layer computes on float activations, so does "
+                 "qpasses'):")
+    lines.append(markdown_table(["model", "family", *(f"{TOOLS[t].label} ≥ PT2E" for t in compared)], [
+        [m, MODELS[m].family, *(_versus_pt2e(results.get(m, t, seed), results.get(m, "pt2e", seed)) for t in compared)]
         for m in models]))
     missing = [f"{m} ({', '.join(results.missing(m, tools, seed))})" for m in models
                if results.missing(m, tools, seed)]
