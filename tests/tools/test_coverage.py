@@ -121,6 +121,19 @@ def test_the_reference_at_pt2e_layers_keeps_float_the_layers_pt2e_leaves_float()
     assert pt2e_quantized_layers(matched) == 1
 
 
+def test_a_layer_calling_a_function_on_its_parameter_is_named_by_its_node():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.fc = nn.Parameter(torch.randn(4, 4)), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(nn.functional.linear(x, self.weight))
+
+    names = qpasses_layers_using(Functional().eval(), {"weight", "fc.weight"}, torch.randn(1, 4))
+    assert names == {"linear", "fc"}
+
+
 def test_a_parameter_no_layer_of_qpasses_graph_uses_is_an_error():
     model = nn.Sequential(nn.Linear(4, 4)).eval()
     with pytest.raises(ValueError, match="no layer of qpasses' graph uses 1.weight"):
@@ -233,5 +246,17 @@ def test_report_over_seeds_gives_mean_standard_error_and_the_paired_difference()
     assert "| 9.0 |" in text and "torch.ao FX SQNR dB" not in text  # measured on the first seed only
     assert "| +0.167 ± 0.601 (2/3 seeds ≥) | +0.333 ± 0.167 (3/3 seeds ≥) |" in text
     assert "| lstm | sequence | no: SQNR 10.0 < 11.0 | yes |" in text
+    family = MODELS["resnet18"].family  # where PT2E fails, there are no layers of its to match
+    results.add(Row("resnet18", family, "qpasses-ref", ok=True, sqnr=20.0, quantized=21, total=21, seconds=1.0))
+    results.add(Row("resnet18", family, "pt2e", ok=False, error="ValueError: boom", total=21, seconds=1.0))
+    results.add(Row("resnet18", family, "qpasses-ref-pt2e-layers", ok=False, total=21, seconds=1.0,
+                    error="RuntimeError: PT2E fails, so its float layers are unknown (ValueError: boom)"))
+    assert "| resnet18 | torchvision classification | yes (PT2E fails) | – (PT2E fails) |" in report(
+        results, ["resnet18"], ["qpasses-ref", "qpasses-ref-pt2e-layers", "pt2e"])
+    for tool in ("qpasses-ref", "pt2e"):  # outputs equal to the float model's on both sides: no difference
+        results.add(Row("vit_b_16", MODELS["vit_b_16"].family, tool, ok=True, sqnr=math.inf, quantized=26, total=50,
+                        seconds=1.0, seed=1))
+    assert "| vit_b_16 | inf ± nan (1 of 2) | inf ± nan (1 of 2) | both exact |" in report(
+        results, ["vit_b_16"], ["qpasses-ref", "pt2e"], seeds=(0, 1))
     assert "no: SQNR 10.0 < 11.0" in text  # the per-model tables are the first seed's
     assert "### Over seeds" not in report(results, ["lstm"], ["qpasses-ref", "pt2e"], seeds=(0,))

@@ -39,6 +39,7 @@ import argparse
 import copy
 import json
 import math
+import operator
 import re
 import statistics
 import subprocess
@@ -346,14 +347,29 @@ def qpasses_qat(model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
     return qpasses.convert(trainable)
 
 
+def _parameters_read(gm: fx.GraphModule, node: fx.Node) -> list[object]:
+    """The parameters a node of qpasses' graph computes with: a module's ``weight``, or the parameters a function
+    call reads (``F.linear``'s weight; a wrapped function such as torchvision's ``shifted_window_attention``
+    reads several)."""
+    if node.op == "call_module":
+        return [getattr(gm.get_submodule(node.target), "weight", None)]
+    if node.op != "call_function":
+        return []
+    return [operator.attrgetter(arg.target)(gm) for arg in node.all_input_nodes if arg.op == "get_attr"]
+
+
 def qpasses_layers_using(model: nn.Module, parameters: set[str], example: torch.Tensor) -> set[str]:
-    """The names that ``QuantConfig.keep_float`` matches, in qpasses' capture of ``model``, of the layers whose
-    weight is one of ``parameters`` (qualified names in ``model``); an error if one of them is not found."""
+    """The names that ``QuantConfig.keep_float`` matches (a module's qualified name, a function call's node name),
+    in qpasses' capture of ``model``, of the nodes that compute with one of ``parameters`` (qualified names in
+    ``model``); an error if one of them is not found."""
     wanted = {id(weight): name for name, weight in model.named_parameters() if name in parameters}
     captured = trace(model, (example,), verify=False)
-    found = {node.target: wanted[id(module.weight)] for node in captured.graph.nodes if node.op == "call_module"
-             and id(getattr(module := captured.get_submodule(node.target), "weight", None)) in wanted}
-    unmatched = parameters - set(found.values())
+    found: dict[str, set[str]] = {}
+    for node in captured.graph.nodes:
+        for weight in _parameters_read(captured, node):
+            if id(weight) in wanted:
+                found.setdefault(node.target if node.op == "call_module" else node.name, set()).add(wanted[id(weight)])
+    unmatched = parameters.difference(*found.values())
     if unmatched:
         raise ValueError(f"no layer of qpasses' graph uses {', '.join(sorted(unmatched))}")
     return set(found)
@@ -405,7 +421,8 @@ def _pt2e_activation_bits() -> int:
 @dataclass(frozen=True)
 class Tool:
     """How a tool quantizes a model (``quantize(model, calib)`` → what to count), how its result runs on a batch
-    (``runner``), how its quantized convs/linears are counted, and its activation bits (from its own config)."""
+    (``runner``), how its quantized convs/linears are counted, its activation bits (from its own config), and
+    whether it runs PT2E first (``after_pt2e``: it fails where PT2E does)."""
 
     name: str
     label: str
@@ -413,6 +430,7 @@ class Tool:
     runner: Callable[[nn.Module], Callable[[torch.Tensor], object]]
     quantized_layers: Callable[[nn.Module], int]
     activation_bits: Callable[[], int]
+    after_pt2e: bool = False
 
 
 TOOLS: dict[str, Tool] = {t.name: t for t in [
@@ -423,7 +441,7 @@ TOOLS: dict[str, Tool] = {t.name: t for t in [
     Tool("qpasses-ref", "qpasses PTQ → reference", lambda m, calib: qpasses_ptq(m, calib, REFERENCE_PRESET, lower=False),
          PerSample, pt2e_quantized_layers, _reference_activation_bits),
     Tool("qpasses-ref-pt2e-layers", "qpasses reference at PT2E's layers", qpasses_reference_at_pt2e_layers,
-         PerSample, pt2e_quantized_layers, _reference_activation_bits),
+         PerSample, pt2e_quantized_layers, _reference_activation_bits, after_pt2e=True),
     Tool("fx", "torch.ao FX", lambda m, calib: torch_ao_fx_ptq(m, calib, "x86"), lambda m: m,
          lowered_quantized_layers, _fx_activation_bits),
     Tool("pt2e", "torchao PT2E", torchao_pt2e_ptq, PerSample, pt2e_quantized_layers, _pt2e_activation_bits),
@@ -658,6 +676,8 @@ def _versus_pt2e(ours: Row | None, theirs: Row | None) -> str:
     """Whether qpasses PTQ quantizes at least as many layers as PT2E and reaches at least its SQNR."""
     if ours is None or theirs is None:
         return "not measured"
+    if TOOLS[ours.tool].after_pt2e and not theirs.ok:
+        return "– (PT2E fails)"
     if not ours.ok:
         return "qpasses fails" + ("" if theirs.ok else ", PT2E too")
     if not theirs.ok:
@@ -690,12 +710,15 @@ REFERENCES = ("qpasses-ref", "qpasses-ref-pt2e-layers")  # the Q/DQ graphs paire
 
 def _minus_pt2e(results: Results, model: str, tool: str, seeds: tuple[int, ...]) -> str:
     """The paired difference of ``tool``'s SQNR and PT2E's over the seeds both ran on: mean ± standard error, and
-    on how many seeds ``tool`` is at least PT2E's."""
+    on how many seeds ``tool`` is at least PT2E's. Seeds where both outputs equal the float model's (infinite
+    SQNR: vit_b_16's head is initialised to zero) have no difference."""
     pairs = [(ours.sqnr, theirs.sqnr) for seed in seeds
              if (ours := results.get(model, tool, seed)) is not None and ours.ok
              and (theirs := results.get(model, "pt2e", seed)) is not None and theirs.ok]
+    exact = [pair for pair in pairs if pair == (math.inf, math.inf)]
+    pairs = [pair for pair in pairs if pair not in exact]
     if not pairs:
-        return "–"
+        return "both exact" if exact else "–"
     mean, error = _mean_and_error([a - b for a, b in pairs])
     return f"{mean:+.3f} ± {error:.3f} ({sum(a >= b for a, b in pairs)}/{len(pairs)} seeds ≥)"
 
@@ -721,7 +744,8 @@ def report(results: Results, models: list[str], tools: list[str], seeds: tuple[i
     p = results.params
     bits = {t: TOOLS[t].activation_bits() for t in tools}
     command = (f"{COMMAND} --size {p.size} --calib {p.calib} --eval {p.eval} --norm {p.norm} "
-               "--results .bench/coverage.json --write")
+               + (f"--seeds {','.join(map(str, seeds))} " if len(seeds) > 1 else "")
+               + "--results .bench/coverage.json --write")
     lines = [
         f"## Coverage (`{command}`)",
         f"Machine: {describe_machine()}, torchao {torchao.__version__}. Random weights, BatchNorm statistics set to those of "
