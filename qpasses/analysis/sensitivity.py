@@ -61,7 +61,7 @@ from qpasses.passes.lower import Lower
 from qpasses.passes.manager import PassManager
 from qpasses.passes.reference import Reference
 from qpasses.passes.replace_functional import ReplaceFunctional
-from qpasses.quant.annotate import Annotation, annotate
+from qpasses.quant.annotate import Annotation, annotate, qualified_name
 from qpasses.quant.backends import get_backend
 from qpasses.quant.lowering import weight_qparams, weight_spec
 from qpasses.quant.observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer, make_observer
@@ -357,8 +357,7 @@ class Sensitivity:
         self._folded: dict[str, list[str]] = {}
         for activation, producer in ann.fused.items():
             node = nodes[activation]
-            self._folded.setdefault(nodes[producer].target, []).append(
-                node.target if node.op == "call_module" else node.name)
+            self._folded.setdefault(nodes[producer].target, []).append(qualified_name(node))
         self._states: dict[_GroupKey, dict[str, torch.Tensor]] = {}
         self._ranges: dict[tuple[_GroupKey, QuantSpec], tuple[torch.Tensor, torch.Tensor]] = {}
         self._weight_qparams: dict[tuple[str, QuantSpec], tuple[torch.Tensor, torch.Tensor]] = {}

@@ -94,7 +94,9 @@ class FusedKernels:
     post_op: Callable[[fx.GraphModule, fx.Node, fx.Node], bool]
 
 
-def _qualified_name(node: fx.Node) -> str:
+def qualified_name(node: fx.Node) -> str:
+    """The name ``QuantConfig.for_node`` (``keep_float``, ``by_name``) matches for ``node``: a module call's
+    qualified module name, any other node's own name."""
     return node.target if node.op == "call_module" else node.name
 
 
@@ -133,7 +135,7 @@ def _annotate(gm: fx.GraphModule, backend: Backend, config: QuantConfig, cpu: Cp
         role = role_of(gm, node)
         if role is not Role.NONE:
             module = gm.get_submodule(node.target) if node.op == "call_module" else None
-            pair = config.for_node(_qualified_name(node), type(module) if module is not None else None)
+            pair = config.for_node(qualified_name(node), type(module) if module is not None else None)
             if pair is None and role is not Role.PRESERVING:
                 ann.float_reasons[node.name] = "kept float by the configuration"
                 role = Role.FLOAT
@@ -245,7 +247,7 @@ def _int8_readers(gm: fx.GraphModule, config: QuantConfig, float_arithmetic: fro
         if role in (Role.NONE, Role.FLOAT) or user.name in float_arithmetic:
             return False
         module = gm.get_submodule(user.target) if user.op == "call_module" else None
-        if role is not Role.PRESERVING and config.for_node(_qualified_name(user),
+        if role is not Role.PRESERVING and config.for_node(qualified_name(user),
                                                           type(module) if module is not None else None) is None:
             return False
         return role is Role.COMPUTE or reads[user]

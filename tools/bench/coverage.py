@@ -62,6 +62,7 @@ from qpasses import PassManager
 from qpasses.analysis.metrics import sqnr, topk_agreement
 from qpasses.graph.trace import trace
 from qpasses.passes import QAT
+from qpasses.quant.annotate import qualified_name
 from qpasses.quant.backends import get_backend
 from qpasses.quant.overrides import exact_pattern
 from tools.bench.common import (
@@ -359,16 +360,16 @@ def _parameters_read(gm: fx.GraphModule, node: fx.Node) -> list[object]:
 
 
 def qpasses_layers_using(model: nn.Module, parameters: set[str], example: torch.Tensor) -> set[str]:
-    """The names that ``QuantConfig.keep_float`` matches (a module's qualified name, a function call's node name),
-    in qpasses' capture of ``model``, of the nodes that compute with one of ``parameters`` (qualified names in
-    ``model``); an error if one of them is not found."""
+    """The names that ``QuantConfig.keep_float`` matches (``annotate.qualified_name``), in qpasses' capture of
+    ``model``, of the nodes that compute with one of ``parameters`` (qualified names in ``model``); an error if one
+    of them is not found."""
     wanted = {id(weight): name for name, weight in model.named_parameters() if name in parameters}
     captured = trace(model, (example,), verify=False)
     found: dict[str, set[str]] = {}
     for node in captured.graph.nodes:
         for weight in _parameters_read(captured, node):
             if id(weight) in wanted:
-                found.setdefault(node.target if node.op == "call_module" else node.name, set()).add(wanted[id(weight)])
+                found.setdefault(qualified_name(node), set()).add(wanted[id(weight)])
     unmatched = parameters.difference(*found.values())
     if unmatched:
         raise ValueError(f"no layer of qpasses' graph uses {', '.join(sorted(unmatched))}")
